@@ -1,0 +1,174 @@
+"""A thin aiokafka layer: typed produce, consume-handle-commit, dead letters, graceful drain.
+
+Delivery is at-least-once: offsets are committed only after the handler returned, so handlers
+must be idempotent (they are: see keys.seen and the registry's fenced writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from pydantic import BaseModel
+
+from . import topics as T
+from .logging import get_logger
+from .schemas import DeadLetter, SchemaError, decode, encode
+from .settings import BusSettings
+
+Handler = Callable[[Any, Any], Awaitable[None]]  # (event, raw ConsumerRecord)
+
+
+def topic_name(topic: T.Topic, bus: BusSettings) -> str:
+    return T.with_namespace(topic.name, bus.topic_namespace)
+
+
+async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Topic] = T.ALL,
+                        timeout_s: float = 30.0) -> None:
+    """Create the topics with the configured partition counts; existing ones are left alone."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(topic_name(t, bus), getattr(bus, t.partitions_setting), 1)
+               for t in wanted if topic_name(t, bus) not in existing]
+        if new:
+            try:
+                await asyncio.wait_for(admin.create_topics(new), timeout_s)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+class Producer:
+    def __init__(self, bootstrap: str, bus: BusSettings, client_id: str = "flashrecovery") -> None:
+        self._bus = bus
+        self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id,
+                                   linger_ms=bus.linger_ms, max_batch_size=min(bus.max_batch_bytes, 1 << 20),
+                                   acks=1, enable_idempotence=False)
+        self.sent = 0
+
+    async def start(self) -> None:
+        await self._p.start()
+
+    async def stop(self) -> None:
+        await self._p.flush()  # drain: nothing handed to us is dropped on shutdown
+        await self._p.stop()
+
+    async def publish(self, event: BaseModel, *, wait: bool = False) -> None:
+        """Keyed produce onto the event's topic. wait=False lets the producer batch (linger)."""
+        topic = T.topic_for(event)
+        fut = await self._p.send(topic_name(topic, self._bus), encode(event), key=T.key_for(event))
+        self.sent += 1
+        if wait:
+            await fut
+
+    async def publish_raw(self, topic: T.Topic, value: bytes, key: bytes | None = None) -> None:
+        await (await self._p.send(topic_name(topic, self._bus), value, key=key))
+
+    async def dead_letter(self, record: Any, reason: str, consumer: str) -> None:
+        letter = DeadLetter(topic=record.topic, partition=record.partition, offset=record.offset,
+                            key=record.key.decode(errors="replace") if record.key else None,
+                            reason=reason, consumer=consumer,
+                            raw_b64=base64.b64encode(record.value or b"").decode())
+        await self.publish_raw(T.DEAD_LETTER, orjson.dumps(letter.model_dump(mode="json")),
+                               key=record.topic.encode())
+
+    async def flush(self) -> None:
+        await self._p.flush()
+
+
+class Consumer:
+    """Consume -> decode -> handle -> commit. Bad input is dead-lettered and skipped; a handler
+    that keeps failing on one message is retried a bounded number of times, then dead-lettered,
+    so one poison message never stalls a partition."""
+
+    def __init__(self, bootstrap: str, bus: BusSettings, topics: Iterable[T.Topic], group_id: str | None,
+                 handler: Handler, producer: Producer, name: str, *, from_latest: bool = False,
+                 batch_handler: Callable[[list[tuple[Any, Any]]], Awaitable[None]] | None = None) -> None:
+        self._bus = bus
+        self.name = name
+        self._handler = handler
+        self._batch_handler = batch_handler
+        self._producer = producer
+        self._log = get_logger(name)
+        self._stopping = asyncio.Event()
+        self._c = AIOKafkaConsumer(
+            *[topic_name(t, bus) for t in topics], bootstrap_servers=bootstrap, group_id=group_id,
+            enable_auto_commit=False, auto_offset_reset="latest" if from_latest else "earliest",
+            max_poll_records=2000, fetch_max_wait_ms=50, session_timeout_ms=10000,
+            heartbeat_interval_ms=1000)
+        self._group = group_id is not None
+        self.handled = 0
+        self.dead_lettered = 0
+
+    async def start(self) -> None:
+        await self._c.start()
+
+    async def wait_assigned(self, timeout_s: float = 30.0) -> None:
+        """Block until partitions are assigned (and positioned), so a test can publish after."""
+        async def _wait() -> None:
+            while not self._c.assignment():
+                await asyncio.sleep(0.05)
+            for tp in self._c.assignment():
+                await self._c.position(tp)
+        await asyncio.wait_for(_wait(), timeout_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                batches = await self._c.getmany(timeout_ms=100, max_records=2000)
+                if not batches:
+                    continue
+                for records in batches.values():
+                    await self._handle_records(records)
+                if self._group:
+                    await self._c.commit()
+        finally:
+            await self._c.stop()
+
+    async def _handle_records(self, records: list[Any]) -> None:
+        decoded: list[tuple[Any, Any]] = []
+        for record in records:
+            try:
+                decoded.append((decode(record.value), record))
+            except SchemaError as exc:
+                await self._dead_letter(record, str(exc))
+        if self._batch_handler is not None and decoded:
+            await self._batch_handler(decoded)
+            self.handled += len(decoded)
+            return
+        for event, record in decoded:
+            await self._handle_one(event, record)
+
+    async def _handle_one(self, event: Any, record: Any) -> None:
+        for attempt in range(self._bus.handler_retries + 1):
+            try:
+                await self._handler(event, record)
+                self.handled += 1
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the consumer
+                self._log.warning("handler_failed", attempt=attempt, error=repr(exc),
+                                  topic=record.topic, offset=record.offset)
+                if attempt < self._bus.handler_retries:
+                    await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                else:
+                    await self._dead_letter(record, f"handler failed {attempt + 1}x: {exc!r}")
+
+    async def _dead_letter(self, record: Any, reason: str) -> None:
+        self.dead_lettered += 1
+        self._log.warning("dead_lettered", reason=reason, topic=record.topic,
+                          partition=record.partition, offset=record.offset)
+        await self._producer.dead_letter(record, reason, self.name)

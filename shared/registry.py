@@ -1,0 +1,212 @@
+"""The Redis step-state registry. Every multi-key change is one Lua script: atomic, and fenced
+by the cluster generation so a writer from an old generation cannot overwrite the new one."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from .keys import JobKeys
+from .topology import JobSnapshot, NodeRecord, RankRecord
+
+
+class StaleGeneration(RuntimeError):
+    """A write carried a generation older than the registry's: refused."""
+
+
+# KEYS[1]=meta. ARGV[1]=expected generation. Bumps only if nobody bumped first.
+_BUMP = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
+if cur ~= tonumber(ARGV[1]) then return {0, cur} end
+redis.call('HSET', KEYS[1], 'generation', cur + 1)
+return {1, cur + 1}
+"""
+
+# KEYS[1]=meta, KEYS[2]=hash. ARGV[1]=generation, then field/value pairs.
+_FENCED_HSET = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
+if tonumber(ARGV[1]) < cur then return {0, cur} end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return {1, cur}
+"""
+
+# KEYS[1]=meta. ARGV[1]=generation, ARGV[2]=step. The committed step only moves forward.
+_COMMIT_STEP = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
+if tonumber(ARGV[1]) < cur then return {0, cur} end
+local step = tonumber(redis.call('HGET', KEYS[1], 'committed_step') or '-1')
+if tonumber(ARGV[2]) > step then redis.call('HSET', KEYS[1], 'committed_step', ARGV[2]) end
+return {1, cur}
+"""
+
+# KEYS[1]=incident hash, KEYS[2]=meta, KEYS[3]=open set. ARGV[1]=expected phase ('' = must not
+# exist), ARGV[2]=new phase, ARGV[3]=caller generation, ARGV[4]=incident id, then field pairs.
+_INCIDENT_CAS = """
+local cur_gen = tonumber(redis.call('HGET', KEYS[2], 'generation') or '-1')
+if tonumber(ARGV[3]) < cur_gen then return {0, 'stale generation ' .. cur_gen} end
+local phase = redis.call('HGET', KEYS[1], 'phase')
+if ARGV[1] == '' then
+  if phase then return {0, 'exists in ' .. phase} end
+elseif phase ~= ARGV[1] then
+  return {0, 'phase is ' .. tostring(phase)}
+end
+redis.call('HSET', KEYS[1], 'phase', ARGV[2])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[2] == 'done' or ARGV[2] == 'failed' or ARGV[2] == 'superseded' then
+  redis.call('SREM', KEYS[3], ARGV[4])
+else
+  redis.call('SADD', KEYS[3], ARGV[4])
+end
+return {1, ARGV[2]}
+"""
+
+# KEYS[1]=lease. ARGV[1]=holder, ARGV[2]=ttl ms. Acquire if free, renew if ours.
+_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _j(obj: Any) -> bytes:
+    return orjson.dumps(obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj)
+
+
+class Registry:
+    def __init__(self, client: aioredis.Redis, job_id: str) -> None:
+        self.r = client
+        self.k = JobKeys(job_id)
+        self.job_id = job_id
+        self._bump = client.register_script(_BUMP)
+        self._fenced_hset = client.register_script(_FENCED_HSET)
+        self._commit = client.register_script(_COMMIT_STEP)
+        self._incident_cas = client.register_script(_INCIDENT_CAS)
+        self._lease = client.register_script(_LEASE)
+
+    @classmethod
+    def from_url(cls, url: str, job_id: str) -> Registry:
+        return cls(aioredis.Redis.from_url(url), job_id)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    # ------------------------------------------------------------ topology and snapshot
+    async def init_job(self, snap: JobSnapshot) -> None:
+        """Write a job's initial topology (generation 0). Idempotent: an existing job is kept."""
+        created = await self.r.hsetnx(self.k.meta, "generation", snap.generation)
+        if not created:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.meta, mapping={"committed_step": snap.committed_step,
+                                        "world_size": snap.world_size, "dp": snap.dp,
+                                        "tp": snap.tp, "pp": snap.pp})
+        pipe.hset(self.k.ranks, mapping={str(r.rank): _j(r) for r in snap.ranks})
+        pipe.hset(self.k.nodes, mapping={n.node_id: _j(n) for n in snap.nodes})
+        await pipe.execute()
+
+    async def snapshot(self) -> JobSnapshot:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(self.k.meta)
+        pipe.hgetall(self.k.ranks)
+        pipe.hgetall(self.k.nodes)
+        meta, ranks, nodes = await pipe.execute()
+        if not meta:
+            raise LookupError(f"job {self.job_id!r} has no topology in the registry")
+        m = {k.decode(): int(v) for k, v in meta.items()}
+        rank_recs = sorted((RankRecord.model_validate_json(v) for v in ranks.values()),
+                           key=lambda r: r.rank)
+        node_recs = sorted((NodeRecord.model_validate_json(v) for v in nodes.values()),
+                           key=lambda n: n.node_id)
+        return JobSnapshot(job_id=self.job_id, generation=m["generation"],
+                           committed_step=m.get("committed_step", -1), world_size=m["world_size"],
+                           dp=m["dp"], tp=m["tp"], pp=m.get("pp", 1), ranks=tuple(rank_recs),
+                           nodes=tuple(node_recs))
+
+    async def generation(self) -> int:
+        v = await self.r.hget(self.k.meta, "generation")
+        return int(v) if v is not None else -1
+
+    async def bump_generation(self, expected: int) -> int:
+        """Compare-and-set expected -> expected+1. Returns the new generation, or raises
+        StaleGeneration when someone else already moved it."""
+        ok, gen = await self._bump(keys=[self.k.meta], args=[expected])
+        if not ok:
+            raise StaleGeneration(f"generation is {gen}, expected {expected}")
+        return int(gen)
+
+    async def _fenced(self, key: str, generation: int, pairs: dict[str, bytes]) -> None:
+        if not pairs:
+            return
+        args: list[Any] = [generation]
+        for f, v in pairs.items():
+            args += [f, v]
+        ok, cur = await self._fenced_hset(keys=[self.k.meta, key], args=args)
+        if not ok:
+            raise StaleGeneration(f"write from generation {generation} refused: registry at {cur}")
+
+    async def put_ranks(self, generation: int, recs: list[RankRecord]) -> None:
+        await self._fenced(self.k.ranks, generation, {str(r.rank): _j(r) for r in recs})
+
+    async def put_nodes(self, generation: int, recs: list[NodeRecord]) -> None:
+        await self._fenced(self.k.nodes, generation, {n.node_id: _j(n) for n in recs})
+
+    async def record_committed_step(self, generation: int, step: int) -> None:
+        ok, cur = await self._commit(keys=[self.k.meta], args=[generation, step])
+        if not ok:
+            raise StaleGeneration(f"commit from generation {generation} refused: registry at {cur}")
+
+    # ------------------------------------------------------------ incidents and plans
+    async def incident_transition(self, incident_id: str, expected: str | None, new: str,
+                                  generation: int, **fields: Any) -> tuple[bool, str]:
+        """Atomic compare-and-set of an incident's phase. Exactly one of several concurrent
+        writers expecting the same phase wins; the others get (False, why)."""
+        args: list[Any] = [expected or "", new, generation, incident_id]
+        for f, v in fields.items():
+            args += [f, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
+        ok, why = await self._incident_cas(
+            keys=[self.k.incident(incident_id), self.k.meta, self.k.open_incidents], args=args)
+        return bool(ok), why.decode() if isinstance(why, bytes) else str(why)
+
+    async def incident(self, incident_id: str) -> dict[str, str]:
+        raw = await self.r.hgetall(self.k.incident(incident_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def open_incidents(self) -> list[str]:
+        return sorted(m.decode() for m in await self.r.smembers(self.k.open_incidents))
+
+    async def put_plan_once(self, plan_id: str, plan_json: bytes) -> bool:
+        """First writer wins; a replayed incident cannot produce a second plan."""
+        return bool(await self.r.set(self.k.plan(plan_id), plan_json, nx=True))
+
+    async def get_plan(self, plan_id: str) -> bytes | None:
+        return await self.r.get(self.k.plan(plan_id))
+
+    # ------------------------------------------------------------ leases, idempotency, liveness
+    async def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        return bool(await self._lease(keys=[self.k.lease(name)], args=[holder, int(ttl_s * 1000)]))
+
+    async def lease_holder(self, name: str) -> str | None:
+        v = await self.r.get(self.k.lease(name))
+        return v.decode() if v else None
+
+    async def first_time(self, consumer: str, event_id: str, ttl_s: int = 3600) -> bool:
+        """True once per (consumer, event id): the idempotency guard for redelivered messages."""
+        return bool(await self.r.set(self.k.seen(consumer, event_id), 1, nx=True, ex=ttl_s))
+
+    async def side_effect_once(self, plan_id: str, name: str) -> bool:
+        return bool(await self.r.set(self.k.side_effect(plan_id, name), time.time(), nx=True,
+                                     ex=86400))
+
+    async def heartbeat_liveness(self, service: str, instance: str, ttl_s: float = 10.0) -> None:
+        await self.r.set(self.k.liveness(service, instance), time.time(), px=int(ttl_s * 1000))
+
+    async def live_services(self) -> list[str]:
+        pattern = self.k.liveness("*", "*")
+        return sorted(k.decode().split(":alive:", 1)[1]
+                      async for k in self.r.scan_iter(match=pattern, count=1000))

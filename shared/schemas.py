@@ -1,0 +1,354 @@
+"""Every event and command on the FlashRecovery bus: the public API of the event topics.
+
+Evolution rules (docs/events.md): new fields get defaults; readers ignore unknown fields; a
+breaking change bumps SCHEMA_VERSION and moves to a new topic suffix (see topics.py). A reader
+rejects a version it does not know to the dead-letter topic rather than guessing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Union
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+
+class SchemaError(ValueError):
+    """Raw bytes that are not a valid event: the reason goes to the dead-letter record."""
+
+
+class UnknownSchemaVersion(SchemaError):
+    pass
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Envelope(Frozen):
+    event_id: str = Field(default_factory=new_id)
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    generation: int = Field(ge=0)
+    emitted_at: float = Field(default_factory=time.time)
+    producer: str
+
+
+# ---------------------------------------------------------------- worker side (sidecar -> bus)
+
+class RankState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    RECOVERING = "recovering"
+    STANDBY = "standby"
+    EXITED = "exited"
+    DONE = "done"
+
+
+class RankStatus(Frozen):
+    rank: int | None  # None for a standby worker that has no identity yet
+    local_rank: int
+    pid: int
+    state: RankState
+    step: int = -1  # last committed step, -1 before the first
+    step_time_s: float | None = None
+    generation: int = 0
+    long_phase: str | None = None  # a declared long phase (eval, checkpoint save)
+    long_phase_expected_s: float | None = None
+    # Seconds since this rank's step last advanced, measured by the sidecar's own monotonic
+    # clock so the detector never compares two machines' wall clocks.
+    since_progress_s: float = 0.0
+
+
+class NodeRole(StrEnum):
+    ACTIVE = "active"
+    SPARE = "spare"
+    QUARANTINED = "quarantined"
+
+
+class NodeHeartbeat(Envelope):
+    kind: Literal["node_heartbeat"] = "node_heartbeat"
+    node_id: str
+    role: NodeRole = NodeRole.ACTIVE
+    seq: int = Field(ge=0)  # per-node counter: lets readers drop reordered or duplicated beats
+    interval_s: float = 1.0
+    ranks: tuple[RankStatus, ...] = ()
+    standby_ready: int = 0
+
+
+class WorkerExit(Envelope):
+    kind: Literal["worker_exit"] = "worker_exit"
+    node_id: str
+    rank: int | None
+    pid: int
+    exit_code: int | None = None
+    signal: int | None = None
+    step: int = -1
+    expected: bool = False  # a clean finish or a kill the executor ordered
+
+
+class LogEvent(Envelope):
+    kind: Literal["log_event"] = "log_event"
+    node_id: str
+    rank: int | None
+    stream: Literal["stdout", "stderr"] = "stderr"
+    line: str
+    hint: str | None = None  # the sidecar's cheap pre-filter match; the detector decides
+
+
+# ---------------------------------------------------------------- detector
+
+class FaultClass(StrEnum):
+    PROCESS_CRASH = "process_crash"
+    NODE_LOST = "node_lost"
+    HANG = "hang"
+    HARDWARE = "hardware"
+    COMMUNICATION = "communication"
+    OUT_OF_MEMORY = "out_of_memory"
+    SOFTWARE = "software"
+    STRAGGLER = "straggler"
+
+
+class RepairAction(StrEnum):
+    REPLACE_NODE = "replace_node"  # hardware or node loss: every rank of the node moves
+    RESTART_PROCESS = "restart_process"  # software: only the failed process restarts
+    NONE = "none"
+
+
+class Evidence(Frozen):
+    source: str  # event kind that contributed
+    node_id: str
+    rank: int | None = None
+    detail: str = ""
+    observed_at: float  # receive time at the detector (its own clock)
+
+
+class FaultIncident(Envelope):
+    kind: Literal["fault_incident"] = "fault_incident"
+    incident_id: str
+    fault_class: FaultClass
+    action: RepairAction
+    root_cause_nodes: tuple[str, ...]
+    root_cause_ranks: tuple[int, ...] = ()
+    evidence: tuple[Evidence, ...] = ()
+    symptoms_attributed: int = 0
+    confidence: float = Field(ge=0.0, le=1.0, default=1.0)
+    first_seen_at: float
+    detected_at: float
+    reason: str = ""
+
+
+class Degradation(Envelope):
+    kind: Literal["degradation"] = "degradation"
+    node_id: str
+    rank: int
+    fault_class: FaultClass = FaultClass.STRAGGLER
+    step_time_s: float
+    median_step_time_s: float
+    consecutive: int
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- planner
+
+class Replacement(Frozen):
+    rank: int
+    from_node: str
+    to_node: str
+    local_rank: int
+    mode: Literal["standby", "in_place"] = "standby"
+
+
+class Transfer(Frozen):
+    src: int
+    dst: int
+
+
+class Fallback(StrEnum):
+    NONE = "none"
+    CHECKPOINT = "checkpoint"  # a shard lost every replica: restore from durable checkpoint
+    SHRINK = "shrink"  # no spare: drop whole data-parallel replica groups
+    WAIT = "wait"  # no spare: wait for capacity
+
+
+class RecoveryPlan(Envelope):
+    kind: Literal["recovery_plan"] = "recovery_plan"
+    plan_id: str
+    incident_ids: tuple[str, ...]
+    supersedes: str | None = None
+    target_generation: int
+    world_size: int
+    restart_ranks: tuple[int, ...]
+    faulty_nodes: tuple[str, ...]
+    replacements: tuple[Replacement, ...]
+    transfers: tuple[Transfer, ...]
+    recovery_step: int  # from the registry; the executor refines it with the commit rule
+    rebuild_groups: tuple[str, ...] = ()
+    quarantine_nodes: tuple[str, ...] = ()
+    fallback: Fallback = Fallback.NONE
+    steps_lost_estimate: int = 0
+    reasons: tuple[str, ...] = ()
+
+
+class Escalation(Envelope):
+    kind: Literal["escalation"] = "escalation"
+    incident_ids: tuple[str, ...]
+    plan_id: str | None = None
+    reason: str
+
+
+# ---------------------------------------------------------------- executor <-> sidecars
+
+class CommandAction(StrEnum):
+    PAUSE = "pause"  # healthy ranks break out of collectives and report their commit state
+    REPLACE = "replace"  # faulty nodes kill what is left; spares assign standbys
+    RECOVER = "recover"  # rebuild groups for a generation, restore, resume
+    STOP = "stop"
+
+
+class Assignment(Frozen):
+    rank: int
+    local_rank: int
+    node_id: str
+
+
+class ExecutorCommand(Envelope):
+    kind: Literal["executor_command"] = "executor_command"
+    command_id: str
+    plan_id: str
+    incident_id: str
+    action: CommandAction
+    # None = every node of the job. Commands to healthy ranks are one broadcast, never a list
+    # that grows with the cluster.
+    nodes: tuple[str, ...] | None = None
+    kill_ranks: tuple[int, ...] = ()
+    assignments: tuple[Assignment, ...] = ()
+    world_size: int = 0
+    commit_step: int | None = None
+    resume_step: int | None = None
+    transfers: tuple[Transfer, ...] = ()
+    attempt: int = 0
+
+
+class RankReport(Frozen):
+    rank: int
+    pid: int | None = None
+    applied_step: int = -1
+    grads_step: int | None = None
+    vote_step: int = -1
+    phase: str | None = None
+    seconds: float | None = None
+    bytes: int | None = None
+    digest_ok: bool | None = None
+
+
+class CommandAck(Envelope):
+    kind: Literal["command_ack"] = "command_ack"
+    command_id: str
+    plan_id: str
+    incident_id: str
+    action: CommandAction
+    node_id: str
+    ok: bool = True
+    stage: str = "done"  # a command may ack in stages (e.g. recover: rebuilt, restored, resumed)
+    detail: str = ""
+    ranks: tuple[RankReport, ...] = ()  # aggregated per node
+
+
+# ---------------------------------------------------------------- recovery progress
+
+class PhaseStatus(StrEnum):
+    STARTED = "started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class RecoveryProgress(Envelope):
+    kind: Literal["recovery_progress"] = "recovery_progress"
+    incident_id: str
+    plan_id: str
+    phase: str
+    status: PhaseStatus
+    at: float
+    detail: str = ""
+
+
+class RecoveryCompleted(Envelope):
+    kind: Literal["recovery_completed"] = "recovery_completed"
+    incident_id: str
+    plan_id: str
+    outcome: Literal["done", "failed", "superseded"]
+    fault_class: FaultClass | None = None
+    phase_seconds: dict[str, float] = Field(default_factory=dict)
+    detection_latency_s: float | None = None
+    rto_s: float | None = None
+    recovery_step: int | None = None
+    steps_recomputed: int = 0
+    committed_steps_lost: int = 0
+    reason: str = ""
+
+
+Event = Annotated[
+    Union[
+        NodeHeartbeat, WorkerExit, LogEvent, FaultIncident, Degradation, RecoveryPlan,
+        Escalation, ExecutorCommand, CommandAck, RecoveryProgress, RecoveryCompleted,
+    ],
+    Field(discriminator="kind"),
+]
+_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+EVENT_KINDS = tuple(
+    m.model_fields["kind"].default
+    for m in (NodeHeartbeat, WorkerExit, LogEvent, FaultIncident, Degradation, RecoveryPlan,
+              Escalation, ExecutorCommand, CommandAck, RecoveryProgress, RecoveryCompleted)
+)
+
+
+def encode(event: BaseModel) -> bytes:
+    return orjson.dumps(event.model_dump(mode="json"))
+
+
+def decode(raw: bytes | None) -> Any:
+    """Bytes -> a typed event, or SchemaError naming what is wrong."""
+    if raw is None:
+        raise SchemaError("empty message (tombstone)")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SchemaError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SchemaError(f"expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise UnknownSchemaVersion(
+            f"schema_version {version!r} not supported (supported: {sorted(SUPPORTED_VERSIONS)})")
+    if data.get("kind") not in EVENT_KINDS:
+        raise SchemaError(f"unknown kind {data.get('kind')!r}")
+    try:
+        return _EVENT_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SchemaError(f"invalid {data.get('kind')}: {where}: {first['msg']}") from None
+
+
+class DeadLetter(Frozen):
+    """What a consumer could not handle: kept whole so nothing is lost."""
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    reason: str
+    raw_b64: str
+    consumer: str
+    at: float = Field(default_factory=time.time)

