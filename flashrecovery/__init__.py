@@ -1,0 +1,3 @@
+"""FlashRecovery: fast, checkpoint-free failure recovery for large-scale training."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""The `flashrecovery` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .shared.logging import configure, get_logger
+from .shared.settings import ConfigError, load_settings
+
+
+def _run_service(name: str) -> int:
+    settings = load_settings()
+    configure(settings.log_format)
+    module = importlib.import_module(f"flashrecovery.{name}.app")
+    asyncio.run(module.main(settings))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the embedded stack (unless addresses are configured) and every service; stop all
+    of it on Ctrl-C / SIGTERM."""
+    from .supervisor import SERVICES, Supervisor
+
+    settings = load_settings()
+    configure(settings.log_format)
+    log = get_logger("up", job_id=settings.job_id)
+    sup = Supervisor(settings, Path(settings.runtime_dir) / f"up-{int(time.time())}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        stack = sup.start_stack()
+        log.info("stack_ready", kafka=stack.kafka_bootstrap, redis=stack.redis_url,
+                 embedded=[p.name for p in stack.owned])
+        names = []
+        for service in SERVICES:
+            for i in range(args.executors if service == "executor" else 1):
+                name = f"{service}-{i}"
+                sup.start_service(service, name)
+                names.append(name)
+        asyncio.run(sup.wait_ready(names))
+        log.info("services_ready", services=names, logs=str(sup.run_dir))
+        print(f"flashrecovery up: {', '.join(names)} ready; kafka {stack.kafka_bootstrap}, "
+              f"redis {stack.redis_url}. Ctrl-C stops everything.", flush=True)
+        if args.exit_when_ready:
+            return 0
+        while not stop.wait(0.5):
+            dead = [n for n, p in sup.procs.items() if p.poll() is not None]
+            if dead:
+                log.error("service_exited", services=dead)
+                return 1
+        return 0
+    finally:
+        sup.stop_all()
+        log.info("stopped", nothing_left_running=all(p.poll() is not None for p in sup.procs.values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flashrecovery", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="run the services (embedded broker + Redis unless configured)")
+    up.add_argument("--executors", type=int, default=2, help="executor instances (one leads)")
+    up.add_argument("--exit-when-ready", action="store_true", help="start, check health, stop")
+    for service in ("detector", "planner", "executor", "sidecar"):
+        sub.add_parser(service, help=f"run one {service} (addresses from FLASHRECOVERY_*)")
+    for extra in ("demo", "status", "events", "inject", "bench"):
+        mod = importlib.util.find_spec(f"flashrecovery.{extra}")
+        if mod is not None:
+            importlib.import_module(f"flashrecovery.{extra}").add_parser(sub)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            return cmd_up(args)
+        if args.cmd in ("detector", "planner", "executor", "sidecar"):
+            return _run_service(args.cmd)
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

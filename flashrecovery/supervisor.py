@@ -1,0 +1,108 @@
+"""Runs the embedded stack and the service processes for `flashrecovery up` and the demo.
+
+Each service is its own OS process (as it would be its own container); the supervisor only
+starts what it owns and stops those PIDs, children first."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .shared import bus as busmod
+from .shared.registry import Registry
+from .shared.settings import Settings
+from .shared.stack import Stack, StackError, free_port, start_stack, wait_port
+
+SERVICES = ("detector", "planner", "executor")
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    run_dir: Path
+    stack: Stack | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    rdzv: str = ""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        assert self.stack is not None
+        env = {**os.environ, "FLASHRECOVERY_KAFKA_BOOTSTRAP": self.stack.kafka_bootstrap,
+               "FLASHRECOVERY_REDIS_URL": self.stack.redis_url,
+               "FLASHRECOVERY_JOB_ID": self.settings.job_id,
+               "FLASHRECOVERY_BUS__TOPIC_NAMESPACE": self.settings.bus.topic_namespace,
+               "FLASHRECOVERY_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+        if self.rdzv:
+            env["FLASHRECOVERY_RDZV"] = self.rdzv
+        env.update(extra)
+        return env
+
+    def start_stack(self) -> Stack:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stack = start_stack(self.run_dir, self.settings.kafka_bootstrap, self.settings.redis_url)
+        asyncio.run(busmod.ensure_topics(self.stack.kafka_bootstrap, self.settings.bus))
+        return self.stack
+
+    def start_rendezvous(self) -> str:
+        port = free_port()
+        self.spawn("rdzv", [sys.executable, "-m", "flashrecovery.shared.rendezvous", "--port", str(port)])
+        wait_port(port, 60, self.procs["rdzv"])
+        self.rdzv = f"127.0.0.1:{port}"
+        return self.rdzv
+
+    def spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
+        log = (self.run_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(argv, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_service(self, service: str, instance: str | None = None, **env: str) -> subprocess.Popen:
+        name = instance or service
+        return self.spawn(name, [sys.executable, "-m", f"flashrecovery.{service}"],
+                          FLASHRECOVERY_INSTANCE=name, **env)
+
+    async def wait_ready(self, names: list[str], timeout_s: float = 90.0) -> None:
+        """A service is ready when its liveness key is in Redis."""
+        assert self.stack is not None
+        reg = Registry.from_url(self.stack.redis_url, self.settings.job_id)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                live = {s.split(":", 1)[1] for s in await reg.live_services()}
+                missing = [n for n in names if n not in live]
+                if not missing:
+                    return
+                for n in missing:
+                    p = self.procs.get(n)
+                    if p is not None and p.poll() is not None:
+                        raise StackError(f"{n} exited with {p.returncode}; see {self.run_dir / (n + '.log')}")
+                if time.monotonic() > deadline:
+                    raise StackError(f"not ready after {timeout_s}s: {missing}")
+                await asyncio.sleep(0.2)
+        finally:
+            await reg.close()
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        p = self.procs.pop(name, None)
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(sig)
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout_s)
+
+    def stop_all(self) -> None:
+        # Sidecars first (they own the workers), then services, then the stack.
+        order = sorted(self.procs, key=lambda n: (not n.startswith("sidecar"), n == "rdzv"))
+        for name in order:
+            self.stop(name)
+        if self.stack is not None:
+            self.stack.stop()
