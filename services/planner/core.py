@@ -1,0 +1,337 @@
+"""The planner's decision: `plan(snapshot, incidents, policy, now) -> RecoveryPlan | Escalation |
+NoPlan`, each carrying its reasons. Pure: no I/O, no wall clock (the caller passes `now`), no
+randomness; the same input gives the same output, ids included.
+
+Work that scales with the whole job is numpy array operations over a `PlanInput`; Python loops
+run over incidents, faulty nodes and restarted ranks only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
+                                          RepairAction, Replacement, Transfer)
+from flashrecovery.shared.settings import PlannerSettings
+from flashrecovery.shared.topology import JobSnapshot
+
+from .arrays import PlanInput
+from .placement import Group, place
+
+PRODUCER = "planner"
+
+
+@dataclass(frozen=True)
+class Policy:
+    restart_in_place_for_software: bool = False
+    no_spare_policy: str = "wait"  # wait | shrink
+    quarantine_faults: int = 2
+    quarantine_window_s: float = 3600.0
+    checkpoint_step: int | None = None  # last durable checkpoint, for the CHECKPOINT fallback
+    producer: str = PRODUCER
+
+    @classmethod
+    def from_settings(cls, s: PlannerSettings, *, checkpoint_step: int | None = None,
+                      producer: str = PRODUCER) -> Policy:
+        return cls(restart_in_place_for_software=s.restart_in_place_for_software,
+                   no_spare_policy=s.no_spare_policy, quarantine_faults=s.quarantine_faults,
+                   quarantine_window_s=s.quarantine_window_s, checkpoint_step=checkpoint_step,
+                   producer=producer)
+
+
+@dataclass(frozen=True)
+class NoPlan:
+    """Nothing to recover. `inert` names incidents that need no recovery at all (they name only
+    nodes without active ranks): the shell may close them."""
+    incident_ids: tuple[str, ...]
+    reasons: tuple[str, ...]
+    inert: tuple[str, ...] = ()
+
+
+Decision = RecoveryPlan | Escalation | NoPlan
+FaultHistory = Mapping[str, Mapping[str, float]]  # node id -> {incident id: fault time}
+
+
+def plan_id_for(job_id: str, incident_ids: Iterable[str], target_generation: int,
+                fallback: Fallback = Fallback.NONE) -> str:
+    """Deterministic: a replayed incident yields the same id. The fallback kind is part of it so
+    a WAIT plan and the real plan made once capacity arrives do not collide."""
+    text = f"{job_id}|{','.join(sorted(set(incident_ids)))}|{target_generation}|{fallback.value}"
+    return "plan-" + hashlib.sha1(text.encode()).hexdigest()[:24]
+
+
+def quarantined(incidents: Iterable[FaultIncident], history: FaultHistory, now: float,
+                policy: Policy) -> set[str]:
+    """Nodes with at least quarantine_faults distinct faults in the window ending at now. The
+    history is keyed by incident id, so a replayed incident is not counted twice."""
+    seen: dict[str, dict[str, float]] = {n: dict(v) for n, v in history.items()}
+    for inc in incidents:
+        for n in inc.root_cause_nodes:
+            seen.setdefault(n, {})[inc.incident_id] = inc.detected_at
+    lo = now - policy.quarantine_window_s
+    return {n for n, faults in seen.items()
+            if sum(1 for t in faults.values() if t >= lo) >= policy.quarantine_faults}
+
+
+@dataclass
+class _Faults:
+    replace: set[int] = field(default_factory=set)  # node indices whose ranks all move
+    proc: dict[int, set[int]] = field(default_factory=dict)  # node -> failed rank positions
+    named: set[int] = field(default_factory=set)  # every known node an incident names
+    contributed: set[str] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
+
+
+def _collect(inp: PlanInput, incidents: list[FaultIncident]) -> _Faults:
+    f = _Faults()
+    for inc in incidents:
+        iid = inc.incident_id
+        nodes = [inp.node_index[n] for n in inc.root_cause_nodes if n in inp.node_index]
+        unknown = [n for n in inc.root_cause_nodes if n not in inp.node_index]
+        if unknown:
+            f.reasons.append(f"{iid}: unknown nodes {unknown} ignored")
+        f.named.update(nodes)
+        pos = inp.positions(inc.root_cause_ranks)
+        if (pos < 0).any():
+            f.reasons.append(f"{iid}: unknown ranks {[r for r, p in zip(inc.root_cause_ranks, pos) if p < 0]} ignored")
+        pos = pos[pos >= 0]
+        if inc.action == RepairAction.REPLACE_NODE:
+            nodes = nodes or sorted(set(inp.node_of[pos].tolist()))
+            for n in nodes:
+                if inp.ranks_on(n).size == 0:
+                    f.reasons.append(f"{iid}: {inp.node_ids[n]} has no active ranks")
+                    continue
+                f.replace.add(n)
+                f.contributed.add(iid)
+        elif inc.action == RepairAction.RESTART_PROCESS:
+            if pos.size == 0 and nodes:
+                pos = np.concatenate([inp.ranks_on(n) for n in nodes])
+                if pos.size:
+                    f.reasons.append(f"{iid}: no ranks named; restarting every rank of "
+                                     f"{[inp.node_ids[n] for n in nodes]}")
+            if pos.size == 0:
+                f.reasons.append(f"{iid}: names no active rank")
+            for p in pos.tolist():
+                f.proc.setdefault(int(inp.node_of[p]), set()).add(p)
+                f.contributed.add(iid)
+        else:
+            f.reasons.append(f"{iid}: action {inc.action.value}: nothing to restart")
+    return f
+
+
+def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], policy: Policy,
+         now: float, *, fault_history: FaultHistory | None = None,
+         active_plan: RecoveryPlan | None = None) -> Decision:
+    """Decide the recovery for the union of open `incidents`. `active_plan` is the plan the
+    executor is driving now, if any: the result then supersedes it. `fault_history` holds the
+    earlier faults per node (from Redis) for quarantine."""
+    inp = snapshot if isinstance(snapshot, PlanInput) else PlanInput.from_snapshot(snapshot)
+    reasons: list[str] = []
+    by_id: dict[str, FaultIncident] = {}
+    for inc in sorted(incidents, key=lambda i: i.incident_id):
+        if inc.job_id != inp.job_id:
+            reasons.append(f"{inc.incident_id}: belongs to job {inc.job_id}, ignored")
+        else:
+            by_id.setdefault(inc.incident_id, inc)
+    incs = list(by_id.values())
+    ids = tuple(by_id)
+    if not incs:
+        return NoPlan(ids, tuple(reasons + ["no incident for this job"]))
+    covered = set(active_plan.incident_ids) if active_plan is not None else set()
+    new_ids = [i for i in ids if i not in covered]
+    if not new_ids:
+        return NoPlan(ids, tuple(reasons + [f"all incidents covered by active plan {active_plan.plan_id}"]))
+
+    faults = _collect(inp, incs)
+    reasons += faults.reasons
+    inert = tuple(i for i in new_ids if i not in faults.contributed)
+    if len(inert) == len(new_ids):
+        why = "incidents name no node or rank with active work" if active_plan is None else \
+            f"new incidents need no recovery; active plan {active_plan.plan_id} continues"
+        return NoPlan(ids, tuple(reasons + [why]), inert)
+
+    # Quarantine: a node faulting repeatedly leaves the job for good, so its ranks all move.
+    q_names = quarantined(incs, fault_history or {}, now, policy)
+    quarantine = sorted(n for n in q_names if n in inp.node_index)
+    q_idx = {inp.node_index[n] for n in quarantine}
+    for n in quarantine:
+        reasons.append(f"{n}: {policy.quarantine_faults}+ faults within "
+                       f"{policy.quarantine_window_s:g}s: quarantined")
+    for n in sorted(set(faults.proc) & q_idx):
+        faults.replace.add(n)
+    for n in faults.replace:
+        faults.proc.pop(n, None)
+
+    n_nodes = len(inp.node_ids)
+    node_faulty = np.zeros(n_nodes, dtype=bool)
+    faulty_idx = sorted(faults.replace | set(faults.proc))
+    node_faulty[faulty_idx] = True
+    restart = inp.recovering.copy()
+    replace_pos = [inp.ranks_on(n) for n in sorted(faults.replace)]
+    proc_pos = [np.fromiter(sorted(v), dtype=np.int64) for _, v in sorted(faults.proc.items())]
+    for arr in replace_pos + proc_pos:
+        restart[arr] = True
+    if restart[inp.recovering].any():
+        reasons.append(f"{int(inp.recovering.sum())} ranks still recovering from a superseded "
+                       "plan: restored again, not moved")
+    healthy = ~restart & ~node_faulty[inp.node_of]
+
+    # Placement: node replacements must move; software restarts move to a standby (or stay).
+    in_place = policy.restart_in_place_for_software
+    groups = [Group(n, tuple(int(p) for p in inp.ranks_on(n) if not inp.recovering[p]), True)
+              for n in sorted(faults.replace)]
+    if not in_place:
+        groups += [Group(n, tuple(sorted(p for p in v if not inp.recovering[p])), False)
+                   for n, v in sorted(faults.proc.items())]
+    excluded = faults.named | q_idx | set(faulty_idx)
+    placement = place(inp, groups, excluded)
+    reasons += placement.reasons
+    moves: list[tuple[int, int, str]] = [(p, t, "standby") for p, t in placement.target.items()]
+    stay = [n for n in faults.proc] if in_place else []
+    for g in placement.unplaced:
+        if not g.must_move:
+            stay.append(g.node)
+            reasons.append(f"{inp.node_ids[g.node]}: no standby slot for {len(g.positions)} "
+                           "restarted processes: restarting in place")
+    for n in sorted(set(stay)):
+        moves += [(p, n, "in_place") for p in sorted(faults.proc[n]) if not inp.recovering[p]]
+    lacking = [g for g in placement.unplaced if g.must_move]
+
+    restart_pos = np.flatnonzero(restart)
+    target_gen = inp.generation + 1
+    supersedes = active_plan.plan_id if active_plan is not None else None
+    if supersedes:
+        reasons.append(f"supersedes {supersedes}: covers {len(ids)} open incidents")
+    faulty_nodes = tuple(inp.node_ids[n] for n in faulty_idx)
+
+    def build(fallback: Fallback, *, restart_ranks: np.ndarray, replacements: list[Replacement],
+              transfers: list[Transfer], world_size: int, groups_: tuple[str, ...],
+              recovery_step: int, steps_lost: int = 0) -> RecoveryPlan:
+        pid = plan_id_for(inp.job_id, ids, target_gen, fallback)
+        return RecoveryPlan(
+            event_id=pid, job_id=inp.job_id, generation=inp.generation, emitted_at=now,
+            producer=policy.producer, plan_id=pid, incident_ids=ids, supersedes=supersedes,
+            target_generation=target_gen, world_size=world_size,
+            restart_ranks=tuple(int(r) for r in inp.rank[restart_ranks]),
+            faulty_nodes=faulty_nodes, replacements=tuple(replacements),
+            transfers=tuple(transfers), recovery_step=recovery_step, rebuild_groups=groups_,
+            quarantine_nodes=tuple(quarantine), fallback=fallback,
+            steps_lost_estimate=steps_lost, reasons=tuple(reasons))
+
+    next_step = inp.committed_step + 1
+    if lacking:
+        need = sum(len(g.positions) for g in lacking)
+        names = [inp.node_ids[g.node] for g in lacking]
+        if policy.no_spare_policy == "shrink":
+            return _shrink(inp, ids, lacking, restart, healthy, reasons, build, next_step, now,
+                           policy)
+        reasons.append(f"no spare capacity: {need} standby slots needed for {names}; waiting "
+                       "for capacity")
+        return build(Fallback.WAIT, restart_ranks=restart_pos, replacements=[], transfers=[],
+                     world_size=inp.world_size, groups_=rebuild_groups(inp, restart_pos),
+                     recovery_step=next_step)
+
+    replacements = [Replacement(rank=int(inp.rank[p]), from_node=inp.node_ids[inp.node_of[p]],
+                                to_node=inp.node_ids[t], local_rank=int(inp.local_rank[p]),
+                                mode=mode)  # type: ignore[arg-type]
+                    for p, t, mode in sorted(moves)]
+    transfers, lost = choose_sources(inp, restart_pos, healthy)
+    groups_ = rebuild_groups(inp, restart_pos)
+    if lost:
+        reasons.append(f"shards {lost} have no healthy replica: restore every rank from the "
+                       "last checkpoint")
+        ck = policy.checkpoint_step
+        if ck is None:
+            reasons.append("checkpoint step unknown: steps lost unknown (-1); the executor "
+                           "resumes from the latest durable checkpoint")
+        return build(Fallback.CHECKPOINT, restart_ranks=restart_pos, replacements=replacements,
+                     transfers=[], world_size=inp.world_size, groups_=groups_,
+                     recovery_step=-1 if ck is None else ck + 1,
+                     steps_lost=-1 if ck is None else max(inp.committed_step - ck, 0))
+    reasons.append(f"restart {restart_pos.size} ranks on {len(faulty_nodes)} faulty nodes, "
+                   f"resume at step {next_step}")
+    return build(Fallback.NONE, restart_ranks=restart_pos, replacements=replacements,
+                 transfers=transfers, world_size=inp.world_size, groups_=groups_,
+                 recovery_step=next_step)
+
+
+def choose_sources(inp: PlanInput, restart_pos: np.ndarray,
+                   healthy: np.ndarray) -> tuple[list[Transfer], list[int]]:
+    """One healthy replica (same shard id) per restarted rank. Within a shard each replica
+    serves at most one restore more than any other; across shards, nodes already serving a
+    restore are passed over while another node can serve. Returns (transfers, lost shards)."""
+    node_load = np.zeros(len(inp.node_ids), dtype=np.int64)
+    transfers: list[Transfer] = []
+    lost: list[int] = []
+    shards = inp.shard[restart_pos]
+    for s in np.unique(shards).tolist():
+        dst = restart_pos[shards == s]
+        cand = inp.shard_members(s)
+        cand = cand[healthy[cand]]
+        if cand.size == 0:
+            lost.append(int(s))
+            continue
+        full, rem = divmod(dst.size, cand.size)
+        picks = [np.tile(cand, full)] if full else []
+        if rem:
+            load = node_load[inp.node_of[cand]]
+            idle = np.flatnonzero(load == 0)
+            chosen = idle[:rem] if idle.size >= rem else np.argsort(load, kind="stable")[:rem]
+            picks.append(cand[np.sort(chosen)] if idle.size >= rem else cand[chosen])
+        src = np.concatenate(picks)
+        np.add.at(node_load, inp.node_of[src], 1)
+        transfers += [Transfer(src=int(a), dst=int(b))
+                      for a, b in zip(inp.rank[src].tolist(), inp.rank[dst].tolist())]
+    transfers.sort(key=lambda t: t.dst)
+    return transfers, lost
+
+
+def rebuild_groups(inp: PlanInput, restart_pos: np.ndarray) -> tuple[str, ...]:
+    """The communication groups that change: global, plus each dp/tp/pp group holding a
+    restarted rank. Bounded by the restarted ranks, never by the job size."""
+    if restart_pos.size == 0:
+        return ()
+    out = ["global"]
+    if inp.dp > 1:
+        out += [f"dp:shard={s}" for s in np.unique(inp.shard[restart_pos]).tolist()]
+    d, t, p = inp.dp_of[restart_pos], inp.tp_of[restart_pos], inp.pp_of[restart_pos]
+    if inp.tp > 1:
+        if inp.pp > 1:
+            out += [f"tp:dp={a},pp={b}" for a, b in sorted(set(zip(d.tolist(), p.tolist())))]
+        else:
+            out += [f"tp:dp={a}" for a in np.unique(d).tolist()]
+    if inp.pp > 1:
+        out += [f"pp:dp={a},tp={b}" for a, b in sorted(set(zip(d.tolist(), t.tolist())))]
+    return tuple(out)
+
+
+def _shrink(inp, ids, lacking, restart, healthy, reasons, build, next_step, now, policy):
+    """No spare: drop every data-parallel replica group that holds a rank that must restart
+    (except ranks only recovering: they already sit on a standby and keep their place)."""
+    moving = restart & ~inp.recovering
+    dropped_dp = np.unique(inp.dp_of[moving])
+    drop = np.isin(inp.dp_of, dropped_dp)
+    remaining = np.unique(inp.shard[~drop])
+    if remaining.size < inp.shard_ids.size:
+        why = (f"no spare capacity and shrinking would drop every replica of some shard "
+               f"(dp groups {dropped_dp.tolist()} of {inp.dp}); capacity or a checkpoint "
+               "restore is needed")
+        return Escalation(event_id=plan_id_for(inp.job_id, ids, inp.generation + 1,
+                                               Fallback.SHRINK).replace("plan-", "esc-"),
+                          job_id=inp.job_id, generation=inp.generation, emitted_at=now,
+                          producer=policy.producer, incident_ids=ids,
+                          reason="; ".join([*reasons, why]))
+    still = np.flatnonzero(restart & ~drop)
+    transfers, lost = choose_sources(inp, still, healthy & ~drop)
+    if lost:  # pragma: no cover - remaining dp groups hold every shard
+        reasons.append(f"shards {lost} have no healthy replica after shrink")
+    world = int((~drop).sum())
+    reasons.append(f"no spare capacity: shrink drops dp groups {dropped_dp.tolist()}, world size "
+                   f"{inp.world_size} -> {world}")
+    groups_ = ("global", "dp:*", *[f"drop:dp={d}" for d in dropped_dp.tolist()])
+    return build(Fallback.SHRINK, restart_ranks=still, replacements=[], transfers=transfers,
+                 world_size=world, groups_=groups_, recovery_step=next_step)
