@@ -39,6 +39,13 @@ class JobKeys:
     def plan(self, plan_id: str) -> str:  # string: RecoveryPlan json, written once
         return f"{self._p}:plan:{plan_id}"
 
+    def run(self, plan_id: str) -> str:  # hash: the executor's persisted state for one plan
+        return f"{self._p}:run:{plan_id}"
+
+    @property
+    def open_runs(self) -> str:  # set of plan ids the executor has not finished
+        return f"{self._p}:runs:open"
+
     @property
     def active_plan(self) -> str:  # string: plan id the executor is driving
         return f"{self._p}:plan:active"

@@ -166,11 +166,21 @@ class Registry:
                                   generation: int, **fields: Any) -> tuple[bool, str]:
         """Atomic compare-and-set of an incident's phase. Exactly one of several concurrent
         writers expecting the same phase wins; the others get (False, why)."""
-        args: list[Any] = [expected or "", new, generation, incident_id]
+        return await self._phase_cas(self.k.incident(incident_id), self.k.open_incidents, incident_id,
+                                     expected, new, generation, fields)
+
+    async def run_transition(self, plan_id: str, expected: str | None, new: str,
+                             generation: int, **fields: Any) -> tuple[bool, str]:
+        """The same compare-and-set for the executor's state of one plan."""
+        return await self._phase_cas(self.k.run(plan_id), self.k.open_runs, plan_id, expected, new,
+                                     generation, fields)
+
+    async def _phase_cas(self, key: str, index: str, member: str, expected: str | None, new: str,
+                         generation: int, fields: dict[str, Any]) -> tuple[bool, str]:
+        args: list[Any] = [expected or "", new, generation, member]
         for f, v in fields.items():
             args += [f, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
-        ok, why = await self._incident_cas(
-            keys=[self.k.incident(incident_id), self.k.meta, self.k.open_incidents], args=args)
+        ok, why = await self._incident_cas(keys=[key, self.k.meta, index], args=args)
         return bool(ok), why.decode() if isinstance(why, bytes) else str(why)
 
     async def incident(self, incident_id: str) -> dict[str, str]:

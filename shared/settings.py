@@ -47,6 +47,37 @@ class PlannerSettings(BaseModel):
         return v
 
 
+class SidecarSettings(BaseModel):
+    node_id: str = "node-0"
+    role: str = "active"  # active | spare
+    ranks: str = ""  # comma-separated global ranks hosted here, local rank = position
+    world_size: int = Field(0, ge=0)
+    capacity: int = Field(2, ge=0)  # ranks the node can host (its accelerators)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    worker_module: str = "flashrecovery.agent.reference.train"
+    worker_args: str = ""  # extra arguments for every worker, shell-quoted
+    pause_timeout_s: float = Field(15.0, gt=0)
+    log_lines_per_s: float = Field(20.0, gt=0)
+    log_burst: int = Field(50, ge=1)
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        if v not in ("active", "spare"):
+            raise ValueError("must be 'active' or 'spare'")
+        return v
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: str) -> str:
+        if v and not all(p.strip().isdigit() for p in v.split(",")):
+            raise ValueError("must be comma-separated rank numbers")
+        return v
+
+    def rank_list(self) -> list[int]:
+        return [int(p) for p in self.ranks.split(",") if p.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLASHRECOVERY_", env_nested_delimiter="__",
                                       extra="ignore")
@@ -60,6 +91,9 @@ class Settings(BaseSettings):
     detector: DetectorSettings = DetectorSettings()
     planner: PlannerSettings = PlannerSettings()
     executor: ExecutorSettings = ExecutorSettings()
+    sidecar: SidecarSettings = SidecarSettings()
+    rdzv: str | None = None  # host:port of the rendezvous store
+    instance: str = "0"  # this process's name among replicas of a service
 
     @field_validator("log_format")
     @classmethod

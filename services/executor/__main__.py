@@ -1,0 +1,5 @@
+import sys
+
+from flashrecovery.cli import main
+
+sys.exit(main(["executor"]))

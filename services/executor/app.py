@@ -1,0 +1,370 @@
+"""The executor: drives recovery plans to completion through the sidecars.
+
+Every phase transition is a compare-and-set in Redis and every phase start/end is timestamped
+there and published, so a standby executor that takes the lease mid-recovery continues from the
+persisted phase. Commands carry deterministic ids (plan, phase, attempt): a command re-sent
+after a takeover is recognised by the sidecars, which replay their acks instead of acting twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import orjson
+
+from flashrecovery.agent.commit_rule import InconsistentReports, decide_recovery
+from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import topics as T
+from flashrecovery.shared.logging import get_logger
+from flashrecovery.shared.registry import Registry, StaleGeneration
+from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction, Escalation,
+                                          ExecutorCommand, FaultIncident, PhaseStatus, RecoveryCompleted,
+                                          RecoveryPlan, RecoveryProgress)
+from flashrecovery.shared.settings import Settings
+
+from .core import PHASES, RECOVER_STAGES, TERMINAL, judge, next_phase_name, waitlist, applied_topology
+
+
+class PhaseFailed(RuntimeError):
+    pass
+
+
+class ExecutorService:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.instance = settings.instance
+        self.log = get_logger("executor", job_id=settings.job_id, instance=self.instance)
+        self.registry = Registry.from_url(settings.redis_url, settings.job_id)
+        self.producer = busmod.Producer(settings.kafka_bootstrap, settings.bus, f"executor-{self.instance}")
+        # Every instance follows plans and acks, so a standby that takes over already knows them.
+        self.plan_consumer = busmod.Consumer(settings.kafka_bootstrap, settings.bus, [T.PLANS], None,
+                                             self.on_plan, self.producer, f"executor-{self.instance}-plans")
+        self.ack_consumer = busmod.Consumer(settings.kafka_bootstrap, settings.bus, [T.ACKS], None,
+                                            self.on_ack, self.producer, f"executor-{self.instance}-acks",
+                                            from_latest=True)
+        self.plans: dict[str, RecoveryPlan] = {}
+        self.acks: dict[str, dict[tuple[str, str], CommandAck]] = {}
+        self.ack_event = asyncio.Event()
+        self.plan_event = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.driving: tuple[str, asyncio.Task] | None = None
+        self.leader = False
+        self.commands_sent = 0
+
+    # ------------------------------------------------------------------ inputs
+    async def on_plan(self, plan: Any, record: Any) -> None:
+        if not isinstance(plan, RecoveryPlan) or plan.job_id != self.s.job_id:
+            return
+        self.plans[plan.plan_id] = plan
+        self.plan_event.set()
+
+    async def on_ack(self, ack: Any, record: Any) -> None:
+        if not isinstance(ack, CommandAck) or ack.job_id != self.s.job_id:
+            return
+        # Redelivered acks overwrite themselves: idempotent by (command, node, stage).
+        self.acks.setdefault(ack.command_id, {})[(ack.node_id, ack.stage)] = ack
+        self.ack_event.set()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        await self.producer.start()
+        for c in (self.plan_consumer, self.ack_consumer):
+            await c.start()
+        tasks = [asyncio.create_task(self.plan_consumer.run()), asyncio.create_task(self.ack_consumer.run())]
+        await self.ack_consumer.wait_assigned()
+        self.log.info("ready")
+        try:
+            while not self.stopping.is_set():
+                await self._lead_once()
+                self.plan_event.clear()
+                try:
+                    await asyncio.wait_for(self.plan_event.wait(), self.s.executor.lease_ttl_s / 3)
+                except TimeoutError:
+                    pass
+        finally:
+            if self.driving:
+                self.driving[1].cancel()
+                await asyncio.gather(self.driving[1], return_exceptions=True)
+            self.plan_consumer.stop()
+            self.ack_consumer.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.producer.stop()
+            await self.registry.close()
+
+    async def _lead_once(self) -> None:
+        await self.registry.heartbeat_liveness("executor", f"executor-{self.instance}")
+        was = self.leader
+        self.leader = await self.registry.hold_lease("executor", self.instance, self.s.executor.lease_ttl_s)
+        if self.leader != was:
+            self.log.info("leadership", leader=self.leader)
+        if not self.leader:
+            return
+        if self.driving and self.driving[1].done():
+            self.driving = None
+        plan = await self._next_plan()
+        if plan is None:
+            return
+        if self.driving and self.driving[0] == plan.plan_id:
+            return
+        if self.driving:
+            old_id, task = self.driving
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self._finish(self.plans[old_id], "superseded", {}, reason=f"superseded by {plan.plan_id}")
+        self.driving = (plan.plan_id, asyncio.create_task(self._drive(plan)))
+
+    async def _next_plan(self) -> RecoveryPlan | None:
+        """The newest plan that is not finished. A plan that supersedes another wins over it."""
+        candidates = []
+        for plan in self.plans.values():
+            phase = await self.registry.r.hget(self.registry.k.run(plan.plan_id), "phase")
+            if phase is None or phase.decode() not in TERMINAL:
+                candidates.append(plan)
+        superseded = {p.supersedes for p in candidates if p.supersedes}
+        live = [p for p in candidates if p.plan_id not in superseded]
+        return max(live, key=lambda p: (p.target_generation, p.emitted_at), default=None)
+
+    # ------------------------------------------------------------------ one plan
+    async def _run_state(self, plan_id: str) -> dict[str, str]:
+        raw = await self.registry.r.hgetall(self.registry.k.run(plan_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def _set_run(self, plan_id: str, **fields: Any) -> None:
+        await self.registry.r.hset(self.registry.k.run(plan_id),
+                                   mapping={k: v if isinstance(v, (str, int, float)) else orjson.dumps(v)
+                                            for k, v in fields.items()})
+
+    async def _transition(self, plan: RecoveryPlan, expected: str | None, new: str) -> bool:
+        """CAS on the run's phase (Lua): two executors can never both move the same plan."""
+        gen = await self.registry.generation()
+        ok, why = await self.registry.run_transition(plan.plan_id, expected, new, gen)
+        if not ok:
+            self.log.warning("transition_refused", plan_id=plan.plan_id, expected=expected, new=new, why=why)
+        return ok
+
+    async def _drive(self, plan: RecoveryPlan) -> None:
+        log = self.log.bind(plan_id=plan.plan_id, incident_id=",".join(plan.incident_ids))
+        state = await self._run_state(plan.plan_id)
+        if not state:
+            if not await self._transition(plan, None, "fence"):
+                return
+            await self.registry.r.set(self.registry.k.active_plan, plan.plan_id)
+            await self._set_run(plan.plan_id, received_at=time.time())
+            for inc in plan.incident_ids:
+                await self._mark_incident(inc, "recovering")
+            state = await self._run_state(plan.plan_id)
+        else:
+            log.info("resuming_plan", phase=state.get("phase"))
+        phase = state["phase"]
+        try:
+            while phase not in TERMINAL:
+                await self._phase_mark(plan, phase, "start")
+                await getattr(self, f"_phase_{phase}")(plan, log)
+                await self._phase_mark(plan, phase, "end")
+                nxt = next_phase_name(phase)
+                if not await self._transition(plan, phase, nxt):
+                    return
+                phase = nxt
+            if phase == "done":
+                await self._finish(plan, "done", await self._run_state(plan.plan_id))
+        except PhaseFailed as exc:
+            log.error("plan_failed", phase=phase, reason=str(exc))
+            await self._transition(plan, phase, "failed")
+            await self._finish(plan, "failed", await self._run_state(plan.plan_id), reason=str(exc))
+
+    async def _phase_mark(self, plan: RecoveryPlan, phase: str, edge: str) -> None:
+        key = f"t:{phase}:{edge}"
+        state = await self._run_state(plan.plan_id)
+        at = float(state[key]) if key in state else time.time()
+        if key not in state:
+            await self._set_run(plan.plan_id, **{key: at})
+        gen = int(state.get("generation", plan.target_generation))
+        await self.producer.publish(RecoveryProgress(
+            job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
+            incident_id=",".join(plan.incident_ids), plan_id=plan.plan_id, phase=phase,
+            status=PhaseStatus.STARTED if edge == "start" else PhaseStatus.COMPLETED, at=at))
+
+    async def _command(self, plan: RecoveryPlan, action: CommandAction, attempt: int, **fields: Any) -> str:
+        state = await self._run_state(plan.plan_id)
+        cmd = ExecutorCommand(
+            job_id=self.s.job_id, generation=int(state["generation"]), producer=f"executor-{self.instance}",
+            command_id=f"{plan.plan_id}:{action}:{attempt}", plan_id=plan.plan_id,
+            incident_id=",".join(plan.incident_ids), action=action, attempt=attempt, **fields)
+        await self.producer.publish(cmd, wait=True)
+        self.commands_sent += 1
+        return cmd.command_id
+
+    async def _await_acks(self, command_id: str, stage: str, expected: frozenset[str], attempt: int,
+                          retries: int, timeout_s: float | None = None) -> tuple[str, dict[str, CommandAck]]:
+        started = time.monotonic()
+        timeout_s = timeout_s or self.s.executor.phase_timeout_s
+        while True:
+            got = {n: a for (n, st), a in self.acks.get(command_id, {}).items() if st == stage}
+            verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries)
+            if verdict.outcome != "wait":
+                return verdict.outcome if verdict.outcome != "advance" else "ok", got | {"_reason": verdict.reason}
+            self.ack_event.clear()
+            try:
+                await asyncio.wait_for(self.ack_event.wait(), 0.2)
+            except TimeoutError:
+                pass
+
+    async def _with_retries(self, plan: RecoveryPlan, action: CommandAction, stage: str,
+                            expected: frozenset[str], log, **fields: Any) -> dict[str, CommandAck]:
+        retries = self.s.executor.phase_retries
+        for attempt in range(retries + 1):
+            command_id = await self._command(plan, action, attempt, **fields)
+            outcome, acks = await self._await_acks(command_id, stage, expected, attempt, retries)
+            reason = acks.pop("_reason")
+            log.info("phase_acks", action=str(action), stage=stage, outcome=outcome, reason=reason,
+                     attempt=attempt)
+            if outcome == "ok":
+                return acks
+            if outcome == "fail":
+                raise PhaseFailed(f"{action}/{stage}: {reason}")
+        raise PhaseFailed(f"{action}/{stage}: retries exhausted")
+
+    # ------------------------------------------------------------------ phases
+    async def _phase_fence(self, plan: RecoveryPlan, log) -> None:
+        state = await self._run_state(plan.plan_id)
+        if "generation" in state:
+            return
+        cur = await self.registry.generation()
+        try:
+            gen = await self.registry.bump_generation(cur)
+        except StaleGeneration as exc:
+            raise PhaseFailed(str(exc)) from None
+        await self._set_run(plan.plan_id, generation=gen, snapshot_generation=cur)
+        log.info("fenced", generation=gen)
+
+    async def _phase_pause(self, plan: RecoveryPlan, log) -> None:
+        snap = await self.registry.snapshot()
+        wl = waitlist(plan, snap)
+        acks = await self._with_retries(plan, CommandAction.PAUSE, "done", wl.pause, log,
+                                        kill_ranks=plan.restart_ranks)
+        restart = set(plan.restart_ranks)
+        reports = [r for a in acks.values() for r in a.ranks if r.rank not in restart]
+        try:
+            decision = decide_recovery(reports)
+        except InconsistentReports as exc:
+            raise PhaseFailed(f"commit rule: {exc}") from None
+        max_applied = max((r.applied_step for r in reports), default=0)
+        computed = max([r.grads_step or 0 for r in reports] + [max_applied])
+        await self._set_run(plan.plan_id, commit_step=-1 if decision.commit_step is None else decision.commit_step,
+                            resume_step=decision.resume_step, commit_reason=decision.reason,
+                            steps_lost=max(0, max_applied - (decision.resume_step - 1)),
+                            steps_recomputed=max(0, computed - (decision.resume_step - 1)))
+        log.info("commit_decision", commit_step=decision.commit_step, resume_step=decision.resume_step,
+                 reason=decision.reason)
+
+    async def _phase_replace(self, plan: RecoveryPlan, log) -> None:
+        snap = await self.registry.snapshot()
+        wl = waitlist(plan, snap)
+        state = await self._run_state(plan.plan_id)
+        gen = int(state["generation"])
+        assignments = tuple(Assignment(rank=r.rank, local_rank=r.local_rank, node_id=r.to_node)
+                            for r in plan.replacements)
+        await self._with_retries(plan, CommandAction.REPLACE, "done", wl.replace, log,
+                                 nodes=tuple(sorted(wl.replace | set(plan.faulty_nodes))),
+                                 kill_ranks=plan.restart_ranks, assignments=assignments)
+        if "topology_written" not in state:
+            ranks, nodes = applied_topology(plan, snap, gen)
+            await self.registry.put_ranks(gen, ranks)
+            await self.registry.put_nodes(gen, nodes)
+            await self._set_run(plan.plan_id, topology_written=1, recover_nodes=sorted(wl.recover))
+
+    async def _recover_stage(self, plan: RecoveryPlan, phase: str, log) -> None:
+        state = await self._run_state(plan.plan_id)
+        expected = frozenset(orjson.loads(state["recover_nodes"]))
+        if "recover_command" not in state:
+            commit = int(state["commit_step"])
+            command_id = await self._command(
+                plan, CommandAction.RECOVER, 0, world_size=plan.world_size,
+                commit_step=None if commit < 0 else commit, resume_step=int(state["resume_step"]),
+                transfers=plan.transfers)
+            await self._set_run(plan.plan_id, recover_command=command_id)
+        else:
+            command_id = state["recover_command"]
+        # Stages of one broadcast: a stage that fails is not retried on its own; the incident
+        # fails and escalates (a superseding plan re-pauses everyone and starts over).
+        outcome, acks = await self._await_acks(command_id, RECOVER_STAGES[phase], expected, 0, 0)
+        reason = acks.pop("_reason")
+        if outcome != "ok":
+            raise PhaseFailed(f"{phase}: {reason}")
+        if phase == "restore":
+            moved = sum(r.bytes or 0 for a in acks.values() for r in a.ranks)
+            await self._set_run(plan.plan_id, restore_bytes=moved)
+        log.info("stage_done", phase=phase, nodes=len(acks))
+
+    async def _phase_rebuild(self, plan, log) -> None:
+        await self._recover_stage(plan, "rebuild", log)
+
+    async def _phase_restore(self, plan, log) -> None:
+        await self._recover_stage(plan, "restore", log)
+
+    async def _phase_resume(self, plan, log) -> None:
+        await self._recover_stage(plan, "resume", log)
+
+    async def _phase_verify(self, plan, log) -> None:
+        await self._recover_stage(plan, "verify", log)
+
+    # ------------------------------------------------------------------ the end of a plan
+    async def _mark_incident(self, incident_id: str, phase: str) -> None:
+        cur = (await self.registry.incident(incident_id)).get("phase")
+        if cur != phase and cur not in TERMINAL:
+            gen = await self.registry.generation()
+            await self.registry.incident_transition(incident_id, cur, phase, gen)
+
+    async def _finish(self, plan: RecoveryPlan, outcome: str, state: dict[str, str], reason: str = "") -> None:
+        if outcome == "superseded":
+            await self._transition(plan, (await self._run_state(plan.plan_id)).get("phase"), "superseded")
+        if not await self.registry.side_effect_once(plan.plan_id, f"completed:{outcome}"):
+            return
+        phase_seconds = {p: round(float(state[f"t:{p}:end"]) - float(state[f"t:{p}:start"]), 4)
+                         for p in PHASES if f"t:{p}:end" in state and f"t:{p}:start" in state}
+        first_seen = detected = fault_class = None
+        for inc_id in plan.incident_ids:
+            raw = (await self.registry.incident(inc_id)).get("incident")
+            if raw:
+                inc = FaultIncident.model_validate_json(raw)
+                first_seen = min(first_seen or inc.first_seen_at, inc.first_seen_at)
+                detected = min(detected or inc.detected_at, inc.detected_at)
+                fault_class = fault_class or inc.fault_class
+        end = float(state.get("t:verify:end", time.time()))
+        gen = int(state.get("generation", plan.target_generation))
+        if outcome == "done":
+            resume = int(state["resume_step"])
+            try:
+                await self.registry.record_committed_step(gen, resume)
+            except StaleGeneration:
+                pass
+            for inc in plan.incident_ids:
+                await self._mark_incident(inc, "done")
+            await self.registry.r.delete(self.registry.k.active_plan)
+        elif outcome == "failed":
+            await self.producer.publish(Escalation(
+                job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
+                incident_ids=plan.incident_ids, plan_id=plan.plan_id, reason=reason), wait=True)
+        done = RecoveryCompleted(
+            job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
+            incident_id=",".join(plan.incident_ids), plan_id=plan.plan_id, outcome=outcome,
+            fault_class=fault_class, phase_seconds=phase_seconds,
+            detection_latency_s=round(detected - first_seen, 4) if detected and first_seen else None,
+            rto_s=round(end - first_seen, 4) if first_seen and outcome == "done" else None,
+            recovery_step=int(state["resume_step"]) if "resume_step" in state else None,
+            steps_recomputed=int(state.get("steps_recomputed", 0)),
+            committed_steps_lost=int(state.get("steps_lost", 0)), reason=reason or state.get("commit_reason", ""))
+        await self.producer.publish(done, wait=True)
+        self.log.info("plan_finished", plan_id=plan.plan_id, outcome=outcome, rto_s=done.rto_s,
+                      phases=phase_seconds, reason=done.reason)
+
+
+async def main(settings: Settings) -> None:
+    svc = ExecutorService(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, svc.stopping.set)
+    await svc.run()

@@ -1,0 +1,95 @@
+"""The executor's decisions, pure: which nodes each phase waits for, whether a phase is done,
+should retry or has failed, and the topology after a plan is applied.
+
+Phases of one plan:  fence -> pause -> replace -> rebuild -> restore -> resume -> verify -> done
+(or failed / superseded). `rebuild`, `restore`, `resume` and `verify` are stages of the single
+RECOVER broadcast: the sidecars report each stage per node, so there is no extra round trip
+between them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flashrecovery.shared.schemas import CommandAck, NodeRole, RankState, RecoveryPlan
+from flashrecovery.shared.topology import JobSnapshot, NodeRecord, RankRecord
+
+PHASES = ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
+RECOVER_STAGES = {"rebuild": "rebuilt", "restore": "restored", "resume": "resumed", "verify": "verified"}
+TERMINAL = ("done", "failed", "superseded")
+
+
+def next_phase_name(phase: str) -> str:
+    i = PHASES.index(phase)
+    return PHASES[i + 1] if i + 1 < len(PHASES) else "done"
+
+
+@dataclass(frozen=True)
+class Waitlist:
+    pause: frozenset[str]  # nodes hosting surviving ranks: their pause reports decide the commit
+    replace: frozenset[str]  # nodes receiving replacements (must ack)
+    recover: frozenset[str]  # nodes hosting ranks after the plan (every stage of RECOVER)
+
+
+def waitlist(plan: RecoveryPlan, snap: JobSnapshot) -> Waitlist:
+    """Work proportional to the cluster only in this set arithmetic; commands themselves are
+    broadcasts and acks come one per node."""
+    restart = set(plan.restart_ranks)
+    survivors = {r.node_id for r in snap.ranks if r.rank not in restart}
+    dest = {rep.to_node for rep in plan.replacements}
+    return Waitlist(pause=frozenset(survivors), replace=frozenset(dest),
+                    recover=frozenset(survivors | dest))
+
+
+@dataclass(frozen=True)
+class PhaseVerdict:
+    outcome: str  # wait | advance | retry | fail
+    reason: str
+
+
+def judge(acks: dict[str, CommandAck], expected: frozenset[str], started_at: float, now: float,
+          timeout_s: float, attempt: int, retries: int) -> PhaseVerdict:
+    """acks: node -> its ack for this phase's command (and stage)."""
+    bad = sorted(n for n, a in acks.items() if n in expected and not a.ok)
+    missing = sorted(expected - acks.keys())
+    if not bad and not missing:
+        return PhaseVerdict("advance", f"all {len(expected)} nodes acknowledged")
+    if bad:
+        why = "; ".join(f"{n}: {acks[n].detail}" for n in bad)
+        return PhaseVerdict("retry" if attempt < retries else "fail", f"negative acks: {why}")
+    if now - started_at > timeout_s:
+        why = f"no ack after {timeout_s:.0f}s from {missing[:10]}{'...' if len(missing) > 10 else ''}"
+        return PhaseVerdict("retry" if attempt < retries else "fail", why)
+    return PhaseVerdict("wait", f"waiting for {len(missing)} nodes")
+
+
+def applied_topology(plan: RecoveryPlan, snap: JobSnapshot, generation: int) -> tuple[list[RankRecord], list[NodeRecord]]:
+    """Registry records to write once replacements are up: only the moved ranks and the nodes
+    whose membership changed, so the write grows with the restart set, not the cluster."""
+    by_rank = {r.rank: r for r in snap.ranks}
+    ranks = [by_rank[rep.rank].model_copy(update={"node_id": rep.to_node, "local_rank": rep.local_rank,
+                                                  "state": RankState.RECOVERING, "generation": generation,
+                                                  "pid": None})
+             for rep in plan.replacements]
+    nodes_by_id = {n.node_id: n for n in snap.nodes}
+    touched: dict[str, NodeRecord] = {}
+    moved_from: dict[str, set[int]] = {}
+    for rep in plan.replacements:
+        moved_from.setdefault(rep.from_node, set()).add(rep.rank)
+    for node_id, gone in moved_from.items():
+        n = nodes_by_id.get(node_id)
+        if n is None:
+            continue
+        left = tuple(r for r in n.ranks if r not in gone)
+        quarantine = node_id in plan.quarantine_nodes or (not left and node_id in plan.faulty_nodes)
+        touched[node_id] = n.model_copy(update={"ranks": left,
+                                                "role": NodeRole.QUARANTINED if quarantine else n.role})
+    for rep in plan.replacements:
+        n = touched.get(rep.to_node) or nodes_by_id[rep.to_node]
+        hosted = tuple(sorted(set(n.ranks) | {rep.rank}))
+        slots = max(0, n.standby_slots - 1) if rep.to_node != rep.from_node else n.standby_slots
+        role = n.role if slots > 0 else NodeRole.ACTIVE
+        touched[rep.to_node] = n.model_copy(update={"ranks": hosted, "standby_slots": slots, "role": role})
+    for node_id in plan.quarantine_nodes:
+        if node_id in nodes_by_id and node_id not in touched:
+            touched[node_id] = nodes_by_id[node_id].model_copy(update={"role": NodeRole.QUARANTINED})
+    return ranks, list(touched.values())

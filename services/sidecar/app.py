@@ -1,0 +1,422 @@
+"""The per-node sidecar: launches and supervises the node's training processes, relays their
+step reports as one batched heartbeat per interval, forwards error lines, sees exits at once,
+and carries out the executor's commands for this node.
+
+Spare nodes run a sidecar with no ranks that keeps standby workers pre-started (torch imported,
+model built) so a replacement never pays a cold start during recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flashrecovery.agent import channel as ch
+from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import topics as T
+from flashrecovery.shared.logging import get_logger
+from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, LogEvent,
+                                          NodeHeartbeat, NodeRole, RankReport, RankState,
+                                          RankStatus, WorkerExit)
+from flashrecovery.shared.settings import Settings
+
+from .core import CommandGate, TokenBucket, prefilter, stage_reached
+
+
+@dataclass
+class Worker:
+    proc: asyncio.subprocess.Process
+    local_rank: int
+    rank: int | None
+    standby: bool
+    log_path: Path
+    writer: asyncio.StreamWriter | None = None
+    state: RankState = RankState.STARTING
+    step: int = 0
+    step_time_s: float | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    long_phase: str | None = None
+    long_phase_expected_s: float | None = None
+    generation: int = 0
+    expected_exit: bool = False
+    paused: ch.Paused | None = None
+    progress: set[str] = field(default_factory=set)
+    progress_msgs: list[ch.Progress] = field(default_factory=list)
+    bucket: TokenBucket | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class SidecarService:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.cfg = settings.sidecar
+        self.node_id = self.cfg.node_id
+        self.log = get_logger("sidecar", job_id=settings.job_id, node_id=self.node_id)
+        self.gate = CommandGate(self.node_id)
+        self.workers: dict[int, Worker] = {}  # pid -> worker
+        self.run_dir = Path(settings.runtime_dir) / "sidecars" / self.node_id
+        self.sock_path = Path("/tmp") / f"fr-{settings.job_id[:24]}-{self.node_id}-{os.getpid()}.sock"
+        self.producer = busmod.Producer(settings.kafka_bootstrap, settings.bus, f"sidecar-{self.node_id}")
+        self.consumer = busmod.Consumer(settings.kafka_bootstrap, settings.bus, [T.COMMANDS], None,
+                                        self.on_command, self.producer, f"sidecar-{self.node_id}",
+                                        from_latest=True)
+        self.registry = Registry.from_url(settings.redis_url, settings.job_id)
+        self.seq = 0
+        self.stopping = asyncio.Event()
+        self.hello = asyncio.Condition()
+        self.events = asyncio.Condition()  # any report from a worker
+        self.tasks: set[asyncio.Task] = set()
+        self.verify_target: dict[str, int] = {}  # command id -> resume step awaiting "verified"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.server = await asyncio.start_unix_server(self._serve_worker, path=str(self.sock_path))
+        await self.producer.start()
+        await self.consumer.start()
+        self._spawn(self.consumer.run())
+        await self.consumer.wait_assigned()
+        for local_rank, rank in enumerate(self.cfg.rank_list()):
+            await self._launch(local_rank, rank)
+        await self._refill_standbys()
+        self._spawn(self._heartbeat_loop())
+        self.log.info("ready", role=self.cfg.role, ranks=self.cfg.rank_list(), socket=str(self.sock_path))
+
+    async def run(self) -> None:
+        await self.start()
+        await self.stopping.wait()
+
+    async def close(self) -> None:
+        for w in list(self.workers.values()):
+            w.expected_exit = True
+            if w.proc.returncode is None:
+                w.proc.kill()
+        for w in list(self.workers.values()):
+            try:
+                await asyncio.wait_for(w.proc.wait(), 5)
+            except asyncio.TimeoutError:
+                pass
+        self.consumer.stop()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.server.close()
+        self.sock_path.unlink(missing_ok=True)
+        await self.producer.stop()
+        await self.registry.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ workers
+    def _ranked(self) -> list[Worker]:
+        return sorted((w for w in self.workers.values() if w.rank is not None and w.proc.returncode is None),
+                      key=lambda w: w.local_rank)
+
+    def _standbys(self) -> list[Worker]:
+        return [w for w in self.workers.values()
+                if w.rank is None and w.proc.returncode is None]
+
+    async def _launch(self, local_rank: int, rank: int | None) -> Worker:
+        env = {**os.environ,
+               "FLASHRECOVERY_JOB_ID": self.s.job_id, "FLASHRECOVERY_NODE_ID": self.node_id,
+               "FLASHRECOVERY_LOCAL_RANK": str(local_rank),
+               "FLASHRECOVERY_WORLD_SIZE": str(self.cfg.world_size),
+               "FLASHRECOVERY_GENERATION": str(self.gate.generation),
+               "FLASHRECOVERY_RDZV": self.s.rdzv or "", "FLASHRECOVERY_AGENT_SOCKET": str(self.sock_path),
+               "PYTHONUNBUFFERED": "1"}
+        if rank is None:
+            env["FLASHRECOVERY_STANDBY"] = "1"
+            env.pop("FLASHRECOVERY_RANK", None)
+            env.pop("FLASHRECOVERY_FAULT", None)
+        else:
+            env["FLASHRECOVERY_RANK"] = str(rank)
+            env.pop("FLASHRECOVERY_STANDBY", None)
+        argv = [sys.executable, "-m", self.cfg.worker_module, *shlex.split(self.cfg.worker_args)]
+        proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        name = f"rank{rank}" if rank is not None else f"standby{proc.pid}"
+        w = Worker(proc=proc, local_rank=local_rank, rank=rank, standby=rank is None,
+                   log_path=self.run_dir / f"{name}.log", generation=self.gate.generation,
+                   state=RankState.STARTING if rank is not None else RankState.STANDBY,
+                   bucket=TokenBucket(self.cfg.log_lines_per_s, self.cfg.log_burst))
+        self.workers[proc.pid] = w
+        self._spawn(self._watch_exit(w))
+        self._spawn(self._tail(w, proc.stdout, "stdout"))
+        self._spawn(self._tail(w, proc.stderr, "stderr"))
+        self.log.info("worker_started", rank=rank, pid=proc.pid, standby=rank is None)
+        return w
+
+    async def _refill_standbys(self) -> None:
+        """Spares keep (capacity - hosted ranks) standbys warm; active nodes keep none."""
+        if self.cfg.role != "spare":
+            return
+        want = max(0, self.cfg.capacity - len(self._ranked()))
+        free_local = sorted(set(range(self.cfg.capacity)) - {w.local_rank for w in self._ranked()})
+        for i in range(want - len(self._standbys())):
+            await self._launch(free_local[i % max(1, len(free_local))] if free_local else 0, None)
+
+    async def _watch_exit(self, w: Worker) -> None:
+        rc = await w.proc.wait()
+        w.state = RankState.EXITED if w.state != RankState.DONE else RankState.DONE
+        sig = -rc if rc < 0 else None
+        expected = w.expected_exit or (rc == 0 and w.state == RankState.DONE)
+        self.log.info("worker_exited", rank=w.rank, pid=w.pid, code=rc, signal=sig, expected=expected)
+        if not self.stopping.is_set():
+            await self.producer.publish(WorkerExit(
+                job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
+                node_id=self.node_id, rank=w.rank, pid=w.pid, exit_code=None if sig else rc, signal=sig,
+                step=w.step, expected=expected), wait=True)
+        async with self.events:
+            self.events.notify_all()
+
+    async def _tail(self, w: Worker, stream: asyncio.StreamReader, name: str) -> None:
+        with w.log_path.open("ab") as f:
+            while True:
+                raw = await stream.readline()
+                if not raw:
+                    return
+                f.write(raw)
+                f.flush()
+                line = raw.decode(errors="replace").rstrip()
+                hint = prefilter(line)
+                if hint and w.bucket.allow(time.monotonic()) and not self.stopping.is_set():
+                    await self.producer.publish(LogEvent(
+                        job_id=self.s.job_id, generation=self.gate.generation,
+                        producer=f"sidecar-{self.node_id}", node_id=self.node_id, rank=w.rank,
+                        stream=name, line=line[:2000], hint=hint), wait=True)
+
+    async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        worker: Worker | None = None
+        try:
+            while raw := await reader.readline():
+                try:
+                    msg = ch.decode(raw)
+                except ch.UnknownMessage as exc:
+                    self.log.warning("bad_channel_line", error=str(exc)[:200])
+                    continue
+                if isinstance(msg, ch.Hello):
+                    worker = self.workers.get(msg.pid)
+                    if worker is None:
+                        self.log.warning("unknown_worker_hello", pid=msg.pid)
+                        continue
+                    worker.writer = writer
+                    if worker.rank is not None:
+                        worker.state = RankState.RUNNING
+                    async with self.hello:
+                        self.hello.notify_all()
+                elif worker is not None:
+                    self._on_report(worker, msg)
+                    async with self.events:
+                        self.events.notify_all()
+        finally:
+            writer.close()
+
+    def _on_report(self, w: Worker, msg) -> None:
+        now = time.monotonic()
+        if isinstance(msg, ch.Step):
+            if msg.step != w.step:
+                w.last_progress = now
+            w.step, w.step_time_s, w.long_phase = msg.step, msg.step_time_s, None
+            if w.state not in (RankState.PAUSED, RankState.RECOVERING):
+                w.state = RankState.RUNNING
+            elif "resumed" in w.progress:
+                w.state = RankState.RUNNING
+        elif isinstance(msg, ch.LongPhase):
+            w.long_phase, w.long_phase_expected_s, w.last_progress = msg.name, msg.expected_s, now
+        elif isinstance(msg, ch.Paused):
+            w.paused, w.state = msg, RankState.PAUSED
+            w.step = msg.applied_step
+        elif isinstance(msg, ch.Progress):
+            if msg.generation == self.gate.generation:
+                w.progress.add(msg.phase)
+                w.progress_msgs.append(msg)
+                w.last_progress = now
+                if msg.phase == "resumed":
+                    w.state = RankState.RUNNING
+        elif isinstance(msg, ch.Done):
+            w.state, w.step = RankState.DONE, msg.step
+        elif isinstance(msg, ch.Error):
+            self.log.warning("worker_error", rank=w.rank, message=msg.message[:500])
+
+    async def _send(self, w: Worker, msg) -> bool:
+        if w.writer is None or w.proc.returncode is not None:
+            return False
+        try:
+            w.writer.write(ch.encode(msg))
+            await w.writer.drain()
+            return True
+        except (ConnectionError, RuntimeError):
+            return False
+
+    async def _wait_for(self, predicate, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.events:
+                    await self.events.wait_for(predicate)
+            return True
+        except TimeoutError:
+            return False
+
+    # ------------------------------------------------------------------ heartbeats
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            ranks = tuple(RankStatus(
+                rank=w.rank, local_rank=w.local_rank, pid=w.pid, state=w.state, step=w.step,
+                step_time_s=w.step_time_s, generation=self.gate.generation, long_phase=w.long_phase,
+                long_phase_expected_s=w.long_phase_expected_s,
+                since_progress_s=round(now - w.last_progress, 3))
+                for w in sorted(self.workers.values(), key=lambda w: (w.rank is None, w.rank or 0))
+                if w.proc.returncode is None)
+            role = NodeRole.SPARE if self.cfg.role == "spare" and not self._ranked() else NodeRole.ACTIVE
+            await self.producer.publish(NodeHeartbeat(
+                job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
+                node_id=self.node_id, role=role, seq=self.seq, interval_s=self.cfg.heartbeat_interval_s,
+                ranks=ranks, standby_ready=sum(1 for w in self._standbys() if w.writer)))
+            self.seq += 1
+            await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    # ------------------------------------------------------------------ commands
+    async def on_command(self, cmd: ExecutorCommand, record) -> None:
+        if cmd.job_id != self.s.job_id:
+            return
+        verdict, reason = self.gate.decide(cmd)
+        if verdict == "ignore":
+            if "stale" in reason:
+                self.log.info("command_ignored", command_id=cmd.command_id, action=cmd.action, reason=reason)
+            return
+        if verdict == "replay":
+            for ack in self.gate.handled[cmd.command_id]:
+                await self.producer.publish(ack, wait=True)
+            return
+        self.gate.handled[cmd.command_id] = []
+        self.gate.generation = max(self.gate.generation, cmd.generation)
+        self.log.info("command", command_id=cmd.command_id, action=cmd.action, generation=cmd.generation,
+                      plan_id=cmd.plan_id)
+        handler = {CommandAction.PAUSE: self._pause, CommandAction.REPLACE: self._replace,
+                   CommandAction.RECOVER: self._recover, CommandAction.STOP: self._stop}[cmd.action]
+        # Recovery stages arrive over seconds: do not hold the command stream meanwhile.
+        self._spawn(handler(cmd))
+
+    async def _ack(self, cmd: ExecutorCommand, stage: str = "done", ok: bool = True, detail: str = "",
+                   ranks: tuple[RankReport, ...] = ()) -> None:
+        ack = CommandAck(job_id=self.s.job_id, generation=cmd.generation, producer=f"sidecar-{self.node_id}",
+                         command_id=cmd.command_id, plan_id=cmd.plan_id, incident_id=cmd.incident_id,
+                         action=cmd.action, node_id=self.node_id, ok=ok, stage=stage, detail=detail,
+                         ranks=ranks)
+        self.gate.handled.setdefault(cmd.command_id, []).append(ack)
+        await self.producer.publish(ack, wait=True)
+
+    async def _kill(self, ranks: set[int]) -> list[Worker]:
+        killed = [w for w in self._ranked() if w.rank in ranks]
+        for w in killed:
+            w.expected_exit = True
+            try:
+                os.kill(w.pid, signal.SIGKILL)  # ours, by PID; a stopped process dies too
+            except ProcessLookupError:
+                pass
+        return killed
+
+    async def _pause(self, cmd: ExecutorCommand) -> None:
+        await self._kill(set(cmd.kill_ranks))
+        targets = [w for w in self._ranked() if w.rank not in set(cmd.kill_ranks)]
+        for w in targets:
+            w.paused, w.progress, w.progress_msgs = None, set(), []
+            w.state = RankState.PAUSED
+            await self._send(w, ch.Pause(generation=cmd.generation))
+        ok = await self._wait_for(lambda: all(w.paused is not None or w.proc.returncode is not None
+                                              for w in targets), self.cfg.pause_timeout_s)
+        reports = tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.paused.applied_step,
+                                   grads_step=w.paused.grads_step, vote_step=w.paused.vote_step)
+                        for w in targets if w.paused is not None)
+        missing = [w.rank for w in targets if w.paused is None]
+        await self._ack(cmd, ok=ok and not missing, ranks=reports,
+                        detail=f"no pause report from ranks {missing}" if missing else "")
+
+    async def _replace(self, cmd: ExecutorCommand) -> None:
+        await self._kill(set(cmd.kill_ranks))
+        mine = [a for a in cmd.assignments if a.node_id == self.node_id]
+        reports = []
+        for a in mine:
+            existing = next((w for w in self._ranked() if w.rank == a.rank), None)
+            if existing is not None:  # replayed after a takeover: already done
+                reports.append(RankReport(rank=a.rank, pid=existing.pid))
+                continue
+            ready = [w for w in self._standbys() if w.writer is not None]
+            if not ready:
+                await self._launch(a.local_rank, None)
+                await self._wait_for(lambda: any(w.writer for w in self._standbys()), 120)
+                ready = [w for w in self._standbys() if w.writer is not None]
+                if not ready:
+                    await self._ack(cmd, ok=False, detail=f"no standby for rank {a.rank}")
+                    return
+            w = ready[0]
+            w.rank, w.local_rank, w.standby, w.state = a.rank, a.local_rank, False, RankState.RECOVERING
+            w.generation = cmd.generation
+            await self._send(w, ch.Assign(rank=a.rank, local_rank=a.local_rank, node_id=self.node_id))
+            reports.append(RankReport(rank=a.rank, pid=w.pid))
+            self.log.info("standby_assigned", rank=a.rank, pid=w.pid)
+        await self._ack(cmd, ranks=tuple(reports))
+        self._spawn(self._refill_standbys())
+
+    async def _recover(self, cmd: ExecutorCommand) -> None:
+        targets = self._ranked()
+        if not targets:
+            return
+        ranks = [w.rank for w in targets]
+        for w in targets:
+            w.state = RankState.RECOVERING
+            await self._send(w, ch.Recover(
+                generation=cmd.generation, world_size=cmd.world_size, commit_step=cmd.commit_step,
+                resume_step=cmd.resume_step if cmd.resume_step is not None else 0,
+                transfers=tuple(ch.Transfer(src=t.src, dst=t.dst) for t in cmd.transfers)))
+        timeout = self.s.executor.phase_timeout_s
+        for stage in ("rebuilt", "restored", "resumed"):
+            progress = {w.rank: w.progress for w in targets}
+            ok = await self._wait_for(lambda: stage_reached(stage, ranks, progress)
+                                      or any(w.proc.returncode is not None for w in targets), timeout)
+            reached = stage_reached(stage, ranks, progress)
+            reports = tuple(RankReport(rank=w.rank, pid=w.pid, phase=m.phase, seconds=m.seconds,
+                                       bytes=m.bytes, digest_ok=m.digest_ok)
+                            for w in targets for m in w.progress_msgs if m.phase == stage)
+            await self._ack(cmd, stage=stage, ok=ok and reached, ranks=reports,
+                            detail="" if reached else f"ranks did not reach {stage}")
+            if not reached:
+                return
+        resume = cmd.resume_step or 0
+        ok = await self._wait_for(lambda: all(w.step >= resume for w in targets), timeout)
+        await self._ack(cmd, stage="verified", ok=ok,
+                        ranks=tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step) for w in targets))
+
+    async def _stop(self, cmd: ExecutorCommand) -> None:
+        for w in list(self.workers.values()):
+            w.expected_exit = True
+            await self._send(w, ch.Stop())
+        await self._ack(cmd)
+        self.stopping.set()
+
+
+async def main(settings: Settings) -> None:
+    svc = SidecarService(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, svc.stopping.set)
+    try:
+        await svc.run()
+    finally:
+        svc.stopping.set()
+        await svc.close()

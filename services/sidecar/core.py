@@ -1,0 +1,66 @@
+"""The sidecar's decisions, pure: which commands to act on, which log lines to forward, and
+when a node's ranks have all reached a recovery stage."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from flashrecovery.shared.schemas import ExecutorCommand
+
+# A cheap first pass only: anything that smells like an error goes to the detector, which owns
+# the real signature catalog. Keeping this broad costs a few log events; missing a line costs a
+# late detection.
+PREFILTER = re.compile(
+    r"error|exception|traceback|fatal|ecc|xid|nccl|gloo|connection (closed|reset|refused)|"
+    r"fallen off|illegal (memory|instruction)|out of memory|timed? ?out|nvlink|abort|segmentation",
+    re.IGNORECASE)
+
+
+def prefilter(line: str) -> str | None:
+    m = PREFILTER.search(line)
+    return m.group(0).lower() if m else None
+
+
+@dataclass
+class TokenBucket:
+    """Rate limit for forwarded log lines, per worker; the clock is passed in."""
+    rate: float
+    burst: int
+    tokens: float = -1.0
+    last: float = 0.0
+    dropped: int = 0
+
+    def allow(self, now: float) -> bool:
+        if self.tokens < 0:
+            self.tokens, self.last = float(self.burst), now
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.dropped += 1
+        return False
+
+
+@dataclass
+class CommandGate:
+    """Acts on each command once, for this node, from the current generation or newer."""
+    node_id: str
+    generation: int = 0
+    handled: dict[str, list] = field(default_factory=dict)  # command id -> acks sent
+
+    def decide(self, cmd: ExecutorCommand) -> tuple[str, str]:
+        """-> (verdict, reason); verdict is act, replay (resend cached acks) or ignore."""
+        if cmd.nodes is not None and self.node_id not in cmd.nodes:
+            return "ignore", "addressed to other nodes"
+        if cmd.command_id in self.handled:
+            return "replay", "duplicate delivery: resend the acks already sent"
+        if cmd.generation < self.generation:
+            return "ignore", f"stale generation {cmd.generation} < {self.generation}"
+        return "act", "new command"
+
+
+def stage_reached(stage: str, local_ranks: list[int], progress: dict[int, set[str]]) -> bool:
+    """All ranks hosted here reported `stage` (rebuilt / restored / resumed)."""
+    return bool(local_ranks) and all(stage in progress.get(r, set()) for r in local_ranks)

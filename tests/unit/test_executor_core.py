@@ -1,0 +1,68 @@
+from flashrecovery.executor.core import applied_topology, judge, next_phase_name, waitlist
+from flashrecovery.shared.schemas import (CommandAck, CommandAction, NodeRole, RecoveryPlan, Replacement,
+                                          Transfer)
+from flashrecovery.shared.topology import grid_topology
+
+SNAP = grid_topology("j", nodes=4, ranks_per_node=2, tp=2, spares=1)
+
+
+def _plan(restart, reps, faulty, quarantine=()):
+    return RecoveryPlan(job_id="j", generation=0, producer="t", plan_id="p", incident_ids=("i",),
+                        target_generation=1, world_size=8, restart_ranks=tuple(restart),
+                        faulty_nodes=tuple(faulty), replacements=tuple(reps),
+                        transfers=tuple(Transfer(src=(r + 2) % 8, dst=r) for r in restart),
+                        recovery_step=5, quarantine_nodes=tuple(quarantine))
+
+
+def _ack(node, ok=True, detail=""):
+    return CommandAck(job_id="j", generation=1, producer="s", command_id="c", plan_id="p", incident_id="i",
+                      action=CommandAction.PAUSE, node_id=node, ok=ok, detail=detail)
+
+
+def test_phase_order():
+    assert [next_phase_name(p) for p in ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")] \
+        == ["pause", "replace", "rebuild", "restore", "resume", "verify", "done"]
+
+
+def test_process_crash_waitlist_keeps_the_crashed_nodes_survivor():
+    plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
+    wl = waitlist(plan, SNAP)
+    assert wl.pause == {"node-0", "node-1", "node-2", "node-3"}  # rank 3 still lives on node-1
+    assert wl.replace == {"spare-0"}
+    assert wl.recover == {"node-0", "node-1", "node-2", "node-3", "spare-0"}
+
+
+def test_node_loss_waitlist_never_waits_for_the_lost_node():
+    reps = [Replacement(rank=r, from_node="node-1", to_node="spare-0", local_rank=r - 2) for r in (2, 3)]
+    wl = waitlist(_plan([2, 3], reps, ["node-1"]), SNAP)
+    assert "node-1" not in wl.pause and "node-1" not in wl.recover
+
+
+def test_judge_table():
+    exp = frozenset({"a", "b"})
+    assert judge({"a": _ack("a"), "b": _ack("b")}, exp, 0, 1, 10, 0, 2).outcome == "advance"
+    assert judge({"a": _ack("a")}, exp, 0, 1, 10, 0, 2).outcome == "wait"
+    assert judge({"a": _ack("a")}, exp, 0, 11, 10, 0, 2).outcome == "retry"
+    assert judge({"a": _ack("a")}, exp, 0, 11, 10, 2, 2).outcome == "fail"
+    v = judge({"a": _ack("a", ok=False, detail="no report"), "b": _ack("b")}, exp, 0, 1, 10, 2, 2)
+    assert v.outcome == "fail" and "no report" in v.reason
+    # acks from nodes nobody waits for change nothing
+    assert judge({"a": _ack("a"), "b": _ack("b"), "z": _ack("z", ok=False)}, exp, 0, 1, 10, 0, 2).outcome == "advance"
+
+
+def test_applied_topology_touches_only_moved_ranks_and_their_nodes():
+    reps = [Replacement(rank=r, from_node="node-1", to_node="spare-0", local_rank=r - 2) for r in (2, 3)]
+    ranks, nodes = applied_topology(_plan([2, 3], reps, ["node-1"]), SNAP, generation=1)
+    assert sorted(r.rank for r in ranks) == [2, 3] and all(r.node_id == "spare-0" for r in ranks)
+    by = {n.node_id: n for n in nodes}
+    assert set(by) == {"node-1", "spare-0"}
+    assert by["node-1"].role == NodeRole.QUARANTINED and by["node-1"].ranks == ()
+    assert by["spare-0"].ranks == (2, 3) and by["spare-0"].role == NodeRole.ACTIVE
+
+
+def test_partial_use_of_a_spare_keeps_it_spare():
+    plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
+    _, nodes = applied_topology(plan, SNAP, generation=1)
+    by = {n.node_id: n for n in nodes}
+    assert by["node-1"].role == NodeRole.ACTIVE and by["node-1"].ranks == (3,)
+    assert by["spare-0"].role == NodeRole.SPARE and by["spare-0"].standby_slots == 1
