@@ -1,0 +1,209 @@
+"""The planner's I/O shell: incidents in from Kafka, registry reads and writes in Redis, plans out.
+All decisions are in core.plan; this module only gathers its inputs and acts on its output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from flashrecovery.shared import topics
+from flashrecovery.shared.bus import Consumer, Producer
+from flashrecovery.shared.logging import get_logger
+from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
+                                          encode)
+from flashrecovery.shared.settings import Settings
+
+from .core import Decision, NoPlan, Policy, plan
+
+GROUP = "flashrecovery-planner"
+SERVICE = "planner"
+
+
+class PlannerService:
+    def __init__(self, settings: Settings) -> None:
+        if not settings.kafka_bootstrap or not settings.redis_url:
+            raise ValueError("planner needs FLASHRECOVERY_KAFKA_BOOTSTRAP and FLASHRECOVERY_REDIS_URL")
+        self.settings = settings
+        self.instance = str(getattr(settings, "instance", "0"))
+        self.policy = Policy.from_settings(settings.planner)
+        self.registry = Registry.from_url(settings.redis_url, settings.job_id)
+        self.producer = Producer(settings.kafka_bootstrap, settings.bus, client_id="planner")
+        self.consumer = Consumer(settings.kafka_bootstrap, settings.bus, [topics.INCIDENTS], GROUP,
+                                 self.handle, self.producer, SERVICE)
+        self.log = get_logger(SERVICE, job_id=settings.job_id, instance=self.instance)
+        self.decisions: list[dict[str, Any]] = []  # what was decided, newest last (tests, probes)
+        self._live: asyncio.Task[None] | None = None
+
+    async def start(self, wait_assigned_s: float | None = 30.0) -> None:
+        await self.producer.start()
+        await self.consumer.start()
+        await self.registry.heartbeat_liveness(SERVICE, self.instance)
+        self._live = asyncio.create_task(self._liveness())
+        if wait_assigned_s:
+            await self.consumer.wait_assigned(wait_assigned_s)
+        self.log.info("planner_started", policy=self.policy.__dict__)
+
+    async def run(self) -> None:
+        await self.consumer.run()
+
+    async def stop(self) -> None:
+        self.consumer.stop()
+        if self._live is not None:
+            self._live.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._live
+
+    async def close(self) -> None:
+        """After run() returned: drain the producer, drop the connections."""
+        await self.producer.stop()
+        await self.registry.close()
+
+    async def _liveness(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            with contextlib.suppress(Exception):
+                await self.registry.heartbeat_liveness(SERVICE, self.instance)
+
+    # ---------------------------------------------------------------- one incident
+    async def handle(self, event: Any, record: Any) -> None:
+        if not isinstance(event, FaultIncident):
+            return  # degradations and anything else on the topic are not the planner's
+        log = self.log.bind(incident_id=event.incident_id, event_generation=event.generation)
+        if event.job_id != self.settings.job_id:
+            log.info("incident_ignored", reason=f"other job {event.job_id}")
+            return
+        reg = self.registry
+        if not await reg.first_time(SERVICE, event.event_id):
+            log.info("incident_duplicate", reason="event already handled")
+            return
+        now = time.time()
+        generation = await reg.generation()
+        if event.generation < generation:
+            # Still a real fault: a node lost in generation g is lost in g+1 too.
+            log.info("incident_older_generation", registry_generation=generation)
+        ok, why = await reg.incident_transition(event.incident_id, None, "planned", generation,
+                                                incident=encode(event), detected_at=event.detected_at)
+        if not ok:
+            log.info("incident_known", reason=why)
+        await self._record_faults(event)
+        snapshot = await reg.snapshot()
+        open_incidents = await self._open_incidents(event)
+        history = await self._fault_history(open_incidents, now)
+        active = await self._active_plan(open_incidents)
+        decision = plan(snapshot, open_incidents, self.policy, now, fault_history=history,
+                        active_plan=active)
+        await self._act(decision, event, snapshot.generation, log)
+
+    async def _record_faults(self, inc: FaultIncident) -> None:
+        """Each node's faults, keyed by incident id (a replay adds nothing), trimmed to the
+        quarantine window."""
+        pipe = self.registry.r.pipeline(transaction=False)
+        floor = inc.detected_at - self.policy.quarantine_window_s
+        for node in inc.root_cause_nodes:
+            key = self.registry.k.node_faults(node)
+            pipe.zadd(key, {inc.incident_id: inc.detected_at})
+            pipe.zremrangebyscore(key, "-inf", floor)
+            pipe.expire(key, int(self.policy.quarantine_window_s) + 60)
+        await pipe.execute()
+
+    async def _fault_history(self, incidents: list[FaultIncident], now: float) -> dict[str, dict[str, float]]:
+        nodes = sorted({n for i in incidents for n in i.root_cause_nodes})
+        pipe = self.registry.r.pipeline(transaction=False)
+        for n in nodes:
+            pipe.zrangebyscore(self.registry.k.node_faults(n), now - self.policy.quarantine_window_s,
+                               "+inf", withscores=True)
+        rows = await pipe.execute()
+        return {n: {m.decode(): float(s) for m, s in row} for n, row in zip(nodes, rows)}
+
+    async def _open_incidents(self, current: FaultIncident) -> list[FaultIncident]:
+        out = {current.incident_id: current}
+        for iid in await self.registry.open_incidents():
+            if iid in out:
+                continue
+            raw = (await self.registry.incident(iid)).get("incident")
+            if not raw:
+                continue
+            try:
+                inc = FaultIncident.model_validate_json(raw)
+            except ValidationError as exc:
+                self.log.warning("open_incident_unreadable", incident_id=iid, error=str(exc))
+                continue
+            out[iid] = inc
+        return list(out.values())
+
+    async def _active_plan(self, open_incidents: list[FaultIncident]) -> RecoveryPlan | None:
+        """The plan the executor is driving, if any of its incidents is still open."""
+        pid = await self.registry.r.get(self.registry.k.active_plan)
+        if not pid:
+            return None
+        raw = await self.registry.get_plan(pid.decode())
+        if raw is None:
+            return None
+        active = RecoveryPlan.model_validate_json(raw)
+        open_ids = {i.incident_id for i in open_incidents}
+        return active if open_ids & set(active.incident_ids) else None
+
+    async def _act(self, decision: Decision, event: FaultIncident, generation: int, log: Any) -> None:
+        reg = self.registry
+        if isinstance(decision, NoPlan):
+            for iid in decision.inert:
+                await reg.incident_transition(iid, "planned", "done", generation,
+                                              outcome="no_plan", reason="; ".join(decision.reasons))
+            self._decided(log, "no_plan", None, generation, decision.reasons)
+            return
+        if isinstance(decision, Escalation):
+            if await reg.side_effect_once(decision.event_id, "escalated"):
+                await self.producer.publish(decision, wait=True)
+            self._decided(log, "escalation", None, generation, (decision.reason,))
+            return
+        stored = await reg.put_plan_once(decision.plan_id, encode(decision))
+        published_key = reg.k.side_effect(decision.plan_id, "published")
+        if not stored and await reg.r.exists(published_key):
+            self._decided(log, "plan_exists", decision.plan_id, generation,
+                          ("same incidents and generation: plan already published",))
+            return
+        await self.producer.publish(decision, wait=True)
+        await reg.side_effect_once(decision.plan_id, "published")
+        for iid in decision.incident_ids:
+            await reg.incident_transition(iid, "planned", "planned", generation,
+                                          plan_id=decision.plan_id)
+        if decision.fallback == Fallback.WAIT:
+            esc = Escalation(event_id=decision.plan_id.replace("plan-", "esc-"),
+                             job_id=decision.job_id, generation=generation, producer=SERVICE,
+                             incident_ids=decision.incident_ids, plan_id=decision.plan_id,
+                             reason="; ".join(decision.reasons))
+            await self.producer.publish(esc, wait=True)
+        self._decided(log, "plan", decision.plan_id, generation, decision.reasons,
+                      fallback=decision.fallback.value, restart=len(decision.restart_ranks),
+                      supersedes=decision.supersedes)
+
+    def _decided(self, log: Any, outcome: str, plan_id: str | None, generation: int,
+                 reasons: tuple[str, ...], **extra: Any) -> None:
+        entry = {"outcome": outcome, "plan_id": plan_id, "generation": generation,
+                 "reason": "; ".join(reasons), **extra}
+        self.decisions.append(entry)
+        del self.decisions[:-100]
+        log.info("planner_decision", **entry)
+
+
+async def main(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain and commit."""
+    import signal
+
+    svc = PlannerService(settings)
+    await svc.start(wait_assigned_s=None)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(svc.stop()))
+    try:
+        await svc.run()
+    finally:
+        await svc.stop()
+        await svc.close()
+

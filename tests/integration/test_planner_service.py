@@ -1,0 +1,93 @@
+"""The planner against a real broker and a real Redis: incident in, plan out and persisted; a
+replayed incident gives the same plan id and no second plan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from flashrecovery.planner.app import PlannerService
+from flashrecovery.shared import topics
+from flashrecovery.shared.bus import Consumer
+from flashrecovery.shared.schemas import (Degradation, FaultClass, FaultIncident, RecoveryPlan,
+                                          RepairAction)
+from flashrecovery.shared.topology import grid_topology
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def incident(job_id: str, incident_id: str, node: str) -> FaultIncident:
+    return FaultIncident(job_id=job_id, generation=0, producer="test", incident_id=incident_id,
+                         fault_class=FaultClass.NODE_LOST, action=RepairAction.REPLACE_NODE,
+                         root_cause_nodes=(node,), first_seen_at=100.0, detected_at=101.0,
+                         reason="heartbeats missed")
+
+
+async def wait_for(cond, timeout_s: float, what: str) -> None:
+    async def _poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(_poll(), timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
+
+
+async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, producer, registry):
+    settings = topics_ready
+    await registry.init_job(grid_topology(settings.job_id, nodes=4, ranks_per_node=2, tp=2, spares=1))
+
+    plans: list[RecoveryPlan] = []
+
+    async def on_plan(event, _record) -> None:
+        if isinstance(event, RecoveryPlan):
+            plans.append(event)
+
+    watcher = Consumer(settings.kafka_bootstrap, settings.bus, [topics.PLANS], None, on_plan,
+                       producer, "test-plans")
+    svc = PlannerService(settings)
+    await asyncio.wait_for(watcher.start(), 30)
+    await asyncio.wait_for(svc.start(wait_assigned_s=30), 40)
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(svc.run())]
+    try:
+        await watcher.wait_assigned(30)
+        # A degradation on the same topic is ignored; the incident is planned.
+        await producer.publish(Degradation(job_id=settings.job_id, generation=0, producer="test",
+                                           node_id="node-3", rank=6, step_time_s=2.0,
+                                           median_step_time_s=1.0, consecutive=5), wait=True)
+        first = incident(settings.job_id, "inc-1", "node-1")
+        await producer.publish(first, wait=True)
+        await wait_for(lambda: len(plans) >= 1, 30, "the recovery plan")
+        p = plans[0]
+        assert p.incident_ids == ("inc-1",)
+        assert p.faulty_nodes == ("node-1",)
+        assert p.restart_ranks == (2, 3)
+        assert {r.to_node for r in p.replacements} == {"spare-0"}
+        assert {t.dst for t in p.transfers} == {2, 3}
+        assert p.target_generation == 1 and p.recovery_step == 0
+        stored = await registry.get_plan(p.plan_id)
+        assert stored is not None and RecoveryPlan.model_validate_json(stored).plan_id == p.plan_id
+        inc_state = await registry.incident("inc-1")
+        assert inc_state["phase"] == "planned" and inc_state["plan_id"] == p.plan_id
+
+        # Replay: same incident, new event id (a re-emitting detector), and the exact same event.
+        replay = first.model_copy(update={"event_id": "replayed-event"})
+        await producer.publish(replay, wait=True)
+        await producer.publish(first, wait=True)
+        await wait_for(lambda: svc.consumer.handled >= 4, 30, "the replays to be handled")
+        await asyncio.sleep(0.5)  # a second plan, if one were published, would have landed
+        assert len(plans) == 1
+        outcomes = [d["outcome"] for d in svc.decisions]
+        assert outcomes == ["plan", "plan_exists"], svc.decisions
+        assert svc.decisions[-1]["plan_id"] == p.plan_id
+    finally:
+        watcher.stop()
+        await svc.stop()
+        done, pending = await asyncio.wait(tasks, timeout=15)
+        for t in pending:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await svc.close()
