@@ -182,11 +182,11 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
 
     # Placement: node replacements must move; software restarts move to a standby (or stay).
     in_place = policy.restart_in_place_for_software
-    groups = [Group(n, tuple(int(p) for p in inp.ranks_on(n) if not inp.recovering[p]), True)
-              for n in sorted(faults.replace)]
+    # A rank still recovering from a superseded plan moves again only if its current node is
+    # named now; otherwise it keeps its standby and only needs a source.
+    groups = [Group(n, tuple(int(p) for p in inp.ranks_on(n)), True) for n in sorted(faults.replace)]
     if not in_place:
-        groups += [Group(n, tuple(sorted(p for p in v if not inp.recovering[p])), False)
-                   for n, v in sorted(faults.proc.items())]
+        groups += [Group(n, tuple(sorted(v)), False) for n, v in sorted(faults.proc.items())]
     excluded = faults.named | q_idx | set(faulty_idx)
     placement = place(inp, groups, excluded)
     reasons += placement.reasons
@@ -198,7 +198,7 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
             reasons.append(f"{inp.node_ids[g.node]}: no standby slot for {len(g.positions)} "
                            "restarted processes: restarting in place")
     for n in sorted(set(stay)):
-        moves += [(p, n, "in_place") for p in sorted(faults.proc[n]) if not inp.recovering[p]]
+        moves += [(p, n, "in_place") for p in sorted(faults.proc[n])]
     lacking = [g for g in placement.unplaced if g.must_move]
 
     restart_pos = np.flatnonzero(restart)

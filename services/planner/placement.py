@@ -26,9 +26,16 @@ class Placement:
     reasons: tuple[str, ...]
 
 
+def free_slots(inp: PlanInput) -> np.ndarray:
+    """Standby slots per node, less the ranks a spare already hosts (ranks moved there by an
+    earlier plan whose node record was not yet updated): never overbook a spare."""
+    hosted = np.diff(inp.node_start)
+    return np.maximum(inp.node_slots.astype(np.int64) - hosted, 0)
+
+
 def spare_pool(inp: PlanInput, excluded: Iterable[int]) -> np.ndarray:
     """Node indices usable as targets: role SPARE, free slots, not excluded (faulty, quarantined)."""
-    ok = (inp.node_role == ROLE_SPARE) & (inp.node_slots > 0)
+    ok = (inp.node_role == ROLE_SPARE) & (free_slots(inp) > 0)
     ex = np.fromiter(excluded, dtype=np.int64)
     if ex.size:
         ok[ex] = False
@@ -52,7 +59,7 @@ def place(inp: PlanInput, groups: list[Group], excluded: Iterable[int]) -> Place
     holds is split across spares (most room first); a group that cannot be placed at all is
     returned as unplaced."""
     spares = spare_pool(inp, excluded)  # ascending node index == ascending node id
-    free = inp.node_slots[spares].astype(np.int64)
+    free = free_slots(inp)[spares]
     target: dict[int, int] = {}
     unplaced: list[Group] = []
     reasons: list[str] = []
