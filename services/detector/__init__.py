@@ -1,0 +1,5 @@
+"""Detector service: classifies faults from heartbeats, exits and log lines into incidents.
+
+Public API: core.observe / core.tick / core.Config / core.Decision / core.incident_id (pure),
+state.DetectorState, signatures.load_catalog, app.DetectorService and app.main (the shell).
+"""

@@ -1,0 +1,197 @@
+"""The detector's shell: the only part that touches Kafka and Redis. It reads heartbeats and
+worker events, feeds them to the pure core with its own receive clock, runs the core's periodic
+tick, publishes what the core decides and logs one line per decision."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from typing import Any
+
+from flashrecovery.shared import topics as T
+from flashrecovery.shared.bus import Consumer, Producer
+from flashrecovery.shared.logging import get_logger
+from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.settings import Settings
+
+from . import core
+from .state import DetectorState
+
+GROUP_ID = "flashrecovery-detector"
+TICK_S = 0.1
+LIVENESS_S = 2.0
+LIVENESS_TTL_S = 10.0
+
+
+class ReceiveClock:
+    """Wall-clock seconds that never jump: anchored once to time.time(), advanced by the
+    monotonic clock. Incidents carry these times, and intervals between them stay exact."""
+
+    def __init__(self) -> None:
+        self._wall0 = time.time()
+        self._mono0 = time.monotonic()
+
+    def __call__(self) -> float:
+        return self._wall0 + (time.monotonic() - self._mono0)
+
+
+class DetectorService:
+    def __init__(self, settings: Settings, instance: str | None = None,
+                 clock: ReceiveClock | None = None) -> None:
+        self.settings = settings
+        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.cfg = core.Config.from_settings(settings.detector, producer=f"detector/{self.instance}")
+        self.state = DetectorState()
+        self.clock = clock or ReceiveClock()
+        self.log = get_logger("detector", instance=self.instance)
+        self.published: list[Any] = []  # incidents and degradations sent (tests, bench, metrics)
+        self._stop = asyncio.Event()
+        self._producer: Producer | None = None
+        self._consumer: Consumer | None = None
+        self._registry: Registry | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if not s.kafka_bootstrap:
+            raise ValueError("kafka_bootstrap is not set")
+        self._producer = Producer(s.kafka_bootstrap, s.bus, client_id=f"detector-{self.instance}")
+        await self._producer.start()
+        self._consumer = Consumer(s.kafka_bootstrap, s.bus, [T.HEARTBEATS, T.WORKER_EVENTS], GROUP_ID,
+                                  self._handle_one, self._producer, "detector",
+                                  batch_handler=self._handle_batch)
+        await self._consumer.start()
+        if s.redis_url:
+            self._registry = Registry.from_url(s.redis_url, s.job_id)
+        self.log.info("detector_started", job_id=s.job_id, group=GROUP_ID,
+                      signatures=len(self.cfg.catalog or ()))
+
+    async def wait_assigned(self, timeout_s: float = 30.0) -> None:
+        assert self._consumer is not None, "start() first"
+        await self._consumer.wait_assigned(timeout_s)
+
+    async def run(self) -> None:
+        assert self._consumer is not None, "start() first"
+        tasks = [asyncio.create_task(self._consumer.run(), name="detector-consume"),
+                 asyncio.create_task(self._tick_loop(), name="detector-tick"),
+                 asyncio.create_task(self._liveness_loop(), name="detector-liveness")]
+        try:
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            self._stop.set()
+            self._consumer.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop consuming (the consumer commits what it handled) and flush what was produced."""
+        self._stop.set()
+        if self._consumer is not None:
+            self._consumer.stop()
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        if self._registry is not None:
+            await self._registry.close()
+            self._registry = None
+
+    # ------------------------------------------------------------------ handlers
+    async def _handle_one(self, event: Any, record: Any) -> None:
+        await self._handle_batch([(event, record)])
+
+    async def _handle_batch(self, batch: list[tuple[Any, Any]]) -> None:
+        now = self.clock()
+        decisions: list[core.Decision] = []
+        for event, record in batch:
+            try:
+                _, ds = core.observe(self.state, event, now, self.cfg)
+            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the detector
+                self.log.warning("observe_failed", error=repr(exc), topic=record.topic,
+                                 offset=record.offset)
+                assert self._producer is not None
+                await self._producer.dead_letter(record, f"detector failed: {exc!r}", "detector")
+                continue
+            decisions.extend(ds)
+        if decisions:
+            await self._publish(decisions)  # before the batch's offsets are committed
+
+    async def _tick_loop(self) -> None:
+        while not self._stop.is_set():
+            _, decisions = core.tick(self.state, self.clock(), self.cfg)
+            if decisions:
+                await self._publish(decisions)
+            try:
+                await asyncio.wait_for(self._stop.wait(), TICK_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _liveness_loop(self) -> None:
+        while not self._stop.is_set():
+            if self._registry is not None:
+                try:
+                    await self._registry.heartbeat_liveness("detector", self.instance, LIVENESS_TTL_S)
+                except Exception as exc:  # noqa: BLE001 - Redis down is temporary; keep detecting
+                    self.log.warning("liveness_failed", error=repr(exc))
+            try:
+                await asyncio.wait_for(self._stop.wait(), LIVENESS_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _publish(self, decisions: list[core.Decision]) -> None:
+        assert self._producer is not None
+        for d in decisions:
+            fields = dict(job_id=d.job_id, generation=d.generation, reason=d.reason,
+                          incident_id=d.incident_id, node_id=d.node_id,
+                          fault_class=d.fault_class.value if d.fault_class else None)
+            if d.event is None:
+                self.log.debug(f"detector_{d.kind}", **fields)
+                continue
+            if d.kind == "incident":
+                inc = d.event
+                await self._producer.publish(inc, wait=True)
+                self.log.info("incident", action=inc.action.value, nodes=list(inc.root_cause_nodes),
+                              ranks=list(inc.root_cause_ranks), confidence=inc.confidence,
+                              symptoms=inc.symptoms_attributed,
+                              latency_s=round(inc.detected_at - inc.first_seen_at, 3), **fields)
+            else:
+                await self._producer.publish(d.event)
+                self.log.info(d.kind, **fields)
+            self.published.append(d.event)
+
+
+async def main(settings: Settings) -> None:
+    """Run one detector until SIGTERM / SIGINT; the embedded stack fills in a missing broker."""
+    import signal
+    from pathlib import Path
+
+    from flashrecovery.shared.bus import ensure_topics
+    from flashrecovery.shared.logging import configure
+    from flashrecovery.shared.stack import start_stack
+
+    configure(settings.log_format)
+    stack = None
+    if not settings.kafka_bootstrap or not settings.redis_url:
+        stack = start_stack(Path(settings.runtime_dir), settings.kafka_bootstrap, settings.redis_url)
+        settings = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
+                                               "redis_url": stack.redis_url})
+    try:
+        await ensure_topics(settings.kafka_bootstrap, settings.bus)
+        service = DetectorService(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.stop()))
+        await service.start()
+        try:
+            await service.run()
+        finally:
+            await service.close()
+    finally:
+        if stack is not None:
+            stack.stop()

@@ -1,0 +1,580 @@
+"""The detector's decisions: pure functions of (state, event or clock, config). No I/O, no wall
+clock: `now` is the detector's receive clock, passed in by the shell. Sender timestamps are never
+compared with it; the sidecars measure `since_progress_s` on their own monotonic clocks.
+
+observe(state, event, now, cfg) -> (state, decisions)   a heartbeat, worker exit or log line
+tick(state, now, cfg) -> (state, decisions)             node lost, hang, expiry of held evidence
+
+Root cause before symptoms: a crash, node loss, hang or hardware/OOM/software error is a root
+cause and becomes an incident at once (one per node and generation; later evidence from that
+node joins it). Communication errors are symptoms: they are held for the correlation window and
+attributed to a root cause seen before or after them; only if none turns up does one incident of
+class communication go out, with low confidence and action none. A "Traceback" line is held
+until its exception line (or the exit, or a short settle time) says what it was, and an exit
+that follows a communication error of the same rank is held like a symptom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flashrecovery.shared.schemas import (Degradation, Evidence, FaultClass, LogEvent,
+                                          NodeHeartbeat, NodeRole, RankState, RepairAction,
+                                          WorkerExit)
+from flashrecovery.shared.settings import DetectorSettings
+
+from .signatures import Catalog, load_catalog
+from .state import INF, DetectorState, Incident, JobState, NodeView, RankView, Symptom
+
+LIVE_STATES = frozenset({RankState.STARTING, RankState.RUNNING, RankState.PAUSED,
+                         RankState.RECOVERING, RankState.STANDBY})
+ACTION = {
+    FaultClass.PROCESS_CRASH: RepairAction.RESTART_PROCESS,
+    FaultClass.NODE_LOST: RepairAction.REPLACE_NODE,
+    FaultClass.HANG: RepairAction.RESTART_PROCESS,
+    FaultClass.HARDWARE: RepairAction.REPLACE_NODE,
+    FaultClass.OUT_OF_MEMORY: RepairAction.RESTART_PROCESS,
+    FaultClass.SOFTWARE: RepairAction.RESTART_PROCESS,
+    FaultClass.COMMUNICATION: RepairAction.NONE,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    heartbeat_interval_s: float = 1.0  # used when a heartbeat does not declare its own
+    heartbeat_misses: int = 3
+    hang_floor_s: float = 5.0
+    hang_k: float = 10.0
+    correlation_window_s: float = 3.0
+    straggler_factor: float = 2.0
+    straggler_consecutive: int = 5
+    catalog: Catalog | None = None
+    header_settle_s: float = 0.5  # a Traceback with no exception line after this is software
+    quiet_factor: float = 1.5  # a node silent for this many intervals is a suspect / not "heartbeating"
+    max_evidence: int = 16  # evidence items carried by one incident
+    producer: str = "detector"
+
+    @classmethod
+    def from_settings(cls, s: DetectorSettings, producer: str = "detector") -> Config:
+        return cls(heartbeat_interval_s=s.heartbeat_interval_s, heartbeat_misses=s.heartbeat_misses,
+                   hang_floor_s=s.hang_floor_s, hang_k=s.hang_k,
+                   correlation_window_s=s.correlation_window_s,
+                   straggler_factor=s.straggler_factor,
+                   straggler_consecutive=s.straggler_consecutive,
+                   catalog=load_catalog(s.signatures_path), producer=producer)
+
+    @property
+    def long_phase_default_s(self) -> float:
+        """Extension for a long phase declared without an expected duration."""
+        return self.hang_k * self.hang_floor_s
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the detector decided and why. kind: incident | degradation (event set: publish it),
+    joined (evidence added to an incident already out) or dropped (input ignored)."""
+    kind: str
+    job_id: str
+    generation: int
+    reason: str
+    event: Any = None
+    incident_id: str | None = None
+    fault_class: FaultClass | None = None
+    node_id: str | None = None
+
+
+def incident_id(job_id: str, generation: int, fault_class: FaultClass, nodes: tuple[str, ...],
+                ranks: tuple[int, ...]) -> str:
+    """Deterministic: a replay or another detector instance derives the same id."""
+    text = "|".join((job_id, str(generation), fault_class.value, ",".join(sorted(nodes)),
+                     ",".join(str(r) for r in sorted(ranks))))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------ observe
+
+def observe(state: DetectorState, event: Any, now: float, cfg: Config) -> tuple[DetectorState, list[Decision]]:
+    out: list[Decision] = []
+    kind = getattr(event, "kind", None)
+    if kind == "node_heartbeat":
+        _on_heartbeat(state, state.job(event.job_id), event, now, cfg, out)
+    elif kind == "worker_exit":
+        if state.first_time(event.event_id):
+            _on_exit(state.job(event.job_id), event, now, cfg, out)
+        else:
+            state.count("duplicate_events")
+    elif kind == "log_event":
+        sig = cfg.catalog.match(event.line) if cfg.catalog is not None else None
+        if sig is not None:
+            if state.first_time(event.event_id):
+                _on_log(state.job(event.job_id), event, sig, now, cfg, out)
+            else:
+                state.count("duplicate_events")
+    else:
+        state.count("ignored_kinds")
+    return state, out
+
+
+def _on_heartbeat(state: DetectorState, job: JobState, hb: NodeHeartbeat, now: float, cfg: Config,
+                  out: list[Decision]) -> None:
+    node = job.node(hb.node_id)
+    if hb.seq <= node.seq:
+        # Redelivered or reordered. A much lower seq after a silence is a restarted sidecar whose
+        # counter started over: take it.
+        if not (hb.seq < node.seq and now - node.last_seen > 2 * node.interval):
+            state.count("stale_heartbeats")
+            return
+    node.seq = hb.seq
+    node.last_seen = now
+    interval = hb.interval_s if hb.interval_s > 0 else cfg.heartbeat_interval_s
+    node.interval = interval
+    i = node.idx
+    job.last_seen[i] = now
+    job.interval[i] = interval
+    job.lost_after[i] = interval * cfg.heartbeat_misses
+    if node.lost:
+        node.lost = False
+        out.append(Decision("dropped", job.job_id, job.generation, "node heartbeats again",
+                            node_id=node.node_id))
+    if hb.generation > job.generation:
+        _advance(job, hb.generation, now, out)
+    elif hb.generation < job.generation:
+        # Proof of life, but its rank data belongs to an old generation: not used.
+        state.count("old_generation_heartbeats")
+        if node.dropped_gen != hb.generation:
+            node.dropped_gen = hb.generation
+            out.append(Decision("dropped", job.job_id, job.generation,
+                                f"heartbeat from old generation {hb.generation}", node_id=node.node_id))
+        return
+    node.role = hb.role
+    _update_ranks(job, node, hb, now, cfg, out)
+
+
+def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, cfg: Config,
+                  out: list[Decision]) -> None:
+    due = INF
+    live = False
+    gen = job.generation
+    median = job.median
+    slow_limit = cfg.straggler_factor * median if median > 0 else INF
+    running = RankState.RUNNING
+    ranks = node.ranks
+    for rs in hb.ranks:
+        rv = ranks.get(rs.local_rank)
+        if rv is None:
+            rv = ranks[rs.local_rank] = RankView(rs.rank)
+        rv.rank = rs.rank
+        st = rs.state
+        key = (st, rs.long_phase, gen, rs.rank)
+        if key != rv.key:  # a new state or phase is progress: the stall clock restarts
+            rv.key = key
+            rv.clear_since = now
+            rv.hung = False
+            rv.slow = 0
+            rv.degraded = False
+        if rs.step != rv.step:
+            rv.hung = False
+            rv.step = rs.step
+        rv.state = st
+        if st in LIVE_STATES:
+            live = True
+        if st is not running:
+            rv.stall_start = INF
+            continue
+        stall = now - rs.since_progress_s
+        if stall < rv.clear_since:
+            stall = rv.clear_since
+        rv.stall_start = stall
+        if rs.long_phase is not None:
+            rv.extra = (rs.long_phase_expected_s if rs.long_phase_expected_s is not None
+                        else cfg.long_phase_default_s)
+        else:
+            rv.extra = 0.0
+        if not rv.hung and stall + rv.extra < due:
+            due = stall + rv.extra
+        t = rs.step_time_s
+        if t is None or t <= 0:
+            continue
+        job.add_step_time(rs.step, t)
+        if t > slow_limit and rs.long_phase is None:
+            rv.slow += 1
+            if rv.slow >= cfg.straggler_consecutive and not rv.degraded and rs.rank is not None:
+                rv.degraded = True
+                reason = (f"rank {rs.rank} step time {t:.3f}s > {cfg.straggler_factor:g} x median "
+                          f"{median:.3f}s for {rv.slow} beats")
+                deg = Degradation(job_id=job.job_id, generation=gen, emitted_at=now,
+                                  producer=cfg.producer, node_id=node.node_id, rank=rs.rank,
+                                  step_time_s=t, median_step_time_s=median, consecutive=rv.slow,
+                                  reason=reason)
+                out.append(Decision("degradation", job.job_id, gen, reason, event=deg,
+                                    fault_class=FaultClass.STRAGGLER, node_id=node.node_id))
+        else:
+            rv.slow = 0
+            rv.degraded = False
+    i = node.idx
+    job.due[i] = due
+    job.watch[i] = live and node.role is NodeRole.ACTIVE
+
+
+def _advance(job: JobState, generation: int, now: float, out: list[Decision]) -> None:
+    """The job moved on (a recovery finished): rank data and held evidence of the old
+    generation no longer describe the job."""
+    old = job.generation
+    job.generation = generation
+    job.due[:] = INF
+    dropped = sum(1 for s in job.pending if s.generation < generation)
+    job.pending = [s for s in job.pending if s.generation >= generation]
+    job.headers = {k: v for k, v in job.headers.items() if v[2] >= generation}
+    job.comm_recent.clear()
+    job.roots = [r for r in job.roots if r.generation >= generation]
+    if job.comm_open is not None and job.comm_open.generation < generation:
+        job.comm_open = None
+    for key in [k for k in job.by_node if k[0] < generation - 1]:
+        del job.by_node[key]
+    for iid in [k for k, v in job.incidents.items() if v.generation < generation - 1]:
+        del job.incidents[iid]
+    out.append(Decision("dropped", job.job_id, generation,
+                        f"generation {old} -> {generation}; {dropped} held symptoms dropped"))
+
+
+def _evidence_gen(job: JobState, gen: int, now: float, out: list[Decision]) -> bool:
+    """True when evidence of generation `gen` is current; handles newer and older ones."""
+    if gen > job.generation:
+        _advance(job, gen, now, out)
+    return gen == job.generation
+
+
+def _late(job: JobState, gen: int, node_id: str, ev: Evidence, out: list[Decision]) -> None:
+    inc = job.by_node.get((gen, node_id))
+    if inc is not None:
+        _join(inc, ev, out, "late evidence from an old generation")
+    else:
+        out.append(Decision("dropped", job.job_id, gen, f"{ev.source} from old generation {gen}",
+                            node_id=node_id))
+
+
+def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[Decision]) -> None:
+    node = job.node(ev.node_id)
+    for rv in node.ranks.values():
+        if rv.rank == ev.rank and ev.rank is not None:
+            rv.state = RankState.EXITED
+            rv.stall_start = INF
+    if ev.expected:
+        return
+    how = f"signal {ev.signal}" if ev.signal is not None else f"exit code {ev.exit_code}"
+    evidence = Evidence(source="worker_exit", node_id=ev.node_id, rank=ev.rank,
+                        detail=f"rank {ev.rank} pid {ev.pid} {how} at step {ev.step}", observed_at=now)
+    gen = ev.generation
+    if not _evidence_gen(job, gen, now, out):
+        _late(job, gen, ev.node_id, evidence, out)
+        return
+    existing = job.by_node.get((gen, ev.node_id))
+    if existing is not None:
+        _join(existing, evidence, out, "another exit on a node already reported")
+        return
+    key = (ev.node_id, ev.rank)
+    header = job.headers.pop(key, None)
+    if header is not None:
+        _emit_root(job, FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS, ev.node_id,
+                   _ranks(ev.rank), header[0], [header[1], evidence], 0.9,
+                   f"rank {ev.rank} exited ({how}) after a Python traceback", now, cfg, out)
+        return
+    comm_t = job.comm_recent.get(key)
+    if comm_t is not None and now - comm_t <= cfg.correlation_window_s:
+        _symptom(job, Symptom(now, ev.node_id, ev.rank, gen, evidence, is_exit=True), cfg, out)
+        return
+    _emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, ev.node_id,
+               _ranks(ev.rank), now, [evidence], 1.0, f"rank {ev.rank} on {ev.node_id} died ({how})",
+               now, cfg, out)
+
+
+def _on_log(job: JobState, ev: LogEvent, sig: Any, now: float, cfg: Config, out: list[Decision]) -> None:
+    evidence = Evidence(source=f"log:{sig.id}", node_id=ev.node_id, rank=ev.rank,
+                        detail=ev.line[:300], observed_at=now)
+    gen = ev.generation
+    if not _evidence_gen(job, gen, now, out):
+        _late(job, gen, ev.node_id, evidence, out)
+        return
+    key = (ev.node_id, ev.rank)
+    if sig.header:
+        if (gen, ev.node_id) in job.by_node:
+            _join(job.by_node[(gen, ev.node_id)], evidence, out, "traceback on a node already reported")
+        else:
+            job.headers.setdefault(key, (now, evidence, gen))
+        return
+    header = job.headers.pop(key, None)
+    if sig.fault_class is FaultClass.COMMUNICATION:
+        job.comm_recent[key] = now
+        _symptom(job, Symptom(now, ev.node_id, ev.rank, gen, evidence), cfg, out)
+        return
+    existing = job.by_node.get((gen, ev.node_id))
+    if existing is not None:
+        _join(existing, evidence, out, f"{sig.fault_class.value} evidence on a node already reported")
+        return
+    first = header[0] if header is not None else now
+    evid = [header[1], evidence] if header is not None else [evidence]
+    _emit_root(job, sig.fault_class, sig.action, ev.node_id, _ranks(ev.rank), first, evid, 1.0,
+               f"rank {ev.rank} on {ev.node_id}: signature {sig.id}", now, cfg, out)
+
+
+def _ranks(rank: int | None) -> tuple[int, ...]:
+    return () if rank is None else (rank,)
+
+
+# ------------------------------------------------------------------------- incidents, symptoms
+
+def _join(inc: Incident, ev: Evidence, out: list[Decision], reason: str) -> None:
+    if len(inc.evidence) < 16:
+        inc.evidence.append(ev)
+    out.append(Decision("joined", inc.job_id, inc.generation, reason, incident_id=inc.id,
+                        fault_class=inc.fault_class, node_id=ev.node_id))
+
+
+def _attribute(inc: Incident, s: Symptom, out: list[Decision], cfg: Config) -> None:
+    inc.symptoms += 1
+    if len(inc.evidence) < cfg.max_evidence:
+        inc.evidence.append(s.evidence)
+    out.append(Decision("joined", inc.job_id, inc.generation,
+                        f"symptom attributed to {inc.fault_class.value} on {','.join(inc.nodes)}",
+                        incident_id=inc.id, fault_class=inc.fault_class, node_id=s.node_id))
+
+
+def _root_for(job: JobState, s: Symptom, cfg: Config) -> Incident | None:
+    """The root cause a symptom belongs to: its own node's incident, else the root incident of
+    the generation nearest in time that began no more than a window after the symptom."""
+    own = job.by_node.get((s.generation, s.node_id))
+    if own is not None and own.root:
+        return own
+    best: Incident | None = None
+    for r in job.roots:
+        if r.generation == s.generation and r.fault_time - cfg.correlation_window_s <= s.t:
+            if best is None or abs(s.t - r.fault_time) < abs(s.t - best.fault_time):
+                best = r
+    return best
+
+
+def _symptom(job: JobState, s: Symptom, cfg: Config, out: list[Decision]) -> None:
+    root = _root_for(job, s, cfg)
+    if root is not None:
+        _attribute(root, s, out, cfg)
+    else:
+        job.pending.append(s)
+
+
+def _emit(job: JobState, inc: Incident, cfg: Config, out: list[Decision]) -> None:
+    job.incidents[inc.id] = inc
+    out.append(Decision("incident", inc.job_id, inc.generation, inc.reason,
+                        event=inc.to_event(cfg.producer), incident_id=inc.id,
+                        fault_class=inc.fault_class, node_id=",".join(inc.nodes)))
+
+
+def _emit_root(job: JobState, cls: FaultClass, action: RepairAction, node_id: str | tuple[str, ...],
+               ranks: tuple[int, ...], fault_time: float, evidence: list[Any], confidence: float,
+               reason: str, now: float, cfg: Config, out: list[Decision],
+               symptoms: int = 0) -> Incident:
+    nodes = (node_id,) if isinstance(node_id, str) else tuple(sorted(node_id))
+    gen = job.generation
+    iid = incident_id(job.job_id, gen, cls, nodes, ranks)
+    known = job.incidents.get(iid)
+    if known is not None:  # the same fault derived again (replayed input)
+        for ev in evidence:
+            _join(known, ev, out, "replayed evidence")
+        return known
+    inc = Incident(iid, job.job_id, gen, cls, action, nodes, tuple(sorted(ranks)), fault_time,
+                   min(fault_time, now), now, list(evidence)[: cfg.max_evidence], confidence,
+                   reason, root=True)
+    inc.symptoms = symptoms
+    # Symptoms already held that this root explains are counted before it goes out.
+    keep = []
+    for s in job.pending:
+        if s.generation == gen and (s.node_id in nodes or fault_time - cfg.correlation_window_s <= s.t):
+            inc.symptoms += 1
+            if len(inc.evidence) < cfg.max_evidence:
+                inc.evidence.append(s.evidence)
+        else:
+            keep.append(s)
+    job.pending = keep
+    for n in nodes:
+        job.by_node[(gen, n)] = inc
+    job.roots.append(inc)
+    _emit(job, inc, cfg, out)
+    return inc
+
+
+# ------------------------------------------------------------------------------------ tick
+
+def tick(state: DetectorState, now: float, cfg: Config) -> tuple[DetectorState, list[Decision]]:
+    out: list[Decision] = []
+    for job in state.jobs.values():
+        _refresh_stats(job, cfg)
+        n = len(job.by_idx)
+        if n == 0:
+            continue
+        _check_lost(job, n, now, cfg, out)
+        _check_hang(job, n, now, cfg, out)
+        _settle_headers(job, now, cfg, out)
+        if job.pending:
+            _expire_symptoms(job, n, now, cfg, out)
+        if len(job.comm_recent) > 4096:
+            job.comm_recent = {k: t for k, t in job.comm_recent.items()
+                               if now - t <= cfg.correlation_window_s}
+    return state, out
+
+
+def _refresh_stats(job: JobState, cfg: Config) -> None:
+    if job.n_samples:
+        job.median = float(np.median(job.samples[: min(job.n_samples, len(job.samples))]))
+    p99 = float(np.percentile(np.fromiter(job.step_max.values(), float), 99)) if job.step_max else 0.0
+    job.base_threshold = max(cfg.hang_k * p99, cfg.hang_floor_s)
+
+
+def _check_lost(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
+    overdue = job.watch[:n] & (now - job.last_seen[:n] > job.lost_after[:n])
+    for i in np.flatnonzero(overdue):
+        node = job.by_idx[i]
+        job.watch[i] = False
+        job.due[i] = INF
+        node.lost = True
+        silent = now - node.last_seen
+        ev = Evidence(source="node_heartbeat", node_id=node.node_id,
+                      detail=f"no heartbeat for {silent:.2f}s (interval {node.interval:g}s, seq {node.seq})",
+                      observed_at=now)
+        existing = job.by_node.get((job.generation, node.node_id))
+        if existing is not None:
+            _join(existing, ev, out, "heartbeats stopped on a node already reported")
+            continue
+        ranks = tuple(sorted(rv.rank for rv in node.ranks.values() if rv.rank is not None))
+        _emit_root(job, FaultClass.NODE_LOST, RepairAction.REPLACE_NODE, node.node_id, ranks,
+                   node.last_seen, [ev], 1.0,
+                   f"{node.node_id} missed {cfg.heartbeat_misses} heartbeats ({silent:.2f}s silent)",
+                   now, cfg, out)
+
+
+def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
+    base = job.base_threshold
+    beating = now - job.last_seen[:n] <= cfg.quiet_factor * job.interval[:n]
+    candidates = np.flatnonzero(job.watch[:n] & beating & (job.due[:n] + base < now))
+    if len(candidates) == 0:
+        return
+    hung: list[tuple[NodeView, RankView]] = []
+    for i in candidates:
+        node = job.by_idx[i]
+        for rv in node.ranks.values():
+            if (rv.state is RankState.RUNNING and not rv.hung
+                    and rv.stall_start + rv.extra + base < now):
+                rv.hung = True
+                hung.append((node, rv))
+        job.due[i] = INF  # re-armed by the node's next heartbeat (hung ranks stay out)
+    gen = job.generation
+    margin = cfg.correlation_window_s + (base / cfg.hang_k)
+    fresh: list[tuple[NodeView, RankView]] = []
+    for node, rv in hung:
+        ev = Evidence(source="node_heartbeat", node_id=node.node_id, rank=rv.rank,
+                      detail=f"rank {rv.rank} at step {rv.step} for {now - rv.stall_start:.2f}s "
+                             f"(threshold {base + rv.extra:.2f}s)", observed_at=now)
+        own = job.by_node.get((gen, node.node_id))
+        if own is not None:
+            _join(own, ev, out, "hang on a node already reported")
+            continue
+        root = next((r for r in job.roots if rv.stall_start >= r.fault_time - margin), None)
+        if root is not None:  # stalled because of a fault already reported elsewhere
+            _attribute(root, Symptom(rv.stall_start, node.node_id, rv.rank, gen, ev), out, cfg)
+            continue
+        fresh.append((node, rv))
+    if not fresh:
+        return
+    # Ranks that stall together are one hang. The ranks behind the others are where it is;
+    # when all stand at the same step, the root cannot be told apart and all are named.
+    low = min(rv.step for _, rv in fresh)
+    root_pairs = [(nd, rv) for nd, rv in fresh if rv.step == low]
+    nodes = tuple(sorted({nd.node_id for nd, _ in root_pairs}))
+    ranks = tuple(sorted(rv.rank for _, rv in root_pairs if rv.rank is not None))
+    stall = min(rv.stall_start for _, rv in root_pairs)
+    evidence = [Evidence(source="node_heartbeat", node_id=nd.node_id, rank=rv.rank,
+                         detail=f"rank {rv.rank} step {rv.step} stalled {now - rv.stall_start:.2f}s "
+                                f"(threshold {base + rv.extra:.2f}s)", observed_at=now)
+                for nd, rv in root_pairs[: cfg.max_evidence]]
+    others = len(fresh) - len(root_pairs)
+    reason = (f"ranks {list(ranks)} on {list(nodes)} made no progress for "
+              f"{now - stall:.2f}s > threshold {base:.2f}s (max({cfg.hang_k:g} x p99 step, "
+              f"{cfg.hang_floor_s:g}s))")
+    if others:
+        reason += f"; {others} ranks at later steps stalled behind them"
+    confidence = 1.0 if len(nodes) == 1 else 0.5
+    _emit_root(job, FaultClass.HANG, RepairAction.RESTART_PROCESS, nodes, ranks, stall, evidence,
+               confidence, reason, now, cfg, out, symptoms=others)
+
+
+def _settle_headers(job: JobState, now: float, cfg: Config, out: list[Decision]) -> None:
+    ready = [k for k, v in job.headers.items() if now - v[0] >= cfg.header_settle_s]
+    for key in ready:
+        t, ev, gen = job.headers.pop(key)
+        node_id, rank = key
+        if gen != job.generation:
+            continue
+        existing = job.by_node.get((gen, node_id))
+        if existing is not None:
+            _join(existing, ev, out, "traceback on a node already reported")
+            continue
+        _emit_root(job, FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS, node_id, _ranks(rank), t,
+                   [ev], 0.8, f"rank {rank} on {node_id} printed a Python traceback", now, cfg, out)
+
+
+def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
+    window = cfg.correlation_window_s
+    # A node that has gone quiet may be about to be declared lost: wait for it (bounded).
+    quiet = job.watch[:n] & (now - job.last_seen[:n] > cfg.quiet_factor * job.interval[:n])
+    waiting_on_suspects = bool(quiet.any()) or bool(job.headers)
+    patience = window + cfg.heartbeat_interval_s * cfg.heartbeat_misses + 1.0
+    keep: list[Symptom] = []
+    expired: list[Symptom] = []
+    for s in job.pending:
+        if s.generation != job.generation:
+            continue
+        root = _root_for(job, s, cfg)
+        if root is not None:
+            _attribute(root, s, out, cfg)
+        elif now - s.t >= window and (not waiting_on_suspects or now - s.t >= patience):
+            expired.append(s)
+        else:
+            keep.append(s)
+    job.pending = keep
+    if not expired:
+        return
+    exits = [s for s in expired if s.is_exit]
+    logs = [s for s in expired if not s.is_exit]
+    for node_id in sorted({s.node_id for s in exits}):
+        mine = [s for s in exits if s.node_id == node_id]
+        existing = job.by_node.get((job.generation, node_id))
+        if existing is not None:
+            for s in mine:
+                _join(existing, s.evidence, out, "exit on a node already reported")
+            continue
+        ranks = tuple(sorted({s.rank for s in mine if s.rank is not None}))
+        _emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, node_id, ranks,
+                   min(s.t for s in mine), [s.evidence for s in mine], 0.6,
+                   f"ranks {list(ranks)} on {node_id} exited after a communication error; "
+                   f"no other root cause within {window:g}s", now, cfg, out)
+    if not logs:
+        return
+    if job.comm_open is not None and job.comm_open.generation == job.generation:
+        for s in logs:
+            _attribute(job.comm_open, s, out, cfg)
+        return
+    nodes = tuple(sorted({s.node_id for s in logs}))
+    ranks = tuple(sorted({s.rank for s in logs if s.rank is not None}))
+    gen = job.generation
+    iid = incident_id(job.job_id, gen, FaultClass.COMMUNICATION, nodes, ranks)
+    first = min(s.t for s in logs)
+    inc = Incident(iid, job.job_id, gen, FaultClass.COMMUNICATION, RepairAction.NONE, nodes, ranks,
+                   first, first, now, [s.evidence for s in logs[: cfg.max_evidence]], 0.2,
+                   f"{len(logs)} communication errors on {len(nodes)} nodes and no crash, node "
+                   f"loss, hang or hardware fault within {window:g}s: reported for an operator, "
+                   f"no repair", root=False)
+    inc.symptoms = len(logs) - 1
+    job.comm_open = inc
+    _emit(job, inc, cfg, out)
