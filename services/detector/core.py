@@ -143,8 +143,10 @@ def _on_heartbeat(state: DetectorState, job: JobState, hb: NodeHeartbeat, now: f
     if hb.generation > job.generation:
         _advance(job, hb.generation, now, out)
     elif hb.generation < job.generation:
-        # Proof of life, but its rank data belongs to an old generation: not used.
+        # Proof of life, but its rank data belongs to an old generation: not used, and what we
+        # knew of its ranks no longer holds, so they are not judged for hangs until it catches up.
         state.count("old_generation_heartbeats")
+        job.due[node.idx] = INF
         if node.dropped_gen != hb.generation:
             node.dropped_gen = hb.generation
             out.append(Decision("dropped", job.job_id, job.generation,

@@ -1,0 +1,570 @@
+"""The detector's pure core: fixed timestamps, no I/O."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flashrecovery.detector import core
+from flashrecovery.detector.signatures import CatalogError, load_catalog
+from flashrecovery.detector.state import DetectorState
+from flashrecovery.shared.schemas import (FaultClass, LogEvent, NodeHeartbeat, NodeRole,
+                                          RankState, RankStatus, RepairAction, WorkerExit)
+from flashrecovery.shared.settings import DetectorSettings
+
+JOB = "job-u"
+CATALOG = load_catalog()
+
+
+def cfg(**kw) -> core.Config:
+    return core.Config(catalog=CATALOG, **kw)
+
+
+class Sim:
+    """A small job: nodes n0..n{N-1} with R ranks each, beating at 1 Hz, step time 0.2 s."""
+
+    def __init__(self, nodes: int = 4, ranks: int = 2, config: core.Config | None = None) -> None:
+        self.cfg = config or cfg()
+        self.state = DetectorState()
+        self.nodes = [f"n{i}" for i in range(nodes)]
+        self.r = ranks
+        self.seq = {n: 0 for n in self.nodes}
+        self.step = 0
+        self.generation = 0
+        self.decisions: list[core.Decision] = []
+
+    def beat(self, node: str, now: float, *, step: int | None = None, since: float = 0.1,
+             step_time: float = 0.2, state: RankState = RankState.RUNNING, overrides=None,
+             seq: int | None = None, generation: int | None = None) -> list[core.Decision]:
+        i = self.nodes.index(node)
+        ranks = []
+        for lr in range(self.r):
+            rank = i * self.r + lr
+            kw = dict(rank=rank, local_rank=lr, pid=1000 + rank, state=state,
+                      step=self.step if step is None else step, step_time_s=step_time,
+                      since_progress_s=since, generation=self.generation)
+            kw.update((overrides or {}).get(rank, {}))
+            ranks.append(RankStatus(**kw))
+        if seq is None:
+            self.seq[node] += 1
+            seq = self.seq[node]
+        hb = NodeHeartbeat(job_id=JOB, generation=self.generation if generation is None else generation,
+                           producer="sidecar", node_id=node, seq=seq, ranks=tuple(ranks))
+        return self.feed(hb, now)
+
+    def feed(self, event, now: float) -> list[core.Decision]:
+        _, ds = core.observe(self.state, event, now, self.cfg)
+        self.decisions += ds
+        return ds
+
+    def tick(self, now: float) -> list[core.Decision]:
+        _, ds = core.tick(self.state, now, self.cfg)
+        self.decisions += ds
+        return ds
+
+    def run(self, t0: float, t1: float, *, skip=(), per_node=None, tick_every: float = 0.1) -> None:
+        """Beat every node each whole second in [t0, t1) and tick in between."""
+        t = t0
+        while t < t1 - 1e-9:
+            if abs(t - round(t)) < 1e-6:
+                self.step += 5
+                for n in self.nodes:
+                    if n not in skip:
+                        self.beat(n, t, **((per_node or {}).get(n, {})))
+            self.tick(t)
+            t = round(t + tick_every, 6)
+
+    def incidents(self):
+        return [d.event for d in self.decisions if d.kind == "incident"]
+
+    def degradations(self):
+        return [d.event for d in self.decisions if d.kind == "degradation"]
+
+
+def exit_(node: str, rank: int, *, expected: bool = False, generation: int = 0, signal: int | None = 9,
+          event_id: str | None = None) -> WorkerExit:
+    kw = {"event_id": event_id} if event_id else {}
+    return WorkerExit(job_id=JOB, generation=generation, producer="sidecar", node_id=node, rank=rank,
+                      pid=1000 + rank, signal=signal, exit_code=None if signal else 0,
+                      expected=expected, **kw)
+
+
+def log(node: str, rank: int | None, line: str, *, generation: int = 0, event_id: str | None = None) -> LogEvent:
+    kw = {"event_id": event_id} if event_id else {}
+    return LogEvent(job_id=JOB, generation=generation, producer="sidecar", node_id=node, rank=rank,
+                    line=line, **kw)
+
+
+# ----------------------------------------------------------------------------- classes
+
+def test_process_crash_is_immediate_and_names_the_node() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    ds = sim.feed(exit_("n2", 5), 3.05)
+    [inc] = [d.event for d in ds if d.kind == "incident"]
+    assert inc.fault_class is FaultClass.PROCESS_CRASH
+    assert inc.action is RepairAction.RESTART_PROCESS
+    assert inc.root_cause_nodes == ("n2",) and inc.root_cause_ranks == (5,)
+    assert inc.detected_at - inc.first_seen_at < 1.0
+
+
+def test_expected_exit_is_not_a_fault() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.feed(exit_("n2", 5, expected=True, signal=None), 3.05)
+    sim.run(3.1, 6)
+    assert sim.incidents() == []
+
+
+@pytest.mark.parametrize("line, fault_class, action", [
+    ("NVRM: Xid (PCI:0000:3b:00): 79, pid=4242, GPU has fallen off the bus.", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+    ("NVRM: Xid (PCI:0000:3b:00): 48, pid=1, DBE", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+    ("kernel: uncorrectable ECC error detected on GPU 3", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+    ("RuntimeError: CUDA error: an illegal memory access was encountered", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+    ("RuntimeError: CUDA error: unspecified launch failure", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+    ("NVLink: fatal error detected on link 2", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", FaultClass.OUT_OF_MEMORY, RepairAction.RESTART_PROCESS),
+    ("RuntimeError: shape mismatch in layer 3", FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
+    ("KeyError: 'missing batch key'", FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
+])
+def test_log_signatures_classify_at_once(line: str, fault_class: FaultClass, action: RepairAction) -> None:
+    sim = Sim()
+    sim.run(0, 2)
+    ds = sim.feed(log("n1", 3, line), 2.3)
+    [inc] = [d.event for d in ds if d.kind == "incident"]
+    assert (inc.fault_class, inc.action, inc.root_cause_nodes) == (fault_class, action, ("n1",))
+
+
+@pytest.mark.parametrize("line", ["step 100 loss 2.31", "Epoch 3 error rate 0.1 (val)",
+                                  "NVRM: Xid (PCI:0000:3b:00): 13, Graphics Exception"])
+def test_ordinary_lines_are_not_faults(line: str) -> None:
+    sim = Sim()
+    sim.run(0, 2)
+    sim.feed(log("n1", 3, line), 2.3)
+    sim.run(2.4, 8)
+    assert sim.incidents() == []
+
+
+def test_traceback_waits_for_its_exception_line() -> None:
+    sim = Sim()
+    sim.run(0, 2)
+    assert sim.feed(log("n1", 2, "Traceback (most recent call last):"), 2.0) == []
+    sim.feed(log("n1", 2, '  File "train.py", line 10, in <module>'), 2.01)
+    ds = sim.feed(log("n1", 2, "torch.OutOfMemoryError: CUDA out of memory."), 2.02)
+    [inc] = [d.event for d in ds if d.kind == "incident"]
+    assert inc.fault_class is FaultClass.OUT_OF_MEMORY
+    assert inc.first_seen_at == 2.0
+    sim.run(2.1, 5)
+    assert len(sim.incidents()) == 1
+
+
+def test_traceback_alone_settles_as_software() -> None:
+    sim = Sim()
+    sim.run(0, 2)
+    sim.feed(log("n1", 2, "Traceback (most recent call last):"), 2.05)
+    sim.tick(2.3)
+    assert sim.incidents() == []
+    sim.tick(2.6)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.SOFTWARE and inc.detected_at - inc.first_seen_at < 1.0
+
+
+def test_node_lost_after_misses() -> None:
+    sim = Sim()
+    sim.run(0, 5)
+    sim.run(5, 12, skip={"n3"})  # n3's last beat at t=4
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.NODE_LOST and inc.action is RepairAction.REPLACE_NODE
+    assert inc.root_cause_nodes == ("n3",) and inc.root_cause_ranks == (6, 7)
+    assert 4 + 3 < inc.detected_at <= 4 + 3 + 0.2
+
+
+def test_lost_node_is_not_reported_again_and_counts_again_after_return() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.run(3, 20, skip={"n3"})
+    assert len(sim.incidents()) == 1
+    sim.run(20, 25)  # back
+    sim.run(25, 30, skip={"n3"})
+    assert len(sim.incidents()) == 1  # same generation, same node: joins the first
+
+
+def test_node_with_only_finished_ranks_going_away_is_not_lost() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.beat("n3", 3.0, state=RankState.DONE)
+    sim.run(4, 10, skip={"n3"})
+    assert sim.incidents() == []
+
+
+def test_spare_node_going_quiet_is_not_a_training_fault() -> None:
+    sim = Sim(nodes=1)
+    hb = NodeHeartbeat(job_id=JOB, generation=0, producer="s", node_id="spare0", seq=1,
+                       role=NodeRole.SPARE, ranks=(RankStatus(rank=None, local_rank=0, pid=1,
+                                                              state=RankState.STANDBY),))
+    sim.feed(hb, 0.0)
+    for t in range(1, 10):
+        sim.beat("n0", float(t))
+        sim.tick(t + 0.5)
+    assert sim.incidents() == []
+
+
+# ----------------------------------------------------------------------------- hang
+
+def test_hang_fires_at_floor_threshold_plus_tick() -> None:
+    sim = Sim()
+    sim.run(0, 4)
+    # rank 4 (n2) stops advancing at t=4: its sidecar reports growing since_progress
+    t = 4.0
+    hung_at = None
+    while t < 15 and hung_at is None:
+        if abs(t - round(t)) < 1e-6:
+            sim.step += 5
+            for n in sim.nodes:
+                if n == "n2":
+                    sim.beat(n, t, overrides={4: dict(step=sim.step - (t - 3) * 5, since_progress_s=t - 4 + 0.1)})
+                else:
+                    sim.beat(n, t)
+        if any(d.kind == "incident" for d in sim.tick(t)):
+            hung_at = t
+        t = round(t + 0.1, 6)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.HANG and inc.root_cause_ranks == (4,)
+    assert inc.root_cause_nodes == ("n2",)
+    stall_start = 3.9  # t=4 beat with since_progress 0.1
+    assert stall_start + 5.0 < hung_at <= stall_start + 5.0 + 0.2  # floor 5 s dominates 10 x 0.2 s
+
+
+def test_hang_threshold_adapts_to_p99_step_time() -> None:
+    sim = Sim()
+    sim.run(0, 5, per_node={n: dict(step_time=2.0) for n in sim.nodes})  # p99 2 s -> threshold 20 s
+    stuck = {"overrides": {0: dict(step=sim.step, since_progress_s=0.0)}}
+    for k in range(1, 25):
+        t = 5.0 + k
+        sim.step += 1
+        for n in sim.nodes:
+            if n == "n0":
+                sim.beat(n, t, step_time=2.0, overrides={0: dict(step=5, since_progress_s=float(k))})
+            else:
+                sim.beat(n, t, step_time=2.0)
+        sim.tick(t + 0.5)
+        if k < 20:
+            assert sim.incidents() == [], k
+    assert stuck
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.HANG and inc.root_cause_ranks == (0,)
+    assert "threshold 20.00s" in inc.reason
+
+
+def test_declared_long_phase_extends_the_threshold() -> None:
+    sim = Sim(nodes=2)
+    sim.run(0, 3)
+    frozen = sim.step
+    # every rank enters a 30 s checkpoint phase: steps stop for 20 s, no incident
+    for k in range(1, 21):
+        t = 3.0 + k
+        for n in sim.nodes:
+            sim.beat(n, t, step=frozen, since=float(k),
+                     overrides={r: dict(long_phase="checkpoint", long_phase_expected_s=30.0) for r in range(4)})
+        sim.tick(t + 0.5)
+    assert sim.incidents() == []
+    # the phase ends and training resumes: the stall clock restarts, no incident
+    sim.run(24, 30)
+    assert sim.incidents() == []
+
+
+def test_long_phase_that_overruns_is_a_hang() -> None:
+    sim = Sim(nodes=1)
+    sim.run(0, 3)
+    frozen = sim.step
+    for k in range(1, 20):
+        t = 3.0 + k
+        sim.beat("n0", t, step=frozen, since=float(k),
+                 overrides={0: dict(long_phase="eval", long_phase_expected_s=10.0)})
+        sim.tick(t + 0.5)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.HANG
+    # rank 1 (not in the phase) crossed 5 s first; rank 0 only after 10 + 5 s: both reported once
+    assert inc.root_cause_ranks == (1,)
+
+
+@pytest.mark.parametrize("state", [RankState.PAUSED, RankState.RECOVERING, RankState.STANDBY,
+                                   RankState.DONE])
+def test_ranks_not_running_are_never_hung(state: RankState) -> None:
+    sim = Sim(nodes=1)
+    sim.run(0, 2)
+    for k in range(1, 30):
+        sim.beat("n0", 2.0 + k, state=state, since=float(k))
+        sim.tick(2.5 + k)
+    assert sim.incidents() == []
+
+
+def test_running_after_pause_restarts_the_stall_clock() -> None:
+    """A sidecar's since_progress keeps counting through a pause; the detector must not call the
+    first RUNNING beat after a 60 s pause a hang."""
+    sim = Sim(nodes=1)
+    sim.run(0, 2)
+    for k in range(1, 60):
+        sim.beat("n0", 2.0 + k, state=RankState.PAUSED, since=float(k))
+        sim.tick(2.5 + k)
+    sim.beat("n0", 62.0, since=60.0)
+    sim.tick(62.5)
+    sim.beat("n0", 63.0, since=0.1)
+    sim.tick(63.5)
+    assert sim.incidents() == []
+
+
+def test_job_wide_stall_is_one_incident_naming_the_lagging_rank() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    base = sim.step
+    for k in range(1, 12):
+        t = 3.0 + k
+        for n in sim.nodes:
+            # rank 6 is one step behind: everybody else waits for it in the collective
+            sim.beat(n, t, step=base, since=float(k), overrides={6: dict(step=base - 1)})
+        sim.tick(t + 0.5)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.HANG
+    assert inc.root_cause_nodes == ("n3",) and inc.root_cause_ranks == (6,)
+    assert inc.symptoms_attributed == 7
+
+
+# ----------------------------------------------------------------------------- straggler
+
+def test_straggler_degradation_after_consecutive_slow_beats() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    for k in range(7):
+        t = 3.0 + k
+        sim.step += 1
+        for n in sim.nodes:
+            sim.beat(n, t, overrides={3: dict(step_time_s=0.9)} if n == "n1" else None)
+        sim.tick(t + 0.5)
+    [deg] = sim.degradations()
+    assert (deg.node_id, deg.rank, deg.consecutive) == ("n1", 3, 5)
+    assert deg.median_step_time_s == pytest.approx(0.2)
+    assert sim.incidents() == []
+
+
+def test_one_slow_step_is_not_a_straggler() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.run(3, 4, per_node={"n1": dict(overrides={3: dict(step_time_s=3.0)})})
+    sim.run(4, 12)
+    assert sim.degradations() == [] and sim.incidents() == []
+
+
+# ----------------------------------------------------------------------------- root cause
+
+def test_crash_with_peer_symptoms_is_one_incident() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.feed(exit_("n0", 0), 3.0)
+    for rank in range(1, 8):
+        sim.feed(log(f"n{rank // 2}", rank, "RuntimeError: [gloo] Connection closed by peer [10.0.0.1]:29500"),
+                 3.0 + 0.01 * rank)
+    sim.run(3.1, 10)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.PROCESS_CRASH and inc.root_cause_nodes == ("n0",)
+    root = sim.state.jobs[JOB].incidents[inc.incident_id]
+    assert root.symptoms == 7
+
+
+def test_symptoms_before_the_root_are_counted_in_it() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    for rank in range(2, 8):
+        sim.feed(log(f"n{rank // 2}", rank, "Connection reset by peer"), 3.0)
+    sim.tick(3.1)
+    ds = sim.feed(exit_("n0", 0), 3.5)  # the exit report arrives after the symptoms
+    [inc] = [d.event for d in ds if d.kind == "incident"]
+    assert inc.symptoms_attributed == 6
+    sim.run(4, 10)
+    assert len(sim.incidents()) == 1
+
+
+def test_symptoms_of_a_lost_node_wait_for_it() -> None:
+    sim = Sim()
+    sim.run(0, 5)  # n3 beats last at t=4 and dies at 4.5
+    for rank in range(0, 6):
+        sim.feed(log(f"n{rank // 2}", rank, "NCCL error: remote process exited or there was a network error"), 4.6)
+    sim.run(5, 12, skip={"n3"})
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.NODE_LOST and inc.root_cause_nodes == ("n3",)
+    assert inc.symptoms_attributed == 6
+
+
+def test_secondary_exit_after_comm_error_is_a_symptom() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.feed(exit_("n0", 0), 3.0)
+    sim.feed(log("n1", 2, "Connection closed by peer"), 3.01)
+    sim.feed(exit_("n1", 2, signal=None), 3.2)  # the survivor died of the broken collective
+    sim.run(3.3, 10)
+    [inc] = sim.incidents()
+    assert inc.root_cause_nodes == ("n0",)
+
+
+def test_unexplained_comm_errors_give_one_low_confidence_incident_without_action() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    for rank in (1, 2, 5):
+        sim.feed(log(f"n{rank // 2}", rank, "NCCL WARN timeout waiting for peer"), 3.0)
+    sim.run(3.1, 6)
+    assert sim.incidents() == []  # still inside the window
+    sim.run(6, 8)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.COMMUNICATION and inc.action is RepairAction.NONE
+    assert inc.confidence < 0.5 and inc.reason
+    sim.feed(log("n0", 0, "NCCL WARN timeout waiting for peer"), 8.5)
+    sim.run(8.6, 14)
+    assert len(sim.incidents()) == 1  # later ones join it
+
+
+def test_independent_faults_at_once_are_separate_incidents() -> None:
+    sim = Sim()
+    sim.run(0, 5)
+    sim.feed(exit_("n0", 1), 5.0)
+    sim.feed(log("n2", 4, "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus"), 5.0)
+    sim.run(5, 12, skip={"n3"})
+    got = {(i.fault_class, i.root_cause_nodes) for i in sim.incidents()}
+    assert got == {(FaultClass.PROCESS_CRASH, ("n0",)), (FaultClass.HARDWARE, ("n2",)),
+                   (FaultClass.NODE_LOST, ("n3",))}
+
+
+def test_later_evidence_from_a_reported_node_joins_its_incident() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.feed(exit_("n1", 2), 3.0)
+    sim.feed(exit_("n1", 3), 3.1)
+    sim.feed(log("n1", 3, "RuntimeError: CUDA error: an illegal memory access was encountered"), 3.2)
+    sim.run(4, 12, skip={"n1"})
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.PROCESS_CRASH
+    assert sum(d.kind == "joined" for d in sim.decisions) >= 3
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def test_incident_ids_are_deterministic_across_instances_and_replays() -> None:
+    ids = []
+    for _ in range(2):
+        sim = Sim()
+        sim.run(0, 3)
+        sim.feed(exit_("n2", 4), 3.3)
+        ids.append(sim.incidents()[0].incident_id)
+    assert ids[0] == ids[1] == core.incident_id(JOB, 0, FaultClass.PROCESS_CRASH, ("n2",), (4,))
+    assert core.incident_id(JOB, 1, FaultClass.PROCESS_CRASH, ("n2",), (4,)) != ids[0]
+
+
+def test_duplicate_events_do_not_double_count() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    crash = exit_("n0", 0, event_id="e-crash")
+    sym = log("n1", 2, "Connection closed by peer", event_id="e-sym")
+    for _ in range(3):
+        sim.feed(crash, 3.0)
+        sim.feed(sym, 3.01)
+    sim.run(3.1, 8)
+    [inc] = sim.incidents()
+    assert sim.state.jobs[JOB].incidents[inc.incident_id].symptoms == 1
+
+
+def test_reordered_and_duplicated_heartbeats_are_dropped() -> None:
+    sim = Sim(nodes=1)
+    sim.beat("n0", 0.0, seq=5, step=50)
+    sim.beat("n0", 0.5, seq=4, step=40, since=100.0)  # older beat arriving late
+    sim.beat("n0", 0.6, seq=5, step=50, since=100.0)  # duplicate
+    node = sim.state.jobs[JOB].nodes["n0"]
+    assert node.seq == 5 and node.last_seen == 0.0 and node.ranks[0].step == 50
+    assert sim.state.counters["stale_heartbeats"] == 2
+
+
+def test_restarted_sidecar_with_new_counter_is_accepted() -> None:
+    sim = Sim(nodes=1)
+    sim.beat("n0", 0.0, seq=500)
+    sim.beat("n0", 2.5, seq=1)
+    assert sim.state.jobs[JOB].nodes["n0"].last_seen == 2.5
+
+
+def test_sender_clock_skew_is_irrelevant() -> None:
+    sim = Sim(nodes=2)
+    for t in range(6):
+        for n in sim.nodes:
+            hb = NodeHeartbeat(job_id=JOB, generation=0, producer="s", node_id=n, seq=t + 1,
+                               emitted_at=1e9 if n == "n0" else 0.0,  # wildly wrong clocks
+                               ranks=(RankStatus(rank=0, local_rank=0, pid=1, state=RankState.RUNNING,
+                                                 step=t, step_time_s=0.2, since_progress_s=0.1),))
+            sim.feed(hb, float(t))
+        sim.tick(t + 0.5)
+    assert sim.incidents() == []
+
+
+def test_old_generation_heartbeats_are_dropped_but_keep_the_node_alive() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.generation = 1
+    sim.run(3, 5, skip={"n3"})
+    # n3's sidecar lags: keeps beating with generation 0 and a stale, stalled rank view
+    for k in range(5, 20):
+        for n in sim.nodes:
+            if n == "n3":
+                sim.beat(n, float(k), generation=0, since=float(k))
+            else:
+                sim.beat(n, float(k))
+        sim.tick(k + 0.5)
+    assert sim.incidents() == []
+    assert sim.state.counters["old_generation_heartbeats"] == 15
+    assert sum(d.kind == "dropped" and "old generation" in d.reason for d in sim.decisions) == 1
+
+
+def test_new_generation_means_new_incidents_and_old_evidence_joins_old_ones() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.feed(exit_("n1", 2), 3.0)
+    sim.generation = 1
+    sim.run(4, 6)
+    late = sim.feed(exit_("n1", 3, generation=0), 6.1)  # late report from generation 0
+    assert [d.kind for d in late] == ["joined"]
+    sim.feed(exit_("n1", 2, generation=1), 6.5)
+    incs = sim.incidents()
+    assert [(i.generation, i.root_cause_nodes) for i in incs] == [(0, ("n1",)), (1, ("n1",))]
+    assert incs[0].incident_id != incs[1].incident_id
+
+
+def test_unknown_event_kinds_are_ignored() -> None:
+    sim = Sim()
+    from flashrecovery.shared.schemas import Escalation
+    sim.feed(Escalation(job_id=JOB, generation=0, producer="x", incident_ids=(), reason="r"), 1.0)
+    assert sim.decisions == []
+
+
+# ----------------------------------------------------------------------------- catalog
+
+def test_operator_catalog_is_merged(tmp_path) -> None:
+    extra = tmp_path / "site.json"
+    extra.write_text(json.dumps({"signatures": [
+        {"id": "site-ib-down", "regex": "mlx5_core .* link down", "class": "communication",
+         "severity": "warning", "action": "none"},
+        {"id": "hw-xid", "regex": "\\bXid\\b.*\\b(48|79)\\b", "class": "hardware",
+         "severity": "critical", "action": "replace_node"}]}))
+    catalog = load_catalog(str(extra))
+    assert catalog.match("mlx5_core 0000:3b:00.0 port 1 link down").id == "site-ib-down"
+    assert catalog.match("NVRM: Xid (PCI:0000:3b:00): 94, ...") is None  # overridden by id
+    c = core.Config.from_settings(DetectorSettings(signatures_path=str(extra)))
+    assert len(c.catalog) == len(CATALOG) + 1
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"id": "x", "regex": "(", "class": "hardware", "action": "none"}, "regex"),
+    ({"id": "x", "regex": "a", "class": "hang", "action": "none"}, "class"),
+    ({"id": "x", "regex": "a", "class": "hardware", "action": "reboot"}, "action"),
+    ({"id": "x", "regex": "a", "class": "hardware", "action": "none", "severity": "meh"}, "severity"),
+])
+def test_bad_catalog_entries_name_the_field(tmp_path, entry, field) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps([entry]))
+    with pytest.raises(CatalogError, match=f"\\(x\\): '{field}'"):
+        load_catalog(str(p))
