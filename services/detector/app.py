@@ -52,19 +52,24 @@ class DetectorService:
         self._consumer: Consumer | None = None
         self._registry: Registry | None = None
 
+    @property
+    def group_id(self) -> str:
+        """One consumer group per topic namespace: side-by-side jobs on a broker stay apart."""
+        return T.with_namespace(GROUP_ID, self.settings.bus.topic_namespace)
+
     async def start(self) -> None:
         s = self.settings
         if not s.kafka_bootstrap:
             raise ValueError("kafka_bootstrap is not set")
         self._producer = Producer(s.kafka_bootstrap, s.bus, client_id=f"detector-{self.instance}")
         await self._producer.start()
-        self._consumer = Consumer(s.kafka_bootstrap, s.bus, [T.HEARTBEATS, T.WORKER_EVENTS], GROUP_ID,
+        self._consumer = Consumer(s.kafka_bootstrap, s.bus, [T.HEARTBEATS, T.WORKER_EVENTS], self.group_id,
                                   self._handle_one, self._producer, "detector",
                                   batch_handler=self._handle_batch)
         await self._consumer.start()
         if s.redis_url:
             self._registry = Registry.from_url(s.redis_url, s.job_id)
-        self.log.info("detector_started", job_id=s.job_id, group=GROUP_ID,
+        self.log.info("detector_started", job_id=s.job_id, group=self.group_id,
                       signatures=len(self.cfg.catalog or ()))
 
     async def wait_assigned(self, timeout_s: float = 30.0) -> None:

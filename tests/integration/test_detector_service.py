@@ -1,0 +1,320 @@
+"""The detector against a real broker and Redis: simulated sidecars publish heartbeats, exits and
+log lines on the bus; incidents are read back from the incidents topic. Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from flashrecovery.detector.app import DetectorService
+from flashrecovery.shared import topics
+from flashrecovery.shared.bus import Consumer, Producer
+from flashrecovery.shared.schemas import (Degradation, FaultClass, FaultIncident, LogEvent,
+                                          NodeHeartbeat, RankState, RankStatus, RepairAction,
+                                          WorkerExit)
+from flashrecovery.shared.settings import Settings
+
+pytestmark = pytest.mark.timeout(120)
+
+GLOO_PEER = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.1]:29500"
+
+
+@dataclass
+class SimRank:
+    rank: int
+    local_rank: int
+    next_due: float
+    last_advance: float
+    step: int = 0
+    dt: float = 0.1
+    dt_used: float = 0.1  # the duration of the step in progress
+    last_dt: float | None = None
+    frozen: bool = False
+    state: RankState = RankState.RUNNING
+    phase: tuple[str, float, float] | None = None  # (name, expected_s, ends_at)
+
+
+@dataclass
+class FakeJob:
+    """Sidecars of a training job as the detector sees them: one heartbeat per node per interval
+    with each rank's committed step, last step time and seconds since its step last advanced
+    (measured here, on the 'sidecar' clock, as a real sidecar does)."""
+    producer: Producer
+    job_id: str
+    nodes: int = 4
+    ranks_per_node: int = 2
+    step_time: float = 0.1
+    interval: float = 1.0
+    generation: int = 0
+    silent: set[str] = field(default_factory=set)
+    last_beat: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        now = time.monotonic()
+        self.ranks = {r: SimRank(r, r % self.ranks_per_node, now + self.step_time, now, dt=self.step_time,
+                                   dt_used=self.step_time)
+                      for r in range(self.nodes * self.ranks_per_node)}
+        self.seq = {self.node_of(r): 0 for r in self.ranks}
+        self._task: asyncio.Task | None = None
+
+    def node_of(self, rank: int) -> str:
+        return f"node-{rank // self.ranks_per_node}"
+
+    def _advance(self, r: SimRank, now: float) -> None:
+        if r.frozen or r.state is not RankState.RUNNING:
+            return
+        if r.phase is not None:
+            if now < r.phase[2]:
+                return
+            r.next_due = max(r.next_due, r.phase[2] + r.dt)
+            r.phase = None
+        while now >= r.next_due:
+            r.step += 1
+            r.last_advance = r.next_due
+            r.last_dt = r.dt_used
+            r.dt_used = r.dt
+            r.next_due = r.last_advance + r.dt
+
+    def slow_step(self, seconds: float) -> None:
+        """The step in progress takes `seconds` on every rank (a slow batch, a GC pause)."""
+        for r in self.ranks.values():
+            r.next_due = r.last_advance + seconds
+            r.dt_used = seconds
+
+    def long_phase(self, name: str, expected_s: float, actual_s: float) -> None:
+        ends = time.monotonic() + actual_s
+        for r in self.ranks.values():
+            r.phase = (name, expected_s, ends)
+
+    def heartbeat(self, node: str) -> NodeHeartbeat:
+        now = time.monotonic()
+        statuses = []
+        for r in self.ranks.values():
+            if self.node_of(r.rank) != node:
+                continue
+            self._advance(r, now)
+            in_phase = r.phase is not None and now < r.phase[2]
+            statuses.append(RankStatus(
+                rank=r.rank, local_rank=r.local_rank, pid=10000 + r.rank, state=r.state, step=r.step,
+                step_time_s=r.last_dt, generation=self.generation,
+                long_phase=r.phase[0] if in_phase else None,
+                long_phase_expected_s=r.phase[1] if in_phase else None,
+                since_progress_s=now - r.last_advance))
+        self.seq[node] += 1
+        return NodeHeartbeat(job_id=self.job_id, generation=self.generation, producer=f"sidecar/{node}",
+                             node_id=node, seq=self.seq[node], interval_s=self.interval,
+                             ranks=tuple(statuses))
+
+    async def _run(self) -> None:
+        while True:
+            for node in sorted(self.seq):
+                if node not in self.silent:
+                    await self.producer.publish(self.heartbeat(node))
+                    self.last_beat[node] = time.monotonic()
+            await self.producer.flush()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # ------------------------------------------------------------------ faults
+    async def crash(self, rank: int, signal: int = 9) -> float:
+        r = self.ranks[rank]
+        r.state = RankState.EXITED
+        await self.producer.publish(WorkerExit(
+            job_id=self.job_id, generation=self.generation, producer="sidecar", node_id=self.node_of(rank),
+            rank=rank, pid=10000 + rank, signal=signal, step=r.step), wait=True)
+        return time.monotonic()
+
+    async def log(self, rank: int | None, line: str, node: str | None = None) -> float:
+        await self.producer.publish(LogEvent(
+            job_id=self.job_id, generation=self.generation, producer="sidecar",
+            node_id=node or self.node_of(rank), rank=rank, line=line), wait=True)
+        return time.monotonic()
+
+
+class Watcher:
+    """Reads the incidents topic back, stamping each event with its arrival (monotonic)."""
+
+    def __init__(self, settings: Settings, producer: Producer) -> None:
+        self.incidents: list[tuple[float, FaultIncident]] = []
+        self.degradations: list[tuple[float, Degradation]] = []
+        self.consumer = Consumer(settings.kafka_bootstrap, settings.bus, [topics.INCIDENTS], None,
+                                 self._on, producer, "test-incidents")
+
+    async def _on(self, event, _record) -> None:
+        if isinstance(event, FaultIncident):
+            self.incidents.append((time.monotonic(), event))
+        elif isinstance(event, Degradation):
+            self.degradations.append((time.monotonic(), event))
+
+    async def wait(self, cond, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            if time.monotonic() > deadline:
+                got = [(i.fault_class.value, i.root_cause_nodes) for _, i in self.incidents]
+                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; got {got}")
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def rig(topics_ready, producer, registry):
+    settings = topics_ready
+    svc = DetectorService(settings, instance="itest")
+    watcher = Watcher(settings, producer)
+    await asyncio.wait_for(watcher.consumer.start(), 30)
+    await asyncio.wait_for(svc.start(), 30)
+    tasks = [asyncio.create_task(watcher.consumer.run()), asyncio.create_task(svc.run())]
+    job = FakeJob(producer, settings.job_id)
+    try:
+        await watcher.consumer.wait_assigned(30)
+        await svc.wait_assigned(30)
+        yield svc, watcher, job, registry
+    finally:
+        await job.stop()
+        await svc.stop()
+        watcher.consumer.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await svc.close()
+
+
+async def warm_up(job: FakeJob, seconds: float = 2.0) -> None:
+    job.start()
+    await asyncio.sleep(seconds)
+
+
+async def test_process_crash_within_a_second(rig) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job)
+    t = await job.crash(3)
+    await watcher.wait(lambda: watcher.incidents, 5, "the crash incident")
+    at, inc = watcher.incidents[0]
+    assert inc.fault_class is FaultClass.PROCESS_CRASH and inc.action is RepairAction.RESTART_PROCESS
+    assert inc.root_cause_nodes == ("node-1",) and inc.root_cause_ranks == (3,)
+    assert at - t < 1.0
+
+
+async def test_node_lost_after_three_missed_heartbeats(rig) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job)
+    job.silent.add("node-2")
+    await watcher.wait(lambda: watcher.incidents, 8, "the node-lost incident")
+    at, inc = watcher.incidents[0]
+    assert inc.fault_class is FaultClass.NODE_LOST and inc.action is RepairAction.REPLACE_NODE
+    assert inc.root_cause_nodes == ("node-2",) and inc.root_cause_ranks == (4, 5)
+    assert at - job.last_beat["node-2"] < 3 * 1.0 + 1.0
+    await asyncio.sleep(2.0)  # still silent: not reported again
+    assert len(watcher.incidents) == 1
+
+
+async def test_hang_within_threshold_plus_a_second(rig) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job)
+    job.ranks[5].frozen = True
+    stalled_since = job.ranks[5].last_advance
+    await watcher.wait(lambda: watcher.incidents, 10, "the hang incident")
+    at, inc = watcher.incidents[0]
+    assert inc.fault_class is FaultClass.HANG
+    assert inc.root_cause_nodes == ("node-2",) and inc.root_cause_ranks == (5,)
+    threshold = svc.settings.detector.hang_floor_s  # 10 x 0.1 s p99 < 5 s floor
+    assert threshold <= at - stalled_since < threshold + 1.0
+
+
+@pytest.mark.parametrize("lines, fault_class, action", [
+    (["NVRM: Xid (PCI:0000:3b:00): 79, pid=10002, GPU has fallen off the bus."], FaultClass.HARDWARE,
+     RepairAction.REPLACE_NODE),
+    (["Traceback (most recent call last):", '  File "train.py", line 88, in step',
+      "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"],
+     FaultClass.OUT_OF_MEMORY, RepairAction.RESTART_PROCESS),
+    (["Traceback (most recent call last):", '  File "train.py", line 12, in load',
+      "RuntimeError: corrupt batch header"], FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
+])
+async def test_log_signatures_within_a_second(rig, lines, fault_class, action) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job, 1.5)
+    first = None
+    for line in lines:
+        t = await job.log(2, line)
+        first = first or t
+    await watcher.wait(lambda: watcher.incidents, 5, f"the {fault_class.value} incident")
+    at, inc = watcher.incidents[0]
+    assert (inc.fault_class, inc.action, inc.root_cause_nodes) == (fault_class, action, ("node-1",))
+    assert at - first < 1.0
+    await asyncio.sleep(1.0)
+    assert len(watcher.incidents) == 1
+
+
+async def test_one_crash_with_seven_peer_symptoms_is_one_incident(rig) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job)
+    t = await job.crash(0)
+    for rank in range(1, 8):
+        await job.log(rank, GLOO_PEER)
+    await watcher.wait(lambda: watcher.incidents, 5, "the crash incident")
+    await asyncio.sleep(svc.settings.detector.correlation_window_s + 1.0)  # let any window expire
+    assert len(watcher.incidents) == 1, [i for _, i in watcher.incidents]
+    at, inc = watcher.incidents[0]
+    assert inc.fault_class is FaultClass.PROCESS_CRASH and inc.root_cause_nodes == ("node-0",)
+    assert inc.root_cause_ranks == (0,) and at - t < 1.0
+    job_state = svc.state.jobs[svc.settings.job_id]
+    assert job_state.incidents[inc.incident_id].symptoms == 7
+
+
+async def test_unexplained_comm_errors_are_reported_without_action(rig) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job, 1.5)
+    for rank in (2, 6):
+        await job.log(rank, "NCCL WARN NET/IB : Got completion with error 12, opcode 0, timeout")
+    window = svc.settings.detector.correlation_window_s
+    await asyncio.sleep(window - 0.5)
+    assert watcher.incidents == []  # held for the window
+    await watcher.wait(lambda: watcher.incidents, 3, "the communication incident")
+    _, inc = watcher.incidents[0]
+    assert inc.fault_class is FaultClass.COMMUNICATION and inc.action is RepairAction.NONE
+    assert inc.confidence < 0.5 and inc.root_cause_nodes == ("node-1", "node-3")
+
+
+async def test_straggler_degradation(rig) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job, 1.5)
+    job.ranks[6].dt = 0.5
+    consecutive = svc.settings.detector.straggler_consecutive
+    await watcher.wait(lambda: watcher.degradations, consecutive + 4, "the degradation")
+    _, deg = watcher.degradations[0]
+    assert (deg.node_id, deg.rank) == ("node-3", 6) and deg.step_time_s > 2 * deg.median_step_time_s
+    assert watcher.incidents == []
+
+
+async def test_fault_free_run_with_slow_step_and_long_phase_has_no_incident(rig) -> None:
+    svc, watcher, job, registry = rig
+    await warm_up(job, 3.0)
+    job.slow_step(3.0)  # one 3 s step on every rank (well under the 5 s floor)
+    await asyncio.sleep(5.0)
+    job.long_phase("checkpoint", expected_s=10.0, actual_s=7.0)  # 7 s without a step: > floor
+    await asyncio.sleep(9.0)
+    assert watcher.incidents == [], [i for _, i in watcher.incidents]
+    assert watcher.degradations == []
+    assert svc.state.counters.get("stale_heartbeats", 0) == 0
+    assert any(k.startswith("detector:itest") for k in await registry.live_services())
+
+
+async def test_malformed_input_is_dead_lettered_and_detection_goes_on(rig, producer) -> None:
+    svc, watcher, job, _ = rig
+    await warm_up(job, 1.5)
+    await producer.publish_raw(topics.HEARTBEATS, b"{not json", key=b"node-0")
+    await producer.publish_raw(topics.WORKER_EVENTS, b'{"schema_version": 99, "kind": "worker_exit"}',
+                               key=b"node-0")
+    await job.crash(1)
+    await watcher.wait(lambda: watcher.incidents, 5, "the crash incident")
+    assert watcher.incidents[0][1].root_cause_nodes == ("node-0",)
+    assert svc._consumer.dead_lettered == 2
