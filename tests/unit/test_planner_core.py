@@ -296,6 +296,24 @@ def test_plan_input_cache_and_arrays():
     assert plan(a, [inc("a", ("node-1",))], Policy(), NOW) == plan(snap, [inc("a", ("node-1",))], Policy(), NOW)
 
 
+def test_plan_input_from_registry_rows_matches_snapshot():
+    snap = with_rank_state(with_nodes(grid(spares=2, labels={"spare-1": {"rack": "r1"}}),
+                                      **{"spare-0": {"role": NodeRole.QUARANTINED}}),
+                           RankState.RECOVERING, {2}, node="spare-1")
+    meta = {b"generation": b"3", b"committed_step": b"41", b"world_size": b"8", b"dp": b"4",
+            b"tp": b"2", b"pp": b"1"}
+    rows = PlanInput.from_rows(JOB, meta, [r.model_dump_json().encode() for r in reversed(snap.ranks)],
+                               [n.model_dump_json() for n in snap.nodes])
+    built = PlanInput.build(snap)
+    for f in ("rank", "node_of", "shard", "dp_of", "tp_of", "pp_of", "local_rank", "recovering",
+              "node_role", "node_slots", "shard_order", "node_order", "node_start"):
+        assert np.array_equal(getattr(rows, f), getattr(built, f)), f
+    assert (rows.node_ids, rows.node_labels, rows.generation, rows.committed_step) == (
+        built.node_ids, built.node_labels, 3, 41)
+    incs = [inc("a", ("node-3",))]
+    assert plan(rows, incs, Policy(), NOW) == plan(snap, incs, Policy(), NOW)
+
+
 def test_large_job_plan_is_compact():
     snap = grid(nodes=1250, rpn=8, tp=4, pp=2, spares=4)  # 10k ranks
     p = plan(snap, [inc("a", ("node-17",))], Policy(), NOW)
