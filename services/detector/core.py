@@ -158,68 +158,84 @@ def _on_heartbeat(state: DetectorState, job: JobState, hb: NodeHeartbeat, now: f
 
 def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, cfg: Config,
                   out: list[Decision]) -> None:
+    # The hot path (every rank of every beat): locals only, no enum hashing, no numpy scalars
+    # per rank.
     due = INF
     live = False
     gen = job.generation
     median = job.median
     slow_limit = cfg.straggler_factor * median if median > 0 else INF
-    running = RankState.RUNNING
+    running, exited, done = RankState.RUNNING, RankState.EXITED, RankState.DONE
     ranks = node.ranks
+    samples = job.samples
+    step_max = job.step_max
     for rs in hb.ranks:
         rv = ranks.get(rs.local_rank)
         if rv is None:
             rv = ranks[rs.local_rank] = RankView(rs.rank)
-        rv.rank = rs.rank
         st = rs.state
-        key = (st, rs.long_phase, gen, rs.rank)
+        phase = rs.long_phase
+        key = (st, phase, gen, rs.rank)
         if key != rv.key:  # a new state or phase is progress: the stall clock restarts
             rv.key = key
+            rv.rank = rs.rank
             rv.clear_since = now
             rv.hung = False
             rv.slow = 0
             rv.degraded = False
-        if rs.step != rv.step:
-            rv.hung = False
-            rv.step = rs.step
         rv.state = st
-        if st in LIVE_STATES:
+        if st is not exited and st is not done:
             live = True
         if st is not running:
             rv.stall_start = INF
+            rv.step = rs.step
             continue
         stall = now - rs.since_progress_s
         if stall < rv.clear_since:
             stall = rv.clear_since
         rv.stall_start = stall
-        if rs.long_phase is not None:
-            rv.extra = (rs.long_phase_expected_s if rs.long_phase_expected_s is not None
-                        else cfg.long_phase_default_s)
+        if phase is None:
+            extra = 0.0
         else:
-            rv.extra = 0.0
-        if not rv.hung and stall + rv.extra < due:
-            due = stall + rv.extra
+            extra = rs.long_phase_expected_s
+            if extra is None:
+                extra = cfg.long_phase_default_s
+        rv.extra = extra
         t = rs.step_time_s
+        if rs.step != rv.step:
+            rv.hung = False
+            rv.step = rs.step
+            if t is not None and t > 0:
+                known = step_max.get(rs.step)
+                if known is None or t > known:
+                    job.note_step(rs.step, t)
+        if not rv.hung and stall + extra < due:
+            due = stall + extra
         if t is None or t <= 0:
             continue
-        job.add_step_time(rs.step, t)
-        if t > slow_limit and rs.long_phase is None:
+        samples.append(t)
+        if t > slow_limit and phase is None:
             rv.slow += 1
             if rv.slow >= cfg.straggler_consecutive and not rv.degraded and rs.rank is not None:
                 rv.degraded = True
-                reason = (f"rank {rs.rank} step time {t:.3f}s > {cfg.straggler_factor:g} x median "
-                          f"{median:.3f}s for {rv.slow} beats")
-                deg = Degradation(job_id=job.job_id, generation=gen, emitted_at=now,
-                                  producer=cfg.producer, node_id=node.node_id, rank=rs.rank,
-                                  step_time_s=t, median_step_time_s=median, consecutive=rv.slow,
-                                  reason=reason)
-                out.append(Decision("degradation", job.job_id, gen, reason, event=deg,
-                                    fault_class=FaultClass.STRAGGLER, node_id=node.node_id))
-        else:
+                _degradation(job, node, rs.rank, t, median, rv.slow, now, cfg, out)
+        elif rv.slow:
             rv.slow = 0
             rv.degraded = False
     i = node.idx
     job.due[i] = due
     job.watch[i] = live and node.role is NodeRole.ACTIVE
+
+
+def _degradation(job: JobState, node: NodeView, rank: int, t: float, median: float, count: int,
+                 now: float, cfg: Config, out: list[Decision]) -> None:
+    reason = (f"rank {rank} step time {t:.3f}s > {cfg.straggler_factor:g} x median "
+              f"{median:.3f}s for {count} beats")
+    deg = Degradation(job_id=job.job_id, generation=job.generation, emitted_at=now,
+                      producer=cfg.producer, node_id=node.node_id, rank=rank, step_time_s=t,
+                      median_step_time_s=median, consecutive=count, reason=reason)
+    out.append(Decision("degradation", job.job_id, job.generation, reason, event=deg,
+                        fault_class=FaultClass.STRAGGLER, node_id=node.node_id))
 
 
 def _advance(job: JobState, generation: int, now: float, out: list[Decision]) -> None:
@@ -428,8 +444,8 @@ def tick(state: DetectorState, now: float, cfg: Config) -> tuple[DetectorState, 
 
 
 def _refresh_stats(job: JobState, cfg: Config) -> None:
-    if job.n_samples:
-        job.median = float(np.median(job.samples[: min(job.n_samples, len(job.samples))]))
+    if job.samples:
+        job.median = float(np.median(np.fromiter(job.samples, float, len(job.samples))))
     p99 = float(np.percentile(np.fromiter(job.step_max.values(), float), 99)) if job.step_max else 0.0
     job.base_threshold = max(cfg.hang_k * p99, cfg.hang_floor_s)
 

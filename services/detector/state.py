@@ -10,6 +10,7 @@ Only core.py changes it.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,8 +127,7 @@ class JobState:
         self.headers: dict[tuple[str, int | None], tuple[float, Evidence, int]] = {}
         self.comm_recent: dict[tuple[str, int | None], float] = {}
         self.step_max: dict[int, float] = {}  # step -> slowest step time reported for it
-        self.samples = np.zeros(SAMPLE_RING)
-        self.n_samples = 0
+        self.samples: deque[float] = deque(maxlen=SAMPLE_RING)  # recent rank step times
         self.median = 0.0  # refreshed by tick
         self.base_threshold = 0.0  # max(hang_k x p99, hang_floor_s), refreshed by tick
 
@@ -150,20 +150,14 @@ class JobState:
         self.due = np.concatenate([self.due, np.full(cap, INF)])
         self.watch = np.concatenate([self.watch, np.zeros(cap, dtype=bool)])
 
-    def add_step_time(self, step: int, seconds: float) -> None:
-        ring = self.n_samples % SAMPLE_RING
-        self.samples[ring] = seconds
-        self.n_samples += 1
-        known = self.step_max.get(step)
-        if known is None:
-            if len(self.step_max) >= STEP_HISTORY:
-                oldest = min(self.step_max)
-                if step < oldest:
-                    return
-                del self.step_max[oldest]
-            self.step_max[step] = seconds
-        elif seconds > known:
-            self.step_max[step] = seconds
+    def note_step(self, step: int, seconds: float) -> None:
+        """The slowest time reported for each recent step: the hang threshold's p99 input."""
+        if step not in self.step_max and len(self.step_max) >= STEP_HISTORY:
+            oldest = min(self.step_max)
+            if step < oldest:
+                return
+            del self.step_max[oldest]
+        self.step_max[step] = seconds
 
 
 @dataclass
