@@ -13,6 +13,7 @@ with the process CPU clock) and both detection latencies; checks that no other i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import time
@@ -135,8 +136,109 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float)
     }
 
 
+# ------------------------------------------------------------------ through the real broker
+
+async def _produce(bootstrap: str, namespace: str, nodes: int, ranks: int, seconds: float,
+                   lost_at: float, crash_at: float, report: str) -> None:
+    """The sidecars of the whole cluster in one process: paced keyed produce of raw beats."""
+    from aiokafka import AIOKafkaProducer
+
+    from flashrecovery.shared import topics as T
+    hb_topic = T.with_namespace(T.HEARTBEATS.name, namespace)
+    ev_topic = T.with_namespace(T.WORKER_EVENTS.name, namespace)
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1, max_batch_size=1 << 20)
+    await p.start()
+    lost_node, crash_node = nodes // 3, (2 * nodes) // 3
+    seq = [0] * nodes
+    last_beat = 0.0
+    crash_wall = None
+    sent = 0
+    t0 = time.monotonic()
+    cursor, total = 0, int(seconds) * nodes
+    while cursor < total:
+        now = time.monotonic() - t0
+        while cursor < total:
+            sec, i = divmod(cursor, nodes)
+            at = sec + i / nodes
+            if at > now:
+                break
+            cursor += 1
+            if i == lost_node and at >= lost_at:
+                continue
+            seq[i] += 1
+            if i == lost_node:
+                last_beat = time.time()
+            await p.send(hb_topic, beat_bytes(i, ranks, seq[i], at), key=f"node-{i:05d}".encode())
+            sent += 1
+        if crash_wall is None and now >= crash_at:
+            crash_wall = time.time()
+            await p.send(ev_topic, exit_bytes(crash_node, crash_node * ranks + 1),
+                         key=f"node-{crash_node:05d}".encode())
+        await asyncio.sleep(0.005)
+    await p.flush()
+    await p.stop()
+    Path(report).write_text(json.dumps({"lost_last_beat_wall": last_beat, "crash_wall": crash_wall,
+                                        "sent": sent, "seconds": time.monotonic() - t0}))
+
+
+async def run_broker(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float) -> dict:
+    import subprocess
+    import sys
+    import tempfile
+
+    from flashrecovery.detector.app import DetectorService
+    from flashrecovery.shared.bus import ensure_topics
+    from flashrecovery.shared.settings import BusSettings, Settings
+    from flashrecovery.shared.stack import start_stack
+
+    tmp = Path(tempfile.mkdtemp(prefix="detbench-"))
+    stack = start_stack(tmp)
+    try:
+        settings = Settings(job_id=JOB, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+                            bus=BusSettings(topic_namespace="bench", telemetry_partitions=8))
+        await ensure_topics(settings.kafka_bootstrap, settings.bus)
+        svc = DetectorService(settings, instance="bench")
+        await svc.start()
+        task = asyncio.create_task(svc.run())
+        await svc.wait_assigned(60)
+        report = tmp / "producer.json"
+        proc = subprocess.Popen([sys.executable, "-m", "flashrecovery.bench.detector_bench", "--produce",
+                                 stack.kafka_bootstrap, "--nodes", str(nodes), "--ranks", str(ranks),
+                                 "--seconds", str(seconds), "--lost-at", str(lost_at),
+                                 "--crash-at", str(crash_at), "--out", str(report)])
+        c0, w0 = time.process_time(), time.monotonic()
+        h0 = svc._consumer.handled
+        while proc.poll() is None:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # drain what is still in flight
+        cpu, wall = time.process_time() - c0, time.monotonic() - w0
+        handled = svc._consumer.handled - h0
+        await svc.stop()
+        await asyncio.wait_for(task, 30)
+        await svc.close()
+        prod = json.loads(report.read_text())
+        incs = [e for e in svc.published if getattr(e, "kind", "") == "fault_incident"]
+        lost = next((i for i in incs if i.fault_class.value == "node_lost"), None)
+        crash = next((i for i in incs if i.fault_class.value == "process_crash"), None)
+        return {
+            "mode": "broker (tansu, 8 partitions; producer in a second process; same 2-core host)",
+            "nodes": nodes, "ranks_per_node": ranks, "seconds": round(wall, 2), "messages": handled,
+            "messages_per_s": round(handled / wall, 1), "sent": prod["sent"],
+            "detector_process_cpu_s_per_wall_s": round(cpu / wall, 3),
+            "node_lost_latency_from_last_beat_s":
+                round(lost.detected_at - prod["lost_last_beat_wall"], 3) if lost else None,
+            "crash_latency_s": round(crash.detected_at - prod["crash_wall"], 3) if crash else None,
+            "incidents": len(incs),
+        }
+    finally:
+        stack.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--broker", action="store_true", help="also run through the real broker")
+    ap.add_argument("--broker-nodes", type=int, default=None)
+    ap.add_argument("--produce", metavar="BOOTSTRAP", help=argparse.SUPPRESS)
     ap.add_argument("--nodes", type=int, default=10000)
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -144,7 +246,14 @@ def main() -> None:
     ap.add_argument("--crash-at", type=float, default=20.55)
     ap.add_argument("--out", default="bench/results/detector.json")
     args = ap.parse_args()
-    result = run(args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at)
+    if args.produce:
+        asyncio.run(_produce(args.produce, "bench", args.nodes, args.ranks, args.seconds,
+                             args.lost_at, args.crash_at, args.out))
+        return
+    result = {"core": run(args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at)}
+    if args.broker:
+        result["broker"] = asyncio.run(run_broker(args.broker_nodes or args.nodes, args.ranks,
+                                                  args.seconds, args.lost_at, args.crash_at))
     result["machine"] = f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,9 @@ import time
 from typing import Any
 
 from flashrecovery.shared import topics as T
-from flashrecovery.shared.bus import Consumer, Producer
+from aiokafka.partitioner import DefaultPartitioner
+
+from flashrecovery.shared.bus import Consumer, Producer, topic_name
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.settings import Settings
@@ -51,6 +53,8 @@ class DetectorService:
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
         self._registry: Registry | None = None
+        self._assigned: set[Any] = set()
+        self._partitioner = DefaultPartitioner()  # what bus.Producer uses to place node keys
 
     @property
     def group_id(self) -> str:
@@ -127,8 +131,29 @@ class DetectorService:
         if decisions:
             await self._publish(decisions)  # before the batch's offsets are committed
 
+    def _check_ownership(self) -> None:
+        """After a rebalance, drop the nodes whose partitions went to another instance."""
+        assert self._consumer is not None
+        assigned = self._consumer._c.assignment()  # see docs/detector.md: bus lacks a hook
+        if assigned == self._assigned:
+            return
+        self._assigned = set(assigned)
+        hb = topic_name(T.HEARTBEATS, self.settings.bus)
+        owned = {tp.partition for tp in assigned if tp.topic == hb}
+        if not owned and not assigned:
+            return  # mid-rebalance: nothing assigned yet, keep state until we know
+        partitions = list(range(self.settings.bus.telemetry_partitions))
+        part = self._partitioner
+
+        def keep(node_id: str) -> bool:
+            return part(node_id.encode(), partitions, partitions) in owned
+
+        released = core.release_nodes(self.state, keep)
+        self.log.info("partitions_assigned", partitions=sorted(owned), released_nodes=released)
+
     async def _tick_loop(self) -> None:
         while not self._stop.is_set():
+            self._check_ownership()
             _, decisions = core.tick(self.state, self.clock(), self.cfg)
             if decisions:
                 await self._publish(decisions)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -421,6 +422,27 @@ def _emit_root(job: JobState, cls: FaultClass, action: RepairAction, node_id: st
     job.roots.append(inc)
     _emit(job, inc, cfg, out)
     return inc
+
+
+# ------------------------------------------------------------------------------------ ownership
+
+def release_nodes(state: DetectorState, keep: Callable[[str], bool]) -> int:
+    """Forget the nodes this instance no longer owns (their partitions moved to another detector
+    in a rebalance), so their silence here is not taken for a lost node. A node that comes back
+    is learnt again from its next heartbeat. Returns how many nodes were released."""
+    released = 0
+    for job in state.jobs.values():
+        for node in job.by_idx:
+            if node.ranks or node.seq >= 0:
+                if keep(node.node_id):
+                    continue
+                job.watch[node.idx] = False
+                job.due[node.idx] = INF
+                node.ranks.clear()
+                node.seq = -1
+                node.lost = False
+                released += 1
+    return released
 
 
 # ------------------------------------------------------------------------------------ tick

@@ -568,3 +568,18 @@ def test_bad_catalog_entries_name_the_field(tmp_path, entry, field) -> None:
     p.write_text(json.dumps([entry]))
     with pytest.raises(CatalogError, match=f"\\(x\\): '{field}'"):
         load_catalog(str(p))
+
+
+def test_released_nodes_are_not_reported_lost_and_are_learnt_again() -> None:
+    """After a rebalance another instance owns n2 and n3: their silence here means nothing."""
+    sim = Sim()
+    sim.run(0, 3)
+    released = core.release_nodes(sim.state, keep=lambda node: node in ("n0", "n1"))
+    assert released == 2
+    sim.run(3, 10, skip={"n2", "n3"})
+    assert sim.incidents() == []
+    # n3 comes back to this instance (its sidecar's seq continues): learnt again, then lost
+    sim.run(10, 12, skip={"n2"})
+    sim.run(12, 18, skip={"n2", "n3"})
+    [inc] = sim.incidents()
+    assert (inc.fault_class, inc.root_cause_nodes) == (FaultClass.NODE_LOST, ("n3",))
