@@ -71,10 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--exit-when-ready", action="store_true", help="start, check health, stop")
     for service in ("detector", "planner", "executor", "sidecar"):
         sub.add_parser(service, help=f"run one {service} (addresses from FLASHRECOVERY_*)")
-    for extra in ("demo", "status", "events", "inject", "bench"):
-        mod = importlib.util.find_spec(f"flashrecovery.{extra}")
-        if mod is not None:
-            importlib.import_module(f"flashrecovery.{extra}").add_parser(sub)
+    # Tools are imported only when asked for: a service start must not pay for torch.
+    argv = sys.argv[1:] if argv is None else argv
+    tools = {"demo": "flashrecovery.demo", "status": "flashrecovery.tools", "events": "flashrecovery.tools",
+             "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli"}
+    for name, module in tools.items():
+        if argv and argv[0] == name and importlib.util.find_spec(module) is not None:
+            getattr(importlib.import_module(module), f"add_{name}_parser", None) and \
+                getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
+        else:
+            sub.add_parser(name, help=f"(see flashrecovery {name} --help)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "up":

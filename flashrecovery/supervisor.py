@@ -64,17 +64,21 @@ class Supervisor:
 
     def start_service(self, service: str, instance: str | None = None, **env: str) -> subprocess.Popen:
         name = instance or service
-        return self.spawn(name, [sys.executable, "-m", f"flashrecovery.{service}"],
-                          FLASHRECOVERY_INSTANCE=name, **env)
+        env.setdefault("FLASHRECOVERY_INSTANCE", name)
+        return self.spawn(name, [sys.executable, "-m", f"flashrecovery.{service}"], **env)
 
     async def wait_ready(self, names: list[str], timeout_s: float = 90.0) -> None:
-        """A service is ready when its liveness key is in Redis."""
+        """A service is ready when its liveness key is in Redis. A name matches its service
+        (`detector`: any detector instance) or one instance (`executor-1`)."""
         assert self.stack is not None
         reg = Registry.from_url(self.stack.redis_url, self.settings.job_id)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
-                live = {s.split(":", 1)[1] for s in await reg.live_services()}
+                live = set()
+                for key in await reg.live_services():
+                    service, _, instance = key.partition(":")
+                    live |= {service, instance}
                 missing = [n for n in names if n not in live]
                 if not missing:
                     return

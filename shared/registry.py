@@ -218,5 +218,5 @@ class Registry:
 
     async def live_services(self) -> list[str]:
         pattern = self.k.liveness("*", "*")
-        return sorted(k.decode().split(":alive:", 1)[1]
-                      async for k in self.r.scan_iter(match=pattern, count=1000))
+        return sorted([k.decode().split(":alive:", 1)[1]
+                       async for k in self.r.scan_iter(match=pattern, count=1000)])

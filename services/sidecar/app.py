@@ -247,7 +247,8 @@ class SidecarService:
                 if msg.phase == "resumed":
                     w.state = RankState.RUNNING
         elif isinstance(msg, ch.Done):
-            w.state, w.step = RankState.DONE, msg.step
+            w.state, w.step, w.expected_exit = RankState.DONE, msg.step, True
+            self._spawn(self._send(w, ch.Stop()))
         elif isinstance(msg, ch.Error):
             self.log.warning("worker_error", rank=w.rank, message=msg.message[:500])
 

@@ -1,0 +1,247 @@
+"""A whole FlashRecovery deployment on this machine: the stack, the services, one sidecar per
+node with real torch workers, a spare node with standbys, and a watcher on every topic.
+Used by `flashrecovery demo`, the end-to-end tests and the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .shared import bus as busmod
+from .shared import topics as T
+from .shared.registry import Registry
+from .shared.schemas import (FaultIncident, LogEvent, NodeHeartbeat, RecoveryCompleted, RecoveryPlan,
+                             RecoveryProgress, WorkerExit)
+from .shared.settings import Settings
+from .shared.topology import grid_topology
+from .supervisor import Supervisor
+
+FAULTS = ("process-crash", "node-crash", "hang", "ecc", "exception", "kill-forward", "kill-grad-sync",
+          "kill-after-sync", "kill-optimizer", "none")
+
+
+@dataclass
+class Timeline:
+    """Everything the watcher saw, with the local receive time."""
+    heartbeats: dict[str, NodeHeartbeat] = field(default_factory=dict)
+    exits: list[WorkerExit] = field(default_factory=list)
+    logs: list[LogEvent] = field(default_factory=list)
+    incidents: list[FaultIncident] = field(default_factory=list)
+    plans: list[RecoveryPlan] = field(default_factory=list)
+    progress: list[RecoveryProgress] = field(default_factory=list)
+    completed: list[RecoveryCompleted] = field(default_factory=list)
+    other: list[Any] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def rank_view(self) -> dict[int, tuple[str, Any]]:
+        view = {}
+        for node, hb in self.heartbeats.items():
+            for r in hb.ranks:
+                if r.rank is not None:
+                    view[r.rank] = (node, r)
+        return view
+
+
+@dataclass
+class LocalCluster:
+    settings: Settings
+    run_dir: Path
+    nodes: int = 4
+    ranks_per_node: int = 2
+    tp: int = 2
+    spares: int = 1
+    steps: int = 40
+    worker_args: str = ""
+    executors: int = 2
+    fault_env: str | None = None
+    on_event: Any = None
+    services: tuple[str, ...] = ("detector", "planner")
+    sup: Supervisor = field(init=False)
+    timeline: Timeline = field(default_factory=Timeline)
+
+    def __post_init__(self) -> None:
+        self.sup = Supervisor(self.settings, self.run_dir)
+        self.out_dir = self.run_dir / "final"
+        self.world = self.nodes * self.ranks_per_node
+
+    # ------------------------------------------------------------------ start / stop
+    async def start(self, timeout_s: float = 180.0) -> None:
+        await asyncio.to_thread(self.sup.start_stack)
+        await busmod.ensure_topics(self.sup.stack.kafka_bootstrap, self.settings.bus)
+        await asyncio.to_thread(self.sup.start_rendezvous)
+        reg = Registry.from_url(self.sup.stack.redis_url, self.settings.job_id)
+        try:
+            await reg.init_job(grid_topology(self.settings.job_id, self.nodes, self.ranks_per_node, self.tp,
+                                             spares=self.spares))
+        finally:
+            await reg.close()
+        await self._start_watcher()
+        names = list(self.services) + [f"executor-{i}" for i in range(self.executors)]
+        for service in self.services:
+            self.sup.start_service(service)
+        for i in range(self.executors):
+            self.sup.start_service("executor", f"executor-{i}", FLASHRECOVERY_INSTANCE=str(i))
+        await self.sup.wait_ready(names, timeout_s)
+        args = f"--steps {self.steps} --tp {self.tp} --out {self.out_dir} {self.worker_args}"
+        env = {"FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
+               "FLASHRECOVERY_SIDECAR__CAPACITY": str(self.ranks_per_node),
+               "FLASHRECOVERY_SIDECAR__WORKER_ARGS": args}
+        if self.fault_env:
+            env["FLASHRECOVERY_FAULT"] = self.fault_env
+        sidecars = []
+        for n in range(self.nodes):
+            ranks = ",".join(str(r) for r in range(n * self.ranks_per_node, (n + 1) * self.ranks_per_node))
+            self.sup.spawn(f"sidecar-node-{n}", [sys.executable, "-m", "flashrecovery.sidecar"],
+                           FLASHRECOVERY_SIDECAR__NODE_ID=f"node-{n}", FLASHRECOVERY_SIDECAR__RANKS=ranks,
+                           FLASHRECOVERY_SIDECAR__ROLE="active", **env)
+            sidecars.append(f"node-{n}")
+        for s in range(self.spares):
+            self.sup.spawn(f"sidecar-spare-{s}", [sys.executable, "-m", "flashrecovery.sidecar"],
+                           FLASHRECOVERY_SIDECAR__NODE_ID=f"spare-{s}", FLASHRECOVERY_SIDECAR__ROLE="spare", **env)
+            sidecars.append(f"spare-{s}")
+        await self.sup.wait_ready(sidecars, timeout_s)
+
+    async def _start_watcher(self) -> None:
+        self._producer = busmod.Producer(self.sup.stack.kafka_bootstrap, self.settings.bus, "watcher")
+        await self._producer.start()
+        self._watcher = busmod.Consumer(self.sup.stack.kafka_bootstrap, self.settings.bus,
+                                        [t for t in T.ALL if t is not T.DEAD_LETTER], None, self._seen,
+                                        self._producer, "watcher", from_latest=True)
+        await self._watcher.start()
+        self._watch_task = asyncio.create_task(self._watcher.run())
+        await self._watcher.wait_assigned()
+
+    async def _seen(self, ev: Any, record: Any) -> None:
+        if getattr(ev, "job_id", None) != self.settings.job_id:
+            return
+        tl = self.timeline
+        if isinstance(ev, NodeHeartbeat):
+            prev = tl.heartbeats.get(ev.node_id)
+            if prev is None or ev.seq > prev.seq:
+                tl.heartbeats[ev.node_id] = ev
+        else:
+            bucket = {WorkerExit: tl.exits, LogEvent: tl.logs, FaultIncident: tl.incidents,
+                      RecoveryPlan: tl.plans, RecoveryProgress: tl.progress,
+                      RecoveryCompleted: tl.completed}.get(type(ev), tl.other)
+            bucket.append(ev)
+            if self.on_event:
+                self.on_event(ev)
+        tl.changed.set()
+
+    async def stop(self) -> None:
+        if hasattr(self, "_watcher"):
+            self._watcher.stop()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+            await self._producer.stop()
+        await asyncio.to_thread(self.sup.stop_all)
+        for sock in glob.glob(f"/tmp/fr-{self.settings.job_id[:24]}-*.sock"):
+            Path(sock).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ waiting
+    async def wait_until(self, predicate, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+            self.timeline.changed.clear()
+            try:
+                await asyncio.wait_for(self.timeline.changed.wait(), 0.25)
+            except TimeoutError:
+                pass
+
+    def min_step(self) -> int:
+        view = self.timeline.rank_view()
+        return min((r.step for _, r in view.values()), default=-1) if len(view) == self.world else -1
+
+    def rank_status(self, rank: int):
+        return self.timeline.rank_view().get(rank, (None, None))
+
+    def finished(self) -> bool:
+        return all((self.out_dir / f"rank{r}.pt").exists() for r in range(self.world))
+
+    # ------------------------------------------------------------------ faults
+    async def inject(self, fault: str, rank: int, at_step: int, timeout_s: float = 120.0) -> float:
+        """Inject `fault` once `rank` has committed `at_step`; returns the fault's wall time.
+        Faults the agent injects itself (ecc, exception, kill-<phase>) are configured through
+        fault_env at start; their time is the sidecar's first report of them."""
+        if fault == "none":
+            return time.time()
+        if fault in ("process-crash", "hang", "node-crash"):
+            await self.wait_until(lambda: (self.rank_status(rank)[1] is not None
+                                           and self.rank_status(rank)[1].step >= at_step),
+                                  timeout_s, f"rank {rank} at step {at_step}")
+            node, status = self.rank_status(rank)
+            t = time.time()
+            if fault == "process-crash":
+                os.kill(status.pid, signal.SIGKILL)
+            elif fault == "hang":
+                os.kill(status.pid, signal.SIGSTOP)
+            else:
+                proc = self.sup.procs[f"sidecar-{node}"]
+                os.killpg(proc.pid, signal.SIGKILL)  # the sidecar and every worker it started
+            return t
+        # agent-injected: the first exit or matching log line from that rank marks the moment
+        def seen():
+            ev = next((e for e in self.timeline.exits if e.rank == rank and not e.expected), None) or \
+                 next((e for e in self.timeline.logs if e.rank == rank), None)
+            return ev
+        await self.wait_until(lambda: seen() is not None, timeout_s, f"{fault} on rank {rank}")
+        return seen().emitted_at
+
+    @staticmethod
+    def fault_env_for(fault: str, rank: int, at_step: int) -> str | None:
+        agent_kinds = {"ecc": "kind=ecc", "exception": "kind=exception",
+                       "kill-forward": "kind=kill,phase=forward", "kill-grad-sync": "kind=kill,phase=grad_sync",
+                       "kill-after-sync": "kind=kill,phase=after_sync",
+                       "kill-optimizer": "kind=kill,phase=optimizer"}
+        if fault not in agent_kinds:
+            return None
+        return f"{agent_kinds[fault]},rank={rank},step={at_step}"
+
+    # ------------------------------------------------------------------ results
+    def final_states(self) -> dict[int, dict]:
+        return {r: torch.load(self.out_dir / f"rank{r}.pt", weights_only=False) for r in range(self.world)}
+
+
+def states_equal(a: dict[int, dict], b: dict[int, dict]) -> tuple[bool, str]:
+    """Bitwise comparison of every rank's parameters and optimizer state."""
+    if a.keys() != b.keys():
+        return False, f"ranks differ: {sorted(a)} vs {sorted(b)}"
+    for r in a:
+        for part in ("model", "optimizer"):
+            fa, fb = _flatten(a[r][part]), _flatten(b[r][part])
+            if fa.keys() != fb.keys():
+                return False, f"rank {r} {part}: keys differ"
+            for k in fa:
+                x, y = fa[k], fb[k]
+                if isinstance(x, torch.Tensor):
+                    if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                        return False, f"rank {r} {part} {k}: tensors differ"
+                elif x != y:
+                    return False, f"rank {r} {part} {k}: {x!r} != {y!r}"
+        if a[r]["step"] != b[r]["step"]:
+            return False, f"rank {r}: step {a[r]['step']} vs {b[r]['step']}"
+    return True, "bitwise equal"
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}/{i}"))
+        return out
+    return {prefix: obj}
