@@ -1,0 +1,409 @@
+"""RecoveryAgent: runs inside every training process and keeps it alive through failures elsewhere.
+
+Use in a training loop (see agent/reference/train.py)::
+
+    agent = RecoveryAgent.from_env(tp=2)
+    agent.attach(model, optimizer)               # the state it commits and transfers
+    step = agent.start()                         # hello; standby: wait for assign + recover
+    while step <= total_steps:
+        try:
+            agent.begin_step(step)               # zero grads (+ fault hook)
+            loss_fn(step).backward()             # tp collectives go through agent.comm
+            agent.sync_gradients()               # one flat dp allreduce
+            step = agent.commit()                # vote, optimizer.step(), step report
+        except Exception as exc:
+            step = agent.recover(exc)            # re-raises anything that is not an interrupt
+    agent.finish(digest)
+
+Threads: the main thread trains; a control thread reads the sidecar socket. On ``pause`` the
+control thread interrupts the main thread's collective wait (see groups.Interruptor); the main
+thread drops the partial step, reports ``paused`` and waits for ``recover``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import structlog
+import torch
+import torch.distributed as dist
+
+from . import channel as ch
+from .faults import FaultInjector, parse_faults
+from .groups import (
+    CollectiveError,
+    Comm,
+    GlooGroupFactory,
+    GroupFactory,
+    Groups,
+    Interrupted,
+    Interruptor,
+    NcclGroupFactory,
+    PauseRequested,
+)
+from .settings import AgentSettings
+from .transfer import TransferResult, ensure_optimizer_state, recv_state, send_state
+
+
+class AgentExit(SystemExit):
+    """The sidecar said stop while the rank was paused."""
+
+
+def _make_logger(rank: Any) -> Any:
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        processors=[
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "event"]),
+        ],
+    ).bind(component="flashrecovery.agent", rank=rank)
+
+
+class RecoveryAgent:
+    def __init__(self, settings: AgentSettings, tp: int = 1,
+                 factory: GroupFactory | None = None) -> None:
+        self.settings = settings
+        self.tp = tp
+        self.rank: int | None = settings.rank
+        self.local_rank = settings.local_rank
+        self.node_id = settings.node_id
+        self.world_size = settings.world_size
+        self.generation = settings.generation
+        self.standby = settings.standby
+        if factory is None:
+            if settings.backend == "nccl":
+                factory = NcclGroupFactory()
+            else:
+                factory = GlooGroupFactory(lazy_init=settings.gloo_lazy)
+        self.factory = factory
+        self.interruptor = Interruptor()
+        self.comm = Comm(self.interruptor)
+        self.groups: Groups | None = None
+        self.store: dist.Store | None = None
+        self.conn: ch.Connection | None = None
+        self.faults = FaultInjector(parse_faults(settings.fault), settings.generation)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        # commit-protocol state (steps counted from 1; 0 = none)
+        self.applied_step = 0
+        self.grads_step: int | None = None
+        self.vote_step = 0
+        self._step: int | None = None
+        self._t_step = 0.0
+        self._cmds: queue.Queue[ch.Message | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self.log = _make_logger(self.rank)
+        self.recoveries: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def from_env(cls, tp: int = 1, **kw: Any) -> "RecoveryAgent":
+        return cls(AgentSettings(), tp=tp, **kw)
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        assert self.model is not None, "attach(model, optimizer) first"
+        return list(self.model.parameters())
+
+    def start(self) -> int:
+        """Connect to the sidecar and the store, build groups; returns the first step to run."""
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 pid`: stacks
+        if self.settings.agent_socket:
+            self.conn = ch.Connection.connect(self.settings.agent_socket)
+            self._reader = threading.Thread(target=self._read_loop, name="flashrecovery-control",
+                                            daemon=True)
+            self._reader.start()
+            self._install_excepthook()
+        self.store = dist.TCPStore(self.settings.rdzv_host, self.settings.rdzv_port,
+                                   is_master=False, timeout=datetime.timedelta(seconds=300))
+        self._send(ch.Hello(pid=os.getpid(), rank=None if self.standby else self.rank,
+                            local_rank=None if self.standby else self.local_rank,
+                            standby=self.standby))
+        if self.standby:
+            return self._standby_wait()
+        assert self.rank is not None, "FLASHRECOVERY_RANK is required for a non-standby worker"
+        self._build_groups()
+        self.log.info("started", generation=self.generation, world_size=self.world_size,
+                      build_s=round(self.groups.build_s, 4) if self.groups else None)
+        return self.applied_step + 1
+
+    def _standby_wait(self) -> int:
+        self.log.info("standby waiting for assign")
+        while True:
+            cmd = self._next_cmd()
+            if isinstance(cmd, ch.Assign):
+                self.rank, self.local_rank, self.node_id = cmd.rank, cmd.local_rank, cmd.node_id
+                self.log = _make_logger(self.rank)
+                self.log.info("assigned", node_id=cmd.node_id, local_rank=cmd.local_rank)
+            elif isinstance(cmd, ch.Recover) and self.rank is not None:
+                self.standby = False
+                self.faults = FaultInjector([], cmd.generation)
+                return self._recover_loop(first=cmd)
+            elif isinstance(cmd, ch.Stop):
+                raise AgentExit(0)
+
+    def _build_groups(self) -> None:
+        assert self.store is not None and self.rank is not None
+        self.groups = self.factory.build(self.store, self.settings.job_id, self.generation,
+                                         self.rank, self.world_size, self.tp)
+        self.comm.groups = self.groups
+
+    # ------------------------------------------------------------------ the step
+    def begin_step(self, step: int) -> None:
+        self.interruptor.check()
+        if step != self.applied_step + 1:
+            raise RuntimeError(f"step {step} after applied step {self.applied_step}")
+        self._step = step
+        self._t_step = time.perf_counter()
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=False)
+        self.faults.maybe(self.rank, step, "forward")
+
+    def sync_gradients(self) -> None:
+        """Flatten all grads into one buffer, one dp allreduce, divide by dp size."""
+        step = self._step
+        params = self.params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.detach().reshape(-1).cpu() for g in grads])
+        work = self.comm.dp_allreduce_async(flat)
+        self.faults.maybe(self.rank, step, "grad_sync")
+        if work is not None:
+            self.interruptor.wait(work, "dp allreduce (gradient sync)", self.rank)
+            flat.div_(self.groups.dp)
+        off = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(flat[off:off + n].view_as(g))
+            off += n
+        self.grads_step = step
+        self.faults.maybe(self.rank, step, "after_sync")
+
+    def commit(self) -> int:
+        """Commit vote over the global group, then apply the update. Returns the next step."""
+        step = self._step
+        assert step is not None and self.grads_step == step, "sync_gradients() first"
+        vote = torch.ones(1)
+        pg = self.groups.global_pg if self.groups else None
+        if pg is not None and pg.size() > 1:
+            work = pg.allreduce([vote])
+            self.faults.maybe(self.rank, step, "vote")
+            self.interruptor.wait(work, "commit vote allreduce", self.rank)
+        else:
+            self.faults.maybe(self.rank, step, "vote")
+        if int(vote.item()) != self.world_size:
+            raise RuntimeError(f"commit vote of step {step}: {vote.item()} of {self.world_size}")
+        self.vote_step = step
+        self.faults.maybe(self.rank, step, "optimizer")
+        self._apply(step)
+        self._send(ch.Step(rank=self.rank, step=step,
+                           step_time_s=round(time.perf_counter() - self._t_step, 6),
+                           generation=self.generation))
+        self._step = None
+        return step + 1
+
+    def _apply(self, step: int) -> None:
+        assert self.optimizer is not None
+        self.optimizer.step()
+        self.applied_step = step
+
+    def long_phase(self, name: str, expected_s: float) -> None:
+        self._send(ch.LongPhase(rank=self.rank, name=name, expected_s=expected_s))
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self, exc: BaseException) -> int:
+        """Handle an interrupted step: report paused, wait for recover, rebuild, resume.
+
+        Returns the step to compute next. Re-raises ``exc`` if it is not an interrupt.
+        """
+        if not isinstance(exc, Interrupted):
+            if not self.interruptor.interrupted:
+                raise exc
+            exc = PauseRequested(f"{self.interruptor.reason} (while: {exc!r})")
+        return self._recover_loop(exc=exc)
+
+    def _enter_paused(self, why: str) -> None:
+        if self.groups is not None:
+            self.factory.abort(self.groups)
+            self.groups = None
+            self.comm.groups = None
+        self._step = None
+        self.log.info("paused", why=why, generation=self.generation,
+                      applied_step=self.applied_step, grads_step=self.grads_step,
+                      vote_step=self.vote_step)
+        self._send_paused()
+
+    def _send_paused(self) -> None:
+        self._send(ch.Paused(rank=self.rank, generation=self.generation,
+                             applied_step=self.applied_step, grads_step=self.grads_step,
+                             vote_step=self.vote_step))
+
+    def _recover_loop(self, exc: BaseException | None = None,
+                      first: ch.Recover | None = None) -> int:
+        if exc is not None:
+            self.interruptor.interrupt(str(exc))  # a self-detected failure also stops this rank
+            self._enter_paused(f"{type(exc).__name__}: {exc}")
+        cmd: ch.Message | None = first
+        while True:
+            if cmd is None:
+                cmd = self._next_cmd()
+            if isinstance(cmd, ch.Pause):
+                self._send_paused()
+            elif isinstance(cmd, ch.Stop):
+                self.log.info("stop while paused")
+                raise AgentExit(0)
+            elif isinstance(cmd, ch.Recover):
+                if cmd.generation <= self.generation and not (first is not None and cmd is first):
+                    self.log.info("stale recover dropped", got=cmd.generation,
+                                  generation=self.generation)
+                else:
+                    try:
+                        return self._do_recover(cmd)
+                    except Interrupted as again:
+                        self.interruptor.interrupt(str(again))
+                        self._enter_paused(f"during recovery: {again}")
+                    except _RecoveryFailed as bad:
+                        self._send(ch.Error(rank=self.rank, message=str(bad)))
+                        self.interruptor.interrupt(str(bad))
+                        self._enter_paused(f"recovery failed: {bad}")
+            cmd = None
+
+    def _do_recover(self, cmd: ch.Recover) -> int:
+        t0 = time.perf_counter()
+        self.generation = cmd.generation  # from now on, pauses of older generations are stale
+        self.world_size = cmd.world_size
+        self.interruptor.clear()
+        self._build_groups()
+        self.comm.global_allreduce(torch.ones(1), "rebuild check allreduce")
+        t_rebuilt = time.perf_counter()
+        self._send(ch.Progress(rank=self.rank, generation=self.generation, phase="rebuilt",
+                               seconds=round(t_rebuilt - t0, 6)))
+        record: dict[str, Any] = {"generation": self.generation, "rebuild_s": t_rebuilt - t0,
+                                  "build_s": self.groups.build_s}
+        receiving = [t for t in cmd.transfers if t.dst == self.rank]
+        sending = [t for t in cmd.transfers if t.src == self.rank]
+        if cmd.commit_step is not None and not receiving and self.applied_step < cmd.commit_step:
+            if self.applied_step != cmd.commit_step - 1 or self.grads_step != cmd.commit_step:
+                raise _RecoveryFailed(
+                    f"cannot commit step {cmd.commit_step}: applied {self.applied_step}, "
+                    f"holding gradients of {self.grads_step}")
+            self._apply(cmd.commit_step)
+            self.vote_step = cmd.commit_step
+            self.log.info("committed in recovery", step=cmd.commit_step)
+        results: list[TransferResult] = []
+        assert self.model is not None and self.optimizer is not None
+        for t in sending:
+            ensure_optimizer_state(self.optimizer)
+            results.append(send_state(self.comm, t.dst, self.model, self.optimizer,
+                                      self.applied_step))
+        digest_ok: bool | None = None
+        for t in receiving:
+            res = recv_state(self.comm, t.src, self.model, self.optimizer)
+            results.append(res)
+            digest_ok = bool(res.digest_ok)
+            if not res.digest_ok:
+                raise _RecoveryFailed(f"state from rank {t.src}: digest mismatch")
+            self.applied_step = self.vote_step = res.step
+            self.grads_step = None
+        nbytes = sum(r.bytes for r in results)
+        t_restored = time.perf_counter()
+        self._send(ch.Progress(rank=self.rank, generation=self.generation, phase="restored",
+                               seconds=round(t_restored - t_rebuilt, 6),
+                               bytes=nbytes if results else None, digest_ok=digest_ok))
+        if self.applied_step != cmd.resume_step - 1:
+            raise _RecoveryFailed(f"resume at {cmd.resume_step} but applied {self.applied_step}")
+        self._send(ch.Progress(rank=self.rank, generation=self.generation, phase="resumed",
+                               seconds=round(time.perf_counter() - t0, 6)))
+        record.update(transfer_s=t_restored - t_rebuilt, bytes=nbytes, resume_step=cmd.resume_step)
+        self.recoveries.append(record)
+        self.log.info("resumed", **{k: (round(v, 4) if isinstance(v, float) else v)
+                                    for k, v in record.items()})
+        return cmd.resume_step
+
+    def finish(self, digest: str) -> None:
+        """Report done, then serve as a replica for late recoveries until the sidecar says stop."""
+        while True:
+            self._send(ch.Done(rank=self.rank, step=self.applied_step, digest=digest))
+            if self.conn is None:
+                break
+            cmd = self._next_cmd()
+            if isinstance(cmd, ch.Stop):
+                break
+            if isinstance(cmd, ch.Pause):
+                self.interruptor.interrupt(f"pause g{cmd.generation} after done")
+                self._recover_loop(exc=PauseRequested(f"pause g{cmd.generation} after done"))
+        self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if isinstance(self.factory, GlooGroupFactory) and self.factory.graveyard:
+            # Old generations may hold gloo worker threads stuck in abandoned collectives; their
+            # destructors would join them at interpreter exit. Leave without running them.
+            os._exit(0)
+
+    # ------------------------------------------------------------------ channel plumbing
+    def _send(self, msg: ch._Msg) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.send(msg)
+        except OSError as exc:
+            self.log.warning("sidecar send failed", error=repr(exc))
+
+    def _next_cmd(self) -> ch.Message:
+        timeout = self.settings.command_timeout_s
+        try:
+            cmd = self._cmds.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"no command from the sidecar for {timeout} s") from None
+        if cmd is None:
+            raise RuntimeError("sidecar connection closed while waiting for a command")
+        return cmd
+
+    def _read_loop(self) -> None:
+        assert self.conn is not None
+        try:
+            for msg in self.conn.messages():
+                if isinstance(msg, ch.Pause):
+                    if msg.generation < self.generation:
+                        self.log.info("stale pause dropped", got=msg.generation,
+                                      generation=self.generation)
+                        continue
+                    self.interruptor.interrupt(f"pause g{msg.generation} from sidecar")
+                self._cmds.put(msg)
+        except (OSError, ValueError) as exc:
+            self.log.warning("sidecar channel error", error=repr(exc))
+        self._cmds.put(None)
+
+    def _install_excepthook(self) -> None:
+        prev = sys.excepthook
+
+        def hook(tp: Any, val: Any, tb: Any) -> None:
+            if not isinstance(val, (SystemExit, KeyboardInterrupt)):
+                self._send(ch.Error(rank=self.rank, message=f"{tp.__name__}: {val}"))
+            prev(tp, val, tb)
+
+        sys.excepthook = hook
+
+
+class _RecoveryFailed(RuntimeError):
+    pass
+
+
+__all__ = ["RecoveryAgent", "AgentExit", "Interrupted", "CollectiveError", "PauseRequested"]

@@ -1,0 +1,255 @@
+"""Communication groups built in-process per generation, and interruptible collectives.
+
+Facts this module is built on (torch 2.13, gloo; see docs/commit-protocol.md):
+- The default process group is never used. Each generation gets its own ``ProcessGroupGloo``
+  objects over ``PrefixStore("flashrecovery/{job}/g{gen}/{group}", store)`` with a fresh gloo
+  device, so nothing of a dead generation (addresses, pairs) is reused.
+- ``abort()``/``shutdown()`` on a gloo group do NOT unblock a collective whose peer is alive but
+  stopped (SIGSTOP): the gloo worker thread stays blocked. So the main thread never blocks in
+  ``work.wait()``: it waits on an event that the work's future callback OR the control thread
+  (on ``pause``) sets. An abandoned collective stays on the old group's worker thread; the old
+  group is kept referenced (a graveyard) so no destructor joins a stuck thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Interrupted(Exception):
+    """The current generation was stopped; the partial step must be dropped."""
+
+
+class PauseRequested(Interrupted):
+    """The sidecar asked this rank to pause."""
+
+
+class CollectiveError(Interrupted):
+    """A collective of this rank failed (typically a peer died: 'Connection closed by peer')."""
+
+
+class Interruptor:
+    """Lets a control thread wake the main thread out of any collective wait."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self._waiters: set[threading.Event] = set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._reason is not None
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    def interrupt(self, reason: str) -> None:
+        with self._lock:
+            if self._reason is None:
+                self._reason = reason
+            waiters = list(self._waiters)
+        for ev in waiters:
+            ev.set()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reason = None
+
+    def check(self) -> None:
+        if self._reason is not None:
+            raise PauseRequested(self._reason)
+
+    def wait(self, work: dist.Work, what: str, rank: int | None = None) -> None:
+        """Wait for ``work``; raise PauseRequested on interrupt, CollectiveError on failure."""
+        ev = threading.Event()
+        with self._lock:
+            if self._reason is not None:
+                raise PauseRequested(self._reason)
+            self._waiters.add(ev)
+        try:
+            fut = work.get_future()
+            fut.add_done_callback(lambda _f: ev.set())
+            ev.wait()
+            if self._reason is not None and not fut.done():
+                raise PauseRequested(self._reason)
+            try:
+                fut.wait()
+            except RuntimeError as exc:
+                # Printed like gloo/c10d prints it, so a log classifier can match the line.
+                msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                print(
+                    f"[rank{rank}]:[E ProcessGroupGloo.cpp] {what} failed: RuntimeError: {msg}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise CollectiveError(f"{what}: {msg}") from exc
+        finally:
+            with self._lock:
+                self._waiters.discard(ev)
+
+
+@dataclass
+class Groups:
+    """The groups of one generation. Model code reaches the tp group through ``Comm``."""
+
+    generation: int
+    rank: int
+    world_size: int
+    tp: int
+    global_pg: dist.ProcessGroup | None
+    dp_pg: dist.ProcessGroup | None
+    tp_pg: dist.ProcessGroup | None
+    build_s: float = 0.0
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def tp_index(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_index(self) -> int:
+        return self.rank // self.tp
+
+    def all(self) -> list[dist.ProcessGroup]:
+        return [g for g in (self.global_pg, self.dp_pg, self.tp_pg) if g is not None]
+
+
+class GroupFactory(Protocol):
+    """Backend abstraction: build a generation's groups, stop a generation's groups."""
+
+    name: str
+
+    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
+              tp: int) -> Groups: ...
+
+    def abort(self, groups: Groups) -> None: ...
+
+
+@dataclass
+class GlooGroupFactory:
+    name: str = "gloo"
+    lazy_init: bool = True
+    hostname: str = "127.0.0.1"
+    timeout_s: float = 300.0
+    threads: int = 1
+    graveyard: list[Groups] = field(default_factory=list)
+
+    def _device(self) -> object:
+        # One fresh device per group: groups sharing one lazily-connecting device cross their
+        # pairs (measured: the first tp allreduce times out in `unbound_buffer.cc`).
+        return dist.ProcessGroupGloo.create_device(hostname=self.hostname,
+                                                   lazy_init=self.lazy_init)
+
+    def _one(self, store: dist.Store, prefix: str, rank: int, size: int,
+             device: object) -> dist.ProcessGroup:
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = datetime.timedelta(seconds=self.timeout_s)
+        opts._devices = [device]
+        opts._threads = self.threads
+        return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, opts)
+
+    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
+              tp: int) -> Groups:
+        t0 = time.perf_counter()
+        base = f"flashrecovery/{job}/g{generation}"
+        dp_index, tp_index = divmod(rank, tp)
+        glob = self._one(store, f"{base}/global", rank, world_size, self._device())
+        dp_pg = self._one(store, f"{base}/dp{tp_index}", dp_index, world_size // tp,
+                          self._device())
+        tp_pg = self._one(store, f"{base}/tp{dp_index}", tp_index, tp, self._device())
+        return Groups(generation, rank, world_size, tp, glob, dp_pg, tp_pg,
+                      build_s=time.perf_counter() - t0)
+
+    def abort(self, groups: Groups) -> None:
+        self.graveyard.append(groups)  # never destroyed: a stuck worker thread would be joined
+        for pg in groups.all():
+            try:
+                pg.abort()
+            except RuntimeError:
+                pass
+
+
+@dataclass
+class NcclGroupFactory:
+    """Production path: ProcessGroupNCCL with ``abort()`` to break out and ``shrink()`` or a new
+    communicator per generation (ncclCommInitRankConfig with a fresh unique id from the store)."""
+
+    name: str = "nccl"
+
+    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
+              tp: int) -> Groups:
+        raise NotImplementedError("NCCL group factory: use abort()+new communicator per generation")
+
+    def abort(self, groups: Groups) -> None:
+        raise NotImplementedError("NCCL group factory")
+
+
+def factory_from_env() -> GroupFactory:
+    backend = os.environ.get("FLASHRECOVERY_BACKEND", "gloo")
+    if backend == "gloo":
+        return GlooGroupFactory(lazy_init=os.environ.get("FLASHRECOVERY_GLOO_LAZY", "1") == "1")
+    if backend == "nccl":
+        return NcclGroupFactory()
+    raise ValueError(f"FLASHRECOVERY_BACKEND={backend!r}: expected gloo or nccl")
+
+
+class Comm:
+    """Collectives used by the training step, bound to the current generation's groups.
+
+    The model keeps one Comm for its lifetime; recovery swaps ``groups`` underneath it. CUDA
+    tensors go through host memory (gloo works on CPU tensors).
+    """
+
+    def __init__(self, interruptor: Interruptor) -> None:
+        self.interruptor = interruptor
+        self.groups: Groups | None = None
+
+    def _run(self, pg: dist.ProcessGroup | None, t: torch.Tensor, what: str) -> torch.Tensor:
+        if pg is None or pg.size() == 1:
+            return t
+        host = t if t.device.type == "cpu" else t.detach().cpu()
+        host = host.contiguous()
+        work = pg.allreduce([host])
+        self.interruptor.wait(work, what, self.groups.rank if self.groups else None)
+        return host if host is t else host.to(t.device)
+
+    def tp_allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.groups is not None
+        return self._run(self.groups.tp_pg, t, "tp allreduce")
+
+    def dp_allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.groups is not None
+        return self._run(self.groups.dp_pg, t, "dp allreduce")
+
+    def dp_allreduce_async(self, t: torch.Tensor) -> dist.Work | None:
+        assert self.groups is not None and t.device.type == "cpu"
+        if self.groups.dp_pg is None or self.groups.dp_pg.size() == 1:
+            return None
+        return self.groups.dp_pg.allreduce([t])
+
+    def global_allreduce(self, t: torch.Tensor, what: str = "global allreduce") -> torch.Tensor:
+        assert self.groups is not None
+        return self._run(self.groups.global_pg, t, what)
+
+    def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
+        assert self.groups is not None and self.groups.global_pg is not None
+        work = self.groups.global_pg.send([t], dst, tag)
+        self.interruptor.wait(work, f"send to {dst}", self.groups.rank)
+
+    def recv(self, t: torch.Tensor, src: int, tag: int) -> None:
+        assert self.groups is not None and self.groups.global_pg is not None
+        work = self.groups.global_pg.recv([t], src, tag)
+        self.interruptor.wait(work, f"recv from {src}", self.groups.rank)

@@ -1,0 +1,89 @@
+"""Reference training job: dp x tp GPT on synthetic tokens, with the recovery agent in the loop.
+
+    FLASHRECOVERY_RANK=0 FLASHRECOVERY_WORLD_SIZE=2 FLASHRECOVERY_RDZV=127.0.0.1:29500 \
+        python -m flashrecovery.agent.reference.train --steps 30 --tp 2 --out /tmp/run
+
+Identity and rendezvous come from FLASHRECOVERY_* (agent/settings.py); the job shape from flags.
+Each rank writes ``rank{r}.pt`` (model + optimizer state_dict, step, digest, pid) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from ..agent import RecoveryAgent
+from ..transfer import state_digest
+from .model import ModelConfig, TPGPT, batch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
+    p.add_argument("--out", default=None, help="directory for rank{r}.pt final state dumps")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
+                      n_layers=args.layers, seq=args.seq, dropout=args.dropout)
+
+    agent = RecoveryAgent.from_env(tp=args.tp)
+    # A standby does not know its rank yet: shapes do not depend on it, values are replaced by
+    # the state transfer, and nothing in the model caches the rank.
+    tp_index = (agent.rank or 0) % args.tp
+    model = TPGPT(cfg, args.tp, tp_index, agent.comm, args.seed).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    agent.attach(model, opt)
+
+    def loss_at(step: int) -> torch.Tensor:
+        g = agent.groups
+        model.rng.reseed(args.seed, step, g.dp_index, g.rank)
+        x, y = batch(args.seed, step, g.dp_index, args.micro_batch, cfg, args.device)
+        return model(x, y)
+
+    # ---- the agent in the loop -------------------------------------------------------------
+    step = agent.start()
+    while step <= args.steps:
+        try:
+            agent.begin_step(step)
+            loss_at(step).backward()
+            agent.sync_gradients()
+            step = agent.commit()
+        except Exception as exc:
+            step = agent.recover(exc)
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    # -----------------------------------------------------------------------------------------
+
+    digest = state_digest(model, opt)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"rank{agent.rank}.pt")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "step": agent.applied_step, "digest": digest, "pid": os.getpid(),
+                    "recoveries": agent.recoveries}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    agent.finish(digest)
+
+
+if __name__ == "__main__":
+    main()
