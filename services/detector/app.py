@@ -25,6 +25,8 @@ GROUP_ID = "flashrecovery-detector"
 TICK_S = 0.1
 LIVENESS_S = 2.0
 LIVENESS_TTL_S = 10.0
+LAG_LIMIT_S = 1.0  # consumer lag beyond which time-driven checks wait
+STALL_FACTOR = 1.5  # no batch at all for this many heartbeat intervals: the consumer is stalled
 
 
 class ReceiveClock:
@@ -54,6 +56,9 @@ class DetectorService:
         self._consumer: Consumer | None = None
         self._registry: Registry | None = None
         self._assigned: set[Any] = set()
+        self._lag: dict[tuple[str, int], tuple[float, float]] = {}  # tp -> (measured at, lag s)
+        self._caught_up_at = self.clock()
+        self.frozen_ticks = 0
         self._partitioner = DefaultPartitioner()  # what bus.Producer uses to place node keys
 
     @property
@@ -117,6 +122,11 @@ class DetectorService:
 
     async def _handle_batch(self, batch: list[tuple[Any, Any]]) -> None:
         now = self.clock()
+        record = batch[-1][1]
+        newest = max(r.timestamp for _, r in batch) / 1000.0
+        # How far behind the stream this batch is. The newest record's timestamp of a batch
+        # from many senders: one sender's slow clock cannot make us look behind.
+        self._lag[(record.topic, record.partition)] = (now, now - newest)
         decisions: list[core.Decision] = []
         for event, record in batch:
             try:
@@ -151,10 +161,27 @@ class DetectorService:
         released = core.release_nodes(self.state, keep)
         self.log.info("partitions_assigned", partitions=sorted(owned), released_nodes=released)
 
+    def _stream_now(self) -> float:
+        """The clock time-driven checks may use. While the consumer is behind the stream,
+        silence is not evidence (the beats may be unread), so the clock stands still at the last
+        moment we were caught up, and moves on once we are again."""
+        now = self.clock()
+        behind = any(lag > LAG_LIMIT_S and now - at < 2.0 for at, lag in self._lag.values())
+        # Nothing at all from any partition for a while: our consumer is stalled (a rebalance,
+        # a broker hiccup), not every node dead at once.
+        last = max((at for at, _ in self._lag.values()), default=None)
+        if last is not None and now - last > STALL_FACTOR * self.cfg.heartbeat_interval_s:
+            behind = True
+        if not behind:
+            self._caught_up_at = now
+            return now
+        self.frozen_ticks += 1
+        return self._caught_up_at
+
     async def _tick_loop(self) -> None:
         while not self._stop.is_set():
             self._check_ownership()
-            _, decisions = core.tick(self.state, self.clock(), self.cfg)
+            _, decisions = core.tick(self.state, self._stream_now(), self.cfg)
             if decisions:
                 await self._publish(decisions)
             try:

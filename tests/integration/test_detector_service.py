@@ -318,3 +318,26 @@ async def test_malformed_input_is_dead_lettered_and_detection_goes_on(rig, produ
     await watcher.wait(lambda: watcher.incidents, 5, "the crash incident")
     assert watcher.incidents[0][1].root_cause_nodes == ("node-0",)
     assert svc._consumer.dead_lettered == 2
+
+
+async def test_second_instance_rebalance_no_false_incident_then_one_crash_incident(rig, producer) -> None:
+    """A second detector joins the group: partitions split, each instance forgets the nodes it
+    gave away (their silence there is not a node loss); a crash is still reported exactly once."""
+    svc, watcher, job, _ = rig
+    await warm_up(job)
+    other = DetectorService(svc.settings, instance="itest-2")
+    await asyncio.wait_for(other.start(), 30)
+    task = asyncio.create_task(other.run())
+    try:
+        await watcher.wait(lambda: other._consumer._c.assignment() and len(svc._consumer._c.assignment()) < 8,
+                           30, "the rebalance")
+        await asyncio.sleep(3 * job.interval + 2.0)  # long enough for a false node loss
+        assert watcher.incidents == [], [i for _, i in watcher.incidents]
+        await job.crash(7)
+        await watcher.wait(lambda: watcher.incidents, 5, "the crash incident")
+        await asyncio.sleep(1.0)
+        assert [i.root_cause_nodes for _, i in watcher.incidents] == [("node-3",)]
+    finally:
+        await other.stop()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+        await other.close()
