@@ -77,7 +77,10 @@ class Interruptor:
                 raise PauseRequested(self._reason)
             self._waiters.add(ev)
         try:
-            fut = work.get_future()
+            try:
+                fut = work.get_future()
+            except RuntimeError:  # gloo send/recv work has no future: wait on a helper thread
+                fut = _ThreadFuture(work)
             fut.add_done_callback(lambda _f: ev.set())
             ev.wait()
             if self._reason is not None and not fut.done():
@@ -96,6 +99,47 @@ class Interruptor:
         finally:
             with self._lock:
                 self._waiters.discard(ev)
+
+
+class _ThreadFuture:
+    """A future for a Work without ``get_future()``: a daemon thread blocks in ``wait()``.
+
+    If the collective never completes the thread stays blocked with the abandoned generation.
+    """
+
+    def __init__(self, work: dist.Work) -> None:
+        self._work = work
+        self._done = threading.Event()
+        self._exc: BaseException | None = None
+        self._cbs: list = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True, name="flashrecovery-wait").start()
+
+    def _run(self) -> None:
+        try:
+            self._work.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._exc = exc
+        with self._lock:
+            self._done.set()
+            cbs = list(self._cbs)
+        for cb in cbs:
+            cb(self)
+
+    def add_done_callback(self, cb) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            if not self._done.is_set():
+                self._cbs.append(cb)
+                return
+        cb(self)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._exc is not None:
+            raise self._exc
 
 
 @dataclass
