@@ -137,6 +137,9 @@ class SidecarService:
                "FLASHRECOVERY_GENERATION": str(self.gate.generation),
                "FLASHRECOVERY_RDZV": self.s.rdzv or "", "FLASHRECOVERY_AGENT_SOCKET": str(self.sock_path),
                "PYTHONUNBUFFERED": "1"}
+        # Eager gloo connect: lazy pair set-up deadlocked on the first tp allreduce with 8 ranks
+        # here (torch 2.13), while eager set-up is a few ms per group at this size.
+        env.setdefault("FLASHRECOVERY_GLOO_LAZY", "0")
         if rank is None:
             env["FLASHRECOVERY_STANDBY"] = "1"
             env.pop("FLASHRECOVERY_RANK", None)
@@ -212,9 +215,7 @@ class SidecarService:
                     if worker is None:
                         self.log.warning("unknown_worker_hello", pid=msg.pid)
                         continue
-                    worker.writer = writer
-                    if worker.rank is not None:
-                        worker.state = RankState.RUNNING
+                    worker.writer = writer  # still STARTING: running means a first step committed
                     async with self.hello:
                         self.hello.notify_all()
                 elif worker is not None:
@@ -274,22 +275,28 @@ class SidecarService:
     # ------------------------------------------------------------------ heartbeats
     async def _heartbeat_loop(self) -> None:
         while True:
-            now = time.monotonic()
-            ranks = tuple(RankStatus(
-                rank=w.rank, local_rank=w.local_rank, pid=w.pid, state=w.state, step=w.step,
-                step_time_s=w.step_time_s, generation=self.gate.generation, long_phase=w.long_phase,
-                long_phase_expected_s=w.long_phase_expected_s,
-                since_progress_s=round(now - w.last_progress, 3))
-                for w in sorted(self.workers.values(), key=lambda w: (w.rank is None, w.rank or 0))
-                if w.proc.returncode is None)
-            role = NodeRole.SPARE if self.cfg.role == "spare" and not self._ranked() else NodeRole.ACTIVE
-            await self.producer.publish(NodeHeartbeat(
-                job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
-                node_id=self.node_id, role=role, seq=self.seq, interval_s=self.cfg.heartbeat_interval_s,
-                ranks=ranks, standby_ready=sum(1 for w in self._standbys() if w.writer)))
-            self.seq += 1
-            await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
+            try:
+                await self._heartbeat()
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beats
+                self.log.warning("heartbeat_failed", error=repr(exc))
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def _heartbeat(self) -> None:
+        now = time.monotonic()
+        ranks = tuple(RankStatus(
+            rank=w.rank, local_rank=w.local_rank, pid=w.pid, state=w.state, step=w.step,
+            step_time_s=w.step_time_s, generation=self.gate.generation, long_phase=w.long_phase,
+            long_phase_expected_s=w.long_phase_expected_s,
+            since_progress_s=round(now - w.last_progress, 3))
+            for w in sorted(self.workers.values(), key=lambda w: (w.rank is None, w.rank or 0))
+            if w.proc.returncode is None)
+        role = NodeRole.SPARE if self.cfg.role == "spare" and not self._ranked() else NodeRole.ACTIVE
+        await self.producer.publish(NodeHeartbeat(
+            job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
+            node_id=self.node_id, role=role, seq=self.seq, interval_s=self.cfg.heartbeat_interval_s,
+            ranks=ranks, standby_ready=sum(1 for w in self._standbys() if w.writer)))
+        self.seq += 1
+        await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
 
     # ------------------------------------------------------------------ commands
     async def on_command(self, cmd: ExecutorCommand, record) -> None:
