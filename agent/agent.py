@@ -168,6 +168,7 @@ class RecoveryAgent:
         self._t_step = time.perf_counter()
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=False)
+        self.grads_step = None  # the reduced gradients of the previous step are gone
         self.faults.maybe(self.rank, step, "forward")
 
     def sync_gradients(self) -> None:

@@ -111,13 +111,24 @@ class RunResult:
     wall_s: float
 
 
+def _sigkill(p: Proc) -> None:
+    """SIGKILL by PID unless already reaped (the exit watcher thread reaps concurrently, so
+    ``poll()`` may say 'running' for a process that is gone)."""
+    if p.popen.returncode is None:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class LocalCluster:
     def __init__(self, steps: int = 30, nodes: int = 4, per_node: int = 2, tp: int = 2,
                  standbys: int = 2, fault: str | None = None, seed: int = 1234,
                  train_args: tuple[str, ...] = (), workdir: str | None = None,
                  hang_timeout_s: float = 5.0, pause_timeout_s: float = 5.0,
                  command_timeout_s: float = 120.0, env: dict[str, str] | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, kill_plan: list[tuple[int, int]] | None = None,
+                 replenish_standbys: bool = False) -> None:
         self.steps, self.nodes, self.per_node, self.tp = steps, nodes, per_node, tp
         self.world = nodes * per_node
         self.n_standbys, self.fault, self.seed = standbys, fault, seed
@@ -129,6 +140,11 @@ class LocalCluster:
         self.command_timeout_s = command_timeout_s
         self.extra_env = env or {}
         self.verbose = verbose
+        # external faults: (step, rank) -> SIGKILL rank by PID once any rank committed `step`
+        # and a standby is ready (what a bench needs: repeatable, hits any process)
+        self.kill_plan = sorted(kill_plan or [])
+        self.replenish_standbys = replenish_standbys
+        self._standby_seq = standbys
         self.job_id = f"job{os.getpid()}-{int(time.time() * 1000) % 100000}"
         self.generation = 0
         self.procs: list[Proc] = []
@@ -227,11 +243,7 @@ class LocalCluster:
     def close(self) -> None:
         self._closing = True
         for p in self.procs:
-            if p.popen.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _sigkill(p)
         for p in self.procs:
             try:
                 p.popen.wait(timeout=10)
@@ -333,8 +345,7 @@ class LocalCluster:
     def _kill(self, rank: int) -> None:
         p = self.ranks[rank]
         p.finished = True
-        if p.popen.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
+        _sigkill(p)
         try:
             p.popen.wait(timeout=10)
         except subprocess.TimeoutExpired as exc:
@@ -359,12 +370,27 @@ class LocalCluster:
                 self.log("no step progress: hang suspected",
                          idle_s=round(now - self._last_progress, 2))
                 failed = {-1}  # unknown culprit: the pause round will find it
+            if not failed and self.kill_plan:
+                self._maybe_external_kill()
             if failed:
                 self._recover(failed, deadline)
         self._stop_all(deadline)
         return RunResult(self.out_dir, dict(self.start_pids),
                          {r: p.pid for r, p in self.ranks.items()}, dict(self.done),
                          list(self.recoveries), time.time() - t_start)
+
+    def _maybe_external_kill(self) -> None:
+        step, rank = self.kill_plan[0]
+        if max(self.last_step.values(), default=0) < step:
+            return
+        if not any(p.standby and p.conn is not None and p.popen.poll() is None
+                   for p in self.procs):
+            return  # wait for a warm standby, as a real pool would have one
+        self.kill_plan.pop(0)
+        p = self.ranks[rank]
+        self.fault_times[rank] = time.time()
+        self.log("external kill", rank=rank, pid=p.pid, step=step)
+        _sigkill(p)
 
     def _stop_all(self, deadline: float) -> None:
         for p in self.procs:
@@ -434,6 +460,9 @@ class LocalCluster:
             assert sb.conn is not None
             sb.conn.send(ch.Assign(rank=r, local_rank=r % self.per_node, node_id=sb.node_id))
             self.ranks[r] = sb
+            if self.replenish_standbys:  # cold start off the critical path
+                self._launch("spare", None, self._standby_seq, standby=True)
+                self._standby_seq += 1
         self.generation = g + 1
         self.paused.clear()
         self.progress.clear()
@@ -463,6 +492,8 @@ class LocalCluster:
                 if pr.digest_ok is not None:
                     rec.digest_ok[r] = pr.digest_ok
         self.recoveries.append(rec)
+        for r in failed:
+            self.fault_times.pop(r, None)
         self._last_progress = time.time()
         self.log("resumed", **rec.summary())
 

@@ -1,0 +1,135 @@
+"""Table-driven tests of the exactly-once commit rule (agent/commit_rule.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flashrecovery.agent.channel import Paused
+from flashrecovery.agent.commit_rule import (
+    InconsistentReports,
+    decide_recovery,
+    plan_transfers,
+)
+
+
+def rep(rank: int, applied: int, grads: int | None, vote: int) -> Paused:
+    return Paused(rank=rank, generation=0, applied_step=applied, grads_step=grads, vote_step=vote)
+
+
+# (name, reports as (rank, applied, grads, vote), expected commit_step, expected resume_step)
+CASES = [
+    ("before any step", [(0, 0, None, 0), (1, 0, None, 0)], None, 1),
+    ("first step in forward", [(0, 0, None, 0), (1, 0, None, 0), (3, 0, None, 0)], None, 1),
+    ("between steps", [(0, 11, 11, 11), (1, 11, 11, 11)], None, 12),
+    ("in forward of 12 (grads zeroed, stale grads_step kept)",
+     [(0, 11, 11, 11), (1, 11, 11, 11), (3, 11, 11, 11)], None, 12),
+    ("partial gradient: some finished dp sync of 12, none voted",
+     [(0, 11, 12, 11), (1, 11, 11, 11), (3, 11, 12, 11)], None, 12),
+    ("all finished dp sync of 12, vote never completed",
+     [(0, 11, 12, 11), (1, 11, 12, 11)], None, 12),
+    ("partial vote: one survivor completed vote 12 and applied it",
+     [(0, 12, 12, 12), (1, 11, 12, 11), (3, 11, 12, 11)], 12, 13),
+    ("partial vote: one survivor completed vote 12, not applied yet",
+     [(0, 11, 12, 12), (1, 11, 12, 11)], 12, 13),
+    ("all voted 12, some applied",
+     [(0, 12, 12, 12), (1, 11, 12, 12), (3, 12, 12, 12)], 12, 13),
+    ("all applied 12, some already in sync of 13",
+     [(0, 12, 13, 12), (1, 12, 12, 12)], None, 13),
+    ("single survivor lagging", [(5, 29, 30, 29), (6, 30, 30, 30)], 30, 31),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name,reports,commit,resume", CASES, ids=[c[0] for c in CASES])
+def test_decide_recovery(name: str, reports: list[tuple[int, int, int | None, int]],
+                         commit: int | None, resume: int) -> None:
+    d = decide_recovery([rep(*r) for r in reports])
+    assert (d.commit_step, d.resume_step) == (commit, resume), d.reason
+    assert d.reason
+
+
+BAD = [
+    ("no reports", []),
+    ("duplicate rank", [(0, 3, 3, 3), (0, 3, 3, 3)]),
+    ("applied without vote", [(0, 4, 4, 3)]),
+    ("voted two ahead of applied", [(0, 3, 5, 5)]),
+    ("lagging two steps behind the vote", [(0, 12, 12, 12), (1, 10, 11, 10)]),
+    ("voted step but lagging rank lacks its gradients", [(0, 12, 12, 12), (1, 11, 11, 11)]),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name,reports", BAD, ids=[b[0] for b in BAD])
+def test_inconsistent_reports(name: str, reports: list[tuple[int, int, int | None, int]]) -> None:
+    with pytest.raises(InconsistentReports):
+        decide_recovery([rep(*r) for r in reports])
+
+
+@pytest.mark.unit
+def test_order_of_reports_does_not_matter() -> None:
+    reps = [rep(0, 12, 12, 12), rep(1, 11, 12, 11), rep(3, 11, 12, 11)]
+    assert decide_recovery(reps) == decide_recovery(list(reversed(reps)))
+
+
+@st.composite
+def consistent_reports(draw: st.DrawFn) -> tuple[list[Paused], int, int]:
+    """Survivor states reachable by the protocol around in-flight step s = v + 1."""
+    v = draw(st.integers(min_value=0, max_value=50))
+    ranks = draw(st.lists(st.integers(0, 63), min_size=1, max_size=12, unique=True))
+    vote_done_somewhere = v >= 1 and draw(st.booleans())
+    out = []
+    for r in ranks:
+        if vote_done_somewhere:
+            # every rank entered vote v: it holds grads of v; it may have completed/applied it
+            state = draw(st.sampled_from(["in_vote", "voted", "applied", "next_sync"]))
+            out.append({"in_vote": rep(r, v - 1, v, v - 1), "voted": rep(r, v - 1, v, v),
+                        "applied": rep(r, v, v, v), "next_sync": rep(r, v, v + 1, v)}[state])
+        else:
+            state = draw(st.sampled_from(["idle", "synced_next"]))
+            grads = v if v else None
+            out.append(rep(r, v, grads, v) if state == "idle" else rep(r, v, v + 1, v))
+    if vote_done_somewhere and all(p.vote_step < v for p in out):
+        out[0] = rep(out[0].rank, v - 1, v, v)  # someone completed the vote
+    return out, v, int(vote_done_somewhere)
+
+
+@pytest.mark.unit
+@given(consistent_reports())
+def test_property_exactly_once(data: tuple[list[Paused], int, int]) -> None:
+    reports, v, _ = data
+    d = decide_recovery(reports)
+    # resume right after the highest step any survivor may have applied: nothing lost
+    assert d.resume_step == max(p.vote_step for p in reports) + 1
+    assert d.resume_step - 1 >= max(p.applied_step for p in reports)
+    # the commit step is applied at most once: only lagging ranks holding its grads apply it
+    if d.commit_step is not None:
+        assert d.commit_step == d.resume_step - 1
+        for p in reports:
+            assert p.applied_step == d.commit_step or (
+                p.applied_step == d.commit_step - 1 and p.grads_step == d.commit_step)
+    else:
+        assert all(p.applied_step == d.resume_step - 1 for p in reports)
+
+
+TRANSFERS = [
+    ("one rank", [2], [0, 1, 3, 4, 5, 6, 7], 2, [(0, 2)]),
+    ("whole node", [2, 3], [0, 1, 4, 5, 6, 7], 2, [(0, 2), (1, 3)]),
+    ("spread load", [2, 4], [0, 1, 3, 5, 6, 7], 2, [(0, 2), (6, 4)]),
+    ("tp 1", [1], [0, 2], 1, [(0, 1)]),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name,failed,survivors,tp,expected", TRANSFERS,
+                         ids=[t[0] for t in TRANSFERS])
+def test_plan_transfers(name: str, failed: list[int], survivors: list[int], tp: int,
+                        expected: list[tuple[int, int]]) -> None:
+    assert plan_transfers(failed, survivors, tp) == expected
+
+
+@pytest.mark.unit
+def test_plan_transfers_no_replica() -> None:
+    with pytest.raises(InconsistentReports):
+        plan_transfers([0, 2, 4, 6], [1, 3, 5, 7], 2)

@@ -1,0 +1,108 @@
+"""Per-generation gloo groups and interruptible collectives, within one process."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flashrecovery.agent.faults import FaultSpec, parse_faults
+from flashrecovery.agent.groups import (
+    CollectiveError,
+    Comm,
+    GlooGroupFactory,
+    Interruptor,
+    NcclGroupFactory,
+    PauseRequested,
+)
+
+
+class FutureWork:
+    """Stands in for a gloo Work: completes when the test sets its future."""
+
+    def __init__(self) -> None:
+        self.fut: torch.futures.Future = torch.futures.Future()
+
+    def get_future(self) -> torch.futures.Future:
+        return self.fut
+
+
+class NoFutureWork:
+    """Like gloo send/recv works: no future, only a blocking wait()."""
+
+    def __init__(self) -> None:
+        self.ev = threading.Event()
+        self.error: Exception | None = None
+
+    def get_future(self) -> None:
+        raise RuntimeError("Work::getFuture not implemented.")
+
+    def wait(self) -> bool:
+        self.ev.wait()
+        if self.error:
+            raise self.error
+        return True
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("work_cls", [FutureWork, NoFutureWork])
+def test_pause_breaks_out_of_a_wait_that_never_completes(work_cls: type) -> None:
+    intr = Interruptor()
+    threading.Timer(0.2, intr.interrupt, args=("test pause",)).start()
+    t0 = time.perf_counter()
+    with pytest.raises(PauseRequested):
+        intr.wait(work_cls(), "allreduce", rank=0)  # type: ignore[arg-type]
+    assert time.perf_counter() - t0 < 5.0
+    with pytest.raises(PauseRequested):  # stays interrupted until cleared
+        intr.check()
+    intr.clear()
+    intr.check()
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+def test_completed_and_failed_works() -> None:
+    intr = Interruptor()
+    w = FutureWork()
+    threading.Timer(0.1, w.fut.set_result, args=(None,)).start()
+    intr.wait(w, "allreduce")  # type: ignore[arg-type]
+    n = NoFutureWork()
+    n.error = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+    threading.Timer(0.1, n.ev.set).start()
+    with pytest.raises(CollectiveError, match="Connection closed by peer"):
+        intr.wait(n, "recv from 3", rank=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(60)
+def test_gloo_generation_rebuild_single_rank() -> None:
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    fac = GlooGroupFactory()
+    comm = Comm(Interruptor())
+    for gen in range(3):
+        comm.groups = fac.build(store, "t", gen, rank=0, world_size=1, tp=1)
+        assert float(comm.global_allreduce(torch.ones(1))[0]) == 1.0
+        fac.abort(comm.groups)
+    assert len(fac.graveyard) == 3
+
+
+@pytest.mark.unit
+def test_nccl_factory_is_a_declared_stub() -> None:
+    with pytest.raises(NotImplementedError):
+        NcclGroupFactory().build(None, "j", 0, 0, 1, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+def test_fault_spec_parsing() -> None:
+    assert FaultSpec.parse("kind=kill,rank=2,step=12,phase=grad_sync") == FaultSpec(
+        "kill", 2, 12, "grad_sync")
+    assert len(parse_faults("kind=kill,rank=2,step=3;kind=hang,rank=3,step=3")) == 2
+    assert parse_faults(None) == [] and parse_faults("") == []
+    with pytest.raises(ValueError):
+        FaultSpec.parse("kind=melt,rank=2,step=3")
