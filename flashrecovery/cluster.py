@@ -94,7 +94,9 @@ class LocalCluster:
         args = f"--steps {self.steps} --tp {self.tp} --out {self.out_dir} {self.worker_args}"
         env = {"FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
                "FLASHRECOVERY_SIDECAR__CAPACITY": str(self.ranks_per_node),
-               "FLASHRECOVERY_SIDECAR__WORKER_ARGS": args}
+               "FLASHRECOVERY_SIDECAR__WORKER_ARGS": args,
+               # every "node" shares this machine's cores with the control plane
+               "FLASHRECOVERY_SIDECAR__WORKER_NICE": os.environ.get("FLASHRECOVERY_SIDECAR__WORKER_NICE", "10")}
         if self.fault_env:
             env["FLASHRECOVERY_FAULT"] = self.fault_env
         sidecars = []

@@ -57,6 +57,9 @@ class SidecarSettings(BaseModel):
     worker_module: str = "flashrecovery.agent.reference.train"
     worker_args: str = ""  # extra arguments for every worker, shell-quoted
     pause_timeout_s: float = Field(15.0, gt=0)
+    # On a machine whose cores the control plane shares with the trainers (the local demo), a
+    # positive niceness keeps heartbeats on time while torch imports saturate the CPU.
+    worker_nice: int = Field(0, ge=0, le=19)
     log_lines_per_s: float = Field(20.0, gt=0)
     log_burst: int = Field(50, ge=1)
 

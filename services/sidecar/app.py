@@ -148,8 +148,10 @@ class SidecarService:
             env["FLASHRECOVERY_RANK"] = str(rank)
             env.pop("FLASHRECOVERY_STANDBY", None)
         argv = [sys.executable, "-m", self.cfg.worker_module, *shlex.split(self.cfg.worker_args)]
+        nice = self.cfg.worker_nice
         proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+                                                    stderr=asyncio.subprocess.PIPE,
+                                                    preexec_fn=(lambda: os.nice(nice)) if nice else None)
         name = f"rank{rank}" if rank is not None else f"standby{proc.pid}"
         w = Worker(proc=proc, local_rank=local_rank, rank=rank, standby=rank is None,
                    log_path=self.run_dir / f"{name}.log", generation=self.gate.generation,
