@@ -1,0 +1,154 @@
+"""The baseline: the reference dp x tp GPT under plain `torchrun`, checkpointing to disk.
+
+    torchrun --nproc-per-node 8 --max-restarts 3 -m flashrecovery.bench.baseline_train \
+        --steps 40 --tp 2 --ckpt-every 10 --dir /tmp/base
+
+Same model, data and optimizer as agent/reference/train.py, but with torch.distributed's
+default group + gloo and no recovery agent: a failure kills the whole worker group, torchrun
+restarts every worker, and each rank resumes from its newest checkpoint (rank{r}.ckpt.pt).
+
+The store is namespaced per restart attempt (TORCHELASTIC_RESTART_COUNT): with plain env://
+the restarted workers read the previous attempt's gloo addresses and die in connectFullMesh.
+
+Progress goes to --dir/progress.log (rank 0: "<attempt> <step> <wall time>" per committed step)
+and --dir/pids.log ("<attempt> <rank> <pid>" at start), which the harness reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
+
+
+class TPComm:
+    """What the model needs from a communicator: an allreduce over its tensor-parallel group."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+
+    def tp_allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint every K steps (0: never)")
+    p.add_argument("--dir", required=True, help="checkpoints, progress and final state")
+    p.add_argument("--bare", action="store_true", help="no checkpoints, no progress files")
+    return p.parse_args(argv)
+
+
+def build_groups(world: int, tp: int, rank: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """Megatron layout (rank = dp_index * tp + tp_index); every rank creates every group."""
+    tp_pg = dp_pg = None
+    if tp > 1:
+        for start in range(0, world, tp):
+            g = dist.new_group(list(range(start, start + tp)))
+            if start <= rank < start + tp:
+                tp_pg = g
+    if world // tp > 1:
+        for i in range(tp):
+            g = dist.new_group(list(range(i, world, tp)))
+            if rank % tp == i:
+                dp_pg = g
+    return tp_pg, dp_pg
+
+
+def init_distributed() -> tuple[int, int, int]:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"baseline/attempt{attempt}", store),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    return rank, world, attempt
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rank, world, attempt = init_distributed()
+    tp_pg, dp_pg = build_groups(world, args.tp, rank)
+    dp_size = world // args.tp
+    dp_index = rank // args.tp
+    cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
+                      n_layers=args.layers, seq=args.seq, dropout=args.dropout)
+    model = TPGPT(cfg, args.tp, rank % args.tp, TPComm(tp_pg), args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    os.makedirs(args.dir, exist_ok=True)
+    ckpt = os.path.join(args.dir, f"rank{rank}.ckpt.pt")
+    applied = 0
+    if not args.bare:
+        with open(os.path.join(args.dir, "pids.log"), "a") as f:
+            f.write(f"{attempt} {rank} {os.getpid()}\n")
+        if os.path.exists(ckpt):
+            state = torch.load(ckpt, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            applied = state["step"]
+    progress = open(os.path.join(args.dir, "progress.log"), "a") if rank == 0 and not args.bare else None
+    params = list(model.parameters())
+    step_times = []
+    step = applied + 1
+    while step <= args.steps:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        model.rng.reseed(args.seed, step, dp_index, rank)
+        x, y = batch(args.seed, step, dp_index, args.micro_batch, cfg)
+        model(x, y).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        if dp_pg is not None:
+            dist.all_reduce(flat, group=dp_pg)
+            flat.div_(dp_size)
+        off = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(flat[off:off + n].view_as(g))
+            off += n
+        opt.step()
+        applied = step
+        step_times.append(time.perf_counter() - t0)
+        if args.ckpt_every and step % args.ckpt_every == 0 and not args.bare:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                       ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+        if progress is not None:
+            progress.write(f"{attempt} {step} {time.time():.6f}\n")
+            progress.flush()
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+        step += 1
+    dist.barrier()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": applied,
+                "pid": os.getpid(), "step_times": step_times},
+               os.path.join(args.dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

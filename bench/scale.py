@@ -1,0 +1,142 @@
+"""Scale independence of the control plane: real detector, planner, executor, Kafka and Redis
+(flashrecovery/supervisor.py) with simulated sidecars (bench/simsidecars.py) in place of torch
+workers. One node stops beating; we time fault -> RecoveryCompleted and its phases, and count
+Redis commands (INFO commandstats delta) and Kafka messages per recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import topics as T
+from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.schemas import FaultIncident, RecoveryCompleted, RecoveryPlan
+from flashrecovery.shared.settings import BusSettings, Settings
+from flashrecovery.shared.topology import grid_topology
+from flashrecovery.supervisor import Supervisor
+
+RANKS_PER_NODE = 8
+TP = 2
+COUNTED = (T.WORKER_EVENTS, T.INCIDENTS, T.PLANS, T.COMMANDS, T.ACKS, T.RECOVERY)
+
+
+async def _commandstats(r: aioredis.Redis) -> dict[str, int]:
+    info = await r.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) - a.get(k, 0)}
+
+
+async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: float = 8.0,
+                          timeout_s: float = 180.0, idle_s: float = 3.0) -> dict[str, Any]:
+    nodes = ranks // RANKS_PER_NODE
+    job = f"scale-{ranks}-{uuid.uuid4().hex[:6]}"
+    settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
+        topic_namespace=job, telemetry_partitions=8, control_partitions=1, linger_ms=2)})
+    sup = Supervisor(settings, run_root / job)
+    seen: dict[str, int] = {t.name: 0 for t in COUNTED}
+    marks: dict[str, Any] = {}
+    res: dict[str, Any] = {"ranks": ranks, "nodes": nodes, "ranks_per_node": RANKS_PER_NODE, "tp": TP}
+    t_start = time.time()
+    try:
+        await asyncio.to_thread(sup.start_stack)
+        await busmod.ensure_topics(sup.stack.kafka_bootstrap, settings.bus)
+        reg = Registry.from_url(sup.stack.redis_url, job)
+        t0 = time.perf_counter()
+        await reg.init_job(grid_topology(job, nodes, RANKS_PER_NODE, TP, spares=1))
+        res["registry_init_s"] = round(time.perf_counter() - t0, 3)
+        await reg.close()
+        redis = aioredis.Redis.from_url(sup.stack.redis_url)
+        producer = busmod.Producer(sup.stack.kafka_bootstrap, settings.bus, "scale-watcher")
+        await producer.start()
+
+        async def on_event(ev: Any, record: Any) -> None:
+            if getattr(ev, "job_id", None) != job:
+                return
+            if "fault_at" in marks and "done" not in marks:
+                name = record.topic.split(".", 1)[1] if record.topic.startswith(job) else record.topic
+                seen[name] = seen.get(name, 0) + 1
+            if isinstance(ev, FaultIncident):
+                marks.setdefault("incident", ev)
+            elif isinstance(ev, RecoveryPlan):
+                marks.setdefault("plan", ev)
+            elif isinstance(ev, RecoveryCompleted) and ev.outcome != "superseded":
+                marks.setdefault("done", ev)
+                marks.setdefault("done_seen", time.time())
+
+        watcher = busmod.Consumer(sup.stack.kafka_bootstrap, settings.bus, COUNTED, None, on_event, producer,
+                                  "scale-watcher", from_latest=True)
+        await watcher.start()
+        wtask = asyncio.create_task(watcher.run())
+        await watcher.wait_assigned()
+        for service in ("detector", "planner"):
+            sup.start_service(service)
+        sup.start_service("executor", "executor-0", FLASHRECOVERY_INSTANCE="0")
+        await sup.wait_ready(["detector", "planner", "executor-0"], 120)
+        out = sup.run_dir / "sim.json"
+        sup.spawn("sim", [sys.executable, "-m", "flashrecovery.bench.simsidecars", "--nodes", str(nodes),
+                          "--ranks", str(RANKS_PER_NODE), "--lose-at", str(warmup_s), "--out", str(out)])
+        ready = out.with_suffix(".ready")
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if time.monotonic() > deadline or sup.procs["sim"].poll() is not None:
+                raise RuntimeError(f"simulated sidecars did not start; see {sup.run_dir / 'sim.log'}")
+            await asyncio.sleep(0.05)
+        sim_t0 = time.monotonic()
+        # the background Redis rate (service liveness keys, leases) over an idle window
+        idle_s = min(idle_s, max(1.0, warmup_s - 2.0))
+        idle0 = await _commandstats(redis)
+        await asyncio.sleep(idle_s)
+        idle = _delta(idle0, await _commandstats(redis))
+        await asyncio.sleep(max(0.0, sim_t0 + warmup_s - 0.1 - time.monotonic()))
+        before = await _commandstats(redis)
+        marks["fault_at"] = time.time()
+        deadline = time.monotonic() + timeout_s
+        while "done" not in marks:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no RecoveryCompleted after {timeout_s}s")
+            await asyncio.sleep(0.05)
+        after = await _commandstats(redis)
+        sup.stop("sim")  # SIGTERM: the sim writes its report
+        sim = json.loads(out.read_text())
+        watcher.stop()
+        await asyncio.gather(wtask, return_exceptions=True)
+        await producer.stop()
+        await redis.aclose()
+        done: RecoveryCompleted = marks["done"]
+        inc: FaultIncident | None = marks.get("incident")
+        fault_at = sim["fault_at"]
+        window = marks["done_seen"] - marks["fault_at"]
+        cmds = _delta(before, after)
+        background = sum(idle.values()) / idle_s * window
+        res.update({
+            "outcome": done.outcome, "fault_class": str(done.fault_class),
+            "detection_s": round(inc.detected_at - fault_at, 3) if inc else None,
+            "planning_s": round(marks["plan"].emitted_at - inc.detected_at, 3) if inc and "plan" in marks else None,
+            "phases_s": done.phase_seconds,
+            "rto_s": round(done.emitted_at - fault_at, 3),
+            "recovery_after_detection_s": round(done.emitted_at - inc.detected_at, 3) if inc else None,
+            "restarted_ranks": None,
+            "redis_commands": sum(cmds.values()), "redis_background_estimate": round(background),
+            "redis_top": dict(sorted(cmds.items(), key=lambda kv: -kv[1])[:6]),
+            "kafka_messages": {k.removeprefix("flashrecovery.").removesuffix(".v1"): v for k, v in seen.items()},
+            "kafka_control_messages": sum(seen.values()),
+            "heartbeats_per_s": round(nodes + 1, 1),
+            "sim": sim, "wall_s": round(time.time() - t_start, 1),
+        })
+        if "plan" in marks:
+            res["restarted_ranks"] = len(marks["plan"].restart_ranks)
+        return res
+    finally:
+        await asyncio.to_thread(sup.stop_all)

@@ -1,0 +1,222 @@
+"""Simulated sidecars: many nodes in one asyncio process, in place of torch workers.
+
+Each simulated node sends one NodeHeartbeat a second (at its own phase within the second) with
+its ranks' step, and obeys ExecutorCommands like services/sidecar/app.py does, answering at once:
+pause -> one ack per node with RankReports (applied_step = vote_step = current step,
+grads_step = None); replace -> the spare takes the assignments; recover -> acks for the stages
+rebuilt, restored, resumed, then verified. After `--lose-at` seconds one node stops beating
+(node loss); the fault time goes to --out as JSON with what was sent.
+
+    python -m flashrecovery.bench.simsidecars --nodes 1250 --ranks 8 --lose-at 8 --out sim.json
+
+Addresses come from FLASHRECOVERY_* like every service (Supervisor.env)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import topics as T
+from flashrecovery.shared.schemas import (SCHEMA_VERSION, CommandAck, CommandAction, ExecutorCommand,
+                                          RankReport)
+from flashrecovery.shared.settings import load_settings
+
+STEP_S = 0.5  # simulated step time
+
+
+class SimCluster:
+    def __init__(self, nodes: int, ranks: int, spares: int, lose: int, lose_at: float) -> None:
+        self.s = load_settings()
+        self.nodes, self.ranks = nodes, ranks
+        self.names = [f"node-{i}" for i in range(nodes)] + [f"spare-{i}" for i in range(spares)]
+        # node -> hosted ranks; the spare hosts none until a replace assigns some
+        self.hosted: dict[str, list[int]] = {f"node-{i}": list(range(i * ranks, (i + 1) * ranks))
+                                             for i in range(nodes)}
+        for i in range(spares):
+            self.hosted[f"spare-{i}"] = []
+        self.dead: set[str] = set()
+        self.lose, self.lose_at = f"node-{lose}", lose_at
+        self.generation = 0
+        self.t0 = time.monotonic()
+        self.step_base = 0  # steps before the current run segment
+        self.run_since: float | None = self.t0  # None while paused
+        self.frozen_step = 0
+        self.seq = {n: 0 for n in self.names}
+        self.handled: set[str] = set()
+        self.sent_beats = self.sent_acks = self.commands = 0
+        self.fault_at: float | None = None
+        self.lag_max = 0.0
+        self.stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ the simulated step
+    def step(self) -> int:
+        if self.run_since is None:
+            return self.frozen_step
+        return self.step_base + int((time.monotonic() - self.run_since) / STEP_S)
+
+    def pause(self) -> int:
+        if self.run_since is not None:
+            self.frozen_step = self.step()
+            self.run_since = None
+        return self.frozen_step
+
+    def resume(self, resume_step: int) -> None:
+        self.step_base, self.run_since = resume_step, time.monotonic()
+
+    # ------------------------------------------------------------------ heartbeats
+    def beat(self, node: str) -> bytes:
+        step = self.step()
+        now = time.monotonic()
+        since = (now - self.run_since) % STEP_S if self.run_since is not None else now - (self.t0)
+        state = "running" if self.run_since is not None else "paused"
+        hosted = self.hosted[node]
+        if hosted:
+            ranks = [{"rank": r, "local_rank": lr, "pid": 100000 + r, "state": state, "step": step,
+                      "step_time_s": STEP_S, "generation": self.generation, "long_phase": None,
+                      "long_phase_expected_s": None, "since_progress_s": round(since, 3)}
+                     for lr, r in enumerate(hosted)]
+            role = "active"
+        else:
+            ranks = [{"rank": None, "local_rank": lr, "pid": 200000 + lr, "state": "standby", "step": 0,
+                      "step_time_s": None, "generation": self.generation, "long_phase": None,
+                      "long_phase_expected_s": None, "since_progress_s": 0.0} for lr in range(self.ranks)]
+            role = "spare"
+        self.seq[node] += 1
+        return orjson.dumps({
+            "event_id": os.urandom(8).hex(), "schema_version": SCHEMA_VERSION, "job_id": self.s.job_id,
+            "generation": self.generation, "emitted_at": time.time(), "producer": f"sim-{node}",
+            "kind": "node_heartbeat", "node_id": node, "role": role, "seq": self.seq[node],
+            "interval_s": 1.0, "ranks": ranks, "standby_ready": 0 if hosted else self.ranks})
+
+    async def heartbeats(self, raw: AIOKafkaProducer) -> None:
+        topic = busmod.topic_name(T.HEARTBEATS, self.s.bus)
+        n = len(self.names)
+        cursor = 0
+        while not self.stop.is_set():
+            now = time.monotonic() - self.t0
+            if self.fault_at is None and now >= self.lose_at:
+                self.dead.add(self.lose)
+                self.fault_at = time.time()
+            while True:
+                sec, i = divmod(cursor, n)
+                due = sec + i / n
+                if due > now:
+                    break
+                cursor += 1
+                node = self.names[i]
+                if node in self.dead:
+                    continue
+                await raw.send(topic, self.beat(node), key=node.encode())
+                self.sent_beats += 1
+                self.lag_max = max(self.lag_max, now - due) if sec >= 2 else self.lag_max
+            await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ commands
+    async def on_command(self, cmd: ExecutorCommand, record) -> None:
+        if cmd.job_id != self.s.job_id or cmd.command_id in self.handled or cmd.generation < self.generation:
+            return
+        self.handled.add(cmd.command_id)
+        self.commands += 1
+        self.generation = max(self.generation, cmd.generation)
+        targets = [n for n in self.names if n not in self.dead and (cmd.nodes is None or n in cmd.nodes)]
+        if cmd.action is CommandAction.PAUSE:
+            step = self.pause()
+            kill = set(cmd.kill_ranks)
+            for n in targets:
+                if self.hosted[n]:
+                    await self.ack(cmd, n, "done", tuple(
+                        RankReport(rank=r, pid=100000 + r, applied_step=step, grads_step=None, vote_step=step)
+                        for r in self.hosted[n] if r not in kill))
+        elif cmd.action is CommandAction.REPLACE:
+            for n in targets:
+                mine = [a for a in cmd.assignments if a.node_id == n]
+                self.hosted[n] = sorted(set(self.hosted[n]) | {a.rank for a in mine})
+                for a in mine:  # the ranks left the node they were on
+                    for other in self.names:
+                        if other != n and a.rank in self.hosted[other]:
+                            self.hosted[other].remove(a.rank)
+                await self.ack(cmd, n, "done", tuple(RankReport(rank=a.rank, pid=100000 + a.rank)
+                                                     for a in mine))
+        elif cmd.action is CommandAction.RECOVER:
+            resume = cmd.resume_step or 0
+            live = [n for n in targets if self.hosted[n]]
+            for stage in ("rebuilt", "restored", "resumed"):
+                for n in live:
+                    await self.ack(cmd, n, stage, tuple(RankReport(rank=r, pid=100000 + r, phase=stage,
+                                                                   seconds=0.0) for r in self.hosted[n]))
+            self.resume(resume)
+            for n in live:
+                await self.ack(cmd, n, "verified", tuple(RankReport(rank=r, pid=100000 + r,
+                                                                    applied_step=resume)
+                                                         for r in self.hosted[n]))
+        elif cmd.action is CommandAction.STOP:
+            for n in targets:
+                await self.ack(cmd, n)
+
+    async def ack(self, cmd: ExecutorCommand, node: str, stage: str = "done",
+                  ranks: tuple[RankReport, ...] = ()) -> None:
+        await self.producer.publish(CommandAck(
+            job_id=self.s.job_id, generation=cmd.generation, producer=f"sim-{node}",
+            command_id=cmd.command_id, plan_id=cmd.plan_id, incident_id=cmd.incident_id,
+            action=cmd.action, node_id=node, stage=stage, ranks=ranks))
+        self.sent_acks += 1
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, seconds: float, out: Path) -> None:
+        self.producer = busmod.Producer(self.s.kafka_bootstrap, self.s.bus, "sim-sidecars")
+        await self.producer.start()
+        raw = AIOKafkaProducer(bootstrap_servers=self.s.kafka_bootstrap, linger_ms=5, acks=1,
+                               max_batch_size=1 << 20)
+        await raw.start()
+        consumer = busmod.Consumer(self.s.kafka_bootstrap, self.s.bus, [T.COMMANDS], None, self.on_command,
+                                   self.producer, "sim-sidecars", from_latest=True)
+        await consumer.start()
+        ctask = asyncio.create_task(consumer.run())
+        await consumer.wait_assigned()
+        self.t0 = self.run_since = time.monotonic()
+        out.with_suffix(".ready").write_text("1")
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        hb = asyncio.create_task(self.heartbeats(raw))
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except TimeoutError:
+            pass
+        self.stop.set()
+        await hb
+        consumer.stop()
+        await asyncio.gather(ctask, return_exceptions=True)
+        await self.producer.stop()
+        await raw.stop()
+        out.write_text(json.dumps({"fault_at": self.fault_at, "lost_node": self.lose,
+                                   "sent_heartbeats": self.sent_beats, "sent_acks": self.sent_acks,
+                                   "commands": self.commands, "heartbeat_lag_max_s": round(self.lag_max, 3),
+                                   "seconds": round(time.monotonic() - self.t0, 2)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--spares", type=int, default=1)
+    ap.add_argument("--lose", type=int, default=None, help="node index to lose (default: nodes // 3)")
+    ap.add_argument("--lose-at", type=float, default=8.0)
+    ap.add_argument("--seconds", type=float, default=600.0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    sim = SimCluster(args.nodes, args.ranks, args.spares, args.nodes // 3 if args.lose is None else args.lose,
+                     args.lose_at)
+    asyncio.run(sim.run(args.seconds, args.out))
+
+
+if __name__ == "__main__":
+    main()
