@@ -154,9 +154,19 @@ class RecoveryAgent:
                 raise AgentExit(0)
 
     def _build_groups(self) -> None:
+        """Build this generation's groups. The gloo constructor waits in the store (holding the
+        GIL) until every member registered, so it is bounded by ``rebuild_timeout_s``; a member
+        that never comes turns into a CollectiveError: the rank pauses again."""
         assert self.store is not None and self.rank is not None
-        self.groups = self.factory.build(self.store, self.settings.job_id, self.generation,
-                                         self.rank, self.world_size, self.tp)
+        self.store.set_timeout(datetime.timedelta(seconds=self.settings.rebuild_timeout_s))
+        try:
+            self.groups = self.factory.build(self.store, self.settings.job_id, self.generation,
+                                             self.rank, self.world_size, self.tp)
+        except RuntimeError as exc:  # store timeout, connect failure
+            msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            print(f"[rank{self.rank}]:[E ProcessGroupGloo.cpp] building generation "
+                  f"{self.generation} failed: RuntimeError: {msg}", file=sys.stderr, flush=True)
+            raise CollectiveError(f"group build g{self.generation}: {msg}") from exc
         self.comm.groups = self.groups
 
     # ------------------------------------------------------------------ the step

@@ -23,6 +23,8 @@ class AgentSettings(BaseSettings):
     gloo_lazy: bool = True
     # How long a paused rank waits for `recover` (or a finished rank for `stop`) before giving up.
     command_timeout_s: float = 600.0
+    # Bound on building a generation's groups (every member must register in the store).
+    rebuild_timeout_s: float = 120.0
 
     @field_validator("rdzv")
     @classmethod

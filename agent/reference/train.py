@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        # bitwise reproducibility on the GPU (embedding backward accumulates with atomics else)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
                       n_layers=args.layers, seq=args.seq, dropout=args.dropout)
 

@@ -45,8 +45,13 @@ def load_dumps(out_dir: str, world: int) -> dict[int, dict[str, Any]]:
             for r in range(world)}
 
 
+# FLASHRECOVERY_E2E_DEVICE=cuda runs the same tests with the model on a (shared) GPU.
+TRAIN_ARGS = ("--device", os.environ.get("FLASHRECOVERY_E2E_DEVICE", "cpu"))
+
+
 def _run(tmp: str, fault: str | None, standbys: int) -> RunResult:
     cluster = LocalCluster(steps=STEPS, fault=fault, standbys=standbys, workdir=tmp,
+                           train_args=TRAIN_ARGS,
                            hang_timeout_s=6.0, pause_timeout_s=5.0, verbose=True)
     try:
         cluster.start()
