@@ -1,0 +1,184 @@
+"""`flashrecovery bench`: every benchmark suite, one command; JSON + Markdown + PNG charts.
+
+    flashrecovery bench --smoke                       # seconds to a minute (CI)
+    flashrecovery bench --suite recovery,baseline --runs 5
+    flashrecovery bench                               # everything (long: hours on 2 cores)
+
+Results accumulate in --out/results.json (a suite run again replaces its own section; --fresh
+starts over), then summary.md and the charts are rendered from the whole file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SUITES = ("recovery", "baseline", "scale", "detector", "planner", "overhead", "goodput")
+SMOKE_SUITES = ("planner", "detector", "scale")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _csv(v: str) -> list[str]:
+    return [p.strip() for p in v.split(",") if p.strip()]
+
+
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmarks: recovery vs torchrun, scale, detector, planner, overhead, goodput")
+    p.add_argument("--suite", type=_csv, default=None,
+                   help=f"comma-separated subset of {','.join(SUITES)} (default: all; --smoke: "
+                        f"{','.join(SMOKE_SUITES)})")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and one run of everything asked for")
+    p.add_argument("--runs", type=int, default=None, help="runs per fault class (default 5; smoke 1)")
+    p.add_argument("--faults", type=_csv, default=["process-crash", "node-crash", "hang", "ecc"])
+    p.add_argument("--rank", type=int, default=2)
+    p.add_argument("--at-step", type=int, default=15)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--ckpt-every", type=lambda v: [int(x) for x in _csv(v)], default=[10, 100])
+    p.add_argument("--scale-sizes", type=lambda v: [int(x) for x in _csv(v)], default=None,
+                   help="ranks (default 64,1000,10000,100000; smoke 64)")
+    p.add_argument("--scale-warmup", type=float, default=8.0)
+    p.add_argument("--overhead-reps", type=int, default=None, help="interleaved pairs (default 3; smoke 1)")
+    p.add_argument("--overhead-steps", type=int, default=40)
+    p.add_argument("--goodput-duration", type=float, default=600.0)
+    p.add_argument("--goodput-gap", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=600.0, help="per run")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
+    p.set_defaults(func=run)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from flashrecovery.shared.logging import configure
+    from flashrecovery.shared.settings import load_settings
+
+    from .report import charts, render
+    from .stats import machine_info
+
+    configure("json", level="WARNING")
+    suites = args.suite or list(SMOKE_SUITES if args.smoke else SUITES)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        print(f"unknown suite(s) {unknown}; choose from {','.join(SUITES)}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
+    results: dict[str, Any] = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    results.setdefault("runs", {})
+    results["machine"] = {**machine_info(), "loadavg_start": _loadavg()}
+    settings = load_settings()
+    run_root = Path(settings.runtime_dir).resolve() / "bench"
+    command = "flashrecovery bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "bench" else "flashrecovery bench"
+    n = args.runs or (1 if args.smoke else 5)
+    failed = []
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    for suite in suites:
+        t0 = time.time()
+        log(f"suite {suite} ...")
+        try:
+            results[suite] = _run_suite(suite, args, n, settings, run_root, results, log)
+        except Exception as exc:  # noqa: BLE001 - the other suites still run; the error is a result
+            failed.append(suite)
+            results[suite] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"suite {suite} failed: {exc!r}")
+        results["runs"][suite] = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+                                  "wall_s": round(time.time() - t0, 1), "smoke": args.smoke,
+                                  "loadavg_end": _loadavg()}
+        save()
+    (args.out / "summary.md").write_text(render(_ok_sections(results)))
+    made = charts(_ok_sections(results), args.out)
+    log(f"wrote {path}, {args.out / 'summary.md'}"
+        + (f", {', '.join(made)}" if made else " (no charts: pip install '.[bench]' for matplotlib)"))
+    return 1 if failed else 0
+
+
+def _ok_sections(results: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in results.items() if not (isinstance(v, dict) and set(v) == {"error"})}
+
+
+def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root: Path,
+               results: dict[str, Any], log) -> dict[str, Any]:
+    if suite == "recovery":
+        from .recovery import run_recovery
+        faults = args.faults if not args.smoke or args.faults != ["process-crash", "node-crash", "hang", "ecc"] \
+            else ["process-crash"]
+        return asyncio.run(run_recovery(faults, n, args.rank, args.at_step, args.steps, run_root / "recovery",
+                                        settings, args.timeout, log))
+    if suite == "baseline":
+        from .baseline import run_baseline
+        runs = []
+        for k in args.ckpt_every[:1] if args.smoke else args.ckpt_every:
+            for i in range(1 if args.smoke else max(1, min(n, 3))):
+                log(f"baseline: torchrun, checkpoint every {k}, run {i + 1}")
+                try:
+                    runs.append(run_baseline(run_root / "baseline" / f"k{k}-{i}", k, args.at_step, args.steps,
+                                             args.rank, args.timeout))
+                except Exception as exc:  # noqa: BLE001
+                    runs.append({"ckpt_every": k, "at_step": args.at_step, "error": f"{type(exc).__name__}: {exc}"})
+        return {"runs": runs}
+    if suite == "scale":
+        from .scale import run_scale_point
+        sizes = args.scale_sizes or ([64] if args.smoke else [64, 1000, 10000, 100000])
+        points = []
+        for ranks in sizes:
+            log(f"scale: {ranks} simulated ranks")
+            try:
+                points.append(asyncio.run(run_scale_point(ranks, run_root / "scale", settings,
+                                                          warmup_s=min(args.scale_warmup, 6.0) if args.smoke
+                                                          else args.scale_warmup, timeout_s=args.timeout)))
+            except Exception as exc:  # noqa: BLE001
+                points.append({"ranks": ranks, "error": f"{type(exc).__name__}: {exc}"})
+        return {"points": points}
+    if suite == "detector":
+        from . import detector_bench
+        shapes = [(100, 6.0, 2.3, 4.0)] if args.smoke else [(1250, 20.0, 8.3, 14.5), (12500, 20.0, 8.3, 14.5)]
+        rows = []
+        for nodes, secs, lost, crash in shapes:
+            log(f"detector: {nodes} nodes x 8 ranks, {secs} s")
+            rows.append(detector_bench.run(nodes, 8, secs, lost, crash))
+        return {"rows": rows}
+    if suite == "planner":
+        from . import planner_bench
+        rows = planner_bench.bench([1000] if args.smoke else [1000, 10000, 100000], 3 if args.smoke else 5)
+        return {"rows": rows}
+    if suite == "overhead":
+        from .overhead import run_overhead
+        reps = args.overhead_reps or (1 if args.smoke else 3)
+        return asyncio.run(run_overhead(reps, args.overhead_steps, run_root / "overhead", settings, args.timeout, log))
+    if suite == "goodput":
+        if args.smoke:
+            return {"skipped": "smoke"}
+        from .goodput import goodput_ours, goodput_torchrun
+        s_ours = s_bare = None
+        ov = results.get("overhead") or {}
+        s_ours = (ov.get("ours_s_per_step") or {}).get("median")
+        s_bare = (ov.get("bare_s_per_step") or {}).get("median")
+        log(f"goodput: ours, {args.goodput_duration} s, fault every ~{args.goodput_gap} s")
+        ours = asyncio.run(goodput_ours(args.goodput_duration, args.goodput_gap, s_ours, run_root / "goodput", settings))
+        tr = []
+        for k in args.ckpt_every[:1]:
+            log(f"goodput: torchrun ckpt every {k}")
+            tr.append(goodput_torchrun(args.goodput_duration, args.goodput_gap, k, s_bare,
+                                       run_root / "goodput" / f"torchrun-k{k}"))
+        return {"gap_s": args.goodput_gap, "duration_s": args.goodput_duration, "ours": ours, "torchrun": tr,
+                "note": "goodput uses each system's fault-free s/step from the overhead suite"}
+    raise ValueError(suite)

@@ -1,0 +1,125 @@
+"""Goodput under repeated faults: a run of `duration_s` with a worker SIGKILLed every ~`gap_s`
+(uniform +-30%), ours against the torchrun baseline. Goodput = net committed steps x the
+system's own fault-free seconds per step / wall time; net steps per second is also reported.
+
+Ours restarts a crashed process in place (planner policy restart_in_place_for_software), so a
+run can absorb any number of faults without running out of spare nodes; the standby on a spare
+node (what the recovery suite measures) is faster but the local cluster has one spare."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flashrecovery.cluster import LocalCluster
+from flashrecovery.shared.settings import BusSettings, Settings
+
+from .baseline import NPROC, _read, torchrun_argv
+
+BIG = 100_000
+
+
+def _fault_times(duration_s: float, gap_s: float, rng: random.Random) -> list[float]:
+    out, t = [], 0.0
+    while True:
+        t += gap_s * rng.uniform(0.7, 1.3)
+        if t >= duration_s - 5:
+            return out
+        out.append(t)
+
+
+async def goodput_ours(duration_s: float, gap_s: float, s_per_step: float | None, run_root: Path,
+                       base: Settings, seed: int = 7) -> dict[str, Any]:
+    rng = random.Random(seed)
+    job = f"goodput-{uuid.uuid4().hex[:6]}"
+    settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
+        topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
+    prev = os.environ.get("FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE")
+    os.environ["FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE"] = "true"
+    cluster = LocalCluster(settings, run_root / job, steps=BIG)
+    faults = []
+    try:
+        await cluster.start()
+        await cluster.wait_until(lambda: cluster.min_step() >= 1, 300, "training to start")
+        t0, s0 = time.monotonic(), cluster.min_step()
+        for at in _fault_times(duration_s, gap_s, rng):
+            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            view = cluster.timeline.rank_view()
+            rank = rng.randrange(cluster.world)
+            node, st = view[rank]
+            if st.state != "running":
+                faults.append({"at_s": round(time.monotonic() - t0, 1), "skipped": f"rank {rank} {st.state}"})
+                continue
+            try:
+                os.kill(st.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            faults.append({"at_s": round(time.monotonic() - t0, 1), "rank": rank, "step": st.step})
+        await asyncio.sleep(max(0.0, t0 + duration_s - time.monotonic()))
+        wall = time.monotonic() - t0
+        net = cluster.min_step() - s0
+        done = [c for c in cluster.timeline.completed if c.outcome == "done"]
+        return {"duration_s": round(wall, 1), "faults": faults, "recoveries_done": len(done),
+                "net_steps": net, "steps_per_s": round(net / wall, 3),
+                "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
+                "s_per_step_fault_free": s_per_step}
+    finally:
+        if prev is None:
+            os.environ.pop("FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE", None)
+        else:
+            os.environ["FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE"] = prev
+        await cluster.stop()
+
+
+def goodput_torchrun(duration_s: float, gap_s: float, ckpt_every: int, s_per_step: float | None,
+                     run_dir: Path, seed: int = 7) -> dict[str, Any]:
+    rng = random.Random(seed)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    faults = _fault_times(duration_s, gap_s, rng)
+    restarts = len(faults) + 1
+    log = (run_dir / "torchrun.log").open("wb")
+    proc = subprocess.Popen(torchrun_argv(run_dir, BIG, ckpt_every, max_restarts=restarts), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    progress, pids = run_dir / "progress.log", run_dir / "pids.log"
+    done = []
+    try:
+        deadline = time.monotonic() + 300
+        while not _read(progress):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"baseline did not start; see {run_dir / 'torchrun.log'}")
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        s0 = int(_read(progress)[0][1]) - 1
+        for at in faults:
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            rows = _read(pids)
+            attempt = max(int(r[0]) for r in rows)
+            victims = [int(r[2]) for r in rows if int(r[0]) == attempt]
+            try:
+                os.kill(rng.choice(victims), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            done.append({"at_s": round(time.monotonic() - t0, 1), "attempt": attempt})
+        time.sleep(max(0.0, t0 + duration_s - time.monotonic()))
+        wall = time.monotonic() - t0
+        rows = _read(progress)
+        last_attempt = max(int(r[0]) for r in rows)
+        net = max(int(r[1]) for r in rows if int(r[0]) == last_attempt) - s0
+        return {"duration_s": round(wall, 1), "ckpt_every": ckpt_every, "faults": done,
+                "attempts": last_attempt + 1, "net_steps": net, "steps_per_s": round(net / wall, 3),
+                "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
+                "s_per_step_fault_free": s_per_step, "nproc": NPROC}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        log.close()
