@@ -54,9 +54,10 @@ async def goodput_ours(duration_s: float, gap_s: float, s_per_step: float | None
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
             view = cluster.timeline.rank_view()
             rank = rng.randrange(cluster.world)
-            node, st = view[rank]
-            if st.state != "running":
-                faults.append({"at_s": round(time.monotonic() - t0, 1), "skipped": f"rank {rank} {st.state}"})
+            node, st = view.get(rank, (None, None))
+            if st is None or st.state != "running":
+                faults.append({"at_s": round(time.monotonic() - t0, 1),
+                               "skipped": f"rank {rank} {st.state if st else 'not reported'}"})
                 continue
             try:
                 os.kill(st.pid, signal.SIGKILL)
