@@ -127,7 +127,8 @@ class LocalCluster:
                  train_args: tuple[str, ...] = (), workdir: str | None = None,
                  hang_timeout_s: float = 5.0, pause_timeout_s: float = 5.0,
                  command_timeout_s: float = 120.0, env: dict[str, str] | None = None,
-                 verbose: bool = False, kill_plan: list[tuple[int, int]] | None = None,
+                 verbose: bool = False, kill_ranks: list[int] | None = None,
+                 kill_first_step: int = 6, kill_gap_steps: int = 20,
                  replenish_standbys: bool = False) -> None:
         self.steps, self.nodes, self.per_node, self.tp = steps, nodes, per_node, tp
         self.world = nodes * per_node
@@ -140,9 +141,12 @@ class LocalCluster:
         self.command_timeout_s = command_timeout_s
         self.extra_env = env or {}
         self.verbose = verbose
-        # external faults: (step, rank) -> SIGKILL rank by PID once any rank committed `step`
-        # and a standby is ready (what a bench needs: repeatable, hits any process)
-        self.kill_plan = sorted(kill_plan or [])
+        # external faults (what a bench needs: repeatable, hits any process, replacements too):
+        # SIGKILL kill_ranks[i] by PID once a rank committed kill_first_step (then
+        # kill_gap_steps after the previous recovery's resume step) and a standby is warm
+        self.kill_plan = list(kill_ranks or [])
+        self.kill_first_step, self.kill_gap_steps = kill_first_step, kill_gap_steps
+        self._kill_pending = False
         self.replenish_standbys = replenish_standbys
         self._standby_seq = standbys
         self.job_id = f"job{os.getpid()}-{int(time.time() * 1000) % 100000}"
@@ -380,13 +384,19 @@ class LocalCluster:
                          list(self.recoveries), time.time() - t_start)
 
     def _maybe_external_kill(self) -> None:
-        step, rank = self.kill_plan[0]
+        if self._kill_pending:
+            return  # one fault at a time: the next only after this one's recovery
+        rank = self.kill_plan[0]
+        last = next((r for r in reversed(self.recoveries) if r.decision is not None), None)
+        step = (self.kill_first_step if last is None or last.decision is None
+                else last.decision.resume_step + self.kill_gap_steps)
         if max(self.last_step.values(), default=0) < step:
             return
         if not any(p.standby and p.conn is not None and p.popen.poll() is None
                    for p in self.procs):
             return  # wait for a warm standby, as a real pool would have one
         self.kill_plan.pop(0)
+        self._kill_pending = True
         p = self.ranks[rank]
         self.fault_times[rank] = time.time()
         self.log("external kill", rank=rank, pid=p.pid, step=step)
@@ -494,6 +504,7 @@ class LocalCluster:
         self.recoveries.append(rec)
         for r in failed:
             self.fault_times.pop(r, None)
+        self._kill_pending = False
         self._last_progress = time.time()
         self.log("resumed", **rec.summary())
 

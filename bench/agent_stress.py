@@ -3,8 +3,9 @@
     python -m flashrecovery.bench.agent_stress --reps 20
 
 One job (4 nodes x 2 ranks, dp 4 x tp 2) runs long enough for ``reps`` recoveries. Every
-``gap`` steps the driver SIGKILLs a rank by PID (rotating over ranks, replacements included) once
-a warm standby is ready; a new standby is started after each assignment, off the critical path.
+``gap`` steps after the previous recovery the driver SIGKILLs a rank by PID (rotating over ranks,
+replacements included) once a warm standby is ready; a new standby is started after each
+assignment, off the critical path (a pool of two).
 At the end, all replicas of a shard must hold bitwise-identical state (same digest).
 """
 
@@ -22,18 +23,23 @@ from flashrecovery.agent.testing_driver import LocalCluster
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--gap", type=int, default=6, help="steps between faults")
+    ap.add_argument("--gap", type=int, default=30,
+                    help="steps from one recovery's resume to the next fault (the replaced "
+                         "standby must be replenished and warm within it)")
     ap.add_argument("--first", type=int, default=6, help="step of the first fault")
     ap.add_argument("--lazy", choices=["0", "1"], default="1", help="gloo lazy connect")
     ap.add_argument("--timeout", type=float, default=3000.0)
     ap.add_argument("--json", default=None, help="write all recovery records here")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--workdir", default=None, help="keep worker logs and dumps here")
     args = ap.parse_args(argv)
 
-    steps = args.first + args.gap * args.reps + 3
-    plan = [(args.first + i * args.gap, (3 * i + 2) % 8) for i in range(args.reps)]
-    cluster = LocalCluster(steps=steps, standbys=1, kill_plan=plan, replenish_standbys=True,
+    steps = args.first + (args.gap + 2) * args.reps + 5
+    plan = [(3 * i + 2) % 8 for i in range(args.reps)]
+    cluster = LocalCluster(steps=steps, standbys=2, kill_ranks=plan, kill_first_step=args.first,
+                           kill_gap_steps=args.gap, replenish_standbys=True,
                            hang_timeout_s=30.0, command_timeout_s=600.0, verbose=args.verbose,
+                           workdir=args.workdir,
                            env={"FLASHRECOVERY_GLOO_LAZY": args.lazy})
     t0 = time.time()
     try:
