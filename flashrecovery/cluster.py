@@ -75,9 +75,11 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ start / stop
     async def start(self, timeout_s: float = 180.0) -> None:
-        await asyncio.to_thread(self.sup.start_stack)
+        # Started from this (main) thread on purpose: children die with the thread that started
+        # them (PR_SET_PDEATHSIG), and a pool thread may exit before the cluster does.
+        self.sup.start_stack(ensure=False)
         await busmod.ensure_topics(self.sup.stack.kafka_bootstrap, self.settings.bus)
-        await asyncio.to_thread(self.sup.start_rendezvous)
+        self.sup.start_rendezvous()
         reg = Registry.from_url(self.sup.stack.redis_url, self.settings.job_id)
         try:
             await reg.init_job(grid_topology(self.settings.job_id, self.nodes, self.ranks_per_node, self.tp,
@@ -144,7 +146,7 @@ class LocalCluster:
             self._watcher.stop()
             await asyncio.gather(self._watch_task, return_exceptions=True)
             await self._producer.stop()
-        await asyncio.to_thread(self.sup.stop_all)
+        self.sup.stop_all()
         for sock in glob.glob(f"/tmp/fr-{self.settings.job_id[:24]}-*.sock"):
             Path(sock).unlink(missing_ok=True)
 

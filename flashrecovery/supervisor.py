@@ -22,6 +22,16 @@ from .shared.stack import Stack, StackError, free_port, start_stack, wait_port
 SERVICES = ("detector", "planner", "executor")
 
 
+def die_with_parent() -> None:
+    """Runs in the child before exec: if the process that started us dies (even by SIGKILL),
+    the kernel sends us SIGTERM, so nothing outlives a crashed supervisor or demo."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class Supervisor:
     settings: Settings
@@ -42,10 +52,11 @@ class Supervisor:
         env.update(extra)
         return env
 
-    def start_stack(self) -> Stack:
+    def start_stack(self, ensure: bool = True) -> Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stack = start_stack(self.run_dir, self.settings.kafka_bootstrap, self.settings.redis_url)
-        asyncio.run(busmod.ensure_topics(self.stack.kafka_bootstrap, self.settings.bus))
+        if ensure:
+            asyncio.run(busmod.ensure_topics(self.stack.kafka_bootstrap, self.settings.bus))
         return self.stack
 
     def start_rendezvous(self) -> str:
@@ -58,7 +69,7 @@ class Supervisor:
     def spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
         log = (self.run_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(argv, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         self.procs[name] = proc
         return proc
 

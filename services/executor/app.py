@@ -25,7 +25,8 @@ from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction,
                                           RecoveryPlan, RecoveryProgress)
 from flashrecovery.shared.settings import Settings
 
-from .core import PHASES, RECOVER_STAGES, TERMINAL, judge, next_phase_name, waitlist, applied_topology
+from .core import (PHASES, RECOVER_STAGES, TERMINAL, applied_topology, judge, next_phase_name, ranks_to_kill,
+                   waitlist)
 
 
 class PhaseFailed(RuntimeError):
@@ -244,7 +245,7 @@ class ExecutorService:
         snap = await self.registry.snapshot()
         wl = waitlist(plan, snap)
         acks = await self._with_retries(plan, CommandAction.PAUSE, "done", wl.pause, log,
-                                        kill_ranks=plan.restart_ranks)
+                                        kill_ranks=ranks_to_kill(plan))
         restart = set(plan.restart_ranks)
         reports = [r for a in acks.values() for r in a.ranks if r.rank not in restart]
         try:
@@ -269,7 +270,7 @@ class ExecutorService:
                             for r in plan.replacements)
         await self._with_retries(plan, CommandAction.REPLACE, "done", wl.replace, log,
                                  nodes=tuple(sorted(wl.replace | set(plan.faulty_nodes))),
-                                 kill_ranks=plan.restart_ranks, assignments=assignments)
+                                 kill_ranks=ranks_to_kill(plan), assignments=assignments)
         if "topology_written" not in state:
             ranks, nodes = applied_topology(plan, snap, gen)
             await self.registry.put_ranks(gen, ranks)

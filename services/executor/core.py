@@ -36,8 +36,18 @@ def waitlist(plan: RecoveryPlan, snap: JobSnapshot) -> Waitlist:
     restart = set(plan.restart_ranks)
     survivors = {r.node_id for r in snap.ranks if r.rank not in restart}
     dest = {rep.to_node for rep in plan.replacements}
+    moved = {rep.rank for rep in plan.replacements}
+    # A rank left `recovering` by a superseded plan stays where it is and is restored again.
+    staying = {r.node_id for r in snap.ranks if r.rank not in moved}
     return Waitlist(pause=frozenset(survivors), replace=frozenset(dest),
-                    recover=frozenset(survivors | dest))
+                    recover=frozenset(staying | dest))
+
+
+def ranks_to_kill(plan: RecoveryPlan) -> tuple[int, ...]:
+    """Only the ranks being replaced are killed (moved, or restarted in place): a rank that is
+    merely restored again (left recovering by a superseded plan) already runs on its new node
+    and must be kept."""
+    return tuple(sorted(rep.rank for rep in plan.replacements))
 
 
 @dataclass(frozen=True)

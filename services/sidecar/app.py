@@ -8,6 +8,7 @@ model built) so a replacement never pays a cold start during recovery."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shlex
 import signal
@@ -149,9 +150,15 @@ class SidecarService:
             env.pop("FLASHRECOVERY_STANDBY", None)
         argv = [sys.executable, "-m", self.cfg.worker_module, *shlex.split(self.cfg.worker_args)]
         nice = self.cfg.worker_nice
+
+        def prepare_child() -> None:
+            if nice:
+                os.nice(nice)
+            # A worker never outlives its sidecar: the node is the sidecar and its workers.
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
         proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE,
-                                                    preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                                    stderr=asyncio.subprocess.PIPE, preexec_fn=prepare_child)
         name = f"rank{rank}" if rank is not None else f"standby{proc.pid}"
         w = Worker(proc=proc, local_rank=local_rank, rank=rank, standby=rank is None,
                    log_path=self.run_dir / f"{name}.log", generation=self.gate.generation,
@@ -339,6 +346,11 @@ class SidecarService:
                 os.kill(w.pid, signal.SIGKILL)  # ours, by PID; a stopped process dies too
             except ProcessLookupError:
                 pass
+        for w in killed:  # gone before anyone reuses the rank's identity on this node
+            try:
+                await asyncio.wait_for(w.proc.wait(), 10)
+            except TimeoutError:
+                self.log.error("kill_timeout", rank=w.rank, pid=w.pid)
         return killed
 
     async def _pause(self, cmd: ExecutorCommand) -> None:

@@ -66,3 +66,13 @@ def test_partial_use_of_a_spare_keeps_it_spare():
     by = {n.node_id: n for n in nodes}
     assert by["node-1"].role == NodeRole.ACTIVE and by["node-1"].ranks == (3,)
     assert by["spare-0"].role == NodeRole.SPARE and by["spare-0"].standby_slots == 1
+
+
+def test_a_rank_left_recovering_is_restored_in_place_not_killed():
+    from flashrecovery.executor.core import ranks_to_kill
+    snap = SNAP.model_copy(update={"ranks": tuple(
+        r.model_copy(update={"node_id": "spare-0"}) if r.rank == 2 else r for r in SNAP.ranks)})
+    plan = _plan([2, 5], [Replacement(rank=5, from_node="node-2", to_node="spare-0", local_rank=1)], ["node-2"])
+    assert ranks_to_kill(plan) == (5,)
+    wl = waitlist(plan, snap)
+    assert "spare-0" in wl.recover and "node-2" in wl.recover  # rank 4 survives on node-2

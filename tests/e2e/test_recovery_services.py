@@ -1,0 +1,170 @@
+"""End-to-end recovery through the real services: broker, Redis, detector, planner, two
+executors, sidecars and real torch workers (4 nodes x 2 ranks, dp=4 x tp=2, plus a spare node
+with standbys). Each scenario's final parameters and optimizer state must be bitwise equal to a
+fault-free run of the same job, with no committed step lost and the survivors' processes kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flashrecovery.cluster import LocalCluster, states_equal
+from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.settings import BusSettings, Settings
+
+STEPS = 16
+AT = 5
+pytestmark = pytest.mark.timeout(420)
+
+
+def _cluster(stack, tmp: Path, fault_env: str | None = None) -> LocalCluster:
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
+    return LocalCluster(settings, tmp / job, steps=STEPS, fault_env=fault_env)
+
+
+@pytest.fixture(scope="module")
+def reference_states(stack, tmp_path_factory):
+    """One fault-free run of the job through the same services."""
+    async def go():
+        c = _cluster(stack, tmp_path_factory.mktemp("ref"))
+        try:
+            await c.start()
+            await c.wait_until(c.finished, 300, "fault-free run to finish")
+            assert not c.timeline.incidents, f"false incident: {c.timeline.incidents[0].reason}"
+            return c.final_states()
+        finally:
+            await c.stop()
+    return asyncio.run(go())
+
+
+async def _recover(c: LocalCluster, fault: str, rank: int, during=None) -> dict:
+    """Run the job with one fault (and optionally a second action during recovery); return
+    what the checks need."""
+    await c.start()
+    await c.wait_until(lambda: c.min_step() >= 1, 300, "training to start")
+    pids = {r: s.pid for r, (_, s) in c.timeline.rank_view().items()}
+    await c.inject(fault, rank, AT)
+    if during is not None:
+        await during(c)
+    await c.wait_until(lambda: any(x.outcome == "done" for x in c.timeline.completed), 300, "recovery")
+    await c.wait_until(c.finished, 300, "training to finish")
+    done = [x for x in c.timeline.completed if x.outcome == "done"]
+    plans = {p.plan_id: p for p in c.timeline.plans}
+    restarted = set().union(*(plans[d.plan_id].restart_ranks for d in done))
+    return {"states": c.final_states(), "pids": pids, "restarted": restarted, "done": done,
+            "completed": c.timeline.completed, "incidents": c.timeline.incidents}
+
+
+def _check(result: dict, reference: dict) -> None:
+    ok, why = states_equal(reference, result["states"])
+    assert ok, why
+    assert all(d.committed_steps_lost == 0 for d in result["done"])
+    for r, pid in result["pids"].items():
+        if r not in result["restarted"]:
+            assert result["states"][r]["pid"] == pid, f"survivor rank {r} changed process"
+
+
+def _run(coro_fn):
+    return asyncio.run(coro_fn())
+
+
+@pytest.mark.parametrize("fault, rank, restarted", [
+    ("process-crash", 2, {2}),
+    ("node-crash", 5, {4, 5}),
+    ("hang", 6, {6}),
+])
+def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, restarted):
+    async def go():
+        c = _cluster(stack, tmp_path)
+        try:
+            return await _recover(c, fault, rank)
+        finally:
+            await c.stop()
+    result = _run(go)
+    assert result["restarted"] == restarted
+    _check(result, reference_states)
+
+
+def test_ecc_log_line_replaces_the_whole_node(stack, tmp_path, reference_states):
+    async def go():
+        c = _cluster(stack, tmp_path, LocalCluster.fault_env_for("ecc", 3, AT))
+        try:
+            return await _recover(c, "ecc", 3)
+        finally:
+            await c.stop()
+    result = _run(go)
+    assert result["restarted"] == {2, 3}
+    assert result["done"][0].fault_class == "hardware"
+    _check(result, reference_states)
+
+
+def test_two_faults_at_once(stack, tmp_path, reference_states):
+    async def second(c: LocalCluster):
+        _, status = c.rank_status(7)
+        os.kill(status.pid, signal.SIGKILL)
+
+    async def go():
+        c = _cluster(stack, tmp_path)
+        try:
+            return await _recover(c, "process-crash", 0, during=second)
+        finally:
+            await c.stop()
+    result = _run(go)
+    assert result["restarted"] == {0, 7}
+    _check(result, reference_states)
+
+
+async def _when_phase(c: LocalCluster, phase: str) -> None:
+    await c.wait_until(lambda: any(p.phase == phase and str(p.status) == "started" for p in c.timeline.progress),
+                       120, f"phase {phase}")
+
+
+def test_second_fault_during_recovery_supersedes(stack, tmp_path, reference_states):
+    async def second(c: LocalCluster):
+        await _when_phase(c, "replace")
+        _, status = c.rank_status(5)
+        os.kill(status.pid, signal.SIGKILL)
+
+    async def go():
+        c = _cluster(stack, tmp_path)
+        try:
+            return await _recover(c, "process-crash", 2, during=second)
+        finally:
+            await c.stop()
+    result = _run(go)
+    assert {2, 5} <= result["restarted"]
+    _check(result, reference_states)
+
+
+def test_executor_leader_killed_during_replace(stack, tmp_path, reference_states):
+    leaders: list[str] = []
+
+    async def kill_leader(c: LocalCluster):
+        await _when_phase(c, "replace")
+        reg = Registry.from_url(c.settings.redis_url, c.settings.job_id)
+        try:
+            leader = await reg.lease_holder("executor")
+        finally:
+            await reg.close()
+        leaders.append(leader)
+        c.sup.stop(f"executor-{leader}", sig=signal.SIGKILL)
+
+    async def go():
+        c = _cluster(stack, tmp_path)
+        try:
+            result = await _recover(c, "process-crash", 4, during=kill_leader)
+            result["finisher"] = result["done"][0].producer
+            return result
+        finally:
+            await c.stop()
+    result = _run(go)
+    assert result["finisher"] != f"executor-{leaders[0]}", "the standby executor must finish the incident"
+    assert result["restarted"] == {4}
+    _check(result, reference_states)
