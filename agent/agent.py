@@ -128,9 +128,10 @@ class RecoveryAgent:
         self.store = dist.TCPStore(self.settings.rdzv_host, self.settings.rdzv_port,
                                    is_master=False, timeout=datetime.timedelta(seconds=300))
         self._send(ch.Hello(pid=os.getpid(), rank=None if self.standby else self.rank,
-                            local_rank=None if self.standby else self.local_rank,
-                            standby=self.standby))
-        if self.standby:
+                            local_rank=self.local_rank, standby=self.standby))
+        if self.standby or (self.generation > 0 and self.conn is not None):
+            # a standby, or a replacement cold-started into generation g > 0: it has no state
+            # yet, so it waits for `recover` (and receives its state there)
             return self._standby_wait()
         assert self.rank is not None, "FLASHRECOVERY_RANK is required for a non-standby worker"
         self._build_groups()
@@ -149,8 +150,10 @@ class RecoveryAgent:
             elif isinstance(cmd, ch.Recover) and self.rank is not None:
                 self.standby = False
                 self.faults = FaultInjector([], cmd.generation)
+                self.generation = min(self.generation, cmd.generation - 1)
                 return self._recover_loop(first=cmd)
             elif isinstance(cmd, ch.Stop):
+                self.close()
                 raise AgentExit(0)
 
     def _build_groups(self) -> None:
@@ -274,9 +277,10 @@ class RecoveryAgent:
                 self._send_paused()
             elif isinstance(cmd, ch.Stop):
                 self.log.info("stop while paused")
+                self.close()  # leaves with os._exit(0) when old groups may hold stuck threads
                 raise AgentExit(0)
             elif isinstance(cmd, ch.Recover):
-                if cmd.generation <= self.generation and not (first is not None and cmd is first):
+                if cmd.generation <= self.generation:
                     self.log.info("stale recover dropped", got=cmd.generation,
                                   generation=self.generation)
                 else:
@@ -349,7 +353,11 @@ class RecoveryAgent:
             self._send(ch.Done(rank=self.rank, step=self.applied_step, digest=digest))
             if self.conn is None:
                 break
-            cmd = self._next_cmd()
+            try:
+                cmd = self._next_cmd()
+            except RuntimeError as exc:  # the sidecar went away or never said stop
+                self.log.warning("finishing without stop", error=str(exc))
+                break
             if isinstance(cmd, ch.Stop):
                 break
             if isinstance(cmd, ch.Pause):

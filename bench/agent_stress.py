@@ -5,7 +5,7 @@
 One job (4 nodes x 2 ranks, dp 4 x tp 2) runs long enough for ``reps`` recoveries. Every
 ``gap`` steps after the previous recovery the driver SIGKILLs a rank by PID (rotating over ranks,
 replacements included) once a warm standby is ready; a new standby is started after each
-assignment, off the critical path (a pool of two).
+assignment, off the critical path (the pool is --standbys).
 At the end, all replicas of a shard must hold bitwise-identical state (same digest).
 """
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="steps from one recovery's resume to the next fault (the replaced "
                          "standby must be replenished and warm within it)")
     ap.add_argument("--first", type=int, default=6, help="step of the first fault")
+    ap.add_argument("--standbys", type=int, default=None,
+                    help="pre-started standby pool (default min(reps, 6)); refilled after use")
     ap.add_argument("--lazy", choices=["0", "1"], default="1", help="gloo lazy connect")
     ap.add_argument("--timeout", type=float, default=3000.0)
     ap.add_argument("--json", default=None, help="write all recovery records here")
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = args.first + (args.gap + 2) * args.reps + 5
     plan = [(3 * i + 2) % 8 for i in range(args.reps)]
-    cluster = LocalCluster(steps=steps, standbys=2, kill_ranks=plan, kill_first_step=args.first,
+    pool = args.standbys if args.standbys is not None else min(args.reps, 6)
+    cluster = LocalCluster(steps=steps, standbys=pool, kill_ranks=plan, kill_first_step=args.first,
                            kill_gap_steps=args.gap, replenish_standbys=True,
                            hang_timeout_s=30.0, command_timeout_s=600.0, verbose=args.verbose,
                            workdir=args.workdir,
