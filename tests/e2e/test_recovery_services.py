@@ -19,7 +19,7 @@ from flashrecovery.shared.settings import BusSettings, Settings
 
 STEPS = 16
 AT = 5
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(900)  # the first test also pays for the reference run
 
 
 def _cluster(stack, tmp: Path, fault_env: str | None = None) -> LocalCluster:

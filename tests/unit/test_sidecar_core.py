@@ -1,0 +1,46 @@
+import pytest
+
+from flashrecovery.shared.schemas import CommandAction, ExecutorCommand
+from flashrecovery.sidecar.core import CommandGate, TokenBucket, prefilter, stage_reached
+
+
+def _cmd(cid="c1", gen=2, nodes=None):
+    return ExecutorCommand(job_id="j", generation=gen, producer="executor-0", command_id=cid, plan_id="p",
+                           incident_id="i", action=CommandAction.PAUSE, nodes=nodes)
+
+
+def test_gate_acts_once_replays_duplicates_and_ignores_old_generations():
+    gate = CommandGate("node-1", generation=2)
+    assert gate.decide(_cmd())[0] == "act"
+    gate.handled["c1"] = []
+    assert gate.decide(_cmd()) == ("replay", "duplicate delivery: resend the acks already sent")
+    verdict, reason = gate.decide(_cmd("c2", gen=1))
+    assert verdict == "ignore" and "stale generation 1 < 2" in reason
+    assert gate.decide(_cmd("c3", nodes=("node-7",)))[0] == "ignore"
+    assert gate.decide(_cmd("c4", nodes=("node-1",)))[0] == "act"
+
+
+@pytest.mark.parametrize("line, hit", [
+    ("[E ProcessGroupGloo.cpp] tp allreduce failed: Connection closed by peer", True),
+    ("NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus", True),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("Traceback (most recent call last):", True),
+    ("step 12 loss 3.2145", False),
+    ("starting epoch 3", False),
+])
+def test_prefilter(line, hit):
+    assert (prefilter(line) is not None) == hit
+
+
+def test_token_bucket_limits_a_log_storm_and_refills():
+    b = TokenBucket(rate=10, burst=5)
+    assert sum(b.allow(0.0) for _ in range(100)) == 5
+    assert b.dropped == 95
+    assert sum(b.allow(1.0) for _ in range(100)) == 5  # refilled to the burst, not beyond
+    assert b.allow(1.05) is False and b.allow(1.2) is True
+
+
+def test_stage_reached_needs_every_local_rank():
+    assert not stage_reached("rebuilt", [2, 3], {2: {"rebuilt"}, 3: set()})
+    assert stage_reached("rebuilt", [2, 3], {2: {"rebuilt"}, 3: {"rebuilt", "restored"}})
+    assert not stage_reached("rebuilt", [], {})
