@@ -27,6 +27,8 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--json", default=None, help="write the report as JSON to this file")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the ranks keep their tensors (cuda: all ranks share GPU 0, gloo)")
     p.set_defaults(func=run)
 
 
@@ -63,11 +65,11 @@ async def _status_line(cluster: LocalCluster, stop: asyncio.Event, quiet: bool) 
 
 
 async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: float, quiet: bool,
-                   run_root: Path, base_settings) -> dict[str, Any]:
+                   run_root: Path, base_settings, worker_args: str = "") -> dict[str, Any]:
     job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
     settings = base_settings.model_copy(update={"job_id": job, "bus": BusSettings(
         topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
-    cluster = LocalCluster(settings, run_root / job, steps=steps,
+    cluster = LocalCluster(settings, run_root / job, steps=steps, worker_args=worker_args,
                            fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
                            on_event=_printer(quiet))
     stop = asyncio.Event()
@@ -97,7 +99,7 @@ def _report(cluster: LocalCluster, fault: str, rank: int, at_step: int, fault_at
             pids_before: dict[int, int]) -> dict[str, Any]:
     tl = cluster.timeline
     final = cluster.final_states()
-    rep: dict[str, Any] = {"fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
+    rep: dict[str, Any] = {"device": cluster.worker_args, "fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
                            "final_step": {r: s["step"] for r, s in final.items()}, "_states": final}
     done = next((c for c in tl.completed if c.outcome != "superseded"), None)
     if fault == "none" or done is None:
@@ -156,16 +158,17 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure("console" if sys.stderr.isatty() else "json", level="WARNING")
     run_root = Path(settings.runtime_dir).resolve() / "demo"
+    worker_args = f"--device {args.device}"
 
     async def go() -> tuple[dict, tuple[bool, str] | None]:
         reference = None
         if args.verify:
             print("fault-free reference run ...", flush=True)
             reference = await run_once("none", args.rank, args.at_step, args.steps, args.timeout, True,
-                                       run_root, settings)
+                                       run_root, settings, worker_args)
         print(f"run with fault {args.fault} on rank {args.rank} at step {args.at_step} ...", flush=True)
         rep = await run_once(args.fault, args.rank, args.at_step, args.steps, args.timeout, args.quiet,
-                             run_root, settings)
+                             run_root, settings, worker_args)
         verdict = states_equal(reference["_states"], rep["_states"]) if reference else None
         return rep, verdict
 
