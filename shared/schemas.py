@@ -69,6 +69,10 @@ class RankStatus(Frozen):
     # Seconds since this rank's step last advanced, measured by the sidecar's own monotonic
     # clock so the detector never compares two machines' wall clocks.
     since_progress_s: float = 0.0
+    # The OS scheduler state of the process as the sidecar reads it (/proc/<pid>/stat: R, S, D,
+    # T = stopped, t = traced, Z = zombie). A hang leaves every rank stalled at the same step;
+    # only this tells the frozen process from its peers blocked in a collective.
+    proc_state: str | None = None
 
 
 class NodeRole(StrEnum):

@@ -185,6 +185,7 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
             rv.slow = 0
             rv.degraded = False
         rv.state = st
+        rv.frozen = rs.proc_state in FROZEN
         if st is not exited and st is not done:
             live = True
         if st is not running:
@@ -494,6 +495,9 @@ def _check_lost(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
                    now, cfg, out)
 
 
+FROZEN = frozenset({"T", "t"})
+
+
 def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
     base = job.base_threshold
     beating = now - job.last_seen[:n] <= cfg.quiet_factor * job.interval[:n]
@@ -527,10 +531,12 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
         fresh.append((node, rv))
     if not fresh:
         return
-    # Ranks that stall together are one hang. The ranks behind the others are where it is;
-    # when all stand at the same step, the root cannot be told apart and all are named.
+    # Ranks that stall together are one hang. A process the OS reports stopped is where it is
+    # (its peers are merely blocked in a collective with it); otherwise the ranks behind the
+    # others are; when all stand at the same step, the root cannot be told apart and all are named.
+    frozen = [(nd, rv) for nd, rv in fresh if rv.frozen]
     low = min(rv.step for _, rv in fresh)
-    root_pairs = [(nd, rv) for nd, rv in fresh if rv.step == low]
+    root_pairs = frozen or [(nd, rv) for nd, rv in fresh if rv.step == low]
     nodes = tuple(sorted({nd.node_id for nd, _ in root_pairs}))
     ranks = tuple(sorted(rv.rank for _, rv in root_pairs if rv.rank is not None))
     stall = min(rv.stall_start for _, rv in root_pairs)
@@ -544,7 +550,7 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
               f"{cfg.hang_floor_s:g}s))")
     if others:
         reason += f"; {others} ranks at later steps stalled behind them"
-    confidence = 1.0 if len(nodes) == 1 else 0.5
+    confidence = 1.0 if len(nodes) == 1 or frozen else 0.5
     _emit_root(job, FaultClass.HANG, RepairAction.RESTART_PROCESS, nodes, ranks, stall, evidence,
                confidence, reason, now, cfg, out, symptoms=others)
 

@@ -26,7 +26,7 @@ SEEN_IDS = 65536  # worker-event ids remembered to drop redeliveries
 
 class RankView:
     __slots__ = ("rank", "state", "step", "key", "clear_since", "stall_start", "extra", "hung",
-                 "slow", "degraded")
+                 "slow", "degraded", "frozen")
 
     def __init__(self, rank: int | None) -> None:
         self.rank = rank
@@ -39,6 +39,7 @@ class RankView:
         self.hung = False  # reported hung at this stall; cleared when the step advances
         self.slow = 0  # consecutive beats slower than straggler_factor x median
         self.degraded = False
+        self.frozen = False  # the sidecar saw the process stopped or traced by the OS
 
 
 class NodeView:

@@ -56,6 +56,14 @@ class Worker:
         return self.proc.pid
 
 
+def proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
 class SidecarService:
     def __init__(self, settings: Settings) -> None:
         self.s = settings

@@ -583,3 +583,24 @@ def test_released_nodes_are_not_reported_lost_and_are_learnt_again() -> None:
     sim.run(12, 18, skip={"n2", "n3"})
     [inc] = sim.incidents()
     assert (inc.fault_class, inc.root_cause_nodes) == (FaultClass.NODE_LOST, ("n3",))
+
+
+def test_job_wide_stall_names_the_stopped_process_not_its_blocked_peers() -> None:
+    """SIGSTOP on one rank: every rank stalls at the same step; only the sidecar's reading of
+    the OS process state tells the frozen one from those blocked in a collective with it."""
+    sim = Sim()
+    sim.run(0, 4)
+    frozen_step = sim.step
+    t = 4.0
+    while t < 15 and not sim.incidents():
+        if abs(t - round(t)) < 1e-6:
+            for n in sim.nodes:
+                over = {r: dict(step=frozen_step, since_progress_s=t - 4 + 0.1) for r in range(8)}
+                over[5]["proc_state"] = "T"
+                sim.beat(n, t, overrides=over)
+        sim.tick(t)
+        t = round(t + 0.1, 6)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.HANG
+    assert inc.root_cause_ranks == (5,) and inc.root_cause_nodes == ("n2",)
+    assert inc.confidence == 1.0
