@@ -304,7 +304,7 @@ class SidecarService:
             rank=w.rank, local_rank=w.local_rank, pid=w.pid, state=w.state, step=w.step,
             step_time_s=w.step_time_s, generation=self.gate.generation, long_phase=w.long_phase,
             long_phase_expected_s=w.long_phase_expected_s,
-            since_progress_s=round(now - w.last_progress, 3))
+            since_progress_s=round(now - w.last_progress, 3), proc_state=proc_state(w.pid))
             for w in sorted(self.workers.values(), key=lambda w: (w.rank is None, w.rank or 0))
             if w.proc.returncode is None)
         role = NodeRole.SPARE if self.cfg.role == "spare" and not self._ranked() else NodeRole.ACTIVE
