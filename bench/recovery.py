@@ -14,22 +14,7 @@ from flashrecovery.cluster import LocalCluster, states_equal
 from flashrecovery.demo import run_once
 from flashrecovery.shared.settings import BusSettings, Settings
 
-from .stats import slope, summarize
-
-PHASES = ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
-METRICS = ("detection_latency_s", "planning_s", "dispatch_s", "rto_s", "steps_recomputed",
-           "committed_steps_lost")
-
-
-def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median/min/max of every metric and phase over the runs that completed."""
-    ok = [r for r in runs if r.get("outcome") == "done"]
-    out: dict[str, Any] = {m: summarize(r.get(m) for r in ok) for m in METRICS}
-    out["phases_s"] = {p: summarize(r.get("phases_s", {}).get(p) for r in ok) for p in PHASES}
-    out["runs"], out["done"] = len(runs), len(ok)
-    out["bitwise_equal"] = sum(1 for r in ok if r.get("bitwise_equal_to_fault_free"))
-    return out
-
+from .stats import PHASES, slope, summarize_runs  # noqa: F401 (re-exported)
 
 async def run_recovery(faults: list[str], n: int, rank: int, at_step: int, steps: int, run_root: Path,
                        settings: Settings, timeout_s: float, log=print) -> dict[str, Any]:

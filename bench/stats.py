@@ -11,6 +11,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 
+PHASES = ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
+METRICS = ("detection_latency_s", "planning_s", "dispatch_s", "rto_s", "steps_recomputed",
+           "committed_steps_lost")
+
+
 def summarize(values: Iterable[float | None]) -> dict[str, Any]:
     """n, median, min, max of the values that are not None (None when there are none)."""
     xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -103,3 +108,13 @@ def machine_info() -> dict[str, Any]:
         info.setdefault("torch", None)
         info.setdefault("accelerator", None)
     return info
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median/min/max of every metric and phase over the incident reports that completed."""
+    ok = [r for r in runs if r.get("outcome") == "done"]
+    out: dict[str, Any] = {m: summarize(r.get(m) for r in ok) for m in METRICS}
+    out["phases_s"] = {p: summarize((r.get("phases_s") or {}).get(p) for r in ok) for p in PHASES}
+    out["runs"], out["done"] = len(runs), len(ok)
+    out["bitwise_equal"] = sum(1 for r in ok if r.get("bitwise_equal_to_fault_free"))
+    return out

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from flashrecovery.bench.cli import SUITES, add_bench_parser
-from flashrecovery.bench.recovery import summarize_runs
+from flashrecovery.bench.stats import summarize_runs
 from flashrecovery.bench.report import recovery_phase_medians, render, scale_slopes, scale_table
 
 pytestmark = pytest.mark.unit
