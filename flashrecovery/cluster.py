@@ -97,6 +97,7 @@ class LocalCluster:
         env = {"FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
                "FLASHRECOVERY_SIDECAR__CAPACITY": str(self.ranks_per_node),
                "FLASHRECOVERY_SIDECAR__WORKER_ARGS": args,
+               "FLASHRECOVERY_RUNTIME_DIR": str(self.run_dir),  # worker logs beside the services' logs
                # every "node" shares this machine's cores with the control plane
                "FLASHRECOVERY_SIDECAR__WORKER_NICE": os.environ.get("FLASHRECOVERY_SIDECAR__WORKER_NICE", "10")}
         if self.fault_env:
