@@ -16,6 +16,7 @@ up: setup
 	$(VENV)/bin/flashrecovery up
 
 bench: setup
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(VENV)/bin/flashrecovery bench $(BENCH_ARGS)
 
 setup: os-deps $(STAMP)
