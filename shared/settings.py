@@ -56,7 +56,10 @@ class SidecarSettings(BaseModel):
     heartbeat_interval_s: float = Field(1.0, gt=0)
     worker_module: str = "flashrecovery.agent.reference.train"
     worker_args: str = ""  # extra arguments for every worker, shell-quoted
-    pause_timeout_s: float = Field(15.0, gt=0)
+    # A rank blocked rebuilding groups with a peer that died meanwhile cannot answer a pause
+    # until its rebuild gives up; the pause wait must outlast that bound.
+    rebuild_timeout_s: float = Field(15.0, gt=0)
+    pause_timeout_s: float = Field(25.0, gt=0)
     # On a machine whose cores the control plane shares with the trainers (the local demo), a
     # positive niceness keeps heartbeats on time while torch imports saturate the CPU.
     worker_nice: int = Field(0, ge=0, le=19)

@@ -149,6 +149,7 @@ class SidecarService:
         # Eager gloo connect: lazy pair set-up deadlocked on the first tp allreduce with 8 ranks
         # here (torch 2.13), while eager set-up is a few ms per group at this size.
         env.setdefault("FLASHRECOVERY_GLOO_LAZY", "0")
+        env.setdefault("FLASHRECOVERY_REBUILD_TIMEOUT_S", str(self.cfg.rebuild_timeout_s))
         if rank is None:
             env["FLASHRECOVERY_STANDBY"] = "1"
             env.pop("FLASHRECOVERY_RANK", None)
