@@ -43,9 +43,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         names = []
         for service in SERVICES:
             for i in range(args.executors if service == "executor" else 1):
-                name = f"{service}-{i}"
-                sup.start_service(service, name)
-                names.append(name)
+                if service == "executor":
+                    sup.start_service(service, f"executor-{i}", FLASHRECOVERY_INSTANCE=str(i))
+                    names.append(f"executor-{i}")
+                else:
+                    sup.start_service(service)  # ready when any instance of it is live
+                    names.append(service)
         asyncio.run(sup.wait_ready(names))
         log.info("services_ready", services=names, logs=str(sup.run_dir))
         print(f"flashrecovery up: {', '.join(names)} ready; kafka {stack.kafka_bootstrap}, "

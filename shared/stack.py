@@ -112,6 +112,7 @@ def start_broker(run_dir: Path, port: int | None = None, timeout_s: float = 20.0
 
 def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0) -> OwnedProcess:
     port = port or free_port()
+    run_dir = run_dir.resolve()  # redis-server chdirs to --dir before opening --logfile
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"redis-{port}.log"
     proc = subprocess.Popen(
