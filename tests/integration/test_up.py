@@ -1,0 +1,60 @@
+"""`flashrecovery up` on the embedded stack: everything becomes ready, Ctrl-C stops all of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(entry.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FLASHRECOVERY_KAFKA_BOOTSTRAP", "FLASHRECOVERY_REDIS_URL")}
+    env.update(FLASHRECOVERY_RUNTIME_DIR=str(tmp_path), FLASHRECOVERY_JOB_ID="uptest")
+    proc = subprocess.Popen([sys.executable, "-m", "flashrecovery", "up"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        line = ""
+        while "ready" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "up exited before it was ready"
+        assert "detector, planner, executor-0, executor-1 ready" in line
+        children = _children(proc.pid)
+        assert len(children) >= 6  # broker, redis, detector, planner, 2 executors
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        time.sleep(0.5)
+        assert not [c for c in children if _alive(c)], "something outlived `up`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
