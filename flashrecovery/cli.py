@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     tools = {"demo": "flashrecovery.demo", "status": "flashrecovery.tools", "events": "flashrecovery.tools",
              "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli"}
     for name, module in tools.items():
-        if argv and argv[0] == name and importlib.util.find_spec(module) is not None:
-            getattr(importlib.import_module(module), f"add_{name}_parser", None) and \
-                getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
+        if argv and argv[0] == name:
+            getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
         else:
             sub.add_parser(name, help=f"(see flashrecovery {name} --help)")
     args = ap.parse_args(argv)
