@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from . import channel as ch
 from .faults import FaultInjector, parse_faults
+from .gradients import flatten_grads, unflatten_into_grads
 from .groups import (
     CollectiveError,
     Comm,
@@ -188,20 +189,13 @@ class RecoveryAgent:
         """Flatten all grads into one buffer, one dp allreduce, divide by dp size."""
         step = self._step
         params = self.params
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.detach().reshape(-1).cpu() for g in grads])
+        grads, flat = flatten_grads(params)
         work = self.comm.dp_allreduce_async(flat)
         self.faults.maybe(self.rank, step, "grad_sync")
         if work is not None:
             self.interruptor.wait(work, "dp allreduce (gradient sync)", self.rank)
             flat.div_(self.groups.dp)
-        off = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.copy_(flat[off:off + n].view_as(g))
-            off += n
+        unflatten_into_grads(params, grads, flat)
         self.grads_step = step
         self.faults.maybe(self.rank, step, "after_sync")
 

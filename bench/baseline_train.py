@@ -24,7 +24,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from flashrecovery.agent.gradients import flatten_grads, unflatten_into_grads
 from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
+from flashrecovery.agent.reference.train import add_job_args
 
 
 class TPComm:
@@ -42,18 +44,7 @@ class TPComm:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--step-sleep", type=float, default=0.0)
+    add_job_args(p)
     p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint every K steps (0: never)")
     p.add_argument("--dir", required=True, help="checkpoints, progress and final state")
     p.add_argument("--bare", action="store_true", help="no checkpoints, no progress files")
@@ -118,18 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         model.rng.reseed(args.seed, step, dp_index, rank)
         x, y = batch(args.seed, step, dp_index, args.micro_batch, cfg)
         model(x, y).backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        grads, flat = flatten_grads(params)
         if dp_pg is not None:
             dist.all_reduce(flat, group=dp_pg)
             flat.div_(dp_size)
-        off = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.copy_(flat[off:off + n].view_as(g))
-            off += n
+        unflatten_into_grads(params, grads, flat)
         opt.step()
         applied = step
         step_times.append(time.perf_counter() - t0)

@@ -20,9 +20,9 @@ from ..transfer import state_digest
 from .model import ModelConfig, TPGPT, batch
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=30)
+def add_job_args(p: argparse.ArgumentParser) -> None:
+    """The job's shape (model, data, optimizer): shared with the torchrun baseline so both train
+    the very same job."""
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)
@@ -33,9 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=30)
+    add_job_args(p)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="directory for rank{r}.pt final state dumps")
     return p.parse_args(argv)
 
