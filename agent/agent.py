@@ -49,6 +49,7 @@ from .groups import (
     Interruptor,
     NcclGroupFactory,
     PauseRequested,
+    arrival_barrier,
 )
 from .settings import AgentSettings
 from .transfer import TransferResult, ensure_optimizer_state, recv_state, send_state
@@ -100,6 +101,8 @@ class RecoveryAgent:
         self._step: int | None = None
         self._t_step = 0.0
         self._cmds: queue.Queue[ch.Message | None] = queue.Queue()
+        self._pause_gen = -1  # newest generation a pause named (set by the reader thread)
+        self.barrier_polls = 0
         self._reader: threading.Thread | None = None
         self.log = _make_logger(self.rank)
         self.recoveries: list[dict[str, Any]] = []
@@ -163,6 +166,10 @@ class RecoveryAgent:
         that never comes turns into a CollectiveError: the rank pauses again."""
         assert self.store is not None and self.rank is not None
         self.store.set_timeout(datetime.timedelta(seconds=self.settings.rebuild_timeout_s))
+        arrived = f"flashrecovery/{self.settings.job_id}/g{self.generation}/arrived"
+        self.barrier_polls = arrival_barrier(self.store, arrived, self.world_size,
+                                             self._abandon_rebuild,
+                                             self.settings.rebuild_timeout_s)
         try:
             self.groups = self.factory.build(self.store, self.settings.job_id, self.generation,
                                              self.rank, self.world_size, self.tp)
@@ -172,6 +179,13 @@ class RecoveryAgent:
                   f"{self.generation} failed: RuntimeError: {msg}", file=sys.stderr, flush=True)
             raise CollectiveError(f"group build g{self.generation}: {msg}") from exc
         self.comm.groups = self.groups
+
+    def _abandon_rebuild(self) -> str | None:
+        # A pause of a newer generation may have arrived before this rebuild cleared the
+        # interruptor; the generation it names still tells that this rebuild is superseded.
+        if self._pause_gen > self.generation:
+            return f"pause g{self._pause_gen} while rebuilding g{self.generation}"
+        return self.interruptor.reason
 
     # ------------------------------------------------------------------ the step
     def begin_step(self, step: int) -> None:
@@ -398,6 +412,7 @@ class RecoveryAgent:
                         self.log.info("stale pause dropped", got=msg.generation,
                                       generation=self.generation)
                         continue
+                    self._pause_gen = max(self._pause_gen, msg.generation)
                     self.interruptor.interrupt(f"pause g{msg.generation} from sidecar")
                 self._cmds.put(msg)
         except (OSError, ValueError) as exc:

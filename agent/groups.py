@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -99,6 +99,34 @@ class Interruptor:
         finally:
             with self._lock:
                 self._waiters.discard(ev)
+
+
+def arrival_barrier(store: dist.Store, key: str, size: int, abandon: Callable[[], str | None],
+                    timeout_s: float, poll_s: float = 0.005) -> int:
+    """Wait until ``size`` members have arrived at ``key``; returns the number of store polls.
+
+    Group constructors wait in the store for every member while holding the GIL, so a member
+    that died after the plan was made would pin this rank there and leave it deaf to a
+    superseding pause. Counting arrivals first, in a loop that asks ``abandon`` between polls,
+    keeps the rank interruptible; the constructor then only runs once everyone is alive and
+    here. One ``add`` per poll: the store work per rank does not grow with the world size.
+    """
+    store.add(key, 1)
+    t0 = time.monotonic()
+    polls = 0
+    delay = poll_s / 5
+    while True:
+        polls += 1
+        if store.add(key, 0) >= size:
+            return polls
+        why = abandon()
+        if why is not None:
+            raise PauseRequested(f"rebuild abandoned: {why}")
+        if time.monotonic() - t0 > timeout_s:
+            raise CollectiveError(f"{key}: only {store.add(key, 0)} of {size} members arrived "
+                                  f"in {timeout_s} s")
+        time.sleep(delay)
+        delay = min(delay * 2, poll_s * 4)
 
 
 class _ThreadFuture:

@@ -126,10 +126,6 @@ async def _when_phase(c: LocalCluster, phase: str) -> None:
                        120, f"phase {phase}")
 
 
-@pytest.mark.skip(reason="known gap (issue #6): survivors blocked inside the generation-g group rebuild "
-                         "(ProcessGroupGloo's constructor waits in the store for the dead peer, holding the "
-                         "GIL) do not answer the superseding plan's pause within the sidecar's wait, so "
-                         "the superseding plan fails; the rebuild must become interruptible")
 def test_second_fault_during_recovery_supersedes(stack, tmp_path, reference_states):
     async def second(c: LocalCluster):
         await _when_phase(c, "replace")

@@ -18,6 +18,7 @@ from flashrecovery.agent.groups import (
     Interruptor,
     NcclGroupFactory,
     PauseRequested,
+    arrival_barrier,
 )
 
 
@@ -106,3 +107,32 @@ def test_fault_spec_parsing() -> None:
     assert parse_faults(None) == [] and parse_faults("") == []
     with pytest.raises(ValueError):
         FaultSpec.parse("kind=melt,rank=2,step=3")
+
+
+def test_arrival_barrier_waits_for_every_member() -> None:
+    store = dist.HashStore()
+    late = threading.Timer(0.05, lambda: store.add("g1/arrived", 1))
+    late.start()
+    try:
+        polls = arrival_barrier(store, "g1/arrived", 2, lambda: None, timeout_s=5)
+    finally:
+        late.cancel()
+    assert store.add("g1/arrived", 0) == 2
+    assert polls > 1  # it had to wait for the late member
+
+
+def test_arrival_barrier_is_abandoned_on_pause() -> None:
+    store = dist.HashStore()
+    reason: list[str] = []
+    threading.Timer(0.05, lambda: reason.append("pause g3")).start()
+    t0 = time.monotonic()
+    with pytest.raises(PauseRequested, match="pause g3"):
+        arrival_barrier(store, "g2/arrived", 2, lambda: reason[0] if reason else None,
+                        timeout_s=30)
+    assert time.monotonic() - t0 < 5
+
+
+def test_arrival_barrier_times_out_on_a_member_that_never_comes() -> None:
+    store = dist.HashStore()
+    with pytest.raises(CollectiveError, match="only 1 of 3 members"):
+        arrival_barrier(store, "g4/arrived", 3, lambda: None, timeout_s=0.2)
