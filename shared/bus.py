@@ -92,8 +92,12 @@ class Consumer:
 
     def __init__(self, bootstrap: str, bus: BusSettings, topics: Iterable[T.Topic], group_id: str | None,
                  handler: Handler, producer: Producer, name: str, *, from_latest: bool = False,
-                 batch_handler: Callable[[list[tuple[Any, Any]]], Awaitable[None]] | None = None) -> None:
+                 batch_handler: Callable[[list[tuple[Any, Any]]], Awaitable[None]] | None = None,
+                 dead_letters: bool = True) -> None:
         self._bus = bus
+        # False for a reader that only looks on (its topic's owner dead-letters bad input once):
+        # bad records are logged and skipped.
+        self._dead_letters = dead_letters
         self.name = name
         self._handler = handler
         self._batch_handler = batch_handler
@@ -120,6 +124,18 @@ class Consumer:
             for tp in self._c.assignment():
                 await self._c.position(tp)
         await asyncio.wait_for(_wait(), timeout_s)
+
+    async def seek_to_time(self, ts_ms: int) -> None:
+        """Position every assigned partition at its first record stamped at or after ts_ms (at
+        the end where there is none): a reader without a group that wants recent history only."""
+        parts = list(self._c.assignment())
+        found = await self._c.offsets_for_times({tp: ts_ms for tp in parts}) if parts else {}
+        for tp in parts:
+            hit = found.get(tp)
+            if hit is None:
+                await self._c.seek_to_end(tp)
+            else:
+                self._c.seek(tp, hit.offset)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -168,6 +184,10 @@ class Consumer:
                     await self._dead_letter(record, f"handler failed {attempt + 1}x: {exc!r}")
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
+        if not self._dead_letters:
+            self._log.info("bad_input_skipped", reason=reason, topic=record.topic,
+                           partition=record.partition, offset=record.offset)
+            return
         self.dead_lettered += 1
         self._log.warning("dead_lettered", reason=reason, topic=record.topic,
                           partition=record.partition, offset=record.offset)

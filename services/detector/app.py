@@ -5,6 +5,7 @@ tick, publishes what the core decides and logs one line per decision."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import time
@@ -12,10 +13,12 @@ from typing import Any
 
 from flashrecovery.shared import topics as T
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
 
 from flashrecovery.shared.bus import Consumer, Producer, topic_name
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.schemas import NodeRole
 from flashrecovery.shared.settings import Settings
 
 from . import core
@@ -27,6 +30,9 @@ LIVENESS_S = 2.0
 LIVENESS_TTL_S = 10.0
 LAG_LIMIT_S = 1.0  # consumer lag beyond which time-driven checks wait
 STALL_FACTOR = 1.5  # no batch at all for this many heartbeat intervals: the consumer is stalled
+PEER_LOOKBACK_S = 300.0  # a (re)started instance learns the incidents of the last 5 minutes
+PEER_GRACE_S = 1.0  # while others own part of the job, a hang waits this long for their incident
+HANDOVER_PATIENCE_S = 10.0  # how long seeding handed-over nodes waits to hear the job at all
 
 
 class ReceiveClock:
@@ -43,7 +49,7 @@ class ReceiveClock:
 
 class DetectorService:
     def __init__(self, settings: Settings, instance: str | None = None,
-                 clock: ReceiveClock | None = None) -> None:
+                 clock: ReceiveClock | None = None, peer_incidents: bool = True) -> None:
         self.settings = settings
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
         self.cfg = core.Config.from_settings(settings.detector, producer=f"detector/{self.instance}")
@@ -54,8 +60,16 @@ class DetectorService:
         self._stop = asyncio.Event()
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
+        # Reads the incidents topic (every partition, no group, no commits) so root causes
+        # reported by the other instances explain symptoms held here.
+        self._peers: Consumer | None = None
+        self._peer_incidents = peer_incidents
         self._registry: Registry | None = None
         self._assigned: set[Any] = set()
+        self._owned: set[int] = set()  # heartbeat partitions owned after the last rebalance
+        self._handover: set[int] = set()  # newly owned partitions whose nodes are still to seed
+        self._handover_nodes: list[tuple[str, tuple[tuple[int, int], ...]]] | None = None
+        self._handover_at = 0.0
         self._lag: dict[tuple[str, int], tuple[float, float]] = {}  # tp -> (measured at, lag s)
         self._caught_up_at = self.clock()
         self.frozen_ticks = 0
@@ -76,10 +90,25 @@ class DetectorService:
                                   self._handle_one, self._producer, "detector",
                                   batch_handler=self._handle_batch)
         await self._consumer.start()
+        if self._peer_incidents:
+            await self._start_peer_reader()
         if s.redis_url:
             self._registry = Registry.from_url(s.redis_url, s.job_id)
         self.log.info("detector_started", job_id=s.job_id, group=self.group_id,
                       signatures=len(self.cfg.catalog or ()))
+
+    async def _start_peer_reader(self) -> None:
+        s = self.settings
+        assert self._producer is not None
+        self._peers = Consumer(s.kafka_bootstrap, s.bus, [T.INCIDENTS], None, self._handle_peer,
+                               self._producer, "detector-peers", dead_letters=False)
+        await self._peers.start()
+        since_ms = int((time.time() - PEER_LOOKBACK_S) * 1000)
+        try:
+            await self._peers.wait_assigned(10.0)
+            await self._peers.seek_to_time(since_ms)
+        except Exception as exc:  # noqa: BLE001 - from the start instead; old records are skipped
+            self.log.warning("peer_seek_failed", error=repr(exc))
 
     async def wait_assigned(self, timeout_s: float = 30.0) -> None:
         assert self._consumer is not None, "start() first"
@@ -90,6 +119,8 @@ class DetectorService:
         tasks = [asyncio.create_task(self._consumer.run(), name="detector-consume"),
                  asyncio.create_task(self._tick_loop(), name="detector-tick"),
                  asyncio.create_task(self._liveness_loop(), name="detector-liveness")]
+        if self._peers is not None:
+            tasks.append(asyncio.create_task(self._peers.run(), name="detector-peers"))
         try:
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -99,6 +130,8 @@ class DetectorService:
         finally:
             self._stop.set()
             self._consumer.stop()
+            if self._peers is not None:
+                self._peers.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def stop(self) -> None:
@@ -106,6 +139,8 @@ class DetectorService:
         self._stop.set()
         if self._consumer is not None:
             self._consumer.stop()
+        if self._peers is not None:
+            self._peers.stop()
         await asyncio.sleep(0)
 
     async def close(self) -> None:
@@ -141,6 +176,19 @@ class DetectorService:
         if decisions:
             await self._publish(decisions)  # before the batch's offsets are committed
 
+    async def _handle_peer(self, event: Any, record: Any) -> None:
+        """An incident (or degradation) on the incidents topic, ours or a peer's: the core keeps
+        the peers' root incidents as known root causes. Never dead-lettered or retried here."""
+        if record.timestamp < (time.time() - PEER_LOOKBACK_S) * 1000:
+            return  # history from before the lookback (the seek was not available)
+        try:
+            _, decisions = core.observe_incident(self.state, event, self.clock(), self.cfg)
+        except Exception as exc:  # noqa: BLE001 - a bad peer record must not stop the reader
+            self.log.warning("peer_incident_failed", error=repr(exc), offset=record.offset)
+            return
+        if decisions:
+            await self._publish(decisions)
+
     def _check_ownership(self) -> None:
         """After a rebalance, drop the nodes whose partitions went to another instance."""
         assert self._consumer is not None
@@ -159,7 +207,66 @@ class DetectorService:
             return part(node_id.encode(), partitions, partitions) in owned
 
         released = core.release_nodes(self.state, keep)
-        self.log.info("partitions_assigned", partitions=sorted(owned), released_nodes=released)
+        shared = self._peers is not None and len(owned) < len(partitions)
+        self.cfg = dataclasses.replace(self.cfg, peer_grace_s=PEER_GRACE_S if shared else 0.0)
+        newly = owned - self._owned
+        self._owned = owned
+        self._handover = (self._handover & owned) | newly
+        self._handover_nodes = None
+        self._handover_at = self.clock()
+        self.log.info("partitions_assigned", partitions=sorted(owned), released_nodes=released,
+                      new_partitions=sorted(newly))
+
+    async def _seed_handover(self) -> None:
+        """Nodes on partitions taken over from another instance (the group had committed
+        offsets there) may have died just before the handover: their last beats were read by
+        the old owner, so this instance would never hear of them. Expect them from the registry
+        topology; the core reports one lost if it does not beat after the usual misses."""
+        if self._registry is None:
+            self._handover.clear()
+            return
+        parts = sorted(self._handover)
+        if self._handover_nodes is None:
+            hb = topic_name(T.HEARTBEATS, self.settings.bus)
+            try:
+                assert self._consumer is not None
+                c = self._consumer._c  # see _check_ownership: bus has no hook for this
+                handed = [p for p in parts
+                          if await asyncio.wait_for(c.committed(TopicPartition(hb, p)), 2.0) is not None]
+                snap = await asyncio.wait_for(self._registry.snapshot(), 2.0) if handed else None
+            except LookupError:
+                snap, handed = None, []  # no topology for the job: nothing to expect
+            except Exception as exc:  # noqa: BLE001 - best effort; the next beat still teaches us
+                self.log.warning("handover_seed_failed", partitions=parts, error=repr(exc))
+                self._handover.clear()
+                return
+            self._handover_nodes = [] if snap is None else self._handover_candidates(snap, set(handed))
+        if not self._handover_nodes:
+            self._handover.clear()
+            return
+        seeded = core.expect_nodes(self.state, self.settings.job_id, self._handover_nodes,
+                                   self.clock(), self.cfg)
+        if seeded is None and self.clock() - self._handover_at < HANDOVER_PATIENCE_S:
+            return  # the job is not heard here yet: try again next tick
+        self.log.info("handover_nodes_expected", job_id=self.settings.job_id, partitions=parts,
+                      candidates=len(self._handover_nodes), seeded=seeded or 0,
+                      reason="seeded" if seeded is not None else "job not heard: nothing expected")
+        self._handover.clear()
+        self._handover_nodes = None
+
+    def _handover_candidates(self, snap: Any,
+                             parts: set[int]) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+        """Active nodes of the registry topology that hold ranks and key onto `parts`."""
+        partitions = list(range(self.settings.bus.telemetry_partitions))
+        local = {r.rank: r.local_rank for r in snap.ranks}
+        out = []
+        for node in snap.nodes:
+            if node.role is not NodeRole.ACTIVE or not node.ranks:
+                continue
+            if self._partitioner(node.node_id.encode(), partitions, partitions) not in parts:
+                continue
+            out.append((node.node_id, tuple((r, local.get(r, i)) for i, r in enumerate(node.ranks))))
+        return out
 
     def _stream_now(self) -> float:
         """The clock time-driven checks may use. While the consumer is behind the stream,
@@ -181,6 +288,8 @@ class DetectorService:
     async def _tick_loop(self) -> None:
         while not self._stop.is_set():
             self._check_ownership()
+            if self._handover:
+                await self._seed_handover()
             _, decisions = core.tick(self.state, self._stream_now(), self.cfg)
             if decisions:
                 await self._publish(decisions)
@@ -207,6 +316,9 @@ class DetectorService:
             fields = dict(job_id=d.job_id, generation=d.generation, reason=d.reason,
                           incident_id=d.incident_id, node_id=d.node_id,
                           fault_class=d.fault_class.value if d.fault_class else None)
+            if d.kind == "noted":  # a peer's incident is a known root cause here
+                self.log.info("peer_incident", **fields)
+                continue
             if d.event is None:
                 self.log.debug(f"detector_{d.kind}", **fields)
                 continue

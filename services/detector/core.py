@@ -3,6 +3,8 @@ clock: `now` is the detector's receive clock, passed in by the shell. Sender tim
 compared with it; the sidecars measure `since_progress_s` on their own monotonic clocks.
 
 observe(state, event, now, cfg) -> (state, decisions)   a heartbeat, worker exit or log line
+observe_incident(state, incident, now, cfg)             a peer instance's incident: a known root
+expect_nodes(state, job_id, nodes, now, cfg)            seed nodes handed over in a rebalance
 tick(state, now, cfg) -> (state, decisions)             node lost, hang, expiry of held evidence
 
 Root cause before symptoms: a crash, node loss, hang or hardware/OOM/software error is a root
@@ -12,13 +14,16 @@ attributed to a root cause seen before or after them; only if none turns up does
 class communication go out, with low confidence and action none. A "Traceback" line is held
 until its exception line (or the exit, or a short settle time) says what it was, and an exit
 that follows a communication error of the same rank is held like a symptom.
+
+Several instances split the nodes between them; each also reads the incidents the others publish
+(observe_incident), so a root cause seen by one explains the symptoms held by another.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -58,6 +63,10 @@ class Config:
     quiet_factor: float = 1.5  # a node silent for this many intervals is a suspect / not "heartbeating"
     max_evidence: int = 16  # evidence items carried by one incident
     producer: str = "detector"
+    # Set by the shell while other instances own part of the job's partitions: a hang with no
+    # OS-stopped process among its ranks waits this long for a peer's incident (one that names
+    # the stopped process elsewhere) before it is reported here. 0: one instance sees it all.
+    peer_grace_s: float = 0.0
 
     @classmethod
     def from_settings(cls, s: DetectorSettings, producer: str = "detector") -> Config:
@@ -77,7 +86,8 @@ class Config:
 @dataclass(frozen=True)
 class Decision:
     """What the detector decided and why. kind: incident | degradation (event set: publish it),
-    joined (evidence added to an incident already out) or dropped (input ignored)."""
+    joined (evidence added to an incident already out), noted (a peer instance's incident is now
+    a known root cause here) or dropped (input ignored)."""
     kind: str
     job_id: str
     generation: int
@@ -250,6 +260,7 @@ def _advance(job: JobState, generation: int, now: float, out: list[Decision]) ->
     job.pending = [s for s in job.pending if s.generation >= generation]
     job.headers = {k: v for k, v in job.headers.items() if v[2] >= generation}
     job.comm_recent.clear()
+    job.hang_held = None
     job.roots = [r for r in job.roots if r.generation >= generation]
     if job.comm_open is not None and job.comm_open.generation < generation:
         job.comm_open = None
@@ -409,20 +420,95 @@ def _emit_root(job: JobState, cls: FaultClass, action: RepairAction, node_id: st
                    reason, root=True)
     inc.symptoms = symptoms
     # Symptoms already held that this root explains are counted before it goes out.
-    keep = []
-    for s in job.pending:
-        if s.generation == gen and (s.node_id in nodes or fault_time - cfg.correlation_window_s <= s.t):
-            inc.symptoms += 1
-            if len(inc.evidence) < cfg.max_evidence:
-                inc.evidence.append(s.evidence)
-        else:
-            keep.append(s)
-    job.pending = keep
+    for s in _explained(job, inc, cfg):
+        inc.symptoms += 1
+        if len(inc.evidence) < cfg.max_evidence:
+            inc.evidence.append(s.evidence)
     for n in nodes:
         job.by_node[(gen, n)] = inc
     job.roots.append(inc)
     _emit(job, inc, cfg, out)
     return inc
+
+
+def _explained(job: JobState, root: Incident, cfg: Config) -> list[Symptom]:
+    """Take the held symptoms a new root incident explains off the pending list: those of its
+    generation on its own nodes, or that came no earlier than a window before its fault."""
+    took: list[Symptom] = []
+    keep: list[Symptom] = []
+    for s in job.pending:
+        if s.generation == root.generation and (
+                s.node_id in root.nodes or root.fault_time - cfg.correlation_window_s <= s.t):
+            took.append(s)
+        else:
+            keep.append(s)
+    job.pending = keep
+    return took
+
+
+# ------------------------------------------------------------------------------- peer instances
+
+def observe_incident(state: DetectorState, incident: Any, now: float,
+                     cfg: Config) -> tuple[DetectorState, list[Decision]]:
+    """An incident published by another detector instance, read back from the incidents topic.
+
+    A root incident becomes a known root cause here, exactly as if this instance had emitted it:
+    held symptoms it explains are attributed to it at once (no incident of ours), later symptoms,
+    hangs and evidence of its nodes in its generation join it. A peer's unexplained-communication
+    incident becomes the one later unexplained errors here join. Never published again.
+
+    Ignored: our own incidents (producer), degradations, incidents of a generation older than
+    the job's, and an incident id already known (a redelivery, or one we derived ourselves).
+
+    The fault time is placed on our receive clock: arrival less the time the peer took from the
+    fault to its detection (an interval of the peer's clock; the two clocks are never compared)."""
+    out: list[Decision] = []
+    if getattr(incident, "kind", None) != "fault_incident":
+        state.count("ignored_kinds")
+        return state, out
+    if incident.producer == cfg.producer:
+        state.count("own_incidents")
+        return state, out
+    job = state.job(incident.job_id)
+    gen = incident.generation
+    iid = incident.incident_id
+    if gen < job.generation:
+        state.count("old_generation_incidents")
+        out.append(Decision("dropped", job.job_id, gen,
+                            f"incident from {incident.producer} of old generation {gen}",
+                            incident_id=iid, fault_class=incident.fault_class))
+        return state, out
+    if iid in job.incidents:
+        state.count("duplicate_incidents")
+        return state, out
+    cls = incident.fault_class
+    took = max(0.0, incident.detected_at - incident.first_seen_at)
+    fault_time = now - took
+    nodes = tuple(sorted(incident.root_cause_nodes))
+    root = cls is not FaultClass.COMMUNICATION
+    inc = Incident(iid, job.job_id, gen, cls, incident.action, nodes,
+                   tuple(sorted(incident.root_cause_ranks)), fault_time, fault_time, now,
+                   list(incident.evidence)[: cfg.max_evidence], incident.confidence,
+                   incident.reason, root=root)
+    inc.symptoms = incident.symptoms_attributed
+    inc.origin = incident.producer
+    job.incidents[iid] = inc
+    state.count("peer_incidents")
+    absorbed = 0
+    if root:
+        for n in nodes:
+            job.by_node.setdefault((gen, n), inc)
+        job.roots.append(inc)
+        for s in _explained(job, inc, cfg):
+            _attribute(inc, s, out, cfg)
+            absorbed += 1
+    elif gen == job.generation and job.comm_open is None:
+        job.comm_open = inc
+    out.append(Decision("noted", job.job_id, gen,
+                        f"{cls.value} on {','.join(nodes)} reported by {incident.producer}; "
+                        f"{absorbed} held symptoms attributed to it", incident_id=iid,
+                        fault_class=cls, node_id=",".join(nodes)))
+    return state, out
 
 
 # ------------------------------------------------------------------------------------ ownership
@@ -444,6 +530,44 @@ def release_nodes(state: DetectorState, keep: Callable[[str], bool]) -> int:
                 node.lost = False
                 released += 1
     return released
+
+
+def expect_nodes(state: DetectorState, job_id: str,
+                 nodes: Iterable[tuple[str, tuple[tuple[int, int], ...]]], now: float,
+                 cfg: Config) -> int | None:
+    """Nodes of partitions this instance took over in a rebalance, from the registry topology:
+    (node id, ((rank, local rank), ...)). A node already heard of here is left alone; one never
+    heard of is watched as if it had beaten at `now` (the handover), so a node that died before
+    the handover and never beats again is reported lost after the usual misses. Returns how many
+    nodes were seeded, or None while the job is not heard here at all (no node beat within
+    quiet_factor intervals): a finished or not yet started job has nobody to expect."""
+    job = state.jobs.get(job_id)
+    n = 0 if job is None else len(job.by_idx)
+    if job is None or n == 0 or not bool(
+            (now - job.last_seen[:n] <= cfg.quiet_factor * job.interval[:n]).any()):
+        return None
+    seeded = 0
+    interval = cfg.heartbeat_interval_s
+    for node_id, ranks in nodes:
+        if not ranks:
+            continue
+        known = job.nodes.get(node_id)
+        if known is not None and (known.seq >= 0 or known.ranks):
+            continue
+        node = job.node(node_id)
+        node.ranks = {lr: RankView(rank) for rank, lr in ranks}
+        node.role = NodeRole.ACTIVE
+        node.lost = False
+        node.last_seen = now
+        node.interval = interval
+        i = node.idx
+        job.last_seen[i] = now
+        job.interval[i] = interval
+        job.lost_after[i] = interval * cfg.heartbeat_misses
+        job.due[i] = INF
+        job.watch[i] = True
+        seeded += 1
+    return seeded
 
 
 # ------------------------------------------------------------------------------------ tick
@@ -481,8 +605,9 @@ def _check_lost(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
         job.due[i] = INF
         node.lost = True
         silent = now - node.last_seen
+        heard = f"seq {node.seq}" if node.seq >= 0 else "expected from the registry, never heard here"
         ev = Evidence(source="node_heartbeat", node_id=node.node_id,
-                      detail=f"no heartbeat for {silent:.2f}s (interval {node.interval:g}s, seq {node.seq})",
+                      detail=f"no heartbeat for {silent:.2f}s (interval {node.interval:g}s, {heard})",
                       observed_at=now)
         existing = job.by_node.get((job.generation, node.node_id))
         if existing is not None:
@@ -503,6 +628,7 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
     beating = now - job.last_seen[:n] <= cfg.quiet_factor * job.interval[:n]
     candidates = np.flatnonzero(job.watch[:n] & beating & (job.due[:n] + base < now))
     if len(candidates) == 0:
+        job.hang_held = None
         return
     hung: list[tuple[NodeView, RankView]] = []
     for i in candidates:
@@ -530,7 +656,21 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
             continue
         fresh.append((node, rv))
     if not fresh:
+        job.hang_held = None
         return
+    if cfg.peer_grace_s > 0 and not any(rv.frozen for _, rv in fresh):
+        # Part of the job is watched by other instances: the process everyone waits on may be
+        # theirs. Judged again every tick until a peer's incident explains these ranks or the
+        # grace is over.
+        if job.hang_held is None:
+            job.hang_held = now
+        if now - job.hang_held < cfg.peer_grace_s:
+            for node, rv in fresh:
+                rv.hung = False
+                i = node.idx
+                job.due[i] = min(job.due[i], rv.stall_start + rv.extra)
+            return
+    job.hang_held = None
     # Ranks that stall together are one hang. A process the OS reports stopped is where it is
     # (its peers are merely blocked in a collective with it); otherwise the ranks behind the
     # others are; when all stand at the same step, the root cannot be told apart and all are named.
@@ -615,6 +755,11 @@ def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[D
     ranks = tuple(sorted({s.rank for s in logs if s.rank is not None}))
     gen = job.generation
     iid = incident_id(job.job_id, gen, FaultClass.COMMUNICATION, nodes, ranks)
+    known = job.incidents.get(iid)
+    if known is not None:  # a peer instance reported the same errors already
+        for s in logs:
+            _attribute(known, s, out, cfg)
+        return
     first = min(s.t for s in logs)
     inc = Incident(iid, job.job_id, gen, FaultClass.COMMUNICATION, RepairAction.NONE, nodes, ranks,
                    first, first, now, [s.evidence for s in logs[: cfg.max_evidence]], 0.2,

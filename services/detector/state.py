@@ -62,7 +62,7 @@ class Incident:
     """One root cause in one generation; later evidence joins it."""
     __slots__ = ("id", "job_id", "generation", "fault_class", "action", "nodes", "ranks",
                  "fault_time", "first_seen", "detected_at", "evidence", "symptoms", "confidence",
-                 "reason", "root")
+                 "reason", "root", "origin")
 
     def __init__(self, id: str, job_id: str, generation: int, fault_class: FaultClass,
                  action: RepairAction, nodes: tuple[str, ...], ranks: tuple[int, ...],
@@ -83,6 +83,7 @@ class Incident:
         self.confidence = confidence
         self.reason = reason
         self.root = root  # False for a communication incident with no root cause found
+        self.origin: str | None = None  # producer of a peer instance's incident; None: ours
 
     def to_event(self, producer: str) -> FaultIncident:
         return FaultIncident(
@@ -124,6 +125,7 @@ class JobState:
         self.by_node: dict[tuple[int, str], Incident] = {}  # (generation, node) -> its incident
         self.roots: list[Incident] = []  # root incidents of the current generation
         self.comm_open: Incident | None = None  # the unexplained-communication incident, if any
+        self.hang_held: float | None = None  # since when a hang waits for a peer's incident
         self.pending: list[Symptom] = []
         self.headers: dict[tuple[str, int | None], tuple[float, Evidence, int]] = {}
         self.comm_recent: dict[tuple[str, int | None], float] = {}

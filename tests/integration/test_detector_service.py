@@ -14,7 +14,7 @@ from flashrecovery.detector.app import DetectorService
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
 from flashrecovery.shared.schemas import (Degradation, FaultClass, FaultIncident, LogEvent,
-                                          NodeHeartbeat, RankState, RankStatus, RepairAction,
+                                          NodeHeartbeat, NodeRole, RankState, RankStatus, RepairAction,
                                           WorkerExit)
 from flashrecovery.shared.settings import Settings
 
@@ -306,6 +306,7 @@ async def test_fault_free_run_with_slow_step_and_long_phase_has_no_incident(rig)
     assert watcher.degradations == []
     assert svc.state.counters.get("stale_heartbeats", 0) == 0
     assert any(k.startswith("detector:itest") for k in await registry.live_services())
+    assert svc.cfg.peer_grace_s == 0  # the only instance: no hang waits for a peer
 
 
 async def test_malformed_input_is_dead_lettered_and_detection_goes_on(rig, producer) -> None:
@@ -341,3 +342,149 @@ async def test_second_instance_rebalance_no_false_incident_then_one_crash_incide
         await other.stop()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
         await other.close()
+
+
+@dataclass
+class NamedJob(FakeJob):
+    """FakeJob with one rank per node and chosen node ids (so their partitions are known)."""
+    names: tuple[str, ...] = ()
+
+    def node_of(self, rank: int) -> str:
+        return self.names[rank]
+
+
+async def test_two_instances_crash_at_one_symptoms_at_the_other_give_one_incident(
+        topics_ready, producer) -> None:
+    """Two detectors in one group split the partitions; the crashed node's partition belongs to
+    A, the seven peers logging 'connection closed by peer' to B. B reads A's incident from the
+    incidents topic and attributes its held symptoms to it: one incident across both."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    settings = topics_ready
+    watcher = Watcher(settings, producer)
+    await asyncio.wait_for(watcher.consumer.start(), 30)
+    a = DetectorService(settings, instance="peer-a")
+    b = DetectorService(settings, instance="peer-b")
+    tasks = [asyncio.create_task(watcher.consumer.run())]
+    job = None
+    try:
+        await asyncio.wait_for(a.start(), 30)
+        tasks.append(asyncio.create_task(a.run()))
+        await a.wait_assigned(30)
+        await asyncio.wait_for(b.start(), 30)
+        tasks.append(asyncio.create_task(b.run()))
+        await watcher.consumer.wait_assigned(30)
+        hb = f"{settings.bus.topic_namespace}.{topics.HEARTBEATS.name}"
+        n = settings.bus.telemetry_partitions
+
+        def owned(svc: DetectorService) -> set[int]:
+            return {tp.partition for tp in svc._consumer._c.assignment() if tp.topic == hb}
+
+        def settled() -> bool:
+            pa, pb = owned(a), owned(b)
+            return bool(pa) and bool(pb) and not pa & pb and len(pa | pb) == n
+        await watcher.wait(settled, 40, "the group to split the partitions")
+        pa, pb = owned(a), owned(b)
+        part = DefaultPartitioner()
+        parts = list(range(n))
+        candidates = [f"node-{i}" for i in range(400)]
+        crashed = next(c for c in candidates if part(c.encode(), parts, parts) in pa)
+        peers = [c for c in candidates if part(c.encode(), parts, parts) in pb][:7]
+        job = NamedJob(producer, settings.job_id, nodes=8, ranks_per_node=1,
+                       names=(crashed, *peers))
+        await warm_up(job, 2.5)
+        assert settled(), (owned(a), owned(b))  # no rebalance under our feet
+        assert a.cfg.peer_grace_s > 0 and b.cfg.peer_grace_s > 0  # partial owners: hangs wait
+        t = await job.crash(0)
+        for rank in range(1, 8):
+            await job.log(rank, GLOO_PEER)
+        await watcher.wait(lambda: watcher.incidents, 5, "the crash incident")
+        window = settings.detector.correlation_window_s
+        await asyncio.sleep(window + 1.5)  # past the window: B's held symptoms would be out
+        assert len(watcher.incidents) == 1, [i for _, i in watcher.incidents]
+        at, inc = watcher.incidents[0]
+        assert inc.fault_class is FaultClass.PROCESS_CRASH and inc.root_cause_nodes == (crashed,)
+        assert inc.producer == "detector/peer-a" and at - t < 1.0
+        assert [e.incident_id for e in a.published] == [inc.incident_id] and b.published == []
+        mirror = b.state.jobs[settings.job_id].incidents[inc.incident_id]
+        assert mirror.origin == "detector/peer-a" and mirror.symptoms == 7
+    finally:
+        if job is not None:
+            await job.stop()
+        for svc in (a, b):
+            await svc.stop()
+        watcher.consumer.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        for svc in (a, b):
+            await svc.close()
+
+
+async def test_nodes_that_die_during_a_handover_are_reported_by_the_new_owner(
+        topics_ready, producer, registry) -> None:
+    """A alone watches 8 nodes (two per partition). One node per partition goes silent, then B
+    joins and takes some partitions over; their silent nodes' last beats were read (and
+    committed) by A, so B only knows them from the registry topology. Every silent node is
+    reported lost exactly once, by the instance that owns it after the split."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from flashrecovery.shared.settings import DetectorSettings
+    from flashrecovery.shared.topology import JobSnapshot, NodeRecord, RankRecord
+
+    # 8 misses: A must not report a silent node before handing its partition over.
+    settings = topics_ready.model_copy(update={"detector": DetectorSettings(heartbeat_misses=8)})
+    n = settings.bus.telemetry_partitions
+    part = DefaultPartitioner()
+    parts = list(range(n))
+    by_part: dict[int, list[str]] = {p: [] for p in parts}
+    for i in range(400):
+        name = f"node-{i}"
+        p = part(name.encode(), parts, parts)
+        if len(by_part[p]) < 2:
+            by_part[p].append(name)
+    names = tuple(name for p in parts for name in by_part[p])
+    silent = {by_part[p][0]: p for p in parts}
+    await registry.init_job(JobSnapshot(
+        job_id=settings.job_id, generation=0, committed_step=-1, world_size=len(names),
+        dp=len(names), tp=1,
+        ranks=tuple(RankRecord(rank=i, node_id=nm, local_rank=0, shard_id=0, dp=i)
+                    for i, nm in enumerate(names)),
+        nodes=tuple(NodeRecord(node_id=nm, role=NodeRole.ACTIVE, ranks=(i,))
+                    for i, nm in enumerate(names))))
+    watcher = Watcher(settings, producer)
+    await asyncio.wait_for(watcher.consumer.start(), 30)
+    a = DetectorService(settings, instance="hand-a")
+    b = DetectorService(settings, instance="hand-b")
+    tasks = [asyncio.create_task(watcher.consumer.run())]
+    job = NamedJob(producer, settings.job_id, nodes=len(names), ranks_per_node=1, names=names)
+    try:
+        await asyncio.wait_for(a.start(), 30)
+        tasks.append(asyncio.create_task(a.run()))
+        await a.wait_assigned(30)
+        await watcher.consumer.wait_assigned(30)
+        await warm_up(job, 3.0)
+        job.silent |= set(silent)
+        await asyncio.wait_for(b.start(), 30)
+        tasks.append(asyncio.create_task(b.run()))
+        hb = f"{settings.bus.topic_namespace}.{topics.HEARTBEATS.name}"
+
+        def owned(svc: DetectorService) -> set[int]:
+            return {tp.partition for tp in svc._consumer._c.assignment() if tp.topic == hb}
+        await watcher.wait(lambda: owned(a) and owned(b) and not owned(a) & owned(b)
+                           and len(owned(a) | owned(b)) == n, 30, "the group to split")
+        pa, pb = owned(a), owned(b)
+        await watcher.wait(lambda: len(watcher.incidents) >= len(silent), 30,
+                           "a node-lost incident per silent node")
+        await asyncio.sleep(2.0)  # no duplicates trailing
+        got = sorted((i.root_cause_nodes, i.producer) for _, i in watcher.incidents)
+        want = sorted(((nm,), "detector/hand-a" if p in pa else "detector/hand-b")
+                      for nm, p in silent.items())
+        assert got == want, (got, want, pa, pb)
+        assert all(i.fault_class is FaultClass.NODE_LOST for _, i in watcher.incidents)
+    finally:
+        await job.stop()
+        for svc in (a, b):
+            await svc.stop()
+        watcher.consumer.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        for svc in (a, b):
+            await svc.close()

@@ -604,3 +604,260 @@ def test_job_wide_stall_names_the_stopped_process_not_its_blocked_peers() -> Non
     assert inc.fault_class is FaultClass.HANG
     assert inc.root_cause_ranks == (5,) and inc.root_cause_nodes == ("n2",)
     assert inc.confidence == 1.0
+
+
+# ----------------------------------------------------------------------------- peer instances
+# Two instances of one consumer group: A owns n0's partition, B owns n1..n7 (one rank per node).
+# A's incident reaches B through the incidents topic; here it is handed over at a chosen time.
+
+PEER = "RuntimeError: [gloo] Connection closed by peer [10.0.0.1]:29500"
+
+
+def two_instances(generation: int = 0) -> tuple[Sim, Sim]:
+    a = Sim(nodes=8, ranks=1, config=cfg(producer="detector/a"))
+    b = Sim(nodes=8, ranks=1, config=cfg(producer="detector/b"))
+    for sim in (a, b):
+        sim.generation = generation
+    a.run(0, 3, skip=set(a.nodes) - {"n0"})
+    b.run(0, 3, skip={"n0"})
+    return a, b
+
+
+def crash_at_a(a: Sim, t: float, generation: int = 0):
+    [inc] = [d.event for d in a.feed(exit_("n0", 0, generation=generation), t) if d.kind == "incident"]
+    return inc
+
+
+def peer(sim: Sim, incident, now: float) -> list[core.Decision]:
+    _, ds = core.observe_incident(sim.state, incident, now, sim.cfg)
+    sim.decisions += ds
+    return ds
+
+
+def symptoms_at_b(b: Sim, t: float, generation: int = 0) -> None:
+    for rank in range(1, 8):
+        b.feed(log(f"n{rank}", rank, PEER, generation=generation), t + 0.01 * rank)
+
+
+def test_peer_root_incident_explains_symptoms_held_here() -> None:
+    a, b = two_instances()
+    symptoms_at_b(b, 3.0)
+    b.tick(3.1)
+    inc = crash_at_a(a, 3.0)
+    ds = peer(b, inc, 3.25)  # within the correlation window
+    assert [d.kind for d in ds].count("joined") == 7 and ds[-1].kind == "noted"
+    b.run(3.3, 12, skip={"n0"})
+    assert b.incidents() == []
+    mirror = b.state.jobs[JOB].incidents[inc.incident_id]
+    assert mirror.symptoms == 7 and mirror.origin == "detector/a"
+    assert b.state.jobs[JOB].pending == []
+
+
+def test_peer_root_incident_before_the_symptoms_absorbs_them_on_arrival() -> None:
+    a, b = two_instances()
+    peer(b, crash_at_a(a, 3.0), 3.1)
+    symptoms_at_b(b, 3.2)
+    b.run(3.3, 12, skip={"n0"})
+    assert b.incidents() == []
+    assert sum(d.kind == "joined" for d in b.decisions) == 7
+
+
+def test_without_the_peer_incident_symptoms_are_reported_as_today() -> None:
+    a, b = two_instances()
+    crash_at_a(a, 3.0)  # published by A, never read by B
+    symptoms_at_b(b, 3.0)
+    b.run(3.1, 12, skip={"n0"})
+    [inc] = b.incidents()
+    assert inc.fault_class is FaultClass.COMMUNICATION and inc.action is RepairAction.NONE
+    assert inc.confidence < 0.5
+
+
+def test_peer_incident_that_arrives_after_the_window_changes_nothing_sent() -> None:
+    a, b = two_instances()
+    symptoms_at_b(b, 3.0)
+    b.run(3.1, 9, skip={"n0"})
+    [comm] = b.incidents()
+    peer(b, crash_at_a(a, 3.0), 9.0)  # too late: the communication incident is out
+    b.run(9, 12, skip={"n0"})
+    assert b.incidents() == [comm]
+
+
+def test_peer_incident_of_an_older_generation_is_ignored() -> None:
+    a, b = two_instances(generation=1)
+    symptoms_at_b(b, 3.0, generation=1)
+    old = crash_at_a(Sim(nodes=8, ranks=1, config=cfg(producer="detector/a")), 3.0, generation=0)
+    ds = peer(b, old, 3.2)
+    assert [d.kind for d in ds] == ["dropped"]
+    assert b.state.counters["old_generation_incidents"] == 1
+    b.run(3.3, 12, skip={"n0"})
+    [inc] = b.incidents()
+    assert inc.fault_class is FaultClass.COMMUNICATION and inc.generation == 1
+
+
+def test_duplicated_peer_incident_has_no_effect() -> None:
+    a, b = two_instances()
+    symptoms_at_b(b, 3.0)
+    inc = crash_at_a(a, 3.0)
+    peer(b, inc, 3.2)
+    mirror = b.state.jobs[JOB].incidents[inc.incident_id]
+    before = (mirror.symptoms, len(mirror.evidence), len(b.state.jobs[JOB].roots))
+    for t in (3.3, 4.0):
+        assert peer(b, inc, t) == []
+    assert (mirror.symptoms, len(mirror.evidence), len(b.state.jobs[JOB].roots)) == before
+    assert b.state.counters["duplicate_incidents"] == 2
+    b.run(3.3, 12, skip={"n0"})
+    assert b.incidents() == []
+
+
+def test_own_incidents_read_back_are_ignored() -> None:
+    _, b = two_instances()
+    [own] = [d.event for d in b.feed(exit_("n3", 3), 3.0) if d.kind == "incident"]
+    job = b.state.jobs[JOB]
+    before = (dict(job.incidents), list(job.roots))
+    assert peer(b, own, 3.1) == []
+    assert (dict(job.incidents), list(job.roots)) == before
+    assert b.state.counters["own_incidents"] == 1
+
+
+def test_peer_node_lost_fault_time_is_arrival_less_its_detection_time() -> None:
+    """A's node-lost incident says it took ~3 s from the last beat to detection (A's clock);
+    B places the fault 3 s before the incident reached it, so a symptom from just after the
+    node died, held here, is explained by it."""
+    a, b = two_instances()
+    a.run(3, 8, skip=set(a.nodes))  # n0 beat last at t=2 and stays silent: lost at ~5.1
+    [lost] = a.incidents()
+    assert lost.fault_class is FaultClass.NODE_LOST
+    b.feed(log("n5", 5, PEER), 2.5)
+    b.run(3, 5.2, skip={"n0"})
+    peer(b, lost, 5.2)
+    mirror = b.state.jobs[JOB].incidents[lost.incident_id]
+    assert abs(mirror.fault_time - (5.2 - (lost.detected_at - lost.first_seen_at))) < 1e-9
+    b.run(5.2, 12, skip={"n0"})
+    assert b.incidents() == [] and mirror.symptoms == 1
+
+
+def test_peer_incident_of_a_newer_generation_explains_symptoms_once_we_get_there() -> None:
+    a, b = two_instances()
+    inc = crash_at_a(two_instances(generation=1)[0], 3.0, generation=1)
+    ds = peer(b, inc, 3.1)  # B has not seen generation 1 yet: kept, nothing held matches
+    assert [d.kind for d in ds] == ["noted"]
+    b.generation = 1
+    b.run(3, 4, skip={"n0"})
+    symptoms_at_b(b, 4.0, generation=1)
+    b.run(4.1, 12, skip={"n0"})
+    assert b.incidents() == []
+    assert b.state.jobs[JOB].incidents[inc.incident_id].symptoms == 7
+
+
+def test_peer_communication_incident_is_joined_not_repeated() -> None:
+    a, b = two_instances()
+    a.feed(log("n0", 0, "NCCL WARN timeout waiting for peer"), 3.0)  # unexplained at A
+    a.run(3.1, 7, skip=set(a.nodes) - {"n0"})
+    [comm] = a.incidents()
+    b.run(3, 7, skip={"n0"})
+    peer(b, comm, 7.0)
+    b.feed(log("n5", 5, "NCCL WARN timeout waiting for peer"), 7.5)
+    b.run(7.6, 14, skip={"n0"})
+    assert b.incidents() == []
+    assert b.state.jobs[JOB].incidents[comm.incident_id].symptoms == comm.symptoms_attributed + 1
+
+
+# ----------------------------------------------------------------------------- rebalance handover
+
+def test_node_that_died_before_the_handover_is_seeded_and_reported_lost() -> None:
+    """n0 beat last at t=2 to the instance that owned its partition; at t=3 the partition moves
+    here. This instance never heard of n0: the registry names it, and it is lost after the
+    usual misses counted from the handover."""
+    sim = Sim(nodes=4, ranks=2)
+    sim.run(0, 3, skip={"n0"})
+    seeded = core.expect_nodes(sim.state, JOB, [("n0", ((0, 0), (1, 1))), ("n1", ((2, 0), (3, 1)))],
+                               3.0, sim.cfg)
+    assert seeded == 1  # n1 is already known here: left alone
+    sim.run(3, 5.9, skip={"n0"})
+    assert sim.incidents() == []
+    sim.run(5.9, 8, skip={"n0"})
+    [inc] = sim.incidents()
+    assert (inc.fault_class, inc.root_cause_nodes, inc.root_cause_ranks) == (
+        FaultClass.NODE_LOST, ("n0",), (0, 1))
+    assert 3.0 + 3 * 1.0 <= inc.detected_at <= 3.0 + 3 * 1.0 + 0.2
+    assert "never heard here" in inc.evidence[0].detail
+
+
+def test_seeded_node_that_beats_is_an_ordinary_node() -> None:
+    sim = Sim(nodes=4, ranks=2)
+    sim.run(0, 3, skip={"n0"})
+    assert core.expect_nodes(sim.state, JOB, [("n0", ((0, 0), (1, 1)))], 3.0, sim.cfg) == 1
+    sim.run(3, 12)
+    assert sim.incidents() == []
+    assert sim.state.jobs[JOB].nodes["n0"].seq > 0
+
+
+def test_no_seeding_while_the_job_is_not_heard_and_nodes_without_ranks_are_skipped() -> None:
+    sim = Sim(nodes=4, ranks=2)
+    assert core.expect_nodes(sim.state, JOB, [("n0", ((0, 0),))], 0.0, sim.cfg) is None
+    sim.run(0, 3, skip={"n0", "n3"})
+    # a finished job: nobody beat for a while
+    assert core.expect_nodes(sim.state, JOB, [("n0", ((0, 0),))], 10.0, sim.cfg) is None
+    assert core.expect_nodes(sim.state, JOB, [("n0", ()), ("n3", ((6, 0),))], 3.0, sim.cfg) == 1
+    assert "n0" not in sim.state.jobs[JOB].nodes
+
+
+def test_seeded_node_whose_partition_moves_away_again_is_released() -> None:
+    sim = Sim(nodes=4, ranks=2)
+    sim.run(0, 3, skip={"n0"})
+    core.expect_nodes(sim.state, JOB, [("n0", ((0, 0), (1, 1)))], 3.0, sim.cfg)
+    assert core.release_nodes(sim.state, keep=lambda node: node != "n0") == 1
+    sim.run(3, 10, skip={"n0"})
+    assert sim.incidents() == []
+
+
+# ----------------------------------------------------------------------------- job-wide hang, split
+
+def _stall_both(a: Sim, b: Sim, until: float, deliver_at: float | None) -> None:
+    """Every rank stalls at one step from t=4; rank 1 (n0, A's) is stopped by the OS. A watches
+    n0, n1 and B n2, n3; A's incidents reach B at `deliver_at` (never if None)."""
+    frozen_step = a.step
+    t = 4.0
+    sent = False
+    while t < until:
+        for sim, mine in ((a, ("n0", "n1")), (b, ("n2", "n3"))):
+            if abs(t - round(t)) < 1e-6:
+                for nd in mine:
+                    over = {r: dict(step=frozen_step, since_progress_s=t - 4 + 0.1) for r in range(8)}
+                    over[1]["proc_state"] = "T"
+                    sim.beat(nd, t, overrides=over)
+        if deliver_at is not None and not sent and t >= deliver_at - 1e-9 and a.incidents():
+            for inc in a.incidents():
+                peer(b, inc, t)
+            sent = True
+        a.tick(t)
+        b.tick(t)
+        t = round(t + 0.1, 6)
+
+
+def _split_hang() -> tuple[Sim, Sim]:
+    a = Sim(config=cfg(producer="detector/a", peer_grace_s=1.0))
+    b = Sim(config=cfg(producer="detector/b", peer_grace_s=1.0))
+    a.run(0, 4, skip={"n2", "n3"})
+    b.run(0, 4, skip={"n0", "n1"})
+    b.step = a.step
+    return a, b
+
+
+def test_split_job_wide_hang_is_one_incident_when_the_peer_names_the_stopped_process() -> None:
+    a, b = _split_hang()
+    _stall_both(a, b, 15, deliver_at=9.2)
+    [inc] = a.incidents()
+    assert inc.fault_class is FaultClass.HANG and inc.root_cause_ranks == (1,)
+    assert b.incidents() == []
+    assert b.state.jobs[JOB].incidents[inc.incident_id].symptoms == inc.symptoms_attributed + 4
+
+
+def test_split_hang_without_a_peer_incident_is_reported_after_the_grace() -> None:
+    a, b = _split_hang()
+    _stall_both(a, b, 15, deliver_at=None)
+    [inc] = b.incidents()
+    assert inc.fault_class is FaultClass.HANG and inc.root_cause_nodes == ("n2", "n3")
+    assert inc.confidence == 0.5
+    [a_inc] = a.incidents()
+    assert 1.0 - 1e-6 <= inc.detected_at - a_inc.detected_at <= 1.1 + 1e-6  # held for the grace
