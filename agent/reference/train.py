@@ -43,7 +43,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_job_args(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="directory for rank{r}.pt final state dumps")
+    # Fault-free irregularities that a detector must not mistake for a hang.
+    p.add_argument("--slow-step", type=_slow_step, default=None, metavar="STEP:SECONDS:RANK",
+                   help="rank RANK spends SECONDS more inside step STEP (its peers wait for it in "
+                        "the gradient allreduce)")
+    p.add_argument("--long-phase", type=_long_phase, default=None, metavar="STEP:SECONDS",
+                   help="after step STEP every rank declares an 'eval' phase and spends SECONDS in it")
     return p.parse_args(argv)
+
+
+def _slow_step(v: str) -> tuple[int, float, int]:
+    step, seconds, rank = v.split(":")
+    return int(step), float(seconds), int(rank)
+
+
+def _long_phase(v: str) -> tuple[int, float]:
+    step, seconds = v.split(":")
+    return int(step), float(seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,10 +92,18 @@ def main(argv: list[str] | None = None) -> None:
         try:
             agent.begin_step(step)
             loss_at(step).backward()
+            if args.slow_step and args.slow_step[0] == step and args.slow_step[2] == agent.rank:
+                time.sleep(args.slow_step[1])
+                print(f"slow step {step}: {args.slow_step[1]} s extra on rank {agent.rank}", flush=True)
             agent.sync_gradients()
             step = agent.commit()
         except Exception as exc:
             step = agent.recover(exc)
+        if args.long_phase and args.long_phase[0] == step - 1:
+            # declared with headroom, as a user would for an evaluation of known length
+            agent.long_phase("eval", expected_s=1.5 * args.long_phase[1])
+            time.sleep(args.long_phase[1])
+            print(f"long phase eval after step {step - 1}: {args.long_phase[1]} s", flush=True)
         if args.step_sleep:
             time.sleep(args.step_sleep)
     # -----------------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""False-positive check of the detector on the real job: minutes of fault-free training through
+the real services, with a deliberately slow step on one rank and a declared long phase on every
+rank, must raise no incident.
+
+Both irregularities are sized against the detector's hang rule, max(10 x p99 step, 5 s floor):
+- the slow step (4 s on rank 3; its peers wait for it in the gradient allreduce) is ~50x the
+  median step time of this job, yet under the floor, so the adaptive threshold must not follow it;
+- the long phase (12 s of "eval" after a step, declared with 18 s expected) is well past the
+  floor, so only the declaration keeps it from being a hang: if the detector ignored
+  declarations this test would see a hang incident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from flashrecovery.cluster import LocalCluster
+from flashrecovery.shared.settings import BusSettings, Settings
+
+STEPS = 240
+STEP_SLEEP_S = 0.5  # stretches the fault-free run to several minutes at a few steps a second
+SLOW = (40, 4.0, 3)  # step, seconds, rank
+LONG = (120, 12.0)  # after step, seconds
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_minutes_of_fault_free_training_raise_no_incident(stack, tmp_path):
+    job = f"fp-{uuid.uuid4().hex[:8]}"
+    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
+    worker_args = (f"--step-sleep {STEP_SLEEP_S} --slow-step {SLOW[0]}:{SLOW[1]}:{SLOW[2]} "
+                   f"--long-phase {LONG[0]}:{LONG[1]}")
+    seen: dict[str, float] = {}
+
+    def saw_long_phase() -> bool:
+        if any(st.long_phase == "eval" for _, st in c.timeline.rank_view().values()):
+            seen.setdefault("long_phase", time.monotonic())
+        return "long_phase" in seen
+
+    async def go() -> float:
+        t0 = time.monotonic()
+        await c.start()
+        # proof that the declaration really reached the detector's input
+        await c.wait_until(saw_long_phase, 600, "the declared long phase to be reported")
+        await c.wait_until(c.finished, 600, "the fault-free run to finish")
+        await asyncio.sleep(2.0)  # an incident about the last seconds would still arrive
+        return time.monotonic() - t0
+
+    c = LocalCluster(settings, tmp_path / job, steps=STEPS, worker_args=worker_args)
+
+    async def run() -> float:
+        try:
+            return await go()
+        finally:
+            await c.stop()
+
+    wall = asyncio.run(run())
+    assert wall >= 150, f"the run lasted only {wall:.0f} s"
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / job).rglob("rank*.log"))
+    assert f"slow step {SLOW[0]}: {SLOW[1]} s extra on rank {SLOW[2]}" in logs
+    assert f"long phase eval after step {LONG[0]}" in logs
+    assert not c.timeline.incidents, (
+        f"{len(c.timeline.incidents)} false incident(s); first: {c.timeline.incidents[0].reason}")
+    assert not c.timeline.plans
