@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup os-deps bench up
+.PHONY: demo test setup os-deps bench up torchft-install
 
 demo: setup
 	$(VENV)/bin/flashrecovery demo $(DEMO_ARGS)
@@ -18,6 +18,15 @@ up: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(VENV)/bin/flashrecovery bench $(BENCH_ARGS)
+
+# The TorchFT column of the benchmark (`flashrecovery bench --suite torchft`): benchmark-only, never a
+# runtime dependency. torchft-nightly goes in beside the local torch with --no-deps (its own
+# requirements would replace torch), then the small OpenTelemetry packages it imports.
+# TORCHFT_WHEEL=/path/to/torchft_nightly-*.whl installs a downloaded wheel instead.
+torchft-install: setup
+	$(PY) -m pip install -q --no-deps $(or $(TORCHFT_WHEEL),torchft-nightly)
+	$(PY) -m pip install -q opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http
+	$(PY) -c "import torch, torchft; print('torchft ok; torch', torch.__version__)"
 
 setup: os-deps $(STAMP)
 

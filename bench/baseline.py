@@ -50,6 +50,37 @@ def torchrun_argv(run_dir: Path, steps: int, ckpt_every: int, max_restarts: int 
             *(extra or [])]
 
 
+def kill_recorded_workers(run_dir: Path, module: str) -> None:
+    """SIGKILL every worker whose pid run_dir/pids.log records (last field of a row) and that
+    still runs ``module`` for this run_dir. torchrun starts each worker in a session of its own,
+    so killing torchrun's process group does not reach them."""
+    for row in _read(run_dir / "pids.log"):
+        try:
+            pid = int(row[-1])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (ValueError, IndexError, OSError):
+            continue
+        if module.encode() in cmdline and str(run_dir).encode() in cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def stop_torchrun(proc: subprocess.Popen, run_dir: Path, module: str) -> None:
+    """torchrun first (so nothing restarts), then the workers it left: all by pid."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_recorded_workers(run_dir, module)
+
+
 def run_baseline(run_dir: Path, ckpt_every: int, at_step: int, steps: int, kill_rank: int = 2,
                  timeout_s: float = 600.0, faults_every_s: float | None = None,
                  extra: list[str] | None = None) -> dict[str, Any]:
@@ -91,9 +122,7 @@ def run_baseline(run_dir: Path, ckpt_every: int, at_step: int, steps: int, kill_
         })
         return rep
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        stop_torchrun(proc, run_dir, "flashrecovery.bench.baseline_train")
         log.close()
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SUITES = ("recovery", "baseline", "scale", "detector", "planner", "overhead", "goodput")
+SUITES = ("recovery", "baseline", "torchft", "scale", "detector", "planner", "overhead", "goodput")
 SMOKE_SUITES = ("planner", "detector", "scale")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +29,8 @@ def _csv(v: str) -> list[str]:
 
 
 def add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmarks: recovery vs torchrun, scale, detector, planner, overhead, goodput")
+    p = sub.add_parser("bench", help="benchmarks: recovery vs torchrun and torchft, scale, detector, planner, "
+                                     "overhead, goodput")
     p.add_argument("--suite", type=_csv, default=None,
                    help=f"comma-separated subset of {','.join(SUITES)} (default: all; --smoke: "
                         f"{','.join(SMOKE_SUITES)})")
@@ -40,6 +41,15 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--at-step", type=int, default=15)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--ckpt-every", type=lambda v: [int(x) for x in _csv(v)], default=[10, 100])
+    p.add_argument("--torchft-faults", type=_csv, default=["after-step"],
+                   help="torchft suite: after-step (SIGKILL after step S, as the baseline) and/or "
+                        "in-allreduce (the victim stops before the gradient all-reduce of step S+1 and is "
+                        "killed while its peers wait inside it)")
+    p.add_argument("--torchft-heartbeat-ms", type=int, default=1000,
+                   help="torchft suite: the lighthouse's heartbeat timeout (its default is 5000)")
+    p.add_argument("--torchft-timeout", type=float, default=30.0,
+                   help="torchft suite: the Manager's timeout (collectives, should_commit, healing), s; "
+                        "survivors that are not the dead process's ring neighbours wait this long")
     p.add_argument("--scale-sizes", type=lambda v: [int(x) for x in _csv(v)], default=None,
                    help="ranks (default 64,1000,10000,100000; smoke 64)")
     p.add_argument("--scale-warmup", type=float, default=8.0)
@@ -111,6 +121,19 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _torchft_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:
+        return None
+    for dist in ("torchft-nightly", "torchft"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def _ok_sections(results: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in results.items() if not (isinstance(v, dict) and set(v) == {"error"})}
 
@@ -135,6 +158,23 @@ def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root:
                 except Exception as exc:  # noqa: BLE001
                     runs.append({"ckpt_every": k, "at_step": args.at_step, "error": f"{type(exc).__name__}: {exc}"})
         return {"runs": runs}
+    if suite == "torchft":
+        from .torchft_bench import run_torchft, torchft_available
+        why = torchft_available()
+        if why:
+            return {"skipped": why}
+        runs = []
+        for fault in args.torchft_faults:
+            for i in range(1 if args.smoke else max(1, min(n, 3))):
+                log(f"torchft: {fault}, run {i + 1}")
+                try:
+                    runs.append(run_torchft(run_root / "torchft" / f"{fault}-{i}", args.at_step, args.steps,
+                                            args.rank, args.timeout, fault=fault,
+                                            heartbeat_timeout_ms=args.torchft_heartbeat_ms,
+                                            ft_timeout_s=args.torchft_timeout))
+                except Exception as exc:  # noqa: BLE001
+                    runs.append({"fault": fault, "at_step": args.at_step, "error": f"{type(exc).__name__}: {exc}"})
+        return {"runs": runs, "torchft": _torchft_version()}
     if suite == "scale":
         from .scale import run_scale_point
         sizes = args.scale_sizes or ([64] if args.smoke else [64, 1000, 10000, 100000])

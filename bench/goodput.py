@@ -22,7 +22,7 @@ from typing import Any
 from flashrecovery.cluster import LocalCluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
-from .baseline import NPROC, _read, torchrun_argv
+from .baseline import NPROC, _read, stop_torchrun, torchrun_argv
 
 BIG = 100_000
 
@@ -120,7 +120,5 @@ def goodput_torchrun(duration_s: float, gap_s: float, ckpt_every: int, s_per_ste
                 "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
                 "s_per_step_fault_free": s_per_step, "nproc": NPROC}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        stop_torchrun(proc, run_dir, "flashrecovery.bench.baseline_train")
         log.close()

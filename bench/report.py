@@ -52,6 +52,30 @@ def baseline_table(base: dict[str, Any], ours_rto: float | None) -> str:
                      "processes restarted", "RTO / ours"], rows)
 
 
+def torchft_table(tft: dict[str, Any], ours_rto: float | None) -> str:
+    """One row per torchft run, the columns of baseline_table plus what only torchft has."""
+    rows = []
+    if ours_rto is not None:
+        rows.append(["FlashRecovery (process-crash, median)", "—", "—", "—", fmt(ours_rto), "—", "—", "0", "—",
+                     "—", "1", "—", "1.0"])
+    for r in tft.get("runs", []):
+        name = f"torchft, {r.get('replicas', '?')} groups x tp {r.get('tp', '?')}"
+        if "error" in r:
+            rows.append([name, r.get("fault"), r.get("at_step"), "—", "error: " + r["error"][:60]] + ["—"] * 8)
+            continue
+        crashed = r.get("survivor_groups_crashed") or []
+        kept = fmt(r["survivors_pids_kept"]) + (f" (group {', '.join(map(str, crashed))} crashed)" if crashed else "")
+        rows.append([name, r["fault"], r["at_step"], fmt(r.get("ft_timeout_s")),
+                     fmt(r["rto_s"]) if r.get("restarted_group_rejoined") else "did not rejoin",
+                     fmt(r.get("rto_survivors_s")), r["steps_recomputed"], r["committed_steps_lost"],
+                     r["microbatches_dropped"], kept, r["processes_restarted"],
+                     fmt(r.get("replicas_consistent")), fmt(ratio(r.get("rto_s"), ours_rto))])
+    return md_table(["system", "fault", "at step", "torchft timeout s", "RTO s (restarted group commits)",
+                     "survivors commit s",
+                     "steps recomputed", "committed lost", "micro-batches dropped", "survivors' pids kept",
+                     "processes restarted", "replicas equal at end", "RTO / ours"], rows)
+
+
 def scale_table(points: list[dict[str, Any]]) -> str:
     rows = []
     for p in points:
@@ -97,6 +121,16 @@ def render(results: dict[str, Any]) -> str:
         ours_rto = (pc.get("rto_s") or {}).get("median")
     if results.get("baseline"):
         out += ["## Baseline: torchrun, same job, same fault", "", baseline_table(results["baseline"], ours_rto), ""]
+    tft = results.get("torchft")
+    if tft and tft.get("skipped"):
+        out += ["## TorchFT, same job, same fault", "", f"Skipped: {tft['skipped']}", ""]
+    elif tft:
+        out += ["## TorchFT, same job, same fault" + (f" ({tft['torchft']})" if tft.get("torchft") else ""), "",
+                torchft_table(tft, ours_rto), "",
+                "RTO: fault -> the restarted replica group commits its first step (healed from a live "
+                "group). Survivors commit: fault -> every other group has committed a step. Micro-batches "
+                "dropped: data not trained while a group was down or healing (torchft does not recompute it).",
+                ""]
     sc = results.get("scale")
     if sc:
         out += ["## Scale: real control plane, simulated sidecars (8 ranks/node)", "", scale_table(sc["points"]), "",
