@@ -154,9 +154,15 @@ def render(results: dict[str, Any]) -> str:
     if ov:
         out += ["## Failure-free overhead", "",
                 md_table(["", "s/step median (max)", "runs"],
-                         [["agent + sidecar + services", median_max(ov["ours_s_per_step"], 4), ov["reps"]],
-                          ["bare gloo loop (torchrun, no agent)", median_max(ov["bare_s_per_step"], 4), ov["reps"]]]),
-                "", f"Ratio ours / bare: {fmt(ov.get('ratio'), 3)}", ""]
+                         [["agent + sidecar + services", median_max(ov["ours_s_per_step"], 4), ov["reps"]]]
+                         + ([["agent only (torchrun, no sidecar, no services)",
+                              median_max(ov["agent_only_s_per_step"], 4), ov["reps"]]]
+                            if ov.get("agent_only_s_per_step") else [])
+                         + [["bare gloo loop (torchrun, no agent)", median_max(ov["bare_s_per_step"], 4), ov["reps"]]]),
+                "", f"Ratio ours / bare: {fmt(ov.get('ratio'), 3)}"
+                + (f"; agent only / bare: {fmt(ov.get('agent_only_ratio'), 3)}; ours / agent only "
+                   f"(the deployment on the same cores): {fmt(ov.get('deployment_ratio'), 3)}"
+                   if ov.get("agent_only_ratio") is not None else ""), ""]
     gp = results.get("goodput")
     if gp:
         rows = [["FlashRecovery", gp["ours"].get("duration_s"), len(gp["ours"].get("faults", [])),

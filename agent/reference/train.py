@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_job_args(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="directory for rank{r}.pt final state dumps")
+    p.add_argument("--progress", default=None,
+                   help="rank 0 appends '0 <step> <wall time>' per committed step (benchmarks)")
     # Fault-free irregularities that a detector must not mistake for a hang.
     p.add_argument("--slow-step", type=_slow_step, default=None, metavar="STEP:SECONDS:RANK",
                    help="rank RANK spends SECONDS more inside step STEP (its peers wait for it in "
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the agent in the loop -------------------------------------------------------------
     step = agent.start()
+    progress = open(args.progress, "a") if args.progress and agent.rank == 0 else None
     while step <= args.steps:
         try:
             agent.begin_step(step)
@@ -97,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"slow step {step}: {args.slow_step[1]} s extra on rank {agent.rank}", flush=True)
             agent.sync_gradients()
             step = agent.commit()
+            if progress is not None:
+                progress.write(f"0 {step - 1} {time.time():.6f}\n")
+                progress.flush()
         except Exception as exc:
             step = agent.recover(exc)
         if args.long_phase and args.long_phase[0] == step - 1:

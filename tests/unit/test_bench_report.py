@@ -67,3 +67,14 @@ def test_cli_registers_bench_with_a_func():
     args = ap.parse_args(["bench", "--smoke", "--suite", "scale,planner", "--scale-sizes", "64,1000"])
     assert callable(args.func) and args.suite == ["scale", "planner"] and args.scale_sizes == [64, 1000]
     assert set(SUITES) >= {"recovery", "baseline", "scale", "detector", "planner", "overhead", "goodput"}
+
+
+def test_overhead_table_separates_the_agent_from_the_deployment():
+    from flashrecovery.bench.stats import summarize
+    ov = {"reps": 3, "ours_s_per_step": summarize([0.30, 0.32, 0.31]),
+          "agent_only_s_per_step": summarize([0.12, 0.11, 0.13]),
+          "bare_s_per_step": summarize([0.10, 0.10, 0.11]),
+          "ratio": 3.1, "agent_only_ratio": 1.2, "deployment_ratio": 2.583}
+    md = render({"machine": {}, "runs": {}, "overhead": ov})
+    assert "agent only (torchrun, no sidecar, no services)" in md
+    assert "agent only / bare: 1.2" in md and "ours / agent only" in md
