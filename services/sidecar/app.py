@@ -236,6 +236,10 @@ class SidecarService:
                     worker.writer = writer  # still STARTING: running means a first step committed
                     async with self.hello:
                         self.hello.notify_all()
+                    # A replace may be waiting for this standby while every other worker is
+                    # paused and silent: nothing else would wake it.
+                    async with self.events:
+                        self.events.notify_all()
                 elif worker is not None:
                     self._on_report(worker, msg)
                     async with self.events:
@@ -384,17 +388,19 @@ class SidecarService:
         reports = []
         for a in mine:
             existing = next((w for w in self._ranked() if w.rank == a.rank), None)
-            if existing is not None:  # replayed after a takeover: already done
+            if existing is None and not any(w.writer for w in self._standbys()):
+                # a cold start: nothing pre-started on this node
+                await self._launch(a.local_rank, None)
+                await self._wait_for(lambda: any(w.writer for w in self._standbys()), 120)
+                # a retry of this command may have assigned the rank while this one waited
+                existing = next((w for w in self._ranked() if w.rank == a.rank), None)
+            if existing is not None:  # replayed after a takeover, or done by a retry: done
                 reports.append(RankReport(rank=a.rank, pid=existing.pid))
                 continue
             ready = [w for w in self._standbys() if w.writer is not None]
             if not ready:
-                await self._launch(a.local_rank, None)
-                await self._wait_for(lambda: any(w.writer for w in self._standbys()), 120)
-                ready = [w for w in self._standbys() if w.writer is not None]
-                if not ready:
-                    await self._ack(cmd, ok=False, detail=f"no standby for rank {a.rank}")
-                    return
+                await self._ack(cmd, ok=False, detail=f"no standby for rank {a.rank}")
+                return
             w = ready[0]
             w.rank, w.local_rank, w.standby, w.state = a.rank, a.local_rank, False, RankState.RECOVERING
             w.generation = cmd.generation

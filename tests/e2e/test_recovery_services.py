@@ -59,7 +59,8 @@ async def _recover(c: LocalCluster, fault: str, rank: int, during=None) -> dict:
     plans = {p.plan_id: p for p in c.timeline.plans}
     restarted = set().union(*(plans[d.plan_id].restart_ranks for d in done))
     return {"states": c.final_states(), "pids": pids, "restarted": restarted, "done": done,
-            "completed": c.timeline.completed, "incidents": c.timeline.incidents}
+            "completed": c.timeline.completed, "incidents": c.timeline.incidents,
+            "plans": [plans[d.plan_id] for d in done]}
 
 
 def _check(result: dict, reference: dict) -> None:
@@ -167,4 +168,25 @@ def test_executor_leader_killed_during_replace(stack, tmp_path, reference_states
     result = _run(go)
     assert result["finisher"] != f"executor-{leaders[0]}", "the standby executor must finish the incident"
     assert result["restarted"] == {4}
+    _check(result, reference_states)
+
+
+def test_crash_restarted_in_place_cold_start(stack, tmp_path, reference_states, monkeypatch):
+    """Planner policy restart-in-place: the crashed rank's own node starts a new process (no
+    pre-started standby there). The replace must complete on its first attempt: a standby's hello
+    has to wake the waiting replace even though every other worker is paused and silent."""
+    monkeypatch.setenv("FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE", "true")
+    timeout = Settings().executor.phase_timeout_s
+
+    async def go():
+        c = _cluster(stack, tmp_path)
+        try:
+            return await _recover(c, "process-crash", 2)
+        finally:
+            await c.stop()
+    result = _run(go)
+    assert result["restarted"] == {2}
+    assert [(r.from_node, r.to_node) for r in result["plans"][0].replacements] == [("node-1", "node-1")]
+    done = result["done"][0]
+    assert done.phase_seconds["replace"] < timeout, "replace needed a retry after the phase timeout"
     _check(result, reference_states)
