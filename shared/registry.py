@@ -4,6 +4,7 @@ by the cluster generation so a writer from an old generation cannot overwrite th
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -152,6 +153,14 @@ class Registry:
 
     async def put_ranks(self, generation: int, recs: list[RankRecord]) -> None:
         await self._fenced(self.k.ranks, generation, {str(r.rank): _j(r) for r in recs})
+
+    async def get_ranks(self, ranks: Iterable[int]) -> list[RankRecord]:
+        """Only the named rank records (HMGET): reads that grow with a restart set, not the job."""
+        wanted = [str(r) for r in ranks]
+        if not wanted:
+            return []
+        raw = await self.r.hmget(self.k.ranks, wanted)
+        return [RankRecord.model_validate_json(v) for v in raw if v is not None]
 
     async def put_nodes(self, generation: int, recs: list[NodeRecord]) -> None:
         await self._fenced(self.k.nodes, generation, {n.node_id: _j(n) for n in recs})

@@ -25,8 +25,8 @@ from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction,
                                           RecoveryPlan, RecoveryProgress)
 from flashrecovery.shared.settings import Settings
 
-from .core import (PHASES, RECOVER_STAGES, TERMINAL, applied_topology, judge, next_phase_name, ranks_to_kill,
-                   waitlist)
+from .core import (PHASES, RECOVER_STAGES, TERMINAL, applied_topology, cannot_proceed, judge, next_phase_name,
+                   ranks_to_kill, settled, waitlist)
 
 
 class PhaseFailed(RuntimeError):
@@ -262,6 +262,9 @@ class ExecutorService:
                  reason=decision.reason)
 
     async def _phase_replace(self, plan: RecoveryPlan, log) -> None:
+        why = cannot_proceed(plan)
+        if why is not None:
+            raise PhaseFailed(why)
         snap = await self.registry.snapshot()
         wl = waitlist(plan, snap)
         state = await self._run_state(plan.plan_id)
@@ -340,6 +343,7 @@ class ExecutorService:
             resume = int(state["resume_step"])
             try:
                 await self.registry.record_committed_step(gen, resume)
+                await self.registry.put_ranks(gen, settled(await self.registry.get_ranks(plan.restart_ranks)))
             except StaleGeneration:
                 pass
             for inc in plan.incident_ids:

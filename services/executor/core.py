@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flashrecovery.shared.schemas import CommandAck, NodeRole, RankState, RecoveryPlan
+from flashrecovery.shared.schemas import CommandAck, Fallback, NodeRole, RankState, RecoveryPlan
 from flashrecovery.shared.topology import JobSnapshot, NodeRecord, RankRecord
 
 PHASES = ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
@@ -103,3 +103,21 @@ def applied_topology(plan: RecoveryPlan, snap: JobSnapshot, generation: int) -> 
         if node_id in nodes_by_id and node_id not in touched:
             touched[node_id] = nodes_by_id[node_id].model_copy(update={"role": NodeRole.QUARANTINED})
     return ranks, list(touched.values())
+
+
+def cannot_proceed(plan: RecoveryPlan) -> str | None:
+    """Why a plan must stop once its survivors are paused, or None. A WAIT plan has no place for
+    its restart set: rebuilding without those ranks could only time out, so the job is held
+    paused (fenced, consistent) until a new plan brings capacity."""
+    if plan.fallback == Fallback.WAIT:
+        return (f"waiting for capacity: ranks {list(plan.restart_ranks)[:10]} have no place; survivors "
+                f"stay paused until a new plan")
+    return None
+
+
+def settled(records: list[RankRecord]) -> list[RankRecord]:
+    """The restart set's records once a plan is done: `recovering` ranks are running again (left
+    recovering, the next plan would take them for leftovers of a superseded plan and restore
+    them once more)."""
+    return [r.model_copy(update={"state": RankState.RUNNING}) for r in records
+            if r.state == RankState.RECOVERING]

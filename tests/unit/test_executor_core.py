@@ -1,6 +1,7 @@
-from flashrecovery.executor.core import applied_topology, judge, next_phase_name, waitlist
-from flashrecovery.shared.schemas import (CommandAck, CommandAction, NodeRole, RecoveryPlan, Replacement,
-                                          Transfer)
+from flashrecovery.executor.core import (applied_topology, cannot_proceed, judge, next_phase_name, settled,
+                                         waitlist)
+from flashrecovery.shared.schemas import (CommandAck, CommandAction, Fallback, NodeRole, RankState, RecoveryPlan,
+                                          Replacement, Transfer)
 from flashrecovery.shared.topology import grid_topology
 
 SNAP = grid_topology("j", nodes=4, ranks_per_node=2, tp=2, spares=1)
@@ -76,3 +77,19 @@ def test_a_rank_left_recovering_is_restored_in_place_not_killed():
     assert ranks_to_kill(plan) == (5,)
     wl = waitlist(plan, snap)
     assert "spare-0" in wl.recover and "node-2" in wl.recover  # rank 4 survives on node-2
+
+
+def test_a_wait_plan_stops_after_pause_and_others_proceed():
+    plan = _plan([6], [], ["node-3"])
+    assert cannot_proceed(plan) is None
+    held = plan.model_copy(update={"fallback": Fallback.WAIT})
+    assert "waiting for capacity" in cannot_proceed(held)
+
+
+def test_a_done_plan_settles_its_recovering_ranks_only():
+    plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
+    moved, _ = applied_topology(plan, SNAP, 1)
+    assert [r.state for r in moved] == [RankState.RECOVERING]
+    untouched = SNAP.ranks[3]
+    out = settled(moved + [untouched])
+    assert [(r.rank, r.state, r.node_id) for r in out] == [(2, RankState.RUNNING, "spare-0")]
