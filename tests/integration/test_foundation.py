@@ -102,6 +102,10 @@ async def test_write_from_an_old_generation_is_refused(registry, job_id):
     assert after.generation == 1 and after.ranks[0].node_id == "spare-0"
     with pytest.raises(StaleGeneration):
         await registry.record_committed_step(0, 10)
+    # a restart set's records are read by name, unknown ranks are skipped
+    got = await registry.get_ranks([0, 3, 99])
+    assert [(r.rank, r.node_id) for r in got] == [(0, "spare-0"), (3, snap.ranks[3].node_id)]
+    assert await registry.get_ranks([]) == []
 
 
 async def test_two_concurrent_writers_of_one_phase_cannot_both_win(registry, job_id):
