@@ -258,7 +258,7 @@ class RecoveryAgent:
 
     def _enter_paused(self, why: str) -> None:
         if self.groups is not None:
-            self.factory.abort(self.groups)
+            self.factory.abort(self.groups, self.interruptor.take_abandoned())
             self.groups = None
             self.comm.groups = None
         self._step = None
@@ -349,7 +349,10 @@ class RecoveryAgent:
             raise _RecoveryFailed(f"resume at {cmd.resume_step} but applied {self.applied_step}")
         self._send(ch.Progress(rank=self.rank, generation=self.generation, phase="resumed",
                                seconds=round(time.perf_counter() - t0, 6)))
-        record.update(transfer_s=t_restored - t_rebuilt, bytes=nbytes, resume_step=cmd.resume_step)
+        t_reap = time.perf_counter()
+        reaped = self.factory.reap()
+        record.update(transfer_s=t_restored - t_rebuilt, bytes=nbytes, resume_step=cmd.resume_step,
+                      reaped=reaped, reap_s=time.perf_counter() - t_reap, gloo_loops=_gloo_loops())
         self.recoveries.append(record)
         self.log.info("resumed", **{k: (round(v, 4) if isinstance(v, float) else v)
                                     for k, v in record.items()})
@@ -428,6 +431,18 @@ class RecoveryAgent:
             prev(tp, val, tb)
 
         sys.excepthook = hook
+
+
+def _gloo_loops() -> int:
+    """Live gloo device loop threads of this process (one per device not yet destroyed)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().strip() == "gloo_tcp_loop"
+        except OSError:
+            pass
+    return n
 
 
 class _RecoveryFailed(RuntimeError):

@@ -44,6 +44,7 @@ class Interruptor:
         self._lock = threading.Lock()
         self._reason: str | None = None
         self._waiters: set[threading.Event] = set()
+        self._abandoned: list[object] = []  # futures of collectives left running on interrupt
 
     @property
     def interrupted(self) -> bool:
@@ -65,6 +66,11 @@ class Interruptor:
         with self._lock:
             self._reason = None
 
+    def take_abandoned(self) -> list[object]:
+        with self._lock:
+            out, self._abandoned = self._abandoned, []
+        return out
+
     def check(self) -> None:
         if self._reason is not None:
             raise PauseRequested(self._reason)
@@ -84,6 +90,8 @@ class Interruptor:
             fut.add_done_callback(lambda _f: ev.set())
             ev.wait()
             if self._reason is not None and not fut.done():
+                with self._lock:
+                    self._abandoned.append(fut)
                 raise PauseRequested(self._reason)
             try:
                 fut.wait()
@@ -207,7 +215,9 @@ class GroupFactory(Protocol):
     def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
               tp: int) -> Groups: ...
 
-    def abort(self, groups: Groups) -> None: ...
+    def abort(self, groups: Groups, pending: list[object] = ()) -> None: ...
+
+    def reap(self) -> int: ...
 
 
 @dataclass
@@ -217,7 +227,7 @@ class GlooGroupFactory:
     hostname: str = "127.0.0.1"
     timeout_s: float = 300.0
     threads: int = 1
-    graveyard: list[Groups] = field(default_factory=list)
+    graveyard: list[_Buried] = field(default_factory=list)
 
     def _device(self) -> object:
         # One fresh device per group: groups sharing one lazily-connecting device cross their
@@ -245,13 +255,42 @@ class GlooGroupFactory:
         return Groups(generation, rank, world_size, tp, glob, dp_pg, tp_pg,
                       build_s=time.perf_counter() - t0)
 
-    def abort(self, groups: Groups) -> None:
-        self.graveyard.append(groups)  # never destroyed: a stuck worker thread would be joined
+    def abort(self, groups: Groups, pending: list[object] = ()) -> None:
+        # Kept referenced while a collective abandoned on it may still run: its destructor would
+        # join that stuck worker thread (holding the GIL).
+        self.graveyard.append(_Buried(groups, list(pending)))
         for pg in groups.all():
             try:
                 pg.abort()
             except RuntimeError:
                 pass
+
+    def reap(self) -> int:
+        """Destroy the aborted generations whose abandoned collectives have all finished (their
+        worker threads are idle, so the destructors do not block). Measured why this matters: a
+        pair of an aborted group that still has unread bytes of the abandoned collective keeps
+        its device's loop thread spinning on a level-triggered EPOLLIN; with a graveyard that
+        only grew, a job at its tenth recovery had 30 loop threads, up to 17 of them running."""
+        done = [b for b in self.graveyard if all(f.done() for f in b.pending)]
+        if not done:
+            return 0
+        self.graveyard = [b for b in self.graveyard if b not in done]
+        # The last references are dropped on a thread of its own: with 8 ranks the destructors
+        # took 0.4-0.6 s (closing pairs to live peers), and torch releases the GIL in them, so
+        # the training thread goes on meanwhile.
+        n = len(done)
+        threading.Thread(target=_drop, args=(done,), name="flashrecovery-reap", daemon=True).start()
+        return n
+
+
+def _drop(buried: list[_Buried]) -> None:
+    buried.clear()
+
+
+@dataclass(eq=False)
+class _Buried:
+    groups: Groups
+    pending: list[object]
 
 
 @dataclass
@@ -265,7 +304,10 @@ class NcclGroupFactory:
               tp: int) -> Groups:
         raise NotImplementedError("NCCL group factory: use abort()+new communicator per generation")
 
-    def abort(self, groups: Groups) -> None:
+    def abort(self, groups: Groups, pending: list[object] = ()) -> None:
+        raise NotImplementedError("NCCL group factory")
+
+    def reap(self) -> int:
         raise NotImplementedError("NCCL group factory")
 
 

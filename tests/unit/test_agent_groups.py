@@ -91,6 +91,54 @@ def test_gloo_generation_rebuild_single_rank() -> None:
         assert float(comm.global_allreduce(torch.ones(1))[0]) == 1.0
         fac.abort(comm.groups)
     assert len(fac.graveyard) == 3
+    assert fac.reap() == 3 and fac.graveyard == []
+
+
+def _reaped_settled(timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(t.name == "flashrecovery-reap" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "background reap did not finish"
+        time.sleep(0.02)
+
+
+def _loops() -> int:
+    import os
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().strip() == "gloo_tcp_loop"
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.timeout(60)
+def test_aborted_generations_are_destroyed_once_their_abandoned_work_finished() -> None:
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    _reaped_settled()
+    # device loop threads of earlier tests' groups may end just after their destructors
+    base, deadline = _loops(), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        if _loops() == base:
+            break
+        base = _loops()
+    fac = GlooGroupFactory(lazy_init=False)
+    groups = fac.build(store, "t", 0, rank=0, world_size=1, tp=1)
+    assert _loops() == base + 3  # one device, one loop thread, per group
+    abandoned = torch.futures.Future()
+    fac.abort(groups, [abandoned])
+    del groups
+    assert fac.reap() == 0 and _loops() == base + 3  # its collective may still run: kept
+    abandoned.set_result(None)
+    assert fac.reap() == 1 and fac.graveyard == []
+    _reaped_settled()
+    deadline = time.monotonic() + 10
+    while _loops() > base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _loops() == base  # the devices' loop threads are gone with the groups
 
 
 @pytest.mark.unit
