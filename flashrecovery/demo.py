@@ -158,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure("console" if sys.stderr.isatty() else "json", level="WARNING")
     run_root = Path(settings.runtime_dir).resolve() / "demo"
-    worker_args = f"--device {args.device}"
+    # A fault is injected when a 1 Hz heartbeat shows the rank at --at-step; on a quiet machine
+    # the bare job's steps (~0.08 s) could finish before that. Sleeping after each commit keeps
+    # the run observable and changes nothing in the math.
+    worker_args = f"--device {args.device} --step-sleep 0.1"
 
     async def go() -> tuple[dict, tuple[bool, str] | None]:
         reference = None

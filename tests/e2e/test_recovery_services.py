@@ -19,6 +19,10 @@ from flashrecovery.shared.settings import BusSettings, Settings
 
 STEPS = 16
 AT = 5
+# Faults are injected once a heartbeat (1 Hz) shows rank r at step AT: on a quiet machine the
+# bare job runs its 16 steps in ~1.5 s and would be done before that. The sleep after each
+# commit does not change the math, so every run (and the reference) stays bitwise comparable.
+STEP_SLEEP_S = 0.3
 pytestmark = pytest.mark.timeout(900)  # the first test also pays for the reference run
 
 
@@ -26,7 +30,8 @@ def _cluster(stack, tmp: Path, fault_env: str | None = None) -> LocalCluster:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
                         bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
-    return LocalCluster(settings, tmp / job, steps=STEPS, fault_env=fault_env)
+    return LocalCluster(settings, tmp / job, steps=STEPS, fault_env=fault_env,
+                        worker_args=f"--step-sleep {STEP_SLEEP_S}")
 
 
 @pytest.fixture(scope="module")
