@@ -50,6 +50,7 @@ from .groups import (
     NcclGroupFactory,
     PauseRequested,
     arrival_barrier,
+    gloo_loop_threads,
 )
 from .settings import AgentSettings
 from .transfer import TransferResult, ensure_optimizer_state, recv_state, send_state
@@ -352,7 +353,7 @@ class RecoveryAgent:
         t_reap = time.perf_counter()
         reaped = self.factory.reap()
         record.update(transfer_s=t_restored - t_rebuilt, bytes=nbytes, resume_step=cmd.resume_step,
-                      reaped=reaped, reap_s=time.perf_counter() - t_reap, gloo_loops=_gloo_loops())
+                      reaped=reaped, reap_s=time.perf_counter() - t_reap, gloo_loops=gloo_loop_threads())
         self.recoveries.append(record)
         self.log.info("resumed", **{k: (round(v, 4) if isinstance(v, float) else v)
                                     for k, v in record.items()})
@@ -431,18 +432,6 @@ class RecoveryAgent:
             prev(tp, val, tb)
 
         sys.excepthook = hook
-
-
-def _gloo_loops() -> int:
-    """Live gloo device loop threads of this process (one per device not yet destroyed)."""
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().strip() == "gloo_tcp_loop"
-        except OSError:
-            pass
-    return n
 
 
 class _RecoveryFailed(RuntimeError):

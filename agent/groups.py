@@ -283,6 +283,18 @@ class GlooGroupFactory:
         return n
 
 
+def gloo_loop_threads() -> int:
+    """Live gloo device loop threads of this process (one per device not yet destroyed)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().strip() == "gloo_tcp_loop"
+        except OSError:
+            pass
+    return n
+
+
 def _drop(buried: list[_Buried]) -> None:
     buried.clear()
 

@@ -19,6 +19,7 @@ from flashrecovery.agent.groups import (
     NcclGroupFactory,
     PauseRequested,
     arrival_barrier,
+    gloo_loop_threads,
 )
 
 
@@ -101,44 +102,32 @@ def _reaped_settled(timeout_s: float = 10) -> None:
         time.sleep(0.02)
 
 
-def _loops() -> int:
-    import os
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().strip() == "gloo_tcp_loop"
-        except OSError:
-            pass
-    return n
-
-
 @pytest.mark.timeout(60)
 def test_aborted_generations_are_destroyed_once_their_abandoned_work_finished() -> None:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=30))
     _reaped_settled()
     # device loop threads of earlier tests' groups may end just after their destructors
-    base, deadline = _loops(), time.monotonic() + 5
+    base, deadline = gloo_loop_threads(), time.monotonic() + 5
     while time.monotonic() < deadline:
         time.sleep(0.3)
-        if _loops() == base:
+        if gloo_loop_threads() == base:
             break
-        base = _loops()
+        base = gloo_loop_threads()
     fac = GlooGroupFactory(lazy_init=False)
     groups = fac.build(store, "t", 0, rank=0, world_size=1, tp=1)
-    assert _loops() == base + 3  # one device, one loop thread, per group
+    assert gloo_loop_threads() == base + 3  # one device, one loop thread, per group
     abandoned = torch.futures.Future()
     fac.abort(groups, [abandoned])
     del groups
-    assert fac.reap() == 0 and _loops() == base + 3  # its collective may still run: kept
+    assert fac.reap() == 0 and gloo_loop_threads() == base + 3  # its collective may still run: kept
     abandoned.set_result(None)
     assert fac.reap() == 1 and fac.graveyard == []
     _reaped_settled()
     deadline = time.monotonic() + 10
-    while _loops() > base and time.monotonic() < deadline:
+    while gloo_loop_threads() > base and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _loops() == base  # the devices' loop threads are gone with the groups
+    assert gloo_loop_threads() == base  # the devices' loop threads are gone with the groups
 
 
 @pytest.mark.unit
