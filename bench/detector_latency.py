@@ -22,8 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from flashrecovery.bench.detector_rig import FakeJob, Watcher
-from flashrecovery.detector.app import DetectorService
+from flashrecovery.bench.detector_rig import FakeJob, running_detector
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared.settings import BusSettings, Settings
 from flashrecovery.shared.stack import start_stack
@@ -101,35 +100,22 @@ async def one_run(kafka: str, redis: str, cls: str, warmup_s: float, timeout_s: 
     await busmod.ensure_topics(kafka, settings.bus)
     producer = busmod.Producer(kafka, settings.bus)
     await producer.start()
-    svc = DetectorService(settings, instance="latency")
-    watcher = Watcher(settings, producer)
-    job = FakeJob(producer, settings.job_id)
-    tasks: list[asyncio.Task] = []
     try:
-        await asyncio.wait_for(watcher.consumer.start(), 30)
-        await asyncio.wait_for(svc.start(), 30)
-        tasks = [asyncio.create_task(watcher.consumer.run()), asyncio.create_task(svc.run())]
-        await watcher.consumer.wait_assigned(30)
-        await svc.wait_assigned(30)
-        job.start()
-        await asyncio.sleep(warmup_s)
-        inject, kind = CLASSES[cls]
-        t_fault = await inject(job)
-        got = watcher.incidents if kind == "incident" else watcher.degradations
-        await watcher.wait(lambda: got, timeout_s, f"the {cls} {kind}")
-        at, ev = got[0]
-        wrong = (str(getattr(ev, "fault_class", "")) != cls) if kind == "incident" else False
-        return {"class": cls, "latency_s": round(at - t_fault, 4), "event": kind,
-                "fault_class": str(getattr(ev, "fault_class", None)), "wrong_class": wrong,
-                "incidents": len(watcher.incidents)}
+        async with running_detector(settings, producer, "latency") as (_, watcher, job):
+            job.start()
+            await asyncio.sleep(warmup_s)
+            inject, kind = CLASSES[cls]
+            t_fault = await inject(job)
+            got = watcher.incidents if kind == "incident" else watcher.degradations
+            await watcher.wait(lambda: got, timeout_s, f"the {cls} {kind}")
+            at, ev = got[0]
+            wrong = (str(getattr(ev, "fault_class", "")) != cls) if kind == "incident" else False
+            return {"class": cls, "latency_s": round(at - t_fault, 4), "event": kind,
+                    "fault_class": str(getattr(ev, "fault_class", None)), "wrong_class": wrong,
+                    "incidents": len(watcher.incidents)}
     except Exception as exc:  # noqa: BLE001 - a failed run is a result, recorded as such
         return {"class": cls, "error": repr(exc)}
     finally:
-        await job.stop()
-        await svc.stop()
-        watcher.consumer.stop()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        await svc.close()
         await producer.stop()
 
 

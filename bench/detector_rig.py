@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
@@ -158,3 +160,28 @@ class Watcher:
                 got = [(i.fault_class.value, i.root_cause_nodes) for _, i in self.incidents]
                 raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; got {got}")
             await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_detector(settings: Settings, producer: Producer,
+                           instance: str) -> AsyncIterator[tuple[Any, Watcher, FakeJob]]:
+    """One DetectorService, an incidents Watcher and a (not yet started) FakeJob, all assigned
+    their partitions; everything stopped on exit."""
+    from flashrecovery.detector.app import DetectorService
+
+    svc = DetectorService(settings, instance=instance)
+    watcher = Watcher(settings, producer)
+    await asyncio.wait_for(watcher.consumer.start(), 30)
+    await asyncio.wait_for(svc.start(), 30)
+    tasks = [asyncio.create_task(watcher.consumer.run()), asyncio.create_task(svc.run())]
+    job = FakeJob(producer, settings.job_id)
+    try:
+        await watcher.consumer.wait_assigned(30)
+        await svc.wait_assigned(30)
+        yield svc, watcher, job
+    finally:
+        await job.stop()
+        await svc.stop()
+        watcher.consumer.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await svc.close()

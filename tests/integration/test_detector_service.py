@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from flashrecovery.bench.detector_rig import FakeJob, Watcher
+from flashrecovery.bench.detector_rig import FakeJob, Watcher, running_detector
 from flashrecovery.detector.app import DetectorService
 from flashrecovery.shared import topics
 from flashrecovery.shared.schemas import FaultClass, NodeRole, RepairAction
@@ -20,23 +20,8 @@ GLOO_PEER = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] 
 
 @pytest.fixture
 async def rig(topics_ready, producer, registry):
-    settings = topics_ready
-    svc = DetectorService(settings, instance="itest")
-    watcher = Watcher(settings, producer)
-    await asyncio.wait_for(watcher.consumer.start(), 30)
-    await asyncio.wait_for(svc.start(), 30)
-    tasks = [asyncio.create_task(watcher.consumer.run()), asyncio.create_task(svc.run())]
-    job = FakeJob(producer, settings.job_id)
-    try:
-        await watcher.consumer.wait_assigned(30)
-        await svc.wait_assigned(30)
+    async with running_detector(topics_ready, producer, "itest") as (svc, watcher, job):
         yield svc, watcher, job, registry
-    finally:
-        await job.stop()
-        await svc.stop()
-        watcher.consumer.stop()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        await svc.close()
 
 
 async def warm_up(job: FakeJob, seconds: float = 2.0) -> None:
