@@ -53,6 +53,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--scale-sizes", type=lambda v: [int(x) for x in _csv(v)], default=None,
                    help="ranks (default 64,1000,10000,100000; smoke 64)")
     p.add_argument("--scale-warmup", type=float, default=8.0)
+    p.add_argument("--scale-detectors", type=int, default=None,
+                   help="detector instances per scale point (default: one per 8,000 nodes)")
     p.add_argument("--overhead-reps", type=int, default=None, help="interleaved pairs (default 3; smoke 1)")
     p.add_argument("--overhead-steps", type=int, default=40)
     p.add_argument("--goodput-duration", type=float, default=600.0)
@@ -184,7 +186,8 @@ def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root:
             try:
                 points.append(asyncio.run(run_scale_point(ranks, run_root / "scale", settings,
                                                           warmup_s=min(args.scale_warmup, 6.0) if args.smoke
-                                                          else args.scale_warmup, timeout_s=args.timeout)))
+                                                          else args.scale_warmup, timeout_s=args.timeout,
+                                                          detectors=args.scale_detectors)))
             except Exception as exc:  # noqa: BLE001
                 points.append({"ranks": ranks, "error": f"{type(exc).__name__}: {exc}"})
         return {"points": points}

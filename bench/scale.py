@@ -26,6 +26,10 @@ from flashrecovery.supervisor import Supervisor
 
 RANKS_PER_NODE = 8
 TP = 2
+# Heartbeats one detector instance is given at most: it decodes and judges ~10-13k 8-rank beats/s
+# on one core of the 2-core dev box (docs/detector.md), and the job is sharded across instances
+# by heartbeat partition as it would be in production.
+NODES_PER_DETECTOR = 8000
 COUNTED = (T.WORKER_EVENTS, T.INCIDENTS, T.PLANS, T.COMMANDS, T.ACKS, T.RECOVERY)
 
 
@@ -38,16 +42,23 @@ def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) - a.get(k, 0)}
 
 
+def detectors_for(nodes: int) -> int:
+    return max(1, -(-nodes // NODES_PER_DETECTOR))
+
+
 async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: float = 8.0,
-                          timeout_s: float = 180.0, idle_s: float = 3.0) -> dict[str, Any]:
+                          timeout_s: float = 180.0, idle_s: float = 3.0,
+                          detectors: int | None = None) -> dict[str, Any]:
     nodes = ranks // RANKS_PER_NODE
+    detectors = detectors or detectors_for(nodes)
     job = f"scale-{ranks}-{uuid.uuid4().hex[:6]}"
     settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
         topic_namespace=job, telemetry_partitions=8, control_partitions=1, linger_ms=2)})
     sup = Supervisor(settings, run_root / job)
     seen: dict[str, int] = {t.name: 0 for t in COUNTED}
     marks: dict[str, Any] = {}
-    res: dict[str, Any] = {"ranks": ranks, "nodes": nodes, "ranks_per_node": RANKS_PER_NODE, "tp": TP}
+    res: dict[str, Any] = {"ranks": ranks, "nodes": nodes, "ranks_per_node": RANKS_PER_NODE, "tp": TP,
+                           "detector_instances": detectors}
     t_start = time.time()
     try:
         await asyncio.to_thread(sup.start_stack)
@@ -80,10 +91,22 @@ async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: 
         await watcher.start()
         wtask = asyncio.create_task(watcher.run())
         await watcher.wait_assigned()
-        for service in ("detector", "planner"):
-            sup.start_service(service)
+        names = [f"detector-{i}" for i in range(detectors)]
+        for name in names:
+            sup.start_service("detector", name)
+        sup.start_service("planner")
         sup.start_service("executor", "executor-0", FLASHRECOVERY_INSTANCE="0")
         await sup.wait_ready(["detector", "planner", "executor-0"], 120)
+        # Detector instances name themselves (host-pid): wait until all of them are live.
+        reg = Registry.from_url(sup.stack.redis_url, job)
+        try:
+            deadline = time.monotonic() + 60
+            while sum(k.startswith("detector:") for k in await reg.live_services()) < detectors:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"fewer than {detectors} detector instances live after 60 s")
+                await asyncio.sleep(0.2)
+        finally:
+            await reg.close()
         out = sup.run_dir / "sim.json"
         sup.spawn("sim", [sys.executable, "-m", "flashrecovery.bench.simsidecars", "--nodes", str(nodes),
                           "--ranks", str(RANKS_PER_NODE), "--lose-at", str(warmup_s), "--out", str(out)])

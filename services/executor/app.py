@@ -25,8 +25,8 @@ from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction,
                                           RecoveryPlan, RecoveryProgress)
 from flashrecovery.shared.settings import Settings
 
-from .core import (PHASES, RECOVER_STAGES, TERMINAL, applied_topology, cannot_proceed, judge, next_phase_name,
-                   ranks_to_kill, settled, waitlist)
+from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, judge,
+                   next_phase_name, ranks_to_kill, settled, touched_nodes, waitlist)
 
 
 class PhaseFailed(RuntimeError):
@@ -47,7 +47,8 @@ class ExecutorService:
                                             self.on_ack, self.producer, f"executor-{self.instance}-acks",
                                             from_latest=True)
         self.plans: dict[str, RecoveryPlan] = {}
-        self.acks: dict[str, dict[tuple[str, str], CommandAck]] = {}
+        self.acks: dict[str, dict[str, dict[str, CommandAck]]] = {}  # command -> stage -> node -> ack
+        self.waitlists: dict[str, Waitlist] = {}  # plan -> its waitlist, read once at pause
         self.ack_event = asyncio.Event()
         self.plan_event = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -66,7 +67,7 @@ class ExecutorService:
         if not isinstance(ack, CommandAck) or ack.job_id != self.s.job_id:
             return
         # Redelivered acks overwrite themselves: idempotent by (command, node, stage).
-        self.acks.setdefault(ack.command_id, {})[(ack.node_id, ack.stage)] = ack
+        self.acks.setdefault(ack.command_id, {}).setdefault(ack.stage, {})[ack.node_id] = ack
         self.ack_event.set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -199,14 +200,15 @@ class ExecutorService:
         return cmd.command_id
 
     async def _await_acks(self, command_id: str, stage: str, expected: frozenset[str], attempt: int,
-                          retries: int, timeout_s: float | None = None) -> tuple[str, dict[str, CommandAck]]:
+                          retries: int, timeout_s: float | None = None,
+                          fail_from: frozenset[str] | None = None) -> tuple[str, dict[str, CommandAck]]:
         started = time.monotonic()
         timeout_s = timeout_s or self.s.executor.phase_timeout_s
         while True:
-            got = {n: a for (n, st), a in self.acks.get(command_id, {}).items() if st == stage}
-            verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries)
+            got = self.acks.get(command_id, {}).get(stage, {})
+            verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries, fail_from)
             if verdict.outcome != "wait":
-                return verdict.outcome if verdict.outcome != "advance" else "ok", got | {"_reason": verdict.reason}
+                return verdict.outcome if verdict.outcome != "advance" else "ok", {**got, "_reason": verdict.reason}
             self.ack_event.clear()
             try:
                 await asyncio.wait_for(self.ack_event.wait(), 0.2)
@@ -241,9 +243,15 @@ class ExecutorService:
         await self._set_run(plan.plan_id, generation=gen, snapshot_generation=cur)
         log.info("fenced", generation=gen)
 
+    async def _waitlist(self, plan: RecoveryPlan) -> Waitlist:
+        """Read once per plan: nothing but this plan's own replace writes the topology between
+        its pause and its replace. A standby that takes over reads it afresh."""
+        if plan.plan_id not in self.waitlists:
+            self.waitlists[plan.plan_id] = waitlist(plan, await self.registry.rank_nodes())
+        return self.waitlists[plan.plan_id]
+
     async def _phase_pause(self, plan: RecoveryPlan, log) -> None:
-        snap = await self.registry.snapshot()
-        wl = waitlist(plan, snap)
+        wl = await self._waitlist(plan)
         acks = await self._with_retries(plan, CommandAction.PAUSE, "done", wl.pause, log,
                                         kill_ranks=ranks_to_kill(plan))
         restart = set(plan.restart_ranks)
@@ -265,8 +273,7 @@ class ExecutorService:
         why = cannot_proceed(plan)
         if why is not None:
             raise PhaseFailed(why)
-        snap = await self.registry.snapshot()
-        wl = waitlist(plan, snap)
+        wl = await self._waitlist(plan)
         state = await self._run_state(plan.plan_id)
         gen = int(state["generation"])
         assignments = tuple(Assignment(rank=r.rank, local_rank=r.local_rank, node_id=r.to_node)
@@ -275,26 +282,33 @@ class ExecutorService:
                                  nodes=tuple(sorted(wl.replace | set(plan.faulty_nodes))),
                                  kill_ranks=ranks_to_kill(plan), assignments=assignments)
         if "topology_written" not in state:
-            ranks, nodes = applied_topology(plan, snap, gen)
+            moved = {r.rank: r for r in await self.registry.get_ranks(rep.rank for rep in plan.replacements)}
+            nodes_by_id = {n.node_id: n for n in await self.registry.get_nodes(sorted(touched_nodes(plan)))}
+            ranks, nodes = applied_topology(plan, moved, nodes_by_id, gen)
             await self.registry.put_ranks(gen, ranks)
             await self.registry.put_nodes(gen, nodes)
-            await self._set_run(plan.plan_id, topology_written=1, recover_nodes=sorted(wl.recover))
+            await self._set_run(plan.plan_id, topology_written=1, recover_nodes=sorted(wl.recover),
+                                stage_nodes=sorted(wl.stages))
 
     async def _recover_stage(self, plan: RecoveryPlan, phase: str, log) -> None:
         state = await self._run_state(plan.plan_id)
-        expected = frozenset(orjson.loads(state["recover_nodes"]))
+        recover = frozenset(orjson.loads(state["recover_nodes"]))
+        # A run state written before stage_nodes existed: every node reports every stage.
+        stage_nodes = frozenset(orjson.loads(state["stage_nodes"])) if "stage_nodes" in state else recover
+        expected = recover if phase == "verify" else stage_nodes
         if "recover_command" not in state:
             commit = int(state["commit_step"])
             command_id = await self._command(
                 plan, CommandAction.RECOVER, 0, world_size=plan.world_size,
                 commit_step=None if commit < 0 else commit, resume_step=int(state["resume_step"]),
-                transfers=plan.transfers)
+                transfers=plan.transfers, stage_nodes=tuple(sorted(stage_nodes)))
             await self._set_run(plan.plan_id, recover_command=command_id)
         else:
             command_id = state["recover_command"]
         # Stages of one broadcast: a stage that fails is not retried on its own; the incident
         # fails and escalates (a superseding plan re-pauses everyone and starts over).
-        outcome, acks = await self._await_acks(command_id, RECOVER_STAGES[phase], expected, 0, 0)
+        outcome, acks = await self._await_acks(command_id, RECOVER_STAGES[phase], expected, 0, 0,
+                                               fail_from=recover)
         reason = acks.pop("_reason")
         if outcome != "ok":
             raise PhaseFailed(f"{phase}: {reason}")
@@ -325,6 +339,7 @@ class ExecutorService:
     async def _finish(self, plan: RecoveryPlan, outcome: str, state: dict[str, str], reason: str = "") -> None:
         if outcome == "superseded":
             await self._transition(plan, (await self._run_state(plan.plan_id)).get("phase"), "superseded")
+        self.waitlists.pop(plan.plan_id, None)
         if not await self.registry.side_effect_once(plan.plan_id, f"completed:{outcome}"):
             return
         phase_seconds = {p: round(float(state[f"t:{p}:end"]) - float(state[f"t:{p}:start"]), 4)

@@ -8,10 +8,11 @@ between them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flashrecovery.shared.schemas import CommandAck, Fallback, NodeRole, RankState, RecoveryPlan
-from flashrecovery.shared.topology import JobSnapshot, NodeRecord, RankRecord
+from flashrecovery.shared.topology import NodeRecord, RankRecord
 
 PHASES = ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
 RECOVER_STAGES = {"rebuild": "rebuilt", "restore": "restored", "resume": "resumed", "verify": "verified"}
@@ -27,20 +28,40 @@ def next_phase_name(phase: str) -> str:
 class Waitlist:
     pause: frozenset[str]  # nodes hosting surviving ranks: their pause reports decide the commit
     replace: frozenset[str]  # nodes receiving replacements (must ack)
-    recover: frozenset[str]  # nodes hosting ranks after the plan (every stage of RECOVER)
+    recover: frozenset[str]  # nodes hosting ranks after the plan (every one must verify)
+    # Nodes that report every intermediate RECOVER stage (rebuilt, restored, resumed): the ones
+    # hosting a restarted rank or a transfer's end. The rest report only `verified` and any
+    # failure: the rebuild ends in an allreduce over the whole new group, so one rebuilt node
+    # means every member joined, and a restore moves state only between the transfer's ends.
+    # Acks per recovery: (2 x nodes) + a few per restarted rank, not (5 x nodes).
+    stages: frozenset[str]
 
 
-def waitlist(plan: RecoveryPlan, snap: JobSnapshot) -> Waitlist:
-    """Work proportional to the cluster only in this set arithmetic; commands themselves are
+def waitlist(plan: RecoveryPlan, rank_nodes: Mapping[int, str]) -> Waitlist:
+    """rank_nodes: every rank's node before the plan (Registry.rank_nodes(); no pydantic object
+    per rank). Work proportional to the cluster only in this set arithmetic; commands are
     broadcasts and acks come one per node."""
     restart = set(plan.restart_ranks)
-    survivors = {r.node_id for r in snap.ranks if r.rank not in restart}
+    survivors = {node for rank, node in rank_nodes.items() if rank not in restart}
     dest = {rep.to_node for rep in plan.replacements}
-    moved = {rep.rank for rep in plan.replacements}
+    moved = {rep.rank: rep.to_node for rep in plan.replacements}
     # A rank left `recovering` by a superseded plan stays where it is and is restored again.
-    staying = {r.node_id for r in snap.ranks if r.rank not in moved}
-    return Waitlist(pause=frozenset(survivors), replace=frozenset(dest),
-                    recover=frozenset(staying | dest))
+    staying = {node for rank, node in rank_nodes.items() if rank not in moved}
+
+    def after(rank: int) -> str | None:
+        return moved.get(rank) or rank_nodes.get(rank)
+
+    ends = restart | {t.src for t in plan.transfers} | {t.dst for t in plan.transfers}
+    recover = frozenset(staying | dest)
+    stages = frozenset(n for n in map(after, ends) if n is not None) & recover
+    return Waitlist(pause=frozenset(survivors), replace=frozenset(dest), recover=recover,
+                    stages=stages or recover)
+
+
+def touched_nodes(plan: RecoveryPlan) -> set[str]:
+    """The nodes whose records applied_topology may rewrite: the shell reads only these."""
+    return ({rep.from_node for rep in plan.replacements} | {rep.to_node for rep in plan.replacements}
+            | set(plan.quarantine_nodes))
 
 
 def ranks_to_kill(plan: RecoveryPlan) -> tuple[int, ...]:
@@ -56,10 +77,13 @@ class PhaseVerdict:
     reason: str
 
 
-def judge(acks: dict[str, CommandAck], expected: frozenset[str], started_at: float, now: float,
-          timeout_s: float, attempt: int, retries: int) -> PhaseVerdict:
-    """acks: node -> its ack for this phase's command (and stage)."""
-    bad = sorted(n for n, a in acks.items() if n in expected and not a.ok)
+def judge(acks: Mapping[str, CommandAck], expected: frozenset[str], started_at: float, now: float,
+          timeout_s: float, attempt: int, retries: int,
+          fail_from: frozenset[str] | None = None) -> PhaseVerdict:
+    """acks: node -> its ack for this phase's command (and stage). A negative ack from a node
+    in `fail_from` (default: `expected`) fails the phase, even from a node not waited for."""
+    fail_from = expected if fail_from is None else fail_from
+    bad = sorted(n for n, a in acks.items() if (n in expected or n in fail_from) and not a.ok)
     missing = sorted(expected - acks.keys())
     if not bad and not missing:
         return PhaseVerdict("advance", f"all {len(expected)} nodes acknowledged")
@@ -72,15 +96,17 @@ def judge(acks: dict[str, CommandAck], expected: frozenset[str], started_at: flo
     return PhaseVerdict("wait", f"waiting for {len(missing)} nodes")
 
 
-def applied_topology(plan: RecoveryPlan, snap: JobSnapshot, generation: int) -> tuple[list[RankRecord], list[NodeRecord]]:
+def applied_topology(plan: RecoveryPlan, ranks_by_id: Mapping[int, RankRecord],
+                     nodes_by_id: Mapping[str, NodeRecord],
+                     generation: int) -> tuple[list[RankRecord], list[NodeRecord]]:
     """Registry records to write once replacements are up: only the moved ranks and the nodes
-    whose membership changed, so the write grows with the restart set, not the cluster."""
-    by_rank = {r.rank: r for r in snap.ranks}
+    whose membership changed, so the write grows with the restart set, not the cluster.
+    ranks_by_id / nodes_by_id: the records of (at least) the moved ranks and touched_nodes()."""
+    by_rank = ranks_by_id
     ranks = [by_rank[rep.rank].model_copy(update={"node_id": rep.to_node, "local_rank": rep.local_rank,
                                                   "state": RankState.RECOVERING, "generation": generation,
                                                   "pid": None})
              for rep in plan.replacements]
-    nodes_by_id = {n.node_id: n for n in snap.nodes}
     touched: dict[str, NodeRecord] = {}
     moved_from: dict[str, set[int]] = {}
     for rep in plan.replacements:

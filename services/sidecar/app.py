@@ -27,7 +27,7 @@ from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCom
                                           RankStatus, WorkerExit)
 from flashrecovery.shared.settings import Settings
 
-from .core import CommandGate, TokenBucket, prefilter, stage_reached
+from .core import CommandGate, TokenBucket, prefilter, reports_stages, stage_reached
 
 
 @dataclass
@@ -430,8 +430,9 @@ class SidecarService:
             reports = tuple(RankReport(rank=w.rank, pid=w.pid, phase=m.phase, seconds=m.seconds,
                                        bytes=m.bytes, digest_ok=m.digest_ok)
                             for w in targets for m in w.progress_msgs if m.phase == stage)
-            await self._ack(cmd, stage=stage, ok=ok and reached, ranks=reports,
-                            detail="" if reached else f"ranks did not reach {stage}")
+            if not reached or reports_stages(cmd, self.node_id):
+                await self._ack(cmd, stage=stage, ok=ok and reached, ranks=reports,
+                                detail="" if reached else f"ranks did not reach {stage}")
             if not reached:
                 return
         resume = cmd.resume_step or 0

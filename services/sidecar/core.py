@@ -64,3 +64,10 @@ class CommandGate:
 def stage_reached(stage: str, local_ranks: list[int], progress: dict[int, set[str]]) -> bool:
     """All ranks hosted here reported `stage` (rebuilt / restored / resumed)."""
     return bool(local_ranks) and all(stage in progress.get(r, set()) for r in local_ranks)
+
+
+def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:
+    """Whether this node acks the intermediate RECOVER stages when they succeed (a failure is
+    always reported). Only the nodes the executor named do; the rest report `verified` alone,
+    which keeps the acks of a recovery at about two per node however large the job."""
+    return cmd.stage_nodes is None or node_id in cmd.stage_nodes

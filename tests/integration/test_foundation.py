@@ -106,6 +106,12 @@ async def test_write_from_an_old_generation_is_refused(registry, job_id):
     got = await registry.get_ranks([0, 3, 99])
     assert [(r.rank, r.node_id) for r in got] == [(0, "spare-0"), (3, snap.ranks[3].node_id)]
     assert await registry.get_ranks([]) == []
+    # the whole job's placement without a record object per rank, and nodes read by name
+    placement = await registry.rank_nodes()
+    assert placement == {r.rank: ("spare-0" if r.rank == 0 else r.node_id) for r in snap.ranks}
+    nodes = await registry.get_nodes(["spare-0", "nowhere"])
+    assert [n.node_id for n in nodes] == ["spare-0"]
+    assert await registry.get_nodes([]) == []
 
 
 async def test_two_concurrent_writers_of_one_phase_cannot_both_win(registry, job_id):

@@ -1,10 +1,21 @@
 from flashrecovery.executor.core import (applied_topology, cannot_proceed, judge, next_phase_name, settled,
-                                         waitlist)
+                                         touched_nodes, waitlist)
 from flashrecovery.shared.schemas import (CommandAck, CommandAction, Fallback, NodeRole, RankState, RecoveryPlan,
                                           Replacement, Transfer)
 from flashrecovery.shared.topology import grid_topology
 
 SNAP = grid_topology("j", nodes=4, ranks_per_node=2, tp=2, spares=1)
+
+
+def _placement(snap=SNAP):
+    return {r.rank: r.node_id for r in snap.ranks}
+
+
+def _applied(plan, snap=SNAP, generation=1):
+    """What the shell passes: only the moved ranks' and the touched nodes' records."""
+    ranks = {r.rank: r for r in snap.ranks if r.rank in {rep.rank for rep in plan.replacements}}
+    nodes = {n.node_id: n for n in snap.nodes if n.node_id in touched_nodes(plan)}
+    return applied_topology(plan, ranks, nodes, generation)
 
 
 def _plan(restart, reps, faulty, quarantine=()):
@@ -27,7 +38,7 @@ def test_phase_order():
 
 def test_process_crash_waitlist_keeps_the_crashed_nodes_survivor():
     plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
-    wl = waitlist(plan, SNAP)
+    wl = waitlist(plan, _placement())
     assert wl.pause == {"node-0", "node-1", "node-2", "node-3"}  # rank 3 still lives on node-1
     assert wl.replace == {"spare-0"}
     assert wl.recover == {"node-0", "node-1", "node-2", "node-3", "spare-0"}
@@ -35,7 +46,7 @@ def test_process_crash_waitlist_keeps_the_crashed_nodes_survivor():
 
 def test_node_loss_waitlist_never_waits_for_the_lost_node():
     reps = [Replacement(rank=r, from_node="node-1", to_node="spare-0", local_rank=r - 2) for r in (2, 3)]
-    wl = waitlist(_plan([2, 3], reps, ["node-1"]), SNAP)
+    wl = waitlist(_plan([2, 3], reps, ["node-1"]), _placement())
     assert "node-1" not in wl.pause and "node-1" not in wl.recover
 
 
@@ -53,7 +64,7 @@ def test_judge_table():
 
 def test_applied_topology_touches_only_moved_ranks_and_their_nodes():
     reps = [Replacement(rank=r, from_node="node-1", to_node="spare-0", local_rank=r - 2) for r in (2, 3)]
-    ranks, nodes = applied_topology(_plan([2, 3], reps, ["node-1"]), SNAP, generation=1)
+    ranks, nodes = _applied(_plan([2, 3], reps, ["node-1"]))
     assert sorted(r.rank for r in ranks) == [2, 3] and all(r.node_id == "spare-0" for r in ranks)
     by = {n.node_id: n for n in nodes}
     assert set(by) == {"node-1", "spare-0"}
@@ -63,7 +74,7 @@ def test_applied_topology_touches_only_moved_ranks_and_their_nodes():
 
 def test_partial_use_of_a_spare_keeps_it_spare():
     plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
-    _, nodes = applied_topology(plan, SNAP, generation=1)
+    _, nodes = _applied(plan)
     by = {n.node_id: n for n in nodes}
     assert by["node-1"].role == NodeRole.ACTIVE and by["node-1"].ranks == (3,)
     assert by["spare-0"].role == NodeRole.SPARE and by["spare-0"].standby_slots == 1
@@ -75,7 +86,7 @@ def test_a_rank_left_recovering_is_restored_in_place_not_killed():
         r.model_copy(update={"node_id": "spare-0"}) if r.rank == 2 else r for r in SNAP.ranks)})
     plan = _plan([2, 5], [Replacement(rank=5, from_node="node-2", to_node="spare-0", local_rank=1)], ["node-2"])
     assert ranks_to_kill(plan) == (5,)
-    wl = waitlist(plan, snap)
+    wl = waitlist(plan, _placement(snap))
     assert "spare-0" in wl.recover and "node-2" in wl.recover  # rank 4 survives on node-2
 
 
@@ -88,8 +99,32 @@ def test_a_wait_plan_stops_after_pause_and_others_proceed():
 
 def test_a_done_plan_settles_its_recovering_ranks_only():
     plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
-    moved, _ = applied_topology(plan, SNAP, 1)
+    moved, _ = _applied(plan)
     assert [r.state for r in moved] == [RankState.RECOVERING]
     untouched = SNAP.ranks[3]
     out = settled(moved + [untouched])
     assert [(r.rank, r.state, r.node_id) for r in out] == [(2, RankState.RUNNING, "spare-0")]
+
+
+def test_only_the_restart_set_and_transfer_ends_report_every_recover_stage():
+    # rank 2 dies with node-1's process and moves to the spare; its state comes from rank 4
+    # (node-2). Everyone verifies; only spare-0 and node-2 report rebuilt/restored/resumed.
+    plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
+    wl = waitlist(plan, _placement())
+    assert wl.stages == {"spare-0", "node-2"}
+    assert wl.stages < wl.recover
+
+
+def test_stage_reporters_fall_back_to_every_node_when_none_is_named():
+    held = _plan([], [], ["node-3"])
+    wl = waitlist(held, _placement())
+    assert wl.stages == wl.recover
+
+
+def test_a_failure_from_a_node_not_waited_for_still_fails_the_stage():
+    reporters = frozenset({"a"})
+    everyone = frozenset({"a", "b"})
+    acks = {"a": _ack("a"), "b": _ack("b", ok=False, detail="ranks did not reach rebuilt")}
+    v = judge(acks, reporters, 0, 1, 10, 0, 0, fail_from=everyone)
+    assert v.outcome == "fail" and "did not reach rebuilt" in v.reason
+    assert judge({"a": _ack("a")}, reporters, 0, 1, 10, 0, 0, fail_from=everyone).outcome == "advance"

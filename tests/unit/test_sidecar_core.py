@@ -1,7 +1,7 @@
 import pytest
 
 from flashrecovery.shared.schemas import CommandAction, ExecutorCommand
-from flashrecovery.sidecar.core import CommandGate, TokenBucket, prefilter, stage_reached
+from flashrecovery.sidecar.core import CommandGate, TokenBucket, prefilter, reports_stages, stage_reached
 
 
 def _cmd(cid="c1", gen=2, nodes=None):
@@ -44,3 +44,11 @@ def test_stage_reached_needs_every_local_rank():
     assert not stage_reached("rebuilt", [2, 3], {2: {"rebuilt"}, 3: set()})
     assert stage_reached("rebuilt", [2, 3], {2: {"rebuilt"}, 3: {"rebuilt", "restored"}})
     assert not stage_reached("rebuilt", [], {})
+
+
+def test_only_named_nodes_report_intermediate_recover_stages():
+    recover = _cmd().model_copy(update={"action": CommandAction.RECOVER, "stage_nodes": ("spare-0", "node-2")})
+    assert reports_stages(recover, "spare-0") and reports_stages(recover, "node-2")
+    assert not reports_stages(recover, "node-1")
+    # a command from an executor that predates the field: every node reports every stage
+    assert reports_stages(_cmd().model_copy(update={"action": CommandAction.RECOVER}), "node-1")

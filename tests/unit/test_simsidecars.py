@@ -1,0 +1,56 @@
+"""The scale bench's simulated sidecars render their messages from byte templates: what they send
+must be exactly what the real schema accepts, or the bench would measure dead-lettering."""
+
+import asyncio
+
+import orjson
+
+from flashrecovery.bench.simsidecars import SimCluster
+from flashrecovery.shared import schemas as S
+
+
+def _sim(monkeypatch, nodes=3):
+    monkeypatch.setenv("FLASHRECOVERY_JOB_ID", "job-\"q\"")  # a job id that needs JSON escaping
+    return SimCluster(nodes, 4, spares=1, lose=0, lose_at=999.0)
+
+
+def test_templated_heartbeats_decode_with_the_real_schema(monkeypatch):
+    sim = _sim(monkeypatch)
+    hb = S.decode(sim.beat("node-1"))
+    assert isinstance(hb, S.NodeHeartbeat) and hb.job_id == 'job-"q"' and hb.node_id == "node-1"
+    assert [r.rank for r in hb.ranks] == [4, 5, 6, 7] and {r.state for r in hb.ranks} == {S.RankState.RUNNING}
+    assert S.decode(sim.beat("node-1")).seq == hb.seq + 1
+    spare = S.decode(sim.beat("spare-0"))
+    assert spare.role == S.NodeRole.SPARE and spare.standby_ready == 4 and all(r.rank is None for r in spare.ranks)
+    sim.pause()
+    assert {r.state for r in S.decode(sim.beat("node-2")).ranks} == {S.RankState.PAUSED}
+
+
+def _command(action, **kw):
+    return S.ExecutorCommand(job_id='job-"q"', generation=1, producer="executor-0", command_id=f"c-{action}",
+                             plan_id="p", incident_id="i", action=action, **kw)
+
+
+def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch):
+    sim = _sim(monkeypatch)
+    sent: list[bytes] = []
+
+    async def keep() -> None:
+        sent.extend(sim._acks)
+        sim._acks.clear()
+
+    sim.flush_acks = keep
+    replace = _command(S.CommandAction.REPLACE, assignments=(S.Assignment(rank=0, local_rank=0, node_id="spare-0"),))
+    asyncio.run(sim.on_command(replace, None))
+    assert S.decode(sim.beat("spare-0")).ranks[0].rank == 0  # the spare now beats for rank 0
+    assert [r.rank for r in S.decode(sim.beat("node-0")).ranks] == [1, 2, 3]
+    sent.clear()
+    asyncio.run(sim.on_command(_command(S.CommandAction.RECOVER, resume_step=3, stage_nodes=("spare-0",)), None))
+    acks = [S.decode(v) for v in sent]
+    assert all(isinstance(a, S.CommandAck) and a.ok for a in acks)
+    staged = {(a.node_id, a.stage) for a in acks if a.stage != "verified"}
+    assert staged == {("spare-0", st) for st in ("rebuilt", "restored", "resumed")}
+    assert {a.node_id for a in acks if a.stage == "verified"} == {"node-0", "node-1", "node-2", "spare-0"}
+    verified = next(a for a in acks if a.stage == "verified" and a.node_id == "node-1")
+    assert [(r.rank, r.applied_step) for r in verified.ranks] == [(r, 3) for r in (4, 5, 6, 7)]
+    assert orjson.loads(sent[0])["schema_version"] == S.SCHEMA_VERSION
