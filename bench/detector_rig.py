@@ -13,7 +13,7 @@ from typing import Any
 
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
-from flashrecovery.shared.schemas import (Degradation, FaultIncident, LogEvent, NodeHeartbeat,
+from flashrecovery.shared.schemas import (Degradation, FaultIncident, LogEvent, NodeHeartbeat, RankColumns,
                                           RankState, RankStatus, WorkerExit)
 from flashrecovery.shared.settings import Settings
 
@@ -47,6 +47,7 @@ class FakeJob:
     generation: int = 0
     silent: set[str] = field(default_factory=set)
     last_beat: dict[str, float] = field(default_factory=dict)
+    columns: bool = False  # send the ranks as rank_columns (sidecar setting heartbeat_columns)
 
     def __post_init__(self) -> None:
         now = time.monotonic()
@@ -100,9 +101,9 @@ class FakeJob:
                 long_phase_expected_s=r.phase[1] if in_phase else None,
                 since_progress_s=now - r.last_advance))
         self.seq[node] += 1
+        form = {"rank_columns": RankColumns.of(statuses)} if self.columns else {"ranks": tuple(statuses)}
         return NodeHeartbeat(job_id=self.job_id, generation=self.generation, producer=f"sidecar/{node}",
-                             node_id=node, seq=self.seq[node], interval_s=self.interval,
-                             ranks=tuple(statuses))
+                             node_id=node, seq=self.seq[node], interval_s=self.interval, **form)
 
     async def _run(self) -> None:
         while True:

@@ -44,8 +44,10 @@ FLUSH_S = 0.05  # how often due beats are handed to the broker, per partition
 
 
 class SimCluster:
-    def __init__(self, nodes: int, ranks: int, spares: int, lose: int, lose_at: float) -> None:
+    def __init__(self, nodes: int, ranks: int, spares: int, lose: int, lose_at: float,
+                 columns: bool = True) -> None:
         self.s = load_settings()
+        self.columns = columns  # heartbeats in the rank_columns form (sidecar heartbeat_columns)
         self.nodes, self.ranks = nodes, ranks
         self.names = [f"node-{i}" for i in range(nodes)] + [f"spare-{i}" for i in range(spares)]
         # node -> hosted ranks; the spare hosts none until a replace assigns some
@@ -97,10 +99,16 @@ class SimCluster:
             self._rank_heads[node] = self._rank_prefixes(node)
 
     def _rank_prefixes(self, node: str) -> list[bytes]:
+        """The fixed part of the node's ranks: one prefix per rank object, or (columns) the
+        identity columns."""
         hosted = self.hosted[node]
-        if hosted:
-            return [f'{{"rank":{r},"local_rank":{lr},"pid":{100000 + r},'.encode() for lr, r in enumerate(hosted)]
-        return [f'{{"rank":null,"local_rank":{lr},"pid":{200000 + lr},'.encode() for lr in range(self.ranks)]
+        ids = list(enumerate(hosted)) if hosted else [(lr, None) for lr in range(self.ranks)]
+        pid = [100000 + r if r is not None else 200000 + lr for lr, r in ids]
+        if self.columns:
+            return [orjson.dumps({"rank": [r for _, r in ids], "local_rank": [lr for lr, _ in ids],
+                                  "pid": pid})[:-1] + b","]
+        return [f'{{"rank":{"null" if r is None else r},"local_rank":{lr},"pid":{p},'.encode()
+                for (lr, r), p in zip(ids, pid)]
 
     def beat(self, node: str) -> bytes:
         step = self.step()
@@ -108,19 +116,27 @@ class SimCluster:
         since = (now - self.run_since) % STEP_S if self.run_since is not None else now - (self.t0)
         hosted = self.hosted[node]
         if hosted:
-            state = "running" if self.run_since is not None else "paused"
-            common = (f'"state":"{state}","step":{step},"step_time_s":{STEP_S},"generation":{self.generation},'
-                      f'"long_phase":null,"long_phase_expected_s":null,"since_progress_s":{since:.3f}}}').encode()
-            tail = '],"role":"active","standby_ready":0}'
+            state, t, tail = ("running" if self.run_since is not None else "paused"), STEP_S, \
+                ',"role":"active","standby_ready":0}'
         else:
-            common = (f'"state":"standby","step":0,"step_time_s":null,"generation":{self.generation},'
-                      f'"long_phase":null,"long_phase_expected_s":null,"since_progress_s":0.0}}').encode()
-            tail = f'],"role":"spare","standby_ready":{self.ranks}}}'
+            state, step, since, t, tail = "standby", 0, 0.0, None, f',"role":"spare","standby_ready":{self.ranks}}}'
         self.seq[node] += 1
-        return b"".join((
-            f'{{"event_id":"{os.urandom(8).hex()}","generation":{self.generation},"emitted_at":{time.time()},'
-            f'"seq":{self.seq[node]},'.encode(), self._head[node], b'"ranks":[',
-            b",".join(p + common for p in self._rank_heads[node]), tail.encode()))
+        head = (f'{{"event_id":"{os.urandom(8).hex()}","generation":{self.generation},"emitted_at":{time.time()},'
+                f'"seq":{self.seq[node]},').encode() + self._head[node]
+        prefixes = self._rank_heads[node]
+        if self.columns:
+            n = len(hosted) or self.ranks
+
+            def col(v: object) -> str:
+                return "[" + ",".join([v] * n) + "]"  # type: ignore[list-item]
+            body = (f'"state":{col(chr(34) + state + chr(34))},"step":{col(str(step))},'
+                    f'"step_time_s":{col("null" if t is None else str(t))},"generation":{col(str(self.generation))},'
+                    f'"since_progress_s":{col(f"{since:.3f}")}}}').encode()
+            return b"".join((head, b'"rank_columns":', prefixes[0], body, tail.encode()))
+        common = (f'"state":"{state}","step":{step},"step_time_s":{"null" if t is None else t},'
+                  f'"generation":{self.generation},"long_phase":null,"long_phase_expected_s":null,'
+                  f'"since_progress_s":{since:.3f}}}').encode()
+        return b"".join((head, b'"ranks":[', b",".join(p + common for p in prefixes), b"]", tail.encode()))
 
     async def heartbeats(self, raw: AIOKafkaProducer) -> None:
         """Each node beats once a second at its own phase; due beats go out every FLUSH_S as one
@@ -267,9 +283,11 @@ def main() -> None:
     ap.add_argument("--lose-at", type=float, default=8.0)
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rank-objects", action="store_true",
+                    help="heartbeats with one object per rank instead of rank_columns")
     args = ap.parse_args()
     sim = SimCluster(args.nodes, args.ranks, args.spares, args.nodes // 3 if args.lose is None else args.lose,
-                     args.lose_at)
+                     args.lose_at, columns=not args.rank_objects)
     asyncio.run(sim.run(args.seconds, args.out))
 
 

@@ -45,7 +45,7 @@ class Timeline:
     def rank_view(self) -> dict[int, tuple[str, Any]]:
         view = {}
         for node, hb in self.heartbeats.items():
-            for r in hb.ranks:
+            for r in hb.rank_statuses():
                 if r.rank is not None:
                     view[r.rank] = (node, r)
         return view

@@ -44,7 +44,7 @@ async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
     beats: dict[str, NodeHeartbeat] = {}
     if listen_s > 0:
         beats = await _listen_heartbeats(settings, listen_s)
-    live = {r.rank: (hb.node_id, r) for hb in beats.values() for r in hb.ranks if r.rank is not None}
+    live = {r.rank: (hb.node_id, r) for hb in beats.values() for r in hb.rank_statuses() if r.rank is not None}
     return {
         "job_id": snap.job_id, "generation": snap.generation, "committed_step": snap.committed_step,
         "world_size": snap.world_size, "layout": f"dp={snap.dp} tp={snap.tp} pp={snap.pp}",
@@ -167,7 +167,7 @@ def inject(args: argparse.Namespace) -> int:
     settings = load_settings()
     _need(settings)
     beats = asyncio.run(_listen_heartbeats(settings, 1.5))
-    hit = next(((hb, r) for hb in beats.values() for r in hb.ranks if r.rank == args.rank), None)
+    hit = next(((hb, r) for hb in beats.values() for r in hb.rank_statuses() if r.rank == args.rank), None)
     if hit is None:
         print(f"rank {args.rank} not seen in the heartbeats", file=sys.stderr)
         return 1
@@ -178,7 +178,7 @@ def inject(args: argparse.Namespace) -> int:
         os.kill(r.pid, signal.SIGSTOP)
     else:
         sidecar = _sidecar_pid(r.pid)  # read before the kill: the node is its sidecar and workers
-        for other in hb.ranks:
+        for other in hb.rank_statuses():
             os.kill(other.pid, signal.SIGKILL)
         os.kill(sidecar, signal.SIGKILL)
     print(f"{args.fault} injected on rank {args.rank} (pid {r.pid}, {hb.node_id}) at {time.time():.3f}")

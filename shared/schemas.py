@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 import uuid
 from enum import StrEnum
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -81,7 +82,56 @@ class NodeRole(StrEnum):
     QUARANTINED = "quarantined"
 
 
+# The fields of RankStatus in the order of a rank row (NodeHeartbeat.rank_rows()).
+RANK_ROW = ("rank", "local_rank", "pid", "state", "step", "step_time_s", "generation", "long_phase",
+            "long_phase_expected_s", "since_progress_s", "proc_state")
+
+
+class RankColumns(Frozen):
+    """A node's ranks as columns: entry i of every column is rank i's RankStatus field. The same
+    content as NodeHeartbeat.ranks, about half the bytes, and ~2.5x cheaper to validate (one
+    model instead of one per rank): heartbeats are nearly all the bus traffic, 12,500/s at 100k
+    ranks. An optional column left out (None) means None for every rank."""
+    rank: tuple[int | None, ...]
+    local_rank: tuple[int, ...]
+    pid: tuple[int, ...]
+    state: tuple[RankState, ...]
+    step: tuple[int, ...]
+    step_time_s: tuple[float | None, ...] | None = None
+    generation: tuple[int, ...]
+    long_phase: tuple[str | None, ...] | None = None
+    long_phase_expected_s: tuple[float | None, ...] | None = None
+    since_progress_s: tuple[float, ...]
+    proc_state: tuple[str | None, ...] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> RankColumns:
+        n = len(self.rank)
+        bad = [f for f in RANK_ROW if getattr(self, f) is not None and len(getattr(self, f)) != n]
+        if bad:
+            raise ValueError(f"columns {bad} do not have one entry per rank ({n})")
+        return self
+
+    @classmethod
+    def of(cls, ranks: tuple[RankStatus, ...] | list[RankStatus]) -> RankColumns:
+        cols = {f: tuple(getattr(r, f) for r in ranks) for f in RANK_ROW}
+        for f in ("step_time_s", "long_phase", "long_phase_expected_s", "proc_state"):
+            if all(v is None for v in cols[f]):
+                cols[f] = None
+        return cls(**cols)
+
+    def rows(self) -> Iterator[tuple[Any, ...]]:
+        n = len(self.rank)
+        none = (None,) * n
+        return zip(self.rank, self.local_rank, self.pid, self.state, self.step, self.step_time_s or none,
+                   self.generation, self.long_phase or none, self.long_phase_expected_s or none,
+                   self.since_progress_s, self.proc_state or none)
+
+
 class NodeHeartbeat(Envelope):
+    """A node's ranks come either as `ranks` (one object per rank) or as `rank_columns` (the
+    compact form, sidecar setting heartbeat_columns; a reader that predates it sees no ranks),
+    never both. Readers go through rank_rows() / rank_statuses(), which serve both."""
     kind: Literal["node_heartbeat"] = "node_heartbeat"
     node_id: str
     role: NodeRole = NodeRole.ACTIVE
@@ -89,6 +139,26 @@ class NodeHeartbeat(Envelope):
     interval_s: float = 1.0
     ranks: tuple[RankStatus, ...] = ()
     standby_ready: int = 0
+    rank_columns: RankColumns | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> NodeHeartbeat:
+        if self.ranks and self.rank_columns is not None:
+            raise ValueError("ranks and rank_columns are exclusive: send one form")
+        return self
+
+    def rank_rows(self) -> Iterator[tuple[Any, ...]]:
+        """(rank, local_rank, pid, state, step, step_time_s, generation, long_phase,
+        long_phase_expected_s, since_progress_s, proc_state) per rank: the hot path's view."""
+        if self.rank_columns is not None:
+            return self.rank_columns.rows()
+        return ((r.rank, r.local_rank, r.pid, r.state, r.step, r.step_time_s, r.generation, r.long_phase,
+                 r.long_phase_expected_s, r.since_progress_s, r.proc_state) for r in self.ranks)
+
+    def rank_statuses(self) -> tuple[RankStatus, ...]:
+        if self.rank_columns is None:
+            return self.ranks
+        return tuple(RankStatus(**dict(zip(RANK_ROW, row))) for row in self.rank_columns.rows())
 
 
 class WorkerExit(Envelope):

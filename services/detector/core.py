@@ -180,47 +180,44 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
     ranks = node.ranks
     samples = job.samples
     step_max = job.step_max
-    for rs in hb.ranks:
-        rv = ranks.get(rs.local_rank)
+    for rank, local_rank, _, st, step, t, _, phase, phase_s, since, proc in hb.rank_rows():
+        rv = ranks.get(local_rank)
         if rv is None:
-            rv = ranks[rs.local_rank] = RankView(rs.rank)
-        st = rs.state
-        phase = rs.long_phase
-        key = (st, phase, gen, rs.rank)
+            rv = ranks[local_rank] = RankView(rank)
+        key = (st, phase, gen, rank)
         if key != rv.key:  # a new state or phase is progress: the stall clock restarts
             rv.key = key
-            rv.rank = rs.rank
+            rv.rank = rank
             rv.clear_since = now
             rv.hung = False
             rv.slow = 0
             rv.degraded = False
         rv.state = st
-        rv.frozen = rs.proc_state in FROZEN
+        rv.frozen = proc in FROZEN
         if st is not exited and st is not done:
             live = True
         if st is not running:
             rv.stall_start = INF
-            rv.step = rs.step
+            rv.step = step
             continue
-        stall = now - rs.since_progress_s
+        stall = now - since
         if stall < rv.clear_since:
             stall = rv.clear_since
         rv.stall_start = stall
         if phase is None:
             extra = 0.0
         else:
-            extra = rs.long_phase_expected_s
+            extra = phase_s
             if extra is None:
                 extra = cfg.long_phase_default_s
         rv.extra = extra
-        t = rs.step_time_s
-        if rs.step != rv.step:
+        if step != rv.step:
             rv.hung = False
-            rv.step = rs.step
+            rv.step = step
             if t is not None and t > 0:
-                known = step_max.get(rs.step)
+                known = step_max.get(step)
                 if known is None or t > known:
-                    job.note_step(rs.step, t)
+                    job.note_step(step, t)
         if not rv.hung and stall + extra < due:
             due = stall + extra
         if t is None or t <= 0:
@@ -228,9 +225,9 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
         samples.append(t)
         if t > slow_limit and phase is None:
             rv.slow += 1
-            if rv.slow >= cfg.straggler_consecutive and not rv.degraded and rs.rank is not None:
+            if rv.slow >= cfg.straggler_consecutive and not rv.degraded and rank is not None:
                 rv.degraded = True
-                _degradation(job, node, rs.rank, t, median, rv.slow, now, cfg, out)
+                _degradation(job, node, rank, t, median, rv.slow, now, cfg, out)
         elif rv.slow:
             rv.slow = 0
             rv.degraded = False

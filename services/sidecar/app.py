@@ -24,7 +24,7 @@ from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, LogEvent,
                                           NodeHeartbeat, NodeRole, RankReport, RankState,
-                                          RankStatus, WorkerExit)
+                                          RankColumns, RankStatus, WorkerExit)
 from flashrecovery.shared.settings import Settings
 
 from .core import CommandGate, TokenBucket, prefilter, reports_stages, stage_reached
@@ -316,7 +316,8 @@ class SidecarService:
         await self.producer.publish(NodeHeartbeat(
             job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
             node_id=self.node_id, role=role, seq=self.seq, interval_s=self.cfg.heartbeat_interval_s,
-            ranks=ranks, standby_ready=sum(1 for w in self._standbys() if w.writer)))
+            standby_ready=sum(1 for w in self._standbys() if w.writer),
+            **({"rank_columns": RankColumns.of(ranks)} if self.cfg.heartbeat_columns else {"ranks": ranks})))
         self.seq += 1
         await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
 

@@ -53,8 +53,10 @@ async def test_node_lost_after_three_missed_heartbeats(rig) -> None:
     assert len(watcher.incidents) == 1
 
 
-async def test_hang_within_threshold_plus_a_second(rig) -> None:
+@pytest.mark.parametrize("columns", [False, True], ids=["rank-objects", "rank-columns"])
+async def test_hang_within_threshold_plus_a_second(rig, columns) -> None:
     svc, watcher, job, _ = rig
+    job.columns = columns  # both heartbeat forms carry what hang detection reads
     await warm_up(job)
     job.ranks[5].frozen = True
     stalled_since = job.ranks[5].last_advance
@@ -120,8 +122,10 @@ async def test_unexplained_comm_errors_are_reported_without_action(rig) -> None:
     assert inc.confidence < 0.5 and inc.root_cause_nodes == ("node-1", "node-3")
 
 
-async def test_straggler_degradation(rig) -> None:
+@pytest.mark.parametrize("columns", [False, True], ids=["rank-objects", "rank-columns"])
+async def test_straggler_degradation(rig, columns) -> None:
     svc, watcher, job, _ = rig
+    job.columns = columns
     await warm_up(job, 1.5)
     job.ranks[6].dt = 0.5
     consecutive = svc.settings.detector.straggler_consecutive

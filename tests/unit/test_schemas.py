@@ -55,3 +55,50 @@ def test_unknown_fields_are_ignored():
     ev = S.NodeHeartbeat(job_id="j", generation=3, producer="p", node_id="n", seq=9)
     raw = orjson.dumps({**ev.model_dump(mode="json"), "added_in_a_later_minor": 1})
     assert S.decode(raw) == ev
+
+
+def _statuses():
+    return (S.RankStatus(rank=8, local_rank=0, pid=10, state="running", step=7, step_time_s=0.25,
+                         since_progress_s=0.1, proc_state="S"),
+            S.RankStatus(rank=9, local_rank=1, pid=11, state="running", step=7, long_phase="eval",
+                         long_phase_expected_s=30.0, since_progress_s=4.5, proc_state="T"),
+            S.RankStatus(rank=None, local_rank=2, pid=12, state="standby"))
+
+
+def _beat(**form):
+    return S.NodeHeartbeat(job_id="j", generation=1, producer="p", node_id="node-1", seq=3, **form)
+
+
+def test_rank_columns_carry_exactly_what_rank_objects_carry():
+    rows = _beat(ranks=_statuses())
+    cols = _beat(rank_columns=S.RankColumns.of(_statuses()))
+    back = S.decode(S.encode(cols))
+    assert back.rank_statuses() == rows.rank_statuses() == _statuses()
+    assert list(back.rank_rows()) == list(rows.rank_rows())
+    assert len(S.encode(cols)) < len(S.encode(rows))
+
+
+def test_columns_that_are_all_none_are_left_out_and_read_back_as_none():
+    plain = tuple(S.RankStatus(rank=r, local_rank=r, pid=r, state="running") for r in range(3))
+    cols = S.RankColumns.of(plain)
+    assert cols.proc_state is None and cols.step_time_s is None and cols.long_phase is None
+    assert _beat(rank_columns=cols).rank_statuses() == plain
+
+
+@pytest.mark.parametrize("columns, why", [
+    ({"rank": [1, 2], "local_rank": [0], "pid": [1, 2], "state": ["running"] * 2, "step": [1, 1],
+      "generation": [0, 0], "since_progress_s": [0, 0]}, "one entry per rank"),
+    ({"rank": [1], "local_rank": [0], "pid": [1], "state": ["sleepy"], "step": [1],
+      "generation": [0], "since_progress_s": [0]}, "rank_columns.state"),
+])
+def test_bad_rank_columns_are_rejected_with_a_reason(columns, why):
+    raw = orjson.dumps({**orjson.loads(S.encode(_beat())), "rank_columns": columns})
+    with pytest.raises(S.SchemaError, match=why):
+        S.decode(raw)
+
+
+def test_a_heartbeat_sends_one_form_of_its_ranks():
+    both = {**orjson.loads(S.encode(_beat(ranks=_statuses()))),
+            "rank_columns": orjson.loads(S.encode(S.RankColumns.of(_statuses())))}
+    with pytest.raises(S.SchemaError, match="exclusive"):
+        S.decode(orjson.dumps(both))

@@ -4,26 +4,32 @@ must be exactly what the real schema accepts, or the bench would measure dead-le
 import asyncio
 
 import orjson
+import pytest
 
 from flashrecovery.bench.simsidecars import SimCluster
 from flashrecovery.shared import schemas as S
 
 
-def _sim(monkeypatch, nodes=3):
+def _sim(monkeypatch, nodes=3, columns=True):
     monkeypatch.setenv("FLASHRECOVERY_JOB_ID", "job-\"q\"")  # a job id that needs JSON escaping
-    return SimCluster(nodes, 4, spares=1, lose=0, lose_at=999.0)
+    return SimCluster(nodes, 4, spares=1, lose=0, lose_at=999.0, columns=columns)
 
 
-def test_templated_heartbeats_decode_with_the_real_schema(monkeypatch):
-    sim = _sim(monkeypatch)
+@pytest.mark.parametrize("columns", [True, False], ids=["rank-columns", "rank-objects"])
+def test_templated_heartbeats_decode_with_the_real_schema(monkeypatch, columns):
+    sim = _sim(monkeypatch, columns=columns)
     hb = S.decode(sim.beat("node-1"))
     assert isinstance(hb, S.NodeHeartbeat) and hb.job_id == 'job-"q"' and hb.node_id == "node-1"
-    assert [r.rank for r in hb.ranks] == [4, 5, 6, 7] and {r.state for r in hb.ranks} == {S.RankState.RUNNING}
+    assert (hb.rank_columns is not None) is columns
+    ranks = hb.rank_statuses()
+    assert [r.rank for r in ranks] == [4, 5, 6, 7] and {r.state for r in ranks} == {S.RankState.RUNNING}
+    assert [r.pid for r in ranks] == [100004, 100005, 100006, 100007] and ranks[0].step_time_s == 0.5
     assert S.decode(sim.beat("node-1")).seq == hb.seq + 1
     spare = S.decode(sim.beat("spare-0"))
-    assert spare.role == S.NodeRole.SPARE and spare.standby_ready == 4 and all(r.rank is None for r in spare.ranks)
+    assert spare.role == S.NodeRole.SPARE and spare.standby_ready == 4
+    assert all(r.rank is None and r.state == S.RankState.STANDBY for r in spare.rank_statuses())
     sim.pause()
-    assert {r.state for r in S.decode(sim.beat("node-2")).ranks} == {S.RankState.PAUSED}
+    assert {r.state for r in S.decode(sim.beat("node-2")).rank_statuses()} == {S.RankState.PAUSED}
 
 
 def _command(action, **kw):
@@ -42,8 +48,8 @@ def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch):
     sim.flush_acks = keep
     replace = _command(S.CommandAction.REPLACE, assignments=(S.Assignment(rank=0, local_rank=0, node_id="spare-0"),))
     asyncio.run(sim.on_command(replace, None))
-    assert S.decode(sim.beat("spare-0")).ranks[0].rank == 0  # the spare now beats for rank 0
-    assert [r.rank for r in S.decode(sim.beat("node-0")).ranks] == [1, 2, 3]
+    assert S.decode(sim.beat("spare-0")).rank_statuses()[0].rank == 0  # the spare now beats for rank 0
+    assert [r.rank for r in S.decode(sim.beat("node-0")).rank_statuses()] == [1, 2, 3]
     sent.clear()
     asyncio.run(sim.on_command(_command(S.CommandAction.RECOVER, resume_step=3, stage_nodes=("spare-0",)), None))
     acks = [S.decode(v) for v in sent]
