@@ -106,11 +106,15 @@ class RankColumns(Frozen):
 
     @model_validator(mode="after")
     def _same_length(self) -> RankColumns:
+        # Runs on every compact heartbeat: a plain comparison first, the names only on failure.
         n = len(self.rank)
+        if (len(self.local_rank) == len(self.pid) == len(self.state) == len(self.step) == len(self.generation)
+                == len(self.since_progress_s) == n) and all(
+                c is None or len(c) == n for c in (self.step_time_s, self.long_phase, self.long_phase_expected_s,
+                                                   self.proc_state)):
+            return self
         bad = [f for f in RANK_ROW if getattr(self, f) is not None and len(getattr(self, f)) != n]
-        if bad:
-            raise ValueError(f"columns {bad} do not have one entry per rank ({n})")
-        return self
+        raise ValueError(f"columns {bad} do not have one entry per rank ({n})")
 
     @classmethod
     def of(cls, ranks: tuple[RankStatus, ...] | list[RankStatus]) -> RankColumns:
