@@ -47,7 +47,7 @@ class FakeJob:
     generation: int = 0
     silent: set[str] = field(default_factory=set)
     last_beat: dict[str, float] = field(default_factory=dict)
-    columns: bool = False  # send the ranks as rank_columns (sidecar setting heartbeat_columns)
+    columns: bool = False  # send the ranks as rank_columns (sidecar setting rank_columns)
 
     def __post_init__(self) -> None:
         now = time.monotonic()

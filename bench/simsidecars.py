@@ -225,8 +225,15 @@ class SimCluster:
             "generation": cmd.generation, "emitted_at": time.time(), "producer": f"sim-{node}",
             "kind": "command_ack", "command_id": cmd.command_id, "plan_id": cmd.plan_id,
             "incident_id": cmd.incident_id, "action": str(cmd.action), "node_id": node, "ok": True,
-            "stage": stage, "detail": "", "ranks": ranks or []}))
+            "stage": stage, "detail": "", **self._reports(ranks or [])}))
         self.sent_acks += 1
+
+    def _reports(self, ranks: list[dict]) -> dict[str, Any]:
+        """Per-rank reports as a sidecar with rank_columns writes them (report_columns), or as
+        one object per rank."""
+        if not self.columns or not ranks:
+            return {"ranks": ranks}
+        return {"report_columns": {f: [r.get(f) for r in ranks] for f in ranks[0]}}
 
     async def flush_acks(self) -> None:
         topic = busmod.topic_name(T.ACKS, self.s.bus)

@@ -28,13 +28,17 @@ redis.call('HSET', KEYS[1], 'generation', cur + 1)
 return {1, cur + 1}
 """
 
-# KEYS[1]=meta, KEYS[2]=hash. ARGV[1]=generation, then field/value pairs.
+# KEYS[1]=meta, KEYS[2]=hash. ARGV[1]=generation, then field/value pairs. Every write of the
+# rank and node records moves meta's topology_version in the same step, so a reader that kept a
+# copy knows it is current from one field (TOPOLOGY_VERSION).
 _FENCED_HSET = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
 if tonumber(ARGV[1]) < cur then return {0, cur} end
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HINCRBY', KEYS[1], 'topology_version', 1)
 return {1, cur}
 """
+TOPOLOGY_VERSION = "topology_version"  # meta field: bumped by every write of rank/node records
 
 # KEYS[1]=meta. ARGV[1]=generation, ARGV[2]=step. The committed step only moves forward.
 _COMMIT_STEP = """
@@ -111,6 +115,7 @@ class Registry:
                                         "tp": snap.tp, "pp": snap.pp})
         pipe.hset(self.k.ranks, mapping={str(r.rank): _j(r) for r in snap.ranks})
         pipe.hset(self.k.nodes, mapping={n.node_id: _j(n) for n in snap.nodes})
+        pipe.hincrby(self.k.meta, TOPOLOGY_VERSION, 1)
         await pipe.execute()
 
     async def snapshot(self) -> JobSnapshot:

@@ -11,7 +11,7 @@ import time
 import uuid
 from enum import StrEnum
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -134,7 +134,7 @@ class RankColumns(Frozen):
 
 class NodeHeartbeat(Envelope):
     """A node's ranks come either as `ranks` (one object per rank) or as `rank_columns` (the
-    compact form, sidecar setting heartbeat_columns; a reader that predates it sees no ranks),
+    compact form, sidecar setting rank_columns; a reader that predates it sees no ranks),
     never both. Readers go through rank_rows() / rank_statuses(), which serve both."""
     kind: Literal["node_heartbeat"] = "node_heartbeat"
     node_id: str
@@ -335,7 +335,65 @@ class RankReport(Frozen):
     digest_ok: bool | None = None
 
 
+REPORT_ROW = ("rank", "pid", "applied_step", "grads_step", "vote_step", "phase", "seconds", "bytes", "digest_ok")
+
+
+class ReportRow(NamedTuple):
+    """One rank's report as a plain tuple (CommandAck.report_rows()): what the executor reads,
+    whichever form the ack came in. Same fields and defaults as RankReport."""
+    rank: int
+    pid: int | None = None
+    applied_step: int = -1
+    grads_step: int | None = None
+    vote_step: int = -1
+    phase: str | None = None
+    seconds: float | None = None
+    bytes: int | None = None
+    digest_ok: bool | None = None
+
+
+class ReportColumns(Frozen):
+    """A node's RankReports as columns (entry i of each = rank i), like RankColumns for
+    heartbeats: the pause and verify acks of a recovery are 2 per node, 25,000 at 100k ranks,
+    and this form is ~2.5x cheaper for the executor to decode. A column left out (None) holds
+    RankReport's default for every rank."""
+    rank: tuple[int, ...]
+    pid: tuple[int | None, ...] | None = None
+    applied_step: tuple[int, ...] | None = None
+    grads_step: tuple[int | None, ...] | None = None
+    vote_step: tuple[int, ...] | None = None
+    phase: tuple[str | None, ...] | None = None
+    seconds: tuple[float | None, ...] | None = None
+    bytes: tuple[int | None, ...] | None = None
+    digest_ok: tuple[bool | None, ...] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ReportColumns:
+        n = len(self.rank)
+        bad = [f for f in REPORT_ROW[1:] if getattr(self, f) is not None and len(getattr(self, f)) != n]
+        if bad:
+            raise ValueError(f"columns {bad} do not have one entry per rank ({n})")
+        return self
+
+    @classmethod
+    def of(cls, reports: tuple[RankReport, ...] | list[RankReport]) -> ReportColumns:
+        defaults = ReportRow(rank=0)
+        cols: dict[str, Any] = {"rank": tuple(r.rank for r in reports)}
+        for i, f in enumerate(REPORT_ROW[1:], start=1):
+            col = tuple(getattr(r, f) for r in reports)
+            cols[f] = None if all(v == defaults[i] for v in col) else col
+        return cls(**cols)
+
+    def rows(self) -> tuple[ReportRow, ...]:
+        n = len(self.rank)
+        defaults = ReportRow(rank=0)
+        cols = [self.rank] + [getattr(self, f) or (defaults[i],) * n for i, f in enumerate(REPORT_ROW[1:], 1)]
+        return tuple(ReportRow._make(row) for row in zip(*cols))
+
+
 class CommandAck(Envelope):
+    """Per-rank reports come as `ranks` (one object per rank) or `report_columns` (the compact
+    form, sidecar setting rank_columns), never both; readers call report_rows()."""
     kind: Literal["command_ack"] = "command_ack"
     command_id: str
     plan_id: str
@@ -346,6 +404,18 @@ class CommandAck(Envelope):
     stage: str = "done"  # a command may ack in stages (e.g. recover: rebuilt, restored, resumed)
     detail: str = ""
     ranks: tuple[RankReport, ...] = ()  # aggregated per node
+    report_columns: ReportColumns | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CommandAck:
+        if self.ranks and self.report_columns is not None:
+            raise ValueError("ranks and report_columns are exclusive: send one form")
+        return self
+
+    def report_rows(self) -> tuple[ReportRow, ...]:
+        if self.report_columns is not None:
+            return self.report_columns.rows()
+        return tuple(ReportRow._make(getattr(r, f) for f in REPORT_ROW) for r in self.ranks)
 
 
 # ---------------------------------------------------------------- recovery progress

@@ -54,10 +54,10 @@ class SidecarSettings(BaseModel):
     world_size: int = Field(0, ge=0)
     capacity: int = Field(2, ge=0)  # ranks the node can host (its accelerators)
     heartbeat_interval_s: float = Field(1.0, gt=0)
-    # Send the ranks as NodeHeartbeat.rank_columns (half the bytes, ~2.5x cheaper for the
-    # detector to decode; what a 100k-rank job wants). Off by default: a subscriber of the
-    # heartbeats topic that predates rank_columns would see no ranks.
-    heartbeat_columns: bool = False
+    # Send per-rank data as columns: heartbeats' rank_columns and acks' report_columns (half the
+    # bytes, ~2x cheaper to decode; what a 100k-rank job wants). Off by default: a subscriber
+    # that predates the compact forms would see no ranks.
+    rank_columns: bool = False
     worker_module: str = "flashrecovery.agent.reference.train"
     worker_args: str = ""  # extra arguments for every worker, shell-quoted
     # A rank blocked rebuilding groups with a peer that died meanwhile cannot answer a pause

@@ -255,7 +255,7 @@ class ExecutorService:
         acks = await self._with_retries(plan, CommandAction.PAUSE, "done", wl.pause, log,
                                         kill_ranks=ranks_to_kill(plan))
         restart = set(plan.restart_ranks)
-        reports = [r for a in acks.values() for r in a.ranks if r.rank not in restart]
+        reports = [r for a in acks.values() for r in a.report_rows() if r.rank not in restart]
         try:
             decision = decide_recovery(reports)
         except InconsistentReports as exc:
@@ -313,7 +313,7 @@ class ExecutorService:
         if outcome != "ok":
             raise PhaseFailed(f"{phase}: {reason}")
         if phase == "restore":
-            moved = sum(r.bytes or 0 for a in acks.values() for r in a.ranks)
+            moved = sum(r.bytes or 0 for a in acks.values() for r in a.report_rows())
             await self._set_run(plan.plan_id, restore_bytes=moved)
         log.info("stage_done", phase=phase, nodes=len(acks))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
 from flashrecovery.shared.logging import get_logger
-from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.registry import TOPOLOGY_VERSION, Registry
 from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
                                           encode)
 from flashrecovery.shared.settings import Settings
@@ -23,6 +24,7 @@ from .core import Decision, NoPlan, Policy, plan
 
 GROUP = "flashrecovery-planner"
 SERVICE = "planner"
+TOPOLOGY_POLL_S = 1.0  # how soon after a topology change the warm copy is rebuilt
 
 
 class PlannerService:
@@ -39,12 +41,15 @@ class PlannerService:
         self.log = get_logger(SERVICE, job_id=settings.job_id, instance=self.instance)
         self.decisions: list[dict[str, Any]] = []  # what was decided, newest last (tests, probes)
         self._live: asyncio.Task[None] | None = None
+        self._warm: asyncio.Task[None] | None = None
+        self._topology: tuple[bytes, PlanInput] | None = None  # (topology_version, arrays)
 
     async def start(self, wait_assigned_s: float | None = 30.0) -> None:
         await self.producer.start()
         await self.consumer.start()
         await self.registry.heartbeat_liveness(SERVICE, self.instance)
         self._live = asyncio.create_task(self._liveness())
+        self._warm = asyncio.create_task(self._keep_topology_warm())
         if wait_assigned_s:
             await self.consumer.wait_assigned(wait_assigned_s)
         self.log.info("planner_started", policy=self.policy.__dict__)
@@ -54,10 +59,11 @@ class PlannerService:
 
     async def stop(self) -> None:
         self.consumer.stop()
-        if self._live is not None:
-            self._live.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._live
+        for task in (self._live, self._warm):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def close(self) -> None:
         """After run() returned: drain the producer, drop the connections."""
@@ -107,6 +113,20 @@ class PlannerService:
         """The registry snapshot as arrays, read in one MULTI like Registry.snapshot() but
         without a pydantic object per rank (the fast path at 100k ranks)."""
         k = self.registry.k
+        meta = await self.registry.r.hgetall(k.meta)
+        if not meta:
+            return None
+        version = meta.get(TOPOLOGY_VERSION.encode())
+        if self._topology is not None and version is not None and self._topology[0] == version:
+            # The records are those of the copy (every write of them moves the version); the
+            # rest of meta (generation, committed step) is read fresh.
+            m = {kk.decode(): int(v) for kk, v in meta.items()}
+            return dataclasses.replace(self._topology[1], generation=m["generation"],
+                                       committed_step=m.get("committed_step", -1))
+        return await self._read_topology()
+
+    async def _read_topology(self) -> PlanInput | None:
+        k = self.registry.k
         pipe = self.registry.r.pipeline(transaction=True)
         pipe.hgetall(k.meta)
         pipe.hgetall(k.ranks)
@@ -114,7 +134,20 @@ class PlannerService:
         meta, ranks, nodes = await pipe.execute()
         if not meta:
             return None
-        return PlanInput.from_rows(self.settings.job_id, meta, ranks.values(), nodes.values())
+        inp = PlanInput.from_rows(self.settings.job_id, meta, ranks.values(), nodes.values())
+        version = meta.get(TOPOLOGY_VERSION.encode())
+        self._topology = None if version is None else (version, inp)
+        return inp
+
+    async def _keep_topology_warm(self) -> None:
+        """Parsing 100k rank records takes ~1 s on a loaded 2-core box: do it when the topology
+        changes (after a recovery), not when the next incident arrives."""
+        while True:
+            with contextlib.suppress(Exception):
+                version = await self.registry.r.hget(self.registry.k.meta, TOPOLOGY_VERSION)
+                if version is not None and (self._topology is None or self._topology[0] != version):
+                    await self._read_topology()
+            await asyncio.sleep(TOPOLOGY_POLL_S)
 
     async def _record_faults(self, inc: FaultIncident) -> None:
         """Each node's faults, keyed by incident id (a replay adds nothing), trimmed to the

@@ -24,7 +24,7 @@ from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, LogEvent,
                                           NodeHeartbeat, NodeRole, RankReport, RankState,
-                                          RankColumns, RankStatus, WorkerExit)
+                                          RankColumns, RankStatus, ReportColumns, WorkerExit)
 from flashrecovery.shared.settings import Settings
 
 from .core import CommandGate, TokenBucket, prefilter, reports_stages, stage_reached
@@ -317,7 +317,7 @@ class SidecarService:
             job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
             node_id=self.node_id, role=role, seq=self.seq, interval_s=self.cfg.heartbeat_interval_s,
             standby_ready=sum(1 for w in self._standbys() if w.writer),
-            **({"rank_columns": RankColumns.of(ranks)} if self.cfg.heartbeat_columns else {"ranks": ranks})))
+            **({"rank_columns": RankColumns.of(ranks)} if self.cfg.rank_columns else {"ranks": ranks})))
         self.seq += 1
         await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
 
@@ -348,7 +348,8 @@ class SidecarService:
         ack = CommandAck(job_id=self.s.job_id, generation=cmd.generation, producer=f"sidecar-{self.node_id}",
                          command_id=cmd.command_id, plan_id=cmd.plan_id, incident_id=cmd.incident_id,
                          action=cmd.action, node_id=self.node_id, ok=ok, stage=stage, detail=detail,
-                         ranks=ranks)
+                         **({"report_columns": ReportColumns.of(ranks)} if self.cfg.rank_columns and ranks
+                            else {"ranks": ranks}))
         self.gate.handled.setdefault(cmd.command_id, []).append(ack)
         await self.producer.publish(ack, wait=True)
 

@@ -91,3 +91,25 @@ async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, produ
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await svc.close()
+
+
+async def test_the_planners_warm_topology_follows_every_registry_write(topics_ready, registry):
+    settings = topics_ready
+    snap = grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1)
+    await registry.init_job(snap)
+    svc = PlannerService(settings)
+    first = await svc._plan_input()
+    assert first is not None and svc._topology is not None
+    # nothing written: the kept arrays are reused, meta read fresh
+    await registry.record_committed_step(0, 7)
+    again = await svc._plan_input()
+    assert again.rank is first.rank and again.committed_step == 7
+    # a fenced write moves the version: the next read sees the moved rank at once
+    gen = await registry.bump_generation(0)
+    moved = snap.ranks[0].model_copy(update={"node_id": "spare-0", "generation": gen})
+    await registry.put_ranks(gen, [moved])
+    after = await svc._plan_input()
+    assert after.rank is not first.rank and after.generation == gen
+    pos = int((after.rank == 0).nonzero()[0][0])
+    assert after.node_ids[after.node_of[pos]] == "spare-0"
+    await svc.registry.close()

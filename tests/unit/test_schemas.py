@@ -102,3 +102,31 @@ def test_a_heartbeat_sends_one_form_of_its_ranks():
             "rank_columns": orjson.loads(S.encode(S.RankColumns.of(_statuses())))}
     with pytest.raises(S.SchemaError, match="exclusive"):
         S.decode(orjson.dumps(both))
+
+
+def _ack(**form):
+    return S.CommandAck(job_id="j", generation=2, producer="s", command_id="p:pause:0", plan_id="p",
+                        incident_id="i", action=S.CommandAction.PAUSE, node_id="node-1", **form)
+
+
+def test_report_columns_carry_exactly_what_rank_reports_carry():
+    reports = (S.RankReport(rank=4, pid=40, applied_step=6, grads_step=7, vote_step=6),
+               S.RankReport(rank=5, pid=41, applied_step=6, vote_step=7),
+               S.RankReport(rank=6, phase="restored", seconds=0.5, bytes=1024, digest_ok=True))
+    objects, columns = _ack(ranks=reports), _ack(report_columns=S.ReportColumns.of(reports))
+    back = S.decode(S.encode(columns))
+    assert back.report_rows() == objects.report_rows()
+    assert [(r.rank, r.applied_step, r.grads_step, r.vote_step) for r in back.report_rows()] == \
+        [(4, 6, 7, 6), (5, 6, None, 7), (6, -1, None, -1)]
+    assert back.report_rows()[2].bytes == 1024 and back.report_rows()[2].digest_ok is True
+    plain = S.ReportColumns.of((S.RankReport(rank=1, applied_step=3),))
+    assert plain.pid is None and plain.phase is None and plain.applied_step == (3,)
+
+
+def test_bad_report_columns_are_rejected_with_a_reason():
+    raw = {**orjson.loads(S.encode(_ack())), "report_columns": {"rank": [1, 2], "vote_step": [3]}}
+    with pytest.raises(S.SchemaError, match="one entry per rank"):
+        S.decode(orjson.dumps(raw))
+    both = {**orjson.loads(S.encode(_ack(ranks=(S.RankReport(rank=1),)))), "report_columns": {"rank": [1]}}
+    with pytest.raises(S.SchemaError, match="exclusive"):
+        S.decode(orjson.dumps(both))

@@ -37,8 +37,9 @@ def _command(action, **kw):
                              plan_id="p", incident_id="i", action=action, **kw)
 
 
-def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch):
-    sim = _sim(monkeypatch)
+@pytest.mark.parametrize("columns", [True, False], ids=["report-columns", "rank-objects"])
+def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch, columns):
+    sim = _sim(monkeypatch, columns=columns)
     sent: list[bytes] = []
 
     async def keep() -> None:
@@ -58,5 +59,6 @@ def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch):
     assert staged == {("spare-0", st) for st in ("rebuilt", "restored", "resumed")}
     assert {a.node_id for a in acks if a.stage == "verified"} == {"node-0", "node-1", "node-2", "spare-0"}
     verified = next(a for a in acks if a.stage == "verified" and a.node_id == "node-1")
-    assert [(r.rank, r.applied_step) for r in verified.ranks] == [(r, 3) for r in (4, 5, 6, 7)]
+    assert (verified.report_columns is not None) is columns
+    assert [(r.rank, r.applied_step) for r in verified.report_rows()] == [(r, 3) for r in (4, 5, 6, 7)]
     assert orjson.loads(sent[0])["schema_version"] == S.SCHEMA_VERSION
