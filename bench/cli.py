@@ -53,6 +53,7 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--scale-sizes", type=lambda v: [int(x) for x in _csv(v)], default=None,
                    help="ranks (default 64,1000,10000,100000; smoke 64)")
     p.add_argument("--scale-warmup", type=float, default=8.0)
+    p.add_argument("--scale-runs", type=int, default=3, help="runs per cluster size; rows show medians")
     p.add_argument("--scale-detectors", type=int, default=None,
                    help="detector instances per scale point (default: one per 8,000 nodes)")
     p.add_argument("--overhead-reps", type=int, default=None, help="interleaved pairs (default 3; smoke 1)")
@@ -180,17 +181,22 @@ def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root:
     if suite == "scale":
         from .scale import run_scale_point
         sizes = args.scale_sizes or ([64] if args.smoke else [64, 1000, 10000, 100000])
-        points = []
+        from .scale import median_point
+        points, raw = [], []
         for ranks in sizes:
-            log(f"scale: {ranks} simulated ranks")
-            try:
-                points.append(asyncio.run(run_scale_point(ranks, run_root / "scale", settings,
-                                                          warmup_s=min(args.scale_warmup, 6.0) if args.smoke
-                                                          else args.scale_warmup, timeout_s=args.timeout,
-                                                          detectors=args.scale_detectors)))
-            except Exception as exc:  # noqa: BLE001
-                points.append({"ranks": ranks, "error": f"{type(exc).__name__}: {exc}"})
-        return {"points": points}
+            runs = []
+            for i in range(1 if args.smoke else args.scale_runs):
+                log(f"scale: {ranks} simulated ranks, run {i + 1}")
+                try:
+                    runs.append(asyncio.run(run_scale_point(ranks, run_root / "scale", settings,
+                                                            warmup_s=min(args.scale_warmup, 6.0) if args.smoke
+                                                            else args.scale_warmup, timeout_s=args.timeout,
+                                                            detectors=args.scale_detectors)))
+                except Exception as exc:  # noqa: BLE001
+                    runs.append({"ranks": ranks, "error": f"{type(exc).__name__}: {exc}"})
+            raw.extend(runs)
+            points.append(median_point(runs))
+        return {"points": points, "runs": raw}
     if suite == "detector":
         from . import detector_bench
         shapes = [(100, 6.0, 2.3, 4.0)] if args.smoke else [(1250, 20.0, 8.3, 14.5), (12500, 20.0, 8.3, 14.5)]

@@ -86,10 +86,12 @@ def scale_table(points: list[dict[str, Any]]) -> str:
         rows.append([p["ranks"], p["nodes"], fmt(p.get("detection_s")), fmt(p.get("planning_s")),
                      fmt(ph.get("fence")), fmt(ph.get("pause")), fmt(ph.get("replace")),
                      fmt(sum(ph.get(k, 0) for k in ("rebuild", "restore", "resume", "verify")), 2),
-                     fmt(p.get("recovery_after_detection_s")), fmt(p.get("rto_s")),
+                     fmt(p.get("recovery_after_detection_s")), fmt(p.get("rto_s")), fmt(p.get("rto_max_s")),
+                     p.get("runs", 1), p.get("detector_instances", 1),
                      p.get("redis_commands"), p.get("kafka_control_messages")])
     return md_table(["ranks", "nodes", "detect s", "plan s", "fence s", "pause s", "replace s",
-                     "recover stages s", "detect -> done s", "RTO s", "Redis cmds", "Kafka control msgs"], rows)
+                     "recover stages s", "detect -> done s", "RTO s (median)", "RTO max s", "runs",
+                     "detectors", "Redis cmds", "Kafka control msgs"], rows)
 
 
 def scale_slopes(points: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -23,6 +23,8 @@ from flashrecovery.shared.settings import BusSettings, Settings
 from flashrecovery.shared.topology import grid_topology
 from flashrecovery.supervisor import Supervisor
 
+from .stats import summarize
+
 RANKS_PER_NODE = 8
 TP = 2
 # Heartbeats one detector instance is given at most: it decodes and judges ~10-13k 8-rank beats/s
@@ -168,3 +170,25 @@ async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: 
         return res
     finally:
         await asyncio.to_thread(sup.stop_all)
+
+
+def median_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per cluster size from its repeated runs: the median of every timing and count
+    (phases too), the max RTO, and how many runs failed. The raw runs stay in the results."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return dict(runs[-1]) if runs else {}
+    first = ok[0]
+
+    def med(key: str) -> float | None:
+        return summarize(r.get(key) for r in ok)["median"]
+
+    phases = list(dict.fromkeys(k for r in ok for k in r.get("phases_s", {})))
+    out = {k: first[k] for k in ("ranks", "nodes", "ranks_per_node", "tp", "detector_instances") if k in first}
+    out.update({k: med(k) for k in ("detection_s", "planning_s", "rto_s", "recovery_after_detection_s",
+                                    "redis_commands", "kafka_control_messages", "restarted_ranks")})
+    out["phases_s"] = {p: summarize(r.get("phases_s", {}).get(p) for r in ok)["median"] for p in phases}
+    out["rto_max_s"] = summarize(r.get("rto_s") for r in ok)["max"]
+    out["runs"], out["failed_runs"] = len(ok), len(runs) - len(ok)
+    out["outcomes"] = sorted({str(r.get("outcome")) for r in ok})
+    return out

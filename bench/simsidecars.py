@@ -69,6 +69,7 @@ class SimCluster:
         self.lag_max = 0.0
         self.stop = asyncio.Event()
         self._acks: list[bytes] = []
+        self.timeline: list[dict[str, Any]] = []
         self._raw: AIOKafkaProducer | None = None
         self._templates()
 
@@ -180,6 +181,7 @@ class SimCluster:
             return
         self.handled.add(cmd.command_id)
         self.commands += 1
+        got = time.time()
         self.generation = max(self.generation, cmd.generation)
         targets = [n for n in self.names if n not in self.dead and (cmd.nodes is None or n in cmd.nodes)]
         if cmd.action is CommandAction.PAUSE:
@@ -216,7 +218,11 @@ class SimCluster:
         elif cmd.action is CommandAction.STOP:
             for n in targets:
                 self.ack(cmd, n)
+        count, built = len(self._acks), time.time()
         await self.flush_acks()
+        # where a phase's time goes: command emitted -> received here -> acks built -> handed over
+        self.timeline.append({"action": str(cmd.action), "emitted_at": cmd.emitted_at, "received_at": got,
+                              "acks": count, "acks_built_at": built, "acks_sent_at": time.time()})
 
     def ack(self, cmd: ExecutorCommand, node: str, stage: str = "done", ranks: list[dict] | None = None) -> None:
         """A CommandAck as the sidecar's encoder writes it, queued for flush_acks()."""
@@ -278,6 +284,7 @@ class SimCluster:
         out.write_text(json.dumps({"fault_at": self.fault_at, "lost_node": self.lose,
                                    "sent_heartbeats": self.sent_beats, "sent_acks": self.sent_acks,
                                    "commands": self.commands, "heartbeat_lag_max_s": round(self.lag_max, 3),
+                                   "command_timeline": self.timeline,
                                    "seconds": round(time.monotonic() - self.t0, 2)}))
 
 

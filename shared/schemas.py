@@ -370,10 +370,11 @@ class ReportColumns(Frozen):
     @model_validator(mode="after")
     def _same_length(self) -> ReportColumns:
         n = len(self.rank)
+        if all(c is None or len(c) == n for c in (self.pid, self.applied_step, self.grads_step, self.vote_step,
+                                                  self.phase, self.seconds, self.bytes, self.digest_ok)):
+            return self
         bad = [f for f in REPORT_ROW[1:] if getattr(self, f) is not None and len(getattr(self, f)) != n]
-        if bad:
-            raise ValueError(f"columns {bad} do not have one entry per rank ({n})")
-        return self
+        raise ValueError(f"columns {bad} do not have one entry per rank ({n})")
 
     @classmethod
     def of(cls, reports: tuple[RankReport, ...] | list[RankReport]) -> ReportColumns:

@@ -78,3 +78,17 @@ def test_overhead_table_separates_the_agent_from_the_deployment():
     md = render({"machine": {}, "runs": {}, "overhead": ov})
     assert "agent only (torchrun, no sidecar, no services)" in md
     assert "agent only / bare: 1.2" in md and "ours / agent only" in md
+
+
+def test_repeated_scale_runs_give_one_median_row_per_size():
+    from flashrecovery.bench.scale import median_point
+    runs = [{"ranks": 64, "nodes": 8, "detector_instances": 1, "outcome": "done", "rto_s": r, "detection_s": 2.3,
+             "recovery_after_detection_s": r - 2.3, "redis_commands": c, "kafka_control_messages": 20,
+             "phases_s": {"fence": 0.01, "pause": p}} for r, c, p in ((2.8, 200, 0.2), (3.4, 210, 0.4),
+                                                                     (2.9, 205, 0.3))]
+    runs.append({"ranks": 64, "error": "TimeoutError: no RecoveryCompleted"})
+    row = median_point(runs)
+    assert row["rto_s"] == 2.9 and row["rto_max_s"] == 3.4 and row["redis_commands"] == 205
+    assert row["phases_s"] == {"fence": 0.01, "pause": 0.3} and row["runs"] == 3 and row["failed_runs"] == 1
+    assert "| 64 | 8 |" in scale_table([row])
+    assert "error" in median_point(runs[-1:])
