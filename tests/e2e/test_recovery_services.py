@@ -98,6 +98,22 @@ def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, 
     _check(result, reference_states)
 
 
+def test_hang_recovers_with_compact_rank_columns(stack, tmp_path, reference_states, monkeypatch):
+    """Sidecars sending rank_columns heartbeats and report_columns acks: the detector judges the
+    frozen rank from the columns, the executor's commit rule reads the columnar pause reports."""
+    monkeypatch.setenv("FLASHRECOVERY_SIDECAR__RANK_COLUMNS", "1")
+
+    async def go():
+        c = _cluster(stack, tmp_path)
+        try:
+            return await _recover(c, "hang", 6)
+        finally:
+            await c.stop()
+    result = _run(go)
+    assert result["restarted"] == {6} and result["done"][0].fault_class == "hang"
+    _check(result, reference_states)
+
+
 def test_ecc_log_line_replaces_the_whole_node(stack, tmp_path, reference_states):
     async def go():
         c = _cluster(stack, tmp_path, LocalCluster.fault_env_for("ecc", 3, AT))
