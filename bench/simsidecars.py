@@ -4,8 +4,7 @@ Each simulated node sends one NodeHeartbeat a second (at its own phase within th
 its ranks' step, and obeys ExecutorCommands like services/sidecar/app.py does, answering at once:
 pause -> one ack per node with RankReports (applied_step = vote_step = current step,
 grads_step = None); replace -> the spare takes the assignments; recover -> acks for the stages
-rebuilt, restored, resumed (from the command's stage_nodes only, like the sidecar), then
-verified. After `--lose-at` seconds one node stops beating (node loss); the fault time goes to
+rebuilt, restored, resumed, verified (from the command's stage_nodes only, like the sidecar). After `--lose-at` seconds one node stops beating (node loss); the fault time goes to
 --out as JSON with what was sent.
 
 One process stands for thousands of sidecars, so its own cost is kept off the system under
@@ -212,7 +211,7 @@ class SimCluster:
                     self.ack(cmd, n, stage, [{"rank": r, "pid": 100000 + r, "phase": stage, "seconds": 0.0}
                                              for r in self.hosted[n]])
             self.resume(resume)
-            for n in live:
+            for n in staged:
                 self.ack(cmd, n, "verified", [{"rank": r, "pid": 100000 + r, "applied_step": resume}
                                               for r in self.hosted[n]])
         elif cmd.action is CommandAction.STOP:

@@ -317,9 +317,9 @@ class ExecutorCommand(Envelope):
     resume_step: int | None = None
     transfers: tuple[Transfer, ...] = ()
     attempt: int = 0
-    # RECOVER only: the nodes that report every stage (rebuilt, restored, resumed). Any other
-    # node reports only `verified`, and a stage only if it failed there. None (the default,
-    # and what a producer that predates the field means): every node reports every stage.
+    # RECOVER only: the nodes that report the stages (rebuilt, restored, resumed, verified).
+    # Any other node reports a stage only if it failed there. None (the default, and what a
+    # producer that predates the field means): every node reports every stage.
     stage_nodes: tuple[str, ...] | None = None
 
 

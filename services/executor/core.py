@@ -29,11 +29,14 @@ class Waitlist:
     pause: frozenset[str]  # nodes hosting surviving ranks: their pause reports decide the commit
     replace: frozenset[str]  # nodes receiving replacements (must ack)
     recover: frozenset[str]  # nodes hosting ranks after the plan (every one must verify)
-    # Nodes that report every intermediate RECOVER stage (rebuilt, restored, resumed): the ones
-    # hosting a restarted rank or a transfer's end. The rest report only `verified` and any
-    # failure: the rebuild ends in an allreduce over the whole new group, so one rebuilt node
-    # means every member joined, and a restore moves state only between the transfer's ends.
-    # Acks per recovery: (2 x nodes) + a few per restarted rank, not (5 x nodes).
+    # Nodes that report the RECOVER stages (rebuilt, restored, resumed, verified): the ones
+    # hosting a restarted rank or a transfer's end. The rest report only a failure. Collectives
+    # over the whole new group make a few reports speak for everyone: the rebuild ends in an
+    # allreduce, so one node's `rebuilt` means every member joined; a restore moves state only
+    # between a transfer's ends; and a step is applied only after its commit vote, an allreduce
+    # over every rank, completed, so one node's `verified` (resume step applied) means every
+    # rank resumed and reached that vote. Acks per recovery: one per node (the pause reports,
+    # which decide the commit) plus four per stage node, instead of five per node.
     stages: frozenset[str]
 
 

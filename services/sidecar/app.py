@@ -439,8 +439,9 @@ class SidecarService:
                 return
         resume = cmd.resume_step or 0
         ok = await self._wait_for(lambda: all(w.step >= resume for w in targets), timeout)
-        await self._ack(cmd, stage="verified", ok=ok,
-                        ranks=tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step) for w in targets))
+        if not ok or reports_stages(cmd, self.node_id):
+            await self._ack(cmd, stage="verified", ok=ok,
+                            ranks=tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step) for w in targets))
 
     async def _stop(self, cmd: ExecutorCommand) -> None:
         for w in list(self.workers.values()):

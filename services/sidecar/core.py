@@ -67,7 +67,8 @@ def stage_reached(stage: str, local_ranks: list[int], progress: dict[int, set[st
 
 
 def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:
-    """Whether this node acks the intermediate RECOVER stages when they succeed (a failure is
-    always reported). Only the nodes the executor named do; the rest report `verified` alone,
-    which keeps the acks of a recovery at about two per node however large the job."""
+    """Whether this node acks the RECOVER stages when they succeed (a failure is always
+    reported). Only the nodes the executor named do (executor/core.py Waitlist.stages says why
+    their reports speak for every rank), which keeps a recovery at about one ack per node, its
+    pause report, however large the job."""
     return cmd.stage_nodes is None or node_id in cmd.stage_nodes

@@ -46,7 +46,7 @@ def test_stage_reached_needs_every_local_rank():
     assert not stage_reached("rebuilt", [], {})
 
 
-def test_only_named_nodes_report_intermediate_recover_stages():
+def test_only_named_nodes_report_recover_stages():
     recover = _cmd().model_copy(update={"action": CommandAction.RECOVER, "stage_nodes": ("spare-0", "node-2")})
     assert reports_stages(recover, "spare-0") and reports_stages(recover, "node-2")
     assert not reports_stages(recover, "node-1")

@@ -55,10 +55,14 @@ def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch, col
     asyncio.run(sim.on_command(_command(S.CommandAction.RECOVER, resume_step=3, stage_nodes=("spare-0",)), None))
     acks = [S.decode(v) for v in sent]
     assert all(isinstance(a, S.CommandAck) and a.ok for a in acks)
-    staged = {(a.node_id, a.stage) for a in acks if a.stage != "verified"}
-    assert staged == {("spare-0", st) for st in ("rebuilt", "restored", "resumed")}
-    assert {a.node_id for a in acks if a.stage == "verified"} == {"node-0", "node-1", "node-2", "spare-0"}
-    verified = next(a for a in acks if a.stage == "verified" and a.node_id == "node-1")
+    staged = {(a.node_id, a.stage) for a in acks}
+    assert staged == {("spare-0", st) for st in ("rebuilt", "restored", "resumed", "verified")}
+    verified = next(a for a in acks if a.stage == "verified")
     assert (verified.report_columns is not None) is columns
-    assert [(r.rank, r.applied_step) for r in verified.report_rows()] == [(r, 3) for r in (4, 5, 6, 7)]
+    assert [(r.rank, r.applied_step) for r in verified.report_rows()] == [(0, 3)]
+    # a recover without stage_nodes (an older executor): every node reports every stage
+    sent.clear()
+    asyncio.run(sim.on_command(_command(S.CommandAction.RECOVER, resume_step=3).model_copy(
+        update={"command_id": "c-recover-all"}), None))
+    assert {S.decode(v).node_id for v in sent} == {"node-0", "node-1", "node-2", "spare-0"} and len(sent) == 16
     assert orjson.loads(sent[0])["schema_version"] == S.SCHEMA_VERSION
