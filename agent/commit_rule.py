@@ -40,6 +40,14 @@ class InconsistentReports(ValueError):
     """The reports contradict the protocol (a bug or a report from another generation)."""
 
 
+def ranks_text(ranks: Sequence[int], shown: int = 8) -> str:
+    """A rank list for a reason string: the first few and how many, so a reason stays one short
+    line at 100k ranks (it is logged and kept in the registry's run state)."""
+    if len(ranks) <= shown:
+        return str(list(ranks))
+    return f"[{', '.join(map(str, ranks[:shown]))}, ... {len(ranks)} ranks]"
+
+
 def decide_recovery(reports: Iterable[PausedReport]) -> RecoveryDecision:
     """Decide which step to commit and where to resume from the survivors' paused reports."""
     reps = sorted(reports, key=lambda r: r.rank)
@@ -47,7 +55,7 @@ def decide_recovery(reports: Iterable[PausedReport]) -> RecoveryDecision:
         raise InconsistentReports("no survivor reports")
     ranks = [r.rank for r in reps]
     if len(set(ranks)) != len(ranks):
-        raise InconsistentReports(f"duplicate ranks in reports: {ranks}")
+        raise InconsistentReports(f"duplicate ranks in reports: {ranks_text(ranks)}")
     for r in reps:
         if r.applied_step > r.vote_step:
             raise InconsistentReports(
@@ -71,7 +79,7 @@ def decide_recovery(reports: Iterable[PausedReport]) -> RecoveryDecision:
             )
     discarded = sorted({r.grads_step for r in reps if r.grads_step is not None and r.grads_step > v})
     tail = f"; in-flight step {v + 1} discarded" + (
-        f" (reduced gradients held by ranks {[r.rank for r in reps if r.grads_step == v + 1]})"
+        f" (reduced gradients held by ranks {ranks_text([r.rank for r in reps if r.grads_step == v + 1])})"
         if discarded
         else ""
     )
@@ -81,8 +89,8 @@ def decide_recovery(reports: Iterable[PausedReport]) -> RecoveryDecision:
             resume_step=v + 1,
             reason=(
                 f"vote of step {v} completed on ranks "
-                f"{[r.rank for r in reps if r.vote_step == v]}; ranks {[r.rank for r in lagging]} "
-                f"apply it now"
+                f"{ranks_text([r.rank for r in reps if r.vote_step == v])}; ranks "
+                f"{ranks_text([r.rank for r in lagging])} apply it now"
             ),
         )
     if v == 0:

@@ -219,9 +219,12 @@ class SimCluster:
                 self.ack(cmd, n)
         count, built = len(self._acks), time.time()
         await self.flush_acks()
+        handed = time.time()
+        await asyncio.gather(*getattr(self, "_delivered", ()), return_exceptions=True)
         # where a phase's time goes: command emitted -> received here -> acks built -> handed over
         self.timeline.append({"action": str(cmd.action), "emitted_at": cmd.emitted_at, "received_at": got,
-                              "acks": count, "acks_built_at": built, "acks_sent_at": time.time()})
+                              "acks": count, "acks_built_at": built, "acks_sent_at": handed,
+                              "acks_stored_at": time.time()})
 
     def ack(self, cmd: ExecutorCommand, node: str, stage: str = "done", ranks: list[dict] | None = None) -> None:
         """A CommandAck as the sidecar's encoder writes it, queued for flush_acks()."""
@@ -244,14 +247,16 @@ class SimCluster:
         topic = busmod.topic_name(T.ACKS, self.s.bus)
         key = self.s.job_id.encode()  # acks are keyed by job (topics.ACKS)
         batch = self._raw.create_batch()
+        delivered = []
         for value in self._acks:
             if batch.append(key=key, value=value, timestamp=None) is None:
-                await self._raw.send_batch(batch, topic, partition=0)
+                delivered.append(await self._raw.send_batch(batch, topic, partition=0))
                 batch = self._raw.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
         if self._acks:
-            await self._raw.send_batch(batch, topic, partition=0)
+            delivered.append(await self._raw.send_batch(batch, topic, partition=0))
         self._acks.clear()
+        self._delivered = delivered  # the broker's acknowledgements (flush_acks' caller awaits)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, seconds: float, out: Path) -> None:

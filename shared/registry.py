@@ -39,6 +39,7 @@ redis.call('HINCRBY', KEYS[1], 'topology_version', 1)
 return {1, cur}
 """
 TOPOLOGY_VERSION = "topology_version"  # meta field: bumped by every write of rank/node records
+Placement = tuple[bytes | None, dict[int, str]]  # (topology_version, rank -> node)
 
 # KEYS[1]=meta. ARGV[1]=generation, ARGV[2]=step. The committed step only moves forward.
 _COMMIT_STEP = """
@@ -170,11 +171,26 @@ class Registry:
         return [RankRecord.model_validate_json(v) for v in raw if v is not None]
 
     async def rank_nodes(self) -> dict[int, str]:
-        """Every rank's node, without a pydantic object per rank: what a phase needs from the
-        whole job at 100k ranks (the records were validated when written). The cyclic GC is
-        paused meanwhile: the short-lived dicts hold no cycles and collections would double
-        the cost."""
-        raw = await self.r.hvals(self.k.ranks)
+        return (await self.versioned_rank_nodes())[1]
+
+    async def versioned_rank_nodes(self, kept: Placement | None = None) -> Placement:
+        """(topology_version, every rank's node), without a pydantic object per rank: what a
+        phase needs from the whole job at 100k ranks (the records were validated when written).
+        Given the copy an earlier call returned, returns it unchanged when no rank or node record
+        was written since: one HGET instead of parsing every record."""
+        if kept is not None and kept[0] is not None:
+            if await self.r.hget(self.k.meta, TOPOLOGY_VERSION) == kept[0]:
+                return kept
+        pipe = self.r.pipeline(transaction=True)  # the version and the records of one moment
+        pipe.hget(self.k.meta, TOPOLOGY_VERSION)
+        pipe.hvals(self.k.ranks)
+        version, raw = await pipe.execute()
+        return version, self._parse_rank_nodes(raw)
+
+    @staticmethod
+    def _parse_rank_nodes(raw: list[bytes]) -> dict[int, str]:
+        # The cyclic GC is paused meanwhile: the short-lived dicts hold no cycles and
+        # collections would double the cost.
         pick = itemgetter("rank", "node_id")
         paused = gc.isenabled()
         gc.disable()

@@ -9,6 +9,7 @@ after a takeover is recognised by the sidecars, which replay their acks instead 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from flashrecovery.agent.commit_rule import InconsistentReports, decide_recovery
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
-from flashrecovery.shared.registry import Registry, StaleGeneration
+from flashrecovery.shared.registry import Placement, Registry, StaleGeneration
 from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction, Escalation,
                                           ExecutorCommand, FaultIncident, PhaseStatus, RecoveryCompleted,
                                           RecoveryPlan, RecoveryProgress)
@@ -27,6 +28,9 @@ from flashrecovery.shared.settings import Settings
 
 from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, judge,
                    next_phase_name, ranks_to_kill, settled, touched_nodes, waitlist)
+
+
+PLACEMENT_POLL_S = 1.0  # how soon after a topology change the warm placement is rebuilt
 
 
 class PhaseFailed(RuntimeError):
@@ -49,6 +53,8 @@ class ExecutorService:
         self.plans: dict[str, RecoveryPlan] = {}
         self.acks: dict[str, dict[str, dict[str, CommandAck]]] = {}  # command -> stage -> node -> ack
         self.waitlists: dict[str, Waitlist] = {}  # plan -> its waitlist, read once at pause
+        self.ack_times: dict[tuple[str, str], list[float]] = {}  # (command, stage) -> first, last seen
+        self.placement: Placement | None = None  # every rank's node, kept warm between plans
         self.ack_event = asyncio.Event()
         self.plan_event = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -68,6 +74,8 @@ class ExecutorService:
             return
         # Redelivered acks overwrite themselves: idempotent by (command, node, stage).
         self.acks.setdefault(ack.command_id, {}).setdefault(ack.stage, {})[ack.node_id] = ack
+        seen = self.ack_times.setdefault((ack.command_id, ack.stage), [time.time(), 0.0])
+        seen[1] = time.time()
         self.ack_event.set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -75,7 +83,8 @@ class ExecutorService:
         await self.producer.start()
         for c in (self.plan_consumer, self.ack_consumer):
             await c.start()
-        tasks = [asyncio.create_task(self.plan_consumer.run()), asyncio.create_task(self.ack_consumer.run())]
+        tasks = [asyncio.create_task(self.plan_consumer.run()), asyncio.create_task(self.ack_consumer.run()),
+                 asyncio.create_task(self._keep_placement_warm())]
         await self.ack_consumer.wait_assigned()
         self.log.info("ready")
         try:
@@ -95,6 +104,14 @@ class ExecutorService:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.producer.stop()
             await self.registry.close()
+
+    async def _keep_placement_warm(self) -> None:
+        """Parsing 100k rank records takes ~1 s on a loaded 2-core box: do it when the topology
+        changes, not at the start of the next plan's pause."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(Exception):
+                self.placement = await self.registry.versioned_rank_nodes(self.placement)
+            await asyncio.sleep(PLACEMENT_POLL_S)
 
     async def _lead_once(self) -> None:
         await self.registry.heartbeat_liveness("executor", f"executor-{self.instance}")
@@ -222,8 +239,9 @@ class ExecutorService:
             command_id = await self._command(plan, action, attempt, **fields)
             outcome, acks = await self._await_acks(command_id, stage, expected, attempt, retries)
             reason = acks.pop("_reason")
+            first, last = self.ack_times.pop((command_id, stage), (None, None))
             log.info("phase_acks", action=str(action), stage=stage, outcome=outcome, reason=reason,
-                     attempt=attempt)
+                     attempt=attempt, acks=len(acks), first_ack_at=first, last_ack_at=last)
             if outcome == "ok":
                 return acks
             if outcome == "fail":
@@ -247,7 +265,8 @@ class ExecutorService:
         """Read once per plan: nothing but this plan's own replace writes the topology between
         its pause and its replace. A standby that takes over reads it afresh."""
         if plan.plan_id not in self.waitlists:
-            self.waitlists[plan.plan_id] = waitlist(plan, await self.registry.rank_nodes())
+            self.placement = await self.registry.versioned_rank_nodes(self.placement)
+            self.waitlists[plan.plan_id] = waitlist(plan, self.placement[1])
         return self.waitlists[plan.plan_id]
 
     async def _phase_pause(self, plan: RecoveryPlan, log) -> None:

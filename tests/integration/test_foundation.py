@@ -109,6 +109,12 @@ async def test_write_from_an_old_generation_is_refused(registry, job_id):
     # the whole job's placement without a record object per rank, and nodes read by name
     placement = await registry.rank_nodes()
     assert placement == {r.rank: ("spare-0" if r.rank == 0 else r.node_id) for r in snap.ranks}
+    # a kept copy is returned as is until a rank or node record is written
+    kept = await registry.versioned_rank_nodes()
+    assert await registry.versioned_rank_nodes(kept) is kept
+    await registry.put_ranks(1, [moved.model_copy(update={"node_id": snap.ranks[1].node_id, "generation": 1})])
+    fresh = await registry.versioned_rank_nodes(kept)
+    assert fresh is not kept and fresh[0] != kept[0] and fresh[1][0] == snap.ranks[1].node_id
     nodes = await registry.get_nodes(["spare-0", "nowhere"])
     assert [n.node_id for n in nodes] == ["spare-0"]
     assert await registry.get_nodes([]) == []

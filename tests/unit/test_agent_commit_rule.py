@@ -133,3 +133,9 @@ def test_plan_transfers(name: str, failed: list[int], survivors: list[int], tp: 
 def test_plan_transfers_no_replica() -> None:
     with pytest.raises(InconsistentReports):
         plan_transfers([0, 2, 4, 6], [1, 3, 5, 7], 2)
+
+
+def test_reasons_stay_short_at_100k_ranks():
+    from flashrecovery.agent.commit_rule import ranks_text
+    assert ranks_text([1, 2, 3]) == "[1, 2, 3]"
+    assert ranks_text(list(range(100_000))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 100000 ranks]"
