@@ -418,6 +418,15 @@ class CommandAck(Envelope):
             return self.report_columns.rows()
         return tuple(ReportRow._make(getattr(r, f) for f in REPORT_ROW) for r in self.ranks)
 
+    def vote_rows(self) -> Iterator[tuple[int, int, int | None, int]]:
+        """(rank, applied_step, grads_step, vote_step) per rank, as plain tuples: a pause's
+        commit reports at 100k ranks without an object per rank."""
+        c = self.report_columns
+        if c is None:
+            return ((r.rank, r.applied_step, r.grads_step, r.vote_step) for r in self.ranks)
+        n = len(c.rank)
+        return zip(c.rank, c.applied_step or (-1,) * n, c.grads_step or (None,) * n, c.vote_step or (-1,) * n)
+
 
 # ---------------------------------------------------------------- recovery progress
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from flashrecovery.agent.commit_rule import InconsistentReports, decide_recovery
+from flashrecovery.agent.commit_rule import InconsistentReports, decide_from_rows
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
@@ -274,13 +274,13 @@ class ExecutorService:
         acks = await self._with_retries(plan, CommandAction.PAUSE, "done", wl.pause, log,
                                         kill_ranks=ranks_to_kill(plan))
         restart = set(plan.restart_ranks)
-        reports = [r for a in acks.values() for r in a.report_rows() if r.rank not in restart]
+        rows = [row for a in acks.values() for row in a.vote_rows() if row[0] not in restart]
         try:
-            decision = decide_recovery(reports)
+            decision = decide_from_rows(rows)
         except InconsistentReports as exc:
             raise PhaseFailed(f"commit rule: {exc}") from None
-        max_applied = max((r.applied_step for r in reports), default=0)
-        computed = max([r.grads_step or 0 for r in reports] + [max_applied])
+        max_applied = max((applied for _, applied, _, _ in rows), default=0)
+        computed = max([grads or 0 for _, _, grads, _ in rows] + [max_applied])
         await self._set_run(plan.plan_id, commit_step=-1 if decision.commit_step is None else decision.commit_step,
                             resume_step=decision.resume_step, commit_reason=decision.reason,
                             steps_lost=max(0, max_applied - (decision.resume_step - 1)),

@@ -130,3 +130,9 @@ def test_bad_report_columns_are_rejected_with_a_reason():
     both = {**orjson.loads(S.encode(_ack(ranks=(S.RankReport(rank=1),)))), "report_columns": {"rank": [1]}}
     with pytest.raises(S.SchemaError, match="exclusive"):
         S.decode(orjson.dumps(both))
+
+
+def test_vote_rows_are_the_same_in_both_forms():
+    reports = (S.RankReport(rank=4, applied_step=6, grads_step=7, vote_step=6), S.RankReport(rank=5))
+    objects, columns = _ack(ranks=reports), _ack(report_columns=S.ReportColumns.of(reports))
+    assert list(objects.vote_rows()) == list(columns.vote_rows()) == [(4, 6, 7, 6), (5, -1, None, -1)]
