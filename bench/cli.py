@@ -199,11 +199,12 @@ def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root:
         return {"points": points, "runs": raw}
     if suite == "detector":
         from . import detector_bench
-        shapes = [(100, 6.0, 2.3, 4.0)] if args.smoke else [(1250, 20.0, 8.3, 14.5), (12500, 20.0, 8.3, 14.5)]
+        shapes = [(100, 6.0, 2.3, 4.0, False)] if args.smoke else [
+            (1250, 20.0, 8.3, 14.5, False), (12500, 20.0, 8.3, 14.5, False), (12500, 20.0, 8.3, 14.5, True)]
         rows = []
-        for nodes, secs, lost, crash in shapes:
-            log(f"detector: {nodes} nodes x 8 ranks, {secs} s")
-            rows.append(detector_bench.run(nodes, 8, secs, lost, crash))
+        for nodes, secs, lost, crash, columns in shapes:
+            log(f"detector: {nodes} nodes x 8 ranks, {secs} s, {'rank_columns' if columns else 'rank objects'}")
+            rows.append(detector_bench.run(nodes, 8, secs, lost, crash, columns))
         return {"rows": rows}
     if suite == "planner":
         from . import planner_bench

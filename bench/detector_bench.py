@@ -33,19 +33,21 @@ TICK_S = 0.1
 LAG_LIMIT_S = 1.0  # DetectorService.LAG_LIMIT_S
 
 
-def beat_bytes(node: int, ranks: int, seq: int, t: float) -> bytes:
-    """A node heartbeat as a sidecar would encode it (built as a dict: cheap to generate)."""
+def beat_bytes(node: int, ranks: int, seq: int, t: float, columns: bool = False) -> bytes:
+    """A node heartbeat as a sidecar would encode it (built as a dict: cheap to generate);
+    columns: the compact rank_columns form (sidecar setting rank_columns)."""
     step = int(t / STEP_S)
     since = t - step * STEP_S
+    rows = [{"rank": node * ranks + lr, "local_rank": lr, "pid": 1000 + lr, "state": "running",
+             "step": step, "step_time_s": STEP_S, "generation": 0, "long_phase": None,
+             "long_phase_expected_s": None, "since_progress_s": since} for lr in range(ranks)]
+    form = ({"rank_columns": {f: [r[f] for r in rows] for f in rows[0] if f not in ("long_phase", "long_phase_expected_s")}}
+            if columns else {"ranks": rows})
     return orjson.dumps({
         "event_id": f"hb-{node}-{seq}", "schema_version": SCHEMA_VERSION, "job_id": JOB,
         "generation": 0, "emitted_at": t, "producer": f"sidecar/{node}", "kind": "node_heartbeat",
         "node_id": f"node-{node:05d}", "role": "active", "seq": seq, "interval_s": 1.0,
-        "standby_ready": 0,
-        "ranks": [{"rank": node * ranks + lr, "local_rank": lr, "pid": 1000 + lr, "state": "running",
-                   "step": step, "step_time_s": STEP_S, "generation": 0, "long_phase": None,
-                   "long_phase_expected_s": None, "since_progress_s": since} for lr in range(ranks)],
-    })
+        "standby_ready": 0, **form})
 
 
 def exit_bytes(node: int, rank: int) -> bytes:
@@ -56,7 +58,7 @@ def exit_bytes(node: int, rank: int) -> bytes:
         "step": 0, "expected": False})
 
 
-def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float) -> dict:
+def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float, columns: bool = False) -> dict:
     cfg = core.Config.from_settings(DetectorSettings(), producer="bench")
     state = DetectorState()
     lost_node, crash_node = nodes // 3, (2 * nodes) // 3
@@ -90,7 +92,7 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float)
                 continue
             seq[i] += 1
             last_beat[i] = at
-            pending.append((at, beat_bytes(i, ranks, seq[i], at)))
+            pending.append((at, beat_bytes(i, ranks, seq[i], at, columns)))
         if crash_sent is None and now >= crash_at:
             crash_sent = now
             pending.append((now, exit_bytes(crash_node, crash_rank)))
@@ -127,6 +129,7 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float)
     lost = by_class.get("node_lost")
     crash = by_class.get("process_crash")
     return {
+        "form": "rank_columns" if columns else "rank objects",
         "nodes": nodes, "ranks_per_node": ranks, "ranks": nodes * ranks, "seconds": round(wall, 2),
         "messages": messages, "messages_per_s": round(messages / wall, 1),
         "rank_updates_per_s": round(messages * ranks / wall, 1),

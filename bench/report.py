@@ -139,11 +139,11 @@ def render(results: dict[str, Any]) -> str:
                 "Slope per 10x ranks: " + ", ".join(f"{k} {fmt(v)}" for k, v in scale_slopes(sc["points"]).items()), ""]
     det = results.get("detector")
     if det:
-        rows = [[r["ranks"], r["nodes"], r["messages_per_s"], r["detector_cpu_s_per_wall_s"],
+        rows = [[r["ranks"], r["nodes"], r.get("form", "rank objects"), r["messages_per_s"], r["detector_cpu_s_per_wall_s"],
                  r["detector_cpu_us_per_message"], r["node_lost_latency_from_last_beat_s"], r["crash_latency_s"],
                  r["false_incidents"]] for r in det.get("rows", [])]
         out += ["## Detector ingest (bench/detector_bench.py, core path)", "",
-                md_table(["ranks", "nodes", "msgs/s", "CPU s / wall s", "CPU µs / msg", "node-lost latency s",
+                md_table(["ranks", "nodes", "heartbeat form", "msgs/s", "CPU s / wall s", "CPU µs / msg", "node-lost latency s",
                           "crash latency s", "false incidents"], rows, 3), ""]
     pl = results.get("planner")
     if pl:
