@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 import uuid
 from enum import StrEnum
+from collections import namedtuple
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal, NamedTuple, Union
+from typing import Annotated, Any, Literal, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -335,21 +336,11 @@ class RankReport(Frozen):
     digest_ok: bool | None = None
 
 
-REPORT_ROW = ("rank", "pid", "applied_step", "grads_step", "vote_step", "phase", "seconds", "bytes", "digest_ok")
-
-
-class ReportRow(NamedTuple):
-    """One rank's report as a plain tuple (CommandAck.report_rows()): what the executor reads,
-    whichever form the ack came in. Same fields and defaults as RankReport."""
-    rank: int
-    pid: int | None = None
-    applied_step: int = -1
-    grads_step: int | None = None
-    vote_step: int = -1
-    phase: str | None = None
-    seconds: float | None = None
-    bytes: int | None = None
-    digest_ok: bool | None = None
+REPORT_ROW = tuple(RankReport.model_fields)
+# One rank's report as a plain tuple (CommandAck.report_rows()): what the executor reads,
+# whichever form the ack came in. RankReport's fields and defaults, in its order.
+ReportRow = namedtuple("ReportRow", REPORT_ROW,  # type: ignore[misc]
+                       defaults=[f.default for f in list(RankReport.model_fields.values())[1:]])
 
 
 class ReportColumns(Frozen):
