@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
@@ -40,6 +40,12 @@ return {1, cur}
 """
 TOPOLOGY_VERSION = "topology_version"  # meta field: bumped by every write of rank/node records
 Placement = tuple[bytes | None, dict[int, str]]  # (topology_version, rank -> node)
+
+
+def meta_ints(meta: Mapping[bytes | str, Any]) -> dict[str, int]:
+    """A job's meta hash as read (generation, committed_step, world_size, dp, tp, pp,
+    topology_version), keys as str."""
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in meta.items()}
 
 # KEYS[1]=meta. ARGV[1]=generation, ARGV[2]=step. The committed step only moves forward.
 _COMMIT_STEP = """
@@ -127,7 +133,7 @@ class Registry:
         meta, ranks, nodes = await pipe.execute()
         if not meta:
             raise LookupError(f"job {self.job_id!r} has no topology in the registry")
-        m = {k.decode(): int(v) for k, v in meta.items()}
+        m = meta_ints(meta)
         rank_recs = sorted((RankRecord.model_validate_json(v) for v in ranks.values()),
                            key=lambda r: r.rank)
         node_recs = sorted((NodeRecord.model_validate_json(v) for v in nodes.values()),
@@ -169,9 +175,6 @@ class Registry:
             return []
         raw = await self.r.hmget(self.k.ranks, wanted)
         return [RankRecord.model_validate_json(v) for v in raw if v is not None]
-
-    async def rank_nodes(self) -> dict[int, str]:
-        return (await self.versioned_rank_nodes())[1]
 
     async def versioned_rank_nodes(self, kept: Placement | None = None) -> Placement:
         """(topology_version, every rank's node), without a pydantic object per rank: what a

@@ -329,12 +329,13 @@ class ExecutorService:
         outcome, acks = await self._await_acks(command_id, RECOVER_STAGES[phase], expected, 0, 0,
                                                fail_from=recover)
         reason = acks.pop("_reason")
+        first, last = self.ack_times.pop((command_id, RECOVER_STAGES[phase]), (None, None))
         if outcome != "ok":
             raise PhaseFailed(f"{phase}: {reason}")
         if phase == "restore":
             moved = sum(r.bytes or 0 for a in acks.values() for r in a.report_rows())
             await self._set_run(plan.plan_id, restore_bytes=moved)
-        log.info("stage_done", phase=phase, nodes=len(acks))
+        log.info("stage_done", phase=phase, nodes=len(acks), first_ack_at=first, last_ack_at=last)
 
     async def _phase_rebuild(self, plan, log) -> None:
         await self._recover_stage(plan, "rebuild", log)

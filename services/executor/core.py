@@ -41,7 +41,7 @@ class Waitlist:
 
 
 def waitlist(plan: RecoveryPlan, rank_nodes: Mapping[int, str]) -> Waitlist:
-    """rank_nodes: every rank's node before the plan (Registry.rank_nodes(); no pydantic object
+    """rank_nodes: every rank's node before the plan (Registry.versioned_rank_nodes(); no pydantic object
     per rank). Work proportional to the cluster only in this set arithmetic; commands are
     broadcasts and acks come one per node."""
     restart = set(plan.restart_ranks)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
 from flashrecovery.shared.logging import get_logger
-from flashrecovery.shared.registry import TOPOLOGY_VERSION, Registry
+from flashrecovery.shared.registry import TOPOLOGY_VERSION, Registry, meta_ints
 from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
                                           encode)
 from flashrecovery.shared.settings import Settings
@@ -110,22 +110,23 @@ class PlannerService:
         await self._act(decision, event, snapshot.generation, log)
 
     async def _plan_input(self) -> PlanInput | None:
-        """The registry snapshot as arrays, read in one MULTI like Registry.snapshot() but
-        without a pydantic object per rank (the fast path at 100k ranks)."""
-        k = self.registry.k
-        meta = await self.registry.r.hgetall(k.meta)
+        """The registry snapshot as arrays, without a pydantic object per rank (the fast path at
+        100k ranks): the warm copy with fresh meta while the topology version has not moved,
+        else a full read."""
+        meta = await self.registry.r.hgetall(self.registry.k.meta)
         if not meta:
             return None
         version = meta.get(TOPOLOGY_VERSION.encode())
         if self._topology is not None and version is not None and self._topology[0] == version:
             # The records are those of the copy (every write of them moves the version); the
             # rest of meta (generation, committed step) is read fresh.
-            m = {kk.decode(): int(v) for kk, v in meta.items()}
+            m = meta_ints(meta)
             return dataclasses.replace(self._topology[1], generation=m["generation"],
                                        committed_step=m.get("committed_step", -1))
         return await self._read_topology()
 
     async def _read_topology(self) -> PlanInput | None:
+        """meta, rank and node records in one MULTI, kept as the warm copy."""
         k = self.registry.k
         pipe = self.registry.r.pipeline(transaction=True)
         pipe.hgetall(k.meta)

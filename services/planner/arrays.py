@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from flashrecovery.shared.registry import meta_ints
 from flashrecovery.shared.schemas import NodeRole, RankState
 from flashrecovery.shared.topology import JobSnapshot, NodeRecord
 
@@ -144,7 +145,7 @@ class PlanInput:
         def col(values: list[Any]) -> np.ndarray:
             return np.array(values, dtype=np.int64)[order]
         empty: dict[str, Any] = {}
-        m = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in meta.items()}
+        m = meta_ints(meta)
         return cls.from_columns(
             job_id=job_id, generation=m["generation"], committed_step=m.get("committed_step", -1),
             world_size=m["world_size"], dp=m["dp"], tp=m["tp"], pp=m.get("pp", 1),

@@ -77,8 +77,16 @@ def _check(result: dict, reference: dict) -> None:
             assert result["states"][r]["pid"] == pid, f"survivor rank {r} changed process"
 
 
-def _run(coro_fn):
-    return asyncio.run(coro_fn())
+def _recover_on_new_cluster(stack, tmp: Path, fault: str, rank: int, fault_env: str | None = None,
+                            during=None) -> dict:
+    """A fresh cluster, one fault, its recovery awaited; the cluster is stopped whatever happens."""
+    async def go():
+        c = _cluster(stack, tmp, fault_env)
+        try:
+            return await _recover(c, fault, rank, during=during)
+        finally:
+            await c.stop()
+    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("fault, rank, restarted", [
@@ -87,13 +95,7 @@ def _run(coro_fn):
     ("hang", 6, {6}),
 ])
 def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, restarted):
-    async def go():
-        c = _cluster(stack, tmp_path)
-        try:
-            return await _recover(c, fault, rank)
-        finally:
-            await c.stop()
-    result = _run(go)
+    result = _recover_on_new_cluster(stack, tmp_path, fault, rank)
     assert result["restarted"] == restarted
     _check(result, reference_states)
 
@@ -103,25 +105,13 @@ def test_hang_recovers_with_compact_rank_columns(stack, tmp_path, reference_stat
     frozen rank from the columns, the executor's commit rule reads the columnar pause reports."""
     monkeypatch.setenv("FLASHRECOVERY_SIDECAR__RANK_COLUMNS", "1")
 
-    async def go():
-        c = _cluster(stack, tmp_path)
-        try:
-            return await _recover(c, "hang", 6)
-        finally:
-            await c.stop()
-    result = _run(go)
+    result = _recover_on_new_cluster(stack, tmp_path, "hang", 6)
     assert result["restarted"] == {6} and result["done"][0].fault_class == "hang"
     _check(result, reference_states)
 
 
 def test_ecc_log_line_replaces_the_whole_node(stack, tmp_path, reference_states):
-    async def go():
-        c = _cluster(stack, tmp_path, LocalCluster.fault_env_for("ecc", 3, AT))
-        try:
-            return await _recover(c, "ecc", 3)
-        finally:
-            await c.stop()
-    result = _run(go)
+    result = _recover_on_new_cluster(stack, tmp_path, "ecc", 3, LocalCluster.fault_env_for("ecc", 3, AT))
     assert result["restarted"] == {2, 3}
     assert result["done"][0].fault_class == "hardware"
     _check(result, reference_states)
@@ -132,13 +122,7 @@ def test_two_faults_at_once(stack, tmp_path, reference_states):
         _, status = c.rank_status(7)
         os.kill(status.pid, signal.SIGKILL)
 
-    async def go():
-        c = _cluster(stack, tmp_path)
-        try:
-            return await _recover(c, "process-crash", 0, during=second)
-        finally:
-            await c.stop()
-    result = _run(go)
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 0, during=second)
     assert result["restarted"] == {0, 7}
     _check(result, reference_states)
 
@@ -154,13 +138,7 @@ def test_second_fault_during_recovery_supersedes(stack, tmp_path, reference_stat
         _, status = c.rank_status(5)
         os.kill(status.pid, signal.SIGKILL)
 
-    async def go():
-        c = _cluster(stack, tmp_path)
-        try:
-            return await _recover(c, "process-crash", 2, during=second)
-        finally:
-            await c.stop()
-    result = _run(go)
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, during=second)
     assert {2, 5} <= result["restarted"]
     _check(result, reference_states)
 
@@ -178,15 +156,8 @@ def test_executor_leader_killed_during_replace(stack, tmp_path, reference_states
         leaders.append(leader)
         c.sup.stop(f"executor-{leader}", sig=signal.SIGKILL)
 
-    async def go():
-        c = _cluster(stack, tmp_path)
-        try:
-            result = await _recover(c, "process-crash", 4, during=kill_leader)
-            result["finisher"] = result["done"][0].producer
-            return result
-        finally:
-            await c.stop()
-    result = _run(go)
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 4, during=kill_leader)
+    result["finisher"] = result["done"][0].producer
     assert result["finisher"] != f"executor-{leaders[0]}", "the standby executor must finish the incident"
     assert result["restarted"] == {4}
     _check(result, reference_states)
@@ -199,13 +170,7 @@ def test_crash_restarted_in_place_cold_start(stack, tmp_path, reference_states, 
     monkeypatch.setenv("FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE", "true")
     timeout = Settings().executor.phase_timeout_s
 
-    async def go():
-        c = _cluster(stack, tmp_path)
-        try:
-            return await _recover(c, "process-crash", 2)
-        finally:
-            await c.stop()
-    result = _run(go)
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2)
     assert result["restarted"] == {2}
     assert [(r.from_node, r.to_node) for r in result["plans"][0].replacements] == [("node-1", "node-1")]
     done = result["done"][0]

@@ -107,7 +107,7 @@ async def test_write_from_an_old_generation_is_refused(registry, job_id):
     assert [(r.rank, r.node_id) for r in got] == [(0, "spare-0"), (3, snap.ranks[3].node_id)]
     assert await registry.get_ranks([]) == []
     # the whole job's placement without a record object per rank, and nodes read by name
-    placement = await registry.rank_nodes()
+    placement = (await registry.versioned_rank_nodes())[1]
     assert placement == {r.rank: ("spare-0" if r.rank == 0 else r.node_id) for r in snap.ranks}
     # a kept copy is returned as is until a rank or node record is written
     kept = await registry.versioned_rank_nodes()
