@@ -100,6 +100,7 @@ class RecoveryAgent:
         self.grads_step: int | None = None
         self.vote_step = 0
         self._step: int | None = None
+        self._applying: int | None = None  # step whose optimizer update is under way
         self._t_step = 0.0
         self._cmds: queue.Queue[ch.Message | None] = queue.Queue()
         self._pause_gen = -1  # newest generation a pause named (set by the reader thread)
@@ -239,7 +240,11 @@ class RecoveryAgent:
 
     def _apply(self, step: int) -> None:
         assert self.optimizer is not None
+        # While this is set the rank's state is torn: an exception here leaves some tensors
+        # updated and others not, so the rank can no longer serve as a survivor (recover()).
+        self._applying = step
         self.optimizer.step()
+        self._applying = None
         self.applied_step = step
 
     def long_phase(self, name: str, expected_s: float) -> None:
@@ -249,8 +254,14 @@ class RecoveryAgent:
     def recover(self, exc: BaseException) -> int:
         """Handle an interrupted step: report paused, wait for recover, rebuild, resume.
 
-        Returns the step to compute next. Re-raises ``exc`` if it is not an interrupt.
+        Returns the step to compute next. Re-raises ``exc`` if it is not an interrupt, and
+        whenever it was raised inside the optimizer update: that rank's state is then unknown,
+        so it must leave and be replaced from a replica, never pause as a survivor of step k+1.
         """
+        if self._applying is not None:
+            self.log.error("torn optimizer step: leaving to be replaced", step=self._applying,
+                           error=repr(exc))
+            raise exc
         if not isinstance(exc, Interrupted):
             if not self.interruptor.interrupted:
                 raise exc
@@ -308,7 +319,9 @@ class RecoveryAgent:
         t0 = time.perf_counter()
         self.generation = cmd.generation  # from now on, pauses of older generations are stale
         self.world_size = cmd.world_size
-        self.interruptor.clear()
+        # A pause of a newer generation that came in meanwhile survives this and abandons the
+        # rebuild at the arrival barrier: the rank pauses again instead of training on.
+        self.interruptor.clear(cmd.generation)
         self._build_groups()
         self.comm.global_allreduce(torch.ones(1), "rebuild check allreduce")
         t_rebuilt = time.perf_counter()
@@ -373,7 +386,8 @@ class RecoveryAgent:
             if isinstance(cmd, ch.Stop):
                 break
             if isinstance(cmd, ch.Pause):
-                self.interruptor.interrupt(f"pause g{cmd.generation} after done")
+                self.interruptor.interrupt(f"pause g{cmd.generation} after done",
+                                           generation=cmd.generation)
                 self._recover_loop(exc=PauseRequested(f"pause g{cmd.generation} after done"))
         self.close()
 
@@ -417,7 +431,8 @@ class RecoveryAgent:
                                       generation=self.generation)
                         continue
                     self._pause_gen = max(self._pause_gen, msg.generation)
-                    self.interruptor.interrupt(f"pause g{msg.generation} from sidecar")
+                    self.interruptor.interrupt(f"pause g{msg.generation} from sidecar",
+                                               generation=msg.generation)
                 self._cmds.put(msg)
         except (OSError, ValueError) as exc:
             self.log.warning("sidecar channel error", error=repr(exc))

@@ -45,6 +45,7 @@ class Interruptor:
         self._reason: str | None = None
         self._waiters: set[threading.Event] = set()
         self._abandoned: list[object] = []  # futures of collectives left running on interrupt
+        self._newest_pause = -1  # newest generation a pause named; -1: none
 
     @property
     def interrupted(self) -> bool:
@@ -54,17 +55,29 @@ class Interruptor:
     def reason(self) -> str | None:
         return self._reason
 
-    def interrupt(self, reason: str) -> None:
+    def interrupt(self, reason: str, generation: int | None = None) -> None:
+        """``generation``: the generation a pause names (None for a failure this rank saw
+        itself, which belongs to the generation it is in)."""
         with self._lock:
-            if self._reason is None:
+            if generation is not None and generation > self._newest_pause:
+                self._newest_pause = generation
+                self._reason = reason  # the newest pause is the one that must survive clear()
+            elif self._reason is None:
                 self._reason = reason
             waiters = list(self._waiters)
         for ev in waiters:
             ev.set()
 
-    def clear(self) -> None:
+    def clear(self, generation: int) -> bool:
+        """Clear interrupts that belong to generations up to ``generation`` (the one this rank
+        is entering). A pause naming a newer generation may have arrived while the rank was
+        still paused: it must survive, or the rank would train on into a plan that already
+        moved past it. Returns whether the interrupt is now cleared."""
         with self._lock:
+            if self._newest_pause > generation:
+                return False
             self._reason = None
+            return True
 
     def take_abandoned(self) -> list[object]:
         with self._lock:
@@ -125,11 +138,13 @@ def arrival_barrier(store: dist.Store, key: str, size: int, abandon: Callable[[]
     delay = poll_s / 5
     while True:
         polls += 1
-        if store.add(key, 0) >= size:
-            return polls
+        # Asked before the count, so a superseding pause that arrived while the last member
+        # was coming in is never ignored because the barrier happened to fill.
         why = abandon()
         if why is not None:
             raise PauseRequested(f"rebuild abandoned: {why}")
+        if store.add(key, 0) >= size:
+            return polls
         if time.monotonic() - t0 > timeout_s:
             raise CollectiveError(f"{key}: only {store.add(key, 0)} of {size} members arrived "
                                   f"in {timeout_s} s")

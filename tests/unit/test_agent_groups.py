@@ -62,7 +62,7 @@ def test_pause_breaks_out_of_a_wait_that_never_completes(work_cls: type) -> None
     assert time.perf_counter() - t0 < 5.0
     with pytest.raises(PauseRequested):  # stays interrupted until cleared
         intr.check()
-    intr.clear()
+    intr.clear(0)
     intr.check()
 
 
@@ -173,3 +173,27 @@ def test_arrival_barrier_times_out_on_a_member_that_never_comes() -> None:
     store = dist.HashStore()
     with pytest.raises(CollectiveError, match="only 1 of 3 members"):
         arrival_barrier(store, "g4/arrived", 3, lambda: None, timeout_s=0.2)
+
+
+def test_arrival_barrier_consults_abandon_even_when_everyone_arrived() -> None:
+    """#12 item 9: a full barrier must not hide a superseding pause that is already pending."""
+    store = dist.HashStore()
+    store.add("g5/arrived", 1)  # the other member is already here: the first poll fills it
+    with pytest.raises(PauseRequested, match="pause g6"):
+        arrival_barrier(store, "g5/arrived", 2, lambda: "pause g6", timeout_s=5)
+
+
+@pytest.mark.unit
+def test_clear_keeps_a_pause_of_a_newer_generation() -> None:
+    """#12 item 9: entering generation 2 must not erase a pause that already names generation 3."""
+    intr = Interruptor()
+    intr.interrupt("pause g2 from sidecar", generation=2)
+    intr.interrupt("pause g3 from sidecar", generation=3)  # superseding plan, during recovery
+    assert intr.clear(2) is False
+    with pytest.raises(PauseRequested, match="pause g3"):
+        intr.check()
+    assert intr.clear(3) is True
+    intr.check()
+    intr.interrupt("peer died (self-detected)")  # no generation: belongs to the current one
+    assert intr.clear(4) is True
+    intr.check()
