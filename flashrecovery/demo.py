@@ -144,7 +144,8 @@ def print_report(rep: dict[str, Any], verify: tuple[bool, str] | None) -> None:
         print(f"planning         {rep['planning_s']:.3f} s  (incident -> plan)")
         for ph, sec in rep["phases_s"].items():
             print(f"  {ph:<14} {sec:.3f} s")
-        print(f"RTO              {rep['rto_s']:.3f} s  (fault -> every rank committed the first step after recovery)")
+        rto = "n/a" if rep["rto_s"] is None else f"{rep['rto_s']:.3f} s"
+        print(f"RTO              {rto}  (fault -> every rank committed the first step after recovery)")
         print(f"recovery step    {rep['recovery_step']}; steps recomputed {rep['steps_recomputed']}; "
               f"committed steps lost {rep['committed_steps_lost']}")
         print(f"survivor PIDs    {'unchanged' if rep['survivor_pids_unchanged'] else 'CHANGED'} ({rep['survivors']} ranks kept their processes)")

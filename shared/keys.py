@@ -61,3 +61,7 @@ class JobKeys:
 
     def side_effect(self, plan_id: str, name: str) -> str:  # marks a side effect done once
         return f"{self._p}:done:{plan_id}:{name}"
+
+    @property
+    def finished_ranks(self) -> str:  # hash: rank -> last step, for ranks that reported done
+        return f"{self._p}:ranks:finished"

@@ -278,3 +278,23 @@ class Registry:
         pattern = self.k.liveness("*", "*")
         return sorted([k.decode().split(":alive:", 1)[1]
                        async for k in self.r.scan_iter(match=pattern, count=1000)])
+
+    # ------------------------------------------------------------ job completion
+    async def mark_finished(self, rank: int, step: int) -> tuple[int, int]:
+        """Record that `rank` finished training at `step`. Returns (ranks finished, world size):
+        a finished rank stays up as a replica until every rank has finished, so a fault in the
+        last step still has a source to copy from."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.finished_ranks, str(rank), step)
+        pipe.hlen(self.k.finished_ranks)
+        pipe.hget(self.k.meta, "world_size")
+        _, n, world = await pipe.execute()
+        return int(n), int(world or 0)
+
+    async def job_finished(self) -> bool:
+        """Every rank of the job has reported done."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hlen(self.k.finished_ranks)
+        pipe.hget(self.k.meta, "world_size")
+        n, world = await pipe.execute()
+        return world is not None and int(n) >= int(world) > 0

@@ -270,10 +270,35 @@ class SidecarService:
                 if msg.phase == "resumed":
                     w.state = RankState.RUNNING
         elif isinstance(msg, ch.Done):
-            w.state, w.step, w.expected_exit = RankState.DONE, msg.step, True
-            self._spawn(self._send(w, ch.Stop()))
+            # Not stopped yet: a rank killed in the last step still needs a replica to copy
+            # from. Finished ranks leave together once every rank of the job has finished.
+            w.state, w.step = RankState.DONE, msg.step
+            self._spawn(self._finished(w, msg.step))
         elif isinstance(msg, ch.Error):
             self.log.warning("worker_error", rank=w.rank, message=msg.message[:500])
+
+    async def _finished(self, w: Worker, step: int) -> None:
+        try:
+            n, world = await self.registry.mark_finished(w.rank, step)
+        except Exception as exc:  # noqa: BLE001 - retried by the heartbeat loop's check
+            self.log.warning("mark_finished_failed", rank=w.rank, error=repr(exc))
+            return
+        self.log.info("rank_finished", rank=w.rank, step=step, finished=n, world_size=world)
+        if world and n >= world:
+            await self._stop_finished()
+
+    async def _stop_finished(self) -> None:
+        """Stop this node's finished workers (idempotent: a stopped one is skipped)."""
+        for w in list(self.workers.values()):
+            if w.state == RankState.DONE and not w.expected_exit and w.proc.returncode is None:
+                w.expected_exit = True
+                await self._send(w, ch.Stop())
+
+    async def _stop_if_job_finished(self) -> None:
+        if any(w.state == RankState.DONE and not w.expected_exit and w.proc.returncode is None
+               for w in self.workers.values()) and await self.registry.job_finished():
+            self.log.info("job_finished")
+            await self._stop_finished()
 
     async def _send(self, w: Worker, msg) -> bool:
         if w.writer is None or w.proc.returncode is not None:
@@ -299,6 +324,8 @@ class SidecarService:
         while True:
             try:
                 await self._heartbeat()
+                # The other nodes' ranks finish on their own time: look once per beat.
+                await self._stop_if_job_finished()
             except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beats
                 self.log.warning("heartbeat_failed", error=repr(exc))
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
@@ -438,7 +465,11 @@ class SidecarService:
             if not reached:
                 return
         resume = cmd.resume_step or 0
-        ok = await self._wait_for(lambda: all(w.step >= resume for w in targets), timeout)
+        # A rank that finished the job right after resuming (the fault was in the last step)
+        # has no step left to commit: done at resume - 1 is verified too.
+        ok = await self._wait_for(lambda: all(w.step >= resume or (w.state == RankState.DONE
+                                                                   and w.step >= resume - 1)
+                                              for w in targets), timeout)
         if not ok or reports_stages(cmd, self.node_id):
             await self._ack(cmd, stage="verified", ok=ok,
                             ranks=tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step) for w in targets))
