@@ -26,7 +26,7 @@ from .shared.topology import grid_topology
 from .supervisor import Supervisor
 
 FAULTS = ("process-crash", "node-crash", "hang", "ecc", "exception", "kill-forward", "kill-grad-sync",
-          "kill-after-sync", "kill-optimizer", "none")
+          "kill-after-sync", "kill-vote", "kill-optimizer", "none")
 
 
 @dataclass
@@ -207,6 +207,7 @@ class LocalCluster:
         agent_kinds = {"ecc": "kind=ecc", "exception": "kind=exception",
                        "kill-forward": "kind=kill,phase=forward", "kill-grad-sync": "kind=kill,phase=grad_sync",
                        "kill-after-sync": "kind=kill,phase=after_sync",
+                       "kill-vote": "kind=kill,phase=vote",
                        "kill-optimizer": "kind=kill,phase=optimizer"}
         if fault not in agent_kinds:
             return None

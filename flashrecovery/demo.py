@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import FAULTS, LocalCluster, states_equal
+from .scenario import FollowUp, ScenarioLog, ServiceFault, escalations, run_followups, wait_settled
 from .shared.logging import configure
-from .shared.schemas import FaultIncident, RecoveryCompleted, RecoveryPlan, RecoveryProgress
+from .shared.schemas import (Escalation, FaultIncident, RecoveryCompleted, RecoveryPlan,
+                             RecoveryProgress)
 from .shared.settings import BusSettings, load_settings
 
 
@@ -29,7 +31,24 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the ranks keep their tensors (cuda: all ranks share GPU 0, gloo)")
+    p.add_argument("--then", action="append", default=[], type=_parsed(FollowUp.parse),
+                   metavar="KIND:RANK:DELAY_S",
+                   help="a further worker fault (process-crash|hang|node-crash) DELAY_S after the "
+                        "first incident is detected; repeatable")
+    p.add_argument("--service-fault", action="append", default=[], type=_parsed(ServiceFault.parse),
+                   metavar="NAME:DELAY_S",
+                   help="executor-leader | executor-leader-stall | detector | planner, DELAY_S "
+                        "after the first incident; repeatable")
     p.set_defaults(func=run)
+
+
+def _parsed(parse):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
 def _printer(quiet: bool):
@@ -49,7 +68,11 @@ def _printer(quiet: bool):
         elif isinstance(ev, RecoveryProgress):
             print(f"{at} PHASE    {ev.phase:<8} {ev.status}", flush=True)
         elif isinstance(ev, RecoveryCompleted):
-            print(f"{at} DONE     {ev.outcome} rto {ev.rto_s}s recovery step {ev.recovery_step}", flush=True)
+            print(f"{at} DONE     {ev.outcome} rto {ev.rto_s}s recovery step {ev.recovery_step}"
+                  f"{' (' + ev.reason[:120] + ')' if ev.outcome != 'done' and ev.reason else ''}",
+                  flush=True)
+        elif isinstance(ev, Escalation):
+            print(f"{at} ESCALATED {ev.reason[:200]}", flush=True)
     return show
 
 
@@ -65,7 +88,9 @@ async def _status_line(cluster: LocalCluster, stop: asyncio.Event, quiet: bool) 
 
 
 async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: float, quiet: bool,
-                   run_root: Path, base_settings, worker_args: str = "") -> dict[str, Any]:
+                   run_root: Path, base_settings, worker_args: str = "",
+                   then: list[FollowUp] | None = None,
+                   service_faults: list[ServiceFault] | None = None) -> dict[str, Any]:
     job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
     settings = base_settings.model_copy(update={"job_id": job, "bus": BusSettings(
         topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
@@ -83,25 +108,36 @@ async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: f
         await cluster.wait_until(lambda: cluster.min_step() >= 1, timeout_s, "training to start")
         pids_before = {r: s.pid for r, (_, s) in cluster.timeline.rank_view().items()}
         fault_at = await cluster.inject(fault, rank, at_step, timeout_s)
+        log = ScenarioLog()
+        await run_followups(cluster, then or [], service_faults or [], timeout_s, log)
         if fault != "none":
             await cluster.wait_until(lambda: any(c.outcome != "superseded" for c in cluster.timeline.completed),
                                      timeout_s, "the recovery to complete")
-        await cluster.wait_until(cluster.finished, timeout_s, "training to finish")
+        ending = await wait_settled(cluster, timeout_s)
         stop.set()
         await ticker
-        return _report(cluster, fault, rank, at_step, fault_at, pids_before)
+        rep = _report(cluster, fault, rank, at_step, fault_at, pids_before, ending == "escalated")
+        rep["scenario"] = log.actions
+        return rep
     finally:
         stop.set()
         await cluster.stop()
 
 
 def _report(cluster: LocalCluster, fault: str, rank: int, at_step: int, fault_at: float,
-            pids_before: dict[int, int]) -> dict[str, Any]:
+            pids_before: dict[int, int], escalated_for_good: bool = False) -> dict[str, Any]:
     tl = cluster.timeline
+    escalated = escalations(cluster)
+    if escalated_for_good:
+        return {"fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
+                "outcome": "escalated", "reason": "; ".join(e.reason for e in escalated),
+                "recoveries": _recoveries(tl), "_states": None}
     final = cluster.final_states()
     rep: dict[str, Any] = {"device": cluster.worker_args, "fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
                            "final_step": {r: s["step"] for r, s in final.items()}, "_states": final}
-    done = next((c for c in tl.completed if c.outcome != "superseded"), None)
+    # the plan that brought training back: the last one done (earlier ones may have failed or
+    # been superseded in a multi-fault run)
+    done = next((c for c in reversed(tl.completed) if c.outcome == "done"), None)
     if fault == "none" or done is None:
         rep["outcome"] = "no fault" if fault == "none" else "no recovery seen"
         return rep
@@ -129,13 +165,29 @@ def _report(cluster: LocalCluster, fault: str, rank: int, at_step: int, fault_at
         "recovery_step": done.recovery_step, "steps_recomputed": done.steps_recomputed,
         "committed_steps_lost": done.committed_steps_lost, "survivor_pids_unchanged": unchanged,
         "survivors": len(survivors), "commit_rule": done.reason,
+        "recoveries": _recoveries(tl),
     })
     return rep
+
+
+def _recoveries(tl) -> list[dict[str, Any]]:
+    """Every plan that ended, in order: a multi-fault run has several (superseded ones too)."""
+    return [{"plan_id": c.plan_id, "outcome": c.outcome, "rto_s": c.rto_s,
+             "recovery_step": c.recovery_step, "committed_steps_lost": c.committed_steps_lost,
+             "reason": c.reason} for c in tl.completed]
 
 
 def print_report(rep: dict[str, Any], verify: tuple[bool, str] | None) -> None:
     print("\n=== FlashRecovery incident report ===")
     print(f"fault            {rep['fault']} on rank {rep['rank']} at step {rep['at_step']}")
+    for a in rep.get("scenario", []):
+        print(f"then             {a['what']}")
+    if rep["outcome"] == "escalated":
+        print(f"outcome          ESCALATED: {rep['reason']}")
+        return
+    if len(rep.get("recoveries", [])) > 1:
+        for c in rep["recoveries"]:
+            print(f"recovery         {c['outcome']:<10} rto {c['rto_s']} s  {c['plan_id']}")
     if "plan_id" not in rep:
         print(f"outcome          {rep['outcome']}")
     else:
@@ -172,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
                                        run_root, settings, worker_args)
         print(f"run with fault {args.fault} on rank {args.rank} at step {args.at_step} ...", flush=True)
         rep = await run_once(args.fault, args.rank, args.at_step, args.steps, args.timeout, args.quiet,
-                             run_root, settings, worker_args)
-        verdict = states_equal(reference["_states"], rep["_states"]) if reference else None
+                             run_root, settings, worker_args, args.then, args.service_fault)
+        verdict = None
+        if reference and rep["_states"] is not None:
+            verdict = states_equal(reference["_states"], rep["_states"])
         return rep, verdict
 
     rep, verdict = asyncio.run(go())
