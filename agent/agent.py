@@ -85,7 +85,8 @@ class RecoveryAgent:
             if settings.backend == "nccl":
                 factory = NcclGroupFactory()
             else:
-                factory = GlooGroupFactory(lazy_init=settings.gloo_lazy)
+                factory = GlooGroupFactory(lazy_init=settings.gloo_lazy,
+                                           connect_timeout_s=settings.rebuild_timeout_s)
         self.factory = factory
         self.interruptor = Interruptor()
         self.comm = Comm(self.interruptor)

@@ -240,7 +240,11 @@ class GlooGroupFactory:
     name: str = "gloo"
     lazy_init: bool = True
     hostname: str = "127.0.0.1"
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # collectives
+    # The constructor waits in the store for every member with the options' timeout: bounded
+    # by the rebuild timeout instead, so a member that died after the arrival barrier turns
+    # into a CollectiveError within the executor's pause wait, not after 300 s.
+    connect_timeout_s: float | None = None
     threads: int = 1
     graveyard: list[_Buried] = field(default_factory=list)
 
@@ -253,10 +257,13 @@ class GlooGroupFactory:
     def _one(self, store: dist.Store, prefix: str, rank: int, size: int,
              device: object) -> dist.ProcessGroup:
         opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = datetime.timedelta(seconds=self.timeout_s)
+        opts._timeout = datetime.timedelta(seconds=self.connect_timeout_s or self.timeout_s)
         opts._devices = [device]
         opts._threads = self.threads
-        return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, opts)
+        pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, opts)
+        if self.connect_timeout_s:
+            pg.set_timeout(datetime.timedelta(seconds=self.timeout_s))
+        return pg
 
     def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
               tp: int) -> Groups:

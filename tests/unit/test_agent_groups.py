@@ -197,3 +197,21 @@ def test_clear_keeps_a_pause_of_a_newer_generation() -> None:
     intr.interrupt("peer died (self-detected)")  # no generation: belongs to the current one
     assert intr.clear(4) is True
     intr.check()
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(60)
+def test_group_build_with_a_missing_member_fails_within_the_connect_timeout() -> None:
+    """#12: a member that died after the arrival barrier pinned its peers in the gloo constructor
+    for the collective timeout (300 s), far past the executor's pause wait."""
+    store = dist.HashStore()
+    fac = GlooGroupFactory(lazy_init=False, connect_timeout_s=1.0)  # eager, as sidecars start ranks
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        fac.build(store, "job", 1, rank=0, world_size=2, tp=1)  # rank 1 never comes
+    assert time.monotonic() - t0 < 20
+    # the collectives of a group that did form keep the long timeout and work
+    ok = GlooGroupFactory(lazy_init=False, connect_timeout_s=1.0).build(dist.HashStore(), "job", 2, 0, 1, 1)
+    t = torch.ones(2)
+    ok.global_pg.allreduce([t]).wait()
+    assert t.tolist() == [1.0, 1.0]
