@@ -41,6 +41,25 @@ class Timeline:
     completed: list[RecoveryCompleted] = field(default_factory=list)
     other: list[Any] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # (receive time, rank, step) each time a heartbeat shows a rank at a higher applied step:
+    # what the job had committed at any moment, seen independently of the executor
+    step_log: list[tuple[float, int, int]] = field(default_factory=list)
+    _top: dict[int, int] = field(default_factory=dict)
+
+    def note_steps(self, hb: NodeHeartbeat, at: float) -> None:
+        for r in hb.rank_statuses():
+            if r.rank is not None and r.step > self._top.get(r.rank, -1):
+                self._top[r.rank] = r.step
+                self.step_log.append((at, r.rank, r.step))
+
+    def committed_before(self, t: float) -> int:
+        """The highest step every rank had applied by wall time t, as heartbeats received by
+        then showed it (a lower bound: heartbeats lag the ranks by up to one interval)."""
+        top: dict[int, int] = {}
+        for at, rank, step in self.step_log:
+            if at <= t:
+                top[rank] = max(top.get(rank, -1), step)
+        return min(top.values(), default=0)
 
     def rank_view(self) -> dict[int, tuple[str, Any]]:
         view = {}
@@ -133,6 +152,7 @@ class LocalCluster:
             prev = tl.heartbeats.get(ev.node_id)
             if prev is None or ev.seq > prev.seq:
                 tl.heartbeats[ev.node_id] = ev
+            tl.note_steps(ev, time.time())
         else:
             bucket = {WorkerExit: tl.exits, LogEvent: tl.logs, FaultIncident: tl.incidents,
                       RecoveryPlan: tl.plans, RecoveryProgress: tl.progress,

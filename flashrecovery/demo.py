@@ -163,11 +163,21 @@ def _report(cluster: LocalCluster, fault: str, rank: int, at_step: int, fault_at
         "phases_s": phases,
         "rto_s": round(marks[("verify", "completed")] - fault_at, 3) if ("verify", "completed") in marks else None,
         "recovery_step": done.recovery_step, "steps_recomputed": done.steps_recomputed,
-        "committed_steps_lost": done.committed_steps_lost, "survivor_pids_unchanged": unchanged,
+        "committed_steps_lost": done.committed_steps_lost,
+        "committed_steps_lost_observed": committed_steps_lost_observed(tl, fault_at, done.recovery_step),
+        "survivor_pids_unchanged": unchanged,
         "survivors": len(survivors), "commit_rule": done.reason,
         "recoveries": _recoveries(tl),
     })
     return rep
+
+
+def committed_steps_lost_observed(tl, fault_at: float, resume_step: int | None) -> int | None:
+    """Steps every rank had applied before the fault (heartbeats seen by the watcher) that the
+    job did again after the recovery: independent of the executor's own figure."""
+    if resume_step is None:
+        return None
+    return max(0, tl.committed_before(fault_at) - (resume_step - 1))
 
 
 def _recoveries(tl) -> list[dict[str, Any]]:
@@ -199,7 +209,8 @@ def print_report(rep: dict[str, Any], verify: tuple[bool, str] | None) -> None:
         rto = "n/a" if rep["rto_s"] is None else f"{rep['rto_s']:.3f} s"
         print(f"RTO              {rto}  (fault -> every rank committed the first step after recovery)")
         print(f"recovery step    {rep['recovery_step']}; steps recomputed {rep['steps_recomputed']}; "
-              f"committed steps lost {rep['committed_steps_lost']}")
+              f"committed steps lost {rep['committed_steps_lost']} (executor), "
+              f"{rep['committed_steps_lost_observed']} (seen in heartbeats)")
         print(f"survivor PIDs    {'unchanged' if rep['survivor_pids_unchanged'] else 'CHANGED'} ({rep['survivors']} ranks kept their processes)")
         print(f"commit rule      {rep['commit_rule']}")
     print(f"final steps      {sorted(set(rep['final_step'].values()))}")

@@ -214,6 +214,11 @@ class Registry:
     async def put_nodes(self, generation: int, recs: list[NodeRecord]) -> None:
         await self._fenced(self.k.nodes, generation, {n.node_id: _j(n) for n in recs})
 
+    async def committed_step(self) -> int:
+        """The last step the registry knows every rank applied (-1: none)."""
+        v = await self.r.hget(self.k.meta, "committed_step")
+        return int(v) if v is not None else -1
+
     async def record_committed_step(self, generation: int, step: int) -> None:
         ok, cur = await self._commit(keys=[self.k.meta], args=[generation, step])
         if not ok:

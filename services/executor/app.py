@@ -274,16 +274,22 @@ class ExecutorService:
         acks = await self._with_retries(plan, CommandAction.PAUSE, "done", wl.pause, log,
                                         kill_ranks=ranks_to_kill(plan))
         restart = set(plan.restart_ranks)
-        rows = [row for a in acks.values() for row in a.vote_rows() if row[0] not in restart]
+        all_rows = [row for a in acks.values() for row in a.vote_rows()]
+        rows = [row for row in all_rows if row[0] not in restart]
         try:
             decision = decide_from_rows(rows)
         except InconsistentReports as exc:
             raise PhaseFailed(f"commit rule: {exc}") from None
         max_applied = max((applied for _, applied, _, _ in rows), default=0)
         computed = max([grads or 0 for _, _, grads, _ in rows] + [max_applied])
+        # Lost committed steps are judged against sources the commit rule did not decide from:
+        # the replaced ranks' last step reports (their sidecars add them to the pause ack) and
+        # the last step the registry recorded as committed by every rank.
+        before = max([applied for _, applied, _, _ in all_rows] + [await self.registry.committed_step()])
         await self._set_run(plan.plan_id, commit_step=-1 if decision.commit_step is None else decision.commit_step,
                             resume_step=decision.resume_step, commit_reason=decision.reason,
-                            steps_lost=max(0, max_applied - (decision.resume_step - 1)),
+                            applied_before=before,
+                            steps_lost=max(0, before - (decision.resume_step - 1)),
                             steps_recomputed=max(0, computed - (decision.resume_step - 1)))
         log.info("commit_decision", commit_step=decision.commit_step, resume_step=decision.resume_step,
                  reason=decision.reason)
@@ -377,7 +383,8 @@ class ExecutorService:
         if outcome == "done":
             resume = int(state["resume_step"])
             try:
-                await self.registry.record_committed_step(gen, resume)
+                # every rank has applied resume - 1; resume itself is merely the next step
+                await self.registry.record_committed_step(gen, resume - 1)
                 await self.registry.put_ranks(gen, settled(await self.registry.get_ranks(plan.restart_ranks)))
             except StaleGeneration:
                 pass

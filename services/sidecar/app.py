@@ -408,6 +408,12 @@ class SidecarService:
                                    grads_step=w.paused.grads_step, vote_step=w.paused.vote_step)
                         for w in targets if w.paused is not None)
         missing = [w.rank for w in targets if w.paused is None]
+        # The replaced ranks' last step reports: not used by the commit rule (they are in the
+        # restart set), only to judge whether the recovery lost a step they had applied.
+        replaced = set(cmd.kill_ranks)
+        reports += tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step)
+                         for w in self.workers.values()
+                         if w.rank in replaced and w.proc.returncode is not None)
         await self._ack(cmd, ok=ok and not missing, ranks=reports,
                         detail=f"no pause report from ranks {missing}" if missing else "")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flashrecovery.cluster import LocalCluster, states_equal
+from flashrecovery.demo import committed_steps_lost_observed
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.settings import BusSettings, Settings
 
@@ -55,7 +56,7 @@ async def _recover(c: LocalCluster, fault: str, rank: int, during=None) -> dict:
     await c.start()
     await c.wait_until(lambda: c.min_step() >= 1, 300, "training to start")
     pids = {r: s.pid for r, (_, s) in c.timeline.rank_view().items()}
-    await c.inject(fault, rank, AT)
+    fault_at = await c.inject(fault, rank, AT)
     if during is not None:
         await during(c)
     await c.wait_until(lambda: any(x.outcome == "done" for x in c.timeline.completed), 300, "recovery")
@@ -64,6 +65,7 @@ async def _recover(c: LocalCluster, fault: str, rank: int, during=None) -> dict:
     plans = {p.plan_id: p for p in c.timeline.plans}
     restarted = set().union(*(plans[d.plan_id].restart_ranks for d in done))
     return {"states": c.final_states(), "pids": pids, "restarted": restarted, "done": done,
+            "lost_observed": committed_steps_lost_observed(c.timeline, fault_at, done[-1].recovery_step),
             "completed": c.timeline.completed, "incidents": c.timeline.incidents,
             "plans": [plans[d.plan_id] for d in done]}
 
@@ -72,6 +74,7 @@ def _check(result: dict, reference: dict) -> None:
     ok, why = states_equal(reference, result["states"])
     assert ok, why
     assert all(d.committed_steps_lost == 0 for d in result["done"])
+    assert result["lost_observed"] == 0  # heartbeats before the fault vs the resume step
     for r, pid in result["pids"].items():
         if r not in result["restarted"]:
             assert result["states"][r]["pid"] == pid, f"survivor rank {r} changed process"
