@@ -154,6 +154,11 @@ class RecoveryAgent:
                 self.rank, self.local_rank, self.node_id = cmd.rank, cmd.local_rank, cmd.node_id
                 self.log = _make_logger(self.rank)
                 self.log.info("assigned", node_id=cmd.node_id, local_rank=cmd.local_rank)
+            elif isinstance(cmd, ch.Pause) and self.rank is not None:
+                # Assigned but not recovered yet, and a superseding plan pauses everyone: say
+                # so (no state held: applied 0), or that plan's pause waits for us until it fails.
+                self.log.info("paused while assigned", generation=cmd.generation)
+                self._send_paused()
             elif isinstance(cmd, ch.Recover) and self.rank is not None:
                 self.standby = False
                 self.faults = FaultInjector([], cmd.generation)

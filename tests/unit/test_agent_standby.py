@@ -1,0 +1,59 @@
+"""#12 item 4: an assigned standby answers a pause between assign and recover."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from flashrecovery.agent import channel as ch
+from flashrecovery.agent.agent import AgentExit, RecoveryAgent
+from flashrecovery.agent.settings import AgentSettings
+
+
+def _read(f, timeout_s: float = 10.0) -> ch.Message:
+    f.raw._sock.settimeout(timeout_s)  # type: ignore[attr-defined]
+    line = f.readline()
+    assert line, "the agent closed the channel"
+    return ch.decode(line)
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(60)
+def test_assigned_standby_reports_paused_on_pause() -> None:
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    with tempfile.TemporaryDirectory() as d:
+        path = str(Path(d) / "agent.sock")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(1)
+        settings = AgentSettings(standby=True, agent_socket=path, world_size=2,
+                                 rdzv=f"127.0.0.1:{master.port}", command_timeout_s=20)
+        agent = RecoveryAgent(settings)
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                agent.start()
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                outcome.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        server.settimeout(20)
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+        assert isinstance(_read(f), ch.Hello)
+        conn.sendall(ch.encode(ch.Assign(rank=1, local_rank=0, node_id="spare-0")))
+        conn.sendall(ch.encode(ch.Pause(generation=2)))  # a superseding plan's pause
+        paused = _read(f)
+        assert isinstance(paused, ch.Paused) and paused.rank == 1 and paused.applied_step == 0
+        conn.sendall(ch.encode(ch.Stop()))
+        t.join(20)
+        assert outcome and isinstance(outcome[0], AgentExit)
+        conn.close()
+        server.close()
