@@ -31,6 +31,7 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the ranks keep their tensors (cuda: all ranks share GPU 0, gloo)")
+    p.add_argument("--spares", type=int, default=1, help="spare nodes with standbys (0: none)")
     p.add_argument("--then", action="append", default=[], type=_parsed(FollowUp.parse),
                    metavar="KIND:RANK:DELAY_S",
                    help="a further worker fault (process-crash|hang|node-crash) DELAY_S after the "
@@ -90,11 +91,11 @@ async def _status_line(cluster: LocalCluster, stop: asyncio.Event, quiet: bool) 
 async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: float, quiet: bool,
                    run_root: Path, base_settings, worker_args: str = "",
                    then: list[FollowUp] | None = None,
-                   service_faults: list[ServiceFault] | None = None) -> dict[str, Any]:
+                   service_faults: list[ServiceFault] | None = None, spares: int = 1) -> dict[str, Any]:
     job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
     settings = base_settings.model_copy(update={"job_id": job, "bus": BusSettings(
         topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
-    cluster = LocalCluster(settings, run_root / job, steps=steps, worker_args=worker_args,
+    cluster = LocalCluster(settings, run_root / job, steps=steps, worker_args=worker_args, spares=spares,
                            fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
                            on_event=_printer(quiet))
     stop = asyncio.Event()
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
                                        run_root, settings, worker_args)
         print(f"run with fault {args.fault} on rank {args.rank} at step {args.at_step} ...", flush=True)
         rep = await run_once(args.fault, args.rank, args.at_step, args.steps, args.timeout, args.quiet,
-                             run_root, settings, worker_args, args.then, args.service_fault)
+                             run_root, settings, worker_args, args.then, args.service_fault, args.spares)
         verdict = None
         if reference and rep["_states"] is not None:
             verdict = states_equal(reference["_states"], rep["_states"])

@@ -33,6 +33,57 @@ UNSUPPORTED_SERVICE_FAULTS = {"broker": "the embedded broker stores in memory on
                                        "not implemented yet (issue #16 item 6)"}
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """One #12 scenario: a first fault, then follow-ups; `expect` is "exact" (bitwise equal to
+    a fault-free run, no committed step lost) or "escalate" (loudly, with `escalation_match` in
+    the reason). `at_step` None: the caller's default; -1: the job's last step."""
+    fault: str
+    rank: int
+    then: tuple[str, ...] = ()
+    service_faults: tuple[str, ...] = ()
+    at_step: int | None = None
+    job_args: str = ""
+    spares: int = 1
+    expect: str = "exact"
+    escalation_match: str = ""
+
+    def demo_args(self, steps: int, default_at: int) -> str:
+        """The same scenario as a `flashrecovery demo` command line."""
+        at = self.step(steps, default_at)
+        parts = [f"--fault {self.fault} --rank {self.rank} --at-step {at} --steps {steps}"]
+        parts += [f"--then {t}" for t in self.then] + [f"--service-fault {f}" for f in self.service_faults]
+        if self.spares != 1:
+            parts.append(f"--spares {self.spares}")
+        return " ".join(parts)
+
+    def step(self, steps: int, default_at: int) -> int:
+        return steps if self.at_step == -1 else (self.at_step or default_at)
+
+
+# The #12 scenario list, run by tests/e2e/test_scenarios.py and bench/scenarios.py. (dp 4 x tp 2
+# on 4 nodes of 2 ranks: node-k holds ranks 2k and 2k+1; shard = rank % 2.)
+SCENARIOS: dict[str, Scenario] = {
+    "crash-then-crash-same-node": Scenario("process-crash", 2, then=("process-crash:3:0",)),
+    "crash-then-crash-inside-rebuild": Scenario("process-crash", 2, then=("process-crash:5:0.15",)),
+    "two-nodes-at-once": Scenario("process-crash", 2, then=("process-crash:5:0",)),
+    "crash-then-crash-other-dp-group": Scenario("process-crash", 0, then=("process-crash:6:0.1",)),
+    "hang-then-crash": Scenario("hang", 6, then=("process-crash:1:1",)),
+    "crash-in-last-step": Scenario("kill-optimizer", 5, at_step=-1),
+    "kill-inside-commit-vote": Scenario("kill-vote", 3),
+    "executor-leader-killed": Scenario("process-crash", 2, service_faults=("executor-leader:0.1",)),
+    "executor-leader-stalled": Scenario("process-crash", 2,
+                                        service_faults=("executor-leader-stall:0.1",)),
+    "detector-and-planner-killed": Scenario("process-crash", 2,
+                                            service_faults=("detector:0.05", "planner:0.05")),
+    "no-spare-policy-wait": Scenario("node-crash", 2, spares=0, expect="escalate",
+                                     escalation_match="capacity"),
+    "every-replica-of-a-shard-lost": Scenario(
+        "process-crash", 0, then=("process-crash:2:0", "process-crash:4:0", "process-crash:6:0"),
+        expect="escalate", escalation_match="replica"),
+}
+
+
 def _delay(text: str, spec: str) -> float:
     try:
         d = float(text)
@@ -180,12 +231,25 @@ def escalations(cluster: LocalCluster) -> list[Escalation]:
     return [e for e in cluster.timeline.other if isinstance(e, Escalation)]
 
 
+def _plans_ended(cluster: LocalCluster) -> bool:
+    """The newest plan ended (an older one that was never driven may never report)."""
+    tl = cluster.timeline
+    if not tl.plans:
+        return True
+    newest = max(tl.plans, key=lambda p: (p.target_generation, p.emitted_at))
+    return any(c.plan_id == newest.plan_id for c in tl.completed)
+
+
+def _finished(cluster: LocalCluster) -> bool:
+    """Every rank wrote its final state and no recovery is still being driven (a rank replaced
+    in the last step writes its state before the executor's verify stage ends)."""
+    return cluster.finished() and _plans_ended(cluster)
+
+
 def _escalated_for_good(cluster: LocalCluster) -> bool:
     """An escalation with every plan seen ended: nothing is driving a recovery any more. (A plan
     can fail and escalate while a newer plan that covers its incidents is already under way.)"""
-    tl = cluster.timeline
-    ended = {c.plan_id for c in tl.completed}
-    return bool(escalations(cluster)) and all(p.plan_id in ended for p in tl.plans)
+    return bool(escalations(cluster)) and _plans_ended(cluster)
 
 
 async def wait_settled(cluster: LocalCluster, timeout_s: float, grace_s: float = 5.0) -> str:
@@ -193,13 +257,13 @@ async def wait_settled(cluster: LocalCluster, timeout_s: float, grace_s: float =
     quiet for grace_s ("escalated")."""
     deadline = time.monotonic() + timeout_s
     while True:
-        await cluster.wait_until(lambda: cluster.finished() or _escalated_for_good(cluster),
+        await cluster.wait_until(lambda: _finished(cluster) or _escalated_for_good(cluster),
                                  max(0.1, deadline - time.monotonic()), "training to finish")
-        if cluster.finished():
+        if _finished(cluster):
             return "finished"
         seen = len(cluster.timeline.plans)
         await asyncio.sleep(grace_s)
-        if cluster.finished():
+        if _finished(cluster):
             return "finished"
         if len(cluster.timeline.plans) == seen and _escalated_for_good(cluster):
             return "escalated"

@@ -1,0 +1,106 @@
+"""Overlapping faults and control-plane faults through the real services (#12), scripted with
+the same code as `flashrecovery demo --then/--service-fault`. Each either ends bitwise equal to
+a fault-free run of the same job, with no committed step lost, or escalates loudly (an
+escalation event, every plan ended, training not finished)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flashrecovery.cluster import LocalCluster, states_equal
+from flashrecovery.demo import committed_steps_lost_observed
+from flashrecovery.scenario import (SCENARIOS, FollowUp, Scenario, ScenarioLog, ServiceFault,
+                                    escalations, run_followups, wait_settled)
+from flashrecovery.shared.settings import BusSettings, Settings
+
+STEPS = 16
+AT = 5
+STEP_SLEEP_S = 0.3  # see test_recovery_services.py: keeps a heartbeat-timed fault mid-run
+pytestmark = pytest.mark.timeout(900)
+
+
+def _cluster(stack, tmp: Path, sc: Scenario) -> LocalCluster:
+    job = f"e2e-{uuid.uuid4().hex[:8]}"
+    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
+    return LocalCluster(settings, tmp / job, steps=STEPS, spares=sc.spares,
+                        fault_env=LocalCluster.fault_env_for(sc.fault, sc.rank, sc.step(STEPS, AT)),
+                        worker_args=f"--step-sleep {STEP_SLEEP_S} {sc.job_args}".strip())
+
+
+def _run(stack, tmp: Path, sc: Scenario) -> dict:
+    async def go():
+        c = _cluster(stack, tmp, sc)
+        try:
+            await c.start()
+            await c.wait_until(lambda: c.min_step() >= 1, 300, "training to start")
+            pids = {r: s.pid for r, (_, s) in c.timeline.rank_view().items()}
+            fault_at = await c.inject(sc.fault, sc.rank, sc.step(STEPS, AT))
+            log = ScenarioLog()
+            if sc.fault != "none":
+                await run_followups(c, [FollowUp.parse(t) for t in sc.then],
+                                    [ServiceFault.parse(s) for s in sc.service_faults], 300, log)
+            ending = await wait_settled(c, 300)
+            tl = c.timeline
+            done = [x for x in tl.completed if x.outcome == "done"]
+            plans = {p.plan_id: p for p in tl.plans}
+            return {"ending": ending, "pids": pids, "done": done, "completed": list(tl.completed),
+                    "escalations": escalations(c), "plans": plans, "log": log,
+                    "states": c.final_states() if ending == "finished" else None,
+                    "lost_observed": committed_steps_lost_observed(
+                        tl, fault_at, done[-1].recovery_step) if done else None}
+        finally:
+            await c.stop()
+    return asyncio.run(go())
+
+
+_references: dict[str, dict] = {}
+
+
+def _reference(stack, tmp_path_factory, job_args: str) -> dict:
+    """One fault-free run per job shape, shared by the scenarios of this module."""
+    if job_args not in _references:
+        r = _run(stack, tmp_path_factory.mktemp("ref"), Scenario("none", 0, job_args=job_args))
+        assert r["ending"] == "finished" and not r["completed"]
+        _references[job_args] = r["states"]
+    return _references[job_args]
+
+
+def _assert_exact(result: dict, reference: dict) -> None:
+    assert result["ending"] == "finished", [e.reason for e in result["escalations"]]
+    ok, why = states_equal(reference, result["states"])
+    assert ok, why
+    assert result["done"], "no recovery completed"
+    assert all(d.committed_steps_lost == 0 for d in result["done"])
+    assert result["lost_observed"] == 0
+    restarted = set().union(*(result["plans"][d.plan_id].restart_ranks for d in result["done"]))
+    for r, pid in result["pids"].items():
+        if r not in restarted:
+            assert result["states"][r]["pid"] == pid, f"survivor rank {r} changed process"
+
+
+EXACT = [n for n, sc in SCENARIOS.items() if sc.expect == "exact"]
+ESCALATE = [n for n, sc in SCENARIOS.items() if sc.expect == "escalate"]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_scenario_ends_exact(stack, tmp_path, tmp_path_factory, name):
+    sc = SCENARIOS[name]
+    reference = _reference(stack, tmp_path_factory, sc.job_args)
+    result = _run(stack, tmp_path, sc)
+    _assert_exact(result, reference)
+
+
+@pytest.mark.parametrize("name", ESCALATE)
+def test_scenario_escalates_loudly(stack, tmp_path, name):
+    """No spare with policy wait; every replica of shard 0 (ranks 0, 2, 4, 6) lost with no
+    checkpoint restore: an escalation that says why, every plan ended, training not finished."""
+    sc = SCENARIOS[name]
+    result = _run(stack, tmp_path, sc)
+    assert result["ending"] == "escalated"
+    assert any(sc.escalation_match in e.reason for e in result["escalations"]), \
+        [e.reason for e in result["escalations"]]
