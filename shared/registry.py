@@ -272,6 +272,14 @@ class Registry:
         """True once per (consumer, event id): the idempotency guard for redelivered messages."""
         return bool(await self.r.set(self.k.seen(consumer, event_id), 1, nx=True, ex=ttl_s))
 
+    async def handled(self, consumer: str, event_id: str) -> bool:
+        """Whether `consumer` finished handling the event (mark_handled). Checked before and
+        marked after the handling: a consumer killed half-way handles the redelivery again."""
+        return bool(await self.r.exists(self.k.seen(consumer, event_id)))
+
+    async def mark_handled(self, consumer: str, event_id: str, ttl_s: int = 3600) -> None:
+        await self.r.set(self.k.seen(consumer, event_id), 1, ex=ttl_s)
+
     async def side_effect_once(self, plan_id: str, name: str) -> bool:
         return bool(await self.r.set(self.k.side_effect(plan_id, name), time.time(), nx=True,
                                      ex=86400))

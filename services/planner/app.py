@@ -85,7 +85,10 @@ class PlannerService:
             log.info("incident_ignored", reason=f"other job {event.job_id}")
             return
         reg = self.registry
-        if not await reg.first_time(SERVICE, event.event_id):
+        # Marked handled only once the decision is out: a planner killed half-way (after the
+        # incident transition, before publishing the plan) plans again on redelivery; the plan
+        # id is derived from the incidents, so a replayed decision is the same plan.
+        if await reg.handled(SERVICE, event.event_id):
             log.info("incident_duplicate", reason="event already handled")
             return
         now = time.time()
@@ -108,6 +111,7 @@ class PlannerService:
         decision = plan(snapshot, open_incidents, self.policy, now, fault_history=history,
                         active_plan=active)
         await self._act(decision, event, snapshot.generation, log)
+        await reg.mark_handled(SERVICE, event.event_id)
 
     async def _plan_input(self) -> PlanInput | None:
         """The registry snapshot as arrays, without a pydantic object per rank (the fast path at
