@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .agent.reference.recipe import OPTIMIZERS
 from .cluster import FAULTS, LocalCluster, states_equal
 from .shared.logging import configure
 from .shared.schemas import FaultIncident, RecoveryCompleted, RecoveryPlan, RecoveryProgress
@@ -29,6 +30,7 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the ranks keep their tensors (cuda: all ranks share GPU 0, gloo)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="the job's optimizer")
     p.set_defaults(func=run)
 
 
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     # A fault is injected when a 1 Hz heartbeat shows the rank at --at-step; on a quiet machine
     # the bare job's steps (~0.08 s) could finish before that. Sleeping after each commit keeps
     # the run observable and changes nothing in the math.
-    worker_args = f"--device {args.device} --step-sleep 0.1"
+    worker_args = f"--device {args.device} --step-sleep 0.1 --optimizer {args.optimizer}"
 
     async def go() -> tuple[dict, tuple[bool, str] | None]:
         reference = None
