@@ -354,7 +354,10 @@ class RecoveryAgent:
         results: list[TransferResult] = []
         assert self.state is not None, "attach(model, optimizer) first"
         for t in sending:
-            results.append(send_state(self.comm, t.dst, self.state, self.applied_step))
+            try:
+                results.append(send_state(self.comm, t.dst, self.state, self.applied_step))
+            except TransferError as exc:  # a state_dict value the wire format cannot carry
+                raise _RecoveryFailed(f"state to rank {t.dst}: {exc}") from exc
         digest_ok: bool | None = None
         for t in receiving:
             try:

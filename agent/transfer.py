@@ -192,13 +192,12 @@ def recv_state(comm: Comm, src: int, state: TrainingState) -> TransferResult:
     for i, dst in enumerate(targets):
         if not dst.numel():
             continue
-        flat = dst.reshape(-1)
         if dst.device.type == "cpu" and dst.is_contiguous():
-            comm.recv(flat, src, TAG_BASE + 2 + i)  # a view: lands in dst's storage
-        else:
-            host = torch.empty(flat.shape, dtype=dst.dtype)
+            comm.recv(dst.reshape(-1), src, TAG_BASE + 2 + i)  # a view: lands in dst's storage
+        else:  # a device tensor (or a strided one): through a host buffer
+            host = torch.empty(dst.numel(), dtype=dst.dtype)
             comm.recv(host, src, TAG_BASE + 2 + i)
-            flat.copy_(host)
+            dst.copy_(host.view(dst.shape))
         nbytes += dst.numel() * dst.element_size()
     theirs = torch.zeros(32, dtype=torch.uint8)
     comm.recv(theirs, src, TAG_BASE + 2 + len(targets))
