@@ -192,3 +192,37 @@ def test_meta_encoding_is_exact() -> None:
     with pytest.raises(TransferError, match="cannot transfer a object"):
         encode({"model": {}, "optimizer": {}, "stateful": {"x": {"bad": object()}}}, 0)
 
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+def test_agent_applies_clip_step_and_scheduler_once_per_step() -> None:
+    """The agent owns the update: before_apply (clipping), optimizer.step(), scheduler.step(),
+    once per applied step; the plain attach(model, optimizer) keeps working."""
+    from flashrecovery.agent.agent import RecoveryAgent
+    from flashrecovery.agent.settings import AgentSettings
+
+    s = build(seed=1)
+    agent = RecoveryAgent(AgentSettings(rank=0, world_size=1))
+    sched = s.stateful["scheduler"]
+    seen: list[tuple[int, float, int]] = []
+    agent.attach(s.model, s.optimizer, scheduler=sched, stateful={"seen": s.stateful["seen"]},
+                 before_apply=lambda step: seen.append((step, s.optimizer.param_groups[0]["lr"],
+                                                        sched.last_epoch)))
+    assert set(agent.state.stateful) == {"scheduler", "seen"}
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    agent.groups = agent.comm.groups = GlooGroupFactory().build(store, "apply", 0, 0, 1, tp=1)
+    g = torch.Generator().manual_seed(3)
+    step = 1
+    while step <= 3:
+        agent.begin_step(step)
+        s.model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+        agent.sync_gradients()
+        step = agent.commit()
+    assert seen == [(n, pytest.approx(0.1 * n / 5), n - 1) for n in (1, 2, 3)]
+    assert sched.last_epoch == 3 and agent.applied_step == 3
+    agent.attach(s.model, s.optimizer)
+    assert dict(agent.state.stateful) == {} and agent.scheduler is None
+    with pytest.raises(ValueError, match="scheduler"):
+        agent.attach(s.model, s.optimizer, scheduler=sched, stateful={"scheduler": sched})
