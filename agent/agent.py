@@ -3,7 +3,7 @@
 Use in a training loop (see agent/reference/train.py)::
 
     agent = RecoveryAgent.from_env(tp=2)
-    agent.attach(model, optimizer)               # the state it commits and transfers
+    agent.attach(model, optimizer, scheduler=sched, before_apply=clip)  # the state it moves
     step = agent.start()                         # hello; standby: wait for assign + recover
     while step <= total_steps:
         try:
@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import structlog
 import torch
@@ -53,7 +53,8 @@ from .groups import (
     gloo_loop_threads,
 )
 from .settings import AgentSettings
-from .transfer import TransferResult, ensure_optimizer_state, recv_state, send_state
+from .transfer import (Stateful, TrainingState, TransferError, TransferResult, recv_state,
+                       send_state)
 
 
 class AgentExit(SystemExit):
@@ -96,6 +97,9 @@ class RecoveryAgent:
         self.faults = FaultInjector(parse_faults(settings.fault), settings.generation)
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.before_apply: Callable[[int], None] | None = None
+        self.state: TrainingState | None = None
         # commit-protocol state (steps counted from 1; 0 = none)
         self.applied_step = 0
         self.grads_step: int | None = None
@@ -115,8 +119,25 @@ class RecoveryAgent:
     def from_env(cls, tp: int = 1, **kw: Any) -> "RecoveryAgent":
         return cls(AgentSettings(), tp=tp, **kw)
 
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+               scheduler: Any = None, before_apply: Callable[[int], None] | None = None,
+               stateful: Mapping[str, Stateful] | None = None) -> None:
+        """Register the training state (transfer.TrainingState: what a replaced rank receives).
+
+        ``scheduler``: an LR scheduler the agent steps once after every optimizer step it
+        applies (in ``commit`` and in a recovery's commit step); moved as stateful "scheduler".
+        ``before_apply(step)``: runs on the reduced gradients right before every optimizer step
+        the agent applies (gradient clipping, statistics buffers), so exactly once per step.
+        ``stateful``: more objects with state_dict()/load_state_dict() (a grad scaler, ...).
+        """
+        objs = dict(stateful or {})
+        if scheduler is not None:
+            if "scheduler" in objs:
+                raise ValueError("stateful name 'scheduler' is taken by the scheduler argument")
+            objs["scheduler"] = scheduler
         self.model, self.optimizer = model, optimizer
+        self.scheduler, self.before_apply = scheduler, before_apply
+        self.state = TrainingState(model, optimizer, objs)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -248,8 +269,12 @@ class RecoveryAgent:
         assert self.optimizer is not None
         # While this is set the rank's state is torn: an exception here leaves some tensors
         # updated and others not, so the rank can no longer serve as a survivor (recover()).
+        if self.before_apply is not None:
+            self.before_apply(step)  # gradients only (clipping): still a clean pause if it fails
         self._applying = step
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self._applying = None
         self.applied_step = step
 
@@ -346,14 +371,18 @@ class RecoveryAgent:
             self.vote_step = cmd.commit_step
             self.log.info("committed in recovery", step=cmd.commit_step)
         results: list[TransferResult] = []
-        assert self.model is not None and self.optimizer is not None
+        assert self.state is not None, "attach(model, optimizer) first"
         for t in sending:
-            ensure_optimizer_state(self.optimizer)
-            results.append(send_state(self.comm, t.dst, self.model, self.optimizer,
-                                      self.applied_step))
+            try:
+                results.append(send_state(self.comm, t.dst, self.state, self.applied_step))
+            except TransferError as exc:  # a state_dict value the wire format cannot carry
+                raise _RecoveryFailed(f"state to rank {t.dst}: {exc}") from exc
         digest_ok: bool | None = None
         for t in receiving:
-            res = recv_state(self.comm, t.src, self.model, self.optimizer)
+            try:
+                res = recv_state(self.comm, t.src, self.state)
+            except TransferError as exc:
+                raise _RecoveryFailed(f"state from rank {t.src}: {exc}") from exc
             results.append(res)
             digest_ok = bool(res.digest_ok)
             if not res.digest_ok:

@@ -1,27 +1,51 @@
-"""Live state transfer from a replica to a replaced rank, tensor by tensor, with a digest.
+"""Live state transfer from a replica to a replaced rank, with an end-to-end digest.
 
-Order (both sides walk the same model, so no metadata crosses the wire): a header
-[applied_step, n_tensors], then every parameter, then per parameter the optimizer state
-(step, exp_avg, exp_avg_sq), then the 32-byte blake2b digest of every tensor's bytes in order.
-Each tensor is sent from and received into its own storage: no second full copy of the state.
+The training-state contract (what a replaced rank gets from a healthy replica of its shard):
 
-Data position and dropout RNG are not transferred: both are derived from (seed, step, rank), and
-the RNG state of a replica is not the replaced rank's (dropout inside the tp region uses a per-rank
-stream, and the replica's generator has already moved on), so copying it would be wrong.
+- ``model.state_dict()``: parameters and persistent buffers;
+- ``optimizer.state_dict()``: any torch.optim optimizer, its per-parameter state (Adam moments,
+  SGD momentum, ...) and its ``param_groups`` (lr as a scheduler left it, betas, ...);
+- every registered stateful object (LR scheduler, grad scaler, anything with
+  ``state_dict()`` / ``load_state_dict()``, as in torch.distributed.checkpoint's ``Stateful``);
+- the applied step.
+
+Not in it, by design: the data position and the dropout RNG, which every rank re-derives from
+(seed, step, rank identity) (docs/commit-protocol.md), and non-persistent buffers.
+
+Wire format, over ``Comm.send/recv`` (gloo p2p, CPU; CUDA tensors go through a host copy):
+``[len(meta), n_tensors]`` (int64), then ``meta`` (uint8: a canonical JSON of the whole tree with
+every tensor replaced by ``{"T": [index, dtype, shape]}`` and every non-tensor value encoded
+exactly: floats as hex, tuples and int keys kept), then each non-empty tensor in index order,
+then the sender's 32-byte blake2b digest of meta + tensor bytes. The receiver receives model
+tensors straight into its own state_dict storage (shapes and dtypes match: no second copy of
+the parameters), everything else into fresh buffers, then calls ``load_state_dict`` on the
+optimizer and each stateful object. It then recomputes the digest from ITS OWN state, so a
+piece that did not arrive, or that ``load_state_dict`` dropped or changed, fails the check.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
 from .groups import Comm
 
 TAG_BASE = 1000
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+class TransferError(RuntimeError):
+    """The peer's state does not fit this rank's (other objects, shapes, or values)."""
 
 
 @dataclass(frozen=True)
@@ -34,93 +58,164 @@ class TransferResult:
     step: int
 
 
-def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam(W) state tensors exactly as the first ``step()`` would, so a fresh rank has
-    buffers to receive into (same dtypes, shapes and devices)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state[p]
-            if "step" not in st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad"):
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+@dataclass
+class TrainingState:
+    """What one rank commits and moves: model, optimizer and registered stateful objects."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stateful: Mapping[str, Stateful] = field(default_factory=dict)
+
+    def tree(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
 
 
-def state_tensors(model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-    """Every tensor of the rank's training state, in a fixed order."""
-    params = [p for p in model.parameters()]
-    for p in params:
-        yield p.data
-    for p in params:
-        st = optimizer.state[p]
-        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if key in st:
-                yield st[key]
+# ---------------------------------------------------------------------- exact, canonical encoding
+def _encode(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj.detach())
+        return {"T": [len(tensors) - 1, str(obj.dtype).removeprefix("torch."), list(obj.shape)]}
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj  # JSON keeps these apart (bool before int: True is an int)
+    if isinstance(obj, float):
+        return {"f": obj.hex()}  # exact, and nan / inf / -0.0 survive
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, tuple):
+        return {"t": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, dict):  # keys may be ints (optimizer state): pairs, in insertion order
+        return {"d": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    raise TransferError(f"cannot transfer a {type(obj).__name__} in a state_dict: use tensors "
+                        f"and plain values (None, bool, int, float, str, list, tuple, dict)")
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1) if t.dim() == 0 else t
+Slot = Callable[[int, torch.dtype, tuple[int, ...], tuple[Any, ...]], torch.Tensor]
 
 
-def _update(h: "hashlib._Hash", t: torch.Tensor) -> None:
-    h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy() if t.dim() else
-             t.detach().reshape(1).cpu().view(torch.uint8).numpy())
+def _decode(obj: Any, slot: Slot, path: tuple[Any, ...] = ()) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, slot, path + (i,)) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        (tag, v), = obj.items()
+        if tag == "T":
+            return slot(v[0], getattr(torch, v[1]), tuple(v[2]), path)
+        if tag == "f":
+            return float.fromhex(v)
+        if tag == "t":
+            return tuple(_decode(x, slot, path + (i,)) for i, x in enumerate(v))
+        out = {}
+        for kv in v:
+            k = _decode(kv[0], slot, path)
+            out[k] = _decode(kv[1], slot, path + (k,))
+        return out
+    return obj
 
 
-def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+def encode(tree: dict[str, Any], step: int | None) -> tuple[bytes, list[torch.Tensor]]:
+    """(meta, tensors): the whole state as canonical bytes plus its tensors in a fixed order."""
+    tensors: list[torch.Tensor] = []
+    meta = json.dumps(_encode({"step": step, **tree}, tensors), separators=(",", ":"))
+    return meta.encode(), tensors
+
+
+def decode_meta(meta: bytes, slot: Slot) -> dict[str, Any]:
+    """The tree ``encode`` described; ``slot(index, dtype, shape, path)`` supplies each tensor."""
+    return _decode(json.loads(meta), slot)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().reshape(-1)  # 0-dim tensors travel and hash as one element
+    return (t if t.device.type == "cpu" else t.cpu()).contiguous()
+
+
+def _digest(meta: bytes, tensors: list[torch.Tensor]) -> bytes:
     h = hashlib.blake2b(digest_size=32)
-    for t in state_tensors(model, optimizer):
-        _update(h, t)
-    return h.hexdigest()
+    h.update(len(meta).to_bytes(8, "little"))
+    h.update(meta)
+    for t in tensors:
+        h.update(_host(t).view(torch.uint8).numpy())
+    return h.digest()
 
 
-def send_state(comm: Comm, dst: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               applied_step: int) -> TransferResult:
+def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 stateful: Mapping[str, Stateful] | None = None, step: int | None = None) -> str:
+    """blake2b over the whole contract: every tensor's bytes and every non-tensor value."""
+    meta, tensors = encode(TrainingState(model, optimizer, stateful or {}).tree(), step)
+    return _digest(meta, tensors).hex()
+
+
+# ---------------------------------------------------------------------- the transfer
+def send_state(comm: Comm, dst: int, state: TrainingState, applied_step: int) -> TransferResult:
     t0 = time.perf_counter()
-    tensors = list(state_tensors(model, optimizer))
-    header = torch.tensor([applied_step, len(tensors)], dtype=torch.int64)
-    comm.send(header, dst, TAG_BASE)
-    h = hashlib.blake2b(digest_size=32)
-    nbytes = header.numel() * 8
+    meta, tensors = encode(state.tree(), applied_step)
+    comm.send(torch.tensor([len(meta), len(tensors)], dtype=torch.int64), dst, TAG_BASE)
+    comm.send(torch.frombuffer(bytearray(meta), dtype=torch.uint8), dst, TAG_BASE + 1)
+    nbytes = 16 + len(meta)
     for i, t in enumerate(tensors):
-        src = _flat(t.detach())
-        host = src if src.device.type == "cpu" else src.cpu()
-        comm.send(host.contiguous(), dst, TAG_BASE + 1 + i)
-        _update(h, t)
-        nbytes += t.numel() * t.element_size()
-    digest = h.digest()
-    comm.send(torch.frombuffer(bytearray(digest), dtype=torch.uint8), dst, TAG_BASE + 1 + len(tensors))
+        if t.numel():
+            comm.send(_host(t), dst, TAG_BASE + 2 + i)
+            nbytes += t.numel() * t.element_size()
+    digest = _digest(meta, tensors)
+    comm.send(torch.frombuffer(bytearray(digest), dtype=torch.uint8), dst,
+              TAG_BASE + 2 + len(tensors))
     return TransferResult(dst, nbytes + 32, time.perf_counter() - t0, digest.hex(), None,
                           applied_step)
 
 
-def recv_state(comm: Comm, src: int, model: torch.nn.Module,
-               optimizer: torch.optim.Optimizer) -> TransferResult:
+def recv_state(comm: Comm, src: int, state: TrainingState) -> TransferResult:
     t0 = time.perf_counter()
-    ensure_optimizer_state(optimizer)
-    tensors = list(state_tensors(model, optimizer))
     header = torch.zeros(2, dtype=torch.int64)
     comm.recv(header, src, TAG_BASE)
-    step, n = int(header[0]), int(header[1])
-    if n != len(tensors):
-        raise RuntimeError(f"state transfer from {src}: {n} tensors announced, {len(tensors)} here")
-    h = hashlib.blake2b(digest_size=32)
-    nbytes = header.numel() * 8
-    for i, t in enumerate(tensors):
-        dst = _flat(t.data if isinstance(t, torch.nn.Parameter) else t)
-        if dst.device.type == "cpu" and dst.is_contiguous():
-            comm.recv(dst, src, TAG_BASE + 1 + i)
+    meta_t = torch.empty(int(header[0]), dtype=torch.uint8)
+    comm.recv(meta_t, src, TAG_BASE + 1)
+    meta = meta_t.numpy().tobytes()
+    own_model = state.model.state_dict()
+    targets: list[torch.Tensor] = []
+    in_place: set[str] = set()
+
+    def slot(i: int, dtype: torch.dtype, shape: tuple[int, ...], path: tuple[Any, ...]) -> torch.Tensor:
+        assert i == len(targets), "tensors are numbered in traversal order"
+        mine = own_model.get(path[1]) if len(path) == 2 and path[0] == "model" else None
+        if mine is not None and mine.dtype == dtype and tuple(mine.shape) == shape:
+            in_place.add(path[1])
+            targets.append(mine)  # shares storage with the parameter / buffer
         else:
-            host = torch.empty(dst.shape, dtype=dst.dtype)
-            comm.recv(host, src, TAG_BASE + 1 + i)
-            dst.copy_(host)
-        _update(h, t)
-        nbytes += t.numel() * t.element_size()
+            targets.append(torch.empty(shape, dtype=dtype))
+        return targets[-1]
+
+    tree = decode_meta(meta, slot)
+    if len(targets) != int(header[1]):
+        raise TransferError(f"state from {src}: {int(header[1])} tensors announced, "
+                            f"{len(targets)} in its metadata")
+    nbytes = 16 + len(meta)
+    for i, dst in enumerate(targets):
+        if not dst.numel():
+            continue
+        if dst.device.type == "cpu" and dst.is_contiguous():
+            comm.recv(dst.reshape(-1), src, TAG_BASE + 2 + i)  # a view: lands in dst's storage
+        else:  # a device tensor (or a strided one): through a host buffer
+            host = torch.empty(dst.numel(), dtype=dst.dtype)
+            comm.recv(host, src, TAG_BASE + 2 + i)
+            dst.copy_(host.view(dst.shape))
+        nbytes += dst.numel() * dst.element_size()
     theirs = torch.zeros(32, dtype=torch.uint8)
-    comm.recv(theirs, src, TAG_BASE + 1 + len(tensors))
-    ours = h.digest()
+    comm.recv(theirs, src, TAG_BASE + 2 + len(targets))
+    _load(state, tree, in_place == own_model.keys() and tree["model"].keys() == own_model.keys())
+    ours = _digest(*encode(state.tree(), tree["step"]))
     return TransferResult(src, nbytes + 32, time.perf_counter() - t0, ours.hex(),
-                          bytes(theirs.tolist()) == ours, step)
+                          bytes(theirs.tolist()) == ours, int(tree["step"]))
+
+
+def _load(state: TrainingState, tree: dict[str, Any], model_in_place: bool) -> None:
+    names, theirs = set(state.stateful), set(tree["stateful"])
+    if names != theirs:
+        raise TransferError(f"stateful objects differ: here {sorted(names)}, peer {sorted(theirs)}")
+    try:
+        if not model_in_place:
+            state.model.load_state_dict(tree["model"])  # strict: names and shapes must match
+        state.optimizer.load_state_dict(tree["optimizer"])
+        for name, obj in state.stateful.items():
+            obj.load_state_dict(tree["stateful"][name])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TransferError(f"loading the peer's state: {exc}") from exc

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 8 --max-restarts 3 -m flashrecovery.bench.baseline_train \
         --steps 40 --tp 2 --ckpt-every 10 --dir /tmp/base
 
-Same model, data and optimizer as agent/reference/train.py, but with torch.distributed's
+Same model, data and update (agent/reference/recipe.py: optimizer, LR schedule, clipping) as
+agent/reference/train.py, but with torch.distributed's
 default group + gloo and no recovery agent: a failure kills the whole worker group, torchrun
 restarts every worker, and each rank resumes from its newest checkpoint (rank{r}.ckpt.pt).
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from flashrecovery.agent.gradients import flatten_grads, unflatten_into_grads
 from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
+from flashrecovery.agent.reference.recipe import build_recipe
 from flashrecovery.agent.reference.train import add_job_args
 
 
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
                       n_layers=args.layers, seq=args.seq, dropout=args.dropout)
     model = TPGPT(cfg, args.tp, rank % args.tp, TPComm(tp_pg), args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    recipe = build_recipe(model, args)
+    opt, sched = recipe.optimizer, recipe.scheduler
     os.makedirs(args.dir, exist_ok=True)
     ckpt = os.path.join(args.dir, f"rank{rank}.ckpt.pt")
     applied = 0
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             state = torch.load(ckpt, weights_only=False)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
             applied = state["step"]
     progress = open(os.path.join(args.dir, "progress.log"), "a") if rank == 0 and not args.bare else None
     params = list(model.parameters())
@@ -114,12 +118,12 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_reduce(flat, group=dp_pg)
             flat.div_(dp_size)
         unflatten_into_grads(params, grads, flat)
-        opt.step()
+        recipe.apply(step)  # clip + grad-norm EMA, optimizer.step(), scheduler.step()
         applied = step
         step_times.append(time.perf_counter() - t0)
         if args.ckpt_every and step % args.ckpt_every == 0 and not args.bare:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
-                       ckpt + ".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "step": step}, ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)
         if progress is not None:
             progress.write(f"{attempt} {step} {time.time():.6f}\n")
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(args.step_sleep)
         step += 1
     dist.barrier()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": applied,
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "stateful": {k: v.state_dict() for k, v in recipe.stateful().items()}, "step": applied,
                 "pid": os.getpid(), "step_times": step_times},
                os.path.join(args.dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -6,7 +6,8 @@ One replica group = one `torchrun` (its own store, `--max-restarts`), tp ranks i
         --max-restarts 3 -m flashrecovery.bench.torchft_train --replica-id 1 --steps 30 --tp 2 --dir /tmp/tft
 
 Job shape: the same as the reference job and the torchrun baseline (dp = number of replica
-groups, tp = `--tp` ranks inside each group), the same `TPGPT`, data, dropout seeding and AdamW.
+groups, tp = `--tp` ranks inside each group), the same `TPGPT`, data, dropout seeding and update
+(agent/reference/recipe.py: optimizer, LR schedule, clipping).
 Rank r of the reference job is local rank r % tp of replica group r // tp (rank 2 = replica 1,
 local rank 0). The tp all-reduces run on a plain gloo group inside the replica; the gradient
 all-reduce across replicas runs through `Manager.allreduce` on a torchft `ProcessGroupGloo`
@@ -46,6 +47,7 @@ import torch.distributed as dist
 
 from flashrecovery.agent.gradients import flatten_grads, unflatten_into_grads
 from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
+from flashrecovery.agent.reference.recipe import build_recipe
 from flashrecovery.agent.reference.train import add_job_args
 from flashrecovery.agent.transfer import state_digest
 
@@ -110,12 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
                       n_layers=args.layers, seq=args.seq, dropout=args.dropout)
     model = TPGPT(cfg, tp, local_rank, TPComm(tp_group), args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    recipe = build_recipe(model, args)
+    opt, sched = recipe.optimizer, recipe.scheduler
 
     manager = Manager(
         pg=ProcessGroupGloo(timeout=timeout),
-        load_state_dict=lambda sd: (model.load_state_dict(sd["model"]), opt.load_state_dict(sd["optim"])),
-        state_dict=lambda: {"model": model.state_dict(), "optim": opt.state_dict()},
+        load_state_dict=lambda sd: (model.load_state_dict(sd["model"]), opt.load_state_dict(sd["optim"]),
+                                    sched.load_state_dict(sd["scheduler"])),
+        state_dict=lambda: {"model": model.state_dict(), "optim": opt.state_dict(),
+                            "scheduler": sched.state_dict()},
         min_replica_size=1,
         timeout=timeout,
         quorum_timeout=datetime.timedelta(seconds=args.quorum_timeout),
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         unflatten_into_grads(params, grads, flat)
         committed = manager.should_commit()
         if committed:
-            opt.step()
+            recipe.apply(step)
         if progress is not None:
             # the participants of the step just done (the quorum is settled by now)
             progress.write(f"{attempt} {manager.current_step() if committed else step} {time.time():.6f} "
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if not orphaned:
         with open(os.path.join(args.dir, f"final-r{args.replica_id}-{local_rank}.txt"), "w") as f:
-            f.write(f"{manager.current_step()} {state_digest(model, opt)}\n")
+            digest = state_digest(model, opt, recipe.stateful(), manager.current_step())
+            f.write(f"{manager.current_step()} {digest}\n")
     if progress is not None:
         progress.close()
     manager.shutdown(wait=False)

@@ -239,12 +239,13 @@ class LocalCluster:
 
 
 def states_equal(a: dict[int, dict], b: dict[int, dict]) -> tuple[bool, str]:
-    """Bitwise comparison of every rank's parameters and optimizer state."""
+    """Bitwise comparison of every rank's training state: model (parameters and buffers),
+    optimizer (state and param_groups) and stateful objects (LR scheduler, ...)."""
     if a.keys() != b.keys():
         return False, f"ranks differ: {sorted(a)} vs {sorted(b)}"
     for r in a:
-        for part in ("model", "optimizer"):
-            fa, fb = _flatten(a[r][part]), _flatten(b[r][part])
+        for part in ("model", "optimizer", "stateful"):
+            fa, fb = _flatten(a[r].get(part, {})), _flatten(b[r].get(part, {}))
             if fa.keys() != fb.keys():
                 return False, f"rank {r} {part}: keys differ"
             for k in fa:

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .agent.reference.recipe import OPTIMIZERS
 from .cluster import FAULTS, LocalCluster, states_equal
 from .scenario import FollowUp, ScenarioLog, ServiceFault, escalations, run_followups, wait_settled
 from .shared.logging import configure
@@ -31,6 +32,7 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the ranks keep their tensors (cuda: all ranks share GPU 0, gloo)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="the job's optimizer")
     p.add_argument("--spares", type=int, default=1, help="spare nodes with standbys (0: none)")
     p.add_argument("--then", action="append", default=[], type=_parsed(FollowUp.parse),
                    metavar="KIND:RANK:DELAY_S",
@@ -226,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     # A fault is injected when a 1 Hz heartbeat shows the rank at --at-step; on a quiet machine
     # the bare job's steps (~0.08 s) could finish before that. Sleeping after each commit keeps
     # the run observable and changes nothing in the math.
-    worker_args = f"--device {args.device} --step-sleep 0.1"
+    worker_args = f"--device {args.device} --step-sleep 0.1 --optimizer {args.optimizer}"
 
     async def go() -> tuple[dict, tuple[bool, str] | None]:
         reference = None

@@ -148,6 +148,13 @@ class TPGPT(nn.Module):
         self.head = nn.Parameter(torch.randn(cfg.vocab, cfg.d_model, generator=gen) * 0.02)
         self.register_buffer("mask", torch.ones(cfg.seq, cfg.seq, dtype=torch.bool).triu(1),
                              persistent=False)
+        # Training state that is not a parameter: an EMA of the (pre-clip) norm of the reduced
+        # gradients, updated once per applied step. Identical on every dp replica of a tp shard
+        # (it is computed after the gradient sync), so a replaced rank receives it from one.
+        self.register_buffer("grad_norm_ema", torch.zeros((), dtype=torch.float32))
+
+    def observe_grad_norm(self, norm: torch.Tensor) -> None:
+        self.grad_norm_ema.mul_(0.9).add_(norm.detach().to(self.grad_norm_ema), alpha=0.1)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]

@@ -4,7 +4,10 @@
         python -m flashrecovery.agent.reference.train --steps 30 --tp 2 --out /tmp/run
 
 Identity and rendezvous come from FLASHRECOVERY_* (agent/settings.py); the job shape from flags.
-Each rank writes ``rank{r}.pt`` (model + optimizer state_dict, step, digest, pid) to --out.
+Each rank writes ``rank{r}.pt`` (model, optimizer and stateful state_dicts, step, digest, pid)
+to --out. The update (optimizer, warmup + cosine LR schedule, gradient clipping, a grad-norm EMA
+buffer) is built by recipe.build_recipe and applied by the agent (attach's scheduler and
+before_apply), once per applied step, recovery commits included.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from ..agent import RecoveryAgent
 from ..transfer import state_digest
 from .model import ModelConfig, TPGPT, batch
+from .recipe import OPTIMIZERS, build_recipe
 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +36,13 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (weight decay 0.01) or sgd (momentum 0.9)")
+    p.add_argument("--warmup-steps", type=int, default=5,
+                   help="linear LR warmup, then cosine decay to 10%% at --steps")
+    p.add_argument("--clip-grad", type=float, default=1.0,
+                   help="max gradient norm per tp shard (0: no clipping)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
 
@@ -79,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     # the state transfer, and nothing in the model caches the rank.
     tp_index = (agent.rank or 0) % args.tp
     model = TPGPT(cfg, args.tp, tp_index, agent.comm, args.seed).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    agent.attach(model, opt)
+    recipe = build_recipe(model, args)
+    opt = recipe.optimizer
+    agent.attach(model, opt, scheduler=recipe.scheduler, before_apply=recipe.before_apply)
 
     def loss_at(step: int) -> torch.Tensor:
         g = agent.groups
@@ -114,11 +125,13 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(args.step_sleep)
     # -----------------------------------------------------------------------------------------
 
-    digest = state_digest(model, opt)
+    stateful = recipe.stateful()
+    digest = state_digest(model, opt, stateful, agent.applied_step)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"rank{agent.rank}.pt")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "stateful": {k: v.state_dict() for k, v in stateful.items()},
                     "step": agent.applied_step, "digest": digest, "pid": os.getpid(),
                     "recoveries": agent.recoveries}, path + ".tmp")
         os.replace(path + ".tmp", path)

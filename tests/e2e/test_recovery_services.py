@@ -27,19 +27,23 @@ STEP_SLEEP_S = 0.3
 pytestmark = pytest.mark.timeout(900)  # the first test also pays for the reference run
 
 
-def _cluster(stack, tmp: Path, fault_env: str | None = None) -> LocalCluster:
+def _cluster(stack, tmp: Path, fault_env: str | None = None, job_args: str = "") -> LocalCluster:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
                         bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
     return LocalCluster(settings, tmp / job, steps=STEPS, fault_env=fault_env,
-                        worker_args=f"--step-sleep {STEP_SLEEP_S}")
+                        worker_args=f"--step-sleep {STEP_SLEEP_S} {job_args}")
 
 
 @pytest.fixture(scope="module")
 def reference_states(stack, tmp_path_factory):
     """One fault-free run of the job through the same services."""
+    return _fault_free(stack, tmp_path_factory.mktemp("ref"))
+
+
+def _fault_free(stack, tmp: Path, job_args: str = "") -> dict:
     async def go():
-        c = _cluster(stack, tmp_path_factory.mktemp("ref"))
+        c = _cluster(stack, tmp, job_args=job_args)
         try:
             await c.start()
             await c.wait_until(c.finished, 300, "fault-free run to finish")
@@ -81,10 +85,10 @@ def _check(result: dict, reference: dict) -> None:
 
 
 def _recover_on_new_cluster(stack, tmp: Path, fault: str, rank: int, fault_env: str | None = None,
-                            during=None) -> dict:
+                            during=None, job_args: str = "") -> dict:
     """A fresh cluster, one fault, its recovery awaited; the cluster is stopped whatever happens."""
     async def go():
-        c = _cluster(stack, tmp, fault_env)
+        c = _cluster(stack, tmp, fault_env, job_args)
         try:
             return await _recover(c, fault, rank, during=during)
         finally:
@@ -101,6 +105,16 @@ def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, 
     result = _recover_on_new_cluster(stack, tmp_path, fault, rank)
     assert result["restarted"] == restarted
     _check(result, reference_states)
+
+
+def test_sgd_momentum_job_crash_recovers_bitwise(stack, tmp_path):
+    """SGD with momentum (plus the job's LR schedule, clipping and grad-norm buffer): the replaced
+    rank must get the momentum buffers, the scheduled lr and the buffer, not just parameters."""
+    reference = _fault_free(stack, tmp_path / "ref", job_args="--optimizer sgd")
+    assert "momentum_buffer" in reference[2]["optimizer"]["state"][0]
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, job_args="--optimizer sgd")
+    assert result["restarted"] == {2}
+    _check(result, reference)
 
 
 def test_hang_recovers_with_compact_rank_columns(stack, tmp_path, reference_states, monkeypatch):
