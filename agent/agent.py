@@ -162,7 +162,7 @@ class RecoveryAgent:
             # yet, so it waits for `recover` (and receives its state there)
             return self._standby_wait()
         assert self.rank is not None, "FLASHRECOVERY_RANK is required for a non-standby worker"
-        self._build_groups()
+        self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
         self.log.info("started", generation=self.generation, world_size=self.world_size,
                       build_s=round(self.groups.build_s, 4) if self.groups else None)
         return self.applied_step + 1
@@ -189,16 +189,18 @@ class RecoveryAgent:
                 self.close()
                 raise AgentExit(0)
 
-    def _build_groups(self) -> None:
+    def _build_groups(self, arrival_timeout_s: float | None = None) -> None:
         """Build this generation's groups. The gloo constructor waits in the store (holding the
         GIL) until every member registered, so it is bounded by ``rebuild_timeout_s``; a member
-        that never comes turns into a CollectiveError: the rank pauses again."""
+        that never comes turns into a CollectiveError: the rank pauses again. The arrival wait
+        before it may be longer at the job's start (``arrival_timeout_s``): ranks start over
+        seconds while torch imports, and no recovery is waiting on them."""
         assert self.store is not None and self.rank is not None
         self.store.set_timeout(datetime.timedelta(seconds=self.settings.rebuild_timeout_s))
         arrived = f"flashrecovery/{self.settings.job_id}/g{self.generation}/arrived"
         self.barrier_polls = arrival_barrier(self.store, arrived, self.world_size,
                                              self._abandon_rebuild,
-                                             self.settings.rebuild_timeout_s)
+                                             arrival_timeout_s or self.settings.rebuild_timeout_s)
         try:
             self.groups = self.factory.build(self.store, self.settings.job_id, self.generation,
                                              self.rank, self.world_size, self.tp)

@@ -25,6 +25,9 @@ class AgentSettings(BaseSettings):
     command_timeout_s: float = 600.0
     # Bound on building a generation's groups (every member must register in the store).
     rebuild_timeout_s: float = 120.0
+    # Bound on every rank arriving for the first group build of a job (generation 0): ranks
+    # start over many seconds on a loaded host (measured: 6 of 8 arrived within 15 s).
+    start_timeout_s: float = 300.0
 
     @field_validator("rdzv")
     @classmethod
