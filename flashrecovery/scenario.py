@@ -55,6 +55,8 @@ class Scenario:
         parts += [f"--then {t}" for t in self.then] + [f"--service-fault {f}" for f in self.service_faults]
         if self.spares != 1:
             parts.append(f"--spares {self.spares}")
+        if self.job_args:
+            parts.append(self.job_args)  # only --optimizer: a flag the demo takes as is
         return " ".join(parts)
 
     def step(self, steps: int, default_at: int) -> int:
@@ -69,6 +71,8 @@ SCENARIOS: dict[str, Scenario] = {
     "two-nodes-at-once": Scenario("process-crash", 2, then=("process-crash:5:0",)),
     "crash-then-crash-other-dp-group": Scenario("process-crash", 0, then=("process-crash:6:0.1",)),
     "hang-then-crash": Scenario("hang", 6, then=("process-crash:1:1",)),
+    "sgd-momentum-crash-then-crash": Scenario("process-crash", 2, then=("process-crash:5:0.1",),
+                                              job_args="--optimizer sgd"),
     "crash-in-last-step": Scenario("kill-optimizer", 5, at_step=-1),
     "kill-inside-commit-vote": Scenario("kill-vote", 3),
     "executor-leader-killed": Scenario("process-crash", 2, service_faults=("executor-leader:0.1",)),
