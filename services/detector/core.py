@@ -178,8 +178,9 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
     median = job.median
     slow_limit = cfg.straggler_factor * median if median > 0 else INF
     running, exited, done = RankState.RUNNING, RankState.EXITED, RankState.DONE
-    paused, recovering = RankState.PAUSED, RankState.RECOVERING
+    paused, recovering, hung = RankState.PAUSED, RankState.RECOVERING, RankState.HUNG
     in_recovery = False
+    unanswered: list[RankView] = []
     ranks = node.ranks
     samples = job.samples
     step_max = job.step_max
@@ -195,6 +196,8 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
             rv.hung = False
             rv.slow = 0
             rv.degraded = False
+            if st is hung:
+                unanswered.append(rv)
         rv.state = st
         rv.frozen = proc in FROZEN
         if st is not exited and st is not done:
@@ -238,9 +241,31 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
             rv.degraded = False
     if in_recovery:
         job.recovering_seen = now
+    for rv in unanswered:
+        _unanswered_pause(job, node, rv, now, cfg, out)
     i = node.idx
     job.due[i] = due
     job.watch[i] = live and node.role is NodeRole.ACTIVE
+
+
+def _unanswered_pause(job: JobState, node: NodeView, rv: RankView, now: float, cfg: Config,
+                      out: list[Decision]) -> None:
+    """The sidecar marked a survivor HUNG: it did not confirm a pause within its deadline. It
+    cannot take part in the rebuild, so it is the root cause of a hang of its own, restarted by
+    the plan that supersedes the one waiting for it (its kill list SIGKILLs it by PID)."""
+    if rv.rank is None:
+        return
+    gen = job.generation
+    ev = Evidence(source="node_heartbeat", node_id=node.node_id, rank=rv.rank,
+                  detail=f"rank {rv.rank} did not answer the pause of generation {gen} within the "
+                         f"sidecar's deadline (last step {rv.step})", observed_at=now)
+    cover = _restarting(job, gen, node.node_id, rv.rank)
+    if cover is not None:
+        _join(cover, ev, out, "unanswered pause of a rank already being restarted")
+        return
+    _emit_root(job, FaultClass.HANG, RepairAction.RESTART_PROCESS, node.node_id, (rv.rank,), now,
+               [ev], 1.0, f"rank {rv.rank} on {node.node_id} did not answer the pause of generation "
+               f"{gen} in time: hung, restarted", now, cfg, out)
 
 
 def _degradation(job: JobState, node: NodeView, rank: int, t: float, median: float, count: int,

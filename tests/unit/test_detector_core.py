@@ -950,3 +950,28 @@ def test_late_exit_of_a_rank_the_old_plan_does_not_restart_is_a_new_incident() -
     assert (inc.generation, inc.root_cause_nodes, inc.root_cause_ranks) == (1, ("n1",), (3,))
     again = sim.feed(exit_("n1", 2, generation=0, event_id="late-2"), 7.2)  # the old plan restarts it
     assert [d.kind for d in again] == ["joined"]
+
+
+# ----------------------------------------------------------------------------- unanswered pause
+
+def test_survivor_that_never_answers_the_pause_is_a_hang_naming_it() -> None:
+    # Issue #12 item 3: the sidecar marks a survivor that did not confirm the pause within its
+    # deadline HUNG; it must become an incident that restarts it (the superseding plan kills it).
+    sim = Sim()
+    sim.run(0, 3)
+    [crash] = [d.event for d in sim.feed(exit_("n1", 2), 3.0) if d.kind == "incident"]
+    sim.generation = 1
+    paused = {n: {"state": RankState.PAUSED} for n in sim.nodes}
+    sim.run(3.1, 9, per_node=paused)
+    assert sim.incidents() == [crash]  # paused ranks are never judged by the clock
+    hung = {6: {"state": RankState.HUNG, "proc_state": "T"}}
+    ds = sim.beat("n3", 9.2, state=RankState.PAUSED, overrides=hung)
+    [inc] = [d.event for d in ds if d.kind == "incident"]
+    assert (inc.fault_class, inc.action) == (FaultClass.HANG, RepairAction.RESTART_PROCESS)
+    assert (inc.generation, inc.root_cause_nodes, inc.root_cause_ranks) == (1, ("n3",), (6,))
+    assert "did not answer the pause" in inc.reason
+    # later beats with the same state, and the rank's exit when the new plan kills it, add nothing
+    sim.beat("n3", 10.0, state=RankState.PAUSED, overrides=hung)
+    sim.feed(exit_("n3", 6), 10.5)
+    sim.run(10.6, 16, per_node=paused)
+    assert sim.incidents() == [crash, inc]
