@@ -285,8 +285,9 @@ def _advance(job: JobState, generation: int, now: float, out: list[Decision]) ->
     old = job.generation
     job.generation = generation
     job.due[:] = INF
-    dropped = sum(1 for s in job.pending if s.generation < generation)
-    job.pending = [s for s in job.pending if s.generation >= generation]
+    # Held exits stay: a dead rank is dead in the new generation too (tick restarts it).
+    dropped = sum(1 for s in job.pending if s.generation < generation and not s.is_exit)
+    job.pending = [s for s in job.pending if s.generation >= generation or s.is_exit]
     job.headers = {k: v for k, v in job.headers.items() if v[2] >= generation}
     job.comm_recent.clear()
     job.hang_held = None
@@ -828,6 +829,8 @@ def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[D
     expired: list[Symptom] = []
     for s in job.pending:
         if s.generation != job.generation:
+            if s.is_exit:  # held in a generation the job has left: restart it unless covered
+                _late(job, s.generation, s.node_id, s.rank, s.evidence, now, cfg, out, dead=True)
             continue
         root = _root_for(job, s, cfg)
         if root is not None:

@@ -975,3 +975,15 @@ def test_survivor_that_never_answers_the_pause_is_a_hang_naming_it() -> None:
     sim.feed(exit_("n3", 6), 10.5)
     sim.run(10.6, 16, per_node=paused)
     assert sim.incidents() == [crash, inc]
+
+
+def test_exit_held_as_a_symptom_when_the_generation_changes_is_still_restarted() -> None:
+    sim = Sim()
+    sim.run(0, 3)
+    sim.feed(log("n1", 2, "Connection closed by peer"), 3.0)
+    sim.feed(exit_("n1", 2, signal=None), 3.1)  # held: no root cause known yet
+    assert sim.incidents() == []
+    sim.generation = 1  # another instance's incident moved the job on meanwhile
+    sim.run(3.2, 8)
+    [inc] = sim.incidents()
+    assert (inc.generation, inc.root_cause_nodes, inc.root_cause_ranks) == (1, ("n1",), (2,))
