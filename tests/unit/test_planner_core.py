@@ -325,3 +325,14 @@ def test_large_job_plan_is_compact():
 def test_node_record_helper_untouched():
     # NodeRecord defaults used by the tests above
     assert NodeRecord(node_id="x", role=NodeRole.SPARE).standby_slots == 0
+
+
+def test_second_crash_on_the_same_node_supersedes_with_both_ranks():
+    # Issue #12 item 7: the detector's incident for a second dead rank of a reported node.
+    snap = grid(spares=1)
+    first = plan(snap, [inc("a", ("node-1",), RESTART, (2,))], Policy(), NOW)
+    second = plan(snap, [inc("a", ("node-1",), RESTART, (2,)), inc("b", ("node-1",), RESTART, (3,))],
+                  Policy(), NOW + 1, active_plan=first)
+    assert second.supersedes == first.plan_id and second.restart_ranks == (2, 3)
+    assert {r.rank: r.to_node for r in second.replacements} == {2: "spare-0", 3: "spare-0"}
+    check_sources(snap, second)
