@@ -35,7 +35,10 @@ def add_status_parser(sub: Any) -> None:
 async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
     reg = Registry.from_url(settings.redis_url, settings.job_id)
     try:
-        snap = await reg.snapshot()
+        try:
+            snap = await reg.snapshot()
+        except LookupError:  # Redis restarted empty, or the job never registered
+            snap = None
         incidents = {i: await reg.incident(i) for i in await reg.open_incidents()}
         services = await reg.live_services()
         leader = await reg.lease_holder("executor")
@@ -45,7 +48,14 @@ async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
     if listen_s > 0:
         beats = await _listen_heartbeats(settings, listen_s)
     live = {r.rank: (hb.node_id, r) for hb in beats.values() for r in hb.rank_statuses() if r.rank is not None}
-    return {
+    escalated = {i: d.get("reason", "") for i, d in incidents.items() if d.get("phase") == "escalated"}
+    open_incidents = {i: {k: v for k, v in d.items() if k != "incident"} for i, d in incidents.items()}
+    if snap is None:
+        return {"job_id": settings.job_id, "topology": "missing", "generation": None,
+                "committed_step": None, "world_size": None, "layout": None, "services": services,
+                "executor_leader": leader, "nodes": [], "ranks": [],
+                "open_incidents": open_incidents, "escalated": escalated}
+    return {"topology": "present", "escalated": escalated,
         "job_id": snap.job_id, "generation": snap.generation, "committed_step": snap.committed_step,
         "world_size": snap.world_size, "layout": f"dp={snap.dp} tp={snap.tp} pp={snap.pp}",
         "services": services, "executor_leader": leader,
@@ -56,7 +66,7 @@ async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
                    "state": str(live[r.rank][1].state) if r.rank in live else str(r.state),
                    "step": live[r.rank][1].step if r.rank in live else r.step,
                    "pid": live[r.rank][1].pid if r.rank in live else r.pid} for r in snap.ranks],
-        "open_incidents": {i: {k: v for k, v in d.items() if k != "incident"} for i, d in incidents.items()},
+        "open_incidents": open_incidents,
     }
 
 
@@ -88,6 +98,9 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(view, indent=2))
         return 0
+    if view["topology"] == "missing":
+        print(f"job {view['job_id']}: the registry has no topology (lost, e.g. Redis restarted "
+              "empty, or never registered): no recovery can be planned")
     print(f"job {view['job_id']}  generation {view['generation']}  committed step {view['committed_step']}  "
           f"world {view['world_size']} ({view['layout']})  executor leader {view['executor_leader']}")
     print(f"services: {', '.join(view['services']) or 'none live'}")
@@ -97,6 +110,8 @@ def status(args: argparse.Namespace) -> int:
     for r in view["ranks"]:
         print(f"    rank {r['rank']:>3} {r['node']:<10} shard {r['shard']} {r['state']:<10} step {r['step']:>5} pid {r['pid']}")
     print(f"open incidents: {view['open_incidents'] or 'none'}")
+    for iid, reason in view["escalated"].items():
+        print(f"ESCALATED {iid}: {reason}")
     return 0
 
 

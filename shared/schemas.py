@@ -56,6 +56,9 @@ class RankState(StrEnum):
     STANDBY = "standby"
     EXITED = "exited"
     DONE = "done"
+    # Set by the sidecar on a survivor that did not confirm a pause within pause_timeout_s: the
+    # detector reports it hung at once (the clock-based hang check only judges RUNNING ranks).
+    HUNG = "hung"
 
 
 class RankStatus(Frozen):

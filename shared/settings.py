@@ -35,15 +35,21 @@ class ExecutorSettings(BaseModel):
 
 class PlannerSettings(BaseModel):
     restart_in_place_for_software: bool = False
-    no_spare_policy: str = "wait"  # wait | shrink
+    # What to do when no spare can take a replaced node's ranks. Only "wait" (pause, escalate,
+    # re-plan when capacity arrives): "shrink" needs rank renumbering and state transfers that
+    # are not implemented, so it is refused here rather than driven into a broken job.
+    no_spare_policy: str = "wait"
     quarantine_faults: int = Field(2, ge=1)
     quarantine_window_s: float = Field(3600.0, gt=0)
 
     @field_validator("no_spare_policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        if v not in ("wait", "shrink"):
-            raise ValueError("must be 'wait' or 'shrink'")
+        if v == "shrink":
+            raise ValueError("'shrink' is not supported yet (no rank renumbering or state "
+                             "transfer for a smaller world): use 'wait'")
+        if v != "wait":
+            raise ValueError("must be 'wait'")
         return v
 
 

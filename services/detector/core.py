@@ -36,6 +36,7 @@ from flashrecovery.shared.settings import DetectorSettings
 from .signatures import Catalog, load_catalog
 from .state import INF, DetectorState, Incident, JobState, NodeView, RankView, Symptom
 
+PRIOR_GENERATIONS = 2  # generations back whose root incidents still explain late symptoms
 LIVE_STATES = frozenset({RankState.STARTING, RankState.RUNNING, RankState.PAUSED,
                          RankState.RECOVERING, RankState.STANDBY})
 ACTION = {
@@ -177,6 +178,9 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
     median = job.median
     slow_limit = cfg.straggler_factor * median if median > 0 else INF
     running, exited, done = RankState.RUNNING, RankState.EXITED, RankState.DONE
+    paused, recovering, hung = RankState.PAUSED, RankState.RECOVERING, RankState.HUNG
+    in_recovery = False
+    unanswered: list[RankView] = []
     ranks = node.ranks
     samples = job.samples
     step_max = job.step_max
@@ -192,6 +196,8 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
             rv.hung = False
             rv.slow = 0
             rv.degraded = False
+            if st is hung:
+                unanswered.append(rv)
         rv.state = st
         rv.frozen = proc in FROZEN
         if st is not exited and st is not done:
@@ -199,6 +205,8 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
         if st is not running:
             rv.stall_start = INF
             rv.step = step
+            if st is paused or st is recovering:
+                in_recovery = True
             continue
         stall = now - since
         if stall < rv.clear_since:
@@ -231,9 +239,33 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
         elif rv.slow:
             rv.slow = 0
             rv.degraded = False
+    if in_recovery:
+        job.recovering_seen = now
+    for rv in unanswered:
+        _unanswered_pause(job, node, rv, now, cfg, out)
     i = node.idx
     job.due[i] = due
     job.watch[i] = live and node.role is NodeRole.ACTIVE
+
+
+def _unanswered_pause(job: JobState, node: NodeView, rv: RankView, now: float, cfg: Config,
+                      out: list[Decision]) -> None:
+    """The sidecar marked a survivor HUNG: it did not confirm a pause within its deadline. It
+    cannot take part in the rebuild, so it is the root cause of a hang of its own, restarted by
+    the plan that supersedes the one waiting for it (its kill list SIGKILLs it by PID)."""
+    if rv.rank is None:
+        return
+    gen = job.generation
+    ev = Evidence(source="node_heartbeat", node_id=node.node_id, rank=rv.rank,
+                  detail=f"rank {rv.rank} did not answer the pause of generation {gen} within the "
+                         f"sidecar's deadline (last step {rv.step})", observed_at=now)
+    cover = _restarting(job, gen, node.node_id, rv.rank)
+    if cover is not None:
+        _join(cover, ev, out, "unanswered pause of a rank already being restarted")
+        return
+    _emit_root(job, FaultClass.HANG, RepairAction.RESTART_PROCESS, node.node_id, (rv.rank,), now,
+               [ev], 1.0, f"rank {rv.rank} on {node.node_id} did not answer the pause of generation "
+               f"{gen} in time: hung, restarted", now, cfg, out)
 
 
 def _degradation(job: JobState, node: NodeView, rank: int, t: float, median: float, count: int,
@@ -253,11 +285,17 @@ def _advance(job: JobState, generation: int, now: float, out: list[Decision]) ->
     old = job.generation
     job.generation = generation
     job.due[:] = INF
-    dropped = sum(1 for s in job.pending if s.generation < generation)
-    job.pending = [s for s in job.pending if s.generation >= generation]
+    # Held exits stay: a dead rank is dead in the new generation too (tick restarts it).
+    dropped = sum(1 for s in job.pending if s.generation < generation and not s.is_exit)
+    job.pending = [s for s in job.pending if s.generation >= generation or s.is_exit]
     job.headers = {k: v for k, v in job.headers.items() if v[2] >= generation}
     job.comm_recent.clear()
     job.hang_held = None
+    # Kept for the late symptoms of the faults being recovered: survivors' errors about the dead
+    # peer can reach us after the pause, stamped with the new generation.
+    job.prior_roots = [r for r in job.prior_roots + job.roots
+                       if generation - PRIOR_GENERATIONS <= r.generation < generation]
+    job.advanced_at = now
     job.roots = [r for r in job.roots if r.generation >= generation]
     if job.comm_open is not None and job.comm_open.generation < generation:
         job.comm_open = None
@@ -276,13 +314,48 @@ def _evidence_gen(job: JobState, gen: int, now: float, out: list[Decision]) -> b
     return gen == job.generation
 
 
-def _late(job: JobState, gen: int, node_id: str, ev: Evidence, out: list[Decision]) -> None:
+def _late(job: JobState, gen: int, node_id: str, rank: int | None, ev: Evidence, now: float,
+          cfg: Config, out: list[Decision], *, dead: bool = False) -> None:
+    """Evidence of a generation older than the job's: it joins that generation's incident of its
+    node, else the root incident of that generation nearest in time. A rank that died then and
+    that no incident restarts is dead now too: it becomes an incident of the current generation
+    (else the recovery under way waits for it forever)."""
+    if dead and rank is not None:
+        cover = _restarting(job, gen, node_id, rank) or _restarting(job, job.generation, node_id, rank)
+        if cover is None:
+            _emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, node_id, (rank,),
+                       now, [ev], 1.0, f"rank {rank} on {node_id} died in generation {gen} (reported "
+                       f"after the job moved to {job.generation}); no incident restarts it", now, cfg, out)
+        else:
+            _join(cover, ev, out, "late exit of a rank already being restarted")
+        return
     inc = job.by_node.get((gen, node_id))
+    if inc is None:
+        roots = [r for r in job.incidents.values() if r.generation == gen and r.root]
+        inc = min(roots, key=lambda r: abs(r.fault_time - now), default=None)
     if inc is not None:
         _join(inc, ev, out, "late evidence from an old generation")
     else:
         out.append(Decision("dropped", job.job_id, gen, f"{ev.source} from old generation {gen}",
                             node_id=node_id))
+
+
+def _covers(inc: Incident, node_id: str, rank: int) -> bool:
+    """Whether the planner restarts `rank` for this incident (docs/planner.md, restart set)."""
+    if inc.action is RepairAction.REPLACE_NODE:
+        return node_id in inc.nodes or rank in inc.ranks
+    if inc.action is RepairAction.RESTART_PROCESS:
+        return rank in inc.ranks if inc.ranks else node_id in inc.nodes
+    return False
+
+
+def _restarting(job: JobState, gen: int, node_id: str, rank: int) -> Incident | None:
+    """The root incident of generation `gen` that already restarts this rank, if any (ours or a
+    peer instance's; a handful per generation)."""
+    for inc in job.incidents.values():
+        if inc.generation == gen and inc.root and _covers(inc, node_id, rank):
+            return inc
+    return None
 
 
 def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[Decision]) -> None:
@@ -298,12 +371,16 @@ def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[D
                         detail=f"rank {ev.rank} pid {ev.pid} {how} at step {ev.step}", observed_at=now)
     gen = ev.generation
     if not _evidence_gen(job, gen, now, out):
-        _late(job, gen, ev.node_id, evidence, out)
+        _late(job, gen, ev.node_id, ev.rank, evidence, now, cfg, out, dead=True)
         return
     existing = job.by_node.get((gen, ev.node_id))
     if existing is not None:
-        _join(existing, evidence, out, "another exit on a node already reported")
-        return
+        cover = existing if ev.rank is None else _restarting(job, gen, ev.node_id, ev.rank)
+        if cover is not None:
+            _join(cover, evidence, out, "another exit on a node already reported")
+            return
+        # A second rank of a reported node died and that incident does not restart it: it gets
+        # an incident of its own (the planner plans the union, superseding the plan under way).
     key = (ev.node_id, ev.rank)
     header = job.headers.pop(key, None)
     if header is not None:
@@ -313,7 +390,7 @@ def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[D
         return
     comm_t = job.comm_recent.get(key)
     if comm_t is not None and now - comm_t <= cfg.correlation_window_s:
-        _symptom(job, Symptom(now, ev.node_id, ev.rank, gen, evidence, is_exit=True), cfg, out)
+        _symptom(job, Symptom(now, ev.node_id, ev.rank, gen, evidence, is_exit=True), now, cfg, out)
         return
     _emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, ev.node_id,
                _ranks(ev.rank), now, [evidence], 1.0, f"rank {ev.rank} on {ev.node_id} died ({how})",
@@ -325,7 +402,7 @@ def _on_log(job: JobState, ev: LogEvent, sig: Any, now: float, cfg: Config, out:
                         detail=ev.line[:300], observed_at=now)
     gen = ev.generation
     if not _evidence_gen(job, gen, now, out):
-        _late(job, gen, ev.node_id, evidence, out)
+        _late(job, gen, ev.node_id, ev.rank, evidence, now, cfg, out)
         return
     key = (ev.node_id, ev.rank)
     if sig.header:
@@ -337,7 +414,7 @@ def _on_log(job: JobState, ev: LogEvent, sig: Any, now: float, cfg: Config, out:
     header = job.headers.pop(key, None)
     if sig.fault_class is FaultClass.COMMUNICATION:
         job.comm_recent[key] = now
-        _symptom(job, Symptom(now, ev.node_id, ev.rank, gen, evidence), cfg, out)
+        _symptom(job, Symptom(now, ev.node_id, ev.rank, gen, evidence), now, cfg, out)
         return
     existing = job.by_node.get((gen, ev.node_id))
     if existing is not None:
@@ -385,12 +462,44 @@ def _root_for(job: JobState, s: Symptom, cfg: Config) -> Incident | None:
     return best
 
 
-def _symptom(job: JobState, s: Symptom, cfg: Config, out: list[Decision]) -> None:
+def _symptom(job: JobState, s: Symptom, now: float, cfg: Config, out: list[Decision]) -> None:
     root = _root_for(job, s, cfg)
     if root is not None:
-        _attribute(root, s, out, cfg)
+        _attribute_symptom(job, root, s, now, cfg, out)
     else:
         job.pending.append(s)
+
+
+def _attribute_symptom(job: JobState, root: Incident, s: Symptom, now: float, cfg: Config,
+                       out: list[Decision]) -> None:
+    _attribute(root, s, out, cfg)
+    _restart_dead(job, root, s, now, cfg, out)
+
+
+def _restart_dead(job: JobState, root: Incident, s: Symptom, now: float, cfg: Config,
+                  out: list[Decision]) -> None:
+    """A rank that exited is restarted whatever it died of. An exit explained by another root
+    cause is that root's symptom, yet its process is gone: unless an incident already restarts
+    it, it gets a process_crash incident of its own (else the recovery waits for it forever)."""
+    if not s.is_exit or s.rank is None or _restarting(job, job.generation, s.node_id, s.rank):
+        return
+    _emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, s.node_id, (s.rank,),
+               s.t, [s.evidence], 0.6,
+               f"rank {s.rank} on {s.node_id} exited after a communication error, a symptom of "
+               f"{root.fault_class.value} on {','.join(root.nodes)}; its process is gone: restarted too",
+               now, cfg, out)
+
+
+def _prior_root(job: JobState, s: Symptom, cfg: Config) -> Incident | None:
+    """The recovered fault a late communication error belongs to: a survivor's error about the
+    peer that died, read by its sidecar after the pause and so stamped with the new generation.
+    Taken while the job is still recovering (a paused or recovering rank seen) or within a
+    correlation window after; the newest such root."""
+    if s.is_exit or not job.prior_roots:
+        return None
+    if s.t > max(job.advanced_at, job.recovering_seen) + cfg.correlation_window_s:
+        return None
+    return max(job.prior_roots, key=lambda r: (r.generation, r.fault_time))
 
 
 def _emit(job: JobState, inc: Incident, cfg: Config, out: list[Decision]) -> None:
@@ -417,14 +526,17 @@ def _emit_root(job: JobState, cls: FaultClass, action: RepairAction, node_id: st
                    reason, root=True)
     inc.symptoms = symptoms
     # Symptoms already held that this root explains are counted before it goes out.
-    for s in _explained(job, inc, cfg):
+    absorbed = _explained(job, inc, cfg)
+    for s in absorbed:
         inc.symptoms += 1
         if len(inc.evidence) < cfg.max_evidence:
             inc.evidence.append(s.evidence)
-    for n in nodes:
-        job.by_node[(gen, n)] = inc
+    for n in nodes:  # the node's first incident keeps collecting its later evidence
+        job.by_node.setdefault((gen, n), inc)
     job.roots.append(inc)
     _emit(job, inc, cfg, out)
+    for s in absorbed:
+        _restart_dead(job, inc, s, now, cfg, out)
     return inc
 
 
@@ -497,7 +609,7 @@ def observe_incident(state: DetectorState, incident: Any, now: float,
             job.by_node.setdefault((gen, n), inc)
         job.roots.append(inc)
         for s in _explained(job, inc, cfg):
-            _attribute(inc, s, out, cfg)
+            _attribute_symptom(job, inc, s, now, cfg, out)
             absorbed += 1
     elif gen == job.generation and job.comm_open is None:
         job.comm_open = inc
@@ -717,10 +829,12 @@ def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[D
     expired: list[Symptom] = []
     for s in job.pending:
         if s.generation != job.generation:
+            if s.is_exit:  # held in a generation the job has left: restart it unless covered
+                _late(job, s.generation, s.node_id, s.rank, s.evidence, now, cfg, out, dead=True)
             continue
         root = _root_for(job, s, cfg)
         if root is not None:
-            _attribute(root, s, out, cfg)
+            _attribute_symptom(job, root, s, now, cfg, out)
         elif now - s.t >= window and (not waiting_on_suspects or now - s.t >= patience):
             expired.append(s)
         else:
@@ -736,12 +850,18 @@ def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[D
         if existing is not None:
             for s in mine:
                 _join(existing, s.evidence, out, "exit on a node already reported")
+                _restart_dead(job, existing, s, now, cfg, out)
             continue
         ranks = tuple(sorted({s.rank for s in mine if s.rank is not None}))
         _emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, node_id, ranks,
                    min(s.t for s in mine), [s.evidence for s in mine], 0.6,
                    f"ranks {list(ranks)} on {node_id} exited after a communication error; "
                    f"no other root cause within {window:g}s", now, cfg, out)
+    late = [(s, _prior_root(job, s, cfg)) for s in logs]
+    for s, prior in late:
+        if prior is not None:
+            _attribute(prior, s, out, cfg)
+    logs = [s for s, prior in late if prior is None]
     if not logs:
         return
     if job.comm_open is not None and job.comm_open.generation == job.generation:

@@ -124,6 +124,11 @@ class JobState:
         self.incidents: dict[str, Incident] = {}
         self.by_node: dict[tuple[int, str], Incident] = {}  # (generation, node) -> its incident
         self.roots: list[Incident] = []  # root incidents of the current generation
+        # Root incidents of the generations just left (the faults whose recovery led here) and
+        # when the job left them: late symptoms of a recovered fault are attributed to them.
+        self.prior_roots: list[Incident] = []
+        self.advanced_at = -INF  # receive time of the last generation change
+        self.recovering_seen = -INF  # last beat that showed a paused or recovering rank
         self.comm_open: Incident | None = None  # the unexplained-communication incident, if any
         self.hang_held: float | None = None  # since when a hang waits for a peer's incident
         self.pending: list[Symptom] = []

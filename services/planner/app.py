@@ -20,7 +20,7 @@ from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, R
 from flashrecovery.shared.settings import Settings
 
 from .arrays import PlanInput
-from .core import Decision, NoPlan, Policy, plan
+from .core import Decision, NoPlan, Policy, plan, plan_id_for
 
 GROUP = "flashrecovery-planner"
 SERVICE = "planner"
@@ -102,8 +102,17 @@ class PlannerService:
             log.info("incident_known", reason=why)
         await self._record_faults(event)
         snapshot = await self._plan_input()
-        if snapshot is None:  # no topology yet: the incident stays open for the next one
-            log.warning("planner_decision", outcome="no_topology", reason="job has no topology")
+        if snapshot is None:
+            # Nothing to plan from: Redis restarted empty (the registry is not persisted) or the
+            # job never registered. Either way no recovery can follow, so say it loudly.
+            reason = (f"registry has no topology for job {self.settings.job_id}: "
+                      "lost or never registered")
+            esc = Escalation(event_id=plan_id_for(self.settings.job_id, (event.incident_id,), -1)
+                             .replace("plan-", "esc-"),
+                             job_id=self.settings.job_id, generation=event.generation,
+                             producer=SERVICE, incident_ids=(event.incident_id,), reason=reason)
+            await self._escalate(esc, log)
+            self._decided(log, "escalation", None, max(generation, 0), (reason,), level="error")
             return
         open_incidents = await self._open_incidents(event)
         history = await self._fault_history(open_incidents, now)
@@ -212,9 +221,8 @@ class PlannerService:
             self._decided(log, "no_plan", None, generation, decision.reasons)
             return
         if isinstance(decision, Escalation):
-            if await reg.side_effect_once(decision.event_id, "escalated"):
-                await self.producer.publish(decision, wait=True)
-            self._decided(log, "escalation", None, generation, (decision.reason,))
+            await self._escalate(decision, log)
+            self._decided(log, "escalation", None, generation, (decision.reason,), level="error")
             return
         stored = await reg.put_plan_once(decision.plan_id, encode(decision))
         published_key = reg.k.side_effect(decision.plan_id, "published")
@@ -237,13 +245,29 @@ class PlannerService:
                       fallback=decision.fallback.value, restart=len(decision.restart_ranks),
                       supersedes=decision.supersedes)
 
+    async def _escalate(self, esc: Escalation, log: Any) -> None:
+        """Publish once (the event id is derived from the incidents) and mark every incident
+        `escalated` with the reason: it stays open, and `flashrecovery status` lists it."""
+        reg = self.registry
+        if await reg.side_effect_once(esc.event_id, "escalated"):
+            await self.producer.publish(esc, wait=True)
+        generation = await reg.generation()
+        for iid in esc.incident_ids:
+            phase = (await reg.incident(iid)).get("phase")
+            if phase in ("done", "failed", "superseded", "escalated"):
+                continue
+            ok, why = await reg.incident_transition(iid, phase, "escalated", generation,
+                                                    reason=esc.reason, escalation_id=esc.event_id)
+            if not ok:
+                log.warning("incident_not_marked_escalated", escalated_incident=iid, reason=why)
+
     def _decided(self, log: Any, outcome: str, plan_id: str | None, generation: int,
-                 reasons: tuple[str, ...], **extra: Any) -> None:
+                 reasons: tuple[str, ...], level: str = "info", **extra: Any) -> None:
         entry = {"outcome": outcome, "plan_id": plan_id, "generation": generation,
                  "reason": "; ".join(reasons), **extra}
         self.decisions.append(entry)
         del self.decisions[:-100]
-        log.info("planner_decision", **entry)
+        getattr(log, level)("planner_decision", **entry)
 
 
 async def main(settings: Settings) -> None:

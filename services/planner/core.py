@@ -28,11 +28,18 @@ PRODUCER = "planner"
 @dataclass(frozen=True)
 class Policy:
     restart_in_place_for_software: bool = False
-    no_spare_policy: str = "wait"  # wait | shrink
+    no_spare_policy: str = "wait"  # wait only: SHRINK is not implemented (PlannerSettings)
     quarantine_faults: int = 2
     quarantine_window_s: float = 3600.0
-    checkpoint_step: int | None = None  # last durable checkpoint, for the CHECKPOINT fallback
+    # Last durable checkpoint. Only named in the escalation of a lost shard: no checkpoint
+    # restore is implemented, so no CHECKPOINT plan is ever made.
+    checkpoint_step: int | None = None
     producer: str = PRODUCER
+
+    def __post_init__(self) -> None:
+        if self.no_spare_policy != "wait":
+            raise ValueError(f"no_spare_policy {self.no_spare_policy!r} is not supported yet: "
+                             "only 'wait'")
 
     @classmethod
     def from_settings(cls, s: PlannerSettings, *, checkpoint_step: int | None = None,
@@ -223,12 +230,22 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
             steps_lost_estimate=steps_lost, reasons=tuple(reasons))
 
     next_step = inp.committed_step + 1
+    transfers, lost = choose_sources(inp, restart_pos, healthy)
+    if lost:
+        # Nothing alive holds these shards' state and no checkpoint restore is implemented: a
+        # plan could only end in a job that resumes with missing state. Say so instead.
+        ck = "unknown" if policy.checkpoint_step is None else str(policy.checkpoint_step)
+        why = "; ".join(f"every replica of shard {s} lost and no checkpoint restore is implemented"
+                        for s in lost)
+        return Escalation(event_id=plan_id_for(inp.job_id, ids, target_gen, Fallback.CHECKPOINT)
+                          .replace("plan-", "esc-"),
+                          job_id=inp.job_id, generation=inp.generation, emitted_at=now,
+                          producer=policy.producer, incident_ids=ids,
+                          reason="; ".join([*reasons, f"{why} (last durable checkpoint step {ck}): "
+                                            "restart the job from its checkpoint"]))
     if lacking:
         need = sum(len(g.positions) for g in lacking)
         names = [inp.node_ids[g.node] for g in lacking]
-        if policy.no_spare_policy == "shrink":
-            return _shrink(inp, ids, lacking, restart, healthy, reasons, build, next_step, now,
-                           policy)
         reasons.append(f"no spare capacity: {need} standby slots needed for {names}; waiting "
                        "for capacity")
         return build(Fallback.WAIT, restart_ranks=restart_pos, replacements=[], transfers=[],
@@ -243,19 +260,7 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
                      "local_rank": lr, "mode": mode}
                     for r, f, lr, (_, t, mode) in zip(inp.rank[at].tolist(), inp.node_of[at].tolist(),
                                                       inp.local_rank[at].tolist(), moves)]
-    transfers, lost = choose_sources(inp, restart_pos, healthy)
     groups_ = rebuild_groups(inp, restart_pos)
-    if lost:
-        reasons.append(f"shards {lost} have no healthy replica: restore every rank from the "
-                       "last checkpoint")
-        ck = policy.checkpoint_step
-        if ck is None:
-            reasons.append("checkpoint step unknown: steps lost unknown (-1); the executor "
-                           "resumes from the latest durable checkpoint")
-        return build(Fallback.CHECKPOINT, restart_ranks=restart_pos, replacements=replacements,
-                     transfers=[], world_size=inp.world_size, groups_=groups_,
-                     recovery_step=-1 if ck is None else ck + 1,
-                     steps_lost=-1 if ck is None else max(inp.committed_step - ck, 0))
     reasons.append(f"restart {restart_pos.size} ranks on {len(faulty_nodes)} faulty nodes, "
                    f"resume at step {next_step}")
     return build(Fallback.NONE, restart_ranks=restart_pos, replacements=replacements,
@@ -317,30 +322,3 @@ def rebuild_groups(inp: PlanInput, restart_pos: np.ndarray) -> tuple[str, ...]:
         out += [f"pp:dp={a},tp={b}" for a, b in sorted(set(zip(d.tolist(), t.tolist())))]
     return tuple(out)
 
-
-def _shrink(inp, ids, lacking, restart, healthy, reasons, build, next_step, now, policy):
-    """No spare: drop every data-parallel replica group that holds a rank that must restart
-    (except ranks only recovering: they already sit on a standby and keep their place)."""
-    moving = restart & ~inp.recovering
-    dropped_dp = np.unique(inp.dp_of[moving])
-    drop = np.isin(inp.dp_of, dropped_dp)
-    remaining = np.unique(inp.shard[~drop])
-    if remaining.size < inp.shard_ids.size:
-        why = (f"no spare capacity and shrinking would drop every replica of some shard "
-               f"(dp groups {dropped_dp.tolist()} of {inp.dp}); capacity or a checkpoint "
-               "restore is needed")
-        return Escalation(event_id=plan_id_for(inp.job_id, ids, inp.generation + 1,
-                                               Fallback.SHRINK).replace("plan-", "esc-"),
-                          job_id=inp.job_id, generation=inp.generation, emitted_at=now,
-                          producer=policy.producer, incident_ids=ids,
-                          reason="; ".join([*reasons, why]))
-    still = np.flatnonzero(restart & ~drop)
-    transfers, lost = choose_sources(inp, still, healthy & ~drop)
-    if lost:  # pragma: no cover - remaining dp groups hold every shard
-        reasons.append(f"shards {lost} have no healthy replica after shrink")
-    world = int((~drop).sum())
-    reasons.append(f"no spare capacity: shrink drops dp groups {dropped_dp.tolist()}, world size "
-                   f"{inp.world_size} -> {world}")
-    groups_ = ("global", "dp:*", *[f"drop:dp={d}" for d in dropped_dp.tolist()])
-    return build(Fallback.SHRINK, restart_ranks=still, replacements=[], transfers=transfers,
-                 world_size=world, groups_=groups_, recovery_step=next_step)

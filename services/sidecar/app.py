@@ -340,12 +340,14 @@ class SidecarService:
             for w in sorted(self.workers.values(), key=lambda w: (w.rank is None, w.rank or 0))
             if w.proc.returncode is None)
         role = NodeRole.SPARE if self.cfg.role == "spare" and not self._ranked() else NodeRole.ACTIVE
+        # Taken before the await: a beat sent out of turn (an unanswered pause) and the loop's
+        # beat must not share a seq, or the detector drops the second as a duplicate.
+        seq, self.seq = self.seq, self.seq + 1
         await self.producer.publish(NodeHeartbeat(
             job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
-            node_id=self.node_id, role=role, seq=self.seq, interval_s=self.cfg.heartbeat_interval_s,
+            node_id=self.node_id, role=role, seq=seq, interval_s=self.cfg.heartbeat_interval_s,
             standby_ready=sum(1 for w in self._standbys() if w.writer),
             **({"rank_columns": RankColumns.of(ranks)} if self.cfg.rank_columns else {"ranks": ranks})))
-        self.seq += 1
         await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
 
     # ------------------------------------------------------------------ commands
@@ -400,7 +402,8 @@ class SidecarService:
         targets = [w for w in self._ranked() if w.rank not in set(cmd.kill_ranks)]
         for w in targets:
             w.paused, w.progress, w.progress_msgs = None, set(), []
-            w.state = RankState.PAUSED
+            if w.state is not RankState.HUNG:  # hung stays hung until the new plan kills it
+                w.state = RankState.PAUSED
             await self._send(w, ch.Pause(generation=cmd.generation))
         ok = await self._wait_for(lambda: all(w.paused is not None or w.proc.returncode is not None
                                               for w in targets), self.cfg.pause_timeout_s)
@@ -414,6 +417,20 @@ class SidecarService:
         reports += tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step)
                          for w in self.workers.values()
                          if w.rank in replaced and w.proc.returncode is not None)
+        silent = [w for w in targets if w.paused is None and w.proc.returncode is None]
+        if silent:
+            # A survivor that does not answer a pause in time is hung (commit-protocol.md): say
+            # so in a beat sent now, so the detector raises a hang naming it and the superseding
+            # plan kills it by PID and restarts it. The ack below still reports it missing.
+            for w in silent:
+                w.state = RankState.HUNG
+            self.log.error("pause_unanswered", ranks=[w.rank for w in silent],
+                           pids=[w.pid for w in silent], generation=cmd.generation,
+                           timeout_s=self.cfg.pause_timeout_s)
+            try:
+                await self._heartbeat()
+            except Exception as exc:  # noqa: BLE001 - the loop's next beat carries it too
+                self.log.warning("heartbeat_failed", error=repr(exc))
         await self._ack(cmd, ok=ok and not missing, ranks=reports,
                         detail=f"no pause report from ranks {missing}" if missing else "")
 

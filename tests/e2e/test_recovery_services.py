@@ -193,3 +193,24 @@ def test_crash_restarted_in_place_cold_start(stack, tmp_path, reference_states, 
     done = result["done"][0]
     assert done.phase_seconds["replace"] < timeout, "replace needed a retry after the phase timeout"
     _check(result, reference_states)
+
+
+def test_survivor_hung_during_the_pause_is_killed_and_replaced(stack, tmp_path, reference_states,
+                                                              monkeypatch):
+    """Issue #12 item 3: a crash, and at once a survivor on another node stopped by the OS, so
+    it cannot answer the pause. Its sidecar reports it hung at the pause deadline, the detector
+    raises a hang naming it, the superseding plan kills it by PID and restarts it with the
+    crashed rank; the job ends bitwise equal to the fault-free run."""
+    monkeypatch.setenv("FLASHRECOVERY_SIDECAR__PAUSE_TIMEOUT_S", "5")
+
+    async def stop_a_survivor(c: LocalCluster):
+        _, status = c.rank_status(6)
+        os.kill(status.pid, signal.SIGSTOP)
+
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, during=stop_a_survivor)
+    hangs = [i for i in result["incidents"] if i.fault_class == "hang"]
+    assert [i.root_cause_ranks for i in hangs] == [(6,)], [i.reason for i in result["incidents"]]
+    assert "did not answer the pause" in hangs[0].reason
+    assert result["restarted"] == {2, 6}
+    assert result["plans"][-1].supersedes is not None
+    _check(result, reference_states)

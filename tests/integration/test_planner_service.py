@@ -113,3 +113,78 @@ async def test_the_planners_warm_topology_follows_every_registry_write(topics_re
     pos = int((after.rank == 0).nonzero()[0][0])
     assert after.node_ids[after.node_of[pos]] == "spare-0"
     await svc.registry.close()
+
+
+async def _escalations_for(settings, producer, registry, incidents: list[FaultIncident]):
+    """Run the planner, publish `incidents`, return (escalations, plans, service) once every
+    incident is handled."""
+    from flashrecovery.shared.schemas import Escalation
+
+    seen: list = []
+
+    async def on_event(event, _record) -> None:
+        if isinstance(event, (Escalation, RecoveryPlan)) and event.job_id == settings.job_id:
+            seen.append(event)
+
+    watcher = Consumer(settings.kafka_bootstrap, settings.bus, [topics.RECOVERY, topics.PLANS], None,
+                       on_event, producer, "test-escalations")
+    svc = PlannerService(settings)
+    await asyncio.wait_for(watcher.start(), 30)
+    await asyncio.wait_for(svc.start(wait_assigned_s=30), 40)
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(svc.run())]
+    try:
+        await watcher.wait_assigned(30)
+        for inc in incidents:
+            await producer.publish(inc, wait=True)
+        await wait_for(lambda: any(isinstance(e, Escalation) for e in seen), 30, "an escalation")
+        await wait_for(lambda: svc.consumer.handled >= len(incidents), 30, "every incident handled")
+        await asyncio.sleep(0.5)  # a plan, if one were published, would have landed
+    finally:
+        watcher.stop()
+        await svc.stop()
+        done, pending = await asyncio.wait(tasks, timeout=15)
+        for t in pending:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await svc.close()
+    return ([e for e in seen if not isinstance(e, RecoveryPlan)],
+            [e for e in seen if isinstance(e, RecoveryPlan)], svc)
+
+
+async def test_lost_registry_escalates_loudly(topics_ready, producer, registry):
+    # Issue #12: a Redis restart (empty) then a crash: no topology to plan from. Before, the
+    # planner logged a warning and the job stalled silently.
+    from flashrecovery.tools import _status
+
+    settings = topics_ready
+    escalations, plans, svc = await _escalations_for(
+        settings, producer, registry, [incident(settings.job_id, "inc-lost", "node-1")])
+    assert plans == []
+    [esc] = escalations
+    want = f"registry has no topology for job {settings.job_id}: lost or never registered"
+    assert esc.reason == want and esc.incident_ids == ("inc-lost",) and esc.plan_id is None
+    assert [d["outcome"] for d in svc.decisions] == ["escalation"]
+    rec = await registry.incident("inc-lost")
+    assert rec["phase"] == "escalated" and rec["reason"] == want
+    view = await _status(settings, 0)
+    assert view["topology"] == "missing" and view["escalated"] == {"inc-lost": want}
+
+
+async def test_lost_shard_escalates_and_marks_the_incident(topics_ready, producer, registry):
+    # Issue #12 item 8: every replica of a shard gone and no checkpoint restore: an escalation,
+    # visible on the recovery topic, in the registry and in `flashrecovery status`; no plan.
+    from flashrecovery.tools import _status
+
+    settings = topics_ready
+    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=2))
+    both = incident(settings.job_id, "inc-both", "node-0").model_copy(
+        update={"root_cause_nodes": ("node-0", "node-1")})
+    escalations, plans, svc = await _escalations_for(settings, producer, registry, [both])
+    assert plans == []
+    [esc] = escalations
+    assert "every replica of shard 0 lost and no checkpoint restore is implemented" in esc.reason
+    rec = await registry.incident("inc-both")
+    assert rec["phase"] == "escalated" and rec["reason"] == esc.reason
+    view = await _status(settings, 0)
+    assert view["escalated"] == {"inc-both": esc.reason}

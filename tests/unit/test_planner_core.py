@@ -8,7 +8,9 @@ import pytest
 from flashrecovery.planner import NoPlan, PlanInput, Policy, plan, plan_id_for
 from flashrecovery.shared.schemas import (Escalation, Fallback, FaultClass, FaultIncident, NodeRole,
                                           RankState, RecoveryPlan, RepairAction)
-from flashrecovery.shared.settings import PlannerSettings
+from pydantic import ValidationError
+
+from flashrecovery.shared.settings import ConfigError, PlannerSettings, load_settings
 from flashrecovery.shared.topology import JobSnapshot, NodeRecord, grid_topology
 
 JOB = "job"
@@ -179,9 +181,20 @@ def test_replayed_incident_counts_once():
 
 
 def test_policy_from_settings():
-    pol = Policy.from_settings(PlannerSettings(no_spare_policy="shrink", quarantine_faults=3),
+    pol = Policy.from_settings(PlannerSettings(no_spare_policy="wait", quarantine_faults=3),
                                checkpoint_step=7)
-    assert (pol.no_spare_policy, pol.quarantine_faults, pol.checkpoint_step) == ("shrink", 3, 7)
+    assert (pol.no_spare_policy, pol.quarantine_faults, pol.checkpoint_step) == ("wait", 3, 7)
+
+
+def test_shrink_is_refused_at_configuration_time(monkeypatch):
+    # Issue #12 item 8: SHRINK has no rank renumbering or transfers behind it; refuse it loudly.
+    with pytest.raises(ValidationError, match="no_spare_policy[\\s\\S]*'shrink' is not supported yet"):
+        PlannerSettings(no_spare_policy="shrink")
+    monkeypatch.setenv("FLASHRECOVERY_PLANNER__NO_SPARE_POLICY", "shrink")
+    with pytest.raises(ConfigError, match="FLASHRECOVERY_PLANNER__NO_SPARE_POLICY.*not supported yet"):
+        load_settings()
+    with pytest.raises(ValueError, match="not supported yet"):
+        Policy(no_spare_policy="shrink")
 
 
 # ------------------------------------------------------------------ fallbacks
@@ -192,30 +205,16 @@ def test_no_spare_wait():
     assert any("capacity" in r for r in p.reasons)
 
 
-def test_no_spare_shrink_drops_dp_groups():
-    snap = grid(nodes=4, rpn=2, tp=2)  # dp=4; node-1 is dp group 1
-    p = plan(snap, [inc("a", ("node-1",))], Policy(no_spare_policy="shrink"), NOW - 0)
-    # spare exists: no shrink
-    assert p.fallback == Fallback.NONE
-    p = plan(grid(spares=0), [inc("a", ("node-1",))], Policy(no_spare_policy="shrink"), NOW)
-    assert p.fallback == Fallback.SHRINK and p.world_size == 6
-    assert "drop:dp=1" in p.rebuild_groups and p.restart_ranks == () and p.replacements == ()
-
-
-def test_shrink_impossible_escalates():
-    snap = grid(nodes=2, rpn=2, tp=2, spares=0)  # dp=2
-    d = plan(snap, [inc("a", ("node-0",)), inc("b", ("node-1",))], Policy(no_spare_policy="shrink"), NOW)
-    assert isinstance(d, Escalation) and "shard" in d.reason and d.incident_ids == ("a", "b")
-
-
-@pytest.mark.parametrize("ckpt,step,lost", [(30, 31, 11), (None, -1, -1)])
-def test_lost_shard_falls_back_to_checkpoint(ckpt, step, lost):
+@pytest.mark.parametrize("ckpt", [30, None])
+def test_lost_shard_escalates_instead_of_a_checkpoint_plan(ckpt):
+    # Issue #12 item 8: no checkpoint restore is implemented, so no CHECKPOINT plan is driven.
     snap = grid(nodes=2, rpn=2, tp=2, spares=2)  # dp=2: shard s lives on node-0 and node-1
-    p = plan(snap, [inc("a", ("node-0",)), inc("b", ("node-1",))], Policy(checkpoint_step=ckpt), NOW)
-    assert p.fallback == Fallback.CHECKPOINT and p.transfers == ()
-    assert p.recovery_step == step and p.steps_lost_estimate == lost
-    assert len(p.replacements) == 4
-    assert any("no healthy replica" in r for r in p.reasons)
+    d = plan(snap, [inc("a", ("node-0",)), inc("b", ("node-1",))], Policy(checkpoint_step=ckpt), NOW)
+    assert isinstance(d, Escalation) and d.incident_ids == ("a", "b") and d.plan_id is None
+    assert "every replica of shard 0 lost and no checkpoint restore is implemented" in d.reason
+    assert d.event_id.startswith("esc-") and d.generation == 3
+    assert plan(snap, [inc("b", ("node-1",)), inc("a", ("node-0",))], Policy(checkpoint_step=ckpt),
+                NOW) == d  # deterministic: a replay escalates once (same event id)
 
 
 # ------------------------------------------------------------------ no plan, supersede, recovering
@@ -326,3 +325,14 @@ def test_large_job_plan_is_compact():
 def test_node_record_helper_untouched():
     # NodeRecord defaults used by the tests above
     assert NodeRecord(node_id="x", role=NodeRole.SPARE).standby_slots == 0
+
+
+def test_second_crash_on_the_same_node_supersedes_with_both_ranks():
+    # Issue #12 item 7: the detector's incident for a second dead rank of a reported node.
+    snap = grid(spares=1)
+    first = plan(snap, [inc("a", ("node-1",), RESTART, (2,))], Policy(), NOW)
+    second = plan(snap, [inc("a", ("node-1",), RESTART, (2,)), inc("b", ("node-1",), RESTART, (3,))],
+                  Policy(), NOW + 1, active_plan=first)
+    assert second.supersedes == first.plan_id and second.restart_ranks == (2, 3)
+    assert {r.rank: r.to_node for r in second.replacements} == {2: "spare-0", 3: "spare-0"}
+    check_sources(snap, second)

@@ -53,7 +53,7 @@ def scenarios(draw):
             root_cause_ranks=tuple(sorted(ranks)), first_seen_at=NOW - 10, detected_at=NOW - 5))
     history = {n: {"earlier": NOW - 60.0} for n in draw(st.sets(st.sampled_from(all_nodes), max_size=2))}
     policy = Policy(restart_in_place_for_software=draw(st.booleans()),
-                    no_spare_policy=draw(st.sampled_from(["wait", "shrink"])),
+                    no_spare_policy="wait",
                     checkpoint_step=draw(st.one_of(st.none(), st.integers(-1, 50))))
     return snap, incidents, policy, history
 
@@ -72,8 +72,15 @@ def test_invariants(scenario):
     snap, incidents, policy, history = scenario
     d = decide(snap, incidents, policy, history)
     assert isinstance(d, (RecoveryPlan, Escalation, NoPlan))
+    if isinstance(d, Escalation):
+        # the only escalation: a shard that lost every replica (no checkpoint restore exists)
+        assert "no checkpoint restore is implemented" in d.reason
+        lost = [r for r in snap.ranks if r.node_id in named_nodes(incidents)]
+        assert lost
     if not isinstance(d, RecoveryPlan):
         return
+    # never a fallback nothing can drive
+    assert d.fallback in (Fallback.NONE, Fallback.WAIT)
     rank = {r.rank: r for r in snap.ranks}
     node = {n.node_id: n for n in snap.nodes}
     named = named_nodes(incidents)
@@ -82,9 +89,8 @@ def test_invariants(scenario):
     assert set(d.faulty_nodes) <= named
     for r in d.restart_ranks:
         assert rank[r].node_id in d.faulty_nodes
-    if d.fallback != Fallback.SHRINK:
-        restarted_nodes = {rank[r].node_id for r in d.restart_ranks}
-        assert restarted_nodes == set(d.faulty_nodes)
+    restarted_nodes = {rank[r].node_id for r in d.restart_ranks}
+    assert restarted_nodes == set(d.faulty_nodes)
 
     # placement: never a quarantined, faulty or non-spare target; capacity respected
     quarantined = set(d.quarantine_nodes) | {n for n, rec in node.items()
@@ -116,20 +122,11 @@ def test_invariants(scenario):
         for s in {rank[r].shard_id for r in d.restart_ranks}:
             loads = [load.get(r.rank, 0) for r in healthy if r.shard_id == s]
             assert max(loads) - min(loads) <= 1
-    elif d.fallback == Fallback.CHECKPOINT:
-        lost = [s for s in {rank[r].shard_id for r in d.restart_ranks}
-                if not any(h.shard_id == s for h in healthy)]
-        assert lost and d.transfers == ()
-        ck = policy.checkpoint_step
-        assert d.steps_lost_estimate == (-1 if ck is None else max(snap.committed_step - ck, 0))
-    elif d.fallback == Fallback.WAIT:
+    else:
+        assert d.fallback == Fallback.WAIT
         assert policy.no_spare_policy == "wait" and d.replacements == ()
         assert any("capacity" in r for r in d.reasons)
-    elif d.fallback == Fallback.SHRINK:
-        assert policy.no_spare_policy == "shrink" and d.world_size < snap.world_size
-        assert d.world_size % (snap.tp * snap.pp) == 0
-    if d.fallback != Fallback.CHECKPOINT:
-        assert d.recovery_step == snap.committed_step + 1
+    assert d.recovery_step == snap.committed_step + 1
     assert d.target_generation == snap.generation + 1
 
 
@@ -161,7 +158,7 @@ def test_recovering_ranks_restored_not_moved(scenario, data):
                  if r.rank in moved else r for r in snap.ranks)
     snap = snap.model_copy(update={"ranks": recs})
     d = decide(snap, incidents, policy, history)
-    if not isinstance(d, RecoveryPlan) or d.fallback == Fallback.SHRINK:
+    if not isinstance(d, RecoveryPlan):
         return
     assert moved <= set(d.restart_ranks)
     if host not in named:
