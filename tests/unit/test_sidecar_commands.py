@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from flashrecovery.agent import channel as ch
+from flashrecovery.shared import bus as busmod
 from flashrecovery.shared.schemas import Assignment, CommandAction, ExecutorCommand, RankState
 from flashrecovery.shared.settings import Settings, SidecarSettings
 from flashrecovery.sidecar.app import SidecarService, Worker
@@ -27,7 +28,16 @@ class _Writer:
         pass
 
 
-async def _sidecar(tmp_path, node_id: str):
+class _Bus:
+    """Stands in for the Kafka producer and consumer: nothing here talks to a broker."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+
+async def _sidecar(tmp_path, node_id: str, monkeypatch):
+    monkeypatch.setattr(busmod, "Producer", _Bus)
+    monkeypatch.setattr(busmod, "Consumer", _Bus)
     svc = SidecarService(Settings(job_id="j", runtime_dir=str(tmp_path), redis_url="redis://127.0.0.1:9",
                                   sidecar=SidecarSettings(node_id=node_id, role="active")))
     acks: list = []
@@ -61,8 +71,8 @@ def _cmd(action, attempt, gen=3, **fields) -> ExecutorCommand:
                            plan_id="p", incident_id="i", action=action, attempt=attempt, **fields)
 
 
-async def test_retried_replace_and_pause_keep_the_replacement(tmp_path):
-    svc, acks = await _sidecar(tmp_path, "spare-0")
+async def test_retried_replace_and_pause_keep_the_replacement(tmp_path, monkeypatch):
+    svc, acks = await _sidecar(tmp_path, "spare-0", monkeypatch)
     standby = await _worker(svc, tmp_path, None)
     try:
         replace = dict(nodes=("node-1", "spare-0"), kill_ranks=(2,),
@@ -84,8 +94,8 @@ async def test_retried_replace_and_pause_keep_the_replacement(tmp_path):
         await standby.proc.wait()
 
 
-async def test_a_digest_mismatch_fails_the_restore_stage_at_once(tmp_path):
-    svc, acks = await _sidecar(tmp_path, "spare-0")
+async def test_a_digest_mismatch_fails_the_restore_stage_at_once(tmp_path, monkeypatch):
+    svc, acks = await _sidecar(tmp_path, "spare-0", monkeypatch)
     w = await _worker(svc, tmp_path, 2)
     try:
         await svc.on_command(_cmd(CommandAction.RECOVER, 0, world_size=8, resume_step=6), None)
