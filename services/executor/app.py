@@ -136,8 +136,9 @@ class ExecutorService:
             # Lost, or lost and taken again: whatever was being driven under the old token stops
             # now, without another write (they would be refused anyway).
             await self._stop_driving("lease lost" if token is None else "new lease token")
+            # Lost: keep writing with the old token, so any write still under way is refused.
+            self.registry.fence = ("executor", token if token is not None else self.token or 0)
             self.token = token
-            self.registry.fence = ("executor", token) if token is not None else None
             self.log.info("leadership", leader=token is not None, fence_token=token)
         self.leader = token is not None
         if not self.leader:
@@ -155,14 +156,19 @@ class ExecutorService:
             return
         if self.driving and self.driving[0] == plan.plan_id:
             return
-        await self._stop_driving(f"superseded by {plan.plan_id}")
+        # A plan still driven here was neither chosen nor retired: it has just ended and is
+        # publishing its completion. Let it finish that (bounded) rather than cut it short.
+        await self._stop_driving(f"{plan.plan_id} is next", grace_s=10.0)
         self.driving = (plan.plan_id, asyncio.create_task(self._drive(plan)))
 
-    async def _stop_driving(self, why: str) -> None:
+    async def _stop_driving(self, why: str, grace_s: float = 0.0) -> None:
         if self.driving is None:
             return
         plan_id, task = self.driving
         self.driving = None
+        if grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), grace_s)
         if not task.done():
             self.log.info("drive_stopped", plan_id=plan_id, reason=why)
         task.cancel()

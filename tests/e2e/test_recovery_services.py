@@ -176,3 +176,38 @@ def test_crash_restarted_in_place_cold_start(stack, tmp_path, reference_states, 
     done = result["done"][0]
     assert done.phase_seconds["replace"] < timeout, "replace needed a retry after the phase timeout"
     _check(result, reference_states)
+
+
+def test_executor_leader_stopped_mid_recovery_is_fenced_when_it_wakes(stack, tmp_path, reference_states):
+    """The leader is SIGSTOPped in the middle of a replace; the standby takes the lease (a new
+    fence token) and continues the plan; the old leader is woken while the standby drives and
+    must do nothing: no command, no write, no completion."""
+    seen: dict = {}
+
+    async def stop_leader(c: LocalCluster):
+        await _when_phase(c, "replace")
+        reg = Registry.from_url(c.settings.redis_url, c.settings.job_id)
+        try:
+            seen["leader"] = leader = await reg.lease_holder("executor")
+        finally:
+            await reg.close()
+        proc = c.sup.procs[f"executor-{leader}"]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            other = f"executor-{1 - int(leader)}"
+            await c.wait_until(lambda: any(p.producer == other for p in c.timeline.progress), 60,
+                               "the standby executor to continue the plan")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 4, during=stop_leader)
+    deposed = f"executor-{seen['leader']}"
+    assert [d.producer for d in result["completed"]] != [] and all(
+        d.producer != deposed for d in result["completed"]), "the deposed leader finished a plan"
+    assert len(result["done"]) == 1 and result["restarted"] == {4}
+    _check(result, reference_states)
+    log = next(tmp_path.glob(f"e2e-*/{deposed}.log")).read_text()
+    woke = [line for line in log.splitlines() if '"fenced_out"' in line or '"drive_stopped"' in line]
+    assert woke, "the deposed leader never noticed it lost the lease"
+    after = log[log.index(woke[0]):]
+    assert '"plan_finished"' not in after and '"commit_decision"' not in after
