@@ -99,7 +99,9 @@ async def test_a_digest_mismatch_fails_the_restore_stage_at_once(tmp_path, monke
     w = await _worker(svc, tmp_path, 2)
     try:
         await svc.on_command(_cmd(CommandAction.RECOVER, 0, world_size=8, resume_step=6), None)
-        await asyncio.sleep(0)  # the handler sends Recover
+        async with asyncio.timeout(5):  # until the handler has sent Recover and waits
+            while not w.writer.sent:
+                await asyncio.sleep(0.01)
         for msg in (ch.Progress(rank=2, generation=3, phase="rebuilt", seconds=0.1),
                     ch.Error(rank=2, message="state from rank 6: digest mismatch")):
             svc._on_report(w, msg)
