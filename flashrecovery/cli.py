@@ -55,11 +55,16 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"redis {stack.redis_url}. Ctrl-C stops everything.", flush=True)
         if args.exit_when_ready:
             return 0
+        # A service that dies is restarted (bounded); the others keep running meanwhile: when
+        # the leading executor dies, the standby takes over, and the restarted one stands by.
         while not stop.wait(0.5):
-            dead = [n for n, p in sup.procs.items() if p.poll() is not None]
-            if dead:
-                log.error("service_exited", services=dead)
-                return 1
+            for name, code, restarted in sup.revive(args.max_restarts):
+                if restarted:
+                    log.warning("service_restarted", process=name, exit_code=code, restarts=sup.restarts[name],
+                                max_restarts=args.max_restarts)
+                else:
+                    log.error("service_given_up", process=name, exit_code=code, restarts=sup.restarts.get(name, 0),
+                              reason="restarted max_restarts times: left stopped, the rest keep running")
         return 0
     finally:
         sup.stop_all()
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="run the services (embedded broker + Redis unless configured)")
     up.add_argument("--executors", type=int, default=2, help="executor instances (one leads)")
     up.add_argument("--exit-when-ready", action="store_true", help="start, check health, stop")
+    up.add_argument("--max-restarts", type=int, default=5,
+                    help="restarts of a service that exits before `up` gives up on it (the rest keep running)")
     for service in ("detector", "planner", "executor", "sidecar"):
         sub.add_parser(service, help=f"run one {service} (addresses from FLASHRECOVERY_*)")
     # Tools are imported only when asked for: a service start must not pay for torch.

@@ -39,6 +39,8 @@ class Supervisor:
     stack: Stack | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     rdzv: str = ""
+    specs: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)  # name -> argv, env
+    restarts: dict[str, int] = field(default_factory=dict)  # name -> times restarted
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.stack is not None
@@ -71,7 +73,28 @@ class Supervisor:
         proc = subprocess.Popen(argv, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
         self.procs[name] = proc
+        self.specs[name] = (argv, env)
         return proc
+
+    def revive(self, max_restarts: int) -> list[tuple[str, int, bool]]:
+        """Restart every process that exited, at most `max_restarts` times each; the others keep
+        running (one executor dying must leave the standby to take over, not stop everything).
+        -> (name, exit code, restarted) per process found dead; one that used up its restarts
+        is dropped from `procs`, so it is reported once."""
+        found = []
+        for name, p in list(self.procs.items()):
+            code = p.poll()
+            if code is None:
+                continue
+            argv, env = self.specs[name]
+            if self.restarts.get(name, 0) >= max_restarts:
+                del self.procs[name]
+                found.append((name, code, False))
+                continue
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            self.spawn(name, argv, **env)
+            found.append((name, code, True))
+        return found
 
     def start_service(self, service: str, instance: str | None = None, **env: str) -> subprocess.Popen:
         name = instance or service

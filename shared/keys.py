@@ -53,6 +53,9 @@ class JobKeys:
     def lease(self, name: str) -> str:  # string with TTL: leader election
         return f"{self._p}:lease:{name}"
 
+    def fence(self, name: str) -> str:  # counter: the fence token of the lease's newest holder
+        return f"{self._p}:fence:{name}"
+
     def seen(self, consumer: str, event_id: str) -> str:  # idempotency marker with TTL
         return f"{self._p}:seen:{consumer}:{event_id}"
 

@@ -20,6 +20,45 @@ class StaleGeneration(RuntimeError):
     """A write carried a generation older than the registry's: refused."""
 
 
+class FencedOut(RuntimeError):
+    """A write carried a lease fence token older than the lease's newest holder's: the writer
+    was deposed (its lease expired and another instance took it). Refused."""
+
+
+# Prepended to every script a lease holder runs: the last key is the lease's fence counter and
+# the last argument the writer's token ('' = a writer that holds no lease: not fenced). Both are
+# popped, so the script body sees its own KEYS and ARGV. A refused write returns {-1, current}.
+_FENCE_PREFIX = """
+local fence_key = table.remove(KEYS)
+local fence_token = table.remove(ARGV)
+if fence_token ~= '' then
+  local newest = tonumber(redis.call('GET', fence_key) or '0')
+  if tonumber(fence_token) < newest then return {-1, newest} end
+end
+"""
+
+# KEYS[1]=hash. ARGV: field/value pairs. The executor's per-plan run state.
+_HSET = """
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return {1, 0}
+"""
+
+# KEYS[1]=key. ARGV[1]=value ('' = delete), ARGV[2]=only if the key holds this ('' = always),
+# ARGV[3]='nx' to set only if absent, ARGV[4]=ttl ms ('' = none).
+_SET = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and cur ~= ARGV[2] then return {0, 0} end
+if ARGV[3] == 'nx' and cur then return {0, 0} end
+if ARGV[1] == '' then redis.call('DEL', KEYS[1]) return {1, 0} end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+else redis.call('SET', KEYS[1], ARGV[1]) end
+return {1, 0}
+"""
+
+# KEYS[1]=fence counter. Nothing but the prefix: is the caller's token still the newest?
+_CHECK = "return {1, 0}"
+
+
 # KEYS[1]=meta. ARGV[1]=expected generation. Bumps only if nobody bumped first.
 _BUMP = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
@@ -77,14 +116,19 @@ end
 return {1, ARGV[2]}
 """
 
-# KEYS[1]=lease. ARGV[1]=holder, ARGV[2]=ttl ms. Acquire if free, renew if ours.
+# KEYS[1]=lease, KEYS[2]=its fence counter. ARGV[1]=holder, ARGV[2]=ttl ms. Renew if ours
+# (the token stays), acquire if free (a new token: the counter moves, so every write of any
+# earlier holder is refused from now on). Returns the holder's token, or 0.
 _LEASE = """
 local cur = redis.call('GET', KEYS[1])
-if (not cur) or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]) or '0')
 end
-return 0
+if cur then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return token
 """
 
 
@@ -97,11 +141,29 @@ class Registry:
         self.r = client
         self.k = JobKeys(job_id)
         self.job_id = job_id
-        self._bump = client.register_script(_BUMP)
-        self._fenced_hset = client.register_script(_FENCED_HSET)
-        self._commit = client.register_script(_COMMIT_STEP)
-        self._incident_cas = client.register_script(_INCIDENT_CAS)
+        self._bump = self._script(_BUMP)
+        self._fenced_hset = self._script(_FENCED_HSET)
+        self._commit = self._script(_COMMIT_STEP)
+        self._incident_cas = self._script(_INCIDENT_CAS)
+        self._hset = self._script(_HSET)
+        self._set = self._script(_SET)
+        self._check = self._script(_CHECK)
         self._lease = client.register_script(_LEASE)
+        # Set by a lease holder (the executor): (lease name, its token). Every scripted write
+        # then carries the token and is refused once a newer holder took the lease.
+        self.fence: tuple[str, int] | None = None
+
+    def _script(self, body: str):
+        script = self.r.register_script(_FENCE_PREFIX + body)
+
+        async def call(keys: list[str], args: list[Any]) -> Any:
+            name, token = self.fence if self.fence is not None else ("executor", "")
+            res = await script(keys=[*keys, self.k.fence(name)], args=[*args, token])
+            if isinstance(res, list) and res and res[0] == -1:
+                raise FencedOut(f"write with fence token {token} refused: the {name} lease's newest "
+                                f"token is {res[1]}")
+            return res
+        return call
 
     @classmethod
     def from_url(cls, url: str, job_id: str) -> Registry:
@@ -262,7 +324,35 @@ class Registry:
 
     # ------------------------------------------------------------ leases, idempotency, liveness
     async def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        return bool(await self._lease(keys=[self.k.lease(name)], args=[holder, int(ttl_s * 1000)]))
+        return await self.acquire_lease(name, holder, ttl_s) is not None
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Acquire or renew; -> the holder's fence token (renewing keeps it, a new holder gets a
+        higher one), or None when another instance holds the lease."""
+        token = int(await self._lease(keys=[self.k.lease(name), self.k.fence(name)],
+                                      args=[holder, int(ttl_s * 1000)]))
+        return token or None
+
+    async def check_fence(self) -> None:
+        """Raises FencedOut when this holder's token is no longer the newest (before an act
+        outside Redis, such as publishing a command)."""
+        await self._check(keys=[], args=[])
+
+    # ------------------------------------------------------------ the executor's own state
+    async def put_run(self, plan_id: str, fields: Mapping[str, Any]) -> None:
+        """Fields of one plan's run state (fenced by the lease token)."""
+        args: list[Any] = []
+        for f, v in fields.items():
+            args += [f, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
+        if args:
+            await self._hset(keys=[self.k.run(plan_id)], args=args)
+
+    async def set_active_plan(self, plan_id: str) -> None:
+        await self._set(keys=[self.k.active_plan], args=[plan_id, "", "", ""])
+
+    async def clear_active_plan(self, plan_id: str) -> None:
+        """Only if it still names `plan_id`: a plan that ends late never clears a newer one's."""
+        await self._set(keys=[self.k.active_plan], args=["", plan_id, "", ""])
 
     async def lease_holder(self, name: str) -> str | None:
         v = await self.r.get(self.k.lease(name))
@@ -281,8 +371,9 @@ class Registry:
         await self.r.set(self.k.seen(consumer, event_id), 1, ex=ttl_s)
 
     async def side_effect_once(self, plan_id: str, name: str) -> bool:
-        return bool(await self.r.set(self.k.side_effect(plan_id, name), time.time(), nx=True,
-                                     ex=86400))
+        ok, _ = await self._set(keys=[self.k.side_effect(plan_id, name)],
+                                args=[repr(time.time()), "", "nx", 86400 * 1000])
+        return bool(ok)
 
     async def heartbeat_liveness(self, service: str, instance: str, ttl_s: float = 10.0) -> None:
         await self.r.set(self.k.liveness(service, instance), time.time(), px=int(ttl_s * 1000))

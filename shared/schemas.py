@@ -337,6 +337,10 @@ class ExecutorCommand(Envelope):
     # Any other node reports a stage only if it failed there. None (the default, and what a
     # producer that predates the field means): every node reports every stage.
     stage_nodes: tuple[str, ...] | None = None
+    # The sending executor's lease fence token: a new leader's token is higher than every
+    # earlier leader's. Sidecars refuse a command whose token is lower than the highest they
+    # have seen (a deposed leader still sending). None: a producer without a lease (tools).
+    fence_token: int | None = None
 
 
 class RankReport(Frozen):

@@ -20,14 +20,15 @@ from flashrecovery.agent.commit_rule import InconsistentReports, decide_from_row
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
-from flashrecovery.shared.registry import Placement, Registry, StaleGeneration
+from flashrecovery.shared.registry import FencedOut, Placement, Registry, StaleGeneration
 from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction, Escalation,
                                           ExecutorCommand, FaultIncident, PhaseStatus, RecoveryCompleted,
                                           RecoveryPlan, RecoveryProgress)
 from flashrecovery.shared.settings import Settings
 
-from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, judge,
-                   next_phase_name, ranks_to_kill, settled, touched_nodes, waitlist)
+from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, covered_by,
+                   fence_refusal, judge, next_phase_name, ranks_to_kill, select_plan, settled, touched_nodes,
+                   waitlist)
 
 
 PLACEMENT_POLL_S = 1.0  # how soon after a topology change the warm placement is rebuilt
@@ -35,6 +36,14 @@ PLACEMENT_POLL_S = 1.0  # how soon after a topology change the warm placement is
 
 class PhaseFailed(RuntimeError):
     pass
+
+
+class PlanRefused(RuntimeError):
+    """The plan must not run at all (stale): it ends with the given outcome, never fenced."""
+
+    def __init__(self, outcome: str, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
 
 
 class ExecutorService:
@@ -60,6 +69,8 @@ class ExecutorService:
         self.stopping = asyncio.Event()
         self.driving: tuple[str, asyncio.Task] | None = None
         self.leader = False
+        self.token: int | None = None  # the lease's fence token while this instance holds it
+        self.lease_until = 0.0  # monotonic: past it, the lease may be someone else's
         self.commands_sent = 0
 
     # ------------------------------------------------------------------ inputs
@@ -115,36 +126,82 @@ class ExecutorService:
 
     async def _lead_once(self) -> None:
         await self.registry.heartbeat_liveness("executor", f"executor-{self.instance}")
-        was = self.leader
-        self.leader = await self.registry.hold_lease("executor", self.instance, self.s.executor.lease_ttl_s)
-        if self.leader != was:
-            self.log.info("leadership", leader=self.leader)
+        ttl = self.s.executor.lease_ttl_s
+        asked = time.monotonic()
+        try:
+            token = await self.registry.acquire_lease("executor", self.instance, ttl)
+        except Exception:  # noqa: BLE001 - Redis unreachable: the lease cannot be trusted either
+            token = None
+        if token != self.token:
+            # Lost, or lost and taken again: whatever was being driven under the old token stops
+            # now, without another write (they would be refused anyway).
+            await self._stop_driving("lease lost" if token is None else "new lease token")
+            # Lost: keep writing with the old token, so any write still under way is refused.
+            self.registry.fence = ("executor", token if token is not None else self.token or 0)
+            self.token = token
+            self.log.info("leadership", leader=token is not None, fence_token=token)
+        self.leader = token is not None
         if not self.leader:
             return
+        self.lease_until = asked + ttl
         if self.driving and self.driving[1].done():
             self.driving = None
-        plan = await self._next_plan()
+        try:
+            plan = await self._next_plan()
+        except FencedOut as exc:
+            self.log.warning("fenced_out", reason=str(exc))
+            await self._stop_driving("fenced out")
+            return
         if plan is None:
             return
         if self.driving and self.driving[0] == plan.plan_id:
             return
-        if self.driving:
-            old_id, task = self.driving
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await self._finish(self.plans[old_id], "superseded", {}, reason=f"superseded by {plan.plan_id}")
+        # A plan still driven here was neither chosen nor retired: it has just ended and is
+        # publishing its completion. Let it finish that (bounded) rather than cut it short.
+        await self._stop_driving(f"{plan.plan_id} is next", grace_s=10.0)
         self.driving = (plan.plan_id, asyncio.create_task(self._drive(plan)))
 
+    async def _stop_driving(self, why: str, grace_s: float = 0.0) -> None:
+        if self.driving is None:
+            return
+        plan_id, task = self.driving
+        self.driving = None
+        if grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), grace_s)
+        if not task.done():
+            self.log.info("drive_stopped", plan_id=plan_id, reason=why)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
     async def _next_plan(self) -> RecoveryPlan | None:
-        """The newest plan that is not finished. A plan that supersedes another wins over it."""
-        candidates = []
-        for plan in self.plans.values():
-            phase = await self.registry.r.hget(self.registry.k.run(plan.plan_id), "phase")
-            if phase is None or phase.decode() not in TERMINAL:
-                candidates.append(plan)
-        superseded = {p.supersedes for p in candidates if p.supersedes}
-        live = [p for p in candidates if p.plan_id not in superseded]
-        return max(live, key=lambda p: (p.target_generation, p.emitted_at), default=None)
+        """The newest plan that may still run (core.select_plan). Every plan that never may is
+        ended here (superseded, or failed when no newer plan covers its incidents), so it is
+        never driven later, e.g. after the newer one finished."""
+        plans = list(self.plans.values())
+        pipe = self.registry.r.pipeline(transaction=False)
+        for plan in plans:
+            pipe.hgetall(self.registry.k.run(plan.plan_id))
+        runs = {p.plan_id: {k.decode(): v.decode() for k, v in raw.items()}
+                for p, raw in zip(plans, await pipe.execute())}
+        choice = select_plan(plans, runs, await self.registry.generation())
+        for plan, outcome, reason in choice.retire:
+            if self.driving and self.driving[0] == plan.plan_id:
+                await self._stop_driving(reason)
+            self.log.info("plan_retired", plan_id=plan.plan_id, outcome=outcome, reason=reason,
+                          started=bool(runs[plan.plan_id]))
+            await self._end_unrun(plan, outcome, reason)
+        return choice.drive
+
+    async def _end_unrun(self, plan: RecoveryPlan, outcome: str, reason: str) -> None:
+        """A plan that will not run (any more): its run ends in `outcome` (terminal)."""
+        ok, why = await self.registry.run_transition(
+            plan.plan_id, (await self._run_state(plan.plan_id)).get("phase"), outcome,
+            await self.registry.generation())
+        if ok:
+            await self._finish(plan, outcome, await self._run_state(plan.plan_id), reason=reason)
+        else:
+            self.log.warning("transition_refused", plan_id=plan.plan_id, new=outcome, why=why)
 
     # ------------------------------------------------------------------ one plan
     async def _run_state(self, plan_id: str) -> dict[str, str]:
@@ -152,13 +209,22 @@ class ExecutorService:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def _set_run(self, plan_id: str, **fields: Any) -> None:
-        await self.registry.r.hset(self.registry.k.run(plan_id),
-                                   mapping={k: v if isinstance(v, (str, int, float)) else orjson.dumps(v)
-                                            for k, v in fields.items()})
+        await self.registry.put_run(plan_id, fields)  # fenced by the lease token
 
-    async def _transition(self, plan: RecoveryPlan, expected: str | None, new: str) -> bool:
-        """CAS on the run's phase (Lua): two executors can never both move the same plan."""
-        gen = await self.registry.generation()
+    async def _transition(self, plan: RecoveryPlan, expected: str | None, new: str,
+                          generation: int | None = None) -> bool:
+        """CAS on the run's phase (Lua), fenced by the lease token: two executors can never both
+        move the same plan. A live phase moves only while the registry is still at the plan's
+        own generation (the one its fence set; before the fence, the one it was made against):
+        once a newer plan fenced, this one cannot take another step. Ending a plan (terminal)
+        is always allowed."""
+        if generation is not None:
+            gen = generation  # the start of a plan: the generation fence_refusal just accepted
+        elif new in TERMINAL:
+            gen = await self.registry.generation()
+        else:
+            state = await self._run_state(plan.plan_id)
+            gen = int(state["generation"]) if "generation" in state else plan.target_generation - 1
         ok, why = await self.registry.run_transition(plan.plan_id, expected, new, gen)
         if not ok:
             self.log.warning("transition_refused", plan_id=plan.plan_id, expected=expected, new=new, why=why)
@@ -166,11 +232,24 @@ class ExecutorService:
 
     async def _drive(self, plan: RecoveryPlan) -> None:
         log = self.log.bind(plan_id=plan.plan_id, incident_id=",".join(plan.incident_ids))
+        try:
+            await self._drive_phases(plan, log)
+        except FencedOut as exc:
+            # Deposed: another executor holds the lease and continues this plan from Redis.
+            log.warning("fenced_out", reason=str(exc))
+            self.plan_event.set()  # the lead loop notices at once
+        except PlanRefused as exc:
+            log.warning("plan_refused", outcome=exc.outcome, reason=str(exc))
+            with contextlib.suppress(FencedOut):
+                await self._end_unrun(plan, exc.outcome, str(exc))
+
+    async def _drive_phases(self, plan: RecoveryPlan, log) -> None:
         state = await self._run_state(plan.plan_id)
         if not state:
-            if not await self._transition(plan, None, "fence"):
+            base = await self._refuse_if_stale(plan)
+            if not await self._transition(plan, None, "fence", generation=base):
                 return
-            await self.registry.r.set(self.registry.k.active_plan, plan.plan_id)
+            await self.registry.set_active_plan(plan.plan_id)
             await self._set_run(plan.plan_id, received_at=time.time())
             for inc in plan.incident_ids:
                 await self._mark_incident(inc, "recovering")
@@ -208,10 +287,17 @@ class ExecutorService:
 
     async def _command(self, plan: RecoveryPlan, action: CommandAction, attempt: int, **fields: Any) -> str:
         state = await self._run_state(plan.plan_id)
+        # A command is the one act outside Redis: sent only while the lease is surely ours (a
+        # process stopped past its lease sees the monotonic clock moved) and still the newest
+        # token in Redis. The sidecars check the token too, for what slips between the two.
+        if time.monotonic() > self.lease_until:
+            raise FencedOut("lease may have expired: not renewed in time")
+        await self.registry.check_fence()
         cmd = ExecutorCommand(
             job_id=self.s.job_id, generation=int(state["generation"]), producer=f"executor-{self.instance}",
             command_id=f"{plan.plan_id}:{action}:{attempt}", plan_id=plan.plan_id,
-            incident_id=",".join(plan.incident_ids), action=action, attempt=attempt, **fields)
+            incident_id=",".join(plan.incident_ids), action=action, attempt=attempt,
+            fence_token=self.token, **fields)
         await self.producer.publish(cmd, wait=True)
         self.commands_sent += 1
         return cmd.command_id
@@ -249,15 +335,27 @@ class ExecutorService:
         raise PhaseFailed(f"{action}/{stage}: retries exhausted")
 
     # ------------------------------------------------------------------ phases
+    async def _refuse_if_stale(self, plan: RecoveryPlan) -> int:
+        """-> the registry generation this plan may fence from; raises PlanRefused when the
+        plan was made against a generation the registry has left (core.fence_refusal)."""
+        cur = await self.registry.generation()
+        superseded_run = await self._run_state(plan.supersedes) if plan.supersedes else None
+        why = fence_refusal(plan, cur, superseded_run or None)
+        if why is not None:
+            cover = covered_by(plan, self.plans.values())
+            raise PlanRefused("superseded" if cover is not None and cur > plan.target_generation - 1
+                              else "failed", why)
+        return cur
+
     async def _phase_fence(self, plan: RecoveryPlan, log) -> None:
         state = await self._run_state(plan.plan_id)
         if "generation" in state:
             return
-        cur = await self.registry.generation()
+        cur = await self._refuse_if_stale(plan)
         try:
-            gen = await self.registry.bump_generation(cur)
+            gen = await self.registry.bump_generation(cur)  # CAS: nobody fenced in between
         except StaleGeneration as exc:
-            raise PhaseFailed(str(exc)) from None
+            raise PlanRefused("failed", f"fence: {exc}") from None
         await self._set_run(plan.plan_id, generation=gen, snapshot_generation=cur)
         log.info("fenced", generation=gen)
 
@@ -390,7 +488,7 @@ class ExecutorService:
                 pass
             for inc in plan.incident_ids:
                 await self._mark_incident(inc, "done")
-            await self.registry.r.delete(self.registry.k.active_plan)
+            await self.registry.clear_active_plan(plan.plan_id)
         elif outcome == "failed":
             await self.producer.publish(Escalation(
                 job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",

@@ -8,7 +8,7 @@ between them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flashrecovery.shared.schemas import CommandAck, Fallback, NodeRole, RankState, RecoveryPlan
@@ -150,3 +150,82 @@ def settled(records: list[RankRecord]) -> list[RankRecord]:
     them once more)."""
     return [r.model_copy(update={"state": RankState.RUNNING}) for r in records
             if r.state == RankState.RECOVERING]
+
+
+# ---------------------------------------------------------------------------- which plan runs
+@dataclass(frozen=True)
+class PlanChoice:
+    drive: RecoveryPlan | None  # the one plan to drive now, or None
+    # Plans that must never run (again): (plan, outcome, reason); outcome is superseded when a
+    # newer plan covers all its incidents, else failed (it escalates: nothing else will act).
+    retire: tuple[tuple[RecoveryPlan, str, str], ...]
+
+
+def covered_by(plan: RecoveryPlan, plans: Iterable[RecoveryPlan]) -> RecoveryPlan | None:
+    """A newer plan (same or later target generation) that carries every incident of `plan`."""
+    mine = set(plan.incident_ids)
+    newer = [q for q in plans if q.plan_id != plan.plan_id and _age(q) > _age(plan)
+             and mine <= set(q.incident_ids)]
+    return max(newer, key=_age, default=None)
+
+
+def _age(plan: RecoveryPlan) -> tuple[int, float, str]:
+    return plan.target_generation, plan.emitted_at, plan.plan_id
+
+
+def select_plan(plans: Iterable[RecoveryPlan], runs: Mapping[str, Mapping[str, str]],
+                generation: int) -> PlanChoice:
+    """The newest plan that may still run, and every plan that never may.
+
+    runs: plan id -> its run state (phase, generation once fenced, ...; absent or empty: never
+    started); generation: the registry's now. A plan named by another's `supersedes` never
+    runs; nor does a plan not yet started that may not fence (fence_refusal: the registry left
+    the generation it was made against, e.g. a newer plan fenced or finished since), nor a
+    started one whose fence a newer plan's fence followed. Of the rest only the newest runs;
+    the others are retired, started or not: two plans made from one generation must not both
+    run."""
+    plans = list(plans)
+    named = {p.supersedes: p.plan_id for p in plans if p.supersedes}
+    live: list[RecoveryPlan] = []
+    stale: list[tuple[RecoveryPlan, str]] = []
+    for p in plans:
+        run = runs.get(p.plan_id) or {}
+        phase = run.get("phase")
+        if phase in TERMINAL:
+            continue
+        why = None
+        if p.plan_id in named:
+            why = f"superseded by {named[p.plan_id]}"
+        elif phase is None:
+            why = fence_refusal(p, generation, runs.get(p.supersedes) if p.supersedes else None)
+        elif "generation" in run and int(run["generation"]) < generation:
+            why = f"fenced generation {run['generation']}, registry moved on to {generation}"
+        if why is None:
+            live.append(p)
+        else:
+            stale.append((p, why))
+    drive = max(live, key=_age, default=None)
+    stale += [(p, f"not the newest plan: {drive.plan_id} is") for p in live if p is not drive]
+    retire = []
+    for p, why in stale:
+        cover = covered_by(p, plans)
+        retire.append((p, "superseded" if cover is not None else "failed",
+                       why if cover is not None else f"{why}; no newer plan covers its incidents"))
+    return PlanChoice(drive, tuple(retire))
+
+
+def fence_refusal(plan: RecoveryPlan, generation: int,
+                  superseded_run: Mapping[str, str] | None) -> str | None:
+    """Why `plan` must not fence now, or None. A plan was made against generation
+    target_generation - 1 and holds only if the registry is still there. One exception: a plan
+    that supersedes a running one may have been made a moment before that one's own fence moved
+    the generation; as long as the superseded run has written no topology, the registry holds
+    nothing this plan did not see (superseded_run: that run's state, or None)."""
+    base = plan.target_generation - 1
+    if generation == base:
+        return None
+    if superseded_run is not None and "topology_written" not in superseded_run \
+            and superseded_run.get("snapshot_generation") == str(base) \
+            and superseded_run.get("generation") == str(generation):
+        return None
+    return f"stale plan: made against generation {base}, registry at {generation}"

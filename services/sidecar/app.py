@@ -27,7 +27,8 @@ from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCom
                                           RankColumns, RankStatus, ReportColumns, WorkerExit)
 from flashrecovery.shared.settings import Settings
 
-from .core import CommandGate, TokenBucket, prefilter, reports_stages, stage_reached
+from .core import (CommandGate, TokenBucket, prefilter, ranks_to_kill, reports_stages, stage_failure,
+                   stage_reached)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Worker:
     progress: set[str] = field(default_factory=set)
     progress_msgs: list[ch.Progress] = field(default_factory=list)
     bucket: TokenBucket | None = None
+    assigned_at: int | None = None  # the generation in which a standby became this rank
+    recover_error: str | None = None  # what the rank reported failing in the current recover
 
     @property
     def pid(self) -> int:
@@ -276,6 +279,10 @@ class SidecarService:
             self._spawn(self._finished(w, msg.step))
         elif isinstance(msg, ch.Error):
             self.log.warning("worker_error", rank=w.rank, message=msg.message[:500])
+            if w.state == RankState.RECOVERING:
+                # A recover step failed in the worker (e.g. a restored state failing its
+                # digest check): _recover acks the failed stage now, not at the phase timeout.
+                w.recover_error = msg.message[:500]
 
     async def _finished(self, w: Worker, step: int) -> None:
         try:
@@ -357,7 +364,8 @@ class SidecarService:
         verdict, reason = self.gate.decide(cmd)
         if verdict == "ignore":
             if "stale" in reason:
-                self.log.info("command_ignored", command_id=cmd.command_id, action=cmd.action, reason=reason)
+                self.log.info("command_ignored", command_id=cmd.command_id, action=cmd.action, reason=reason,
+                              fence_token=cmd.fence_token, refused_tokens=self.gate.refused_tokens)
             return
         if verdict == "replay":
             for ack in self.gate.handled[cmd.command_id]:
@@ -383,7 +391,10 @@ class SidecarService:
         await self.producer.publish(ack, wait=True)
 
     async def _kill(self, ranks: set[int]) -> list[Worker]:
-        killed = [w for w in self._ranked() if w.rank in ranks]
+        # Never a process that became its rank in the current generation: that is the
+        # replacement, and a retried PAUSE / REPLACE (a new command id) must not kill it.
+        old = ranks_to_kill(ranks, self.gate.generation, [(w.rank, w.assigned_at) for w in self._ranked()])
+        killed = [w for w in self._ranked() if w.rank in old]
         for w in killed:
             w.expected_exit = True
             try:
@@ -455,7 +466,7 @@ class SidecarService:
                 return
             w = ready[0]
             w.rank, w.local_rank, w.standby, w.state = a.rank, a.local_rank, False, RankState.RECOVERING
-            w.generation = cmd.generation
+            w.generation = w.assigned_at = cmd.generation
             await self._send(w, ch.Assign(rank=a.rank, local_rank=a.local_rank, node_id=self.node_id))
             reports.append(RankReport(rank=a.rank, pid=w.pid))
             self.log.info("standby_assigned", rank=a.rank, pid=w.pid)
@@ -468,23 +479,30 @@ class SidecarService:
             return
         ranks = [w.rank for w in targets]
         for w in targets:
-            w.state = RankState.RECOVERING
+            w.state, w.recover_error = RankState.RECOVERING, None
             await self._send(w, ch.Recover(
                 generation=cmd.generation, world_size=cmd.world_size, commit_step=cmd.commit_step,
                 resume_step=cmd.resume_step if cmd.resume_step is not None else 0,
                 transfers=tuple(ch.Transfer(src=t.src, dst=t.dst) for t in cmd.transfers)))
         timeout = self.s.executor.phase_timeout_s
+        def failure(stage: str) -> str | None:
+            return stage_failure(stage, ranks, {w.rank: w.progress for w in targets},
+                                 {w.rank: w.recover_error for w in targets if w.recover_error})
+
         for stage in ("rebuilt", "restored", "resumed"):
             progress = {w.rank: w.progress for w in targets}
-            ok = await self._wait_for(lambda: stage_reached(stage, ranks, progress)
+            ok = await self._wait_for(lambda: stage_reached(stage, ranks, progress) or failure(stage) is not None
                                       or any(w.proc.returncode is not None for w in targets), timeout)
             reached = stage_reached(stage, ranks, progress)
+            failed = None if reached else failure(stage)
             reports = tuple(RankReport(rank=w.rank, pid=w.pid, phase=m.phase, seconds=m.seconds,
                                        bytes=m.bytes, digest_ok=m.digest_ok)
                             for w in targets for m in w.progress_msgs if m.phase == stage)
+            if failed:
+                self.log.warning("recover_stage_failed", stage=stage, command_id=cmd.command_id, reason=failed)
             if not reached or reports_stages(cmd, self.node_id):
                 await self._ack(cmd, stage=stage, ok=ok and reached, ranks=reports,
-                                detail="" if reached else f"ranks did not reach {stage}")
+                                detail="" if reached else failed or f"ranks did not reach {stage}")
             if not reached:
                 return
         resume = cmd.resume_step or 0

@@ -6,9 +6,12 @@ fault-free run of the same job, with no committed step lost and the survivors' p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -214,3 +217,42 @@ def test_survivor_hung_during_the_pause_is_killed_and_replaced(stack, tmp_path, 
     assert result["restarted"] == {2, 6}
     assert result["plans"][-1].supersedes is not None
     _check(result, reference_states)
+
+
+def test_executor_leader_stopped_mid_recovery_is_fenced_when_it_wakes(stack, tmp_path, reference_states):
+    """The leader is SIGSTOPped in the middle of a replace; the standby takes the lease (a new
+    fence token) and continues the plan; the old leader is woken while the standby drives and
+    must do nothing: no command, no write, no completion."""
+    seen: dict = {}
+
+    async def stop_leader(c: LocalCluster):
+        await _when_phase(c, "replace")
+        reg = Registry.from_url(c.settings.redis_url, c.settings.job_id)
+        try:
+            seen["leader"] = leader = await reg.lease_holder("executor")
+        finally:
+            await reg.close()
+        proc = c.sup.procs[f"executor-{leader}"]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            other = f"executor-{1 - int(leader)}"
+            await c.wait_until(lambda: any(p.producer == other for p in c.timeline.progress), 60,
+                               "the standby executor to continue the plan")
+        finally:
+            seen["woke_at"] = time.time()
+            os.kill(proc.pid, signal.SIGCONT)
+
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 4, during=stop_leader)
+    deposed = f"executor-{seen['leader']}"
+    assert [d.producer for d in result["completed"]] != [] and all(
+        d.producer != deposed for d in result["completed"]), "the deposed leader finished a plan"
+    assert len(result["done"]) == 1 and result["restarted"] == {4}
+    _check(result, reference_states)
+    lines = [json.loads(line) for line in next(tmp_path.glob(f"e2e-*/{deposed}.log")).read_text().splitlines()
+             if line.startswith("{")]
+    awake = [e["event"] for e in lines
+             if datetime.fromisoformat(e["timestamp"]).timestamp() >= seen["woke_at"]]
+    # Awake again, it only learns it lost the lease: not one more step, write or command (a
+    # refused transition would still be an attempt to act on a plan it no longer owns).
+    assert "drive_stopped" in awake or "fenced_out" in awake, awake
+    assert set(awake) <= {"leadership", "drive_stopped", "fenced_out", "ready"}, awake

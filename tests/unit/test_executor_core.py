@@ -1,4 +1,5 @@
-from flashrecovery.executor.core import (applied_topology, cannot_proceed, judge, next_phase_name, settled,
+from flashrecovery.executor.core import (applied_topology, cannot_proceed, fence_refusal, judge, next_phase_name,
+                                         select_plan, settled,
                                          touched_nodes, waitlist)
 from flashrecovery.shared.schemas import (CommandAck, CommandAction, Fallback, NodeRole, RankState, RecoveryPlan,
                                           Replacement, Transfer)
@@ -128,3 +129,61 @@ def test_a_failure_from_a_node_not_waited_for_still_fails_the_stage():
     v = judge(acks, reporters, 0, 1, 10, 0, 0, fail_from=everyone)
     assert v.outcome == "fail" and "did not reach rebuilt" in v.reason
     assert judge({"a": _ack("a")}, reporters, 0, 1, 10, 0, 0, fail_from=everyone).outcome == "advance"
+
+
+def _p(pid, target, incidents, supersedes=None, at=0.0):
+    return RecoveryPlan(job_id="j", generation=target - 1, producer="t", plan_id=pid, incident_ids=tuple(incidents),
+                        supersedes=supersedes, target_generation=target, world_size=8, restart_ranks=(2,),
+                        faulty_nodes=(), replacements=(), transfers=(), recovery_step=5, emitted_at=at)
+
+
+def test_an_older_plan_never_runs_after_a_newer_one_finished():
+    # Two ranks on two nodes killed at once: plan A (one incident) and plan B (both), both made
+    # from generation 0. B ran and finished (registry at 1); A never started.
+    a, b = _p("A", 1, ["i1"], at=1.0), _p("B", 1, ["i1", "i2"], at=2.0)
+    choice = select_plan([a, b], {"B": {"phase": "done", "generation": "1"}}, 1)
+    assert choice.drive is None
+    assert [(p.plan_id, outcome) for p, outcome, _ in choice.retire] == [("A", "superseded")]
+
+
+def test_of_two_plans_from_one_generation_only_the_newest_runs():
+    a, b = _p("A", 1, ["i1"], at=1.0), _p("B", 1, ["i1", "i2"], at=2.0)
+    choice = select_plan([a, b], {}, 0)
+    assert choice.drive is b
+    assert [(p.plan_id, o) for p, o, _ in choice.retire] == [("A", "superseded")]
+    assert "not the newest plan: B" in choice.retire[0][2]
+
+
+def test_a_superseded_plan_is_retired_and_its_successor_runs():
+    a, b = _p("A", 1, ["i1"]), _p("B", 2, ["i1", "i2"], supersedes="A")
+    choice = select_plan([a, b], {"A": {"phase": "replace", "generation": "1"}}, 1)
+    assert choice.drive is b and [(p.plan_id, o) for p, o, _ in choice.retire] == [("A", "superseded")]
+
+
+def test_a_stale_plan_nobody_covers_fails_loudly():
+    a = _p("A", 1, ["i1"])
+    choice = select_plan([a], {}, 3)  # the registry moved on without this plan's incident
+    assert choice.drive is None
+    (plan, outcome, reason), = choice.retire
+    assert outcome == "failed" and "no newer plan covers" in reason and "registry at 3" in reason
+
+
+def test_a_started_plan_whose_fence_was_followed_by_a_newer_one_stops():
+    a = _p("A", 1, ["i1"])
+    choice = select_plan([a], {"A": {"phase": "pause", "generation": "1"}}, 2)
+    assert choice.drive is None and choice.retire[0][1] == "failed"
+    # still at its own generation: it continues (a takeover resumes it)
+    assert select_plan([a], {"A": {"phase": "pause", "generation": "1"}}, 1).drive is a
+
+
+def test_fence_refuses_a_plan_made_against_another_generation():
+    b = _p("B", 2, ["i1"])
+    assert fence_refusal(b, 1, None) is None
+    assert "made against generation 1, registry at 2" in fence_refusal(b, 2, None)
+    # B supersedes A and was made a moment before A's fence moved the generation: allowed while
+    # A has written no topology (nothing in the registry that B did not see)
+    c = _p("C", 2, ["i1", "i2"], supersedes="A")
+    a_run = {"phase": "pause", "generation": "2", "snapshot_generation": "1"}
+    assert fence_refusal(c, 2, a_run) is None
+    assert fence_refusal(c, 2, {**a_run, "topology_written": "1"}) is not None
+    assert fence_refusal(c, 3, a_run) is not None

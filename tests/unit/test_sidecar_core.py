@@ -1,7 +1,8 @@
 import pytest
 
 from flashrecovery.shared.schemas import CommandAction, ExecutorCommand
-from flashrecovery.sidecar.core import CommandGate, TokenBucket, prefilter, reports_stages, stage_reached
+from flashrecovery.sidecar.core import (CommandGate, TokenBucket, prefilter, ranks_to_kill, reports_stages,
+                                        stage_failure, stage_reached)
 
 
 def _cmd(cid="c1", gen=2, nodes=None):
@@ -52,3 +53,40 @@ def test_only_named_nodes_report_recover_stages():
     assert not reports_stages(recover, "node-1")
     # a command from an executor that predates the field: every node reports every stage
     assert reports_stages(_cmd().model_copy(update={"action": CommandAction.RECOVER}), "node-1")
+
+
+def _tok(cid, token, gen=2):
+    return _cmd(cid, gen=gen).model_copy(update={"fence_token": token})
+
+
+def test_gate_refuses_commands_of_a_deposed_executor_and_counts_them():
+    gate = CommandGate("node-1", generation=2)
+    assert gate.decide(_tok("a", 3))[0] == "act"
+    gate.handled["a"] = []
+    verdict, reason = gate.decide(_tok("b", 2))  # the old leader, awake again
+    assert verdict == "ignore" and "stale fence token 2 < 3" in reason
+    assert gate.refused_tokens == 1
+    # even a re-send of a command already handled: the deposed leader gets no replay either
+    assert gate.decide(_tok("a", 2))[0] == "ignore" and gate.refused_tokens == 2
+    assert gate.decide(_tok("a", 3))[0] == "replay"  # the new leader re-sending after takeover
+    assert gate.decide(_tok("c", 4))[0] == "act" and gate.fence_token == 4
+    assert gate.decide(_tok("d", None))[0] == "act"  # a command from something without a lease
+
+
+def test_a_retry_never_kills_the_replacement_it_assigned():
+    # rank 2 was replaced in generation 3 by attempt 0 of the REPLACE; attempt 1 (same
+    # generation, new command id) names rank 2 again in kill_ranks.
+    workers = [(2, 3), (3, None)]
+    assert ranks_to_kill([2], 3, workers) == set()
+    # the old process of rank 2 (started as itself) is killed
+    assert ranks_to_kill([2, 3], 3, [(2, None), (3, None)]) == {2, 3}
+    # a newer plan (generation 4) that moves rank 2 again does kill the generation-3 replacement
+    assert ranks_to_kill([2], 4, workers) == {2}
+
+
+def test_an_error_during_a_stage_fails_it_at_once():
+    progress = {2: {"rebuilt"}, 3: {"rebuilt", "restored"}}
+    errors = {2: "state from rank 6: digest mismatch"}
+    assert stage_failure("restored", [2, 3], progress, errors) == "rank 2: state from rank 6: digest mismatch"
+    assert stage_failure("rebuilt", [2, 3], progress, errors) is None  # it got past this one
+    assert stage_failure("restored", [2, 3], progress, {}) is None  # still waiting, nothing failed

@@ -1,0 +1,125 @@
+"""The executor lease's fence token against a real Redis: a new holder gets a higher token,
+and every scripted write of an older holder is refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flashrecovery.shared import registry as regmod
+from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.topology import grid_topology
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_new_lease_holder_gets_a_higher_token_and_a_renewal_keeps_it(registry):
+    assert await registry.acquire_lease("executor", "0", 0.3) == 1
+    assert await registry.acquire_lease("executor", "0", 0.3) == 1  # renewed: same token
+    assert await registry.acquire_lease("executor", "1", 0.3) is None  # held by 0
+    await asyncio.sleep(0.45)  # 0 stopped renewing: its lease expires
+    assert await registry.acquire_lease("executor", "1", 0.3) == 2
+    assert await registry.hold_lease("executor", "0", 0.3) is False
+
+
+async def test_every_write_of_a_deposed_holder_is_refused(settings, registry):
+    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2))
+    old = Registry.from_url(settings.redis_url, settings.job_id)
+    new = Registry.from_url(settings.redis_url, settings.job_id)
+    try:
+        old.fence = ("executor", await old.acquire_lease("executor", "0", 0.2))
+        await old.put_run("p1", {"phase_note": "x"})  # the holder writes freely
+        await old.set_active_plan("p1")
+        await asyncio.sleep(0.3)
+        new.fence = ("executor", await new.acquire_lease("executor", "1", 5))
+        assert new.fence[1] > old.fence[1]
+        gen = await registry.generation()
+        refused = {
+            "run state": old.put_run("p1", {"x": 1}),
+            "run phase": old.run_transition("p1", None, "fence", gen),
+            "incident phase": old.incident_transition("i1", None, "recovering", gen),
+            "generation bump": old.bump_generation(gen),
+            "active plan": old.set_active_plan("p0"),
+            "active plan clear": old.clear_active_plan("p1"),
+            "side effect": old.side_effect_once("p1", "completed:done"),
+            "committed step": old.record_committed_step(gen, 3),
+            "rank records": old.put_ranks(gen, []),  # empty: nothing to write, nothing refused
+            "fence check": old.check_fence(),
+        }
+        for what, write in refused.items():
+            if what == "rank records":
+                await write
+                continue
+            with pytest.raises(regmod.FencedOut):
+                await write
+        assert await registry.r.get(registry.k.active_plan) == b"p1"
+        assert await registry.generation() == gen
+        # the new holder, and writers that hold no lease (planner, detector), are not fenced
+        await new.check_fence()
+        assert await new.bump_generation(gen) == gen + 1
+        assert (await registry.incident_transition("i1", None, "planned", gen + 1))[0]
+        # an active plan is cleared only by the plan it names
+        await new.clear_active_plan("p0")
+        assert await registry.r.get(registry.k.active_plan) == b"p1"
+        await new.clear_active_plan("p1")
+        assert await registry.r.get(registry.k.active_plan) is None
+        assert await new.side_effect_once("p1", "completed:done")
+        assert not await new.side_effect_once("p1", "completed:done")
+    finally:
+        await old.close()
+        await new.close()
+
+
+def _plan(job_id, pid, incidents, target, at):
+    from flashrecovery.shared.schemas import RecoveryPlan
+    return RecoveryPlan(job_id=job_id, generation=target - 1, producer="t", plan_id=pid, emitted_at=at,
+                        incident_ids=tuple(incidents), target_generation=target, world_size=4,
+                        restart_ranks=(1,), faulty_nodes=(), replacements=(), transfers=(), recovery_step=1)
+
+
+async def _executor(settings, instance: str):
+    from flashrecovery.executor.app import ExecutorService
+    svc = ExecutorService(settings.model_copy(update={"instance": instance}))
+    published: list = []
+
+    async def publish(event, wait=False):
+        published.append(event)
+
+    svc.producer.publish = publish
+    return svc, published
+
+
+async def test_an_older_plan_is_not_driven_after_a_newer_one_finished(settings, registry):
+    """Two ranks killed at once: plan A (one rank) and plan B (both), both from generation 0.
+    B ran and finished; A, never started, must be retired, not driven next."""
+    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2))
+    svc, published = await _executor(settings, "0")
+    try:
+        a = _plan(settings.job_id, "A", ["i1"], 1, 1.0)
+        b = _plan(settings.job_id, "B", ["i1", "i2"], 1, 2.0)
+        svc.plans = {"A": a, "B": b}
+        await registry.bump_generation(0)
+        await registry.run_transition("B", None, "done", 1)
+        assert await svc._next_plan() is None
+        assert (await registry.r.hget(registry.k.run("A"), "phase")) == b"superseded"
+        assert [e.outcome for e in published] == ["superseded"]
+    finally:
+        await svc.registry.close()
+
+
+async def test_losing_the_lease_cancels_the_drive(settings, registry):
+    svc, _ = await _executor(settings, "0")
+    try:
+        await svc._lead_once()
+        assert svc.leader
+        drive = asyncio.create_task(asyncio.sleep(60))
+        svc.driving = ("p", drive)
+        await registry.r.delete(registry.k.lease("executor"))  # as if it expired while stopped
+        assert await registry.hold_lease("executor", "1", 5)
+        await svc._lead_once()
+        assert not svc.leader and svc.driving is None and drive.cancelled()
+        with pytest.raises(regmod.FencedOut):
+            await svc._set_run("p", phase_note=1)  # and its writes are refused
+    finally:
+        await svc.registry.close()

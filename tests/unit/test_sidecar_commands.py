@@ -1,0 +1,116 @@
+"""The sidecar's command handlers on one node, without a broker: acks are captured, the
+worker processes are `sleep` processes this test starts (and kills)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from flashrecovery.agent import channel as ch
+from flashrecovery.shared import bus as busmod
+from flashrecovery.shared.schemas import Assignment, CommandAction, ExecutorCommand, RankState
+from flashrecovery.shared.settings import Settings, SidecarSettings
+from flashrecovery.sidecar.app import SidecarService, Worker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def drain(self) -> None:
+        pass
+
+
+class _Bus:
+    """Stands in for the Kafka producer and consumer: nothing here talks to a broker."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+
+async def _sidecar(tmp_path, node_id: str, monkeypatch):
+    monkeypatch.setattr(busmod, "Producer", _Bus)
+    monkeypatch.setattr(busmod, "Consumer", _Bus)
+    svc = SidecarService(Settings(job_id="j", runtime_dir=str(tmp_path), redis_url="redis://127.0.0.1:9",
+                                  sidecar=SidecarSettings(node_id=node_id, role="active")))
+    acks: list = []
+
+    async def publish(event, wait=False):
+        acks.append(event)
+
+    async def no_cold_start(local_rank, rank):
+        raise AssertionError("cold start: the replacement assigned earlier was killed")
+
+    svc.producer.publish = publish
+    svc._launch = no_cold_start
+    return svc, acks
+
+
+async def _worker(svc: SidecarService, tmp_path, rank: int | None) -> Worker:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(60)")
+    w = Worker(proc=proc, local_rank=0, rank=rank, standby=rank is None, log_path=tmp_path / f"{proc.pid}.log",
+               writer=_Writer(), state=RankState.STANDBY if rank is None else RankState.RUNNING)
+    svc.workers[proc.pid] = w
+    return w
+
+
+async def _handled(svc: SidecarService, cmd: ExecutorCommand) -> None:
+    await svc.on_command(cmd, None)
+    await asyncio.wait_for(asyncio.gather(*list(svc.tasks)), 10)
+
+
+def _cmd(action, attempt, gen=3, **fields) -> ExecutorCommand:
+    return ExecutorCommand(job_id="j", generation=gen, producer="executor-0", command_id=f"p:{action}:{attempt}",
+                           plan_id="p", incident_id="i", action=action, attempt=attempt, **fields)
+
+
+async def test_retried_replace_and_pause_keep_the_replacement(tmp_path, monkeypatch):
+    svc, acks = await _sidecar(tmp_path, "spare-0", monkeypatch)
+    standby = await _worker(svc, tmp_path, None)
+    try:
+        replace = dict(nodes=("node-1", "spare-0"), kill_ranks=(2,),
+                       assignments=(Assignment(rank=2, local_rank=0, node_id="spare-0"),))
+        await _handled(svc, _cmd(CommandAction.REPLACE, 0, **replace))
+        assert standby.rank == 2 and acks[-1].ok
+        # attempt 0's ack was lost: the executor retries (a new command id), then a late retry
+        # of the pause arrives too; both name rank 2 in kill_ranks
+        await _handled(svc, _cmd(CommandAction.REPLACE, 1, **replace))
+        await _handled(svc, _cmd(CommandAction.PAUSE, 1, kill_ranks=(2,)))
+        assert standby.proc.returncode is None, "a retry killed the replacement it had assigned"
+        assert acks[1].ok and [r.pid for r in acks[1].ranks] == [standby.pid]
+        # a newer plan (generation 4) that moves rank 2 again does kill it
+        await _handled(svc, _cmd(CommandAction.PAUSE, 0, gen=4, kill_ranks=(2,)))
+        assert standby.proc.returncode is not None
+    finally:
+        if standby.proc.returncode is None:
+            standby.proc.kill()
+        await standby.proc.wait()
+
+
+async def test_a_digest_mismatch_fails_the_restore_stage_at_once(tmp_path, monkeypatch):
+    svc, acks = await _sidecar(tmp_path, "spare-0", monkeypatch)
+    w = await _worker(svc, tmp_path, 2)
+    try:
+        await svc.on_command(_cmd(CommandAction.RECOVER, 0, world_size=8, resume_step=6), None)
+        async with asyncio.timeout(5):  # until the handler has sent Recover and waits
+            while not w.writer.sent:
+                await asyncio.sleep(0.01)
+        for msg in (ch.Progress(rank=2, generation=3, phase="rebuilt", seconds=0.1),
+                    ch.Error(rank=2, message="state from rank 6: digest mismatch")):
+            svc._on_report(w, msg)
+            async with svc.events:
+                svc.events.notify_all()
+        # the phase timeout is 60 s: the failure must come long before it
+        await asyncio.wait_for(asyncio.gather(*list(svc.tasks)), 5)
+        assert [(a.stage, a.ok) for a in acks] == [("rebuilt", True), ("restored", False)]
+        assert "digest mismatch" in acks[-1].detail
+    finally:
+        w.proc.kill()
+        await w.proc.wait()
