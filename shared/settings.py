@@ -31,6 +31,9 @@ class ExecutorSettings(BaseModel):
     phase_timeout_s: float = Field(60.0, gt=0)
     phase_retries: int = Field(2, ge=0)
     lease_ttl_s: float = Field(3.0, gt=0)
+    # A plan that fails because a second fault hit it is usually followed within ~0.1 s by the
+    # planner's superseding plan: wait this long for one before escalating the failure.
+    supersede_grace_s: float = Field(2.0, ge=0)
 
 
 class PlannerSettings(BaseModel):

@@ -269,9 +269,29 @@ class ExecutorService:
             if phase == "done":
                 await self._finish(plan, "done", await self._run_state(plan.plan_id))
         except PhaseFailed as exc:
+            newer = await self._superseding_plan(plan)
+            if newer is not None:
+                log.warning("plan_failed_superseded", phase=phase, reason=str(exc), by=newer.plan_id)
+                await self._transition(plan, phase, "superseded")
+                await self._finish(plan, "superseded", await self._run_state(plan.plan_id),
+                                   reason=f"{exc}; superseded by {newer.plan_id}")
+                self.plan_event.set()
+                return
             log.error("plan_failed", phase=phase, reason=str(exc))
             await self._transition(plan, phase, "failed")
             await self._finish(plan, "failed", await self._run_state(plan.plan_id), reason=str(exc))
+
+    async def _superseding_plan(self, plan: RecoveryPlan) -> RecoveryPlan | None:
+        """A newer plan carrying this one's incidents, waited for up to supersede_grace_s: a
+        failure caused by a second fault is the planner's to re-plan, not an escalation."""
+        deadline = time.monotonic() + self.s.executor.supersede_grace_s
+        while True:
+            newer = covered_by(plan, self.plans.values())
+            if newer is not None or time.monotonic() >= deadline:
+                return newer
+            self.plan_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.plan_event.wait(), max(0.01, deadline - time.monotonic()))
 
     async def _phase_mark(self, plan: RecoveryPlan, phase: str, edge: str) -> None:
         key = f"t:{phase}:{edge}"
