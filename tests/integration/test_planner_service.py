@@ -45,12 +45,7 @@ async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, produ
         if isinstance(event, RecoveryPlan):
             plans.append(event)
 
-    watcher = Consumer(settings.kafka_bootstrap, settings.bus, [topics.PLANS], None, on_plan,
-                       producer, "test-plans")
-    svc = PlannerService(settings)
-    await asyncio.wait_for(watcher.start(), 30)
-    await asyncio.wait_for(svc.start(wait_assigned_s=30), 40)
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(svc.run())]
+    watcher, svc, tasks = await _start(settings, producer, [topics.PLANS], on_plan, "test-plans")
     try:
         await watcher.wait_assigned(30)
         # A degradation on the same topic is ignored; the incident is planned.
@@ -83,14 +78,27 @@ async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, produ
         assert outcomes == ["plan", "plan_exists"], svc.decisions
         assert svc.decisions[-1]["plan_id"] == p.plan_id
     finally:
-        watcher.stop()
-        await svc.stop()
-        done, pending = await asyncio.wait(tasks, timeout=15)
-        for t in pending:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        await svc.close()
+        await _stop(watcher, svc, tasks)
+
+
+async def _start(settings, producer, watched: list, handler, name: str):
+    """A watcher on `watched` and a running planner service."""
+    watcher = Consumer(settings.kafka_bootstrap, settings.bus, watched, None, handler, producer, name)
+    svc = PlannerService(settings)
+    await asyncio.wait_for(watcher.start(), 30)
+    await asyncio.wait_for(svc.start(wait_assigned_s=30), 40)
+    return watcher, svc, [asyncio.create_task(watcher.run()), asyncio.create_task(svc.run())]
+
+
+async def _stop(watcher, svc, tasks) -> None:
+    watcher.stop()
+    await svc.stop()
+    _, pending = await asyncio.wait(tasks, timeout=15)
+    for t in pending:
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+    await svc.close()
 
 
 async def test_the_planners_warm_topology_follows_every_registry_write(topics_ready, registry):
@@ -126,12 +134,8 @@ async def _escalations_for(settings, producer, registry, incidents: list[FaultIn
         if isinstance(event, (Escalation, RecoveryPlan)) and event.job_id == settings.job_id:
             seen.append(event)
 
-    watcher = Consumer(settings.kafka_bootstrap, settings.bus, [topics.RECOVERY, topics.PLANS], None,
-                       on_event, producer, "test-escalations")
-    svc = PlannerService(settings)
-    await asyncio.wait_for(watcher.start(), 30)
-    await asyncio.wait_for(svc.start(wait_assigned_s=30), 40)
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(svc.run())]
+    watcher, svc, tasks = await _start(settings, producer, [topics.RECOVERY, topics.PLANS], on_event,
+                                       "test-escalations")
     try:
         await watcher.wait_assigned(30)
         for inc in incidents:
@@ -140,14 +144,7 @@ async def _escalations_for(settings, producer, registry, incidents: list[FaultIn
         await wait_for(lambda: svc.consumer.handled >= len(incidents), 30, "every incident handled")
         await asyncio.sleep(0.5)  # a plan, if one were published, would have landed
     finally:
-        watcher.stop()
-        await svc.stop()
-        done, pending = await asyncio.wait(tasks, timeout=15)
-        for t in pending:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        await svc.close()
+        await _stop(watcher, svc, tasks)
     return ([e for e in seen if not isinstance(e, RecoveryPlan)],
             [e for e in seen if isinstance(e, RecoveryPlan)], svc)
 
