@@ -7,7 +7,9 @@ and the e2e scenario tests run the very same code.
                                     recovery)
     --service-fault NAME:DELAY_S    executor-leader (SIGKILL, restarted at once as a container
                                     would be), executor-leader-stall (SIGSTOP for longer than the
-                                    lease, then SIGCONT), detector, planner (SIGKILL + restart)
+                                    lease, then SIGCONT), detector, planner (SIGKILL + restart),
+                                    redis (restarted empty on its port: the registry is lost; only
+                                    where this run started Redis itself)
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from typing import Any
 from .cluster import LocalCluster
 from .shared.registry import Registry
 from .shared.schemas import Escalation
+from .shared.stack import start_redis
 
 WORKER_FAULTS = ("process-crash", "hang", "node-crash")
-SERVICE_FAULTS = ("executor-leader", "executor-leader-stall", "detector", "planner")
-# Restarting the embedded broker loses every topic (memory-only storage) and a restarted empty
-# Redis loses the registry: neither is survivable yet, so they are refused, not faked.
+SERVICE_FAULTS = ("executor-leader", "executor-leader-stall", "detector", "planner", "redis")
+# Restarting the embedded broker loses every topic (memory-only storage), and the services do not
+# yet recreate topics and re-subscribe: refused, not faked. (A restarted empty Redis loses the
+# registry: not survivable either, but the planner escalates it loudly, which is testable.)
 UNSUPPORTED_SERVICE_FAULTS = {"broker": "the embedded broker stores in memory only: a restart "
-                                        "loses every topic (issue #16 item 6)",
-                              "redis": "an empty Redis loses the registry; recovery from it is "
-                                       "not implemented yet (issue #16 item 6)"}
+                                        "loses every topic and the services do not recreate them "
+                                        "yet (issue #16 item 6)"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Scenario:
     spares: int = 1
     expect: str = "exact"
     escalation_match: str = ""
+    own_redis: bool = False  # the run starts its own Redis (a redis fault restarts it)
 
     def demo_args(self, steps: int, default_at: int) -> str:
         """The same scenario as a `flashrecovery demo` command line."""
@@ -80,6 +84,9 @@ SCENARIOS: dict[str, Scenario] = {
                                         service_faults=("executor-leader-stall:0.1",)),
     "detector-and-planner-killed": Scenario("process-crash", 2,
                                             service_faults=("detector:0.05", "planner:0.05")),
+    "redis-lost-then-crash": Scenario("process-crash", 2, then=("process-crash:5:5",),
+                                      service_faults=("redis:3",), own_redis=True,
+                                      expect="escalate", escalation_match="no topology"),
     "no-spare-policy-wait": Scenario("node-crash", 2, spares=0, expect="escalate",
                                      escalation_match="capacity"),
     "every-replica-of-a-shard-lost": Scenario(
@@ -200,12 +207,28 @@ async def apply_service_fault(cluster: LocalCluster, name: str, log: ScenarioLog
             _signal(proc.pid, signal.SIGCONT)
             log.add("executor leader continued", process=proc_name, pid=proc.pid)
         return
+    if name == "redis":
+        _restart_redis_empty(cluster, log)
+        return
     proc = sup.procs[name]
     _signal(proc.pid, signal.SIGKILL)
     proc.wait(10)
     log.add(f"{name} killed", pid=proc.pid)
     sup.start_service(name)
     log.add(f"{name} restarted")
+
+
+def _restart_redis_empty(cluster: LocalCluster, log: ScenarioLog) -> None:
+    """Stop the Redis this run started and start an empty one on the same port."""
+    stack = cluster.sup.stack
+    owned = next((p for p in stack.owned if p.name == "redis"), None) if stack else None
+    if owned is None:
+        raise RuntimeError("redis fault: this run did not start the Redis it uses")
+    port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
+    owned.proc.kill()  # no save, no AOF: everything in it is gone
+    owned.proc.wait(10)
+    stack.owned[stack.owned.index(owned)] = start_redis(owned.log_path.parent, port)
+    log.add("redis restarted empty", port=port)
 
 
 async def run_followups(cluster: LocalCluster, then: list[FollowUp],

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(900)
 
 def _cluster(stack, tmp: Path, sc: Scenario) -> LocalCluster:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap,
+                        redis_url=None if sc.own_redis else stack.redis_url,
                         bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
     return LocalCluster(settings, tmp / job, steps=STEPS, spares=sc.spares,
                         fault_env=LocalCluster.fault_env_for(sc.fault, sc.rank, sc.step(STEPS, AT)),

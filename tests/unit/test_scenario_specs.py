@@ -31,6 +31,7 @@ def test_follow_up_refused_with_reason(spec: str, why: str) -> None:
 def test_service_fault_parses_and_refuses_what_is_not_survivable_yet() -> None:
     assert ServiceFault.parse("executor-leader:0.1") == ServiceFault("executor-leader", 0.1)
     assert ServiceFault.parse("planner:0") == ServiceFault("planner", 0.0)
+    assert ServiceFault.parse("redis:3") == ServiceFault("redis", 3.0)
     with pytest.raises(ValueError, match="memory only"):
         ServiceFault.parse("broker:1")
     with pytest.raises(ValueError, match="NAME must be one of"):
