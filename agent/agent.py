@@ -106,6 +106,7 @@ class RecoveryAgent:
         self.vote_step = 0
         self._step: int | None = None
         self._applying: int | None = None  # step whose optimizer update is under way
+        self._orphan_builds: list[threading.Thread] = []  # group builds a pause abandoned
         self._t_step = 0.0
         self._cmds: queue.Queue[ch.Message | None] = queue.Queue()
         self._pause_gen = -1  # newest generation a pause named (set by the reader thread)
@@ -202,14 +203,47 @@ class RecoveryAgent:
                                              self._abandon_rebuild,
                                              arrival_timeout_s or self.settings.rebuild_timeout_s)
         try:
-            self.groups = self.factory.build(self.store, self.settings.job_id, self.generation,
-                                             self.rank, self.world_size, self.tp)
+            self.groups = self._build_interruptibly()
         except RuntimeError as exc:  # store timeout, connect failure
             msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
             print(f"[rank{self.rank}]:[E ProcessGroupGloo.cpp] building generation "
                   f"{self.generation} failed: RuntimeError: {msg}", file=sys.stderr, flush=True)
             raise CollectiveError(f"group build g{self.generation}: {msg}") from exc
         self.comm.groups = self.groups
+
+    def _build_interruptibly(self) -> Groups:
+        """The gloo constructors on a helper thread, the main thread waiting on it so that a
+        pause of a newer generation abandons the build at once. Measured (bench/scenarios.py,
+        a second crash 0.15 s into a rebuild): members whose peer died after the arrival
+        barrier waited in cascaded per-pair connect timeouts for 75 s, past the sidecar's pause
+        deadline, and every survivor was then declared hung. The constructors release the GIL
+        while they wait, so the control thread and this loop keep running."""
+        done = threading.Event()
+        abandoned = threading.Event()
+        out: dict[str, Any] = {}
+        args = (self.store, self.settings.job_id, self.generation, self.rank, self.world_size, self.tp)
+
+        def build() -> None:
+            try:
+                out["groups"] = self.factory.build(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting main thread
+                out["error"] = exc
+            finally:
+                done.set()
+                if abandoned.is_set() and "groups" in out:  # formed after all: nobody uses it
+                    self.factory.abort(out["groups"], [])
+
+        worker = threading.Thread(target=build, name="flashrecovery-build", daemon=True)
+        worker.start()
+        while not done.wait(0.01):
+            why = self._abandon_rebuild()
+            if why is not None:
+                abandoned.set()
+                self._orphan_builds.append(worker)
+                raise PauseRequested(f"rebuild abandoned while connecting: {why}")
+        if "error" in out:
+            raise out["error"]
+        return out["groups"]
 
     def _abandon_rebuild(self) -> str | None:
         # A pause of a newer generation may have arrived before this rebuild cleared the
@@ -434,7 +468,8 @@ class RecoveryAgent:
             self.conn = None
         sys.stdout.flush()
         sys.stderr.flush()
-        if isinstance(self.factory, GlooGroupFactory) and self.factory.graveyard:
+        if any(t.is_alive() for t in self._orphan_builds) or (
+                isinstance(self.factory, GlooGroupFactory) and self.factory.graveyard):
             # Old generations may hold gloo worker threads stuck in abandoned collectives; their
             # destructors would join them at interpreter exit. Leave without running them.
             os._exit(0)

@@ -255,9 +255,13 @@ class GlooGroupFactory:
                                                    lazy_init=self.lazy_init)
 
     def _one(self, store: dist.Store, prefix: str, rank: int, size: int,
-             device: object) -> dist.ProcessGroup:
+             device: object, deadline: float | None = None) -> dist.ProcessGroup:
         opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = datetime.timedelta(seconds=self.connect_timeout_s or self.timeout_s)
+        # One budget for the whole build, not one per group: three groups each waiting the full
+        # bound for a peer that died after the arrival barrier outlasted the sidecar's pause
+        # deadline, and every survivor was then declared hung.
+        connect_s = self.timeout_s if deadline is None else max(0.5, deadline - time.monotonic())
+        opts._timeout = datetime.timedelta(seconds=connect_s)
         opts._devices = [device]
         opts._threads = self.threads
         pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, opts)
@@ -268,12 +272,13 @@ class GlooGroupFactory:
     def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
               tp: int) -> Groups:
         t0 = time.perf_counter()
+        deadline = time.monotonic() + self.connect_timeout_s if self.connect_timeout_s else None
         base = f"flashrecovery/{job}/g{generation}"
         dp_index, tp_index = divmod(rank, tp)
-        glob = self._one(store, f"{base}/global", rank, world_size, self._device())
+        glob = self._one(store, f"{base}/global", rank, world_size, self._device(), deadline)
         dp_pg = self._one(store, f"{base}/dp{tp_index}", dp_index, world_size // tp,
-                          self._device())
-        tp_pg = self._one(store, f"{base}/tp{dp_index}", tp_index, tp, self._device())
+                          self._device(), deadline)
+        tp_pg = self._one(store, f"{base}/tp{dp_index}", tp_index, tp, self._device(), deadline)
         return Groups(generation, rank, world_size, tp, glob, dp_pg, tp_pg,
                       build_s=time.perf_counter() - t0)
 

@@ -205,11 +205,19 @@ def test_group_build_with_a_missing_member_fails_within_the_connect_timeout() ->
     """#12: a member that died after the arrival barrier pinned its peers in the gloo constructor
     for the collective timeout (300 s), far past the executor's pause wait."""
     store = dist.HashStore()
-    fac = GlooGroupFactory(lazy_init=False, connect_timeout_s=1.0)  # eager, as sidecars start ranks
+    fac = GlooGroupFactory(lazy_init=False, connect_timeout_s=2.0)  # eager, as sidecars start ranks
     t0 = time.monotonic()
     with pytest.raises(RuntimeError):
         fac.build(store, "job", 1, rank=0, world_size=2, tp=1)  # rank 1 never comes
     assert time.monotonic() - t0 < 20
+    # one budget for the build: the global group takes it all, the dp group fails at once
+    store = dist.HashStore()
+    store.set("flashrecovery/job/g3/global/marker", b"x")
+    t0 = time.monotonic()
+    glob_only = GlooGroupFactory(lazy_init=False, connect_timeout_s=2.0)
+    with pytest.raises(RuntimeError):
+        glob_only.build(store, "job", 3, rank=0, world_size=4, tp=2)  # 3 of 4 never come
+    assert time.monotonic() - t0 < 2.0 + 2 * 0.5 + 3  # not 3 x 2 s
     # the collectives of a group that did form keep the long timeout and work
     ok = GlooGroupFactory(lazy_init=False, connect_timeout_s=1.0).build(dist.HashStore(), "job", 2, 0, 1, 1)
     t = torch.ones(2)

@@ -1,9 +1,14 @@
-"""#12 item 10: an exception inside a partly applied optimizer step never becomes a clean pause."""
+"""#12: an exception inside a partly applied optimizer step never becomes a clean pause (item 10);
+a pause is never stuck behind a group build (found by the scenario stress run)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from flashrecovery.agent.agent import RecoveryAgent
 from flashrecovery.agent.groups import PauseRequested
@@ -55,3 +60,40 @@ def test_exception_outside_the_update_still_pauses_when_a_pause_is_pending() -> 
         agent.recover(ValueError("shape mismatch in forward"))
     assert agent.applied_step == 0
     assert isinstance(PauseRequested("x"), Exception)
+
+
+class _StuckFactory:
+    """A group build that never finishes on its own (a peer died after the arrival barrier)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.aborted: list[object] = []
+
+    def build(self, *args):  # noqa: ANN002 - the GroupFactory signature
+        self.release.wait(30)
+        return "late groups"
+
+    def abort(self, groups, pending=()) -> None:  # noqa: ANN001
+        self.aborted.append(groups)
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+def test_a_pause_abandons_a_group_build_that_is_stuck_connecting() -> None:
+    """Survivors waited 75 s in gloo's cascaded connect timeouts, past the pause deadline, and
+    were all declared hung: a newer pause must abandon the build at once."""
+    fac = _StuckFactory()
+    agent = RecoveryAgent(AgentSettings(rank=0, world_size=1, rebuild_timeout_s=20), factory=fac)
+    agent.store = dist.HashStore()
+    agent.generation = 1
+    threading.Timer(0.3, agent.interruptor.interrupt, args=("pause g2 from sidecar",),
+                    kwargs={"generation": 2}).start()
+    t0 = time.monotonic()
+    with pytest.raises(PauseRequested, match="pause g2"):
+        agent._build_groups()
+    assert time.monotonic() - t0 < 5
+    fac.release.set()  # the build completes later: its groups are released, never used
+    deadline = time.monotonic() + 5
+    while not fac.aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fac.aborted == ["late groups"] and agent.groups is None
