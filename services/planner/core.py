@@ -122,9 +122,18 @@ def _collect(inp: PlanInput, incidents: list[FaultIncident]) -> _Faults:
                                      f"{[inp.node_ids[n] for n in nodes]}")
             if pos.size == 0:
                 f.reasons.append(f"{iid}: names no active rank")
+            # A rank a superseded plan already moved off the incident's node runs there as an
+            # assigned standby: it is restored again (PlanInput.recovering), not restarted once
+            # more (that killed the fresh standby and left the next rank a cold start in place).
+            moved = [p for p in pos.tolist() if inp.recovering[p] and nodes
+                     and int(inp.node_of[p]) not in nodes]
+            if moved:
+                f.reasons.append(f"{iid}: ranks {inp.rank[moved].tolist()} already moved by a "
+                                 "superseded plan: restored again, not restarted")
             for p in pos.tolist():
-                f.proc.setdefault(int(inp.node_of[p]), set()).add(p)
                 f.contributed.add(iid)
+                if p not in moved:
+                    f.proc.setdefault(int(inp.node_of[p]), set()).add(p)
         else:
             f.reasons.append(f"{iid}: action {inc.action.value}: nothing to restart")
     return f

@@ -336,3 +336,16 @@ def test_second_crash_on_the_same_node_supersedes_with_both_ranks():
     assert second.supersedes == first.plan_id and second.restart_ranks == (2, 3)
     assert {r.rank: r.to_node for r in second.replacements} == {2: "spare-0", 3: "spare-0"}
     check_sources(snap, second)
+
+
+def test_a_rank_moved_by_a_superseded_plan_keeps_its_standby():
+    """A crash of rank 2 (node-1) moved it to spare-0; a second crash (rank 5, node-2) supersedes
+    that plan before rank 2 was restored. Rank 2 keeps its standby on spare-0 (restored, not
+    restarted again) and rank 5 takes spare-0's other slot: no cold start in place."""
+    snap = with_rank_state(grid(spares=1), RankState.RECOVERING, {2}, node="spare-0")
+    p = plan(snap, [inc("a", ("node-1",), RESTART, ranks=(2,)), inc("b", ("node-2",), RESTART, ranks=(5,))],
+             Policy(), NOW)
+    assert p.restart_ranks == (2, 5)
+    assert {(r.rank, r.to_node, r.mode) for r in p.replacements} == {(5, "spare-0", "standby")}
+    assert {t.dst for t in p.transfers} == {2, 5}
+    check_sources(snap, p)
