@@ -15,6 +15,7 @@ and the e2e scenario tests run the very same code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -27,6 +28,7 @@ from .shared.schemas import Escalation
 from .shared.stack import start_redis
 
 WORKER_FAULTS = ("process-crash", "hang", "node-crash")
+DETECT_GRACE_S = 3.0
 SERVICE_FAULTS = ("executor-leader", "executor-leader-stall", "detector", "planner", "redis")
 # Restarting the embedded broker loses every topic (memory-only storage), and the services do not
 # yet recreate topics and re-subscribe: refused, not faked. (A restarted empty Redis loses the
@@ -84,8 +86,10 @@ SCENARIOS: dict[str, Scenario] = {
                                         service_faults=("executor-leader-stall:0.1",)),
     "detector-and-planner-killed": Scenario("process-crash", 2,
                                             service_faults=("detector:0.05", "planner:0.05")),
-    "redis-lost-then-crash": Scenario("process-crash", 2, then=("process-crash:5:5",),
-                                      service_faults=("redis:3",), own_redis=True,
+    # early first fault: training still runs when the second crash comes, after the first
+    # recovery ended and Redis came back empty
+    "redis-lost-then-crash": Scenario("process-crash", 2, at_step=2, then=("process-crash:5:3.5",),
+                                      service_faults=("redis:2.5",), own_redis=True,
                                       expect="escalate", escalation_match="no topology"),
     "no-spare-policy-wait": Scenario("node-crash", 2, spares=0, expect="escalate",
                                      escalation_match="capacity"),
@@ -252,6 +256,13 @@ async def run_followups(cluster: LocalCluster, then: list[FollowUp],
     tasks = [at(f.delay_s, lambda f=f: worker(f)) for f in then]
     tasks += [at(s.delay_s, lambda s=s: apply_service_fault(cluster, s.name, log)) for s in service_faults]
     await asyncio.gather(*tasks)
+    if then:
+        # the last worker fault's incident is published within ~0.1 s (exits are seen at once):
+        # let it land before anyone judges whether the run has settled
+        n = len(cluster.timeline.incidents)
+        with contextlib.suppress(TimeoutError):
+            await cluster.wait_until(lambda: len(cluster.timeline.incidents) > n, DETECT_GRACE_S,
+                                     "the follow-up's incident")
 
 
 def escalations(cluster: LocalCluster) -> list[Escalation]:
@@ -267,10 +278,19 @@ def _plans_ended(cluster: LocalCluster) -> bool:
     return any(c.plan_id == newest.plan_id for c in tl.completed)
 
 
+def _incidents_answered(cluster: LocalCluster) -> bool:
+    """Every incident seen is carried by a plan or an escalation (a fault that hit a rank after
+    it wrote its final state still needs its answer before the run counts as finished)."""
+    tl = cluster.timeline
+    answered = {i for p in tl.plans for i in p.incident_ids}
+    answered |= {i for e in escalations(cluster) for i in e.incident_ids}
+    return all(i.incident_id in answered for i in tl.incidents)
+
+
 def _finished(cluster: LocalCluster) -> bool:
-    """Every rank wrote its final state and no recovery is still being driven (a rank replaced
-    in the last step writes its state before the executor's verify stage ends)."""
-    return cluster.finished() and _plans_ended(cluster)
+    """Every rank wrote its final state, every incident was answered and no recovery is still
+    being driven (a rank replaced in the last step writes its state before verify ends)."""
+    return cluster.finished() and _incidents_answered(cluster) and _plans_ended(cluster)
 
 
 def _escalated_for_good(cluster: LocalCluster) -> bool:
