@@ -94,7 +94,7 @@ def run_baseline(run_dir: Path, ckpt_every: int, at_step: int, steps: int, kill_
                             stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rep: dict[str, Any] = {"ckpt_every": ckpt_every, "at_step": at_step, "steps": steps,
-                           "kill_rank": kill_rank, "nproc": NPROC, "tp": TP, "run_dir": str(run_dir)}
+                           "kill_rank": kill_rank, "nproc": NPROC, "tp": TP, "run_dir": os.path.relpath(run_dir)}
     try:
         _wait(lambda: any(r[0] == "0" and int(r[1]) >= at_step for r in _read(progress)), timeout_s,
               f"step {at_step}", proc)

@@ -141,7 +141,7 @@ def run_torchft(run_dir: Path, at_step: int, steps: int, kill_rank: int = 2, tim
     rep: dict[str, Any] = {"at_step": at_step, "steps": steps, "kill_rank": kill_rank, "replicas": replicas,
                            "tp": tp, "fault": fault, "heartbeat_timeout_ms": heartbeat_timeout_ms,
                            "ft_timeout_s": ft_timeout_s,
-                           "run_dir": str(run_dir)}
+                           "run_dir": os.path.relpath(run_dir)}
     started = time.time()
 
     def spawn(argv: list[str], log_name: str) -> subprocess.Popen:
