@@ -204,16 +204,7 @@ class LocalCluster:
             await self.wait_until(lambda: (self.rank_status(rank)[1] is not None
                                            and self.rank_status(rank)[1].step >= at_step),
                                   timeout_s, f"rank {rank} at step {at_step}")
-            node, status = self.rank_status(rank)
-            t = time.time()
-            if fault == "process-crash":
-                os.kill(status.pid, signal.SIGKILL)
-            elif fault == "hang":
-                os.kill(status.pid, signal.SIGSTOP)
-            else:
-                proc = self.sup.procs[f"sidecar-{node}"]
-                os.killpg(proc.pid, signal.SIGKILL)  # the sidecar and every worker it started
-            return t
+            return self.fault_now(fault, rank)
         # agent-injected: the first exit or matching log line from that rank marks the moment
         def seen():
             ev = next((e for e in self.timeline.exits if e.rank == rank and not e.expected), None) or \
@@ -221,6 +212,27 @@ class LocalCluster:
             return ev
         await self.wait_until(lambda: seen() is not None, timeout_s, f"{fault} on rank {rank}")
         return seen().emitted_at
+
+    def fault_now(self, fault: str, rank: int) -> float:
+        """process-crash | hang | node-crash on `rank` now, by the PID its last heartbeat named;
+        returns the fault's wall time. A process already gone counts as faulted."""
+        node, status = self.rank_status(rank)
+        if status is None:
+            raise RuntimeError(f"rank {rank} is not in any heartbeat yet")
+        t = time.time()
+        try:
+            if fault == "process-crash":
+                os.kill(status.pid, signal.SIGKILL)
+            elif fault == "hang":
+                os.kill(status.pid, signal.SIGSTOP)
+            elif fault == "node-crash":
+                proc = self.sup.procs[f"sidecar-{node}"]
+                os.killpg(proc.pid, signal.SIGKILL)  # the sidecar and every worker it started
+            else:
+                raise ValueError(f"unknown worker fault {fault!r}")
+        except ProcessLookupError:
+            pass
+        return t
 
     @staticmethod
     def fault_env_for(fault: str, rank: int, at_step: int) -> str | None:

@@ -155,24 +155,6 @@ class ScenarioLog:
         self.actions.append({"at": time.time(), "what": what, **detail})
 
 
-async def inject_now(cluster: LocalCluster, kind: str, rank: int) -> float:
-    """A worker fault on `rank` now, whatever step it is at."""
-    node, status = cluster.rank_status(rank)
-    if status is None:
-        raise RuntimeError(f"rank {rank} is not in any heartbeat yet")
-    t = time.time()
-    if kind == "process-crash":
-        _signal(status.pid, signal.SIGKILL)
-    elif kind == "hang":
-        _signal(status.pid, signal.SIGSTOP)
-    elif kind == "node-crash":
-        proc = cluster.sup.procs[f"sidecar-{node}"]
-        os.killpg(proc.pid, signal.SIGKILL)  # the sidecar and every worker it started
-    else:
-        raise ValueError(f"unknown worker fault {kind!r}")
-    return t
-
-
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -250,7 +232,7 @@ async def run_followups(cluster: LocalCluster, then: list[FollowUp],
         await coro_fn()
 
     async def worker(f: FollowUp) -> None:
-        t = await inject_now(cluster, f.kind, f.rank)
+        t = cluster.fault_now(f.kind, f.rank)
         log.add(f"{f.kind} on rank {f.rank}", fault_at=t)
 
     tasks = [at(f.delay_s, lambda f=f: worker(f)) for f in then]

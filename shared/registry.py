@@ -358,10 +358,6 @@ class Registry:
         v = await self.r.get(self.k.lease(name))
         return v.decode() if v else None
 
-    async def first_time(self, consumer: str, event_id: str, ttl_s: int = 3600) -> bool:
-        """True once per (consumer, event id): the idempotency guard for redelivered messages."""
-        return bool(await self.r.set(self.k.seen(consumer, event_id), 1, nx=True, ex=ttl_s))
-
     async def handled(self, consumer: str, event_id: str) -> bool:
         """Whether `consumer` finished handling the event (mark_handled). Checked before and
         marked after the handling: a consumer killed half-way handles the redelivery again."""
