@@ -294,16 +294,19 @@ class SidecarService:
         if world and n >= world:
             await self._stop_finished()
 
+    def _finished_waiting(self) -> list[Worker]:
+        """Finished workers still up as replicas (not told to stop yet)."""
+        return [w for w in self.workers.values()
+                if w.state == RankState.DONE and not w.expected_exit and w.proc.returncode is None]
+
     async def _stop_finished(self) -> None:
         """Stop this node's finished workers (idempotent: a stopped one is skipped)."""
-        for w in list(self.workers.values()):
-            if w.state == RankState.DONE and not w.expected_exit and w.proc.returncode is None:
-                w.expected_exit = True
-                await self._send(w, ch.Stop())
+        for w in self._finished_waiting():
+            w.expected_exit = True
+            await self._send(w, ch.Stop())
 
     async def _stop_if_job_finished(self) -> None:
-        if any(w.state == RankState.DONE and not w.expected_exit and w.proc.returncode is None
-               for w in self.workers.values()) and await self.registry.job_finished():
+        if self._finished_waiting() and await self.registry.job_finished():
             self.log.info("job_finished")
             await self._stop_finished()
 
