@@ -1,13 +1,44 @@
 """FlashRecovery in-trainer agent: keeps a training process alive through failures elsewhere.
 
+For a user's own script (docs/integration.md)::
+
+    import flashrecovery.agent as fr
+    agent = fr.init()                                   # in place of init_process_group
+    model = DDP(net, process_group=agent.dp_group, init_sync=False)
+    agent.register(model, opt, scheduler=sched)
+    for step in agent.steps(total):                     # in place of range(...)
+        ...; opt.step()
+
 Public API:
-- ``RecoveryAgent`` (agent.py): the lifecycle class a training loop uses.
-- ``channel``: the sidecar <-> worker message models and codec (a shared contract).
+- ``init``, ``ManagedAgent`` (managed.py): the agent driven from a user's unchanged loop.
+- ``RecoverableGroup`` (process_group.py): torch process groups that survive recoveries.
+- ``StepBatches`` (data.py): a dataset's batches as a function of (step, data-parallel index).
+- ``step_seed``: the per-step RNG seed the agent applies.
+- ``RecoveryAgent`` (agent.py): the lower-level lifecycle (begin_step / sync_gradients / commit /
+  recover) the reference job uses.
+- ``Stateful``, ``TrainingState``, ``state_digest`` (transfer.py): the training-state contract.
 - ``decide_recovery``, ``RecoveryDecision``, ``plan_transfers`` (commit_rule.py): pure decisions.
-- ``GroupFactory``, ``GlooGroupFactory``, ``NcclGroupFactory``, ``Comm``, ``Interrupted``
-  (groups.py): per-generation groups and interruptible collectives.
 """
 
+from importlib import import_module
+from typing import Any
+
+# Eager: torch-free (the sidecar and executor import this package for channel / commit_rule and
+# must not pay for importing torch). Everything else loads on first use.
 from .commit_rule import InconsistentReports, RecoveryDecision, decide_recovery, plan_transfers
 
-__all__ = ["InconsistentReports", "RecoveryDecision", "decide_recovery", "plan_transfers"]
+_LAZY = {"AgentExit": "agent", "RecoveryAgent": "agent", "StepBatches": "data",
+         "ManagedAgent": "managed", "init": "managed", "step_seed": "managed",
+         "RecoverableGroup": "process_group", "Stateful": "transfer", "TrainingState": "transfer",
+         "state_digest": "transfer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AgentExit", "InconsistentReports", "ManagedAgent", "RecoverableGroup", "RecoveryAgent",
+           "RecoveryDecision", "Stateful", "StepBatches", "TrainingState", "decide_recovery", "init",
+           "plan_transfers", "state_digest", "step_seed"]

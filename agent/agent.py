@@ -147,6 +147,19 @@ class RecoveryAgent:
 
     def start(self) -> int:
         """Connect to the sidecar and the store, build groups; returns the first step to run."""
+        self._connect()
+        if self._awaits_state():
+            # a standby, or a replacement cold-started into generation g > 0: it has no state
+            # yet, so it waits for `recover` (and receives its state there)
+            return self._standby_wait()
+        assert self.rank is not None, "FLASHRECOVERY_RANK is required for a non-standby worker"
+        self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
+        self.log.info("started", generation=self.generation, world_size=self.world_size,
+                      build_s=round(self.groups.build_s, 4) if self.groups else None)
+        return self.applied_step + 1
+
+    def _connect(self) -> None:
+        """Sidecar socket (commands), rendezvous store, hello."""
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 pid`: stacks
         if self.settings.agent_socket:
             self.conn = ch.Connection.connect(self.settings.agent_socket)
@@ -158,24 +171,21 @@ class RecoveryAgent:
                                    is_master=False, timeout=datetime.timedelta(seconds=300))
         self._send(ch.Hello(pid=os.getpid(), rank=None if self.standby else self.rank,
                             local_rank=self.local_rank, standby=self.standby))
-        if self.standby or (self.generation > 0 and self.conn is not None):
-            # a standby, or a replacement cold-started into generation g > 0: it has no state
-            # yet, so it waits for `recover` (and receives its state there)
-            return self._standby_wait()
-        assert self.rank is not None, "FLASHRECOVERY_RANK is required for a non-standby worker"
-        self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
-        self.log.info("started", generation=self.generation, world_size=self.world_size,
-                      build_s=round(self.groups.build_s, 4) if self.groups else None)
-        return self.applied_step + 1
+
+    def _awaits_state(self) -> bool:
+        return self.standby or (self.generation > 0 and self.conn is not None)
+
+    def _on_assign(self, cmd: ch.Assign) -> None:
+        self.rank, self.local_rank, self.node_id = cmd.rank, cmd.local_rank, cmd.node_id
+        self.log = _make_logger(self.rank)
+        self.log.info("assigned", node_id=cmd.node_id, local_rank=cmd.local_rank)
 
     def _standby_wait(self) -> int:
         self.log.info("standby waiting for assign")
         while True:
             cmd = self._next_cmd()
             if isinstance(cmd, ch.Assign):
-                self.rank, self.local_rank, self.node_id = cmd.rank, cmd.local_rank, cmd.node_id
-                self.log = _make_logger(self.rank)
-                self.log.info("assigned", node_id=cmd.node_id, local_rank=cmd.local_rank)
+                self._on_assign(cmd)
             elif isinstance(cmd, ch.Pause) and self.rank is not None:
                 # Assigned but not recovered yet, and a superseding plan pauses everyone: say
                 # so (no state held: applied 0), or that plan's pause waits for us until it fails.
@@ -308,11 +318,18 @@ class RecoveryAgent:
         if self.before_apply is not None:
             self.before_apply(step)  # gradients only (clipping): still a clean pause if it fails
         self._applying = step
-        self.optimizer.step()
+        self._optimizer_step()
         if self.scheduler is not None:
-            self.scheduler.step()
+            self._scheduler_step()
         self._applying = None
         self.applied_step = step
+
+    def _optimizer_step(self) -> None:
+        assert self.optimizer is not None
+        self.optimizer.step()
+
+    def _scheduler_step(self) -> None:
+        self.scheduler.step()
 
     def long_phase(self, name: str, expected_s: float) -> None:
         self._send(ch.LongPhase(rank=self.rank, name=name, expected_s=expected_s))
@@ -406,6 +423,7 @@ class RecoveryAgent:
             self._apply(cmd.commit_step)
             self.vote_step = cmd.commit_step
             self.log.info("committed in recovery", step=cmd.commit_step)
+        self._before_transfers()
         results: list[TransferResult] = []
         assert self.state is not None, "attach(model, optimizer) first"
         for t in sending:
@@ -443,8 +461,15 @@ class RecoveryAgent:
                                     for k, v in record.items()})
         return cmd.resume_step
 
+    def _before_transfers(self) -> None:
+        """Called in a recovery once the commit step is applied, before any state moves."""
+
     def finish(self, digest: str) -> None:
         """Report done, then serve as a replica for late recoveries until the sidecar says stop."""
+        self._serve_until_stop(digest)
+        self.close()
+
+    def _serve_until_stop(self, digest: str) -> None:
         while True:
             self._send(ch.Done(rank=self.rank, step=self.applied_step, digest=digest))
             if self.conn is None:
@@ -460,7 +485,6 @@ class RecoveryAgent:
                 self.interruptor.interrupt(f"pause g{cmd.generation} after done",
                                            generation=cmd.generation)
                 self._recover_loop(exc=PauseRequested(f"pause g{cmd.generation} after done"))
-        self.close()
 
     def close(self) -> None:
         if self.conn is not None:

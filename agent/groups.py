@@ -79,6 +79,24 @@ class Interruptor:
             self._reason = None
             return True
 
+    def watch(self, waiter: object) -> bool:
+        """Have ``waiter.set()`` called on the next interrupt; False (not watched) if this rank
+        is interrupted already."""
+        with self._lock:
+            if self._reason is not None:
+                return False
+            self._waiters.add(waiter)  # type: ignore[arg-type]
+            return True
+
+    def unwatch(self, waiter: object) -> None:
+        with self._lock:
+            self._waiters.discard(waiter)  # type: ignore[arg-type]
+
+    def abandon(self, fut: object) -> None:
+        """A collective left running on the generation being paused (see GlooGroupFactory)."""
+        with self._lock:
+            self._abandoned.append(fut)
+
     def take_abandoned(self) -> list[object]:
         with self._lock:
             out, self._abandoned = self._abandoned, []

@@ -1,0 +1,297 @@
+"""Process groups that outlive generations, for a user's ordinary torch.distributed code.
+
+A ``RecoverableGroup`` is a ``torch.distributed.ProcessGroup`` (a Python subclass, as torch's
+own Python process groups are) whose collectives go to the current generation's gloo group of
+one kind (``global``, ``dp`` or ``tp``; agent/groups.py builds them per generation). A user's
+``dist.all_reduce(x, group=agent.tp_group)``, ``dist.broadcast``, ``dist.all_gather``,
+``dist.barrier`` and torch's own ``DistributedDataParallel(model, process_group=agent.dp_group,
+init_sync=False)`` keep working across recoveries: the object stays, the generation under it
+changes.
+
+A fault never surfaces as an exception in user code (TorchFT's managed work does the same).
+A collective whose peer died, or that a pause interrupts, completes at once with the caller's
+tensors as they were, and the step is marked broken (``GroupSession.mark_broken``); the agent's
+optimizer wrapper then refuses to apply the step and runs the recovery instead, and
+``agent.steps()`` yields the step to resume from. Each collective works on a private copy of
+its tensors and copies the result back only on success: a collective abandoned on a paused
+generation that completes late writes into its own copy, never into a later step's tensors
+(DDP reuses its bucket buffers every step).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._C import _distributed_c10d as _c10d
+from torch.futures import Future
+
+from .groups import Groups, Interruptor, _ThreadFuture
+
+KINDS = ("global", "dp", "tp")
+
+
+class GroupSession(Protocol):
+    """What a RecoverableGroup needs from the agent (RecoveryAgent implements it)."""
+
+    interruptor: Interruptor
+
+    @property
+    def groups(self) -> Groups | None: ...
+
+    def mark_broken(self, why: str) -> None: ...
+
+    def step_broken(self) -> str | None: ...
+
+    def before_collective(self, kind: str) -> None: ...
+
+
+def members(kind: str, rank: int, world_size: int, tp: int) -> list[int]:
+    """Global ranks of ``rank``'s group of ``kind``, in group-rank order (as groups.py builds
+    them: dp groups gather one tp index across dp replicas, tp groups one replica's shards)."""
+    dp_index, tp_index = divmod(rank, tp)
+    if kind == "global":
+        return list(range(world_size))
+    if kind == "dp":
+        return [tp_index + i * tp for i in range(world_size // tp)]
+    if kind == "tp":
+        return [dp_index * tp + j for j in range(tp)]
+    raise ValueError(f"group kind {kind!r}: expected one of {KINDS}")
+
+
+class _FutureWork(dist.Work):
+    """A Work over a torch Future that the group completes (never with an error)."""
+
+    def __init__(self, fut: Future) -> None:
+        super().__init__()
+        self._fut = fut
+
+    def wait(self, timeout: Any = None) -> bool:
+        self._fut.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._fut.done()
+
+    def is_success(self) -> bool:
+        return True
+
+    def get_future(self) -> Future:
+        return self._fut
+
+
+class _Call:
+    """One collective in flight: finishes exactly once, by the backend or by an interrupt."""
+
+    def __init__(self, session: GroupSession, what: str, outs: list[torch.Tensor],
+                 copies: list[torch.Tensor], result: Any) -> None:
+        self.session, self.what = session, what
+        self.outs, self.copies, self.result = outs, copies, result
+        self.fut: Future = Future()
+        self.backend_fut: Any = None  # the backend's future, once launched
+        self.by_interrupt = False
+        self._lock = threading.Lock()
+        self._done = False
+
+    def finish(self, error: str | None) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        if error is None:
+            for out, c in zip(self.outs, self.copies):
+                out.copy_(c)
+        else:
+            self.session.mark_broken(f"{self.what}: {error}")
+        self.session.interruptor.unwatch(self)
+        self.fut.set_result(self.result)
+
+    def set(self) -> None:  # the Interruptor wakes its watchers with .set()
+        self.by_interrupt = True
+        bf = self.backend_fut
+        if bf is not None and not bf.done():
+            # left running on the paused generation: the agent keeps that generation's groups
+            # alive until it ends (GlooGroupFactory.abort/reap)
+            self.session.interruptor.abandon(bf)
+        self.finish(f"interrupted ({self.session.interruptor.reason})")
+
+
+class RecoverableGroup(dist.ProcessGroup):
+    def __init__(self, session: GroupSession, kind: str, rank: int, world_size: int,
+                 tp: int) -> None:
+        self.kind = kind
+        self.global_ranks = members(kind, rank, world_size, tp)
+        super().__init__(self.global_ranks.index(rank), len(self.global_ranks))
+        self._session = session
+        self._group_rank = self.global_ranks.index(rank)
+
+    # ------------------------------------------------------------------ identity
+    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+        return "flashrecovery"
+
+    def name(self) -> str:
+        return f"flashrecovery-{self.kind}"
+
+    def rank(self) -> int:
+        return self._group_rank
+
+    def size(self) -> int:
+        return len(self.global_ranks)
+
+    def shutdown(self) -> None:  # dist.destroy_process_group(): the agent owns the generations
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ the dispatch
+    def _backend(self) -> Any:
+        g = self._session.groups
+        if g is None:
+            return None
+        return {"global": g.global_pg, "dp": g.dp_pg, "tp": g.tp_pg}[self.kind]
+
+    def _run(self, what: str, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor],
+             launch: Callable[[Any, list[torch.Tensor], list[torch.Tensor]], dist.Work],
+             result: Any = None) -> dist.Work:
+        """``launch(backend, in_copies, out_copies)`` starts the collective on host copies;
+        ``outs`` receive the out copies on success. In-place collectives pass the same tensors
+        as ``outs`` and ``ins`` (one copy serves both)."""
+        session = self._session
+        session.before_collective(self.kind)
+        outs = list(outs)
+        same = len(outs) == len(ins) and all(o is i for o, i in zip(outs, ins))
+        in_copies = [t.detach().to("cpu", copy=True).contiguous() for t in ins]
+        out_copies = in_copies if same else [torch.empty_like(t, device="cpu") for t in outs]
+        call = _Call(session, f"{self.kind} {what}", outs, out_copies,
+                     outs if result is None else result)
+        backend = self._backend()
+        if session.step_broken() is not None or backend is None:
+            # the step is already lost: nothing to talk to, nobody to wait for
+            call.finish(f"skipped: {session.step_broken() or 'no groups (paused)'}")
+            return _FutureWork(call.fut)
+        if len(self.global_ranks) == 1:
+            call.finish(None)
+            return _FutureWork(call.fut)
+        if not session.interruptor.watch(call):
+            call.finish(f"interrupted ({session.interruptor.reason})")
+            return _FutureWork(call.fut)
+        try:
+            work = launch(backend, in_copies, out_copies)
+        except RuntimeError as exc:  # the generation is gone (aborted) under us
+            call.finish(_first_line(exc))
+            return _FutureWork(call.fut)
+        try:
+            bfut: Any = work.get_future()
+        except RuntimeError:  # gloo p2p work has no future: a helper thread waits on it
+            bfut = _ThreadFuture(work)
+        call.backend_fut = bfut
+
+        def done(f: Any) -> None:
+            try:
+                f.wait()
+            except Exception as exc:  # noqa: BLE001 - a peer died: the step is broken
+                _print_failure(session, call.what, exc)
+                call.finish(_first_line(exc))
+                return
+            call.finish(None)
+
+        bfut.add_done_callback(done)
+        if call.by_interrupt and not bfut.done():  # interrupted before backend_fut was set
+            session.interruptor.abandon(bfut)
+        return _FutureWork(call.fut)
+
+    # ------------------------------------------------------------------ collectives
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = _allreduce_opts(opts)
+        return self._run("allreduce", tensors, tensors,
+                         lambda b, ins, outs: b.allreduce(ins, opts))
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        if opts is None or not isinstance(opts, dist.BroadcastOptions):
+            o = dist.BroadcastOptions()
+            if isinstance(opts, int):
+                o.rootRank = opts
+            opts = o
+        return self._run("broadcast", tensors, tensors,
+                         lambda b, ins, outs: b.broadcast(ins, opts))
+
+    def allgather(self, output_lists: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
+                  opts: Any = None) -> dist.Work:
+        opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
+        flat_outs = [t for lst in output_lists for t in lst]
+        shape = [len(lst) for lst in output_lists]
+
+        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
+            it = iter(outs)
+            return b.allgather([[next(it) for _ in range(n)] for n in shape], ins, opts)
+
+        return self._run("allgather", flat_outs, input_tensors, launch, result=output_lists)
+
+    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor,
+                        opts: Any = None) -> dist.Work:
+        opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
+        return self._run("allgather", [output], [input],
+                         lambda b, ins, outs: b._allgather_base(outs[0], ins[0], opts),
+                         result=[output])
+
+    def barrier(self, opts: Any = None) -> dist.Work:
+        token = torch.zeros(1)
+        return self._run("barrier", [token], [token],
+                         lambda b, ins, outs: b.allreduce(ins, dist.AllreduceOptions()))
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
+        return self._run(f"send to {dst}", [], tensors,
+                         lambda b, ins, outs: b.send(ins, dst, tag), result=tensors)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
+        return self._run(f"recv from {src}", tensors,
+                         [torch.empty_like(t) for t in tensors],
+                         lambda b, ins, outs: b.recv(outs, src, tag))
+
+
+def _allreduce_opts(opts: Any) -> dist.AllreduceOptions:
+    if isinstance(opts, dist.AllreduceOptions):
+        return opts
+    o = dist.AllreduceOptions()
+    if opts is not None:  # the pybind overload allreduce(tensors, op)
+        o.reduceOp = opts
+    return o
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)
+
+
+def _print_failure(session: GroupSession, what: str, exc: BaseException) -> None:
+    # Printed like gloo/c10d prints it, so the sidecar's log classifier matches the line.
+    g = session.groups
+    rank = g.rank if g is not None else None
+    print(f"[rank{rank}]:[E ProcessGroupGloo.cpp] {what} failed: RuntimeError: "
+          f"{_first_line(exc)}", file=sys.stderr, flush=True)
+
+
+def install(session: GroupSession, store: dist.Store, rank: int, world_size: int,
+            tp: int, default: bool) -> dict[str, RecoverableGroup]:
+    """Make the recoverable groups torch.distributed groups: ``dist.get_rank(group)``,
+    ``dist.get_world_size(group)`` and the collectives accept them; with ``default`` the global
+    one becomes the default group, so a script's ``dist.get_rank()`` / ``dist.all_reduce(x)``
+    work unchanged after ``flashrecovery.agent.init()`` instead of ``init_process_group``.
+    Uses torch's group registry (``_world``), as ``new_group`` does."""
+    from torch.distributed import distributed_c10d as c10d
+
+    out = {}
+    for kind in KINDS:
+        pg = RecoverableGroup(session, kind, rank, world_size, tp)
+        name = f"flashrecovery_{kind}"
+        c10d._world.pg_map[pg] = ("flashrecovery", store)
+        c10d._world.pg_names[pg] = name
+        c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(pg.global_ranks)}
+        c10d._world.pg_backend_config[pg] = "cpu:flashrecovery"
+        out[kind] = pg
+    if default:
+        c10d._update_default_pg(out["global"])
+    return out
