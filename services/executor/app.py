@@ -27,8 +27,8 @@ from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction,
 from flashrecovery.shared.settings import Settings
 
 from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, covered_by,
-                   fence_refusal, judge, next_phase_name, ranks_to_kill, select_plan, settled, touched_nodes,
-                   waitlist)
+                   fence_refusal, judge, next_phase_name, ranks_to_kill, select_plan, settled, superseded_id,
+                   touched_nodes, waitlist)
 
 
 PLACEMENT_POLL_S = 1.0  # how soon after a topology change the warm placement is rebuilt
@@ -359,7 +359,8 @@ class ExecutorService:
         """-> the registry generation this plan may fence from; raises PlanRefused when the
         plan was made against a generation the registry has left (core.fence_refusal)."""
         cur = await self.registry.generation()
-        superseded_run = await self._run_state(plan.supersedes) if plan.supersedes else None
+        old = superseded_id(plan, self.plans.values())
+        superseded_run = await self._run_state(old) if old else None
         why = fence_refusal(plan, cur, superseded_run or None)
         if why is not None:
             cover = covered_by(plan, self.plans.values())

@@ -169,6 +169,22 @@ def covered_by(plan: RecoveryPlan, plans: Iterable[RecoveryPlan]) -> RecoveryPla
     return max(newer, key=_age, default=None)
 
 
+def superseded_id(plan: RecoveryPlan, plans: Iterable[RecoveryPlan]) -> str | None:
+    """The plan `plan` replaces: the one it names, else the newest older plan made against the
+    same generation whose incidents it all carries. The planner names the plan the executor is
+    driving; a plan it made a moment before the executor started the other cannot name it, yet
+    replaces it just the same (measured: two ranks on two nodes killed at once, plan A for one
+    started, plan B for both arrived during A's pause, was refused as stale, and A, which could
+    not rebuild without B's rank, failed: the job escalated)."""
+    if plan.supersedes:
+        return plan.supersedes
+    mine = set(plan.incident_ids)
+    older = [q for q in plans if q.plan_id != plan.plan_id
+             and q.target_generation == plan.target_generation and _age(q) < _age(plan)
+             and set(q.incident_ids) <= mine]
+    return max(older, key=_age).plan_id if older else None
+
+
 def _age(plan: RecoveryPlan) -> tuple[int, float, str]:
     return plan.target_generation, plan.emitted_at, plan.plan_id
 
@@ -178,14 +194,15 @@ def select_plan(plans: Iterable[RecoveryPlan], runs: Mapping[str, Mapping[str, s
     """The newest plan that may still run, and every plan that never may.
 
     runs: plan id -> its run state (phase, generation once fenced, ...; absent or empty: never
-    started); generation: the registry's now. A plan named by another's `supersedes` never
+    started); generation: the registry's now. A plan another replaces (superseded_id) never
     runs; nor does a plan not yet started that may not fence (fence_refusal: the registry left
     the generation it was made against, e.g. a newer plan fenced or finished since), nor a
     started one whose fence a newer plan's fence followed. Of the rest only the newest runs;
     the others are retired, started or not: two plans made from one generation must not both
     run."""
     plans = list(plans)
-    named = {p.supersedes: p.plan_id for p in plans if p.supersedes}
+    replaces = {p.plan_id: superseded_id(p, plans) for p in plans}
+    named = {old: p for p, old in replaces.items() if old}
     live: list[RecoveryPlan] = []
     stale: list[tuple[RecoveryPlan, str]] = []
     for p in plans:
@@ -197,7 +214,8 @@ def select_plan(plans: Iterable[RecoveryPlan], runs: Mapping[str, Mapping[str, s
         if p.plan_id in named:
             why = f"superseded by {named[p.plan_id]}"
         elif phase is None:
-            why = fence_refusal(p, generation, runs.get(p.supersedes) if p.supersedes else None)
+            old = replaces[p.plan_id]
+            why = fence_refusal(p, generation, runs.get(old) if old else None)
         elif "generation" in run and int(run["generation"]) < generation:
             why = f"fenced generation {run['generation']}, registry moved on to {generation}"
         if why is None:

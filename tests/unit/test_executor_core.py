@@ -151,7 +151,7 @@ def test_of_two_plans_from_one_generation_only_the_newest_runs():
     choice = select_plan([a, b], {}, 0)
     assert choice.drive is b
     assert [(p.plan_id, o) for p, o, _ in choice.retire] == [("A", "superseded")]
-    assert "not the newest plan: B" in choice.retire[0][2]
+    assert "superseded by B" in choice.retire[0][2]
 
 
 def test_a_superseded_plan_is_retired_and_its_successor_runs():
@@ -187,3 +187,21 @@ def test_fence_refuses_a_plan_made_against_another_generation():
     assert fence_refusal(c, 2, a_run) is None
     assert fence_refusal(c, 2, {**a_run, "topology_written": "1"}) is not None
     assert fence_refusal(c, 3, a_run) is not None
+
+
+def test_a_plan_carrying_a_started_plans_incidents_replaces_it_without_naming_it():
+    # Two ranks on two nodes killed at once: A (one incident) started and fenced 0 -> 1; B (both
+    # incidents), made from generation 0 before the planner saw A start, names nothing. B must
+    # replace A (A alone cannot rebuild without B's second rank), not be refused as stale.
+    a, b = _p("A", 1, ["i1"], at=1.0), _p("B", 1, ["i1", "i2"], at=2.0)
+    a_run = {"phase": "pause", "generation": "1", "snapshot_generation": "0"}
+    choice = select_plan([a, b], {"A": a_run}, 1)
+    assert choice.drive is b
+    assert [(p.plan_id, o) for p, o, _ in choice.retire] == [("A", "superseded")]
+    assert "superseded by B" in choice.retire[0][2]
+    # once A wrote its topology, B's snapshot is out of date: refused (it escalates loudly)
+    choice = select_plan([a, b], {"A": {**a_run, "topology_written": "1"}}, 1)
+    assert choice.drive is None
+    # a plan for other incidents, or made against another generation, replaces nothing
+    c = _p("C", 1, ["i2"], at=3.0)
+    assert select_plan([a, c], {"A": a_run}, 1).drive is a
