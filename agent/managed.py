@@ -135,7 +135,7 @@ class ManagedAgent(RecoveryAgent):
         self.pgs = install(self, self.store, self.rank, self.world_size, self.tp, default_group)
         atexit.register(self.close)
         self.log.info("initialised", generation=self.generation, world_size=self.world_size,
-                      awaiting_state=self._awaiting)
+                      awaiting_state=self._awaiting, pid=os.getpid())
 
     def _wait_assigned(self) -> None:
         while self.rank is None:

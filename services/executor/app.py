@@ -525,7 +525,9 @@ class ExecutorService:
             committed_steps_lost=int(state.get("steps_lost", 0)), reason=reason or state.get("commit_reason", ""))
         await self.producer.publish(done, wait=True)
         self.log.info("plan_finished", plan_id=plan.plan_id, outcome=outcome, rto_s=done.rto_s,
-                      phases=phase_seconds, reason=done.reason)
+                      phases=phase_seconds, resume_step=done.recovery_step,
+                      committed_steps_lost=done.committed_steps_lost,
+                      steps_recomputed=done.steps_recomputed, reason=done.reason)
 
 
 async def main(settings: Settings) -> None:
