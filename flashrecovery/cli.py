@@ -20,8 +20,8 @@ def _run_service(name: str) -> int:
     settings = load_settings()
     configure(settings.log_format)
     module = importlib.import_module(f"flashrecovery.{name}.app")
-    asyncio.run(module.main(settings))
-    return 0
+    code = asyncio.run(module.main(settings))
+    return code if isinstance(code, int) else 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
