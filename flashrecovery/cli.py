@@ -27,7 +27,7 @@ def _run_service(name: str) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the embedded stack (unless addresses are configured) and every service; stop all
     of it on Ctrl-C / SIGTERM."""
-    from .supervisor import SERVICES, Supervisor
+    from .supervisor import SERVICES, Supervisor, job_address_file, write_job_address
 
     settings = load_settings()
     configure(settings.log_format)
@@ -51,6 +51,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                     names.append(service)
         asyncio.run(sup.wait_ready(names))
         log.info("services_ready", services=names, logs=str(sup.run_dir))
+        address = job_address_file(settings.runtime_dir, settings.job_id)
+        write_job_address(address, settings, sup, sup.run_dir)  # for status / events / inject
         print(f"flashrecovery up: {', '.join(names)} ready; kafka {stack.kafka_bootstrap}, "
               f"redis {stack.redis_url}. Ctrl-C stops everything.", flush=True)
         if args.exit_when_ready:
@@ -68,6 +70,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         sup.stop_all()
+        job_address_file(settings.runtime_dir, settings.job_id).unlink(missing_ok=True)
         log.info("stopped", nothing_left_running=all(p.poll() is not None for p in sup.procs.values()))
 
 
