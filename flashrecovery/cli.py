@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(service, help=f"run one {service} (addresses from FLASHRECOVERY_*)")
     # Tools are imported only when asked for: a service start must not pay for torch.
     argv = sys.argv[1:] if argv is None else argv
-    tools = {"demo": "flashrecovery.demo", "status": "flashrecovery.tools", "events": "flashrecovery.tools",
+    tools = {"run": "flashrecovery.launch", "demo": "flashrecovery.demo", "status": "flashrecovery.tools",
+             "events": "flashrecovery.tools",
              "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli"}
     for name, module in tools.items():
         if argv and argv[0] == name:

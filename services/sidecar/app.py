@@ -549,15 +549,19 @@ class SidecarService:
 
 
 async def main(settings: Settings) -> int:
-    """Run one sidecar until stopped. -> exit code: with exit_with_job, 0 when the job finished
-    and 1 when one of its workers failed beyond repair; 0 when stopped (signal, STOP command)."""
+    """Run one sidecar until stopped. -> exit code: 0 when stopped (signal, STOP command); with
+    exit_with_job, 0 when the job finished, 1 when one of its workers failed beyond repair and
+    128 + the signal when a signal stopped it first."""
     svc = SidecarService(settings)
     loop = asyncio.get_running_loop()
+    got: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, svc.stopping.set)
+        loop.add_signal_handler(sig, lambda s=sig: (got.append(s), svc.stopping.set()))
     try:
         await svc.run()
     finally:
         svc.stopping.set()
         await svc.close()
-    return svc.result[0] if svc.result else 0
+    if svc.result is not None:
+        return svc.result[0]
+    return 128 + got[0] if got and settings.sidecar.exit_with_job else 0
