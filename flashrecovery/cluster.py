@@ -111,6 +111,9 @@ class LocalCluster:
     # where the workers write their final states (rank{r}.pt), if they do: finished(), final_states()
     out_dir: Path | None = None
     exit_with_job: bool = False  # sidecars end with the job (flashrecovery run)
+    # The nodes are slices of one machine (flashrecovery run --standalone): torchrun's view
+    # is one node, GROUP_RANK 0, LOCAL_RANK 0..world-1 across the sidecars.
+    one_machine: bool = False
     sup: Supervisor = field(init=False)
     timeline: Timeline = field(default_factory=Timeline)
 
@@ -150,11 +153,14 @@ class LocalCluster:
         if self.fault_env:
             env["FLASHRECOVERY_FAULT"] = self.fault_env
         sidecars = []
+        if self.one_machine:
+            env.update(FLASHRECOVERY_SIDECAR__NODE_RANK="0", FLASHRECOVERY_SIDECAR__LOCAL_WORLD_SIZE=str(self.world))
         for n in range(self.nodes):
             ranks = ",".join(str(r) for r in range(n * self.ranks_per_node, (n + 1) * self.ranks_per_node))
+            base = str(n * self.ranks_per_node if self.one_machine else 0)
             self.sup.spawn(f"sidecar-node-{n}", [sys.executable, "-m", "flashrecovery.sidecar"],
                            FLASHRECOVERY_SIDECAR__NODE_ID=f"node-{n}", FLASHRECOVERY_SIDECAR__RANKS=ranks,
-                           FLASHRECOVERY_SIDECAR__ROLE="active",
+                           FLASHRECOVERY_SIDECAR__ROLE="active", FLASHRECOVERY_SIDECAR__LOCAL_RANK_BASE=base,
                            FLASHRECOVERY_SIDECAR__CAPACITY=str(self.ranks_per_node), **env)
             sidecars.append(f"node-{n}")
         for s in range(self.spares):

@@ -148,6 +148,16 @@ def plan_of(args: argparse.Namespace) -> RunPlan:
                    timeout_s=args.timeout, echo=args.echo)
 
 
+def standalone_layout(nproc: int, tp: int, standbys: int) -> tuple[int, int]:
+    """-> (nodes, ranks per node) registered for --standalone. With standbys, one node (and
+    sidecar) per tensor-parallel group: the planner restores a replaced rank only from replicas
+    on other nodes than the faulty one (a node with a dead process is suspect as a source), so
+    on a single registered node every replica would count as lost. Without standbys nothing is
+    recovered anyway: one node, one sidecar. torchrun's view (LOCAL_RANK 0..N-1, GROUP_RANK 0)
+    is the same either way."""
+    return (nproc // tp, tp) if standbys else (1, nproc)
+
+
 def launcher_env(environ: dict[str, str], nproc: int) -> dict[str, str]:
     """What the launcher adds to its own environment before starting anything, as torchrun does:
     OMP_NUM_THREADS=1 when several ranks share the node and it is not set (also what makes the
@@ -224,9 +234,10 @@ async def _standalone(plan: RunPlan, base: Settings) -> int:
     settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
         topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
     run_dir = Path(settings.runtime_dir).resolve() / "run" / job
+    nodes, per_node = standalone_layout(plan.nproc, plan.tp, plan.standbys)
     cluster = LocalCluster(settings, run_dir, WorkerSpec(module=plan.module, script=plan.script, args=plan.args),
-                           nodes=1, ranks_per_node=plan.nproc, tp=plan.tp, spares=1 if plan.standbys else 0,
-                           standbys=plan.standbys, exit_with_job=True,
+                           nodes=nodes, ranks_per_node=per_node, tp=plan.tp, spares=1 if plan.standbys else 0,
+                           standbys=plan.standbys, exit_with_job=True, one_machine=True,
                            on_event=_printer(quiet=False))  # incidents, plans, recovery phases
     stop, got = asyncio.Event(), []
     _signals(stop, got)

@@ -75,6 +75,11 @@ class SidecarSettings(BaseModel):
     # The node's rank among the job's nodes (torchrun's GROUP_RANK); -1: the first hosted rank
     # divided by the ranks hosted here.
     node_rank: int = Field(-1, ge=-1)
+    # Sidecars sharing one machine (run --standalone registers one node per tensor-parallel
+    # group): torchrun's LOCAL_RANK is local_rank_base + the position here, LOCAL_WORLD_SIZE is
+    # local_world_size (0: the ranks hosted here).
+    local_rank_base: int = Field(0, ge=0)
+    local_world_size: int = Field(0, ge=0)
     # `flashrecovery run`: the sidecar ends with the job. It exits 0 once every rank of the job
     # has finished and its own workers are gone, and 1 as soon as one of its workers fails in a
     # way no recovery can repair (it exited before connecting to the agent: a plain script).

@@ -146,9 +146,10 @@ class SidecarService:
         hosted = self.cfg.rank_list()
         env = worker_env(dict(os.environ), WorkerPlace(
             job_id=self.s.job_id, node_id=self.node_id, node_rank=node_rank(self.cfg.node_rank, hosted),
-            rank=rank, local_rank=local_rank, local_world_size=len(hosted) or self.cfg.capacity,
+            rank=rank, local_rank=local_rank,
+            local_world_size=self.cfg.local_world_size or len(hosted) or self.cfg.capacity,
             world_size=self.cfg.world_size, generation=self.gate.generation, rdzv=self.s.rdzv or "",
-            agent_socket=str(self.sock_path)))
+            agent_socket=str(self.sock_path), local_rank_base=self.cfg.local_rank_base))
         env.setdefault("FLASHRECOVERY_REBUILD_TIMEOUT_S", str(self.cfg.rebuild_timeout_s))
         argv = worker_argv(sys.executable, "" if self.cfg.worker_script else self.cfg.worker_module,
                            self.cfg.worker_script, shlex.split(self.cfg.worker_args))

@@ -138,6 +138,7 @@ class WorkerPlace:
     generation: int
     rdzv: str  # host:port of the job's rendezvous TCPStore server; "" when none
     agent_socket: str
+    local_rank_base: int = 0  # torchrun's LOCAL_RANK = local_rank_base + local_rank
 
 
 def worker_env(base: dict[str, str], place: WorkerPlace) -> dict[str, str]:
@@ -158,7 +159,7 @@ def worker_env(base: dict[str, str], place: WorkerPlace) -> dict[str, str]:
         "FLASHRECOVERY_GENERATION": str(place.generation),
         "FLASHRECOVERY_RDZV": place.rdzv, "FLASHRECOVERY_AGENT_SOCKET": place.agent_socket,
         "PYTHONUNBUFFERED": "1",
-        "LOCAL_RANK": str(place.local_rank), "WORLD_SIZE": str(place.world_size),
+        "LOCAL_RANK": str(place.local_rank_base + place.local_rank), "WORLD_SIZE": str(place.world_size),
         "LOCAL_WORLD_SIZE": str(place.local_world_size), "GROUP_RANK": str(place.node_rank),
         "GROUP_WORLD_SIZE": str(max(1, place.world_size // max(1, place.local_world_size))),
         "ROLE_NAME": "default", "ROLE_WORLD_SIZE": str(place.world_size),

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from flashrecovery.cluster import WorkerSpec
-from flashrecovery.launch import add_run_parser, launcher_env, plan_of
+from flashrecovery.launch import add_run_parser, launcher_env, plan_of, standalone_layout
 from flashrecovery.shared.settings import SidecarSettings
 from flashrecovery.sidecar.core import TORCHRUN_VARS, WorkerPlace, node_rank, worker_argv, worker_env
 from flashrecovery.supervisor import pick_job_address
@@ -78,6 +78,7 @@ def test_worker_argv():
 def _place(rank=3, **kw) -> WorkerPlace:
     fields = dict(job_id="job-1", node_id="node-1", node_rank=1, rank=rank, local_rank=1, local_world_size=2,
                   world_size=4, generation=2, rdzv="10.0.0.5:29511", agent_socket="/tmp/a.sock")
+
     fields.update(kw)
     return WorkerPlace(**fields)
 
@@ -105,6 +106,18 @@ def test_a_standby_gets_no_rank_and_no_fault():
     for gone in ("RANK", "ROLE_RANK", "FLASHRECOVERY_RANK", "FLASHRECOVERY_FAULT"):
         assert gone not in env
     assert env["WORLD_SIZE"] == "4" and env["GROUP_RANK"] == "-1"
+
+
+def test_sidecars_sharing_a_machine_number_local_ranks_across_it():
+    env = worker_env({}, _place(rank=5, local_rank=1, node_rank=0, local_world_size=8, local_rank_base=4))
+    assert (env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"], env["GROUP_WORLD_SIZE"]) == ("5", "8", "0", "1")
+    assert env["FLASHRECOVERY_LOCAL_RANK"] == "1"  # the agent's: the position on its sidecar
+
+
+def test_standalone_layout_puts_replicas_on_other_registered_nodes():
+    assert standalone_layout(4, 2, standbys=2) == (2, 2)  # a tp group per node: its replica elsewhere
+    assert standalone_layout(2, 1, standbys=1) == (2, 1)
+    assert standalone_layout(4, 2, standbys=0) == (1, 4)  # nothing to recover: one sidecar
 
 
 def test_no_rendezvous_no_master_address():
