@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flashrecovery.cluster import LocalCluster
+from flashrecovery.demo import reference_cluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
 from .baseline import NPROC, _read, stop_torchrun, torchrun_argv
@@ -50,7 +50,7 @@ async def goodput_ours(duration_s: float, gap_s: float, s_per_step: float | None
               "FLASHRECOVERY_PLANNER__QUARANTINE_FAULTS": "1000000"}
     prev = {k: os.environ.get(k) for k in policy}
     os.environ.update(policy)
-    cluster = LocalCluster(settings, run_root / job, steps=BIG)
+    cluster = reference_cluster(settings, run_root / job, BIG)
     faults = []
     try:
         await cluster.start()

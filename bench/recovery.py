@@ -10,8 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flashrecovery.cluster import LocalCluster, states_equal
-from flashrecovery.demo import run_once
+from flashrecovery.cluster import states_equal
+from flashrecovery.demo import reference_cluster, run_once
 from flashrecovery.shared.settings import BusSettings, Settings
 
 from .stats import PHASES, slope, summarize_runs  # noqa: F401 (re-exported)
@@ -47,7 +47,7 @@ async def step_time_ours(steps: int, run_root: Path, base: Settings, timeout_s: 
     job = f"overhead-{uuid.uuid4().hex[:6]}"
     settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
         topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
-    cluster = LocalCluster(settings, run_root / job, steps=steps)
+    cluster = reference_cluster(settings, run_root / job, steps)
     samples: list[tuple[float, int]] = []
     try:
         await cluster.start()

@@ -20,14 +20,14 @@ def _run_service(name: str) -> int:
     settings = load_settings()
     configure(settings.log_format)
     module = importlib.import_module(f"flashrecovery.{name}.app")
-    asyncio.run(module.main(settings))
-    return 0
+    code = asyncio.run(module.main(settings))
+    return code if isinstance(code, int) else 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the embedded stack (unless addresses are configured) and every service; stop all
     of it on Ctrl-C / SIGTERM."""
-    from .supervisor import SERVICES, Supervisor
+    from .supervisor import SERVICES, Supervisor, job_address_file, write_job_address
 
     settings = load_settings()
     configure(settings.log_format)
@@ -51,6 +51,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                     names.append(service)
         asyncio.run(sup.wait_ready(names))
         log.info("services_ready", services=names, logs=str(sup.run_dir))
+        address = job_address_file(settings.runtime_dir, settings.job_id)
+        write_job_address(address, settings, sup, sup.run_dir)  # for status / events / inject
         print(f"flashrecovery up: {', '.join(names)} ready; kafka {stack.kafka_bootstrap}, "
               f"redis {stack.redis_url}. Ctrl-C stops everything.", flush=True)
         if args.exit_when_ready:
@@ -68,6 +70,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         sup.stop_all()
+        job_address_file(settings.runtime_dir, settings.job_id).unlink(missing_ok=True)
         log.info("stopped", nothing_left_running=all(p.poll() is not None for p in sup.procs.values()))
 
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(service, help=f"run one {service} (addresses from FLASHRECOVERY_*)")
     # Tools are imported only when asked for: a service start must not pay for torch.
     argv = sys.argv[1:] if argv is None else argv
-    tools = {"demo": "flashrecovery.demo", "status": "flashrecovery.tools", "events": "flashrecovery.tools",
+    tools = {"run": "flashrecovery.launch", "demo": "flashrecovery.demo", "status": "flashrecovery.tools",
+             "events": "flashrecovery.tools",
              "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli"}
     for name, module in tools.items():
         if argv and argv[0] == name:

@@ -1,12 +1,15 @@
 """A whole FlashRecovery deployment on this machine: the stack, the services, one sidecar per
 node with real torch workers, a spare node with standbys, and a watcher on every topic.
-Used by `flashrecovery demo`, the end-to-end tests and the benchmarks."""
+Used by `flashrecovery run --standalone`, `flashrecovery demo`, the end-to-end tests and the
+benchmarks. What the workers run is the caller's business (a WorkerSpec): the demo's reference
+job is `demo.reference_cluster`."""
 
 from __future__ import annotations
 
 import asyncio
 import glob
 import os
+import shlex
 import signal
 import sys
 import time
@@ -23,7 +26,7 @@ from .shared.schemas import (FaultIncident, LogEvent, NodeHeartbeat, RecoveryCom
                              RecoveryProgress, WorkerExit)
 from .shared.settings import Settings
 from .shared.topology import grid_topology
-from .supervisor import Supervisor
+from .supervisor import Supervisor, job_address_file, write_job_address
 
 FAULTS = ("process-crash", "node-crash", "hang", "ecc", "exception", "kill-forward", "kill-grad-sync",
           "kill-after-sync", "kill-vote", "kill-optimizer", "none")
@@ -70,27 +73,55 @@ class Timeline:
         return view
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker runs: `python -m module ARGS` or `python script ARGS`."""
+    module: str = ""
+    script: str = ""
+    args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.module) == bool(self.script):
+            raise ValueError(f"a worker is a module or a script, exactly one (got {self.module!r}, {self.script!r})")
+
+    def sidecar_env(self) -> dict[str, str]:
+        # both entry points set, one empty: a value inherited from the caller's environment
+        # must not add the other one (the sidecar refuses both)
+        return {"FLASHRECOVERY_SIDECAR__WORKER_MODULE": self.module,
+                "FLASHRECOVERY_SIDECAR__WORKER_SCRIPT": self.script,
+                "FLASHRECOVERY_SIDECAR__WORKER_ARGS": shlex.join(self.args)}
+
+
 @dataclass
 class LocalCluster:
+    """`nodes` x `ranks_per_node` ranks running `worker`, and `spares` spare nodes keeping
+    `standbys` standby workers each (default: one per rank of a node)."""
     settings: Settings
     run_dir: Path
+    worker: WorkerSpec
     nodes: int = 4
     ranks_per_node: int = 2
     tp: int = 2
     spares: int = 1
-    steps: int = 40
-    worker_args: str = ""
+    standbys: int | None = None
     executors: int = 2
     fault_env: str | None = None
     on_event: Any = None
     services: tuple[str, ...] = ("detector", "planner")
+    # where the workers write their final states (rank{r}.pt), if they do: finished(), final_states()
+    out_dir: Path | None = None
+    exit_with_job: bool = False  # sidecars end with the job (flashrecovery run)
+    # The nodes are slices of one machine (flashrecovery run --standalone): torchrun's view
+    # is one node, GROUP_RANK 0, LOCAL_RANK 0..world-1 across the sidecars.
+    one_machine: bool = False
     sup: Supervisor = field(init=False)
     timeline: Timeline = field(default_factory=Timeline)
 
     def __post_init__(self) -> None:
         self.sup = Supervisor(self.settings, self.run_dir)
-        self.out_dir = self.run_dir / "final"
+        self.out_dir = self.out_dir or self.run_dir / "final"
         self.world = self.nodes * self.ranks_per_node
+        self.standbys = self.ranks_per_node if self.standbys is None else self.standbys
 
     # ------------------------------------------------------------------ start / stop
     async def start(self, timeout_s: float = 180.0) -> None:
@@ -102,7 +133,7 @@ class LocalCluster:
         reg = Registry.from_url(self.sup.stack.redis_url, self.settings.job_id)
         try:
             await reg.init_job(grid_topology(self.settings.job_id, self.nodes, self.ranks_per_node, self.tp,
-                                             spares=self.spares))
+                                             spares=self.spares, standby_slots=self.standbys))
         finally:
             await reg.close()
         await self._start_watcher()
@@ -112,25 +143,30 @@ class LocalCluster:
         for i in range(self.executors):
             self.sup.start_service("executor", f"executor-{i}", FLASHRECOVERY_INSTANCE=str(i))
         await self.sup.wait_ready(names, timeout_s)
-        args = f"--steps {self.steps} --tp {self.tp} --out {self.out_dir} {self.worker_args}"
+        write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
         env = {"FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
-               "FLASHRECOVERY_SIDECAR__CAPACITY": str(self.ranks_per_node),
-               "FLASHRECOVERY_SIDECAR__WORKER_ARGS": args,
+               **self.worker.sidecar_env(),
+               "FLASHRECOVERY_SIDECAR__EXIT_WITH_JOB": str(self.exit_with_job).lower(),
                "FLASHRECOVERY_RUNTIME_DIR": str(self.run_dir),  # worker logs beside the services' logs
                # every "node" shares this machine's cores with the control plane
                "FLASHRECOVERY_SIDECAR__WORKER_NICE": os.environ.get("FLASHRECOVERY_SIDECAR__WORKER_NICE", "10")}
         if self.fault_env:
             env["FLASHRECOVERY_FAULT"] = self.fault_env
         sidecars = []
+        if self.one_machine:
+            env.update(FLASHRECOVERY_SIDECAR__NODE_RANK="0", FLASHRECOVERY_SIDECAR__LOCAL_WORLD_SIZE=str(self.world))
         for n in range(self.nodes):
             ranks = ",".join(str(r) for r in range(n * self.ranks_per_node, (n + 1) * self.ranks_per_node))
+            base = str(n * self.ranks_per_node if self.one_machine else 0)
             self.sup.spawn(f"sidecar-node-{n}", [sys.executable, "-m", "flashrecovery.sidecar"],
                            FLASHRECOVERY_SIDECAR__NODE_ID=f"node-{n}", FLASHRECOVERY_SIDECAR__RANKS=ranks,
-                           FLASHRECOVERY_SIDECAR__ROLE="active", **env)
+                           FLASHRECOVERY_SIDECAR__ROLE="active", FLASHRECOVERY_SIDECAR__LOCAL_RANK_BASE=base,
+                           FLASHRECOVERY_SIDECAR__CAPACITY=str(self.ranks_per_node), **env)
             sidecars.append(f"node-{n}")
         for s in range(self.spares):
             self.sup.spawn(f"sidecar-spare-{s}", [sys.executable, "-m", "flashrecovery.sidecar"],
-                           FLASHRECOVERY_SIDECAR__NODE_ID=f"spare-{s}", FLASHRECOVERY_SIDECAR__ROLE="spare", **env)
+                           FLASHRECOVERY_SIDECAR__NODE_ID=f"spare-{s}", FLASHRECOVERY_SIDECAR__ROLE="spare",
+                           FLASHRECOVERY_SIDECAR__CAPACITY=str(self.standbys), **env)
             sidecars.append(f"spare-{s}")
         await self.sup.wait_ready(sidecars, timeout_s)
 
@@ -170,6 +206,10 @@ class LocalCluster:
         self.sup.stop_all()
         for sock in glob.glob(f"/tmp/fr-{self.settings.job_id[:24]}-*.sock"):
             Path(sock).unlink(missing_ok=True)
+        self.address_file().unlink(missing_ok=True)
+
+    def address_file(self) -> Path:
+        return job_address_file(self.settings.runtime_dir, self.settings.job_id)
 
     # ------------------------------------------------------------------ waiting
     async def wait_until(self, predicate, timeout_s: float, what: str) -> None:

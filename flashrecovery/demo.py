@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 import time
 import uuid
@@ -12,12 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from .agent.reference.recipe import OPTIMIZERS
-from .cluster import FAULTS, LocalCluster, states_equal
+from .cluster import FAULTS, LocalCluster, WorkerSpec, states_equal
 from .scenario import FollowUp, ScenarioLog, ServiceFault, escalations, run_followups, wait_settled
 from .shared.logging import configure
 from .shared.schemas import (Escalation, FaultIncident, RecoveryCompleted, RecoveryPlan,
                              RecoveryProgress)
 from .shared.settings import BusSettings, load_settings
+
+
+REFERENCE_JOB = "flashrecovery.agent.reference.train"
+
+
+def reference_cluster(settings, run_dir: Path, steps: int, worker_args: str = "", tp: int = 2,
+                      **kw: Any) -> LocalCluster:
+    """A LocalCluster running the reference job (agent/reference/train.py): `steps` steps of a
+    dp x tp GPT, every rank saving its final state to the cluster's out_dir; `worker_args`: more
+    of its flags (--step-sleep, --optimizer, ...)."""
+    out_dir = run_dir / "final"
+    args = ("--steps", str(steps), "--tp", str(tp), "--out", str(out_dir), *shlex.split(worker_args))
+    return LocalCluster(settings, run_dir, WorkerSpec(module=REFERENCE_JOB, args=args), tp=tp,
+                        out_dir=out_dir, **kw)
 
 
 def add_demo_parser(sub: Any) -> None:
@@ -97,9 +112,9 @@ async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: f
     job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
     settings = base_settings.model_copy(update={"job_id": job, "bus": BusSettings(
         topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
-    cluster = LocalCluster(settings, run_root / job, steps=steps, worker_args=worker_args, spares=spares,
-                           fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
-                           on_event=_printer(quiet))
+    cluster = reference_cluster(settings, run_root / job, steps, worker_args, spares=spares,
+                                fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
+                                on_event=_printer(quiet))
     stop = asyncio.Event()
     started = time.time()
     try:
@@ -120,6 +135,7 @@ async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: f
         stop.set()
         await ticker
         rep = _report(cluster, fault, rank, at_step, fault_at, pids_before, ending == "escalated")
+        rep.setdefault("device", worker_args)
         rep["scenario"] = log.actions
         return rep
     finally:
@@ -136,7 +152,7 @@ def _report(cluster: LocalCluster, fault: str, rank: int, at_step: int, fault_at
                 "outcome": "escalated", "reason": "; ".join(e.reason for e in escalated),
                 "recoveries": _recoveries(tl), "_states": None}
     final = cluster.final_states()
-    rep: dict[str, Any] = {"device": cluster.worker_args, "fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
+    rep: dict[str, Any] = {"fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
                            "final_step": {r: s["step"] for r, s in final.items()}, "_states": final}
     # the plan that brought training back: the last one done (earlier ones may have failed or
     # been superseded in a multi-fault run)

@@ -6,6 +6,7 @@ starts what it owns and stops those PIDs, children first."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +145,50 @@ class Supervisor:
             self.stop(name)
         if self.stack is not None:
             self.stack.stop()
+
+
+# ---------------------------------------------------------------- finding a running job
+def job_address_file(runtime_dir: str | Path, job_id: str) -> Path:
+    """Where a running local job (`flashrecovery run --standalone`, `demo`, `up`) leaves its
+    addresses for `flashrecovery status / events / inject` in another terminal."""
+    return Path(runtime_dir) / "jobs" / f"{job_id}.json"
+
+
+def write_job_address(path: Path, settings: Settings, sup: Supervisor, run_dir: Path) -> None:
+    assert sup.stack is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "job_id": settings.job_id, "kafka_bootstrap": sup.stack.kafka_bootstrap,
+        "redis_url": sup.stack.redis_url, "topic_namespace": settings.bus.topic_namespace,
+        "rdzv": sup.rdzv, "run_dir": str(run_dir), "pid": os.getpid()}, indent=1))
+
+
+def pick_job_address(found: list[dict], job_id: str | None) -> dict:
+    """The running job to talk to among the address files of live jobs: `job_id` when given,
+    else the only one. ValueError saying what to set otherwise."""
+    if job_id is not None:
+        hit = [a for a in found if a.get("job_id") == job_id]
+        if hit:
+            return hit[0]
+        raise ValueError(f"no running job {job_id!r} here (running: "
+                         f"{', '.join(sorted(a['job_id'] for a in found)) or 'none'})")
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError("no running job found: start one (`flashrecovery run --standalone`, `demo`, `up`) "
+                         "or set FLASHRECOVERY_KAFKA_BOOTSTRAP and FLASHRECOVERY_REDIS_URL")
+    raise ValueError(f"{len(found)} jobs running ({', '.join(sorted(a['job_id'] for a in found))}): "
+                     "choose one with FLASHRECOVERY_JOB_ID")
+
+
+def live_job_addresses(runtime_dir: str | Path) -> list[dict]:
+    """Address files whose writer is still running (a stale file of a killed run is skipped)."""
+    out = []
+    for path in sorted((Path(runtime_dir) / "jobs").glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+            os.kill(int(entry["pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append(entry)
+    return out

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .shared import bus as busmod
@@ -16,12 +17,24 @@ from .shared import topics as T
 from .shared.registry import Registry
 from .shared.schemas import NodeHeartbeat
 from .shared.settings import ConfigError, Settings, load_settings
+from .supervisor import live_job_addresses, pick_job_address
 
 
-def _need(settings: Settings) -> None:
-    if not settings.kafka_bootstrap or not settings.redis_url:
-        raise ConfigError("set FLASHRECOVERY_KAFKA_BOOTSTRAP and FLASHRECOVERY_REDIS_URL "
-                          "(printed by `flashrecovery up`)")
+def _locate(settings: Settings) -> Settings:
+    """The job to talk to: the addresses in FLASHRECOVERY_KAFKA_BOOTSTRAP / _REDIS_URL when set
+    (as printed by `flashrecovery up`), else those a local `flashrecovery run --standalone`,
+    `demo` or `up` left in <runtime dir>/jobs/ (FLASHRECOVERY_JOB_ID picks one of several)."""
+    if settings.kafka_bootstrap and settings.redis_url:
+        return settings
+    wanted = settings.job_id if "job_id" in settings.model_fields_set else None
+    try:
+        a = pick_job_address(live_job_addresses(settings.runtime_dir), wanted)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (looked in {Path(settings.runtime_dir).resolve() / 'jobs'})") from None
+    return settings.model_copy(update={
+        "job_id": a["job_id"], "kafka_bootstrap": a["kafka_bootstrap"], "redis_url": a["redis_url"],
+        "rdzv": a.get("rdzv") or settings.rdzv,
+        "bus": settings.bus.model_copy(update={"topic_namespace": a.get("topic_namespace", "")})})
 
 
 # ---------------------------------------------------------------- status
@@ -92,8 +105,7 @@ async def _listen_heartbeats(settings: Settings, seconds: float) -> dict[str, No
 
 
 def status(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    _need(settings)
+    settings = _locate(load_settings())
     view = asyncio.run(_status(settings, args.listen))
     if args.json:
         print(json.dumps(view, indent=2))
@@ -135,8 +147,7 @@ def _line(ev: Any) -> str:
 
 
 def events(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    _need(settings)
+    settings = _locate(load_settings())
     wanted = [t for t in T.ALL if t.name.split(".")[1] in args.topics.split(",")]
 
     async def go() -> None:
@@ -179,8 +190,7 @@ def add_inject_parser(sub: Any) -> None:
 
 def inject(args: argparse.Namespace) -> int:
     """Finds the rank's PID from the live heartbeats; only processes of this machine are hit."""
-    settings = load_settings()
-    _need(settings)
+    settings = _locate(load_settings())
     beats = asyncio.run(_listen_heartbeats(settings, 1.5))
     hit = next(((hb, r) for hb in beats.values() for r in hb.rank_statuses() if r.rank == args.rank), None)
     if hit is None:

@@ -3,7 +3,7 @@ nested groups use a double underscore (FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES=
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,8 +67,23 @@ class SidecarSettings(BaseModel):
     # bytes, ~2x cheaper to decode; what a 100k-rank job wants). Off by default: a subscriber
     # that predates the compact forms would see no ranks.
     rank_columns: bool = False
+    # What every worker runs: a module (`python -m worker_module`) or a script (`python
+    # worker_script`), never both; then worker_args, shell-quoted, passed unchanged.
     worker_module: str = "flashrecovery.agent.reference.train"
-    worker_args: str = ""  # extra arguments for every worker, shell-quoted
+    worker_script: str = ""
+    worker_args: str = ""
+    # The node's rank among the job's nodes (torchrun's GROUP_RANK); -1: the first hosted rank
+    # divided by the ranks hosted here.
+    node_rank: int = Field(-1, ge=-1)
+    # Sidecars sharing one machine (run --standalone registers one node per tensor-parallel
+    # group): torchrun's LOCAL_RANK is local_rank_base + the position here, LOCAL_WORLD_SIZE is
+    # local_world_size (0: the ranks hosted here).
+    local_rank_base: int = Field(0, ge=0)
+    local_world_size: int = Field(0, ge=0)
+    # `flashrecovery run`: the sidecar ends with the job. It exits 0 once every rank of the job
+    # has finished and its own workers are gone, and 1 as soon as one of its workers fails in a
+    # way no recovery can repair (it exited before connecting to the agent: a plain script).
+    exit_with_job: bool = False
     # A rank blocked rebuilding groups with a peer that died meanwhile cannot answer a pause
     # until its rebuild gives up; the pause wait must outlast that bound.
     rebuild_timeout_s: float = Field(15.0, gt=0)
@@ -92,6 +107,14 @@ class SidecarSettings(BaseModel):
         if v and not all(p.strip().isdigit() for p in v.split(",")):
             raise ValueError("must be comma-separated rank numbers")
         return v
+
+    @model_validator(mode="after")
+    def _one_entry_point(self) -> "SidecarSettings":
+        module = self.worker_module if "worker_module" in self.model_fields_set or not self.worker_script else ""
+        if bool(module) == bool(self.worker_script):
+            raise ValueError("set exactly one of worker_module and worker_script "
+                             f"(got module {module!r}, script {self.worker_script!r})")
+        return self
 
     def rank_list(self) -> list[int]:
         return [int(p) for p in self.ranks.split(",") if p.strip()]

@@ -27,8 +27,8 @@ from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCom
                                           RankColumns, RankStatus, ReportColumns, WorkerExit)
 from flashrecovery.shared.settings import Settings
 
-from .core import (CommandGate, TokenBucket, prefilter, ranks_to_kill, reports_stages, stage_failure,
-                   stage_reached)
+from .core import (CommandGate, TokenBucket, WorkerPlace, node_rank, prefilter, ranks_to_kill,
+                   reports_stages, stage_failure, stage_reached, worker_argv, worker_env)
 
 
 @dataclass
@@ -88,6 +88,7 @@ class SidecarService:
         self.events = asyncio.Condition()  # any report from a worker
         self.tasks: set[asyncio.Task] = set()
         self.verify_target: dict[str, int] = {}  # command id -> resume step awaiting "verified"
+        self.result: tuple[int, str] | None = None  # exit_with_job: (exit code, reason) once ended
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -142,25 +143,16 @@ class SidecarService:
                 if w.rank is None and w.proc.returncode is None]
 
     async def _launch(self, local_rank: int, rank: int | None) -> Worker:
-        env = {**os.environ,
-               "FLASHRECOVERY_JOB_ID": self.s.job_id, "FLASHRECOVERY_NODE_ID": self.node_id,
-               "FLASHRECOVERY_LOCAL_RANK": str(local_rank),
-               "FLASHRECOVERY_WORLD_SIZE": str(self.cfg.world_size),
-               "FLASHRECOVERY_GENERATION": str(self.gate.generation),
-               "FLASHRECOVERY_RDZV": self.s.rdzv or "", "FLASHRECOVERY_AGENT_SOCKET": str(self.sock_path),
-               "PYTHONUNBUFFERED": "1"}
-        # Eager gloo connect: lazy pair set-up deadlocked on the first tp allreduce with 8 ranks
-        # here (torch 2.13), while eager set-up is a few ms per group at this size.
-        env.setdefault("FLASHRECOVERY_GLOO_LAZY", "0")
+        hosted = self.cfg.rank_list()
+        env = worker_env(dict(os.environ), WorkerPlace(
+            job_id=self.s.job_id, node_id=self.node_id, node_rank=node_rank(self.cfg.node_rank, hosted),
+            rank=rank, local_rank=local_rank,
+            local_world_size=self.cfg.local_world_size or len(hosted) or self.cfg.capacity,
+            world_size=self.cfg.world_size, generation=self.gate.generation, rdzv=self.s.rdzv or "",
+            agent_socket=str(self.sock_path), local_rank_base=self.cfg.local_rank_base))
         env.setdefault("FLASHRECOVERY_REBUILD_TIMEOUT_S", str(self.cfg.rebuild_timeout_s))
-        if rank is None:
-            env["FLASHRECOVERY_STANDBY"] = "1"
-            env.pop("FLASHRECOVERY_RANK", None)
-            env.pop("FLASHRECOVERY_FAULT", None)
-        else:
-            env["FLASHRECOVERY_RANK"] = str(rank)
-            env.pop("FLASHRECOVERY_STANDBY", None)
-        argv = [sys.executable, "-m", self.cfg.worker_module, *shlex.split(self.cfg.worker_args)]
+        argv = worker_argv(sys.executable, "" if self.cfg.worker_script else self.cfg.worker_module,
+                           self.cfg.worker_script, shlex.split(self.cfg.worker_args))
         nice = self.cfg.worker_nice
 
         def prepare_child() -> None:
@@ -194,6 +186,12 @@ class SidecarService:
 
     async def _watch_exit(self, w: Worker) -> None:
         rc = await w.proc.wait()
+        # A worker that never connected to the agent is a plain script (or one that died while
+        # starting): exit code 0 is its end of training; anything else nothing can repair, since
+        # recovery needs the agent in the surviving ranks, the replacement and the replicas.
+        plain = w.writer is None and not w.expected_exit
+        if plain and rc == 0 and w.rank is not None:
+            w.state = RankState.DONE
         w.state = RankState.EXITED if w.state != RankState.DONE else RankState.DONE
         sig = -rc if rc < 0 else None
         expected = w.expected_exit or (rc == 0 and w.state == RankState.DONE)
@@ -205,6 +203,30 @@ class SidecarService:
                 step=w.step, expected=expected), wait=True)
         async with self.events:
             self.events.notify_all()
+        if plain and w.state == RankState.DONE:
+            await self._finished(w, w.step)
+        elif plain and self.cfg.exit_with_job and not self.stopping.is_set():
+            how = f"signal {sig}" if sig else f"exit code {rc}"
+            if w.rank is None:
+                why = (f"a standby (pid {w.pid}) ended ({how}) without connecting to the agent: a plain "
+                       "script (no flashrecovery agent) cannot have standbys, use --standbys 0")
+            else:
+                why = (f"rank {w.rank} (pid {w.pid}) ended ({how}) and cannot be recovered: it never "
+                       "connected to the flashrecovery agent (a plain script)")
+            self._end(1, f"{why}; its output: {w.log_path}")
+        await self._end_if_job_finished()
+
+    def _end(self, code: int, reason: str) -> None:
+        """exit_with_job: stop this sidecar with `code` (the first reason wins)."""
+        if self.result is None:
+            self.result = (code, reason)
+            (self.log.info if code == 0 else self.log.error)("sidecar_ending", exit_code=code, reason=reason)
+        self.stopping.set()
+
+    async def _end_if_job_finished(self) -> None:
+        if (self.cfg.exit_with_job and not self.stopping.is_set() and not self._ranked()
+                and await self.registry.job_finished()):
+            self._end(0, "every rank of the job finished")
 
     async def _tail(self, w: Worker, stream: asyncio.StreamReader, name: str) -> None:
         with w.log_path.open("ab") as f:
@@ -336,6 +358,7 @@ class SidecarService:
                 await self._heartbeat()
                 # The other nodes' ranks finish on their own time: look once per beat.
                 await self._stop_if_job_finished()
+                await self._end_if_job_finished()
             except Exception as exc:  # noqa: BLE001 - a missed beat must not end the beats
                 self.log.warning("heartbeat_failed", error=repr(exc))
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
@@ -526,13 +549,20 @@ class SidecarService:
         self.stopping.set()
 
 
-async def main(settings: Settings) -> None:
+async def main(settings: Settings) -> int:
+    """Run one sidecar until stopped. -> exit code: 0 when stopped (signal, STOP command); with
+    exit_with_job, 0 when the job finished, 1 when one of its workers failed beyond repair and
+    128 + the signal when a signal stopped it first."""
     svc = SidecarService(settings)
     loop = asyncio.get_running_loop()
+    got: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, svc.stopping.set)
+        loop.add_signal_handler(sig, lambda s=sig: (got.append(s), svc.stopping.set()))
     try:
         await svc.run()
     finally:
         svc.stopping.set()
         await svc.close()
+    if svc.result is not None:
+        return svc.result[0]
+    return 128 + got[0] if got and settings.sidecar.exit_with_job else 0

@@ -105,3 +105,88 @@ def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:
     their reports speak for every rank), which keeps a recovery at about one ack per node, its
     pause report, however large the job."""
     return cmd.stage_nodes is None or node_id in cmd.stage_nodes
+
+
+# ---------------------------------------------------------------- how a worker is started
+# Variables a torchrun worker reads. Set afresh for every worker (a value inherited from the
+# sidecar's own environment would be another job's); RANK and ROLE_RANK only for ranked workers.
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
+                 "TORCHELASTIC_MAX_RESTARTS")
+
+
+def worker_argv(python: str, module: str, script: str, args: list[str]) -> list[str]:
+    """`python -m module ARGS` or `python script ARGS`: exactly one of module and script (the
+    settings validate it); ARGS passed as given."""
+    if bool(module) == bool(script):
+        raise ValueError(f"exactly one of module ({module!r}) and script ({script!r})")
+    return [python, "-m", module, *args] if module else [python, script, *args]
+
+
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where a worker sits in the job. rank None: a standby (it learns its rank from the agent
+    when it is assigned one)."""
+    job_id: str
+    node_id: str
+    node_rank: int
+    rank: int | None
+    local_rank: int
+    local_world_size: int
+    world_size: int
+    generation: int
+    rdzv: str  # host:port of the job's rendezvous TCPStore server; "" when none
+    agent_socket: str
+    local_rank_base: int = 0  # torchrun's LOCAL_RANK = local_rank_base + local_rank
+
+
+def worker_env(base: dict[str, str], place: WorkerPlace) -> dict[str, str]:
+    """The environment of one worker: `base` (the sidecar's own), the FLASHRECOVERY_* settings
+    the agent reads, and what torchrun gives its workers, so that an unmodified script's
+    `init_process_group()` (env://, torch/distributed/rendezvous.py) finds RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT and, with TORCHELASTIC_USE_AGENT_STORE=True, connects to the
+    job's rendezvous store as a client instead of hosting one on rank 0.
+
+    TORCHELASTIC_RESTART_COUNT is the generation (each recovery bumps it);
+    TORCHELASTIC_MAX_RESTARTS is 0: the worker group is never restarted as a whole, a recovery
+    replaces single ranks in place. GROUP_RANK is -1 on a spare node (no node rank of its own)."""
+    env = {k: v for k, v in base.items() if k not in TORCHRUN_VARS}
+    env.update({
+        "FLASHRECOVERY_JOB_ID": place.job_id, "FLASHRECOVERY_NODE_ID": place.node_id,
+        "FLASHRECOVERY_LOCAL_RANK": str(place.local_rank),
+        "FLASHRECOVERY_WORLD_SIZE": str(place.world_size),
+        "FLASHRECOVERY_GENERATION": str(place.generation),
+        "FLASHRECOVERY_RDZV": place.rdzv, "FLASHRECOVERY_AGENT_SOCKET": place.agent_socket,
+        "PYTHONUNBUFFERED": "1",
+        "LOCAL_RANK": str(place.local_rank_base + place.local_rank), "WORLD_SIZE": str(place.world_size),
+        "LOCAL_WORLD_SIZE": str(place.local_world_size), "GROUP_RANK": str(place.node_rank),
+        "GROUP_WORLD_SIZE": str(max(1, place.world_size // max(1, place.local_world_size))),
+        "ROLE_NAME": "default", "ROLE_WORLD_SIZE": str(place.world_size),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": str(place.generation),
+        "TORCHELASTIC_RUN_ID": place.job_id, "TORCHELASTIC_MAX_RESTARTS": "0",
+    })
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    host, _, port = place.rdzv.rpartition(":")
+    if host and port.isdigit():
+        env["MASTER_ADDR"], env["MASTER_PORT"] = host, port
+    if place.rank is None:
+        env["FLASHRECOVERY_STANDBY"] = "1"
+        env.pop("FLASHRECOVERY_RANK", None)
+        env.pop("FLASHRECOVERY_FAULT", None)  # faults are injected into ranks, never standbys
+    else:
+        env["FLASHRECOVERY_RANK"] = env["RANK"] = env["ROLE_RANK"] = str(place.rank)
+        env.pop("FLASHRECOVERY_STANDBY", None)
+    # Eager gloo connect: lazy pair set-up deadlocked on the first tp allreduce with 8 ranks
+    # here (torch 2.13), while eager set-up is a few ms per group at this size.
+    env.setdefault("FLASHRECOVERY_GLOO_LAZY", "0")
+    return env
+
+
+def node_rank(configured: int, ranks: list[int]) -> int:
+    """torchrun's GROUP_RANK: as configured, else the first hosted rank / ranks hosted (nodes
+    host equal, contiguous blocks of ranks); -1 for a node that hosts none (a spare)."""
+    if configured >= 0:
+        return configured
+    return ranks[0] // len(ranks) if ranks else -1

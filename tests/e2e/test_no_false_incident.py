@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from flashrecovery.cluster import LocalCluster
+from flashrecovery.demo import reference_cluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
 STEPS = 240
@@ -50,7 +50,7 @@ def test_minutes_of_fault_free_training_raise_no_incident(stack, tmp_path):
         await asyncio.sleep(2.0)  # an incident about the last seconds would still arrive
         return time.monotonic() - t0
 
-    c = LocalCluster(settings, tmp_path / job, steps=STEPS, worker_args=worker_args)
+    c = reference_cluster(settings, tmp_path / job, STEPS, worker_args)
 
     async def run() -> float:
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from flashrecovery.cluster import LocalCluster, states_equal
-from flashrecovery.demo import committed_steps_lost_observed
+from flashrecovery.demo import committed_steps_lost_observed, reference_cluster
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.settings import BusSettings, Settings
 
@@ -34,8 +34,8 @@ def _cluster(stack, tmp: Path, fault_env: str | None = None, job_args: str = "")
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
                         bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
-    return LocalCluster(settings, tmp / job, steps=STEPS, fault_env=fault_env,
-                        worker_args=f"--step-sleep {STEP_SLEEP_S} {job_args}")
+    return reference_cluster(settings, tmp / job, STEPS, f"--step-sleep {STEP_SLEEP_S} {job_args}",
+                             fault_env=fault_env)
 
 
 @pytest.fixture(scope="module")

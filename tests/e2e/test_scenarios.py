@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flashrecovery.cluster import LocalCluster, states_equal
-from flashrecovery.demo import committed_steps_lost_observed
+from flashrecovery.demo import committed_steps_lost_observed, reference_cluster
 from flashrecovery.scenario import (SCENARIOS, FollowUp, Scenario, ScenarioLog, ServiceFault,
                                     escalations, run_followups, wait_settled)
 from flashrecovery.shared.settings import BusSettings, Settings
@@ -28,9 +28,9 @@ def _cluster(stack, tmp: Path, sc: Scenario) -> LocalCluster:
     settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap,
                         redis_url=None if sc.own_redis else stack.redis_url,
                         bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
-    return LocalCluster(settings, tmp / job, steps=STEPS, spares=sc.spares,
-                        fault_env=LocalCluster.fault_env_for(sc.fault, sc.rank, sc.step(STEPS, AT)),
-                        worker_args=f"--step-sleep {STEP_SLEEP_S} {sc.job_args}".strip())
+    return reference_cluster(settings, tmp / job, STEPS, f"--step-sleep {STEP_SLEEP_S} {sc.job_args}".strip(),
+                             spares=sc.spares,
+                             fault_env=LocalCluster.fault_env_for(sc.fault, sc.rank, sc.step(STEPS, AT)))
 
 
 def _run(stack, tmp: Path, sc: Scenario) -> dict:

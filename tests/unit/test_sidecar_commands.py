@@ -114,3 +114,57 @@ async def test_a_digest_mismatch_fails_the_restore_stage_at_once(tmp_path, monke
     finally:
         w.proc.kill()
         await w.proc.wait()
+
+
+async def _plain_exit(tmp_path, monkeypatch, code: int, rank: int | None, exit_with_job: bool = True):
+    """A worker that never connected to the agent (a plain torchrun script) exits with `code`."""
+    monkeypatch.setattr(busmod, "Producer", _Bus)
+    monkeypatch.setattr(busmod, "Consumer", _Bus)
+    svc = SidecarService(Settings(job_id="j", runtime_dir=str(tmp_path), redis_url="redis://127.0.0.1:9",
+                                  sidecar=SidecarSettings(node_id="node-0", ranks="0,1", world_size=2,
+                                                          exit_with_job=exit_with_job)))
+    published, finished = [], []
+
+    async def publish(event, wait=False):
+        published.append(event)
+
+    async def mark_finished(r, step):
+        finished.append(r)
+        return len(finished), 2
+
+    async def job_finished():
+        return len(finished) == 2
+
+    svc.producer.publish = publish
+    svc.registry.mark_finished = mark_finished
+    svc.registry.job_finished = job_finished
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", f"import sys; sys.exit({code})")
+    w = Worker(proc=proc, local_rank=0, rank=rank, standby=rank is None, log_path=tmp_path / "w.log",
+               state=RankState.STARTING if rank is not None else RankState.STANDBY)
+    svc.workers[proc.pid] = w
+    await asyncio.wait_for(svc._watch_exit(w), 10)
+    return svc, published, finished
+
+
+async def test_a_plain_rank_exiting_0_has_finished(tmp_path, monkeypatch):
+    svc, published, finished = await _plain_exit(tmp_path, monkeypatch, 0, 1)
+    assert finished == [1] and published[-1].expected and published[-1].exit_code == 0
+    assert svc.result is None and not svc.stopping.is_set()  # rank 0 has not finished yet
+
+
+async def test_a_plain_rank_failing_ends_the_run_with_its_reason(tmp_path, monkeypatch):
+    svc, published, finished = await _plain_exit(tmp_path, monkeypatch, 3, 1)
+    assert not finished and not published[-1].expected
+    code, reason = svc.result
+    assert code == 1 and svc.stopping.is_set()
+    assert reason.startswith("rank 1 (pid") and "(exit code 3)" in reason and "w.log" in reason
+
+
+async def test_a_plain_standby_ends_the_run_saying_standbys_0(tmp_path, monkeypatch):
+    svc, _, _ = await _plain_exit(tmp_path, monkeypatch, 1, None)
+    assert svc.result[0] == 1 and "use --standbys 0" in svc.result[1]
+
+
+async def test_without_exit_with_job_a_plain_failure_is_left_to_the_control_plane(tmp_path, monkeypatch):
+    svc, published, _ = await _plain_exit(tmp_path, monkeypatch, 3, 1, exit_with_job=False)
+    assert svc.result is None and not svc.stopping.is_set() and not published[-1].expected
