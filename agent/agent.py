@@ -433,6 +433,11 @@ class RecoveryAgent:
                 raise _RecoveryFailed(f"state to rank {t.dst}: {exc}") from exc
         digest_ok: bool | None = None
         for t in receiving:
+            if t.src % self.tp != self.rank % self.tp:
+                # Same shapes, another shard's values: nothing downstream would notice.
+                raise _RecoveryFailed(f"state source rank {t.src} holds tp shard {t.src % self.tp}, "
+                                      f"rank {self.rank} is shard {self.rank % self.tp} (tp {self.tp}): "
+                                      "the job's registered tp differs from the script's")
             try:
                 res = recv_state(self.comm, t.src, self.state)
             except TransferError as exc:

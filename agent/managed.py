@@ -3,7 +3,7 @@
     import flashrecovery.agent as fr
 
     agent = fr.init(seed=0)                      # instead of dist.init_process_group("gloo")
-    model = DDP(Net(), process_group=agent.dp_group, init_sync=False)
+    model = agent.ddp(Net())                     # torch's DDP on the agent's dp group
     opt = torch.optim.AdamW(model.parameters()); sched = ...
     agent.register(model, opt, scheduler=sched)  # what a replaced rank receives
     for step in agent.steps(total_steps):        # instead of `for step in range(...)`
@@ -40,6 +40,7 @@ import time
 from typing import Any, Iterator, Mapping
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import channel as ch
 from .agent import AgentExit, RecoveryAgent
@@ -121,6 +122,12 @@ class ManagedAgent(RecoveryAgent):
         return StepBatches(dataset, batch_size, dp_index=self.dp_index, dp_size=self.dp_size,
                            seed=self.seed if seed is None else seed, **kw)
 
+    def ddp(self, module: torch.nn.Module, **kw: Any) -> DDP:
+        """torch's DistributedDataParallel on the data-parallel group, as recovery needs it
+        (check_ddp says why each setting)."""
+        kw.setdefault("find_unused_parameters", True)
+        return DDP(module, process_group=self.dp_group, init_sync=False, **kw)
+
     # ------------------------------------------------------------------ set-up
     def open(self, default_group: bool = True) -> None:
         if self.world_size % self.tp:
@@ -163,6 +170,9 @@ class ManagedAgent(RecoveryAgent):
         """The training state a replaced rank receives (transfer.py's contract), and the hooks:
         ``optimizer.step()`` runs the commit rule; ``scheduler.step()`` becomes the agent's (once
         per applied step, recovery commits included), so a loop's own call is a no-op."""
+        for m in model.modules():
+            if isinstance(m, DDP):
+                check_ddp(m, self)
         self.attach(model, optimizer, scheduler=scheduler, stateful=stateful)
         self._opt_step = optimizer.step
 
@@ -250,14 +260,45 @@ class ManagedAgent(RecoveryAgent):
         self._buffers_at = None
 
 
+def check_ddp(ddp: DDP, agent: ManagedAgent) -> None:
+    """Refuse a DistributedDataParallel that cannot survive a recovery, saying why.
+
+    - its process group must be one of the agent's (a group of torch's own does not outlive
+      a generation);
+    - ``find_unused_parameters=True`` (and no ``static_graph``): otherwise DDP lays out its
+      gradient buckets anew in its second iteration, by the order gradients became ready, and a
+      replacement's fresh DDP would still use the first layout while the survivors use the
+      second: the ranks would all-reduce misaligned buffers for one step (seen: the replaced rank
+      diverged from the others by 1e-3 after one step, a fault-free run differed everywhere).
+      With it, the first layout is kept for good, the same on every rank, fresh or not.
+    ``init_sync=False`` is needed too, but DDP does not keep it: a replacement would otherwise
+    wait in DDP's constructor for a broadcast nobody sends (agent.ddp sets all three)."""
+    if not isinstance(ddp.process_group, RecoverableGroup) or ddp.process_group._session is not agent:
+        raise ValueError("DistributedDataParallel must use the agent's group: "
+                         "DDP(module, process_group=agent.dp_group, init_sync=False, "
+                         "find_unused_parameters=True), or agent.ddp(module)")
+    if not ddp.find_unused_parameters or ddp.static_graph:
+        raise ValueError("DistributedDataParallel needs find_unused_parameters=True (and no "
+                         "static_graph) to be recoverable: its bucket layout must never change, "
+                         "or a replaced rank's fresh DDP would reduce misaligned gradients. Use "
+                         "agent.ddp(module), or pass find_unused_parameters=True")
+
+
 def _scheduler_step_by_agent(self: Any, *args: Any, **kwargs: Any) -> None:
     """A registered scheduler's step(): the agent steps it once per applied step instead."""
 
 
-def init(tp: int = 1, seed: int = 0, *, default_group: bool = True) -> ManagedAgent:
+def init(tp: int | None = None, seed: int = 0, *, default_group: bool = True) -> ManagedAgent:
     """Join the job: in place of ``dist.init_process_group``. ``tp``: tensor-parallel degree
-    (ranks r with the same r // tp form one data-parallel replica); ``seed``: the base of the
-    per-step RNG seeds."""
-    agent = ManagedAgent(settings_from_env(), tp=tp, seed=seed)
+    (ranks r with the same r // tp form one data-parallel replica; default: the launcher's
+    ``--tp``, else 1); ``seed``: the base of the per-step RNG seeds."""
+    settings = settings_from_env()
+    launched = settings.tp
+    if tp is not None and launched is not None and tp != launched:
+        # The planner picks state sources by the registered tp: a script that shards otherwise
+        # would receive another shard's state after a fault.
+        raise ValueError(f"the script uses tp={tp} but the job was launched with --tp {launched}: "
+                         "pass the same tensor-parallel degree to both")
+    agent = ManagedAgent(settings, tp=tp or launched or 1, seed=seed)
     agent.open(default_group=default_group)
     return agent

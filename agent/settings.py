@@ -19,6 +19,8 @@ class AgentSettings(BaseSettings):
     agent_socket: str | None = None
     standby: bool = False
     fault: str | None = None
+    # The job's tensor-parallel degree as its launcher registered it (None: not told).
+    tp: int | None = None
     backend: str = "gloo"
     gloo_lazy: bool = True
     # How long a paused rank waits for `recover` (or a finished rank for `stop`) before giving up.

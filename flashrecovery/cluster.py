@@ -145,6 +145,8 @@ class LocalCluster:
         await self.sup.wait_ready(names, timeout_s)
         write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
         env = {"FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
+               # the job's tensor-parallel degree as registered: the agent checks its own against it
+               "FLASHRECOVERY_TP": str(self.tp),
                **self.worker.sidecar_env(),
                "FLASHRECOVERY_SIDECAR__EXIT_WITH_JOB": str(self.exit_with_job).lower(),
                "FLASHRECOVERY_RUNTIME_DIR": str(self.run_dir),  # worker logs beside the services' logs

@@ -1,19 +1,14 @@
-"""A small DDP MLP, written as a torchrun user would, made recoverable with FlashRecovery.
+"""A small DDP MLP as a torchrun user writes it, made recoverable (`diff train_plain.py train.py`).
 
-    flashrecovery run --standalone --nproc-per-node 4 examples/ddp_mlp/train.py --steps 40 --out /tmp/mlp
-
-Compared with train_plain.py beside it (`diff train_plain.py train.py`), the changes are: the
-import, `fr.init()` in place of `init_process_group`, DDP on the agent's data-parallel group,
-`agent.register(...)`, `agent.steps(...)` in place of `range(...)`, batches by step, the
-shutdown. Each rank saves its final model, optimizer and scheduler state to --out/rank{r}.pt.
+    flashrecovery run --standalone --nproc-per-node 4 train.py --steps 40 --out /tmp/mlp
 """
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flashrecovery.agent as fr
 
@@ -37,16 +32,16 @@ def main() -> None:
     torch.set_num_threads(1)
 
     agent = fr.init(seed=args.seed)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(),
                               torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
-    model = DDP(net, process_group=agent.dp_group, init_sync=False)
+    model = agent.ddp(net)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)
     agent.register(model, opt, scheduler=sched)
-    batches = agent.batches(make_dataset(4096, 32, args.seed), args.batch_size)
+    batches = agent.batches(make_dataset(65536, 32, args.seed), args.batch_size)
 
     for step in agent.steps(args.steps):
         x, y = batches(step)
@@ -58,14 +53,12 @@ def main() -> None:
         sched.step()
         if rank == 0 and step % 10 == 0:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
-        if args.step_sleep:
-            import time
-            time.sleep(args.step_sleep)
+        time.sleep(args.step_sleep)
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "pid": os.getpid()},
+                    "scheduler": sched.state_dict(), "step": args.steps, "pid": os.getpid()},
                    os.path.join(args.out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -18,7 +18,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flashrecovery.agent as fr
 
@@ -81,7 +80,7 @@ def main() -> None:
     tp_index = dist.get_rank(agent.tp_group)
 
     net = TPMLP(32, 128, 1, args.tp, tp_index, agent.tp_group, args.seed)
-    model = DDP(net, process_group=agent.dp_group, init_sync=False)
+    model = agent.ddp(net)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup, total = args.warmup, args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / warmup) * (

@@ -1,5 +1,5 @@
 """The reference job (a dp x tp GPT, warmup + cosine LR, clipping, a grad-norm EMA buffer) on the
-public API only: `fr.init`, torch's DDP on `agent.dp_group`, tensor-parallel all-reduces as
+public API only: `fr.init`, torch's DDP on `agent.dp_group` (`agent.ddp`), tensor-parallel all-reduces as
 ordinary `dist.all_reduce(..., group=agent.tp_group)`, `agent.register`, `agent.steps`.
 
     flashrecovery run --standalone --nproc-per-node 4 examples/reference_gpt/train.py --tp 2 --steps 30
@@ -17,7 +17,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flashrecovery.agent as fr
 from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
@@ -53,7 +52,7 @@ def main() -> None:
     agent = fr.init(tp=args.tp, seed=args.seed)
     rank = dist.get_rank()
     net = TPGPT(cfg, args.tp, dist.get_rank(agent.tp_group), TPComm(agent.tp_group), args.seed)
-    model = DDP(net, process_group=agent.dp_group, init_sync=False)
+    model = agent.ddp(net)
     recipe = build_recipe(net, args)
     opt = recipe.optimizer
     agent.register(model, opt, scheduler=recipe.scheduler)

@@ -138,3 +138,27 @@ def test_settings_come_from_torchrun_variables_without_flashrecovery_ones() -> N
     s = settings_from_env(env)
     assert (s.rank, s.local_rank, s.world_size, s.rdzv, s.job_id) == (3, 1, 4, "127.0.0.1:29555", "j1")
     assert s.agent_socket is None  # no sidecar: it trains, it cannot recover
+
+
+@pytest.mark.timeout(60)
+def test_a_ddp_that_would_relayout_its_buckets_or_uses_another_group_is_refused(master: Any) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    agent = _agent(master, job="ddp")
+    model = Counter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bare = DDP(model, process_group=agent.dp_group, init_sync=False)  # find_unused_parameters off
+    with pytest.raises(ValueError, match="find_unused_parameters=True"):
+        agent.register(bare, opt)
+    ok = agent.ddp(Counter())
+    assert ok.find_unused_parameters and ok.process_group is agent.dp_group
+    agent.register(ok, torch.optim.SGD(ok.parameters(), lr=0.1))
+
+
+def test_a_script_tp_other_than_the_launchers_is_refused(monkeypatch: Any) -> None:
+    import flashrecovery.agent as fr
+
+    monkeypatch.setenv("FLASHRECOVERY_TP", "1")
+    monkeypatch.setenv("FLASHRECOVERY_RANK", "0")
+    with pytest.raises(ValueError, match="tp=2 but the job was launched with --tp 1"):
+        fr.init(tp=2)
