@@ -33,9 +33,9 @@ STEP_LINE = re.compile(r"step (\d+) loss")
 WARMUP = 20
 
 
-def _command(kind: str, nproc: int, steps: int, out: str, port: int) -> list[str]:
+def _command(kind: str, nproc: int, steps: int, out: str, step_sleep: float) -> list[str]:
     script = EXAMPLE / ("train_plain.py" if kind == "plain@torchrun" else "train.py")
-    args = [str(script), "--steps", str(steps), "--out", out]
+    args = [str(script), "--steps", str(steps), "--out", out, "--step-sleep", str(step_sleep)]
     if kind.endswith("@torchrun"):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nproc}", *args]
@@ -43,11 +43,11 @@ def _command(kind: str, nproc: int, steps: int, out: str, port: int) -> list[str
             str(nproc), "--standbys", "1", *args]
 
 
-def one_run(kind: str, nproc: int, steps: int, timeout_s: float) -> dict[str, Any]:
+def one_run(kind: str, nproc: int, steps: int, timeout_s: float, step_sleep: float = 0.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fr-overhead-") as out:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         t0 = time.perf_counter()
-        proc = subprocess.Popen(_command(kind, nproc, steps, out, 0), cwd=ROOT, env=env,
+        proc = subprocess.Popen(_command(kind, nproc, steps, out, step_sleep), cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen: dict[int, float] = {}
         assert proc.stdout is not None
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--step-sleep", type=float, default=0.0,
+                    help="seconds each step sleeps: a stand-in for a bigger model's compute")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     kinds = ["plain@torchrun", "recoverable@torchrun", "recoverable@flashrecovery"]
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         order = kinds if i % 2 == 0 else kinds[::-1]  # interleaved, alternating order
         for kind in order:
-            row = one_run(kind, args.nproc, args.steps, args.timeout)
+            row = one_run(kind, args.nproc, args.steps, args.timeout, args.step_sleep)
             row["run"] = i
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         m = summary[kind]["median_step_ms"]
         summary[kind]["ratio_vs_plain_torchrun"] = round(m / base, 4) if m and base else None
     out = {"runs": args.runs, "steps": args.steps, "nproc": args.nproc, "warmup_steps": WARMUP,
+           "step_sleep_s": args.step_sleep,
            "loadavg_end": list(os.getloadavg()), "summary": summary, "rows": rows}
     print(json.dumps(summary, indent=2))
     if args.json:
