@@ -20,7 +20,7 @@ from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, R
 from flashrecovery.shared.settings import Settings
 
 from .arrays import PlanInput
-from .core import Decision, NoPlan, Policy, plan, plan_id_for
+from .core import Decision, NoPlan, Policy, known_incident_refusal, plan, plan_id_for
 
 GROUP = "flashrecovery-planner"
 SERVICE = "planner"
@@ -85,6 +85,7 @@ class PlannerService:
             log.info("incident_ignored", reason=f"other job {event.job_id}")
             return
         reg = self.registry
+        envelope_id = event.event_id
         # Marked handled only once the decision is out: a planner killed half-way (after the
         # incident transition, before publishing the plan) plans again on redelivery; the plan
         # id is derived from the incidents, so a replayed decision is the same plan.
@@ -99,7 +100,21 @@ class PlannerService:
         ok, why = await reg.incident_transition(event.incident_id, None, "planned", generation,
                                                 incident=encode(event), detected_at=event.detected_at)
         if not ok:
-            log.info("incident_known", reason=why)
+            known = await reg.incident(event.incident_id)
+            refusal = known_incident_refusal(known)
+            if refusal is not None:
+                # Not planned again: by the incident's identity, whatever the envelope says.
+                self._decided(log, "incident_known", known.get("plan_id"), max(generation, 0),
+                              (f"{why}: {refusal}",), duplicate_event=event.event_id)
+                await reg.mark_handled(SERVICE, event.event_id)
+                return
+            log.info("incident_known", reason=why, action="plan again: its plan never got out")
+            if known.get("incident"):
+                # The registry's copy is the incident; a new envelope cannot change what it says.
+                try:
+                    event = FaultIncident.model_validate_json(known["incident"])
+                except ValidationError as exc:
+                    log.warning("known_incident_unreadable", error=str(exc)[:300])
         await self._record_faults(event)
         snapshot = await self._plan_input()
         if snapshot is None:
@@ -120,7 +135,7 @@ class PlannerService:
         decision = plan(snapshot, open_incidents, self.policy, now, fault_history=history,
                         active_plan=active)
         await self._act(decision, event, snapshot.generation, log)
-        await reg.mark_handled(SERVICE, event.event_id)
+        await reg.mark_handled(SERVICE, envelope_id)
 
     async def _plan_input(self) -> PlanInput | None:
         """The registry snapshot as arrays, without a pydantic object per rank (the fast path at
