@@ -20,7 +20,7 @@ from flashrecovery.agent.commit_rule import InconsistentReports, decide_from_row
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
-from flashrecovery.shared.registry import FencedOut, Placement, Registry, StaleGeneration
+from flashrecovery.shared.registry import FencedOut, Placement, RefusedWrite, Registry, StaleGeneration
 from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction, Escalation,
                                           ExecutorCommand, FaultIncident, PhaseStatus, RecoveryCompleted,
                                           RecoveryPlan, RecoveryProgress)
@@ -490,8 +490,11 @@ class ExecutorService:
             moved = {r.rank: r for r in await self.registry.get_ranks(rep.rank for rep in plan.replacements)}
             nodes_by_id = {n.node_id: n for n in await self.registry.get_nodes(sorted(touched_nodes(plan)))}
             ranks, nodes = applied_topology(plan, moved, nodes_by_id, gen)
-            await self.registry.put_ranks(gen, ranks)
-            await self.registry.put_nodes(gen, nodes)
+            try:
+                await self.registry.put_ranks(gen, ranks)
+                await self.registry.put_nodes(gen, nodes)
+            except RefusedWrite as exc:
+                raise PhaseFailed(f"replace: topology write refused: {exc}") from None
             await self._set_run(plan.plan_id, topology_written=1, recover_nodes=sorted(wl.recover),
                                 stage_nodes=sorted(wl.stages))
 
