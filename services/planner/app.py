@@ -20,7 +20,7 @@ from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, R
 from flashrecovery.shared.settings import Settings
 
 from .arrays import PlanInput
-from .core import Decision, NoPlan, Policy, known_incident_refusal, plan, plan_id_for
+from .core import Decision, NoPlan, Policy, incident_refusal, known_incident_refusal, plan, plan_id_for
 
 GROUP = "flashrecovery-planner"
 SERVICE = "planner"
@@ -94,6 +94,12 @@ class PlannerService:
             return
         now = time.time()
         generation = await reg.generation()
+        refusal = incident_refusal(event, self.settings.job_id, generation)
+        if refusal is not None and generation >= 0:  # -1: no topology (escalated below)
+            self._decided(log, "incident_refused", None, generation, (refusal,), level="warning",
+                          refused_event=event.event_id[:100])
+            await reg.mark_handled(SERVICE, envelope_id)
+            return
         if event.generation < generation:
             # Still a real fault: a node lost in generation g is lost in g+1 too.
             log.info("incident_older_generation", registry_generation=generation)

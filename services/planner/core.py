@@ -71,6 +71,17 @@ def plan_id_for(job_id: str, incident_ids: Iterable[str], target_generation: int
     return "plan-" + hashlib.sha1(text.encode()).hexdigest()[:24]
 
 
+def incident_refusal(incident: FaultIncident, job_id: str, generation: int) -> str | None:
+    """Why an incident must not even be recorded, or None: another job's, or one from a
+    generation the registry never reached (nobody detected it in a generation that does not
+    exist yet: a forged or corrupt message). An older generation is still a real fault."""
+    if incident.job_id != job_id:
+        return f"other job {incident.job_id[:80]!r}"
+    if incident.generation > generation:
+        return f"generation {incident.generation} is ahead of the registry's {generation}"
+    return None
+
+
 def known_incident_refusal(record: Mapping[str, str]) -> str | None:
     """Why an incident the registry already holds must not be planned again, or None.
 
