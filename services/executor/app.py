@@ -27,8 +27,8 @@ from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction,
 from flashrecovery.shared.settings import Settings
 
 from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, covered_by,
-                   fence_refusal, judge, identity_refusal, named_nodes, next_phase_name, plan_refusal, ranks_to_kill, select_plan,
-                   settled, superseded_id, touched_nodes, waitlist)
+                   fence_refusal, identity_refusal, judge, named_nodes, next_phase_name, plan_refusal, ranks_to_kill,
+                   select_plan, settled, superseded_id, touched_nodes, waitlist)
 
 
 PLACEMENT_POLL_S = 1.0  # how soon after a topology change the warm placement is rebuilt
@@ -220,10 +220,12 @@ class ExecutorService:
                        started=started, refused=self.refused)
         self.plans.pop(plan.plan_id, None)
         stored = await self.registry.get_plan(plan.plan_id)
-        if stored is not None:
-            with contextlib.suppress(ValueError):
-                self.plans[plan.plan_id] = RecoveryPlan.model_validate_json(stored)
-                self.plan_event.set()  # checked on the next round
+        real = None
+        with contextlib.suppress(ValueError):
+            real = RecoveryPlan.model_validate_json(stored) if stored is not None else None
+        if real is not None and real != plan:
+            self.plans[plan.plan_id] = real  # a forged copy under a real id: the real one is checked next
+            self.plan_event.set()
             return False
         if not started and plan.plan_id not in self.refused_ids and len(self.refused_ids) < 10_000:
             self.refused_ids.add(plan.plan_id)
@@ -345,9 +347,9 @@ class ExecutorService:
         deadline = time.monotonic() + self.s.executor.supersede_grace_s
         while True:
             newer = covered_by(plan, self.plans.values())
-            if newer is not None and not await self._sound(
-                    newer, started=bool(await self._run_state(newer.plan_id))):
-                continue  # refused and forgotten: look again
+            started = newer is not None and bool(await self._run_state(newer.plan_id))
+            if newer is not None and not await self._sound(newer, started=started):
+                continue  # refused: forgotten, or swapped for the registry's copy (each once): look again
             if newer is not None or time.monotonic() >= deadline:
                 return newer
             self.plan_event.clear()

@@ -27,9 +27,9 @@ from flashrecovery.executor.app import ExecutorService
 from flashrecovery.planner import core as pcore
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
-from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, FaultClass, FaultIncident, LogEvent,
-                                          NodeHeartbeat, RankState, RankStatus, RecoveryPlan, RepairAction, Replacement,
-                                          SchemaError, Transfer, WorkerExit, decode, encode)
+from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, FaultClass, FaultIncident,
+                                          LogEvent, NodeHeartbeat, RankState, RankStatus, RecoveryPlan, RepairAction,
+                                          Replacement, SchemaError, Transfer, WorkerExit, decode, encode)
 from flashrecovery.shared.settings import BusSettings, Settings
 from flashrecovery.shared.topology import grid_topology
 from flashrecovery.sidecar.core import RegistryView
