@@ -121,7 +121,6 @@ class PlannerService:
                     event = FaultIncident.model_validate_json(known["incident"])
                 except ValidationError as exc:
                     log.warning("known_incident_unreadable", error=str(exc)[:300])
-        await self._record_faults(event)
         snapshot = await self._plan_input()
         if snapshot is None:
             # Nothing to plan from: Redis restarted empty (the registry is not persisted) or the
@@ -135,6 +134,7 @@ class PlannerService:
             await self._escalate(esc, log)
             self._decided(log, "escalation", None, max(generation, 0), (reason,), level="error")
             return
+        await self._record_faults(event, snapshot.node_index)
         open_incidents = await self._open_incidents(event)
         history = await self._fault_history(open_incidents, now)
         active = await self._active_plan(open_incidents)
@@ -184,12 +184,13 @@ class PlannerService:
                     await self._read_topology()
             await asyncio.sleep(TOPOLOGY_POLL_S)
 
-    async def _record_faults(self, inc: FaultIncident) -> None:
+    async def _record_faults(self, inc: FaultIncident, known: dict[str, int]) -> None:
         """Each node's faults, keyed by incident id (a replay adds nothing), trimmed to the
-        quarantine window."""
+        quarantine window. Only the topology's nodes (`known`): an incident naming 10,000 nodes
+        that do not exist must not create a key for each."""
         pipe = self.registry.r.pipeline(transaction=False)
         floor = inc.detected_at - self.policy.quarantine_window_s
-        for node in inc.root_cause_nodes:
+        for node in (n for n in inc.root_cause_nodes if n in known):
             key = self.registry.k.node_faults(node)
             pipe.zadd(key, {inc.incident_id: inc.detected_at})
             pipe.zremrangebyscore(key, "-inf", floor)
