@@ -391,6 +391,10 @@ class ExecutorService:
         started = time.monotonic()
         timeout_s = timeout_s or self.s.executor.phase_timeout_s
         while True:
+            if time.monotonic() > self.lease_until:
+                # Stopped past the lease (SIGSTOP, a long pause): the acks now arriving may answer
+                # the new leader's re-send of the same command id; they are not ours to act on.
+                raise FencedOut("lease may have expired while waiting for acks")
             got = self.acks.get(command_id, {}).get(stage, {})
             verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries, fail_from)
             if verdict.outcome != "wait":
