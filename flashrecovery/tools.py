@@ -15,7 +15,7 @@ from typing import Any
 from .shared import bus as busmod
 from .shared import topics as T
 from .shared.registry import Registry
-from .shared.schemas import NodeHeartbeat
+from .shared.schemas import DeadLetter, NodeHeartbeat, SchemaError, decode, decode_dead_letter
 from .shared.settings import ConfigError, Settings, load_settings
 from .supervisor import live_job_addresses, pick_job_address
 
@@ -138,7 +138,23 @@ def add_events_parser(sub: Any) -> None:
     p.set_defaults(func=events)
 
 
+def _decode_or_dead_letter(raw: bytes | None) -> Any:
+    """An event, or a record of the dead-letter topic (which has no event envelope)."""
+    try:
+        return decode(raw)
+    except SchemaError:
+        try:
+            return decode_dead_letter(raw)
+        except SchemaError:
+            pass
+        raise
+
+
 def _line(ev: Any) -> str:
+    if isinstance(ev, DeadLetter):
+        head = f"{time.strftime('%H:%M:%S', time.localtime(ev.at))} dead_letter       "
+        return (f"{head} topic={ev.topic} partition={ev.partition} offset={ev.offset} consumer={ev.consumer} "
+                f"size={ev.raw_size} truncated={ev.raw_truncated} reason={ev.reason[:200]}")
     d = ev.model_dump(mode="json")
     head = f"{time.strftime('%H:%M:%S', time.localtime(d['emitted_at']))} g{d['generation']} {d['kind']:<18}"
     skip = {"event_id", "schema_version", "job_id", "generation", "emitted_at", "kind", "producer"}
@@ -157,12 +173,16 @@ def events(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         async def show(ev: Any, record: Any) -> None:
-            if ev.job_id == settings.job_id:
+            # Dead letters carry no job id: the namespace's topic is the job's.
+            if getattr(ev, "job_id", settings.job_id) == settings.job_id:
                 print(ev.model_dump_json() if args.json else _line(ev), flush=True)
 
         producer = busmod.Producer(settings.kafka_bootstrap, settings.bus, "events")
         await producer.start()
-        c = busmod.Consumer(settings.kafka_bootstrap, settings.bus, wanted, None, show, producer, "events")
+        # An onlooker: what it cannot read is skipped with a log line, never dead-lettered (a
+        # reader of the dead-letter topic would otherwise re-dead-letter its own input).
+        c = busmod.Consumer(settings.kafka_bootstrap, settings.bus, wanted, None, show, producer, "events",
+                            dead_letters=False, decoder=_decode_or_dead_letter)
         await c.start()
         task = asyncio.create_task(c.run())
         if args.follow:

@@ -7,7 +7,6 @@ must be idempotent (they are: see keys.seen and the registry's fenced writes).
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -54,6 +53,8 @@ class Producer:
                                    linger_ms=bus.linger_ms, max_batch_size=min(bus.max_batch_bytes, 1 << 20),
                                    acks=1, enable_idempotence=False)
         self.sent = 0
+        self.dead_letter_failures = 0  # dead letters that could not be produced (logged)
+        self._log = get_logger("bus", client_id=client_id)
 
     async def start(self) -> None:
         await self._p.start()
@@ -73,13 +74,26 @@ class Producer:
     async def publish_raw(self, topic: T.Topic, value: bytes, key: bytes | None = None) -> None:
         await (await self._p.send(topic_name(topic, self._bus), value, key=key))
 
-    async def dead_letter(self, record: Any, reason: str, consumer: str) -> None:
-        letter = DeadLetter(topic=record.topic, partition=record.partition, offset=record.offset,
-                            key=record.key.decode(errors="replace") if record.key else None,
-                            reason=reason, consumer=consumer,
-                            raw_b64=base64.b64encode(record.value or b"").decode())
-        await self.publish_raw(T.DEAD_LETTER, orjson.dumps(letter.model_dump(mode="json")),
-                               key=record.topic.encode())
+    async def dead_letter(self, record: Any, reason: str, consumer: str) -> bool:
+        """Publish a bounded copy of a record a consumer could not handle (DeadLetter.of: a
+        prefix, the size and a digest of a large one, so it always fits on the broker). Never
+        raises: a dead letter that cannot be produced is logged and counted
+        (`dead_letter_failures`) and the consumer goes on; a bad message must not stop it.
+        -> whether the letter was produced."""
+        try:
+            letter = DeadLetter.of(topic=record.topic, partition=record.partition, offset=record.offset,
+                                   key=record.key, value=record.value, reason=reason, consumer=consumer)
+            await self.publish_raw(T.DEAD_LETTER, orjson.dumps(letter.model_dump(mode="json")),
+                                   key=str(record.topic).encode()[:256])
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.dead_letter_failures += 1
+            self._log.error("dead_letter_failed", error=repr(exc)[:500], topic=record.topic,
+                            partition=record.partition, offset=record.offset, reason=reason[:500],
+                            failures=self.dead_letter_failures)
+            return False
 
     async def flush(self) -> None:
         await self._p.flush()
@@ -93,11 +107,13 @@ class Consumer:
     def __init__(self, bootstrap: str, bus: BusSettings, topics: Iterable[T.Topic], group_id: str | None,
                  handler: Handler, producer: Producer, name: str, *, from_latest: bool = False,
                  batch_handler: Callable[[list[tuple[Any, Any]]], Awaitable[None]] | None = None,
-                 dead_letters: bool = True) -> None:
+                 dead_letters: bool = True, decoder: Callable[[bytes | None], Any] = decode) -> None:
         self._bus = bus
+        self._decode = decoder  # bytes -> event, or SchemaError
         # False for a reader that only looks on (its topic's owner dead-letters bad input once):
         # bad records are logged and skipped.
         self._dead_letters = dead_letters
+        self._dead_letter_topic = topic_name(T.DEAD_LETTER, bus)
         self.name = name
         self._handler = handler
         self._batch_handler = batch_handler
@@ -157,13 +173,22 @@ class Consumer:
         decoded: list[tuple[Any, Any]] = []
         for record in records:
             try:
-                decoded.append((decode(record.value), record))
+                decoded.append((self._decode(record.value), record))
             except SchemaError as exc:
                 await self._dead_letter(record, str(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever a hostile record provokes
+                await self._dead_letter(record, f"undecodable: {exc!r}")
         if self._batch_handler is not None and decoded:
-            await self._batch_handler(decoded)
-            self.handled += len(decoded)
-            return
+            try:
+                await self._batch_handler(decoded)
+                self.handled += len(decoded)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one record must not stop the consumer
+                # One by one instead, with the bounded retries and dead letters of _handle_one
+                # (handlers are idempotent: what the batch already did is not done twice).
+                self._log.warning("batch_handler_failed", error=repr(exc)[:500], records=len(decoded))
         for event, record in decoded:
             await self._handle_one(event, record)
 
@@ -184,11 +209,14 @@ class Consumer:
                     await self._dead_letter(record, f"handler failed {attempt + 1}x: {exc!r}")
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
-        if not self._dead_letters:
-            self._log.info("bad_input_skipped", reason=reason, topic=record.topic,
+        if not self._dead_letters or record.topic == self._dead_letter_topic:
+            # An onlooker, or a record of the dead-letter topic itself: dead-lettering it again
+            # would feed a reader of that topic its own output, a copy of a copy, forever.
+            self._log.info("bad_input_skipped", reason=reason[:500], topic=record.topic,
                            partition=record.partition, offset=record.offset)
             return
         self.dead_lettered += 1
-        self._log.warning("dead_lettered", reason=reason, topic=record.topic,
-                          partition=record.partition, offset=record.offset)
+        self._log.warning("dead_lettered", reason=reason[:500], topic=record.topic,
+                          partition=record.partition, offset=record.offset,
+                          size=len(record.value or b""))
         await self._producer.dead_letter(record, reason, self.name)

@@ -20,6 +20,11 @@ class StaleGeneration(RuntimeError):
     """A write carried a generation older than the registry's: refused."""
 
 
+class RefusedWrite(ValueError):
+    """A write the registry's topology or generation rules out: a rank that is not in the job,
+    a generation ahead of the registry's (nobody fenced it). Refused, nothing written."""
+
+
 class FencedOut(RuntimeError):
     """A write carried a lease fence token older than the lease's newest holder's: the writer
     was deposed (its lease expired and another instance took it). Refused."""
@@ -70,10 +75,21 @@ return {1, cur + 1}
 # KEYS[1]=meta, KEYS[2]=hash. ARGV[1]=generation, then field/value pairs. Every write of the
 # rank and node records moves meta's topology_version in the same step, so a reader that kept a
 # copy knows it is current from one field (TOPOLOGY_VERSION).
+# ARGV[2]='known': every field must exist already (rank records: the topology's ranks are fixed
+# at init_job; a write for any other rank is refused). A generation ahead of the registry's is
+# refused too (nobody can write for a generation that was never fenced): {2, cur}; an unknown
+# field: {3, field}.
 _FENCED_HSET = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
-if tonumber(ARGV[1]) < cur then return {0, cur} end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local gen = tonumber(ARGV[1])
+if gen < cur then return {0, cur} end
+if gen > cur then return {2, cur} end
+if ARGV[2] == 'known' then
+  for i = 3, #ARGV, 2 do
+    if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then return {3, ARGV[i]} end
+  end
+end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HINCRBY', KEYS[1], 'topology_version', 1)
 return {1, cur}
 """
@@ -217,18 +233,28 @@ class Registry:
             raise StaleGeneration(f"generation is {gen}, expected {expected}")
         return int(gen)
 
-    async def _fenced(self, key: str, generation: int, pairs: dict[str, bytes]) -> None:
+    async def _fenced(self, key: str, generation: int, pairs: dict[str, bytes], known_only: bool = False) -> None:
         if not pairs:
             return
-        args: list[Any] = [generation]
+        args: list[Any] = [generation, "known" if known_only else ""]
         for f, v in pairs.items():
             args += [f, v]
         ok, cur = await self._fenced_hset(keys=[self.k.meta, key], args=args)
-        if not ok:
+        if ok == 0:
             raise StaleGeneration(f"write from generation {generation} refused: registry at {cur}")
+        if ok == 2:
+            raise RefusedWrite(f"write for generation {generation} refused: ahead of the registry's {cur}")
+        if ok == 3:
+            what = cur.decode() if isinstance(cur, bytes) else cur
+            raise RefusedWrite(f"write for rank {str(what)[:40]} refused: not in the job's topology")
 
     async def put_ranks(self, generation: int, recs: list[RankRecord]) -> None:
-        await self._fenced(self.k.ranks, generation, {str(r.rank): _j(r) for r in recs})
+        """Rank records of the topology's own ranks only, for the registry's generation (an older
+        one is StaleGeneration; an unknown rank or a generation ahead is RefusedWrite)."""
+        ahead = [r.rank for r in recs if r.generation > generation]
+        if ahead:
+            raise RefusedWrite(f"rank records {ahead[:5]} claim a generation ahead of {generation}")
+        await self._fenced(self.k.ranks, generation, {str(r.rank): _j(r) for r in recs}, known_only=True)
 
     async def get_ranks(self, ranks: Iterable[int]) -> list[RankRecord]:
         """Only the named rank records (HMGET): reads that grow with a restart set, not the job."""
@@ -383,7 +409,9 @@ class Registry:
     async def mark_finished(self, rank: int, step: int) -> tuple[int, int]:
         """Record that `rank` finished training at `step`. Returns (ranks finished, world size):
         a finished rank stays up as a replica until every rank has finished, so a fault in the
-        last step still has a source to copy from."""
+        last step still has a source to copy from. A rank outside the topology: RefusedWrite."""
+        if not await self.r.hexists(self.k.ranks, str(rank)):
+            raise RefusedWrite(f"rank {rank} is not in the job's topology")
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k.finished_ranks, str(rank), step)
         pipe.hlen(self.k.finished_ranks)

@@ -7,6 +7,8 @@ rejects a version it does not know to the dead-letter topic rather than guessing
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 import uuid
 from enum import StrEnum
@@ -512,13 +514,49 @@ def decode(raw: bytes | None) -> Any:
         raise SchemaError(f"invalid {data.get('kind')}: {where}: {first['msg']}") from None
 
 
+DEAD_LETTER_RAW_LIMIT = 64 * 1024  # raw bytes kept in a dead letter (its base64 is 4/3 of it)
+DEAD_LETTER_TEXT_LIMIT = 2048  # characters kept of a dead letter's reason and key
+
+
 class DeadLetter(Frozen):
-    """What a consumer could not handle: kept whole so nothing is lost."""
+    """What a consumer could not handle. Kept whole up to DEAD_LETTER_RAW_LIMIT bytes; a larger
+    message keeps a prefix (raw_b64), its size and its SHA-256, so a dead letter always fits on
+    the broker (a 2 MB poison message once took the detector and planner down because its
+    base64 copy could not be produced). `raw_size`, `raw_sha256`, `raw_truncated`, `kind` and
+    `schema_version` were added in 1.x: a letter written before them has none (defaults)."""
+    kind: Literal["dead_letter"] = "dead_letter"
+    schema_version: int = SCHEMA_VERSION
     topic: str
     partition: int
     offset: int
     key: str | None
     reason: str
-    raw_b64: str
+    raw_b64: str  # the raw bytes, or their first DEAD_LETTER_RAW_LIMIT bytes (raw_truncated)
     consumer: str
     at: float = Field(default_factory=time.time)
+    raw_size: int | None = None  # the original message's size in bytes
+    raw_sha256: str | None = None  # hex digest of the whole original message
+    raw_truncated: bool = False
+
+    @classmethod
+    def of(cls, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+           reason: str, consumer: str, limit: int = DEAD_LETTER_RAW_LIMIT) -> DeadLetter:
+        raw = value or b""
+        text = key.decode(errors="replace") if key else None
+        return cls(topic=topic, partition=partition, offset=offset,
+                   key=text[:DEAD_LETTER_TEXT_LIMIT] if text is not None else None,
+                   reason=reason[:DEAD_LETTER_TEXT_LIMIT], consumer=consumer[:200],
+                   raw_b64=base64.b64encode(raw[:limit]).decode(), raw_size=len(raw),
+                   raw_sha256=hashlib.sha256(raw).hexdigest(), raw_truncated=len(raw) > limit)
+
+
+def decode_dead_letter(raw: bytes | None) -> DeadLetter:
+    """A record of the dead-letter topic (written before or after the 1.x fields), or SchemaError."""
+    if raw is None:
+        raise SchemaError("empty message (tombstone)")
+    try:
+        return DeadLetter.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise SchemaError(f"invalid dead letter: {'.'.join(str(p) for p in first['loc'])}: "
+                          f"{first['msg']}") from None

@@ -33,6 +33,7 @@ STALL_FACTOR = 1.5  # no batch at all for this many heartbeat intervals: the con
 PEER_LOOKBACK_S = 300.0  # a (re)started instance learns the incidents of the last 5 minutes
 PEER_GRACE_S = 1.0  # while others own part of the job, a hang waits this long for their incident
 HANDOVER_PATIENCE_S = 10.0  # how long seeding handed-over nodes waits to hear the job at all
+TOPOLOGY_POLL_S = 1.0  # how often the registry's view of the job (core.Topology) is re-read
 
 
 class ReceiveClock:
@@ -74,6 +75,11 @@ class DetectorService:
         self._caught_up_at = self.clock()
         self.frozen_ticks = 0
         self._partitioner = DefaultPartitioner()  # what bus.Producer uses to place node keys
+        # The registry's view of the job that every worker event is checked against (core.admit);
+        # None while there is none (no registry, or the job not registered): nothing is checked.
+        self.topology: core.Topology | None = None
+        self._topology_version: bytes | None = None
+        self.refused = 0  # worker events refused by core.admit (dead-lettered with the reason)
 
     @property
     def group_id(self) -> str:
@@ -94,6 +100,7 @@ class DetectorService:
             await self._start_peer_reader()
         if s.redis_url:
             self._registry = Registry.from_url(s.redis_url, s.job_id)
+            await self._read_topology()
         self.log.info("detector_started", job_id=s.job_id, group=self.group_id,
                       signatures=len(self.cfg.catalog or ()))
 
@@ -118,7 +125,8 @@ class DetectorService:
         assert self._consumer is not None, "start() first"
         tasks = [asyncio.create_task(self._consumer.run(), name="detector-consume"),
                  asyncio.create_task(self._tick_loop(), name="detector-tick"),
-                 asyncio.create_task(self._liveness_loop(), name="detector-liveness")]
+                 asyncio.create_task(self._liveness_loop(), name="detector-liveness"),
+                 asyncio.create_task(self._topology_loop(), name="detector-topology")]
         if self._peers is not None:
             tasks.append(asyncio.create_task(self._peers.run(), name="detector-peers"))
         try:
@@ -157,13 +165,26 @@ class DetectorService:
 
     async def _handle_batch(self, batch: list[tuple[Any, Any]]) -> None:
         now = self.clock()
-        record = batch[-1][1]
-        newest = max(r.timestamp for _, r in batch) / 1000.0
-        # How far behind the stream this batch is. The newest record's timestamp of a batch
-        # from many senders: one sender's slow clock cannot make us look behind.
-        self._lag[(record.topic, record.partition)] = (now, now - newest)
+        topo = self.topology
+        verdicts = [core.admit(event, topo) for event, _ in batch] if topo is not None else [None] * len(batch)
+        if self._registry is not None and any(verdicts):
+            # The registry may have moved on since the last read (a fence bumps the generation
+            # just before the sidecars hear of it): one read per batch that holds a refusal.
+            await self._read_topology()
+            verdicts = [why and core.admit(event, self.topology) for (event, _), why in zip(batch, verdicts)]
+        trusted = [r for (_, r), why in zip(batch, verdicts) if why is None]
+        if trusted:
+            record = trusted[-1]
+            newest = max(r.timestamp for r in trusted) / 1000.0
+            # How far behind the stream this batch is. The newest record's timestamp of a batch
+            # from many senders: one sender's slow clock cannot make us look behind (nor can
+            # refused records: their timestamps are whatever their sender chose).
+            self._lag[(record.topic, record.partition)] = (now, now - newest)
         decisions: list[core.Decision] = []
-        for event, record in batch:
+        for (event, record), why in zip(batch, verdicts):
+            if why is not None:
+                await self._refuse(event, record, why)
+                continue
             try:
                 _, ds = core.observe(self.state, event, now, self.cfg)
             except Exception as exc:  # noqa: BLE001 - one bad event must not stop the detector
@@ -175,6 +196,46 @@ class DetectorService:
             decisions.extend(ds)
         if decisions:
             await self._publish(decisions)  # before the batch's offsets are committed
+
+    async def _refuse(self, event: Any, record: Any, why: str) -> None:
+        """A worker event the registry's topology rules out: counted, dead-lettered with the
+        reason, and never seen by the core."""
+        self.refused += 1
+        self.state.count("untrusted_events")
+        if self.refused <= 10 or self.refused & (self.refused - 1) == 0:  # 1..10, then powers of 2
+            self.log.warning("event_refused", reason=why, kind=getattr(event, "kind", None),
+                             topic=record.topic, offset=record.offset, refused=self.refused)
+        assert self._producer is not None
+        await self._producer.dead_letter(record, f"untrusted: {why}", "detector")
+
+    async def _read_topology(self) -> None:
+        """core.Topology from the registry: generation and world size every time, the node names
+        only when the topology version moved. Redis unreachable: the last view stays."""
+        assert self._registry is not None
+        reg = self._registry
+        try:
+            gen, world, version = await reg.r.hmget(reg.k.meta, ["generation", "world_size", "topology_version"])
+            if gen is None or world is None:
+                self.topology = None
+                return
+            nodes = self.topology.nodes if self.topology is not None else None
+            if nodes is None or version is None or version != self._topology_version:
+                nodes = frozenset(n.decode() for n in await reg.r.hkeys(reg.k.nodes))
+                self._topology_version = version
+        except Exception as exc:  # noqa: BLE001 - temporary; checked against the last view meanwhile
+            self.log.warning("topology_read_failed", error=repr(exc))
+            return
+        self.topology = core.Topology(job_id=self.settings.job_id, generation=int(gen), world_size=int(world),
+                                      nodes=nodes)
+
+    async def _topology_loop(self) -> None:
+        while not self._stop.is_set():
+            if self._registry is not None:
+                await self._read_topology()
+            try:
+                await asyncio.wait_for(self._stop.wait(), TOPOLOGY_POLL_S)
+            except asyncio.TimeoutError:
+                pass
 
     async def _handle_peer(self, event: Any, record: Any) -> None:
         """An incident (or degradation) on the incidents topic, ours or a peer's: the core keeps

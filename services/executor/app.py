@@ -20,15 +20,15 @@ from flashrecovery.agent.commit_rule import InconsistentReports, decide_from_row
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
-from flashrecovery.shared.registry import FencedOut, Placement, Registry, StaleGeneration
+from flashrecovery.shared.registry import FencedOut, Placement, RefusedWrite, Registry, StaleGeneration
 from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction, Escalation,
                                           ExecutorCommand, FaultIncident, PhaseStatus, RecoveryCompleted,
                                           RecoveryPlan, RecoveryProgress)
 from flashrecovery.shared.settings import Settings
 
 from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, covered_by,
-                   fence_refusal, judge, next_phase_name, ranks_to_kill, select_plan, settled, superseded_id,
-                   touched_nodes, waitlist)
+                   fence_refusal, identity_refusal, judge, named_nodes, next_phase_name, plan_refusal, ranks_to_kill,
+                   select_plan, settled, superseded_id, touched_nodes, waitlist)
 
 
 PLACEMENT_POLL_S = 1.0  # how soon after a topology change the warm placement is rebuilt
@@ -72,10 +72,17 @@ class ExecutorService:
         self.token: int | None = None  # the lease's fence token while this instance holds it
         self.lease_until = 0.0  # monotonic: past it, the lease may be someone else's
         self.commands_sent = 0
+        self.sound: set[str] = set()  # plan ids checked against the registry (core.plan_refusal)
+        self.refused = 0  # invalid plans refused (logged: plan_refused_invalid)
+        self.refused_ids: set[str] = set()
 
     # ------------------------------------------------------------------ inputs
     async def on_plan(self, plan: Any, record: Any) -> None:
         if not isinstance(plan, RecoveryPlan) or plan.job_id != self.s.job_id:
+            return
+        if plan.plan_id in self.sound and self.plans.get(plan.plan_id) != plan:
+            # The copy checked against the registry stays; another under its id is not it.
+            self.log.warning("plan_copy_ignored", plan_id=plan.plan_id[:100], producer=plan.producer[:100])
             return
         self.plans[plan.plan_id] = plan
         self.plan_event.set()
@@ -184,6 +191,7 @@ class ExecutorService:
             pipe.hgetall(self.registry.k.run(plan.plan_id))
         runs = {p.plan_id: {k.decode(): v.decode() for k, v in raw.items()}
                 for p, raw in zip(plans, await pipe.execute())}
+        plans = [p for p in plans if await self._sound(p, started=bool(runs[p.plan_id]))]
         choice = select_plan(plans, runs, await self.registry.generation())
         for plan, outcome, reason in choice.retire:
             if self.driving and self.driving[0] == plan.plan_id:
@@ -192,6 +200,58 @@ class ExecutorService:
                           started=bool(runs[plan.plan_id]))
             await self._end_unrun(plan, outcome, reason)
         return choice.drive
+
+    async def _sound(self, plan: RecoveryPlan, started: bool) -> bool:
+        """A plan is checked against the registry once, before anything else sees it
+        (core.plan_refusal; one already started, e.g. met by a standby taking over, only for
+        being the planner's). An invalid one is refused loudly: never started, its run ends
+        failed with the reason (an escalation), it is forgotten, and the job is never touched;
+        nor can it retire, supersede or cover a sound plan. A forged copy under a real plan's
+        id is dropped for the registry's copy."""
+        if plan.plan_id in self.sound:
+            return True
+        why = await self._plan_refusal(plan, identity_only=started)
+        if why is None:
+            self.sound.add(plan.plan_id)
+            return True
+        self.refused += 1
+        self.log.error("plan_refused_invalid", plan_id=plan.plan_id[:100], reason=why,
+                       incident_ids=list(plan.incident_ids[:10]), producer=plan.producer[:100],
+                       started=started, refused=self.refused)
+        self.plans.pop(plan.plan_id, None)
+        stored = await self.registry.get_plan(plan.plan_id)
+        real = None
+        with contextlib.suppress(ValueError):
+            real = RecoveryPlan.model_validate_json(stored) if stored is not None else None
+        if real is not None and real != plan:
+            self.plans[plan.plan_id] = real  # a forged copy under a real id: the real one is checked next
+            self.plan_event.set()
+            return False
+        if not started and plan.plan_id not in self.refused_ids and len(self.refused_ids) < 10_000:
+            self.refused_ids.add(plan.plan_id)
+            await self._end_unrun(plan, "failed", f"invalid plan refused: {why}")
+        return False
+
+    async def _plan_refusal(self, plan: RecoveryPlan, identity_only: bool = False) -> str | None:
+        """core.plan_refusal with the registry's view, read for the plan's own ranks and nodes
+        (the placement is the warm copy)."""
+        stored_raw = await self.registry.get_plan(plan.plan_id)
+        try:
+            stored = RecoveryPlan.model_validate_json(stored_raw) if stored_raw is not None else None
+        except ValueError:
+            stored = None
+        if identity_only:
+            return identity_refusal(plan, stored)
+        meta = await self.registry.r.hgetall(self.registry.k.meta)
+        if not meta:
+            return f"job {self.s.job_id} has no topology in the registry"
+        m = {k.decode(): v for k, v in meta.items()}
+        self.placement = await self.registry.versioned_rank_nodes(self.placement)
+        names = sorted(named_nodes(plan))[:10_000]
+        nodes = {n.node_id: n for n in await self.registry.get_nodes(names)}
+        return plan_refusal(plan, generation=int(m.get("generation", -1)),
+                            world_size=int(m.get("world_size", 0)), rank_nodes=self.placement[1],
+                            nodes_by_id=nodes, stored=stored)
 
     async def _end_unrun(self, plan: RecoveryPlan, outcome: str, reason: str) -> None:
         """A plan that will not run (any more): its run ends in `outcome` (terminal)."""
@@ -287,6 +347,9 @@ class ExecutorService:
         deadline = time.monotonic() + self.s.executor.supersede_grace_s
         while True:
             newer = covered_by(plan, self.plans.values())
+            started = newer is not None and bool(await self._run_state(newer.plan_id))
+            if newer is not None and not await self._sound(newer, started=started):
+                continue  # refused: forgotten, or swapped for the registry's copy (each once): look again
             if newer is not None or time.monotonic() >= deadline:
                 return newer
             self.plan_event.clear()
@@ -328,6 +391,10 @@ class ExecutorService:
         started = time.monotonic()
         timeout_s = timeout_s or self.s.executor.phase_timeout_s
         while True:
+            if time.monotonic() > self.lease_until:
+                # Stopped past the lease (SIGSTOP, a long pause): the acks now arriving may answer
+                # the new leader's re-send of the same command id; they are not ours to act on.
+                raise FencedOut("lease may have expired while waiting for acks")
             got = self.acks.get(command_id, {}).get(stage, {})
             verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries, fail_from)
             if verdict.outcome != "wait":
@@ -429,8 +496,11 @@ class ExecutorService:
             moved = {r.rank: r for r in await self.registry.get_ranks(rep.rank for rep in plan.replacements)}
             nodes_by_id = {n.node_id: n for n in await self.registry.get_nodes(sorted(touched_nodes(plan)))}
             ranks, nodes = applied_topology(plan, moved, nodes_by_id, gen)
-            await self.registry.put_ranks(gen, ranks)
-            await self.registry.put_nodes(gen, nodes)
+            try:
+                await self.registry.put_ranks(gen, ranks)
+                await self.registry.put_nodes(gen, nodes)
+            except RefusedWrite as exc:
+                raise PhaseFailed(f"replace: topology write refused: {exc}") from None
             await self._set_run(plan.plan_id, topology_written=1, recover_nodes=sorted(wl.recover),
                                 stage_nodes=sorted(wl.stages))
 

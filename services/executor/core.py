@@ -247,3 +247,73 @@ def fence_refusal(plan: RecoveryPlan, generation: int,
             and superseded_run.get("generation") == str(generation):
         return None
     return f"stale plan: made against generation {base}, registry at {generation}"
+
+
+# ---------------------------------------------------------------------------- is the plan sound
+def named_nodes(plan: RecoveryPlan) -> set[str]:
+    """Every node a plan names: the shell reads only these records to check it."""
+    return touched_nodes(plan) | set(plan.faulty_nodes)
+
+
+def identity_refusal(plan: RecoveryPlan, stored: RecoveryPlan | None) -> str | None:
+    """Whether `plan` is the one the planner recorded under its id (Registry.put_plan_once,
+    written before the plan is published): anything else on the plans topic is not a plan."""
+    if stored is None:
+        return f"plan {plan.plan_id[:80]!r} is not in the registry: the planner did not make it"
+    if stored.model_dump(mode="json") != plan.model_dump(mode="json"):
+        return f"plan {plan.plan_id[:80]!r} differs from the one the planner recorded under its id"
+    return None
+
+
+def plan_refusal(plan: RecoveryPlan, *, generation: int, world_size: int, rank_nodes: Mapping[int, str],
+                 nodes_by_id: Mapping[str, NodeRecord], stored: RecoveryPlan | None) -> str | None:
+    """Why `plan` must not be driven at all, or None: checked against the registry before its
+    first command, so an invalid plan never touches the job (one with restart_ranks [10^9] and
+    world size -1 was once fenced, paused and replaced, failed at rebuild and left the job
+    paused). The registry's view: its generation and world size, every rank's node
+    (rank_nodes), the records of the nodes the plan names (named_nodes; absent = unknown), and
+    the plan the planner recorded under this plan id before publishing it (stored)."""
+    def some(xs: Iterable[object]) -> str:
+        xs = list(xs)
+        return f"{xs[:5]}{'...' if len(xs) > 5 else ''}"
+
+    why = identity_refusal(plan, stored)
+    if why is not None:
+        return why
+    if plan.target_generation - 1 > generation:
+        return (f"plan made against generation {plan.target_generation - 1}, ahead of the registry's "
+                f"{generation}")
+    if plan.world_size != world_size or world_size <= 0:
+        return f"world size {plan.world_size} does not match the registry's {world_size}"
+    if not plan.restart_ranks:
+        return "no rank to restart"
+    unknown = [r for r in plan.restart_ranks if r not in rank_nodes]
+    if unknown:
+        return f"restart ranks not in the topology: {some(unknown)}"
+    restart = set(plan.restart_ranks)
+    if len(restart) != len(plan.restart_ranks):
+        return "a rank is restarted twice"
+    missing = sorted(n for n in named_nodes(plan) if n not in nodes_by_id)
+    if missing:
+        return f"nodes not in the registry: {some(missing)}"
+    seen: set[int] = set()
+    for rep in plan.replacements:
+        if rep.rank not in restart:
+            return f"replacement of rank {rep.rank}, which the plan does not restart"
+        if rep.rank in seen:
+            return f"rank {rep.rank} replaced twice"
+        seen.add(rep.rank)
+        if rep.local_rank < 0:
+            return f"replacement of rank {rep.rank} with local rank {rep.local_rank}"
+        if rep.mode == "in_place" and rep.to_node != rep.from_node:
+            return f"in-place replacement of rank {rep.rank} moves it from {rep.from_node} to {rep.to_node}"
+        if nodes_by_id[rep.to_node].role is NodeRole.QUARANTINED:
+            return f"rank {rep.rank} replaced onto quarantined node {rep.to_node}"
+    for t in plan.transfers:
+        if t.src not in rank_nodes or t.dst not in rank_nodes:
+            return f"transfer {t.src} -> {t.dst} names a rank not in the topology"
+        if t.src in restart:
+            return f"transfer source {t.src} is itself restarted"
+        if t.dst not in restart:
+            return f"transfer into rank {t.dst}, which the plan does not restart"
+    return None

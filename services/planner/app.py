@@ -20,7 +20,7 @@ from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, R
 from flashrecovery.shared.settings import Settings
 
 from .arrays import PlanInput
-from .core import Decision, NoPlan, Policy, plan, plan_id_for
+from .core import Decision, NoPlan, Policy, incident_refusal, known_incident_refusal, plan, plan_id_for
 
 GROUP = "flashrecovery-planner"
 SERVICE = "planner"
@@ -85,6 +85,7 @@ class PlannerService:
             log.info("incident_ignored", reason=f"other job {event.job_id}")
             return
         reg = self.registry
+        envelope_id = event.event_id
         # Marked handled only once the decision is out: a planner killed half-way (after the
         # incident transition, before publishing the plan) plans again on redelivery; the plan
         # id is derived from the incidents, so a replayed decision is the same plan.
@@ -93,14 +94,33 @@ class PlannerService:
             return
         now = time.time()
         generation = await reg.generation()
+        refusal = incident_refusal(event, self.settings.job_id, generation)
+        if refusal is not None and generation >= 0:  # -1: no topology (escalated below)
+            self._decided(log, "incident_refused", None, generation, (refusal,), level="warning",
+                          refused_event=event.event_id[:100])
+            await reg.mark_handled(SERVICE, envelope_id)
+            return
         if event.generation < generation:
             # Still a real fault: a node lost in generation g is lost in g+1 too.
             log.info("incident_older_generation", registry_generation=generation)
         ok, why = await reg.incident_transition(event.incident_id, None, "planned", generation,
                                                 incident=encode(event), detected_at=event.detected_at)
         if not ok:
-            log.info("incident_known", reason=why)
-        await self._record_faults(event)
+            known = await reg.incident(event.incident_id)
+            refusal = known_incident_refusal(known)
+            if refusal is not None:
+                # Not planned again: by the incident's identity, whatever the envelope says.
+                self._decided(log, "incident_known", known.get("plan_id"), max(generation, 0),
+                              (f"{why}: {refusal}",), duplicate_event=event.event_id)
+                await reg.mark_handled(SERVICE, event.event_id)
+                return
+            log.info("incident_known", reason=why, action="plan again: its plan never got out")
+            if known.get("incident"):
+                # The registry's copy is the incident; a new envelope cannot change what it says.
+                try:
+                    event = FaultIncident.model_validate_json(known["incident"])
+                except ValidationError as exc:
+                    log.warning("known_incident_unreadable", error=str(exc)[:300])
         snapshot = await self._plan_input()
         if snapshot is None:
             # Nothing to plan from: Redis restarted empty (the registry is not persisted) or the
@@ -114,13 +134,14 @@ class PlannerService:
             await self._escalate(esc, log)
             self._decided(log, "escalation", None, max(generation, 0), (reason,), level="error")
             return
+        await self._record_faults(event, snapshot.node_index)
         open_incidents = await self._open_incidents(event)
         history = await self._fault_history(open_incidents, now)
         active = await self._active_plan(open_incidents)
         decision = plan(snapshot, open_incidents, self.policy, now, fault_history=history,
                         active_plan=active)
         await self._act(decision, event, snapshot.generation, log)
-        await reg.mark_handled(SERVICE, event.event_id)
+        await reg.mark_handled(SERVICE, envelope_id)
 
     async def _plan_input(self) -> PlanInput | None:
         """The registry snapshot as arrays, without a pydantic object per rank (the fast path at
@@ -163,12 +184,13 @@ class PlannerService:
                     await self._read_topology()
             await asyncio.sleep(TOPOLOGY_POLL_S)
 
-    async def _record_faults(self, inc: FaultIncident) -> None:
+    async def _record_faults(self, inc: FaultIncident, known: dict[str, int]) -> None:
         """Each node's faults, keyed by incident id (a replay adds nothing), trimmed to the
-        quarantine window."""
+        quarantine window. Only the topology's nodes (`known`): an incident naming 10,000 nodes
+        that do not exist must not create a key for each."""
         pipe = self.registry.r.pipeline(transaction=False)
         floor = inc.detected_at - self.policy.quarantine_window_s
-        for node in inc.root_cause_nodes:
+        for node in (n for n in inc.root_cause_nodes if n in known):
             key = self.registry.k.node_faults(node)
             pipe.zadd(key, {inc.incident_id: inc.detected_at})
             pipe.zremrangebyscore(key, "-inf", floor)

@@ -71,6 +71,39 @@ def plan_id_for(job_id: str, incident_ids: Iterable[str], target_generation: int
     return "plan-" + hashlib.sha1(text.encode()).hexdigest()[:24]
 
 
+def incident_refusal(incident: FaultIncident, job_id: str, generation: int) -> str | None:
+    """Why an incident must not even be recorded, or None: another job's, or one from a
+    generation the registry never reached (nobody detected it in a generation that does not
+    exist yet: a forged or corrupt message). An older generation is still a real fault."""
+    if incident.job_id != job_id:
+        return f"other job {incident.job_id[:80]!r}"
+    if incident.generation > generation:
+        return f"generation {incident.generation} is ahead of the registry's {generation}"
+    return None
+
+
+def known_incident_refusal(record: Mapping[str, str]) -> str | None:
+    """Why an incident the registry already holds must not be planned again, or None.
+
+    Idempotency is by the incident's identity (its id, as recorded in the registry), not by the
+    envelope that carries it: a detector re-emitting it, a second detector instance, or anyone
+    who forges a copy under a new event id must not start a second recovery (a duplicate once
+    re-killed a rank already recovered). The one incident planned again is one whose plan never
+    got out (a planner stopped between recording the incident and publishing its plan): the plan
+    id is derived from the incidents, so that replay is the same plan.
+    record: the registry's incident hash (phase, plan_id, ...)."""
+    phase = record.get("phase")
+    if phase is None or (phase == "planned" and not record.get("plan_id")):
+        return None
+    if phase in ("done", "failed", "superseded"):
+        return f"incident already ended ({phase})"
+    if phase == "escalated":
+        return "incident already escalated"
+    if record.get("plan_id"):
+        return f"incident already {phase} under plan {record['plan_id']}"
+    return f"incident already {phase}"
+
+
 def quarantined(incidents: Iterable[FaultIncident], history: FaultHistory, now: float,
                 policy: Policy) -> set[str]:
     """Nodes with at least quarantine_faults distinct faults in the window ending at now. The

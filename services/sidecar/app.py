@@ -27,8 +27,8 @@ from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCom
                                           RankColumns, RankStatus, ReportColumns, WorkerExit)
 from flashrecovery.shared.settings import Settings
 
-from .core import (CommandGate, TokenBucket, WorkerPlace, node_rank, prefilter, ranks_to_kill,
-                   reports_stages, stage_failure, stage_reached, worker_argv, worker_env)
+from .core import (CommandGate, RegistryView, TokenBucket, WorkerPlace, command_refusal, node_rank, prefilter,
+                   ranks_to_kill, reports_stages, stage_failure, stage_reached, worker_argv, worker_env)
 
 
 @dataclass
@@ -384,9 +384,33 @@ class SidecarService:
         await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
 
     # ------------------------------------------------------------------ commands
+    async def _registry_view(self) -> RegistryView | None:
+        """The registry's generation, world size and newest executor fence token (one round
+        trip), or None when Redis does not answer within 2 s."""
+        reg = self.registry
+        try:
+            pipe = reg.r.pipeline(transaction=False)
+            pipe.hmget(reg.k.meta, ["generation", "world_size"])
+            pipe.get(reg.k.fence("executor"))
+            (gen, world), fence = await asyncio.wait_for(pipe.execute(), 2.0)
+        except Exception as exc:  # noqa: BLE001 - unreachable: nothing is acted on unchecked
+            self.log.warning("registry_view_failed", error=repr(exc)[:300])
+            return None
+        if gen is None or world is None:
+            return None
+        return RegistryView(int(gen), int(world), int(fence) if fence is not None else None)
+
     async def on_command(self, cmd: ExecutorCommand, record) -> None:
         if cmd.job_id != self.s.job_id:
             return
+        if (cmd.nodes is None or self.node_id in cmd.nodes) and cmd.command_id not in self.gate.handled:
+            why = command_refusal(cmd, await self._registry_view())
+            if why is not None:
+                # Never acked: a negative ack under a real command's id would fail its phase.
+                self.gate.refused_commands += 1
+                self.log.warning("command_refused", command_id=cmd.command_id[:100], action=cmd.action,
+                                 generation=cmd.generation, reason=why, refused=self.gate.refused_commands)
+                return
         verdict, reason = self.gate.decide(cmd)
         if verdict == "ignore":
             if "stale" in reason:

@@ -54,6 +54,7 @@ class CommandGate:
     handled: dict[str, list] = field(default_factory=dict)  # command id -> acks sent
     fence_token: int = 0  # the highest executor fence token seen
     refused_tokens: int = 0  # commands refused for an older token
+    refused_commands: int = 0  # commands refused by command_refusal (forged or absurd)
 
     def decide(self, cmd: ExecutorCommand) -> tuple[str, str]:
         """-> (verdict, reason); verdict is act, replay (resend cached acks) or ignore. A
@@ -70,6 +71,40 @@ class CommandGate:
         if cmd.generation < self.generation:
             return "ignore", f"stale generation {cmd.generation} < {self.generation}"
         return "act", "new command"
+
+
+@dataclass(frozen=True)
+class RegistryView:
+    """What the registry says about the job when a command arrives: its generation (the
+    executor fences, bumping it, before it sends a plan's commands), world size and the
+    executor lease's newest fence token (None: not checked)."""
+    generation: int
+    world_size: int
+    fence_token: int | None = None
+
+
+def command_refusal(cmd: ExecutorCommand, view: RegistryView | None) -> str | None:
+    """Why a command must not reach the gate (CommandGate.decide), or None. Checked before the
+    gate learns its generation or token: a forged command with generation 10^9 (or token 10^18)
+    would otherwise make every real command after it look stale, and blind the node."""
+    if view is None:
+        return "registry unreachable: the command cannot be checked"
+    if cmd.generation > view.generation:
+        return f"generation {cmd.generation} is ahead of the registry's {view.generation}"
+    if cmd.fence_token is not None and view.fence_token is not None and cmd.fence_token > view.fence_token:
+        return f"fence token {cmd.fence_token} was never issued (newest {view.fence_token})"
+    world = view.world_size
+    bad = [r for r in cmd.kill_ranks if not 0 <= r < world]
+    bad += [a.rank for a in cmd.assignments if not 0 <= a.rank < world or a.local_rank < 0]
+    bad += [r for t in cmd.transfers for r in (t.src, t.dst) if not 0 <= r < world]
+    if bad:
+        return f"ranks not in the job's topology (world size {world}): {bad[:5]}"
+    if cmd.action == "recover":
+        if cmd.world_size != world:
+            return f"world size {cmd.world_size} does not match the registry's {world}"
+        if cmd.resume_step is None or cmd.resume_step < 0 or (cmd.commit_step is not None and cmd.commit_step < -1):
+            return f"resume step {cmd.resume_step} / commit step {cmd.commit_step} out of range"
+    return None
 
 
 def stage_reached(stage: str, local_ranks: list[int], progress: dict[int, set[str]]) -> bool:

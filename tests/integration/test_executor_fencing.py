@@ -99,6 +99,8 @@ async def test_an_older_plan_is_not_driven_after_a_newer_one_finished(settings, 
         a = _plan(settings.job_id, "A", ["i1"], 1, 1.0)
         b = _plan(settings.job_id, "B", ["i1", "i2"], 1, 2.0)
         svc.plans = {"A": a, "B": b}
+        for p in (a, b):  # the planner records every plan before publishing it
+            await registry.put_plan_once(p.plan_id, p.model_dump_json().encode())
         await registry.bump_generation(0)
         await registry.run_transition("B", None, "done", 1)
         assert await svc._next_plan() is None
@@ -122,4 +124,51 @@ async def test_losing_the_lease_cancels_the_drive(settings, registry):
         with pytest.raises(regmod.FencedOut):
             await svc._set_run("p", phase_note=1)  # and its writes are refused
     finally:
+        await svc.registry.close()
+
+
+@pytest.mark.parametrize("forge", ["absurd", "unrecorded", "forged-copy"])
+async def test_an_invalid_plan_is_refused_before_the_first_command(settings, registry, forge):
+    """A plan with restart_ranks [10^9] and world size -1 was fenced, paused, replaced and
+    recovered, and left the job paused. Now: refused before anything (run failed, escalated),
+    the generation unchanged, no command sent. Likewise a plan the planner never recorded, and
+    a forged copy under a real plan's id."""
+    from flashrecovery.shared.schemas import (Escalation, ExecutorCommand, RecoveryCompleted, RecoveryPlan,
+                                              Replacement, Transfer)
+    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1))
+    good = RecoveryPlan(job_id=settings.job_id, generation=0, producer="planner", plan_id="P",
+                        incident_ids=("i1",), target_generation=1, world_size=4, restart_ranks=(1,),
+                        faulty_nodes=("node-0",), transfers=(Transfer(src=3, dst=1),), recovery_step=0,
+                        replacements=(Replacement(rank=1, from_node="node-0", to_node="spare-0",
+                                                  local_rank=1),))
+    absurd = good.model_copy(update={"restart_ranks": (10 ** 9,), "world_size": -1, "transfers": (),
+                                     "replacements": ()})
+    if forge == "absurd":
+        plan = absurd
+        await registry.put_plan_once(plan.plan_id, plan.model_dump_json().encode())
+    elif forge == "unrecorded":
+        plan = good
+    else:
+        await registry.put_plan_once(good.plan_id, good.model_dump_json().encode())
+        plan = absurd  # the same id, other content
+    svc, published = await _executor(settings, "0")
+    try:
+        await svc.on_plan(plan, None)
+        await svc._lead_once()
+        if svc.driving:
+            await asyncio.wait_for(asyncio.gather(svc.driving[1], return_exceptions=True), 5)
+        assert await registry.generation() == 0
+        assert not [e for e in published if isinstance(e, ExecutorCommand)]
+        assert svc.refused == 1
+        if forge == "forged-copy":
+            # the real plan is back, from the registry, and runs next
+            assert svc.plans["P"] == good
+        else:
+            assert (await registry.r.hget(registry.k.run("P"), "phase")) == b"failed"
+            assert [type(e) for e in published] == [Escalation, RecoveryCompleted]
+            assert "invalid plan refused" in published[0].reason
+    finally:
+        if svc.driving:
+            svc.driving[1].cancel()
+            await asyncio.gather(svc.driving[1], return_exceptions=True)
         await svc.registry.close()

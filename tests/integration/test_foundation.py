@@ -131,3 +131,28 @@ async def test_two_concurrent_writers_of_one_phase_cannot_both_win(registry, job
     assert "inc-1" in await registry.open_incidents()
     ok, _ = await registry.incident_transition("inc-1", "pausing", "done", 0)
     assert not ok
+
+
+async def test_rank_state_writes_outside_the_topology_or_ahead_of_the_generation_are_refused(registry, job_id):
+    """A forged future-generation pause once left a rank 1000000000 `running` in the registry:
+    rank records are written only for the topology's ranks and the registry's generation."""
+    from flashrecovery.shared.registry import RefusedWrite
+    from flashrecovery.shared.schemas import RankState
+    snap = grid_topology(job_id, nodes=2, ranks_per_node=2, tp=2)
+    await registry.init_job(snap)
+    ghost = snap.ranks[0].model_copy(update={"rank": 10 ** 9, "state": RankState.RUNNING})
+    with pytest.raises(RefusedWrite):
+        await registry.put_ranks(0, [ghost])
+    with pytest.raises(RefusedWrite):
+        await registry.put_ranks(10 ** 6, [snap.ranks[1].model_copy(update={"generation": 10 ** 6})])
+    with pytest.raises(RefusedWrite):  # the record's own generation ahead
+        await registry.put_ranks(0, [snap.ranks[1].model_copy(update={"generation": 5})])
+    with pytest.raises(RefusedWrite):
+        await registry.put_nodes(7, list(snap.nodes[:1]))
+    with pytest.raises(RefusedWrite):
+        await registry.mark_finished(10 ** 9, 3)
+    after = await registry.snapshot()
+    assert [r.rank for r in after.ranks] == [0, 1, 2, 3] and after.ranks == snap.ranks
+    assert await registry.r.hlen(registry.k.finished_ranks) == 0
+    await registry.put_ranks(0, [snap.ranks[1].model_copy(update={"state": RankState.RUNNING})])
+    assert (await registry.snapshot()).ranks[1].state is RankState.RUNNING

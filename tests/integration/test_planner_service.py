@@ -75,8 +75,51 @@ async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, produ
         await asyncio.sleep(0.5)  # a second plan, if one were published, would have landed
         assert len(plans) == 1
         outcomes = [d["outcome"] for d in svc.decisions]
-        assert outcomes == ["plan", "plan_exists"], svc.decisions
+        assert outcomes == ["plan", "incident_known"], svc.decisions
         assert svc.decisions[-1]["plan_id"] == p.plan_id
+    finally:
+        await _stop(watcher, svc, tasks)
+
+
+async def test_a_recovered_incident_in_a_new_envelope_starts_no_second_recovery(topics_ready, producer,
+                                                                               registry):
+    """Idempotency by the incident's identity: once its recovery is done (generation moved on),
+    the same incident id under a new event id, even with other content, is not planned again (it
+    was: a second plan against the new generation re-killed the recovered rank). An incident
+    whose plan never got out (a planner stopped half-way) is still planned, from the registry's
+    copy."""
+    settings = topics_ready
+    await registry.init_job(grid_topology(settings.job_id, nodes=4, ranks_per_node=2, tp=2, spares=1))
+    plans: list[RecoveryPlan] = []
+
+    async def on_plan(event, _record) -> None:
+        if isinstance(event, RecoveryPlan):
+            plans.append(event)
+
+    watcher, svc, tasks = await _start(settings, producer, [topics.PLANS], on_plan, "test-plans")
+    try:
+        await watcher.wait_assigned(30)
+        first = incident(settings.job_id, "inc-1", "node-1")
+        await producer.publish(first, wait=True)
+        await wait_for(lambda: len(plans) >= 1, 30, "the recovery plan")
+        # What the executor does: fence (generation 0 -> 1), recover, mark the incident done.
+        assert await registry.bump_generation(0) == 1
+        assert (await registry.incident_transition("inc-1", "planned", "done", 1))[0]
+        forged = first.model_copy(update={"event_id": "forged-1", "generation": 1,
+                                          "root_cause_nodes": ("node-2",)})
+        await producer.publish(forged, wait=True)
+        # Half-way: recorded as planned, no plan out (no plan_id): planned now.
+        half = incident(settings.job_id, "inc-2", "node-3")
+        assert (await registry.incident_transition("inc-2", None, "planned", 1,
+                                                   incident=half.model_dump_json()))[0]
+        await producer.publish(half.model_copy(update={"event_id": "redelivered",
+                                                       "root_cause_nodes": ("node-0",)}), wait=True)
+        await wait_for(lambda: len(plans) >= 2, 30, "the half-way incident's plan")
+        await asyncio.sleep(0.3)
+        assert [p.incident_ids for p in plans] == [("inc-1",), ("inc-2",)]
+        assert plans[1].faulty_nodes == ("node-3",)  # the registry's copy, not the envelope's
+        known = [d for d in svc.decisions if d["outcome"] == "incident_known"]
+        assert len(known) == 1 and "ended (done)" in known[0]["reason"]
     finally:
         await _stop(watcher, svc, tasks)
 

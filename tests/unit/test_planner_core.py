@@ -349,3 +349,18 @@ def test_a_rank_moved_by_a_superseded_plan_keeps_its_standby():
     assert {(r.rank, r.to_node, r.mode) for r in p.replacements} == {(5, "spare-0", "standby")}
     assert {t.dst for t in p.transfers} == {2, 5}
     check_sources(snap, p)
+
+
+@pytest.mark.parametrize("record, replan", [
+    ({}, True),  # new
+    ({"phase": "planned"}, True),  # its plan never got out: same plan again
+    ({"phase": "planned", "plan_id": "plan-1"}, False),
+    ({"phase": "recovering", "plan_id": "plan-1"}, False),
+    ({"phase": "done", "plan_id": "plan-1"}, False),
+    ({"phase": "failed"}, False),
+    ({"phase": "superseded"}, False),
+    ({"phase": "escalated"}, False),
+])
+def test_a_known_incident_is_planned_again_only_when_its_plan_never_got_out(record, replan) -> None:
+    from flashrecovery.planner.core import known_incident_refusal
+    assert (known_incident_refusal(record) is None) is replan

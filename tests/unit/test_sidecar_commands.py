@@ -13,6 +13,7 @@ from flashrecovery.shared import bus as busmod
 from flashrecovery.shared.schemas import Assignment, CommandAction, ExecutorCommand, RankState
 from flashrecovery.shared.settings import Settings, SidecarSettings
 from flashrecovery.sidecar.app import SidecarService, Worker
+from flashrecovery.sidecar.core import RegistryView
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -48,8 +49,12 @@ async def _sidecar(tmp_path, node_id: str, monkeypatch):
     async def no_cold_start(local_rank, rank):
         raise AssertionError("cold start: the replacement assigned earlier was killed")
 
+    async def view():  # the registry: generation 4 (every command here is from 3 or 4), 8 ranks
+        return RegistryView(generation=4, world_size=8, fence_token=None)
+
     svc.producer.publish = publish
     svc._launch = no_cold_start
+    svc._registry_view = view
     return svc, acks
 
 
@@ -168,3 +173,43 @@ async def test_a_plain_standby_ends_the_run_saying_standbys_0(tmp_path, monkeypa
 async def test_without_exit_with_job_a_plain_failure_is_left_to_the_control_plane(tmp_path, monkeypatch):
     svc, published, _ = await _plain_exit(tmp_path, monkeypatch, 3, 1, exit_with_job=False)
     assert svc.result is None and not svc.stopping.is_set() and not published[-1].expected
+
+
+@pytest.mark.parametrize("forged", [
+    dict(gen=10 ** 9), dict(fence_token=10 ** 18), dict(kill_ranks=(10 ** 9,)),
+])
+async def test_a_forged_command_is_refused_and_does_not_blind_the_node(tmp_path, monkeypatch, forged):
+    """A pause from a generation the registry never reached (or with a token never issued, or
+    for a rank outside the job) was acted on, and left the gate at that generation / token: every
+    real command after it was ignored as stale. Refused now, not acked, and the real one acts."""
+    svc, acks = await _sidecar(tmp_path, "node-1", monkeypatch)
+
+    async def view():
+        return RegistryView(generation=4, world_size=8, fence_token=2)
+
+    svc._registry_view = view
+    w = await _worker(svc, tmp_path, 2)
+    try:
+        gen = forged.pop("gen", 4)
+        await _handled(svc, _cmd(CommandAction.PAUSE, 7, gen=gen, **forged))
+        assert acks == [] and svc.gate.refused_commands == 1 and not w.writer.sent
+        assert svc.gate.generation <= 4 and svc.gate.fence_token <= 2
+        real = _cmd(CommandAction.PAUSE, 0, gen=4, kill_ranks=(2,), fence_token=2)
+        await _handled(svc, real)
+        assert w.proc.returncode is not None  # the real pause killed rank 2, as it asked
+        assert acks and acks[-1].command_id == real.command_id and acks[-1].ok
+    finally:
+        if w.proc.returncode is None:
+            w.proc.kill()
+        await w.proc.wait()
+
+
+async def test_a_command_is_not_acted_on_unchecked_when_the_registry_does_not_answer(tmp_path, monkeypatch):
+    svc, acks = await _sidecar(tmp_path, "node-1", monkeypatch)
+
+    async def view():
+        return None
+
+    svc._registry_view = view
+    await _handled(svc, _cmd(CommandAction.STOP, 0, gen=4))
+    assert acks == [] and svc.gate.refused_commands == 1
