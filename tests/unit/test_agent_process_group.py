@@ -131,13 +131,13 @@ def _pair(session: Session) -> tuple[RecoverableGroup, threading.Thread, dist.St
     th.join(30)
     pg = RecoverableGroup(session, "global", 0, 2, 1)
     pg._keep = (keep, master)  # type: ignore[attr-defined]
-    return pg, th, master
+    return pg, keep, master
 
 
 @pytest.mark.timeout(60)
 def test_a_pause_completes_a_collective_at_once_with_the_tensor_untouched() -> None:
     s = Session()
-    pg, _, _ = _pair(s)
+    pg, peer, _ = _pair(s)
     t = torch.full((4,), 2.0)
     threading.Timer(0.3, lambda: s.interruptor.interrupt("pause g1 from sidecar", generation=1)).start()
     t0 = time.monotonic()
@@ -147,12 +147,18 @@ def test_a_pause_completes_a_collective_at_once_with_the_tensor_untouched() -> N
     assert waited < 10  # the peer never comes: only the pause ended the wait
     assert torch.equal(t, torch.full((4,), 2.0))
     assert s.broken is not None and "interrupted" in s.broken and "pause g1" in s.broken
-    assert len(s.interruptor.take_abandoned()) == 1  # left running on the paused generation
+    abandoned = s.interruptor.take_abandoned()
+    assert len(abandoned) == 1  # left running on the paused generation
     # later collectives of the lost step return at once and talk to nobody
     u = torch.ones(2)
     t1 = time.monotonic()
     assert pg.allreduce([u]).wait() and time.monotonic() - t1 < 1.0
     assert torch.equal(u, torch.ones(2))
+    # The peer comes after all: the abandoned collective ends here, not in a gloo thread calling
+    # back into an interpreter that is shutting down. Its late result lands in its own copy.
+    peer[0].global_pg.allreduce([torch.zeros(4)]).wait()
+    abandoned[0].wait()
+    assert torch.equal(t, torch.full((4,), 2.0))
 
 
 def test_group_members_follow_the_dp_tp_layout() -> None:
