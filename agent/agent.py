@@ -50,7 +50,9 @@ from .groups import (
     NcclGroupFactory,
     PauseRequested,
     arrival_barrier,
+    first_line,
     gloo_loop_threads,
+    print_failure,
 )
 from .settings import AgentSettings
 from .transfer import (Stateful, TrainingState, TransferError, TransferResult, recv_state,
@@ -215,10 +217,8 @@ class RecoveryAgent:
         try:
             self.groups = self._build_interruptibly()
         except RuntimeError as exc:  # store timeout, connect failure
-            msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            print(f"[rank{self.rank}]:[E ProcessGroupGloo.cpp] building generation "
-                  f"{self.generation} failed: RuntimeError: {msg}", file=sys.stderr, flush=True)
-            raise CollectiveError(f"group build g{self.generation}: {msg}") from exc
+            print_failure(self.rank, f"building generation {self.generation}", exc)
+            raise CollectiveError(f"group build g{self.generation}: {first_line(exc)}") from exc
         self.comm.groups = self.groups
 
     def _build_interruptibly(self) -> Groups:

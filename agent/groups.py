@@ -114,10 +114,7 @@ class Interruptor:
                 raise PauseRequested(self._reason)
             self._waiters.add(ev)
         try:
-            try:
-                fut = work.get_future()
-            except RuntimeError:  # gloo send/recv work has no future: wait on a helper thread
-                fut = _ThreadFuture(work)
+            fut = future_of(work)
             fut.add_done_callback(lambda _f: ev.set())
             ev.wait()
             if self._reason is not None and not fut.done():
@@ -127,17 +124,30 @@ class Interruptor:
             try:
                 fut.wait()
             except RuntimeError as exc:
-                # Printed like gloo/c10d prints it, so a log classifier can match the line.
-                msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-                print(
-                    f"[rank{rank}]:[E ProcessGroupGloo.cpp] {what} failed: RuntimeError: {msg}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                raise CollectiveError(f"{what}: {msg}") from exc
+                print_failure(rank, what, exc)
+                raise CollectiveError(f"{what}: {first_line(exc)}") from exc
         finally:
             with self._lock:
                 self._waiters.discard(ev)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)
+
+
+def print_failure(rank: int | None, what: str, exc: BaseException) -> None:
+    """A failed collective or group build, printed like gloo/c10d prints it, so the sidecar's log
+    classifier matches the line."""
+    print(f"[rank{rank}]:[E ProcessGroupGloo.cpp] {what} failed: RuntimeError: {first_line(exc)}",
+          file=sys.stderr, flush=True)
+
+
+def future_of(work: dist.Work) -> object:
+    """The work's future; gloo send/recv works have none: a helper thread waits on those."""
+    try:
+        return work.get_future()
+    except RuntimeError:
+        return _ThreadFuture(work)
 
 
 def arrival_barrier(store: dist.Store, key: str, size: int, abandon: Callable[[], str | None],

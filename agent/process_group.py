@@ -20,7 +20,6 @@ generation that completes late writes into its own copy, never into a later step
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Any, Callable, Protocol, Sequence
 
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from torch._C import _distributed_c10d as _c10d
 from torch.futures import Future
 
-from .groups import Groups, Interruptor, _ThreadFuture
+from .groups import Groups, Interruptor, first_line, future_of, print_failure
 
 KINDS = ("global", "dp", "tp")
 
@@ -182,20 +181,18 @@ class RecoverableGroup(dist.ProcessGroup):
         try:
             work = launch(backend, in_copies, out_copies)
         except RuntimeError as exc:  # the generation is gone (aborted) under us
-            call.finish(_first_line(exc))
+            call.finish(first_line(exc))
             return _FutureWork(call.fut)
-        try:
-            bfut: Any = work.get_future()
-        except RuntimeError:  # gloo p2p work has no future: a helper thread waits on it
-            bfut = _ThreadFuture(work)
+        bfut: Any = future_of(work)
         call.backend_fut = bfut
 
         def done(f: Any) -> None:
             try:
                 f.wait()
             except Exception as exc:  # noqa: BLE001 - a peer died: the step is broken
-                _print_failure(session, call.what, exc)
-                call.finish(_first_line(exc))
+                g = session.groups
+                print_failure(g.rank if g is not None else None, call.what, exc)
+                call.finish(first_line(exc))
                 return
             call.finish(None)
 
@@ -260,18 +257,6 @@ def _allreduce_opts(opts: Any) -> dist.AllreduceOptions:
     if opts is not None:  # the pybind overload allreduce(tensors, op)
         o.reduceOp = opts
     return o
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else repr(exc)
-
-
-def _print_failure(session: GroupSession, what: str, exc: BaseException) -> None:
-    # Printed like gloo/c10d prints it, so the sidecar's log classifier matches the line.
-    g = session.groups
-    rank = g.rank if g is not None else None
-    print(f"[rank{rank}]:[E ProcessGroupGloo.cpp] {what} failed: RuntimeError: "
-          f"{_first_line(exc)}", file=sys.stderr, flush=True)
 
 
 def install(session: GroupSession, store: dist.Store, rank: int, world_size: int,
