@@ -172,9 +172,6 @@ class RecoverableGroup(dist.ProcessGroup):
             # the step is already lost: nothing to talk to, nobody to wait for
             call.finish(f"skipped: {session.step_broken() or 'no groups (paused)'}")
             return _FutureWork(call.fut)
-        if len(self.global_ranks) == 1:
-            call.finish(None)
-            return _FutureWork(call.fut)
         if not session.interruptor.watch(call):
             call.finish(f"interrupted ({session.interruptor.reason})")
             return _FutureWork(call.fut)

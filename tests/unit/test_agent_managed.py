@@ -162,3 +162,14 @@ def test_a_script_tp_other_than_the_launchers_is_refused(monkeypatch: Any) -> No
     monkeypatch.setenv("FLASHRECOVERY_RANK", "0")
     with pytest.raises(ValueError, match="tp=2 but the job was launched with --tp 1"):
         fr.init(tp=2)
+
+
+@pytest.mark.timeout(60)
+def test_collectives_on_one_rank_groups_give_what_torch_gives(master: Any) -> None:
+    agent = _agent(master, job="one")
+    parts = [torch.full((3,), -1.0)]
+    dist.all_gather(parts, torch.arange(3.0), group=agent.world_group)
+    assert torch.equal(parts[0], torch.arange(3.0))
+    t = torch.ones(2)
+    dist.all_reduce(t, group=agent.dp_group)
+    assert torch.equal(t, torch.ones(2))
