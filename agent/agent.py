@@ -267,10 +267,14 @@ class RecoveryAgent:
         self.interruptor.check()
         if step != self.applied_step + 1:
             raise RuntimeError(f"step {step} after applied step {self.applied_step}")
-        self._step = step
-        self._t_step = time.perf_counter()
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=False)
+        self._start_step(step)
+
+    def _start_step(self, step: int) -> None:
+        """What every step's start records, whichever loop drives it (managed.py too)."""
+        self._step = step
+        self._t_step = time.perf_counter()
         self.grads_step = None  # the reduced gradients of the previous step are gone
         self.faults.maybe(self.rank, step, "forward")
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import time
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -224,12 +223,10 @@ class ManagedAgent(RecoveryAgent):
 
     def _begin(self, step: int) -> None:
         assert self.model is not None and self.rank is not None
-        self._step, self._next_step = step, None
-        self._broken, self.grads_step = None, None
+        self._next_step, self._broken = None, None
         self._buffers_at = (step, [(b, b.detach().clone()) for b in self.model.buffers()])
         torch.manual_seed(step_seed(self.seed, step, self.rank))
-        self._t_step = time.perf_counter()
-        self.faults.maybe(self.rank, step, "forward")
+        self._start_step(step)
 
     def _user_optimizer_step(self, closure: Any = None) -> None:
         step = self._step
