@@ -15,10 +15,10 @@ from flashrecovery.bench.detector_rig import running_detector
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.schemas import (DeadLetter, FaultClass, NodeHeartbeat, RankState, RankStatus,
-                                          RecoveryPlan, WorkerExit, decode_dead_letter)
+                                          WorkerExit, decode_dead_letter)
 from flashrecovery.shared.topology import grid_topology
 
-from test_planner_service import _start, _stop, incident, wait_for
+from test_planner_service import _planner_for_grid, _stop, incident, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,16 +70,8 @@ async def test_a_2mb_message_is_dead_lettered_and_the_detector_keeps_detecting(t
 
 async def test_a_2mb_message_is_dead_lettered_and_the_planner_keeps_planning(topics_ready, producer, registry):
     settings = topics_ready
-    await registry.init_job(grid_topology(settings.job_id, nodes=4, ranks_per_node=2, tp=2, spares=1))
-    plans: list[RecoveryPlan] = []
-
-    async def on_plan(event, _record) -> None:
-        if isinstance(event, RecoveryPlan):
-            plans.append(event)
-
-    watcher, svc, tasks = await _start(settings, producer, [T.PLANS], on_plan, "test-plans")
+    plans, watcher, svc, tasks = await _planner_for_grid(settings, producer, registry)
     try:
-        await watcher.wait_assigned(30)
         await _publish_big(settings, T.INCIDENTS, settings.job_id.encode())
         await producer.publish(incident(settings.job_id, "inc-after-big", "node-1"), wait=True)
         await wait_for(lambda: plans, 30, "the plan after the 2 MB message")

@@ -37,17 +37,8 @@ async def wait_for(cond, timeout_s: float, what: str) -> None:
 
 async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, producer, registry):
     settings = topics_ready
-    await registry.init_job(grid_topology(settings.job_id, nodes=4, ranks_per_node=2, tp=2, spares=1))
-
-    plans: list[RecoveryPlan] = []
-
-    async def on_plan(event, _record) -> None:
-        if isinstance(event, RecoveryPlan):
-            plans.append(event)
-
-    watcher, svc, tasks = await _start(settings, producer, [topics.PLANS], on_plan, "test-plans")
+    plans, watcher, svc, tasks = await _planner_for_grid(settings, producer, registry)
     try:
-        await watcher.wait_assigned(30)
         # A degradation on the same topic is ignored; the incident is planned.
         await producer.publish(Degradation(job_id=settings.job_id, generation=0, producer="test",
                                            node_id="node-3", rank=6, step_time_s=2.0,
@@ -89,16 +80,8 @@ async def test_a_recovered_incident_in_a_new_envelope_starts_no_second_recovery(
     whose plan never got out (a planner stopped half-way) is still planned, from the registry's
     copy."""
     settings = topics_ready
-    await registry.init_job(grid_topology(settings.job_id, nodes=4, ranks_per_node=2, tp=2, spares=1))
-    plans: list[RecoveryPlan] = []
-
-    async def on_plan(event, _record) -> None:
-        if isinstance(event, RecoveryPlan):
-            plans.append(event)
-
-    watcher, svc, tasks = await _start(settings, producer, [topics.PLANS], on_plan, "test-plans")
+    plans, watcher, svc, tasks = await _planner_for_grid(settings, producer, registry)
     try:
-        await watcher.wait_assigned(30)
         first = incident(settings.job_id, "inc-1", "node-1")
         await producer.publish(first, wait=True)
         await wait_for(lambda: len(plans) >= 1, 30, "the recovery plan")
@@ -122,6 +105,21 @@ async def test_a_recovered_incident_in_a_new_envelope_starts_no_second_recovery(
         assert len(known) == 1 and "ended (done)" in known[0]["reason"]
     finally:
         await _stop(watcher, svc, tasks)
+
+
+async def _planner_for_grid(settings, producer, registry):
+    """The usual 4 x 2 (tp 2) job with a spare registered, a planner running, and the plans it
+    publishes collected: (plans, watcher, svc, tasks), the watcher assigned."""
+    await registry.init_job(grid_topology(settings.job_id, nodes=4, ranks_per_node=2, tp=2, spares=1))
+    plans: list[RecoveryPlan] = []
+
+    async def on_plan(event, _record) -> None:
+        if isinstance(event, RecoveryPlan):
+            plans.append(event)
+
+    watcher, svc, tasks = await _start(settings, producer, [topics.PLANS], on_plan, "test-plans")
+    await watcher.wait_assigned(30)
+    return plans, watcher, svc, tasks
 
 
 async def _start(settings, producer, watched: list, handler, name: str):
