@@ -17,16 +17,15 @@ Public API:
 - ``RecoveryAgent`` (agent.py): the lower-level lifecycle (begin_step / sync_gradients / commit /
   recover) the reference job uses.
 - ``Stateful``, ``TrainingState``, ``state_digest`` (transfer.py): the training-state contract.
-- ``decide_recovery``, ``RecoveryDecision``, ``plan_transfers`` (commit_rule.py): pure decisions.
+
+The contracts the agent shares with the services (the sidecar channel, the commit rule, the
+replica rule) live in ``flashrecovery.shared``; this package imports no service.
 """
 
 from importlib import import_module
 from typing import Any
 
-# Eager: torch-free (the sidecar and executor import this package for channel / commit_rule and
-# must not pay for importing torch). Everything else loads on first use.
-from .commit_rule import InconsistentReports, RecoveryDecision, decide_recovery, plan_transfers
-
+# Everything loads on first use: importing the package (or its settings) must not import torch.
 _LAZY = {"AgentExit": "agent", "RecoveryAgent": "agent", "StepBatches": "data",
          "ManagedAgent": "managed", "init": "managed", "step_seed": "managed",
          "RecoverableGroup": "process_group", "Stateful": "transfer", "TrainingState": "transfer",
@@ -39,6 +38,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AgentExit", "InconsistentReports", "ManagedAgent", "RecoverableGroup", "RecoveryAgent",
-           "RecoveryDecision", "Stateful", "StepBatches", "TrainingState", "decide_recovery", "init",
-           "plan_transfers", "state_digest", "step_seed"]
+__all__ = ["AgentExit", "ManagedAgent", "RecoverableGroup", "RecoveryAgent", "Stateful", "StepBatches",
+           "TrainingState", "init", "state_digest", "step_seed"]

@@ -36,7 +36,8 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from . import channel as ch
+from ..shared import channel as ch
+from ..shared.replicas import tp_shard
 from .faults import FaultInjector, parse_faults
 from .gradients import flatten_grads, unflatten_into_grads
 from .groups import (
@@ -437,10 +438,10 @@ class RecoveryAgent:
                 raise _RecoveryFailed(f"state to rank {t.dst}: {exc}") from exc
         digest_ok: bool | None = None
         for t in receiving:
-            if t.src % self.tp != self.rank % self.tp:
+            if tp_shard(t.src, self.tp) != tp_shard(self.rank, self.tp):
                 # Same shapes, another shard's values: nothing downstream would notice.
-                raise _RecoveryFailed(f"state source rank {t.src} holds tp shard {t.src % self.tp}, "
-                                      f"rank {self.rank} is shard {self.rank % self.tp} (tp {self.tp}): "
+                raise _RecoveryFailed(f"state source rank {t.src} holds tp shard {tp_shard(t.src, self.tp)}, "
+                                      f"rank {self.rank} is shard {tp_shard(self.rank, self.tp)} (tp {self.tp}): "
                                       "the job's registered tp differs from the script's")
             try:
                 res = recv_state(self.comm, t.src, self.state)

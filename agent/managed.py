@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import channel as ch
+from ..shared import channel as ch
 from .agent import AgentExit, RecoveryAgent
 from .data import StepBatches
 from .groups import CollectiveError, Interrupted, PauseRequested

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from flashrecovery.agent.commit_rule import InconsistentReports, decide_from_rows
+from flashrecovery.shared.commit_rule import InconsistentReports, decide_from_rows
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger

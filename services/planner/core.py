@@ -17,6 +17,7 @@ import numpy as np
 from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
                                           RepairAction)
 from flashrecovery.shared.settings import PlannerSettings
+from flashrecovery.shared.replicas import choose_sources
 from flashrecovery.shared.topology import JobSnapshot
 
 from .arrays import PlanInput
@@ -308,42 +309,6 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
     return build(Fallback.NONE, restart_ranks=restart_pos, replacements=replacements,
                  transfers=transfers, world_size=inp.world_size, groups_=groups_,
                  recovery_step=next_step)
-
-
-def choose_sources(inp: PlanInput, restart_pos: np.ndarray,
-                   healthy: np.ndarray) -> tuple[list[dict], list[int]]:
-    """One healthy replica (same shard id) per restarted rank. Within a shard each replica
-    serves at most one restore more than any other; across shards, nodes already serving a
-    restore are passed over while another node can serve. Returns (transfers as
-    {"src", "dst"} rank pairs sorted by dst, shards with no healthy replica)."""
-    node_load = np.zeros(len(inp.node_ids), dtype=np.int64)
-    srcs: list[np.ndarray] = []
-    dsts: list[np.ndarray] = []
-    lost: list[int] = []
-    shards = inp.shard[restart_pos]
-    for s in np.unique(shards).tolist():
-        dst = restart_pos[shards == s]
-        cand = inp.shard_members(s)
-        cand = cand[healthy[cand]]
-        if cand.size == 0:
-            lost.append(int(s))
-            continue
-        full, rem = divmod(dst.size, cand.size)
-        picks = [np.tile(cand, full)] if full else []
-        if rem:
-            load = node_load[inp.node_of[cand]]
-            idle = np.flatnonzero(load == 0)
-            chosen = idle[:rem] if idle.size >= rem else np.argsort(load, kind="stable")[:rem]
-            picks.append(cand[chosen])
-        src = np.concatenate(picks)
-        np.add.at(node_load, inp.node_of[src], 1)
-        srcs.append(src)
-        dsts.append(dst)
-    if not dsts:
-        return [], lost
-    src_r, dst_r = inp.rank[np.concatenate(srcs)], inp.rank[np.concatenate(dsts)]
-    order = np.argsort(dst_r, kind="stable")
-    return [{"src": a, "dst": b} for a, b in zip(src_r[order].tolist(), dst_r[order].tolist())], lost
 
 
 def rebuild_groups(inp: PlanInput, restart_pos: np.ndarray) -> tuple[str, ...]:

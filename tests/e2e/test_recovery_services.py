@@ -110,6 +110,25 @@ def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, 
     _check(result, reference_states)
 
 
+
+# A fault the agent injects inside one phase of step AT, and where training must resume: a step
+# is committed once its vote completed anywhere (docs/commit-protocol.md).
+PHASE_FAULTS = {
+    "kill-forward": {AT},
+    "kill-grad-sync": {AT},
+    "kill-after-sync": {AT},
+    "kill-optimizer": {AT + 1},  # the victim completed vote AT: step AT is committed
+    "exception": {AT},  # a Python exception after the gradient sync, the process exits
+}
+
+
+@pytest.mark.parametrize("fault", sorted(PHASE_FAULTS))
+def test_fault_inside_a_step_phase_resumes_at_the_committed_step(stack, tmp_path, reference_states, fault):
+    result = _recover_on_new_cluster(stack, tmp_path, fault, 5, LocalCluster.fault_env_for(fault, 5, AT))
+    assert result["restarted"] == {5}
+    assert result["done"][0].recovery_step in PHASE_FAULTS[fault], result["done"][0].reason
+    _check(result, reference_states)
+
 def test_sgd_momentum_job_crash_recovers_bitwise(stack, tmp_path):
     """SGD with momentum (plus the job's LR schedule, clipping and grad-norm buffer): the replaced
     rank must get the momentum buffers, the scheduled lr and the buffer, not just parameters."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from flashrecovery.agent import channel as ch
+from flashrecovery.shared import channel as ch
 from flashrecovery.agent.agent import AgentExit, RecoveryAgent
 from flashrecovery.agent.settings import AgentSettings
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from flashrecovery.agent import channel as ch
+from flashrecovery.shared import channel as ch
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared.schemas import Assignment, CommandAction, ExecutorCommand, RankState
 from flashrecovery.shared.settings import Settings, SidecarSettings

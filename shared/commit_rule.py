@@ -17,11 +17,11 @@ No I/O, no clock: the executor service imports this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 
 class PausedReport(Protocol):
-    """What decide_recovery reads from a paused report (agent.channel.Paused fits)."""
+    """What decide_recovery reads from a paused report (shared.channel.Paused fits)."""
 
     rank: int
     applied_step: int
@@ -101,22 +101,3 @@ def decide_from_rows(rows: Iterable[tuple[int, int, int | None, int]]) -> Recove
         return RecoveryDecision(None, 1, "no step committed yet" + tail)
     return RecoveryDecision(None, v + 1, f"all survivors applied step {v}" + tail)
 
-
-def plan_transfers(
-    failed: Iterable[int], survivors: Sequence[int], tp: int, load: Mapping[int, int] | None = None
-) -> list[tuple[int, int]]:
-    """(src, dst) pairs: each failed rank gets a surviving replica of its shard (rank % tp).
-
-    Picks the least-loaded survivor of the shard, lowest rank first. Raises InconsistentReports
-    when a shard has no surviving replica (recover from a checkpoint instead).
-    """
-    used: dict[int, int] = dict(load or {})
-    out: list[tuple[int, int]] = []
-    for dst in sorted(failed):
-        cands = [s for s in sorted(survivors) if s % tp == dst % tp]
-        if not cands:
-            raise InconsistentReports(f"shard {dst % tp} of rank {dst} has no surviving replica")
-        src = min(cands, key=lambda s: (used.get(s, 0), s))
-        used[src] = used.get(src, 0) + 1
-        out.append((src, dst))
-    return out

@@ -1,4 +1,4 @@
-"""The sidecar <-> worker channel contract (agent/channel.py)."""
+"""The sidecar <-> worker channel contract (shared/channel.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from flashrecovery.agent import channel as ch
+from flashrecovery.shared import channel as ch
 
 SAMPLES = [
     ch.Hello(pid=12, rank=None, local_rank=None, standby=True),

@@ -1,4 +1,4 @@
-"""Table-driven tests of the exactly-once commit rule (agent/commit_rule.py)."""
+"""Table-driven tests of the exactly-once commit rule (shared/commit_rule.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashrecovery.agent.channel import Paused
-from flashrecovery.agent.commit_rule import (
+from flashrecovery.shared.channel import Paused
+from flashrecovery.shared.commit_rule import (
     InconsistentReports,
     decide_recovery,
-    plan_transfers,
 )
 
 
@@ -113,29 +112,7 @@ def test_property_exactly_once(data: tuple[list[Paused], int, int]) -> None:
         assert all(p.applied_step == d.resume_step - 1 for p in reports)
 
 
-TRANSFERS = [
-    ("one rank", [2], [0, 1, 3, 4, 5, 6, 7], 2, [(0, 2)]),
-    ("whole node", [2, 3], [0, 1, 4, 5, 6, 7], 2, [(0, 2), (1, 3)]),
-    ("spread load", [2, 4], [0, 1, 3, 5, 6, 7], 2, [(0, 2), (6, 4)]),
-    ("tp 1", [1], [0, 2], 1, [(0, 1)]),
-]
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("name,failed,survivors,tp,expected", TRANSFERS,
-                         ids=[t[0] for t in TRANSFERS])
-def test_plan_transfers(name: str, failed: list[int], survivors: list[int], tp: int,
-                        expected: list[tuple[int, int]]) -> None:
-    assert plan_transfers(failed, survivors, tp) == expected
-
-
-@pytest.mark.unit
-def test_plan_transfers_no_replica() -> None:
-    with pytest.raises(InconsistentReports):
-        plan_transfers([0, 2, 4, 6], [1, 3, 5, 7], 2)
-
-
 def test_reasons_stay_short_at_100k_ranks():
-    from flashrecovery.agent.commit_rule import ranks_text
+    from flashrecovery.shared.commit_rule import ranks_text
     assert ranks_text([1, 2, 3]) == "[1, 2, 3]"
     assert ranks_text(list(range(100_000))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 100000 ranks]"
