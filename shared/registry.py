@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -13,7 +13,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from .keys import JobKeys
-from .topology import JobSnapshot, NodeRecord, RankRecord
+from .topology import TOPOLOGY_VERSION, JobSnapshot, NodeRecord, RankRecord, meta_ints
 
 
 class StaleGeneration(RuntimeError):
@@ -93,14 +93,9 @@ for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HINCRBY', KEYS[1], 'topology_version', 1)
 return {1, cur}
 """
-TOPOLOGY_VERSION = "topology_version"  # meta field: bumped by every write of rank/node records
 Placement = tuple[bytes | None, dict[int, str]]  # (topology_version, rank -> node)
 
 
-def meta_ints(meta: Mapping[bytes | str, Any]) -> dict[str, int]:
-    """A job's meta hash as read (generation, committed_step, world_size, dp, tp, pp,
-    topology_version), keys as str."""
-    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in meta.items()}
 
 # KEYS[1]=meta. ARGV[1]=generation, ARGV[2]=step. The committed step only moves forward.
 _COMMIT_STEP = """
@@ -220,6 +215,43 @@ class Registry:
                            committed_step=m.get("committed_step", -1), world_size=m["world_size"],
                            dp=m["dp"], tp=m["tp"], pp=m.get("pp", 1), ranks=tuple(rank_recs),
                            nodes=tuple(node_recs))
+
+    # ------------------------------------------------------------ topology reads for the services
+    async def meta(self) -> dict[bytes, bytes]:
+        """The job's meta hash as stored (empty: no topology registered)."""
+        return await self.r.hgetall(self.k.meta)
+
+    async def topology_version(self) -> bytes | None:
+        """Moves on every write of rank or node records: a warm copy is current while it holds."""
+        return await self.r.hget(self.k.meta, TOPOLOGY_VERSION)
+
+    async def topology_rows(self) -> tuple[dict[bytes, bytes], dict[bytes, bytes], dict[bytes, bytes]]:
+        """(meta, rank records, node records) as stored, read in one MULTI: the planner parses
+        them into arrays without a pydantic object per rank."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(self.k.meta)
+        pipe.hgetall(self.k.ranks)
+        pipe.hgetall(self.k.nodes)
+        meta, ranks, nodes = await pipe.execute()
+        return meta, ranks, nodes
+
+    async def admission_view(self) -> tuple[int | None, int | None, bytes | None]:
+        """(generation, world size, topology version); None where the job has no topology."""
+        gen, world, version = await self.r.hmget(self.k.meta, ["generation", "world_size", TOPOLOGY_VERSION])
+        return (None if gen is None else int(gen), None if world is None else int(world), version)
+
+    async def node_ids(self) -> frozenset[str]:
+        return frozenset(n.decode() for n in await self.r.hkeys(self.k.nodes))
+
+    async def command_view(self) -> tuple[int | None, int | None, int | None]:
+        """(generation, world size, newest executor fence token) in one round trip: what a
+        sidecar checks a command against."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(self.k.meta, ["generation", "world_size"])
+        pipe.get(self.k.fence("executor"))
+        (gen, world), fence = await pipe.execute()
+        return (None if gen is None else int(gen), None if world is None else int(world),
+                None if fence is None else int(fence))
 
     async def generation(self) -> int:
         v = await self.r.hget(self.k.meta, "generation")
@@ -348,6 +380,32 @@ class Registry:
     async def get_plan(self, plan_id: str) -> bytes | None:
         return await self.r.get(self.k.plan(plan_id))
 
+    async def active_plan_id(self) -> str | None:
+        """The plan the executor is driving (set_active_plan), if any."""
+        v = await self.r.get(self.k.active_plan)
+        return v.decode() if v else None
+
+    # ------------------------------------------------------------ per-node fault history
+    async def record_node_faults(self, nodes: Iterable[str], incident_id: str, at: float,
+                                 window_s: float) -> None:
+        """Each node's faults keyed by incident id (a replay adds nothing), trimmed to the
+        quarantine window and expiring after it."""
+        pipe = self.r.pipeline(transaction=False)
+        for node in nodes:
+            key = self.k.node_faults(node)
+            pipe.zadd(key, {incident_id: at})
+            pipe.zremrangebyscore(key, "-inf", at - window_s)
+            pipe.expire(key, int(window_s) + 60)
+        await pipe.execute()
+
+    async def node_fault_history(self, nodes: Sequence[str], since: float) -> dict[str, dict[str, float]]:
+        """node -> {incident id: time} of the faults recorded since `since`."""
+        pipe = self.r.pipeline(transaction=False)
+        for n in nodes:
+            pipe.zrangebyscore(self.k.node_faults(n), since, "+inf", withscores=True)
+        rows = await pipe.execute()
+        return {n: {m.decode(): float(t) for m, t in row} for n, row in zip(nodes, rows)}
+
     # ------------------------------------------------------------ leases, idempotency, liveness
     async def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         return await self.acquire_lease(name, holder, ttl_s) is not None
@@ -365,6 +423,19 @@ class Registry:
         await self._check(keys=[], args=[])
 
     # ------------------------------------------------------------ the executor's own state
+    async def run_state(self, plan_id: str) -> dict[str, str]:
+        """One plan's run state (phase, timestamps, decisions), decoded."""
+        raw = await self.r.hgetall(self.k.run(plan_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def run_states(self, plan_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """run_state of several plans in one round trip ({} for a plan never started)."""
+        pipe = self.r.pipeline(transaction=False)
+        for pid in plan_ids:
+            pipe.hgetall(self.k.run(pid))
+        rows = await pipe.execute()
+        return {pid: {k.decode(): v.decode() for k, v in raw.items()} for pid, raw in zip(plan_ids, rows)}
+
     async def put_run(self, plan_id: str, fields: Mapping[str, Any]) -> None:
         """Fields of one plan's run state (fenced by the lease token)."""
         args: list[Any] = []
@@ -396,6 +467,10 @@ class Registry:
         ok, _ = await self._set(keys=[self.k.side_effect(plan_id, name)],
                                 args=[repr(time.time()), "", "nx", 86400 * 1000])
         return bool(ok)
+
+    async def side_effect_done(self, plan_id: str, name: str) -> bool:
+        """Whether side_effect_once(plan_id, name) already happened."""
+        return bool(await self.r.exists(self.k.side_effect(plan_id, name)))
 
     async def heartbeat_liveness(self, service: str, instance: str, ttl_s: float = 10.0) -> None:
         await self.r.set(self.k.liveness(service, instance), time.time(), px=int(ttl_s * 1000))

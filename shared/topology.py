@@ -6,6 +6,9 @@ each other and can restore one another.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import Field
 
 from .schemas import Frozen, NodeRole, RankState
@@ -76,3 +79,12 @@ def grid_topology(job_id: str, nodes: int, ranks_per_node: int, tp: int, pp: int
                   for i in range(spares)]
     return JobSnapshot(job_id=job_id, generation=0, committed_step=-1, world_size=world, dp=dp,
                        tp=tp, pp=pp, ranks=tuple(ranks), nodes=tuple(node_recs))
+
+
+TOPOLOGY_VERSION = "topology_version"  # meta field: bumped by every write of rank/node records
+
+
+def meta_ints(meta: Mapping[bytes | str, Any]) -> dict[str, int]:
+    """A job's registry meta hash as read (generation, committed_step, world_size, dp, tp, pp,
+    topology_version), keys as str."""
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in meta.items()}

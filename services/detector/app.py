@@ -214,18 +214,18 @@ class DetectorService:
         assert self._registry is not None
         reg = self._registry
         try:
-            gen, world, version = await reg.r.hmget(reg.k.meta, ["generation", "world_size", "topology_version"])
+            gen, world, version = await reg.admission_view()
             if gen is None or world is None:
                 self.topology = None
                 return
             nodes = self.topology.nodes if self.topology is not None else None
             if nodes is None or version is None or version != self._topology_version:
-                nodes = frozenset(n.decode() for n in await reg.r.hkeys(reg.k.nodes))
+                nodes = await reg.node_ids()
                 self._topology_version = version
         except Exception as exc:  # noqa: BLE001 - temporary; checked against the last view meanwhile
             self.log.warning("topology_read_failed", error=repr(exc))
             return
-        self.topology = core.Topology(job_id=self.settings.job_id, generation=int(gen), world_size=int(world),
+        self.topology = core.Topology(job_id=self.settings.job_id, generation=gen, world_size=world,
                                       nodes=nodes)
 
     async def _topology_loop(self) -> None:

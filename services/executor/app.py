@@ -25,6 +25,7 @@ from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction,
                                           ExecutorCommand, FaultIncident, PhaseStatus, RecoveryCompleted,
                                           RecoveryPlan, RecoveryProgress)
 from flashrecovery.shared.settings import Settings
+from flashrecovery.shared.topology import meta_ints
 
 from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, covered_by,
                    fence_refusal, identity_refusal, judge, named_nodes, next_phase_name, plan_refusal, ranks_to_kill,
@@ -186,11 +187,7 @@ class ExecutorService:
         ended here (superseded, or failed when no newer plan covers its incidents), so it is
         never driven later, e.g. after the newer one finished."""
         plans = list(self.plans.values())
-        pipe = self.registry.r.pipeline(transaction=False)
-        for plan in plans:
-            pipe.hgetall(self.registry.k.run(plan.plan_id))
-        runs = {p.plan_id: {k.decode(): v.decode() for k, v in raw.items()}
-                for p, raw in zip(plans, await pipe.execute())}
+        runs = await self.registry.run_states([p.plan_id for p in plans])
         plans = [p for p in plans if await self._sound(p, started=bool(runs[p.plan_id]))]
         choice = select_plan(plans, runs, await self.registry.generation())
         for plan, outcome, reason in choice.retire:
@@ -242,10 +239,10 @@ class ExecutorService:
             stored = None
         if identity_only:
             return identity_refusal(plan, stored)
-        meta = await self.registry.r.hgetall(self.registry.k.meta)
+        meta = await self.registry.meta()
         if not meta:
             return f"job {self.s.job_id} has no topology in the registry"
-        m = {k.decode(): v for k, v in meta.items()}
+        m = meta_ints(meta)
         self.placement = await self.registry.versioned_rank_nodes(self.placement)
         names = sorted(named_nodes(plan))[:10_000]
         nodes = {n.node_id: n for n in await self.registry.get_nodes(names)}
@@ -265,8 +262,7 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ one plan
     async def _run_state(self, plan_id: str) -> dict[str, str]:
-        raw = await self.registry.r.hgetall(self.registry.k.run(plan_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return await self.registry.run_state(plan_id)
 
     async def _set_run(self, plan_id: str, **fields: Any) -> None:
         await self.registry.put_run(plan_id, fields)  # fenced by the lease token

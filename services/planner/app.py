@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
 from flashrecovery.shared.logging import get_logger
-from flashrecovery.shared.registry import TOPOLOGY_VERSION, Registry, meta_ints
+from flashrecovery.shared.registry import Registry
+from flashrecovery.shared.topology import TOPOLOGY_VERSION, meta_ints
 from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
                                           encode)
 from flashrecovery.shared.settings import Settings
@@ -147,7 +148,7 @@ class PlannerService:
         """The registry snapshot as arrays, without a pydantic object per rank (the fast path at
         100k ranks): the warm copy with fresh meta while the topology version has not moved,
         else a full read."""
-        meta = await self.registry.r.hgetall(self.registry.k.meta)
+        meta = await self.registry.meta()
         if not meta:
             return None
         version = meta.get(TOPOLOGY_VERSION.encode())
@@ -161,12 +162,7 @@ class PlannerService:
 
     async def _read_topology(self) -> PlanInput | None:
         """meta, rank and node records in one MULTI, kept as the warm copy."""
-        k = self.registry.k
-        pipe = self.registry.r.pipeline(transaction=True)
-        pipe.hgetall(k.meta)
-        pipe.hgetall(k.ranks)
-        pipe.hgetall(k.nodes)
-        meta, ranks, nodes = await pipe.execute()
+        meta, ranks, nodes = await self.registry.topology_rows()
         if not meta:
             return None
         inp = PlanInput.from_rows(self.settings.job_id, meta, ranks.values(), nodes.values())
@@ -179,7 +175,7 @@ class PlannerService:
         changes (after a recovery), not when the next incident arrives."""
         while True:
             with contextlib.suppress(Exception):
-                version = await self.registry.r.hget(self.registry.k.meta, TOPOLOGY_VERSION)
+                version = await self.registry.topology_version()
                 if version is not None and (self._topology is None or self._topology[0] != version):
                     await self._read_topology()
             await asyncio.sleep(TOPOLOGY_POLL_S)
@@ -188,23 +184,13 @@ class PlannerService:
         """Each node's faults, keyed by incident id (a replay adds nothing), trimmed to the
         quarantine window. Only the topology's nodes (`known`): an incident naming 10,000 nodes
         that do not exist must not create a key for each."""
-        pipe = self.registry.r.pipeline(transaction=False)
-        floor = inc.detected_at - self.policy.quarantine_window_s
-        for node in (n for n in inc.root_cause_nodes if n in known):
-            key = self.registry.k.node_faults(node)
-            pipe.zadd(key, {inc.incident_id: inc.detected_at})
-            pipe.zremrangebyscore(key, "-inf", floor)
-            pipe.expire(key, int(self.policy.quarantine_window_s) + 60)
-        await pipe.execute()
+        await self.registry.record_node_faults((n for n in inc.root_cause_nodes if n in known),
+                                               inc.incident_id, inc.detected_at,
+                                               self.policy.quarantine_window_s)
 
     async def _fault_history(self, incidents: list[FaultIncident], now: float) -> dict[str, dict[str, float]]:
         nodes = sorted({n for i in incidents for n in i.root_cause_nodes})
-        pipe = self.registry.r.pipeline(transaction=False)
-        for n in nodes:
-            pipe.zrangebyscore(self.registry.k.node_faults(n), now - self.policy.quarantine_window_s,
-                               "+inf", withscores=True)
-        rows = await pipe.execute()
-        return {n: {m.decode(): float(s) for m, s in row} for n, row in zip(nodes, rows)}
+        return await self.registry.node_fault_history(nodes, now - self.policy.quarantine_window_s)
 
     async def _open_incidents(self, current: FaultIncident) -> list[FaultIncident]:
         out = {current.incident_id: current}
@@ -224,10 +210,10 @@ class PlannerService:
 
     async def _active_plan(self, open_incidents: list[FaultIncident]) -> RecoveryPlan | None:
         """The plan the executor is driving, if any of its incidents is still open."""
-        pid = await self.registry.r.get(self.registry.k.active_plan)
+        pid = await self.registry.active_plan_id()
         if not pid:
             return None
-        raw = await self.registry.get_plan(pid.decode())
+        raw = await self.registry.get_plan(pid)
         if raw is None:
             return None
         active = RecoveryPlan.model_validate_json(raw)
@@ -247,8 +233,7 @@ class PlannerService:
             self._decided(log, "escalation", None, generation, (decision.reason,), level="error")
             return
         stored = await reg.put_plan_once(decision.plan_id, encode(decision))
-        published_key = reg.k.side_effect(decision.plan_id, "published")
-        if not stored and await reg.r.exists(published_key):
+        if not stored and await reg.side_effect_done(decision.plan_id, "published"):
             self._decided(log, "plan_exists", decision.plan_id, generation,
                           ("same incidents and generation: plan already published",))
             return

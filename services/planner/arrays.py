@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from flashrecovery.shared.registry import meta_ints
 from flashrecovery.shared.schemas import NodeRole, RankState
-from flashrecovery.shared.topology import JobSnapshot, NodeRecord
+from flashrecovery.shared.topology import JobSnapshot, NodeRecord, meta_ints
 
 ROLE_ACTIVE, ROLE_SPARE, ROLE_QUARANTINED = 0, 1, 2
 _ROLE_CODE = {NodeRole.ACTIVE: ROLE_ACTIVE, NodeRole.SPARE: ROLE_SPARE,

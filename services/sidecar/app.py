@@ -389,16 +389,13 @@ class SidecarService:
         trip), or None when Redis does not answer within 2 s."""
         reg = self.registry
         try:
-            pipe = reg.r.pipeline(transaction=False)
-            pipe.hmget(reg.k.meta, ["generation", "world_size"])
-            pipe.get(reg.k.fence("executor"))
-            (gen, world), fence = await asyncio.wait_for(pipe.execute(), 2.0)
+            gen, world, fence = await asyncio.wait_for(reg.command_view(), 2.0)
         except Exception as exc:  # noqa: BLE001 - unreachable: nothing is acted on unchecked
             self.log.warning("registry_view_failed", error=repr(exc)[:300])
             return None
         if gen is None or world is None:
             return None
-        return RegistryView(int(gen), int(world), int(fence) if fence is not None else None)
+        return RegistryView(gen, world, fence)
 
     async def on_command(self, cmd: ExecutorCommand, record) -> None:
         if cmd.job_id != self.s.job_id:
