@@ -13,15 +13,12 @@ import time
 from pathlib import Path
 
 from .shared.logging import configure, get_logger
+from .shared.entry import run_service
 from .shared.settings import ConfigError, load_settings
 
 
 def _run_service(name: str) -> int:
-    settings = load_settings()
-    configure(settings.log_format)
-    module = importlib.import_module(f"flashrecovery.{name}.app")
-    code = asyncio.run(module.main(settings))
-    return code if isinstance(code, int) else 0
+    return run_service(importlib.import_module(f"flashrecovery.{name}.app").main)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -16,21 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .shared import bus as busmod
+from .shared.process import die_with_parent
 from .shared.registry import Registry
 from .shared.settings import Settings
 from .shared.stack import Stack, StackError, free_port, start_stack, wait_port
 
 SERVICES = ("detector", "planner", "executor")
-
-
-def die_with_parent() -> None:
-    """Runs in the child before exec: if the process that started us dies (even by SIGKILL),
-    the kernel sends us SIGTERM, so nothing outlives a crashed supervisor or demo."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass

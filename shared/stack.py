@@ -14,19 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .process import die_with_parent
+
 
 class StackError(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    """Child-side: SIGTERM when the starting thread's process dies, so a killed test run or
-    demo leaves no broker or redis-server behind."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def free_port() -> int:
@@ -101,7 +93,7 @@ def start_broker(run_dir: Path, port: int | None = None, timeout_s: float = 20.0
         [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
          "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        preexec_fn=_die_with_parent)
+        preexec_fn=die_with_parent)
     try:
         wait_port(port, timeout_s, proc)
     except StackError:
@@ -119,7 +111,7 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
         [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(run_dir), "--logfile", str(log)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=_die_with_parent)
+        preexec_fn=die_with_parent)
     try:
         wait_port(port, timeout_s, proc)
     except StackError:

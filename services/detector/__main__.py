@@ -1,10 +1,9 @@
-"""python -m flashrecovery.detector: one detector instance, configured from the environment."""
+"""`python -m flashrecovery.detector` (also `flashrecovery detector`): one detector, configured from the
+environment (FLASHRECOVERY_*)."""
 
-import asyncio
-
-from flashrecovery.shared.settings import load_settings
+from flashrecovery.shared.entry import run_service
 
 from .app import main
 
 if __name__ == "__main__":
-    asyncio.run(main(load_settings()))
+    raise SystemExit(run_service(main))

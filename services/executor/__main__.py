@@ -1,5 +1,9 @@
-import sys
+"""`python -m flashrecovery.executor` (also `flashrecovery executor`): one executor, configured from the
+environment (FLASHRECOVERY_*)."""
 
-from flashrecovery.cli import main
+from flashrecovery.shared.entry import run_service
 
-sys.exit(main(["executor"]))
+from .app import main
+
+if __name__ == "__main__":
+    raise SystemExit(run_service(main))

@@ -1,15 +1,9 @@
-"""`python -m flashrecovery.planner`: the planner service with settings from the environment."""
+"""`python -m flashrecovery.planner` (also `flashrecovery planner`): one planner, configured from the
+environment (FLASHRECOVERY_*)."""
 
-from __future__ import annotations
-
-import asyncio
-
-from flashrecovery.shared.logging import configure
-from flashrecovery.shared.settings import load_settings
+from flashrecovery.shared.entry import run_service
 
 from .app import main
 
 if __name__ == "__main__":
-    settings = load_settings()
-    configure(settings.log_format)
-    asyncio.run(main(settings))
+    raise SystemExit(run_service(main))

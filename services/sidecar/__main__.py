@@ -1,5 +1,9 @@
-import sys
+"""`python -m flashrecovery.sidecar` (also `flashrecovery sidecar`): one sidecar, configured from the
+environment (FLASHRECOVERY_*)."""
 
-from flashrecovery.cli import main
+from flashrecovery.shared.entry import run_service
 
-sys.exit(main(["sidecar"]))
+from .app import main
+
+if __name__ == "__main__":
+    raise SystemExit(run_service(main))

@@ -8,7 +8,6 @@ model built) so a replacement never pays a cold start during recovery."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import shlex
 import signal
@@ -21,6 +20,7 @@ from flashrecovery.shared import channel as ch
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
+from flashrecovery.shared.process import die_with_parent
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, LogEvent,
                                           NodeHeartbeat, NodeRole, RankReport, RankState,
@@ -159,7 +159,7 @@ class SidecarService:
             if nice:
                 os.nice(nice)
             # A worker never outlives its sidecar: the node is the sidecar and its workers.
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            die_with_parent(signal.SIGKILL)
 
         proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE, preexec_fn=prepare_child)

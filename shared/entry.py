@@ -1,0 +1,31 @@
+"""The one way a service process starts, whether as `python -m flashrecovery.<service>` or
+`flashrecovery <service>`: settings from the environment, logging configured, the service's
+async `main(settings)` run, configuration errors printed with exit code 2."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .logging import configure
+from .settings import ConfigError, Settings, load_settings
+
+ServiceMain = Callable[[Settings], Awaitable[Any]]
+
+
+def run_service(main: ServiceMain) -> int:
+    """Exit code of the service: its own when it returns an int, else 0; 2 for bad
+    configuration; 130 on Ctrl-C."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure(settings.log_format)
+    try:
+        code = asyncio.run(main(settings))
+    except KeyboardInterrupt:
+        return 130
+    return code if isinstance(code, int) else 0
