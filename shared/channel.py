@@ -157,9 +157,10 @@ def decode(line: bytes | str) -> Message:
 def message_type(line: bytes | str) -> str | None:
     """The ``type`` field of a line, without validating the rest (for logging bad input)."""
     try:
-        return json.loads(line).get("type")
+        kind = json.loads(line).get("type")
     except (ValueError, AttributeError):
         return None
+    return kind if isinstance(kind, str) else None
 
 
 class Connection:

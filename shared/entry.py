@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .logging import configure
 from .settings import ConfigError, Settings, load_settings
 
-ServiceMain = Callable[[Settings], Awaitable[Any]]
+ServiceMain = Callable[[Settings], Coroutine[Any, Any, Any]]
 
 
 def run_service(main: ServiceMain) -> int:
@@ -25,7 +25,7 @@ def run_service(main: ServiceMain) -> int:
         return 2
     configure(settings.log_format)
     try:
-        code = asyncio.run(main(settings))
+        code: object = asyncio.run(main(settings))
     except KeyboardInterrupt:
         return 130
     return code if isinstance(code, int) else 0

@@ -27,4 +27,5 @@ def configure(fmt: str = "auto", level: str = "INFO") -> None:
 
 
 def get_logger(service: str, **context: object) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger().bind(service=service, **context)
+    log: structlog.stdlib.BoundLogger = structlog.get_logger().bind(service=service, **context)
+    return log

