@@ -43,6 +43,8 @@ class Supervisor:
                "FLASHRECOVERY_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         if self.rdzv:
             env["FLASHRECOVERY_RDZV"] = self.rdzv
+        if self.settings.bus.signing_key_file:  # every service signs and checks with one keyring
+            env["FLASHRECOVERY_BUS__SIGNING_KEY_FILE"] = str(Path(self.settings.bus.signing_key_file).resolve())
         env.update(extra)
         return env
 

@@ -20,12 +20,20 @@ from . import topics as T
 from .logging import get_logger
 from .schemas import DeadLetter, SchemaError, decode, encode
 from .settings import BusSettings
+from .signing import Keyring, load_keyring
 
 Handler = Callable[[Any, Any], Awaitable[None]]  # (event, raw ConsumerRecord)
 
 
 def topic_name(topic: T.Topic, bus: BusSettings) -> str:
     return T.with_namespace(topic.name, bus.topic_namespace)
+
+
+def keyring_of(bus: BusSettings) -> tuple[Keyring | None, frozenset[str]]:
+    """The configured keyring (None: signing off) and the topic names whose records it tags."""
+    if not bus.signing_key_file:
+        return None, frozenset()
+    return load_keyring(bus.signing_key_file), frozenset(topic_name(t, bus) for t in T.SIGNED)
 
 
 async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Topic] = T.ALL,
@@ -52,6 +60,7 @@ class Producer:
         self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id,
                                    linger_ms=bus.linger_ms, max_batch_size=min(bus.max_batch_bytes, 1 << 20),
                                    acks=1, enable_idempotence=False)
+        self._keyring, self._signed = keyring_of(bus)
         self.sent = 0
         self.dead_letter_failures = 0  # dead letters that could not be produced (logged)
         self._log = get_logger("bus", client_id=client_id)
@@ -65,14 +74,21 @@ class Producer:
 
     async def publish(self, event: BaseModel, *, wait: bool = False) -> None:
         """Keyed produce onto the event's topic. wait=False lets the producer batch (linger)."""
-        topic = T.topic_for(event)
-        fut = await self._p.send(topic_name(topic, self._bus), encode(event), key=T.key_for(event))
+        name = topic_name(T.topic_for(event), self._bus)
+        value = encode(event)
+        fut = await self._p.send(name, value, key=T.key_for(event), headers=self._headers(name, value))
         self.sent += 1
         if wait:
             await fut
 
     async def publish_raw(self, topic: T.Topic, value: bytes, key: bytes | None = None) -> None:
-        await (await self._p.send(topic_name(topic, self._bus), value, key=key))
+        name = topic_name(topic, self._bus)
+        await (await self._p.send(name, value, key=key, headers=self._headers(name, value)))
+
+    def _headers(self, topic: str, value: bytes) -> list[tuple[str, bytes]] | None:
+        if self._keyring is None or topic not in self._signed:
+            return None
+        return self._keyring.headers(topic, value)
 
     async def dead_letter(self, record: Any, reason: str, consumer: str) -> bool:
         """Publish a bounded copy of a record a consumer could not handle (DeadLetter.of: a
@@ -126,8 +142,11 @@ class Consumer:
             max_poll_records=2000, fetch_max_wait_ms=50, session_timeout_ms=10000,
             heartbeat_interval_ms=1000)
         self._group = group_id is not None
+        self._keyring, self._signed = keyring_of(bus)
+        self._require_tags = bus.require_signatures
         self.handled = 0
         self.dead_lettered = 0
+        self.unauthenticated = 0  # records refused for a missing, forged or unknown-key tag
 
     async def start(self) -> None:
         await self._c.start()
@@ -172,6 +191,11 @@ class Consumer:
     async def _handle_records(self, records: list[Any]) -> None:
         decoded: list[tuple[Any, Any]] = []
         for record in records:
+            why = self._auth_refusal(record)
+            if why is not None:
+                self.unauthenticated += 1
+                await self._dead_letter(record, f"unauthenticated: {why}")
+                continue
             try:
                 decoded.append((self._decode(record.value), record))
             except SchemaError as exc:
@@ -191,6 +215,15 @@ class Consumer:
                 self._log.warning("batch_handler_failed", error=repr(exc)[:500], records=len(decoded))
         for event, record in decoded:
             await self._handle_one(event, record)
+
+    def _auth_refusal(self, record: Any) -> str | None:
+        """Why a record of a signed topic must not be acted on (shared/signing.py), or None."""
+        if self._keyring is None or record.topic not in self._signed:
+            return None
+        why = self._keyring.refusal(record.topic, record.value, record.headers)
+        if why is not None and why.startswith("unsigned") and not self._require_tags:
+            return None
+        return why
 
     async def _handle_one(self, event: Any, record: Any) -> None:
         for attempt in range(self._bus.handler_retries + 1):

@@ -14,6 +14,24 @@ class BusSettings(BaseModel):
     max_batch_bytes: int = Field(1 << 20, ge=1024)
     handler_retries: int = Field(3, ge=0, le=20)
     topic_namespace: str = ""  # lets tests and side-by-side jobs share a broker
+    # Authentication tags on incidents, plans and commands (shared/signing.py, docs/security.md):
+    # a JSON key file, e.g. a mounted Secret. Set: producers sign those records and consumers
+    # dead-letter any that is untagged, forged or signed with an unknown key. Unset: no tags.
+    signing_key_file: str | None = None
+    # False only while a deployment moves to signing: tags are added and checked, but a record
+    # without one is still accepted (a forged or unknown-key tag is refused either way).
+    require_signatures: bool = True
+
+    @field_validator("signing_key_file")
+    @classmethod
+    def _key_file(cls, v: str | None) -> str | None:
+        if v:
+            from .signing import KeyringError, load_keyring
+            try:
+                load_keyring(v)
+            except KeyringError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
 
 class DetectorSettings(BaseModel):

@@ -35,6 +35,10 @@ RECOVERY = Topic(f"{PREFIX}.recovery.v1", "job_id", "control_partitions")
 DEAD_LETTER = Topic(f"{PREFIX}.deadletter.v1", "topic", "control_partitions")
 
 ALL = (HEARTBEATS, WORKER_EVENTS, INCIDENTS, PLANS, COMMANDS, ACKS, RECOVERY, DEAD_LETTER)
+# Records that make something happen carry an authentication tag when a key file is configured
+# (shared/signing.py): an incident makes the planner plan, a plan makes the executor drive, a
+# command makes sidecars kill processes and move training state.
+SIGNED = (INCIDENTS, PLANS, COMMANDS)
 
 # Which topic each event kind travels on.
 TOPIC_OF_KIND = {

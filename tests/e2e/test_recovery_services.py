@@ -20,6 +20,7 @@ from flashrecovery.cluster import LocalCluster, states_equal
 from flashrecovery.demo import committed_steps_lost_observed, reference_cluster
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.settings import BusSettings, Settings
+from flashrecovery.shared.signing import write_key_file
 
 STEPS = 16
 AT = 5
@@ -30,10 +31,12 @@ STEP_SLEEP_S = 0.3
 pytestmark = pytest.mark.timeout(900)  # the first test also pays for the reference run
 
 
-def _cluster(stack, tmp: Path, fault_env: str | None = None, job_args: str = "") -> LocalCluster:
+def _cluster(stack, tmp: Path, fault_env: str | None = None, job_args: str = "",
+             signing_key_file: Path | None = None) -> LocalCluster:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
+                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2,
+                                        signing_key_file=str(signing_key_file) if signing_key_file else None))
     return reference_cluster(settings, tmp / job, STEPS, f"--step-sleep {STEP_SLEEP_S} {job_args}",
                              fault_env=fault_env)
 
@@ -88,10 +91,10 @@ def _check(result: dict, reference: dict) -> None:
 
 
 def _recover_on_new_cluster(stack, tmp: Path, fault: str, rank: int, fault_env: str | None = None,
-                            during=None, job_args: str = "") -> dict:
+                            during=None, job_args: str = "", signing_key_file: Path | None = None) -> dict:
     """A fresh cluster, one fault, its recovery awaited; the cluster is stopped whatever happens."""
     async def go():
-        c = _cluster(stack, tmp, fault_env, job_args)
+        c = _cluster(stack, tmp, fault_env, job_args, signing_key_file)
         try:
             return await _recover(c, fault, rank, during=during)
         finally:
@@ -128,6 +131,17 @@ def test_fault_inside_a_step_phase_resumes_at_the_committed_step(stack, tmp_path
     assert result["restarted"] == {5}
     assert result["done"][0].recovery_step in PHASE_FAULTS[fault], result["done"][0].reason
     _check(result, reference_states)
+
+def test_crash_recovers_with_signed_incidents_plans_and_commands(stack, tmp_path, reference_states):
+    """Every service, sidecar and the test's own watcher sign and check incidents, plans and
+    commands with one keyring (shared/signing.py): the recovery runs as without signing, and
+    nothing on those topics was refused (a refusal would be a dead letter and a stalled phase)."""
+    keys = write_key_file(tmp_path / "keys.json")
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, signing_key_file=keys)
+    assert result["restarted"] == {2}
+    _check(result, reference_states)
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
+    assert "unauthenticated" not in logs
 
 def test_sgd_momentum_job_crash_recovers_bitwise(stack, tmp_path):
     """SGD with momentum (plus the job's LR schedule, clipping and grad-norm buffer): the replaced
