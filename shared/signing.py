@@ -1,6 +1,7 @@
-"""Authentication tags on the messages that make something happen: incidents (-> the planner
-plans), plans (-> the executor drives), commands (-> sidecars kill processes and move training
-state). Anyone who can write to those topics could otherwise order that.
+"""Authentication tags on the messages that make something happen (topics.SIGNED): commands
+(-> sidecars kill processes and move training state), plans (-> the executor drives), incidents
+(-> the planner plans), worker events and heartbeats (-> the detector raises incidents), acks
+(-> a recovery moves on). Anyone who can write to those topics could otherwise order that.
 
 The tag is HMAC-SHA256 over the topic name and the record's value bytes exactly as produced, so
 there is nothing to canonicalise and a tag cannot be moved to another topic. It travels in two

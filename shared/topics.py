@@ -36,9 +36,11 @@ DEAD_LETTER = Topic(f"{PREFIX}.deadletter.v1", "topic", "control_partitions")
 
 ALL = (HEARTBEATS, WORKER_EVENTS, INCIDENTS, PLANS, COMMANDS, ACKS, RECOVERY, DEAD_LETTER)
 # Records that make something happen carry an authentication tag when a key file is configured
-# (shared/signing.py): an incident makes the planner plan, a plan makes the executor drive, a
-# command makes sidecars kill processes and move training state.
-SIGNED = (INCIDENTS, PLANS, COMMANDS)
+# (shared/signing.py): a command makes sidecars kill processes and move training state, a plan
+# makes the executor drive, an incident makes the planner plan, a worker event or a heartbeat
+# (or its absence) makes the detector raise one, an ack moves a recovery's phase. Dead letters
+# are copies of refused input, never acted on.
+SIGNED = tuple(t for t in ALL if t is not DEAD_LETTER)
 
 # Which topic each event kind travels on.
 TOPIC_OF_KIND = {

@@ -132,10 +132,11 @@ def test_fault_inside_a_step_phase_resumes_at_the_committed_step(stack, tmp_path
     assert result["done"][0].recovery_step in PHASE_FAULTS[fault], result["done"][0].reason
     _check(result, reference_states)
 
-def test_crash_recovers_with_signed_incidents_plans_and_commands(stack, tmp_path, reference_states):
-    """Every service, sidecar and the test's own watcher sign and check incidents, plans and
-    commands with one keyring (shared/signing.py): the recovery runs as without signing, and
-    nothing on those topics was refused (a refusal would be a dead letter and a stalled phase)."""
+def test_crash_recovers_with_every_message_signed(stack, tmp_path, reference_states):
+    """Every service, sidecar and the test's own watcher sign and check every topic's records
+    (heartbeats, worker events, incidents, plans, commands, acks) with one keyring
+    (shared/signing.py): the recovery runs as without signing, and nothing was refused (a refusal
+    would be a dead letter, a missed beat or a stalled phase)."""
     keys = write_key_file(tmp_path / "keys.json")
     result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, signing_key_file=keys)
     assert result["restarted"] == {2}

@@ -1,4 +1,4 @@
-"""Signed control messages on the real broker (issue #16, shared/signing.py): a planner with a
+"""Signed messages on the real broker (issue #16, shared/signing.py): a planner with a
 keyring plans only from incidents tagged with an accepted key; an unsigned or forged incident is
 dead-lettered with the reason and nothing is planned; the plans it publishes carry valid tags."""
 
