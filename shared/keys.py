@@ -14,6 +14,13 @@ class JobKeys:
         self.job_id = job_id
         self._p = f"{namespace}:{{{job_id}}}"
 
+    def acl_rules(self) -> list[str]:
+        """`ACL SETUSER <user> on ><password> <rules...>` rules for a service of this job: every
+        key of the job (this prefix) and nothing else, the data, scripting and transaction
+        commands the registry uses, no admin or dangerous command (FLUSHALL, KEYS, CONFIG, ...)."""
+        return ["resetkeys", f"~{self._p}:*", "resetchannels", "-@all", "+@read", "+@write", "+@scripting",
+                "+@transaction", "+@connection", "-@dangerous", "-@admin"]
+
     @property
     def meta(self) -> str:  # hash: generation, committed_step, world_size, tp, dp
         return f"{self._p}:meta"
