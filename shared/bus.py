@@ -20,6 +20,7 @@ from . import topics as T
 from .logging import get_logger
 from .schemas import DeadLetter, SchemaError, decode, encode
 from .settings import BusSettings
+from .kafka_security import client_kwargs
 from .signing import Keyring, load_keyring
 
 Handler = Callable[[Any, Any], Awaitable[None]]  # (event, raw ConsumerRecord)
@@ -39,7 +40,7 @@ def keyring_of(bus: BusSettings) -> tuple[Keyring | None, frozenset[str]]:
 async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Topic] = T.ALL,
                         timeout_s: float = 30.0) -> None:
     """Create the topics with the configured partition counts; existing ones are left alone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, **client_kwargs(bus.security))
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())
@@ -59,7 +60,7 @@ class Producer:
         self._bus = bus
         self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id,
                                    linger_ms=bus.linger_ms, max_batch_size=min(bus.max_batch_bytes, 1 << 20),
-                                   acks=1, enable_idempotence=False)
+                                   acks=1, enable_idempotence=False, **client_kwargs(bus.security))
         self._keyring, self._signed = keyring_of(bus)
         self.sent = 0
         self.dead_letter_failures = 0  # dead letters that could not be produced (logged)
@@ -140,7 +141,7 @@ class Consumer:
             *[topic_name(t, bus) for t in topics], bootstrap_servers=bootstrap, group_id=group_id,
             enable_auto_commit=False, auto_offset_reset="latest" if from_latest else "earliest",
             max_poll_records=2000, fetch_max_wait_ms=50, session_timeout_ms=10000,
-            heartbeat_interval_ms=1000)
+            heartbeat_interval_ms=1000, **client_kwargs(bus.security))
         self._group = group_id is not None
         self._keyring, self._signed = keyring_of(bus)
         self._require_tags = bus.require_signatures

@@ -3,8 +3,32 @@ nested groups use a double underscore (FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES=
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSecuritySettings(BaseModel):
+    """How every Kafka client of FlashRecovery authenticates and encrypts (aiokafka's options).
+    The embedded broker speaks PLAINTEXT only (docs/security.md says why); production brokers
+    want SASL_SSL with SCRAM-SHA-512 and one principal per service."""
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str | None = None  # CA bundle that signed the brokers' certificates
+    ssl_certfile: str | None = None  # client certificate (mutual TLS), with ssl_keyfile
+    ssl_keyfile: str | None = None
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    # A file holding the password (a mounted Secret), so it is in no environment listing.
+    sasl_password_file: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "KafkaSecuritySettings":
+        if self.protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password_file):
+            raise ValueError(f"protocol {self.protocol} needs sasl_username and sasl_password_file")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        return self
 
 
 class BusSettings(BaseModel):
@@ -14,6 +38,7 @@ class BusSettings(BaseModel):
     max_batch_bytes: int = Field(1 << 20, ge=1024)
     handler_retries: int = Field(3, ge=0, le=20)
     topic_namespace: str = ""  # lets tests and side-by-side jobs share a broker
+    security: KafkaSecuritySettings = KafkaSecuritySettings()
     # Authentication tags on incidents, plans and commands (shared/signing.py, docs/security.md):
     # a JSON key file, e.g. a mounted Secret. Set: producers sign those records and consumers
     # dead-letter any that is untagged, forged or signed with an unknown key. Unset: no tags.
