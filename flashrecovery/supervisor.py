@@ -50,7 +50,10 @@ class Supervisor:
 
     def start_stack(self, ensure: bool = True) -> Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.stack = start_stack(self.run_dir, self.settings.kafka_bootstrap, self.settings.redis_url)
+        # A broker started here serves this job's namespace only: it validates records at produce
+        # time against the event schemas (shared/broker_schemas.py).
+        self.stack = start_stack(self.run_dir, self.settings.kafka_bootstrap, self.settings.redis_url,
+                                 schema_namespace=self.settings.bus.topic_namespace)
         if ensure:
             asyncio.run(busmod.ensure_topics(self.stack.kafka_bootstrap, self.settings.bus))
         return self.stack

@@ -91,16 +91,23 @@ class Stack:
         self.owned.clear()
 
 
-def start_broker(run_dir: Path, port: int | None = None, timeout_s: float = 20.0) -> OwnedProcess:
+def start_broker(run_dir: Path, port: int | None = None, timeout_s: float = 20.0,
+                 schema_dir: Path | None = None) -> OwnedProcess:
+    """The embedded broker on loopback. schema_dir: validate records at produce time against the
+    `<topic>.json` files there (shared/broker_schemas.py)."""
     port = port or free_port()
+    run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"broker-{port}.log"
     env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-    proc = subprocess.Popen(
-        [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        preexec_fn=die_with_parent)
+    argv = [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"]
+    if schema_dir is not None:
+        # tansu reads a file:// registry path relative to its working directory (an absolute
+        # one gets the working directory prefixed): give it one relative to run_dir.
+        argv += ["--schema-registry", f"file://./{os.path.relpath(schema_dir.resolve(), run_dir)}"]
+    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=run_dir,
+                            start_new_session=True, preexec_fn=die_with_parent)
     try:
         wait_port(port, timeout_s, proc)
     except StackError:
@@ -127,12 +134,20 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
     return OwnedProcess("redis", proc, log)
 
 
-def start_stack(run_dir: Path, kafka_bootstrap: str | None = None, redis_url: str | None = None) -> Stack:
-    """Start what is not configured; use what is. The caller owns stop()."""
+def start_stack(run_dir: Path, kafka_bootstrap: str | None = None, redis_url: str | None = None,
+                schema_namespace: str | None = None) -> Stack:
+    """Start what is not configured; use what is. The caller owns stop(). schema_namespace: the
+    broker started here validates every record against the event schemas of the topics of that
+    namespace (shared/broker_schemas.py); None: no validation (a broker shared by namespaces)."""
     stack = Stack(kafka_bootstrap or "", redis_url or "")
     try:
         if not kafka_bootstrap:
-            b = start_broker(run_dir)
+            schema_dir = None
+            if schema_namespace is not None:
+                from .broker_schemas import write_broker_schemas
+                schema_dir = run_dir / "broker-schemas"
+                write_broker_schemas(schema_dir, schema_namespace)
+            b = start_broker(run_dir, schema_dir=schema_dir)
             stack.owned.append(b)
             stack.kafka_bootstrap = _arg(b.proc, 3).removeprefix("tcp://")
         if not redis_url:
