@@ -40,7 +40,7 @@ class FakeKafka:
         self.sent: list[tuple[str, bytes, bytes | None]] = []
         self.fail = fail
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None):
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers=None):
         if self.fail is not None:
             raise self.fail
         if len(value) > MAX_REQUEST:

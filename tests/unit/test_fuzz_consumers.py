@@ -51,7 +51,7 @@ class FakeKafka:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None):
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers=None):
         assert len(value) <= 1 << 20, "a message a broker would refuse"
         self.sent.append((topic, value))
         fut = asyncio.get_running_loop().create_future()
