@@ -172,6 +172,8 @@ class LocalCluster:
                            FLASHRECOVERY_SIDECAR__CAPACITY=str(self.standbys), **env)
             sidecars.append(f"spare-{s}")
         await self.sup.wait_ready(sidecars, timeout_s)
+        if self.metrics:  # again, now with the sidecars' metrics endpoints
+            write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
 
     async def _start_watcher(self) -> None:
         self._producer = busmod.Producer(self.sup.stack.kafka_bootstrap, self.settings.bus, "watcher")
