@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from flashrecovery.demo import reference_cluster
+from flashrecovery.shared import metrics as M
 from flashrecovery.shared.settings import BusSettings, Settings
 from flashrecovery.shared.stack import free_port, wait_port
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = [pytest.mark.timeout(600),
-              pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary: `make os-deps` installs "
-                                                            "the Debian package `prometheus`")]
+pytestmark = pytest.mark.timeout(600)
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary: `make os-deps` installs "
+                                                                 "the Debian package `prometheus`")
 SCRAPE_S = 0.5
 
 
@@ -90,6 +91,24 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+def test_metrics_endpoint_serves_the_series_and_refuses_a_busy_port():
+    port = free_port()
+    server = M.serve(port)
+    try:
+        M.DEAD_LETTERS.labels("test-consumer", M.reason_class("unknown kind 'x'")).inc()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert 'flashrecovery_dead_letters_total{consumer="test-consumer",reason="unknown_kind"} 1.0' in text
+        assert "# TYPE flashrecovery_recovery_rto_seconds histogram" in text
+        with pytest.raises(SystemExit, match=f"127.0.0.1:{port}"):
+            M.serve(port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert M.serve(0) is None  # 0: no endpoint
+
+
+@needs_prometheus
 def test_prometheus_scrapes_incident_and_rto_of_a_recovery(stack, tmp_path):
     job = f"prom-{uuid.uuid4().hex[:8]}"
     settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
