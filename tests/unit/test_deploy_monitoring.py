@@ -122,3 +122,32 @@ def test_promtool_checks_and_unit_tests_the_alert_rules():
     unit = subprocess.run([PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=PROM_DIR, capture_output=True,
                           text=True, timeout=60)
     assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+def test_scrape_config_matches_the_manifests_labels():
+    """deploy/prometheus/scrape.yml keeps pods by a label and names the `service` label from the
+    component label: every pod with a metrics port carries the first, and every component maps
+    to a service the alert rules know."""
+    cfg = yaml.safe_load((PROM_DIR / "scrape.yml").read_text())
+    assert cfg["rule_files"] == ["alerts.yml"]
+    relabel = cfg["scrape_configs"][0]["relabel_configs"]
+    keep = relabel[0]
+    assert keep["action"] == "keep"
+    label = keep["source_labels"][0].removeprefix("__meta_kubernetes_pod_label_")
+    to_service = [r for r in relabel if r.get("target_label") == "service"]
+    components = set()
+    for path in (ROOT / "deploy" / "k8s" / "base").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            pod = (doc or {}).get("spec", {}).get("template", {})
+            ports = [p.get("name") for c in pod.get("spec", {}).get("containers", []) for p in c.get("ports", [])]
+            if "metrics" in ports:
+                labels = pod["metadata"]["labels"]
+                match = {re.sub(r"[^a-z0-9]", "_", k): v for k, v in labels.items()}
+                assert re.fullmatch(keep["regex"], match.get(label, "")), f"{path.name}: not scraped"
+                components.add(labels["app.kubernetes.io/component"])
+    assert components == {"detector", "planner", "executor", "trainer", "spare"}
+    for comp in components:
+        hits = [r for r in to_service if re.fullmatch(r["regex"], comp)]
+        assert hits, f"component {comp} gets no service label"
+        service = re.sub(r"^" + hits[0]["regex"] + r"$", hits[0].get("replacement", r"\1").replace("$1", r"\1"), comp)
+        assert service in {"detector", "planner", "executor", "sidecar"}, (comp, service)
