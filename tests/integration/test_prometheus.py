@@ -129,7 +129,7 @@ def test_prometheus_scrapes_incident_and_rto_of_a_recovery(stack, tmp_path):
             address = json.loads(cluster.address_file().read_text())
             assert address["metrics"] == targets  # what `flashrecovery status` shows
             prom, port = _start_prometheus(tmp_path / "prom", targets)
-            every = await asyncio.to_thread(_wait_value, port, "count(up == 1)", lambda v: v == len(targets), 60)
+            every = await asyncio.to_thread(_wait_value, port, "count(up == 1)", lambda v: v == len(targets), 90)
             assert every == len(targets), _query(port, "up")
             await cluster.wait_until(lambda: cluster.min_step() >= 2, 300, "training to start")
             await cluster.inject("process-crash", 1, 3)
@@ -138,12 +138,12 @@ def test_prometheus_scrapes_incident_and_rto_of_a_recovery(stack, tmp_path):
 
             incidents = await asyncio.to_thread(
                 _wait_value, port, 'sum(flashrecovery_incidents_total{fault_class="process_crash"})',
-                lambda v: v >= 1, 30)
+                lambda v: v >= 1, 60)
             assert incidents == 1, _query(port, "flashrecovery_incidents_total")
             assert _value(port, 'sum(flashrecovery_incidents_total{fault_class!="process_crash"})') in (None, 0.0)
             rto_count = await asyncio.to_thread(
                 _wait_value, port, 'sum(flashrecovery_recovery_rto_seconds_count{fault_class="process_crash"})',
-                lambda v: v >= 1, 30)
+                lambda v: v >= 1, 60)
             assert rto_count is not None and rto_count >= 1
             done = next(c for c in cluster.timeline.completed if c.outcome == "done")
             rto_sum = _value(port, "sum(flashrecovery_recovery_rto_seconds_sum)")
