@@ -51,6 +51,9 @@ class Supervisor:
             env["FLASHRECOVERY_RDZV"] = self.rdzv
         if self.settings.bus.signing_key_file:  # every service signs and checks with one keyring
             env["FLASHRECOVERY_BUS__SIGNING_KEY_FILE"] = str(Path(self.settings.bus.signing_key_file).resolve())
+        # A metrics port set for this process is not every child's (they would collide): spawn()
+        # gives each child its own when metrics are on.
+        env.pop("FLASHRECOVERY_METRICS_PORT", None)
         env.update(extra)
         return env
 
