@@ -19,7 +19,6 @@ import pytest
 from flashrecovery.cli import main as cli_main
 
 
-
 def _is_command(name: str) -> bool:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:

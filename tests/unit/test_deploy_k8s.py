@@ -9,8 +9,8 @@ Redis with AOF, and a training job whose entrypoint is `flashrecovery run`, with
 from __future__ import annotations
 
 import contextlib
-import io
 import copy
+import io
 from pathlib import Path
 
 import kubernetes_validate
@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from flashrecovery.cli import main as cli_main
-
 
 
 def _is_command(name: str) -> bool:
