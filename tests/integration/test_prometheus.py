@@ -75,10 +75,25 @@ def _start_prometheus(tmp: Path, targets: dict[str, str]) -> tuple[subprocess.Po
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_port(port, 60, proc)
-    except Exception:
+        _wait_ready(port, proc, 90)  # the port opens before the storage is up: the API answers 503
+    except BaseException:
         _stop(proc)
         raise
     return proc, port
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:  # URLError / HTTPError 503 while starting
+            pass
+        assert proc.poll() is None, "prometheus exited while starting (see prometheus.log)"
+        assert time.monotonic() < deadline, f"prometheus not ready after {timeout_s}s"
+        time.sleep(0.2)
 
 
 def _stop(proc: subprocess.Popen) -> None:
