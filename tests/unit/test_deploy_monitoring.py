@@ -107,7 +107,8 @@ def test_dashboard_is_importable_json():
     ("expected a JSON object, got list", "not_object"), ("unknown kind 'x'", "unknown_kind"),
     ("invalid heartbeat: seq: field required", "invalid"), ("undecodable: ValueError()", "undecodable"),
     ("handler failed 4x: KeyError()", "handler_failed"), ("detector failed: E()", "handler_failed"),
-    ("untrusted: rank 9 outside the world", "untrusted"), ("something new", "other"),
+    ("untrusted: rank 9 outside the world", "untrusted"), ("unauthenticated: no tag", "unauthenticated"),
+    ("something new", "other"),
 ])
 def test_dead_letter_reasons_map_to_bounded_labels(reason, label):
     assert M.reason_class(reason) == label
