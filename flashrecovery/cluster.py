@@ -114,11 +114,12 @@ class LocalCluster:
     # The nodes are slices of one machine (flashrecovery run --standalone): torchrun's view
     # is one node, GROUP_RANK 0, LOCAL_RANK 0..world-1 across the sidecars.
     one_machine: bool = False
+    metrics: bool = False  # every service and sidecar serves Prometheus metrics on a free port
     sup: Supervisor = field(init=False)
     timeline: Timeline = field(default_factory=Timeline)
 
     def __post_init__(self) -> None:
-        self.sup = Supervisor(self.settings, self.run_dir)
+        self.sup = Supervisor(self.settings, self.run_dir, metrics=self.metrics)
         self.out_dir = self.out_dir or self.run_dir / "final"
         self.world = self.nodes * self.ranks_per_node
         self.standbys = self.ranks_per_node if self.standbys is None else self.standbys
@@ -171,6 +172,8 @@ class LocalCluster:
                            FLASHRECOVERY_SIDECAR__CAPACITY=str(self.standbys), **env)
             sidecars.append(f"spare-{s}")
         await self.sup.wait_ready(sidecars, timeout_s)
+        if self.metrics:  # again, now with the sidecars' metrics endpoints
+            write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
 
     async def _start_watcher(self) -> None:
         self._producer = busmod.Producer(self.sup.stack.kafka_bootstrap, self.settings.bus, "watcher")

@@ -22,6 +22,8 @@ from .shared.settings import Settings
 from .shared.stack import Stack, StackError, free_port, start_stack, wait_port
 
 SERVICES = ("detector", "planner", "executor")
+# The processes that serve Prometheus metrics (shared/metrics.py) when the supervisor enables them.
+METRICS_MODULES = tuple(f"flashrecovery.{m}" for m in (*SERVICES, "sidecar"))
 
 
 @dataclass
@@ -33,6 +35,10 @@ class Supervisor:
     rdzv: str = ""
     specs: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)  # name -> argv, env
     restarts: dict[str, int] = field(default_factory=dict)  # name -> times restarted
+    # Give every service and sidecar process a free metrics port (`flashrecovery up`, the
+    # Prometheus test); a restarted process keeps its port, so a scrape config stays valid.
+    metrics: bool = False
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # name -> port
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.stack is not None
@@ -45,6 +51,9 @@ class Supervisor:
             env["FLASHRECOVERY_RDZV"] = self.rdzv
         if self.settings.bus.signing_key_file:  # every service signs and checks with one keyring
             env["FLASHRECOVERY_BUS__SIGNING_KEY_FILE"] = str(Path(self.settings.bus.signing_key_file).resolve())
+        # A metrics port set for this process is not every child's (they would collide): spawn()
+        # gives each child its own when metrics are on.
+        env.pop("FLASHRECOVERY_METRICS_PORT", None)
         env.update(extra)
         return env
 
@@ -66,6 +75,10 @@ class Supervisor:
         return self.rdzv
 
     def spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
+        if self.metrics and "FLASHRECOVERY_METRICS_PORT" not in env and any(m in argv for m in METRICS_MODULES):
+            env["FLASHRECOVERY_METRICS_PORT"] = str(free_port())
+        if "FLASHRECOVERY_METRICS_PORT" in env:
+            self.metrics_ports[name] = int(env["FLASHRECOVERY_METRICS_PORT"])
         log = (self.run_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(argv, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
@@ -156,7 +169,9 @@ def write_job_address(path: Path, settings: Settings, sup: Supervisor, run_dir: 
     path.write_text(json.dumps({
         "job_id": settings.job_id, "kafka_bootstrap": sup.stack.kafka_bootstrap,
         "redis_url": sup.stack.redis_url, "topic_namespace": settings.bus.topic_namespace,
-        "rdzv": sup.rdzv, "run_dir": str(run_dir), "pid": os.getpid()}, indent=1))
+        "rdzv": sup.rdzv, "run_dir": str(run_dir), "pid": os.getpid(),
+        # process name -> its Prometheus endpoint (empty when metrics are off)
+        "metrics": {n: f"127.0.0.1:{p}" for n, p in sorted(sup.metrics_ports.items())}}, indent=1))
 
 
 def pick_job_address(found: list[dict], job_id: str | None) -> dict:

@@ -107,6 +107,9 @@ async def _listen_heartbeats(settings: Settings, seconds: float) -> dict[str, No
 def status(args: argparse.Namespace) -> int:
     settings = _locate(load_settings())
     view = asyncio.run(_status(settings, args.listen))
+    # The Prometheus endpoints a local `up` / cluster left in its address file ({} elsewhere).
+    view["metrics"] = next((a.get("metrics", {}) for a in live_job_addresses(settings.runtime_dir)
+                            if a.get("job_id") == view["job_id"]), {})
     if args.json:
         print(json.dumps(view, indent=2))
         return 0
@@ -116,6 +119,8 @@ def status(args: argparse.Namespace) -> int:
     print(f"job {view['job_id']}  generation {view['generation']}  committed step {view['committed_step']}  "
           f"world {view['world_size']} ({view['layout']})  executor leader {view['executor_leader']}")
     print(f"services: {', '.join(view['services']) or 'none live'}")
+    if view["metrics"]:
+        print("metrics: " + "  ".join(f"{n} http://{a}/metrics" for n, a in view["metrics"].items()))
     for n in view["nodes"]:
         print(f"  {n['node']:<10} {n['role']:<12} ranks {n['ranks']}  heartbeat {'yes' if n['heartbeat'] else 'NO'}"
               + (f"  standbys {n['standby_ready']}" if n['standby_ready'] else ""))

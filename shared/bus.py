@@ -16,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel
 
+from . import metrics as M
 from . import topics as T
 from .logging import get_logger
 from .schemas import DeadLetter, SchemaError, decode, encode
@@ -102,6 +103,7 @@ class Producer:
                                    key=record.key, value=record.value, reason=reason, consumer=consumer)
             await self.publish_raw(T.DEAD_LETTER, orjson.dumps(letter.model_dump(mode="json")),
                                    key=str(record.topic).encode()[:256])
+            M.DEAD_LETTERS.labels(consumer, M.reason_class(reason)).inc()
             return True
         except asyncio.CancelledError:
             raise
@@ -125,6 +127,7 @@ class Consumer:
                  handler: Handler, producer: Producer, name: str, *, from_latest: bool = False,
                  batch_handler: Callable[[list[tuple[Any, Any]]], Awaitable[None]] | None = None,
                  dead_letters: bool = True, decoder: Callable[[bytes | None], Any] = decode) -> None:
+        topics = list(topics)  # read twice: the subscription and the metrics' topic labels
         self._bus = bus
         self._decode = decoder  # bytes -> event, or SchemaError
         # False for a reader that only looks on (its topic's owner dead-letters bad input once):
@@ -145,6 +148,7 @@ class Consumer:
         self._group = group_id is not None
         self._keyring, self._signed = keyring_of(bus)
         self._require_tags = bus.require_signatures
+        self._topic_label = {topic_name(t, bus): t.name for t in topics}  # metrics: no namespace
         self.handled = 0
         self.dead_lettered = 0
         self.unauthenticated = 0  # records refused for a missing, forged or unknown-key tag
@@ -182,12 +186,20 @@ class Consumer:
                 batches = await self._c.getmany(timeout_ms=100, max_records=2000)
                 if not batches:
                     continue
-                for records in batches.values():
+                for tp, records in batches.items():
                     await self._handle_records(records)
+                    self._record_metrics(tp, records)
                 if self._group:
                     await self._c.commit()
         finally:
             await self._c.stop()
+
+    def _record_metrics(self, tp: Any, records: list[Any]) -> None:
+        topic = self._topic_label.get(tp.topic, tp.topic)
+        M.CONSUMED.labels(self.name, topic).inc(len(records))
+        high = self._c.highwater(tp)  # from the last fetch response; None before one
+        if high is not None:
+            M.CONSUMER_LAG.labels(self.name, topic, str(tp.partition)).set(max(0, high - records[-1].offset - 1))
 
     async def _handle_records(self, records: list[Any]) -> None:
         decoded: list[tuple[Any, Any]] = []

@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     sidecar: SidecarSettings = SidecarSettings()
     rdzv: str | None = None  # host:port of the rendezvous store
     instance: str = "0"  # this process's name among replicas of a service
+    metrics_port: int = Field(0, ge=0, le=65535, description=(
+        "Port of this process's Prometheus endpoint (/metrics); 0: no endpoint"))
+    metrics_host: str = Field("127.0.0.1", description=(
+        "Address the metrics endpoint listens on (0.0.0.0 in a container scraped from outside)"))
 
     @field_validator("log_format")
     @classmethod

@@ -11,6 +11,7 @@ import socket
 import time
 from typing import Any
 
+from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics as T
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
@@ -18,7 +19,7 @@ from aiokafka.structs import TopicPartition
 from flashrecovery.shared.bus import Consumer, Producer, topic_name
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
-from flashrecovery.shared.schemas import NodeRole
+from flashrecovery.shared.schemas import NodeHeartbeat, NodeRole
 from flashrecovery.shared.settings import Settings
 
 from . import core
@@ -165,6 +166,7 @@ class DetectorService:
 
     async def _handle_batch(self, batch: list[tuple[Any, Any]]) -> None:
         now = self.clock()
+        M.HEARTBEATS_RECEIVED.inc(sum(1 for event, _ in batch if isinstance(event, NodeHeartbeat)))
         topo = self.topology
         verdicts = [core.admit(event, topo) for event, _ in batch] if topo is not None else [None] * len(batch)
         if self._registry is not None and any(verdicts):
@@ -390,9 +392,13 @@ class DetectorService:
                               ranks=list(inc.root_cause_ranks), confidence=inc.confidence,
                               symptoms=inc.symptoms_attributed,
                               latency_s=round(inc.detected_at - inc.first_seen_at, 3), **fields)
+                M.INCIDENTS.labels(M.label(inc.fault_class), M.label(inc.action)).inc()
+                M.DETECTION_LATENCY.labels(M.label(inc.fault_class)).observe(max(0.0, inc.detected_at - inc.first_seen_at))
             else:
                 await self._producer.publish(d.event)
                 self.log.info(d.kind, **fields)
+                if d.kind == "degradation":
+                    M.DEGRADATIONS.labels(M.label(d.fault_class)).inc()
             self.published.append(d.event)
 
 
@@ -406,6 +412,7 @@ async def main(settings: Settings) -> None:
     from flashrecovery.shared.stack import start_stack
 
     configure(settings.log_format)
+    M.serve(settings.metrics_port, settings.metrics_host)
     stack = None
     if not settings.kafka_bootstrap or not settings.redis_url:
         stack = start_stack(Path(settings.runtime_dir), settings.kafka_bootstrap, settings.redis_url)

@@ -18,6 +18,7 @@ import orjson
 
 from flashrecovery.shared.commit_rule import InconsistentReports, decide_from_rows
 from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import FencedOut, Placement, RefusedWrite, Registry, StaleGeneration
@@ -149,6 +150,7 @@ class ExecutorService:
             self.token = token
             self.log.info("leadership", leader=token is not None, fence_token=token)
         self.leader = token is not None
+        M.EXECUTOR_LEADER.labels(self.instance).set(1 if self.leader else 0)
         if not self.leader:
             return
         self.lease_until = asked + ttl
@@ -580,6 +582,7 @@ class ExecutorService:
             await self.producer.publish(Escalation(
                 job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
                 incident_ids=plan.incident_ids, plan_id=plan.plan_id, reason=reason), wait=True)
+            M.ESCALATIONS.labels("executor").inc()
         done = RecoveryCompleted(
             job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
             incident_id=",".join(plan.incident_ids), plan_id=plan.plan_id, outcome=outcome,
@@ -590,6 +593,13 @@ class ExecutorService:
             steps_recomputed=int(state.get("steps_recomputed", 0)),
             committed_steps_lost=int(state.get("steps_lost", 0)), reason=reason or state.get("commit_reason", ""))
         await self.producer.publish(done, wait=True)
+        M.RECOVERIES.labels(outcome, M.label(fault_class)).inc()
+        for phase, seconds in phase_seconds.items():
+            M.PHASE_SECONDS.labels(phase).observe(max(0.0, seconds))
+        if done.rto_s is not None:
+            M.RTO.labels(M.label(fault_class)).observe(done.rto_s)
+        if outcome == "done" and done.recovery_step is not None:
+            M.RESUME_STEP.set(done.recovery_step)
         self.log.info("plan_finished", plan_id=plan.plan_id, outcome=outcome, rto_s=done.rto_s,
                       phases=phase_seconds, resume_step=done.recovery_step,
                       committed_steps_lost=done.committed_steps_lost,
@@ -597,6 +607,7 @@ class ExecutorService:
 
 
 async def main(settings: Settings) -> None:
+    M.serve(settings.metrics_port, settings.metrics_host)
     svc = ExecutorService(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

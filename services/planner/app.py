@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
 from flashrecovery.shared.logging import get_logger
@@ -20,7 +21,7 @@ from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, R
                                           encode)
 from flashrecovery.shared.settings import Settings
 
-from .arrays import PlanInput
+from .arrays import ROLE_ACTIVE, ROLE_QUARANTINED, ROLE_SPARE, PlanInput
 from .core import Decision, NoPlan, Policy, incident_refusal, known_incident_refusal, plan, plan_id_for
 
 GROUP = "flashrecovery-planner"
@@ -166,9 +167,18 @@ class PlannerService:
         if not meta:
             return None
         inp = PlanInput.from_rows(self.settings.job_id, meta, ranks.values(), nodes.values())
+        self._record_pool(inp)
         version = meta.get(TOPOLOGY_VERSION.encode())
         self._topology = None if version is None else (version, inp)
         return inp
+
+    @staticmethod
+    def _record_pool(inp: PlanInput) -> None:
+        """The standby pool (free slots on spare nodes) and the nodes by role, for the metrics."""
+        spare = inp.node_role == ROLE_SPARE
+        M.STANDBY_POOL.set(int(inp.node_slots[spare].sum()))
+        for role, code in (("active", ROLE_ACTIVE), ("spare", ROLE_SPARE), ("quarantined", ROLE_QUARANTINED)):
+            M.NODES.labels(role).set(int((inp.node_role == code).sum()))
 
     async def _keep_topology_warm(self) -> None:
         """Parsing 100k rank records takes ~1 s on a loaded 2-core box: do it when the topology
@@ -248,6 +258,7 @@ class PlannerService:
                              incident_ids=decision.incident_ids, plan_id=decision.plan_id,
                              reason="; ".join(decision.reasons))
             await self.producer.publish(esc, wait=True)
+            M.ESCALATIONS.labels(SERVICE).inc()
         self._decided(log, "plan", decision.plan_id, generation, decision.reasons,
                       fallback=decision.fallback.value, restart=len(decision.restart_ranks),
                       supersedes=decision.supersedes)
@@ -258,6 +269,7 @@ class PlannerService:
         reg = self.registry
         if await reg.side_effect_once(esc.event_id, "escalated"):
             await self.producer.publish(esc, wait=True)
+            M.ESCALATIONS.labels(SERVICE).inc()
         generation = await reg.generation()
         for iid in esc.incident_ids:
             phase = (await reg.incident(iid)).get("phase")
@@ -273,6 +285,7 @@ class PlannerService:
         entry = {"outcome": outcome, "plan_id": plan_id, "generation": generation,
                  "reason": "; ".join(reasons), **extra}
         self.decisions.append(entry)
+        M.PLANNER_DECISIONS.labels(outcome).inc()
         del self.decisions[:-100]
         getattr(log, level)("planner_decision", **entry)
 
@@ -281,6 +294,7 @@ async def main(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and commit."""
     import signal
 
+    M.serve(settings.metrics_port, settings.metrics_host)
     svc = PlannerService(settings)
     await svc.start(wait_assigned_s=None)
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flashrecovery.shared import channel as ch
 from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.process import die_with_parent
@@ -382,6 +383,11 @@ class SidecarService:
             standby_ready=sum(1 for w in self._standbys() if w.writer),
             **({"rank_columns": RankColumns.of(ranks)} if self.cfg.rank_columns else {"ranks": ranks})))
         await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
+        M.HEARTBEATS_SENT.labels(self.node_id).inc()
+        M.STANDBYS_READY.labels(self.node_id).set(sum(1 for w in self._standbys() if w.writer))
+        steps = [r.step for r in ranks if r.rank is not None]  # standbys hold no rank
+        if steps:
+            M.COMMITTED_STEP.labels(self.node_id).set(min(steps))
 
     # ------------------------------------------------------------------ commands
     async def _registry_view(self) -> RegistryView | None:
@@ -574,6 +580,7 @@ async def main(settings: Settings) -> int:
     """Run one sidecar until stopped. -> exit code: 0 when stopped (signal, STOP command); with
     exit_with_job, 0 when the job finished, 1 when one of its workers failed beyond repair and
     128 + the signal when a signal stopped it first."""
+    M.serve(settings.metrics_port, settings.metrics_host)
     svc = SidecarService(settings)
     loop = asyncio.get_running_loop()
     got: list[int] = []

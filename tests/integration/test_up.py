@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,14 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _gauge(url: str, name: str) -> float:
+    """The sum of a series' samples on a /metrics page (0 when absent)."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith(name + "{") or ln.startswith(name + " "))
+
+
 def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("FLASHRECOVERY_KAFKA_BOOTSTRAP", "FLASHRECOVERY_REDIS_URL")}
@@ -48,6 +58,21 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "up exited before it was ready"
         assert "detector, planner, executor-0, executor-1 ready" in line
+        # every service serves Prometheus metrics on the port `up` gave it (what `status` shows)
+        metrics = json.loads((tmp_path / "jobs" / "uptest.json").read_text())["metrics"]
+        assert set(metrics) == {"detector", "planner", "executor-0", "executor-1"}
+        deadline = time.monotonic() + 30
+        while True:  # the lease is taken within a round of the executors' loop
+            leaders = sum(_gauge(f"http://{a}/metrics", "flashrecovery_executor_leader")
+                          for n, a in metrics.items() if n.startswith("executor"))
+            if leaders == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert leaders == 1
+        status = subprocess.run([sys.executable, "-m", "flashrecovery", "status", "--listen", "0", "--json"],
+                                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["metrics"] == metrics
         children = _children(proc.pid)
         assert len(children) >= 6  # broker, redis, detector, planner, 2 executors
         proc.send_signal(signal.SIGINT)
