@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -147,9 +147,17 @@ def _j(obj: Any) -> bytes:
     return orjson.dumps(obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj)
 
 
+class _Script(Protocol):
+    """A fenced Lua script, called with its keys and arguments (Registry._script)."""
+
+    def __call__(self, keys: list[str], args: list[Any]) -> Awaitable[Any]: ...
+
+
 class Registry:
     def __init__(self, client: aioredis.Redis, job_id: str) -> None:
-        self.r = client
+        # redis-py's asyncio client is typed `Awaitable[T] | T` per command (one class serves
+        # both APIs): the registry's own methods carry the types instead.
+        self.r: Any = client
         self.k = JobKeys(job_id)
         self.job_id = job_id
         self._bump = self._script(_BUMP)
@@ -164,7 +172,7 @@ class Registry:
         # then carries the token and is refused once a newer holder took the lease.
         self.fence: tuple[str, int] | None = None
 
-    def _script(self, body: str):
+    def _script(self, body: str) -> _Script:
         script = self.r.register_script(_FENCE_PREFIX + body)
 
         async def call(keys: list[str], args: list[Any]) -> Any:
@@ -219,11 +227,13 @@ class Registry:
     # ------------------------------------------------------------ topology reads for the services
     async def meta(self) -> dict[bytes, bytes]:
         """The job's meta hash as stored (empty: no topology registered)."""
-        return await self.r.hgetall(self.k.meta)
+        meta: dict[bytes, bytes] = await self.r.hgetall(self.k.meta)
+        return meta
 
     async def topology_version(self) -> bytes | None:
         """Moves on every write of rank or node records: a warm copy is current while it holds."""
-        return await self.r.hget(self.k.meta, TOPOLOGY_VERSION)
+        version: bytes | None = await self.r.hget(self.k.meta, TOPOLOGY_VERSION)
+        return version
 
     async def topology_rows(self) -> tuple[dict[bytes, bytes], dict[bytes, bytes], dict[bytes, bytes]]:
         """(meta, rank records, node records) as stored, read in one MULTI: the planner parses
@@ -378,7 +388,8 @@ class Registry:
         return bool(await self.r.set(self.k.plan(plan_id), plan_json, nx=True))
 
     async def get_plan(self, plan_id: str) -> bytes | None:
-        return await self.r.get(self.k.plan(plan_id))
+        raw: bytes | None = await self.r.get(self.k.plan(plan_id))
+        return raw
 
     async def active_plan_id(self) -> str | None:
         """The plan the executor is driving (set_active_plan), if any."""

@@ -12,9 +12,8 @@ import hashlib
 import time
 import uuid
 from enum import StrEnum
-from collections import namedtuple
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -137,9 +136,9 @@ class RankColumns(_Columns):
 
     @classmethod
     def of(cls, ranks: tuple[RankStatus, ...] | list[RankStatus]) -> RankColumns:
-        cols = {f: tuple(getattr(r, f) for r in ranks) for f in RANK_ROW}
+        cols: dict[str, tuple[Any, ...] | None] = {f: tuple(getattr(r, f) for r in ranks) for f in RANK_ROW}
         for f in ("step_time_s", "long_phase", "long_phase_expected_s", "proc_state"):
-            if all(v is None for v in cols[f]):
+            if all(v is None for v in cols[f] or ()):
                 cols[f] = None
         return cls(**cols)
 
@@ -358,10 +357,25 @@ class RankReport(Frozen):
 
 
 REPORT_ROW = tuple(RankReport.model_fields)
-# One rank's report as a plain tuple (CommandAck.report_rows()): what the executor reads,
-# whichever form the ack came in. RankReport's fields and defaults, in its order.
-ReportRow = namedtuple("ReportRow", REPORT_ROW,  # type: ignore[misc]
-                       defaults=[f.default for f in list(RankReport.model_fields.values())[1:]])
+
+
+class ReportRow(NamedTuple):
+    """One rank's report as a plain tuple (CommandAck.report_rows()): what the executor reads,
+    whichever form the ack came in. RankReport's fields and defaults, in its order (checked
+    below at import)."""
+    rank: int
+    pid: int | None = None
+    applied_step: int = -1
+    grads_step: int | None = None
+    vote_step: int = -1
+    phase: str | None = None
+    seconds: float | None = None
+    bytes: int | None = None
+    digest_ok: bool | None = None
+
+
+assert ReportRow._fields == REPORT_ROW and ReportRow._field_defaults == {
+    k: f.default for k, f in RankReport.model_fields.items() if k != "rank"}, "ReportRow must mirror RankReport"
 
 
 class ReportColumns(_Columns):

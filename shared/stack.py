@@ -122,7 +122,7 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"redis-{port}.log"
     proc = subprocess.Popen(
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
          "--dir", str(run_dir), "--logfile", str(log)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=die_with_parent)

@@ -84,7 +84,7 @@ def grid_topology(job_id: str, nodes: int, ranks_per_node: int, tp: int, pp: int
 TOPOLOGY_VERSION = "topology_version"  # meta field: bumped by every write of rank/node records
 
 
-def meta_ints(meta: Mapping[bytes | str, Any]) -> dict[str, int]:
+def meta_ints(meta: Mapping[bytes, Any] | Mapping[str, Any]) -> dict[str, int]:
     """A job's registry meta hash as read (generation, committed_step, world_size, dp, tp, pp,
     topology_version), keys as str."""
     return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in meta.items()}

@@ -223,7 +223,8 @@ def select_plan(plans: Iterable[RecoveryPlan], runs: Mapping[str, Mapping[str, s
         else:
             stale.append((p, why))
     drive = max(live, key=_age, default=None)
-    stale += [(p, f"not the newest plan: {drive.plan_id} is") for p in live if p is not drive]
+    if drive is not None:
+        stale += [(p, f"not the newest plan: {drive.plan_id} is") for p in live if p is not drive]
     retire = []
     for p, why in stale:
         cover = covered_by(p, plans)

@@ -85,7 +85,8 @@ class PlanInput:
     def from_snapshot(cls, snap: JobSnapshot) -> PlanInput:
         with _cache_lock:
             if _cache.get("snap") is snap:
-                return _cache["input"]
+                cached: PlanInput = _cache["input"]
+                return cached
         built = cls.build(snap)
         with _cache_lock:
             _cache.update(snap=snap, input=built)

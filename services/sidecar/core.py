@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass, field
 
 from flashrecovery.shared.schemas import ExecutorCommand
@@ -51,7 +52,7 @@ class CommandGate:
     already seen) may still be sending; its commands are refused and counted."""
     node_id: str
     generation: int = 0
-    handled: dict[str, list] = field(default_factory=dict)  # command id -> acks sent
+    handled: dict[str, list[Any]] = field(default_factory=dict)  # command id -> acks sent
     fence_token: int = 0  # the highest executor fence token seen
     refused_tokens: int = 0  # commands refused for an older token
     refused_commands: int = 0  # commands refused by command_refusal (forged or absurd)
