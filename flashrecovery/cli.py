@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     tools = {"run": "flashrecovery.launch", "demo": "flashrecovery.demo", "status": "flashrecovery.tools",
              "events": "flashrecovery.tools",
-             "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli"}
+             "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli",
+             "health": "flashrecovery.health"}
     for name, module in tools.items():
         if argv and argv[0] == name:
             getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
