@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import __version__
 from .shared.logging import configure, get_logger
 from .shared.entry import run_service
 from .shared.settings import ConfigError, load_settings
@@ -72,7 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flashrecovery", description=__doc__)
+    ap = argparse.ArgumentParser(prog="flashrecovery", description=__doc__,
+                                 epilog="exit codes: 0 ok, 1 failed / unhealthy, 2 bad configuration or "
+                                        "usage, 130/143 interrupted (docs/operations.md)")
+    ap.add_argument("--version", action="version", version=f"flashrecovery {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="run the services (embedded broker + Redis unless configured)")
     up.add_argument("--executors", type=int, default=2, help="executor instances (one leads)")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = {"run": "flashrecovery.launch", "demo": "flashrecovery.demo", "status": "flashrecovery.tools",
              "events": "flashrecovery.tools",
              "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli",
-             "health": "flashrecovery.health"}
+             "health": "flashrecovery.health", "schema": "flashrecovery.schemadoc"}
     for name, module in tools.items():
         if argv and argv[0] == name:
             getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
