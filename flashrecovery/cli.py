@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     tools = {"run": "flashrecovery.launch", "demo": "flashrecovery.demo", "status": "flashrecovery.tools",
              "events": "flashrecovery.tools",
              "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli",
-             "health": "flashrecovery.health", "schema": "flashrecovery.schemadoc"}
+             "health": "flashrecovery.health", "schema": "flashrecovery.schemadoc",
+             "job": "flashrecovery.admin", "node": "flashrecovery.admin", "deadletters": "flashrecovery.deadletters"}
     for name, module in tools.items():
         if argv and argv[0] == name:
             getattr(importlib.import_module(module), f"add_{name}_parser")(sub)

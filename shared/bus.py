@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel
@@ -53,6 +53,32 @@ async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Top
                 pass
     finally:
         await admin.close()
+
+
+async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_s: float = 15.0) -> list[Any]:
+    """Every record of `topic` from its first offset to its end as of the call: no consumer
+    group, nothing committed (an onlooker such as `flashrecovery deadletters`). A topic that
+    does not exist yet has no records. TimeoutError when the end is not reached in timeout_s."""
+    name = topic_name(topic, bus)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                         auto_offset_reset="earliest", request_timeout_ms=10000)
+    await asyncio.wait_for(c.start(), timeout_s)
+    out: list[Any] = []
+    try:
+        async def _read() -> None:
+            if name not in await c.topics():
+                return
+            parts = [TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or ())]
+            c.assign(parts)
+            end = await c.end_offsets(parts)
+            await c.seek_to_beginning(*parts)
+            while any(await c.position(tp) < end[tp] for tp in parts):
+                for records in (await c.getmany(*parts, timeout_ms=200)).values():
+                    out.extend(r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)])
+        await asyncio.wait_for(_read(), timeout_s)
+    finally:
+        await c.stop()
+    return sorted(out, key=lambda r: (r.timestamp, r.partition, r.offset))
 
 
 class Producer:
