@@ -37,15 +37,28 @@ def keyring_of(bus: BusSettings) -> tuple[Keyring | None, frozenset[str]]:
     return load_keyring(bus.signing_key_file), frozenset(topic_name(t, bus) for t in T.SIGNED)
 
 
+def new_topics(bus: BusSettings, wanted: Iterable[T.Topic], existing: set[str]) -> list[NewTopic]:
+    """The topics to create: partitions, replication factor and min.insync.replicas from `bus`."""
+    configs = {} if bus.min_insync_replicas is None else {"min.insync.replicas": str(bus.min_insync_replicas)}
+    return [NewTopic(topic_name(t, bus), getattr(bus, t.partitions_setting), bus.replication_factor,
+                     topic_configs=dict(configs))
+            for t in wanted if topic_name(t, bus) not in existing]
+
+
+def producer_config(bus: BusSettings) -> dict[str, Any]:
+    """AIOKafkaProducer's durability and batching arguments from `bus`."""
+    return {"linger_ms": bus.linger_ms, "max_batch_size": min(bus.max_batch_bytes, 1 << 20),
+            "acks": "all" if bus.producer_acks == "all" else int(bus.producer_acks),
+            "enable_idempotence": bus.idempotence}
+
+
 async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Topic] = T.ALL,
                         timeout_s: float = 30.0) -> None:
     """Create the topics with the configured partition counts; existing ones are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, **client_kwargs(bus.security))
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
-        existing = set(await admin.list_topics())
-        new = [NewTopic(topic_name(t, bus), getattr(bus, t.partitions_setting), 1)
-               for t in wanted if topic_name(t, bus) not in existing]
+        new = new_topics(bus, wanted, set(await admin.list_topics()))
         if new:
             try:
                 await asyncio.wait_for(admin.create_topics(new), timeout_s)
@@ -84,9 +97,8 @@ async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_
 class Producer:
     def __init__(self, bootstrap: str, bus: BusSettings, client_id: str = "flashrecovery") -> None:
         self._bus = bus
-        self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id,
-                                   linger_ms=bus.linger_ms, max_batch_size=min(bus.max_batch_bytes, 1 << 20),
-                                   acks=1, enable_idempotence=False, **client_kwargs(bus.security))
+        self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, **producer_config(bus),
+                                   **client_kwargs(bus.security))
         self._keyring, self._signed = keyring_of(bus)
         self.sent = 0
         self.dead_letter_failures = 0  # dead letters that could not be produced (logged)
