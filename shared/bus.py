@@ -85,7 +85,7 @@ async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_
             c.assign(parts)
             end = await c.end_offsets(parts)
             await c.seek_to_beginning(*parts)
-            while any(await c.position(tp) < end[tp] for tp in parts):
+            while [tp for tp in parts if await c.position(tp) < end[tp]]:
                 for records in (await c.getmany(*parts, timeout_ms=200)).values():
                     out.extend(r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)])
         await asyncio.wait_for(_read(), timeout_s)
