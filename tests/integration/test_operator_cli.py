@@ -6,6 +6,7 @@ keys and `deadletters` from the topic, which no reader re-dead-letters."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,9 @@ async def test_a_released_node_absorbs_the_next_replacement(topics_ready, produc
     refused = await cli(settings, "node", "quarantine", "node-0", "--reason", "x")
     assert refused.returncode == 1 and "hosts ranks [0, 1]" in refused.stderr
     assert "bad DIMM" in (await registry.quarantine_notes())["spare-a"]
+    view = await cli(settings, "status", "--json", "--listen", "0")
+    assert view.returncode == 0, view.stderr[-2000:]
+    assert "bad DIMM" in json.loads(view.stdout)["nodes"][-1]["quarantine_note"]
 
     plans: list[RecoveryPlan] = []
 
