@@ -94,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
              "job": "flashrecovery.admin", "node": "flashrecovery.admin", "deadletters": "flashrecovery.deadletters"}
     for name, module in tools.items():
         if argv and argv[0] == name:
-            getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
+            try:
+                loaded = importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != "torch":
+                    raise
+                # `pip install flashrecovery` is the control plane only: say what is missing.
+                print(f"flashrecovery {name} needs torch: pip install 'flashrecovery[agent]'", file=sys.stderr)
+                return 2
+            getattr(loaded, f"add_{name}_parser")(sub)
         else:
             sub.add_parser(name, help=f"(see flashrecovery {name} --help)")
     args = ap.parse_args(argv)

@@ -22,8 +22,8 @@ BLOCKER = """
 import importlib, json, sys
 class NoTorch:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not installed (blocked by the test)")
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError("No module named torch (blocked by the test)", name="torch")
 sys.meta_path.insert(0, NoTorch())
 for m in sys.argv[1].split(","):
     importlib.import_module(m)
@@ -47,6 +47,12 @@ def _run(modules: list[str], *commands: list[str], cwd: Path) -> subprocess.Comp
 def test_the_blocker_blocks(tmp_path: Path) -> None:
     res = _run(["flashrecovery.cluster"], ["--version"], cwd=tmp_path)  # the demo cluster needs torch
     assert res.returncode != 0 and "blocked by the test" in res.stderr
+
+
+def test_a_trainer_command_without_torch_says_which_extra_is_missing(tmp_path: Path) -> None:
+    res = _run(["flashrecovery.cli"], ["demo", "--help"], cwd=tmp_path)
+    assert res.stdout.splitlines()[-1] == "codes [2]", res.stderr[-2000:]
+    assert "pip install 'flashrecovery[agent]'" in res.stderr
 
 
 def test_control_plane_imports_and_runs_without_torch(tmp_path: Path) -> None:
