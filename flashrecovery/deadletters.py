@@ -15,8 +15,8 @@ from typing import Any
 from .shared import bus as busmod
 from .shared import topics as T
 from .shared.schemas import DeadLetter, SchemaError, decode_dead_letter
-from .tools import _locate
 from .shared.settings import load_settings
+from .tools import _locate
 
 
 def add_deadletters_parser(sub: Any) -> None:
