@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .shared.logging import configure, get_logger
 from .shared.entry import run_service
+from .shared.logging import configure, get_logger
 from .shared.settings import ConfigError, load_settings
 
 

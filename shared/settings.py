@@ -75,7 +75,7 @@ class BusSettings(BaseModel):
         "production, off for the embedded broker."))
 
     @model_validator(mode="after")
-    def _durability(self) -> "BusSettings":
+    def _durability(self) -> BusSettings:
         if self.idempotence and self.producer_acks != "all":
             raise ValueError("idempotence needs producer_acks=all")
         if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication_factor:

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_recovery_services import AT, _cluster
 
 from flashrecovery.shared.registry import Registry
-
-from test_recovery_services import AT, _cluster
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -12,11 +12,10 @@ import subprocess
 import sys
 
 import pytest
+from test_planner_service import _start, _stop, incident, wait_for
 
 from flashrecovery.shared import topics
 from flashrecovery.shared.schemas import Fallback, NodeRole, RecoveryPlan
-
-from test_planner_service import _start, _stop, incident, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,8 +12,14 @@ import pytest
 from flashrecovery.admin import topology_from_args
 from flashrecovery.shared.schemas import NodeRole
 from flashrecovery.shared.settings import ConfigError
-from flashrecovery.shared.topology import (NodeRecord, as_quarantined, as_released, as_spare, grid_topology,
-                                           spec_topology)
+from flashrecovery.shared.topology import (
+    NodeRecord,
+    as_quarantined,
+    as_released,
+    as_spare,
+    grid_topology,
+    spec_topology,
+)
 
 
 def test_a_placement_gets_the_grid_coordinates() -> None:
