@@ -74,7 +74,7 @@ async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_
     does not exist yet has no records. TimeoutError when the end is not reached in timeout_s."""
     name = topic_name(topic, bus)
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="earliest", request_timeout_ms=10000)
+                         auto_offset_reset="earliest", request_timeout_ms=10000, **client_kwargs(bus.security))
     await asyncio.wait_for(c.start(), timeout_s)
     out: list[Any] = []
     try:
