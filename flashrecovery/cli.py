@@ -12,8 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from .shared.logging import configure, get_logger
+from . import __version__
 from .shared.entry import run_service
+from .shared.logging import configure, get_logger
 from .shared.settings import ConfigError, load_settings
 
 
@@ -72,7 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flashrecovery", description=__doc__)
+    ap = argparse.ArgumentParser(prog="flashrecovery", description=__doc__,
+                                 epilog="exit codes: 0 ok, 1 failed / unhealthy, 2 bad configuration or "
+                                        "usage, 130/143 interrupted (docs/operations.md)")
+    ap.add_argument("--version", action="version", version=f"flashrecovery {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="run the services (embedded broker + Redis unless configured)")
     up.add_argument("--executors", type=int, default=2, help="executor instances (one leads)")
@@ -85,10 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     tools = {"run": "flashrecovery.launch", "demo": "flashrecovery.demo", "status": "flashrecovery.tools",
              "events": "flashrecovery.tools",
-             "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli"}
+             "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli",
+             "health": "flashrecovery.health", "schema": "flashrecovery.schemadoc",
+             "job": "flashrecovery.admin", "node": "flashrecovery.admin", "deadletters": "flashrecovery.deadletters"}
     for name, module in tools.items():
         if argv and argv[0] == name:
-            getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
+            try:
+                loaded = importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != "torch":
+                    raise
+                # `pip install flashrecovery` is the control plane only: say what is missing.
+                print(f"flashrecovery {name} needs torch: pip install 'flashrecovery[agent]'", file=sys.stderr)
+                return 2
+            getattr(loaded, f"add_{name}_parser")(sub)
         else:
             sub.add_parser(name, help=f"(see flashrecovery {name} --help)")
     args = ap.parse_args(argv)

@@ -122,7 +122,7 @@ class Supervisor:
                 live = set()
                 for key in await reg.live_services():
                     service, _, instance = key.partition(":")
-                    live |= {service, instance}
+                    live |= {service, instance, f"{service}-{instance}"}  # executor:1 is executor-1
                 missing = [n for n in names if n not in live]
                 if not missing:
                     return

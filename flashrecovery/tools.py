@@ -55,6 +55,7 @@ async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
         incidents = {i: await reg.incident(i) for i in await reg.open_incidents()}
         services = await reg.live_services()
         leader = await reg.lease_holder("executor")
+        notes = await reg.quarantine_notes()  # node -> json {reason, at} of `node quarantine`
     finally:
         await reg.close()
     beats: dict[str, NodeHeartbeat] = {}
@@ -73,6 +74,7 @@ async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
         "world_size": snap.world_size, "layout": f"dp={snap.dp} tp={snap.tp} pp={snap.pp}",
         "services": services, "executor_leader": leader,
         "nodes": [{"node": n.node_id, "role": str(n.role), "ranks": list(n.ranks),
+                   **({"quarantine_note": notes[n.node_id]} if n.node_id in notes else {}),
                    "standby_ready": beats[n.node_id].standby_ready if n.node_id in beats else None,
                    "heartbeat": n.node_id in beats} for n in snap.nodes],
         "ranks": [{"rank": r.rank, "node": r.node_id, "shard": r.shard_id, "dp": r.dp, "tp": r.tp,

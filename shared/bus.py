@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel
@@ -38,15 +38,28 @@ def keyring_of(bus: BusSettings) -> tuple[Keyring | None, frozenset[str]]:
     return load_keyring(bus.signing_key_file), frozenset(topic_name(t, bus) for t in T.SIGNED)
 
 
+def new_topics(bus: BusSettings, wanted: Iterable[T.Topic], existing: set[str]) -> list[NewTopic]:
+    """The topics to create: partitions, replication factor and min.insync.replicas from `bus`."""
+    configs = {} if bus.min_insync_replicas is None else {"min.insync.replicas": str(bus.min_insync_replicas)}
+    return [NewTopic(topic_name(t, bus), getattr(bus, t.partitions_setting), bus.replication_factor,
+                     topic_configs=dict(configs))
+            for t in wanted if topic_name(t, bus) not in existing]
+
+
+def producer_config(bus: BusSettings) -> dict[str, Any]:
+    """AIOKafkaProducer's durability and batching arguments from `bus`."""
+    return {"linger_ms": bus.linger_ms, "max_batch_size": min(bus.max_batch_bytes, 1 << 20),
+            "acks": "all" if bus.producer_acks == "all" else int(bus.producer_acks),
+            "enable_idempotence": bus.idempotence}
+
+
 async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Topic] = T.ALL,
                         timeout_s: float = 30.0) -> None:
     """Create the topics with the configured partition counts; existing ones are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, **client_kwargs(bus.security))
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
-        existing = set(await admin.list_topics())
-        new = [NewTopic(topic_name(t, bus), getattr(bus, t.partitions_setting), 1)
-               for t in wanted if topic_name(t, bus) not in existing]
+        new = new_topics(bus, wanted, set(await admin.list_topics()))
         if new:
             try:
                 await asyncio.wait_for(admin.create_topics(new), timeout_s)
@@ -56,12 +69,37 @@ async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Top
         await admin.close()
 
 
+async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_s: float = 15.0) -> list[Any]:
+    """Every record of `topic` from its first offset to its end as of the call: no consumer
+    group, nothing committed (an onlooker such as `flashrecovery deadletters`). A topic that
+    does not exist yet has no records. TimeoutError when the end is not reached in timeout_s."""
+    name = topic_name(topic, bus)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                         auto_offset_reset="earliest", request_timeout_ms=10000, **client_kwargs(bus.security))
+    await asyncio.wait_for(c.start(), timeout_s)
+    out: list[Any] = []
+    try:
+        async def _read() -> None:
+            if name not in await c.topics():
+                return
+            parts = [TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or ())]
+            c.assign(parts)
+            end = await c.end_offsets(parts)
+            await c.seek_to_beginning(*parts)
+            while [tp for tp in parts if await c.position(tp) < end[tp]]:
+                for records in (await c.getmany(*parts, timeout_ms=200)).values():
+                    out.extend(r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)])
+        await asyncio.wait_for(_read(), timeout_s)
+    finally:
+        await c.stop()
+    return sorted(out, key=lambda r: (r.timestamp, r.partition, r.offset))
+
+
 class Producer:
     def __init__(self, bootstrap: str, bus: BusSettings, client_id: str = "flashrecovery") -> None:
         self._bus = bus
-        self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id,
-                                   linger_ms=bus.linger_ms, max_batch_size=min(bus.max_batch_bytes, 1 << 20),
-                                   acks=1, enable_idempotence=False, **client_kwargs(bus.security))
+        self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, **producer_config(bus),
+                                   **client_kwargs(bus.security))
         self._keyring, self._signed = keyring_of(bus)
         self.sent = 0
         self.dead_letter_failures = 0  # dead letters that could not be produced (logged)

@@ -36,6 +36,10 @@ class JobKeys:
     def node_faults(self, node_id: str) -> str:  # zset of fault times, for quarantine
         return f"{self._p}:node_faults:{node_id}"
 
+    @property
+    def quarantine_notes(self) -> str:  # hash: node_id -> json {reason, at} of an operator's quarantine
+        return f"{self._p}:quarantine_notes"
+
     def incident(self, incident_id: str) -> str:  # hash: phase, plan_id, generation, times
         return f"{self._p}:incident:{incident_id}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Protocol
 
@@ -97,6 +97,24 @@ Placement = tuple[bytes | None, dict[int, str]]  # (topology_version, rank -> no
 
 
 
+# KEYS[1]=meta, KEYS[2]=nodes, KEYS[3]=quarantine notes, KEYS[4]=the node's fault history.
+# ARGV[1]=node id, ARGV[2]=its record as read ('' = absent), ARGV[3]=the new record, ARGV[4]=
+# 'set' / 'del' the node's quarantine note (ARGV[5]) or '' to leave it, ARGV[6]='clear' to drop
+# its fault history. An operator's change of one node record: written only if the record is
+# still what the caller read (the executor may have moved ranks meanwhile), and the topology
+# version moves so the planner re-reads it. {2, ''}: no such job.
+_NODE_CAS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {2, ''} end
+local cur = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+if cur ~= ARGV[2] then return {0, cur} end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if ARGV[4] == 'set' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
+if ARGV[4] == 'del' then redis.call('HDEL', KEYS[3], ARGV[1]) end
+if ARGV[6] == 'clear' then redis.call('DEL', KEYS[4]) end
+redis.call('HINCRBY', KEYS[1], 'topology_version', 1)
+return {1, ''}
+"""
+
 # KEYS[1]=meta. ARGV[1]=generation, ARGV[2]=step. The committed step only moves forward.
 _COMMIT_STEP = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
@@ -167,6 +185,7 @@ class Registry:
         self._hset = self._script(_HSET)
         self._set = self._script(_SET)
         self._check = self._script(_CHECK)
+        self._node_cas = self._script(_NODE_CAS)
         self._lease = client.register_script(_LEASE)
         # Set by a lease holder (the executor): (lease name, its token). Every scripted write
         # then carries the token and is refused once a newer holder took the lease.
@@ -192,11 +211,12 @@ class Registry:
         await self.r.aclose()
 
     # ------------------------------------------------------------ topology and snapshot
-    async def init_job(self, snap: JobSnapshot) -> None:
-        """Write a job's initial topology (generation 0). Idempotent: an existing job is kept."""
+    async def init_job(self, snap: JobSnapshot) -> bool:
+        """Write a job's initial topology (generation 0). Idempotent: an existing job is kept.
+        -> whether this call created it."""
         created = await self.r.hsetnx(self.k.meta, "generation", snap.generation)
         if not created:
-            return
+            return False
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k.meta, mapping={"committed_step": snap.committed_step,
                                         "world_size": snap.world_size, "dp": snap.dp,
@@ -205,6 +225,7 @@ class Registry:
         pipe.hset(self.k.nodes, mapping={n.node_id: _j(n) for n in snap.nodes})
         pipe.hincrby(self.k.meta, TOPOLOGY_VERSION, 1)
         await pipe.execute()
+        return True
 
     async def snapshot(self) -> JobSnapshot:
         pipe = self.r.pipeline(transaction=True)
@@ -343,6 +364,33 @@ class Registry:
 
     async def put_nodes(self, generation: int, recs: list[NodeRecord]) -> None:
         await self._fenced(self.k.nodes, generation, {n.node_id: _j(n) for n in recs})
+
+    async def change_node(self, node_id: str, change: Callable[[NodeRecord | None], NodeRecord], *,
+                          note: str | None = None, drop_note: bool = False, clear_faults: bool = False,
+                          attempts: int = 5) -> NodeRecord:
+        """An operator's change of one node record (add a spare, quarantine, release):
+        `change(current or None) -> new record` (a pure function that raises ValueError to refuse),
+        written by compare-and-set so a concurrent write by the executor is never lost: on a
+        conflict the record is read again and `change` re-applied, at most `attempts` times.
+        `note` sets the node's quarantine note, `drop_note` removes it, `clear_faults` forgets the
+        node's fault history (the planner's quarantine count starts again)."""
+        for _ in range(attempts):
+            raw = await self.r.hget(self.k.nodes, node_id)
+            new = change(NodeRecord.model_validate_json(raw) if raw else None)
+            op = "set" if note is not None else "del" if drop_note else ""
+            ok, _cur = await self._node_cas(
+                keys=[self.k.meta, self.k.nodes, self.k.quarantine_notes, self.k.node_faults(node_id)],
+                args=[node_id, raw or b"", _j(new), op, note or "", "clear" if clear_faults else ""])
+            if ok == 2:
+                raise LookupError(f"job {self.job_id!r} has no topology in the registry (register it first)")
+            if ok == 1:
+                return new
+        raise StaleGeneration(f"node {node_id} kept changing under {attempts} attempts: try again")
+
+    async def quarantine_notes(self) -> dict[str, str]:
+        """node id -> the operator's note (json: reason, at) for nodes quarantined by hand."""
+        raw = await self.r.hgetall(self.k.quarantine_notes)
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def committed_step(self) -> int:
         """The last step the registry knows every rank applied (-1: none)."""

@@ -58,6 +58,31 @@ class BusSettings(BaseModel):
                 raise ValueError(str(exc)) from None
         return v
 
+    # Durability. The defaults suit the embedded one-broker stack; on a production Kafka cluster
+    # use replication_factor=3, min_insync_replicas=2, producer_acks=all, idempotence=true
+    # (docs/runbook.md): an incident or a command then survives the loss of one broker.
+    replication_factor: int = Field(1, ge=1, le=16, description=(
+        "Replication factor of the topics FlashRecovery creates (existing topics are left alone). "
+        "1 for the embedded broker; 3 in production."))
+    min_insync_replicas: int | None = Field(None, ge=1, le=16, description=(
+        "Topic config min.insync.replicas of the topics created; unset: the broker's default. With "
+        "producer_acks=all a write succeeds only once this many replicas have it. 2 in production."))
+    producer_acks: Literal["0", "1", "all"] = Field("1", description=(
+        "Producer acks: 1 = the partition leader has the record (embedded default), all = every "
+        "in-sync replica has it (production)."))
+    idempotence: bool = Field(False, description=(
+        "Idempotent producer: a retried send is written once. Needs producer_acks=all; on in "
+        "production, off for the embedded broker."))
+
+    @model_validator(mode="after")
+    def _durability(self) -> BusSettings:
+        if self.idempotence and self.producer_acks != "all":
+            raise ValueError("idempotence needs producer_acks=all")
+        if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication_factor:
+            raise ValueError(f"min_insync_replicas {self.min_insync_replicas} exceeds replication_factor "
+                             f"{self.replication_factor}: no write could ever succeed")
+        return self
+
 
 class DetectorSettings(BaseModel):
     heartbeat_interval_s: float = Field(1.0, gt=0)

