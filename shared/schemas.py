@@ -8,12 +8,13 @@ rejects a version it does not know to the dead-letter topic rather than guessing
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import time
 import uuid
 from enum import StrEnum
-from collections.abc import Iterator
-from typing import Annotated, Any, Literal, NamedTuple, Union
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -245,6 +246,8 @@ class FaultIncident(Envelope):
 
 
 class Degradation(Envelope):
+    """A rank persistently slower than its peers (a straggler): reported for operators, never
+    recovered automatically."""
     kind: Literal["degradation"] = "degradation"
     node_id: str
     rank: int
@@ -359,23 +362,12 @@ class RankReport(Frozen):
 REPORT_ROW = tuple(RankReport.model_fields)
 
 
-class ReportRow(NamedTuple):
-    """One rank's report as a plain tuple (CommandAck.report_rows()): what the executor reads,
-    whichever form the ack came in. RankReport's fields and defaults, in its order (checked
-    below at import)."""
-    rank: int
-    pid: int | None = None
-    applied_step: int = -1
-    grads_step: int | None = None
-    vote_step: int = -1
-    phase: str | None = None
-    seconds: float | None = None
-    bytes: int | None = None
-    digest_ok: bool | None = None
-
-
-assert ReportRow._fields == REPORT_ROW and ReportRow._field_defaults == {
-    k: f.default for k, f in RankReport.model_fields.items() if k != "rank"}, "ReportRow must mirror RankReport"
+# One rank's report as a plain tuple (CommandAck.report_rows()): what the executor reads,
+# whichever form the ack came in. RankReport's fields and defaults, in its order; built from the
+# model so the two cannot drift (typed Any: a tuple class made at run time).
+_tuple_class: Callable[..., Any] = collections.namedtuple
+ReportRow: Any = _tuple_class(
+    "ReportRow", REPORT_ROW, defaults=tuple(f.default for f in list(RankReport.model_fields.values())[1:]))
 
 
 class ReportColumns(_Columns):
