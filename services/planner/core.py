@@ -16,8 +16,8 @@ import numpy as np
 
 from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
                                           RepairAction)
-from flashrecovery.shared.settings import PlannerSettings
 from flashrecovery.shared.replicas import choose_sources
+from flashrecovery.shared.settings import NoSparePolicy, PlannerSettings
 from flashrecovery.shared.topology import JobSnapshot
 
 from .arrays import PlanInput
@@ -26,12 +26,17 @@ from .placement import Group, place
 PRODUCER = "planner"
 
 
+# One source of defaults: the settings model (a plain pydantic model: building it reads no
+# environment).
+_S = PlannerSettings()
+
+
 @dataclass(frozen=True)
 class Policy:
-    restart_in_place_for_software: bool = False
-    no_spare_policy: str = "wait"  # wait only: SHRINK is not implemented (PlannerSettings)
-    quarantine_faults: int = 2
-    quarantine_window_s: float = 3600.0
+    restart_in_place_for_software: bool = _S.restart_in_place_for_software
+    no_spare_policy: NoSparePolicy = _S.no_spare_policy  # wait only: shrink is not implemented (PlannerSettings)
+    quarantine_faults: int = _S.quarantine_faults
+    quarantine_window_s: float = _S.quarantine_window_s
     # Last durable checkpoint. Only named in the escalation of a lost shard: no checkpoint
     # restore is implemented, so no CHECKPOINT plan is ever made.
     checkpoint_step: int | None = None
@@ -45,10 +50,8 @@ class Policy:
     @classmethod
     def from_settings(cls, s: PlannerSettings, *, checkpoint_step: int | None = None,
                       producer: str = PRODUCER) -> Policy:
-        return cls(restart_in_place_for_software=s.restart_in_place_for_software,
-                   no_spare_policy=s.no_spare_policy, quarantine_faults=s.quarantine_faults,
-                   quarantine_window_s=s.quarantine_window_s, checkpoint_step=checkpoint_step,
-                   producer=producer)
+        return cls(**{f: getattr(s, f) for f in PlannerSettings.model_fields},
+                   checkpoint_step=checkpoint_step, producer=producer)
 
 
 @dataclass(frozen=True)
