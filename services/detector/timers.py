@@ -104,8 +104,7 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
         if now - job.hang_held < cfg.peer_grace_s:
             for node, rv in fresh:
                 rv.hung = False
-                i = node.idx
-                job.due[i] = min(job.due[i], rv.stall_start + rv.extra)
+                job.due[node.idx] = min(job.due[node.idx], rv.stall_start + rv.extra)
             return
     job.hang_held = None
     # Ranks that stall together are one hang. A process the OS reports stopped is where it is

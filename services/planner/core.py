@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -252,8 +253,8 @@ def _quarantine(inp: PlanInput, incs: list[FaultIncident], faults: _Faults, hist
     q_names = quarantined(incs, history, now, policy)
     quarantine = sorted(n for n in q_names if n in inp.node_index)
     q_idx = {inp.node_index[n] for n in quarantine}
-    for n in quarantine:
-        reasons.append(f"{n}: {policy.quarantine_faults}+ faults within "
+    for name in quarantine:
+        reasons.append(f"{name}: {policy.quarantine_faults}+ faults within "
                        f"{policy.quarantine_window_s:g}s: quarantined")
     for n in sorted(set(faults.proc) & q_idx):
         faults.replace.add(n)
@@ -345,7 +346,7 @@ class _Draft:
                            groups_=rebuild_groups(inp, restart_pos))
 
     def recovery(self, moves: list[tuple[int, int, str]], restart_pos: np.ndarray,
-                 transfers: list[dict]) -> RecoveryPlan:
+                 transfers: list[dict[str, int]]) -> RecoveryPlan:
         # Plain dicts: the plan model validates them all in one (compiled) pass, much cheaper than
         # one model object per restarted rank.
         inp = self.inp
@@ -361,8 +362,8 @@ class _Draft:
         return self._build(Fallback.NONE, restart_ranks=restart_pos, replacements=replacements,
                            transfers=transfers, groups_=groups_)
 
-    def _build(self, fallback: Fallback, *, restart_ranks: np.ndarray, replacements: list[dict],
-               transfers: list[dict], groups_: tuple[str, ...]) -> RecoveryPlan:
+    def _build(self, fallback: Fallback, *, restart_ranks: np.ndarray, replacements: list[dict[str, Any]],
+               transfers: list[dict[str, int]], groups_: tuple[str, ...]) -> RecoveryPlan:
         inp = self.inp
         pid = plan_id_for(inp.job_id, self.ids, self.target_gen, fallback)
         return RecoveryPlan(
