@@ -71,19 +71,29 @@ def _row(env: str, f: FieldInfo) -> str:
     return f"| `{env}` | {_type(f)} | {_default(f)} | {desc} |"
 
 
+def _is_group(f: FieldInfo) -> bool:
+    return isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+
+
+def _section(prefix: str, model: type[BaseModel], head: list[str]) -> list[str]:
+    """A nested group's table, then its own nested groups' (FLASHRECOVERY_BUS__SECURITY__*)."""
+    lines = ["", f"### `{prefix}*` ({model.__name__})", "", *head]
+    lines += [_row(prefix + name.upper(), f) for name, f in model.model_fields.items() if not _is_group(f)]
+    for name, f in model.model_fields.items():
+        if _is_group(f):
+            assert isinstance(f.annotation, type)
+            lines += _section(f"{prefix}{name.upper()}{NESTED_DELIMITER}", f.annotation, head)
+    return lines
+
+
 def table() -> str:
     head = ["| variable | type | default | description |", "|---|---|---|---|"]
     lines = [HEADER, "## Services (`Settings`)", "", *head]
-    groups: list[tuple[str, type[BaseModel]]] = []
+    lines += [_row(ENV_PREFIX + name.upper(), f) for name, f in Settings.model_fields.items() if not _is_group(f)]
     for name, f in Settings.model_fields.items():
-        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
-            groups.append((name, f.annotation))
-        else:
-            lines.append(_row(ENV_PREFIX + name.upper(), f))
-    for group, model in groups:
-        prefix = f"{ENV_PREFIX}{group.upper()}{NESTED_DELIMITER}"
-        lines += ["", f"### `{prefix}*` ({model.__name__})", "", *head]
-        lines += [_row(prefix + name.upper(), f) for name, f in model.model_fields.items()]
+        if _is_group(f):
+            assert isinstance(f.annotation, type)
+            lines += _section(f"{ENV_PREFIX}{name.upper()}{NESTED_DELIMITER}", f.annotation, head)
     lines += ["", "## Workers (`AgentSettings`)", "", *head]
     lines += [_row(agent_env(name), f) for name, f in AgentSettings.model_fields.items()]
     return "\n".join(lines) + "\n"
