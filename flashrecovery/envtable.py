@@ -16,8 +16,8 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .shared.settings import (AGENT_ENV_PREFIX, ENV_PREFIX, NESTED_DELIMITER, AgentSettings,
-                              Settings, agent_env)
+from .shared.settings import (AGENT_ENV_PREFIX, ENV_PREFIX, NESTED_DELIMITER, OTHER_ENV,
+                              AgentSettings, Settings, agent_env)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 COMMAND = "python -m flashrecovery.envtable"
@@ -96,6 +96,9 @@ def table() -> str:
             lines += _section(f"{ENV_PREFIX}{name.upper()}{NESTED_DELIMITER}", f.annotation, head)
     lines += ["", "## Workers (`AgentSettings`)", "", *head]
     lines += [_row(agent_env(name), f) for name, f in AgentSettings.model_fields.items()]
+    lines += ["", "## Read elsewhere (not settings, not reported as unknown)", "",
+              "| variable | description |", "|---|---|"]
+    lines += [f"| `{name}` | {desc} |" for name, desc in OTHER_ENV.items()]
     return "\n".join(lines) + "\n"
 
 

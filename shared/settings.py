@@ -26,6 +26,13 @@ Role = Literal["active", "spare"]
 LogFormat = Literal["auto", "json", "console"]
 Backend = Literal["gloo", "nccl"]
 
+# FLASHRECOVERY_ names that something other than the settings models reads: not typos.
+OTHER_ENV = {
+    "FLASHRECOVERY_HEALTH_ARGS": "Arguments of the container health check's `flashrecovery health` (deploy/Dockerfile).",
+    "FLASHRECOVERY_TEST_KAFKA": "Tests only: a running broker to use instead of starting one (tests/conftest.py).",
+    "FLASHRECOVERY_TEST_REDIS": "Tests only: a running Redis to use instead of starting one (tests/conftest.py).",
+}
+
 
 class KafkaSecuritySettings(BaseModel):
     """How every Kafka client of FlashRecovery authenticates and encrypts (aiokafka's options).
@@ -322,9 +329,9 @@ def env_names() -> dict[str, tuple[type[BaseModel], str]]:
 
 def unknown_env(names: Iterable[str]) -> list[str]:
     """The FLASHRECOVERY_* names among `names` (os.environ's keys) that no settings field
-    accepts: an operator's typo is otherwise silently ignored. Case-insensitive, as the
-    settings read them."""
-    known = env_names()
+    accepts and that are not in OTHER_ENV: an operator's typo is otherwise silently ignored.
+    Case-insensitive, as the settings read them."""
+    known = env_names().keys() | OTHER_ENV.keys()
     return sorted(n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known)
 
 

@@ -28,6 +28,7 @@ def test_unknown_env_names_typos_and_old_names_only():
              "flashrecovery_bus__linger_ms", "FLASHRECOVERY_BUS", "FLASHRECOVERY_AGENT_RANK",
              "FLASHRECOVERY_AGENT_SOCKET", "FLASHRECOVERY_SIDECAR__ROLE",
              "FLASHRECOVERY_BUS__SECURITY__PROTOCOL", "FLASHRECOVERY_BUS__SECURITY",
+             "FLASHRECOVERY_HEALTH_ARGS", "FLASHRECOVERY_METRICS_PORT",
              "FLASHRECOVERY_DETECTOR__HEARTBEAT_MISES",  # a typo in a nested name
              "FLASHRECOVERY_JOBID",  # a typo at the top
              "FLASHRECOVERY_RANK",  # the agent's name before it got its own prefix
@@ -119,3 +120,13 @@ def test_envtable_check_reports_drift(tmp_path, capsys):
     out.write_text(out.read_text().replace("`demo`", "`job`"))
     assert envtable.main(["--check", "--out", str(out)]) == 1
     assert "python -m flashrecovery.envtable" in capsys.readouterr().err
+
+
+def test_the_deployment_manifests_name_only_known_variables():
+    """deploy/ sets FLASHRECOVERY_ variables for the services and the training job: a name
+    there that nothing reads would be a silent misconfiguration in production."""
+    import re
+
+    root = envtable.DOC.parent.parent / "deploy"
+    found = {m for p in root.rglob("*.yaml") for m in re.findall(r"FLASHRECOVERY_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
+    assert found and unknown_env(found) == []
