@@ -16,8 +16,15 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .shared.settings import (AGENT_ENV_PREFIX, ENV_PREFIX, NESTED_DELIMITER, OTHER_ENV,
-                              AgentSettings, Settings, agent_env)
+from .shared.settings import (
+    AGENT_ENV_PREFIX,
+    ENV_PREFIX,
+    NESTED_DELIMITER,
+    OTHER_ENV,
+    AgentSettings,
+    Settings,
+    agent_env,
+)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 COMMAND = "python -m flashrecovery.envtable"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+
 @dataclass(frozen=True)
 class Topology:
     """What the registry says a job is, as far as telemetry may claim it: the detector checks

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashrecovery.shared.schemas import (Degradation, Evidence, FaultClass, LogEvent,
-                                          NodeHeartbeat, NodeRole, RankState, RepairAction,
-                                          WorkerExit)
+from flashrecovery.shared.schemas import (
+    Degradation,
+    Evidence,
+    FaultClass,
+    LogEvent,
+    NodeHeartbeat,
+    NodeRole,
+    RankState,
+    RepairAction,
+    WorkerExit,
+)
 
 from .config import Config, Decision
-from .correlate import (advance, emit_root, evidence_gen, hold_symptom, join, late_evidence,
-                        ranks_of, restarting)
+from .correlate import advance, emit_root, evidence_gen, hold_symptom, join, late_evidence, ranks_of, restarting
 from .state import INF, DetectorState, JobState, NodeView, RankView, Symptom
 
 FROZEN = frozenset({"T", "t"})

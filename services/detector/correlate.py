@@ -12,6 +12,7 @@ from flashrecovery.shared.schemas import Evidence, FaultClass, RepairAction
 from .config import PRIOR_GENERATIONS, Config, Decision, incident_id
 from .state import INF, Incident, JobState, Symptom
 
+
 def advance(job: JobState, generation: int, now: float, out: list[Decision]) -> None:
     """The job moved on (a recovery finished): rank data and held evidence of the old
     generation no longer describe the job."""

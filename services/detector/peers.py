@@ -13,6 +13,7 @@ from .config import Config, Decision
 from .correlate import attribute_symptom, explained
 from .state import INF, DetectorState, Incident, RankView
 
+
 def observe_incident(state: DetectorState, incident: Any, now: float,
                      cfg: Config) -> tuple[DetectorState, list[Decision]]:
     """An incident published by another detector instance, read back from the incidents topic.

@@ -8,9 +8,20 @@ import numpy as np
 from flashrecovery.shared.schemas import Evidence, FaultClass, RankState, RepairAction
 
 from .config import Config, Decision, incident_id
-from .correlate import (attribute, attribute_symptom, emit, emit_root, join, late_evidence,
-                        prior_root, ranks_of, restart_dead, root_for)
+from .correlate import (
+    attribute,
+    attribute_symptom,
+    emit,
+    emit_root,
+    join,
+    late_evidence,
+    prior_root,
+    ranks_of,
+    restart_dead,
+    root_for,
+)
 from .state import INF, DetectorState, Incident, JobState, NodeView, RankView, Symptom
+
 
 def tick(state: DetectorState, now: float, cfg: Config) -> tuple[DetectorState, list[Decision]]:
     out: list[Decision] = []

@@ -13,10 +13,21 @@ from flashrecovery import envtable
 from flashrecovery.detector.core import Config
 from flashrecovery.planner import Policy
 from flashrecovery.shared.logging import warn_unknown_env
-from flashrecovery.shared.settings import (AgentSettings, BusSettings, ConfigError,
-                                           DetectorSettings, ExecutorSettings, KafkaSecuritySettings,
-                                           PlannerSettings, Settings, SidecarSettings, agent_env,
-                                           env_names, load_settings, unknown_env)
+from flashrecovery.shared.settings import (
+    AgentSettings,
+    BusSettings,
+    ConfigError,
+    DetectorSettings,
+    ExecutorSettings,
+    KafkaSecuritySettings,
+    PlannerSettings,
+    Settings,
+    SidecarSettings,
+    agent_env,
+    env_names,
+    load_settings,
+    unknown_env,
+)
 from flashrecovery.sidecar.core import WorkerPlace, worker_env
 
 MODELS = (Settings, BusSettings, KafkaSecuritySettings, DetectorSettings, PlannerSettings,
@@ -110,7 +121,7 @@ def test_every_setting_is_described():
 def test_the_committed_variable_table_is_up_to_date():
     text = envtable.table()
     assert envtable.DOC.read_text() == text, f"docs/configuration.md is out of date: run `{envtable.COMMAND}`"
-    for name, (model, field) in env_names().items():  # every variable has its row or its group's table
+    for name in env_names():  # every variable has its row or its group's table
         assert f"| `{name}` |" in text or f"### `{name}__*`" in text, name
 
 
