@@ -155,7 +155,7 @@ class RecoveryAgent:
             # a standby, or a replacement cold-started into generation g > 0: it has no state
             # yet, so it waits for `recover` (and receives its state there)
             return self._standby_wait()
-        assert self.rank is not None, "FLASHRECOVERY_RANK is required for a non-standby worker"
+        assert self.rank is not None, "FLASHRECOVERY_AGENT_RANK is required for a non-standby worker"
         self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
         self.log.info("started", generation=self.generation, world_size=self.world_size,
                       build_s=round(self.groups.build_s, 4) if self.groups else None)
@@ -164,8 +164,8 @@ class RecoveryAgent:
     def _connect(self) -> None:
         """Sidecar socket (commands), rendezvous store, hello."""
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 pid`: stacks
-        if self.settings.agent_socket:
-            self.conn = ch.Connection.connect(self.settings.agent_socket)
+        if self.settings.socket:
+            self.conn = ch.Connection.connect(self.settings.socket)
             self._reader = threading.Thread(target=self._read_loop, name="flashrecovery-control",
                                             daemon=True)
             self._reader.start()

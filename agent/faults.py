@@ -1,4 +1,4 @@
-"""Fault injection for tests: FLASHRECOVERY_FAULT="kind=kill,rank=2,step=12,phase=grad_sync".
+"""Fault injection for tests: FLASHRECOVERY_AGENT_FAULT="kind=kill,rank=2,step=12,phase=grad_sync".
 
 kinds: kill (SIGKILL self), hang (SIGSTOP self), ecc (print an uncorrectable-ECC driver line to
 stderr, then hang), exception (raise a Python error).
@@ -35,7 +35,7 @@ class FaultSpec:
         kv = dict(part.split("=", 1) for part in spec.split(",") if part.strip())
         f = cls(kv["kind"], int(kv["rank"]), int(kv["step"]), kv.get("phase", "forward"))
         if f.kind not in KINDS or f.phase not in PHASES:
-            raise ValueError(f"bad FLASHRECOVERY_FAULT {spec!r}: kinds {KINDS}, phases {PHASES}")
+            raise ValueError(f"bad FLASHRECOVERY_AGENT_FAULT {spec!r}: kinds {KINDS}, phases {PHASES}")
         return f
 
 

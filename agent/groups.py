@@ -24,6 +24,8 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
+from .settings import AgentSettings
+
 
 class Interrupted(Exception):
     """The current generation was stopped; the partial step must be dropped."""
@@ -379,12 +381,10 @@ class NcclGroupFactory:
 
 
 def factory_from_env() -> GroupFactory:
-    backend = os.environ.get("FLASHRECOVERY_BACKEND", "gloo")
-    if backend == "gloo":
-        return GlooGroupFactory(lazy_init=os.environ.get("FLASHRECOVERY_GLOO_LAZY", "1") == "1")
-    if backend == "nccl":
+    s = AgentSettings()  # the backend is validated there (gloo | nccl)
+    if s.backend == "nccl":
         return NcclGroupFactory()
-    raise ValueError(f"FLASHRECOVERY_BACKEND={backend!r}: expected gloo or nccl")
+    return GlooGroupFactory(lazy_init=s.gloo_lazy)
 
 
 class Comm:

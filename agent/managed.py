@@ -46,7 +46,7 @@ from .agent import AgentExit, RecoveryAgent
 from .data import StepBatches
 from .groups import CollectiveError, Interrupted, PauseRequested
 from .process_group import RecoverableGroup, install
-from .settings import AgentSettings
+from .settings import DEFAULT_JOB_ID, AgentSettings, agent_env
 from .transfer import Stateful, state_digest
 
 
@@ -57,15 +57,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> AgentSettings:
-    """FLASHRECOVERY_* as ``flashrecovery run`` sets them; without them (the same script under
+    """FLASHRECOVERY_AGENT_* as ``flashrecovery run`` sets them; without them (the same script under
     plain torchrun) the torchrun variables: it trains, without recovery."""
     env = os.environ if env is None else env
-    if "FLASHRECOVERY_RANK" in env or "FLASHRECOVERY_STANDBY" in env or "RANK" not in env:
+    if agent_env("rank") in env or agent_env("standby") in env or "RANK" not in env:
         return AgentSettings()
     return AgentSettings(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", "0")),
                          world_size=int(env.get("WORLD_SIZE", "1")),
                          rdzv=f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', '29500')}",
-                         job_id=env.get("TORCHELASTIC_RUN_ID", "job"))
+                         job_id=env.get("TORCHELASTIC_RUN_ID", DEFAULT_JOB_ID))
 
 
 class ManagedAgent(RecoveryAgent):

@@ -16,10 +16,10 @@ import sys
 
 
 def main() -> None:
-    os.environ["FLASHRECOVERY_RANK"] = os.environ["RANK"]
-    os.environ["FLASHRECOVERY_LOCAL_RANK"] = os.environ["LOCAL_RANK"]
-    os.environ["FLASHRECOVERY_WORLD_SIZE"] = os.environ["WORLD_SIZE"]
-    os.environ["FLASHRECOVERY_RDZV"] = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    os.environ["FLASHRECOVERY_AGENT_RANK"] = os.environ["RANK"]
+    os.environ["FLASHRECOVERY_AGENT_LOCAL_RANK"] = os.environ["LOCAL_RANK"]
+    os.environ["FLASHRECOVERY_AGENT_WORLD_SIZE"] = os.environ["WORLD_SIZE"]
+    os.environ["FLASHRECOVERY_AGENT_RDZV"] = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     os.environ.pop("FLASHRECOVERY_AGENT_SOCKET", None)
     from flashrecovery.agent.reference.train import main as train
 

@@ -32,7 +32,7 @@ def _run(work: Path, out: Path, nproc: int, steps: int, fault: str | None) -> tu
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHRECOVERY_")}
     env["FLASHRECOVERY_RUNTIME_DIR"] = str(work / "rt")
     if fault:
-        env["FLASHRECOVERY_FAULT"] = fault
+        env["FLASHRECOVERY_AGENT_FAULT"] = fault
     cmd = [sys.executable, "-m", "flashrecovery", "run", "--standalone", "--nproc-per-node", str(nproc),
            "--standbys", "1", "--timeout", "300", str(SCRIPT), "--steps", str(steps),
            "--step-sleep", "0.1", "--out", str(out)]

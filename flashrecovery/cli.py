@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .shared.entry import run_service
-from .shared.logging import configure, get_logger
+from .shared.logging import configure, get_logger, warn_unknown_env
 from .shared.settings import ConfigError, load_settings
 
 
@@ -29,6 +29,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     configure(settings.log_format)
+    warn_unknown_env("up")
     log = get_logger("up", job_id=settings.job_id)
     sup = Supervisor(settings, Path(settings.runtime_dir) / f"up-{int(time.time())}", metrics=True)
     stop = threading.Event()

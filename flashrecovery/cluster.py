@@ -24,7 +24,7 @@ from .shared import topics as T
 from .shared.registry import Registry
 from .shared.schemas import (FaultIncident, LogEvent, NodeHeartbeat, RecoveryCompleted, RecoveryPlan,
                              RecoveryProgress, WorkerExit)
-from .shared.settings import Settings
+from .shared.settings import Settings, agent_env
 from .shared.topology import grid_topology
 from .supervisor import Supervisor, job_address_file, write_job_address
 
@@ -147,14 +147,14 @@ class LocalCluster:
         write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
         env = {"FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
                # the job's tensor-parallel degree as registered: the agent checks its own against it
-               "FLASHRECOVERY_TP": str(self.tp),
+               agent_env("tp"): str(self.tp),
                **self.worker.sidecar_env(),
                "FLASHRECOVERY_SIDECAR__EXIT_WITH_JOB": str(self.exit_with_job).lower(),
                "FLASHRECOVERY_RUNTIME_DIR": str(self.run_dir),  # worker logs beside the services' logs
                # every "node" shares this machine's cores with the control plane
                "FLASHRECOVERY_SIDECAR__WORKER_NICE": os.environ.get("FLASHRECOVERY_SIDECAR__WORKER_NICE", "10")}
         if self.fault_env:
-            env["FLASHRECOVERY_FAULT"] = self.fault_env
+            env[agent_env("fault")] = self.fault_env
         sidecars = []
         if self.one_machine:
             env.update(FLASHRECOVERY_SIDECAR__NODE_RANK="0", FLASHRECOVERY_SIDECAR__LOCAL_WORLD_SIZE=str(self.world))

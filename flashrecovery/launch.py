@@ -16,7 +16,7 @@ torch's process-group timeout: stop them too).
 
 Every worker gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
 GROUP_RANK, ROLE_RANK, MASTER_ADDR/PORT = the job's rendezvous store, TORCHELASTIC_*), so an
-unmodified script's init_process_group() works, plus the FLASHRECOVERY_* settings the agent reads.
+unmodified script's init_process_group() works, plus the FLASHRECOVERY_AGENT_* settings the agent reads.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def launcher_env(environ: dict[str, str], nproc: int) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .shared.logging import configure
+    from .shared.logging import configure, warn_unknown_env
     from .shared.settings import load_settings
 
     try:
@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.update(launcher_env(dict(os.environ), plan.nproc))
     settings = load_settings()
     configure("console" if sys.stderr.isatty() else "json", level="WARNING")
+    warn_unknown_env("run")
     if plan.standalone:
         return asyncio.run(_standalone(plan, settings))
     return asyncio.run(_node(plan, settings))

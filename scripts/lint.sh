@@ -14,7 +14,9 @@ trap 'rm -rf "$tree"' EXIT
 "$BIN/python" scripts/package_tree.py "$tree"
 cd "$tree"
 PYTHONPATH="$tree" "$BIN/lint-imports" --config "$ROOT/pyproject.toml"
-CORES=(flashrecovery.shared flashrecovery.detector.core flashrecovery.planner.core flashrecovery.planner.arrays
+CORES=(flashrecovery.shared flashrecovery.detector.core flashrecovery.detector.config flashrecovery.detector.admission
+       flashrecovery.detector.classify flashrecovery.detector.correlate flashrecovery.detector.timers
+       flashrecovery.detector.peers flashrecovery.planner.core flashrecovery.planner.arrays
        flashrecovery.planner.placement flashrecovery.executor.core flashrecovery.sidecar.core)
 args=()
 for m in "${CORES[@]}"; do args+=(-p "$m"); done

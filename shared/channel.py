@@ -19,8 +19,6 @@ from typing import Annotated, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-ENV_PREFIX = "FLASHRECOVERY_"
-
 
 class _Msg(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")

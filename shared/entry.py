@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .logging import configure
+from .logging import configure, warn_unknown_env
 from .settings import ConfigError, Settings, load_settings
 
 ServiceMain = Callable[[Settings], Coroutine[Any, Any, Any]]
@@ -24,6 +24,7 @@ def run_service(main: ServiceMain) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure(settings.log_format)
+    warn_unknown_env(main.__module__.removesuffix(".app").rpartition(".")[2])
     try:
         code: object = asyncio.run(main(settings))
     except KeyboardInterrupt:

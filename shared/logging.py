@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
 
 import structlog
+
+from .settings import unknown_env
 
 
 def configure(fmt: str = "auto", level: str = "INFO") -> None:
@@ -29,3 +33,14 @@ def configure(fmt: str = "auto", level: str = "INFO") -> None:
 def get_logger(service: str, **context: object) -> structlog.stdlib.BoundLogger:
     log: structlog.stdlib.BoundLogger = structlog.get_logger().bind(service=service, **context)
     return log
+
+
+def warn_unknown_env(service: str, environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line naming the FLASHRECOVERY_ variables no setting reads (an operator's
+    typo would otherwise be ignored without a word). Start-up only; never fails."""
+    unknown = unknown_env(os.environ if environ is None else environ)
+    if unknown:
+        get_logger(service).warning("unknown_settings", names=unknown,
+                                    reason="no setting reads these variables: ignored "
+                                           "(docs/configuration.md lists every one)")
+    return unknown

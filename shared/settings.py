@@ -1,26 +1,53 @@
-"""Configuration, validated at start-up. Environment variables use the FLASHRECOVERY_ prefix;
-nested groups use a double underscore (FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES=5)."""
+"""Configuration, validated at start-up; every setting is a field here, with its default and
+description written once (docs/configuration.md is generated from these models).
+
+Two components read the environment, each under its own prefix:
+- the services and the command line (`Settings`): FLASHRECOVERY_, nested groups with a double
+  underscore (FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES=5);
+- the agent inside every training process (`AgentSettings`): FLASHRECOVERY_AGENT_, set for each
+  worker by its launcher (the sidecar, services/sidecar/core.worker_env).
+A FLASHRECOVERY_ name that neither accepts is reported at start-up (`unknown_env`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "FLASHRECOVERY_"
+AGENT_ENV_PREFIX = "FLASHRECOVERY_AGENT_"
+NESTED_DELIMITER = "__"
+DEFAULT_JOB_ID = "demo"  # the services' and the agent's, so an unset id names one job
+
+NoSparePolicy = Literal["wait"]  # "shrink" is refused by PlannerSettings with its reason
+Role = Literal["active", "spare"]
+LogFormat = Literal["auto", "json", "console"]
+Backend = Literal["gloo", "nccl"]
+
+# FLASHRECOVERY_ names that something other than the settings models reads: not typos.
+OTHER_ENV = {
+    "FLASHRECOVERY_HEALTH_ARGS": "Arguments of the container health check's `flashrecovery health` (deploy/Dockerfile).",
+    "FLASHRECOVERY_TEST_KAFKA": "Tests only: a running broker to use instead of starting one (tests/conftest.py).",
+    "FLASHRECOVERY_TEST_REDIS": "Tests only: a running Redis to use instead of starting one (tests/conftest.py).",
+}
 
 
 class KafkaSecuritySettings(BaseModel):
     """How every Kafka client of FlashRecovery authenticates and encrypts (aiokafka's options).
     The embedded broker speaks PLAINTEXT only (docs/security.md says why); production brokers
     want SASL_SSL with SCRAM-SHA-512 and one principal per service."""
-    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    ssl_cafile: str | None = None  # CA bundle that signed the brokers' certificates
-    ssl_certfile: str | None = None  # client certificate (mutual TLS), with ssl_keyfile
-    ssl_keyfile: str | None = None
-    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
-    sasl_username: str | None = None
-    # A file holding the password (a mounted Secret), so it is in no environment listing.
-    sasl_password_file: str | None = None
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol; production brokers want SASL_SSL.")
+    ssl_cafile: str | None = Field(None, description="CA bundle that signed the brokers' certificates.")
+    ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS), with ssl_keyfile.")
+    ssl_keyfile: str | None = Field(None, description="Client key (mutual TLS), with ssl_certfile.")
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism.")
+    sasl_username: str | None = Field(None, description="SASL user (one principal per service).")
+    # A file, so the password is in no environment listing.
+    sasl_password_file: str | None = Field(None, description="File holding the SASL password (a mounted Secret).")
 
     @model_validator(mode="after")
     def _complete(self) -> "KafkaSecuritySettings":
@@ -32,20 +59,23 @@ class KafkaSecuritySettings(BaseModel):
 
 
 class BusSettings(BaseModel):
-    telemetry_partitions: int = Field(8, ge=1, le=1024)
-    control_partitions: int = Field(1, ge=1, le=64)
-    linger_ms: int = Field(5, ge=0, le=1000)
-    max_batch_bytes: int = Field(1 << 20, ge=1024)
-    handler_retries: int = Field(3, ge=0, le=20)
-    topic_namespace: str = ""  # lets tests and side-by-side jobs share a broker
+    telemetry_partitions: int = Field(8, ge=1, le=1024, description=(
+        "Partitions of the telemetry topics (heartbeats, exits, logs); detector instances split them."))
+    control_partitions: int = Field(1, ge=1, le=64, description="Partitions of the control topics.")
+    linger_ms: int = Field(5, ge=0, le=1000, description="Producer batching delay.")
+    max_batch_bytes: int = Field(1 << 20, ge=1024, description="Producer batch size limit.")
+    handler_retries: int = Field(3, ge=0, le=20, description=(
+        "Retries of a failing message handler before the message is dead-lettered."))
+    topic_namespace: str = Field("", description=(
+        "Prefix of every topic name: lets tests and side-by-side jobs share a broker."))
     security: KafkaSecuritySettings = KafkaSecuritySettings()
-    # Authentication tags on incidents, plans and commands (shared/signing.py, docs/security.md):
-    # a JSON key file, e.g. a mounted Secret. Set: producers sign those records and consumers
-    # dead-letter any that is untagged, forged or signed with an unknown key. Unset: no tags.
-    signing_key_file: str | None = None
-    # False only while a deployment moves to signing: tags are added and checked, but a record
-    # without one is still accepted (a forged or unknown-key tag is refused either way).
-    require_signatures: bool = True
+    signing_key_file: str | None = Field(None, description=(
+        "JSON key file (e.g. a mounted Secret) for authentication tags on incidents, plans and "
+        "commands (docs/security.md): producers sign, consumers dead-letter records untagged, "
+        "forged or signed with an unknown key. Unset: no tags."))
+    require_signatures: bool = Field(True, description=(
+        "false only while a deployment moves to signing: tags are added and checked, but a record "
+        "without one is still accepted (a forged or unknown-key tag is refused either way)."))
 
     @field_validator("signing_key_file")
     @classmethod
@@ -85,89 +115,97 @@ class BusSettings(BaseModel):
 
 
 class DetectorSettings(BaseModel):
-    heartbeat_interval_s: float = Field(1.0, gt=0)
-    heartbeat_misses: int = Field(3, ge=1)
-    hang_floor_s: float = Field(5.0, gt=0)
-    hang_k: float = Field(10.0, gt=1)
-    correlation_window_s: float = Field(3.0, gt=0)
-    straggler_factor: float = Field(2.0, gt=1)
-    straggler_consecutive: int = Field(5, ge=1)
-    signatures_path: str | None = None  # operators' extra signature catalog (JSON)
+    heartbeat_interval_s: float = Field(1.0, gt=0, description=(
+        "Heartbeat interval assumed for a heartbeat that declares none."))
+    heartbeat_misses: int = Field(3, ge=1, description="Missed heartbeats after which a node is lost.")
+    hang_floor_s: float = Field(5.0, gt=0, description="Least stall reported as a hang.")
+    hang_k: float = Field(10.0, gt=1, description=(
+        "A hang is a stall longer than max(hang_k x p99 step time, hang_floor_s)."))
+    correlation_window_s: float = Field(3.0, gt=0, description=(
+        "How long a communication error is held for a root cause to explain it."))
+    straggler_factor: float = Field(2.0, gt=1, description=(
+        "A step this many times the median step time is slow."))
+    straggler_consecutive: int = Field(5, ge=1, description=(
+        "Slow steps in a row after which a rank is reported degraded."))
+    signatures_path: str | None = Field(None, description=(
+        "An operator's extra signature catalog (JSON), added to the built-in one."))
 
 
 class ExecutorSettings(BaseModel):
-    phase_timeout_s: float = Field(60.0, gt=0)
-    phase_retries: int = Field(2, ge=0)
-    lease_ttl_s: float = Field(3.0, gt=0)
+    phase_timeout_s: float = Field(60.0, gt=0, description=(
+        "Bound on the wait for one recovery phase's acknowledgements."))
+    phase_retries: int = Field(2, ge=0, description=(
+        "Times a phase's command is sent again after its wait ran out, before the plan fails."))
+    lease_ttl_s: float = Field(3.0, gt=0, description=(
+        "TTL of the leading executor's lease: a standby instance takes over at most this long "
+        "after the leader stops renewing it."))
     # A plan that fails because a second fault hit it is usually followed within ~0.1 s by the
-    # planner's superseding plan: wait this long for one before escalating the failure.
-    supersede_grace_s: float = Field(2.0, ge=0)
+    # planner's superseding plan.
+    supersede_grace_s: float = Field(2.0, ge=0, description=(
+        "How long a failed plan waits for a superseding plan before the failure is escalated."))
 
 
 class PlannerSettings(BaseModel):
-    restart_in_place_for_software: bool = False
-    # What to do when no spare can take a replaced node's ranks. Only "wait" (pause, escalate,
-    # re-plan when capacity arrives): "shrink" needs rank renumbering and state transfers that
-    # are not implemented, so it is refused here rather than driven into a broken job.
-    no_spare_policy: str = "wait"
-    quarantine_faults: int = Field(2, ge=1)
-    quarantine_window_s: float = Field(3600.0, gt=0)
+    restart_in_place_for_software: bool = Field(False, description=(
+        "Restart a rank with a software fault in its own node instead of on a standby."))
+    # Only "wait": "shrink" needs rank renumbering and state transfers that are not implemented,
+    # so it is refused here (with its own message) rather than driven into a broken job.
+    no_spare_policy: NoSparePolicy = Field("wait", description=(
+        "When no spare can take a replaced node's ranks: wait (pause, escalate, re-plan when "
+        "capacity arrives). shrink is not supported."))
+    quarantine_faults: int = Field(2, ge=1, description=(
+        "Faults of one node within quarantine_window_s after which it is quarantined."))
+    quarantine_window_s: float = Field(3600.0, gt=0, description="Window of quarantine_faults.")
 
-    @field_validator("no_spare_policy")
+    @field_validator("no_spare_policy", mode="before")
     @classmethod
-    def _policy(cls, v: str) -> str:
+    def _policy(cls, v: object) -> object:
         if v == "shrink":
             raise ValueError("'shrink' is not supported yet (no rank renumbering or state "
                              "transfer for a smaller world): use 'wait'")
-        if v != "wait":
-            raise ValueError("must be 'wait'")
         return v
 
 
 class SidecarSettings(BaseModel):
-    node_id: str = "node-0"
-    role: str = "active"  # active | spare
-    ranks: str = ""  # comma-separated global ranks hosted here, local rank = position
-    world_size: int = Field(0, ge=0)
-    capacity: int = Field(2, ge=0)  # ranks the node can host (its accelerators)
-    heartbeat_interval_s: float = Field(1.0, gt=0)
-    # Send per-rank data as columns: heartbeats' rank_columns and acks' report_columns (half the
-    # bytes, ~2x cheaper to decode; what a 100k-rank job wants). Off by default: a subscriber
-    # that predates the compact forms would see no ranks.
-    rank_columns: bool = False
-    # What every worker runs: a module (`python -m worker_module`) or a script (`python
-    # worker_script`), never both; then worker_args, shell-quoted, passed unchanged.
-    worker_module: str = "flashrecovery.agent.reference.train"
-    worker_script: str = ""
-    worker_args: str = ""
-    # The node's rank among the job's nodes (torchrun's GROUP_RANK); -1: the first hosted rank
-    # divided by the ranks hosted here.
-    node_rank: int = Field(-1, ge=-1)
-    # Sidecars sharing one machine (run --standalone registers one node per tensor-parallel
-    # group): torchrun's LOCAL_RANK is local_rank_base + the position here, LOCAL_WORLD_SIZE is
-    # local_world_size (0: the ranks hosted here).
-    local_rank_base: int = Field(0, ge=0)
-    local_world_size: int = Field(0, ge=0)
-    # `flashrecovery run`: the sidecar ends with the job. It exits 0 once every rank of the job
-    # has finished and its own workers are gone, and 1 as soon as one of its workers fails in a
-    # way no recovery can repair (it exited before connecting to the agent: a plain script).
-    exit_with_job: bool = False
+    node_id: str = Field("node-0", description="This node's id in the job's topology.")
+    role: Role = Field("active", description=(
+        "active: hosts the ranks in `ranks`; spare: keeps standbys for replaced ranks."))
+    ranks: str = Field("", description=(
+        "Comma-separated global ranks hosted here; a rank's local rank is its position."))
+    world_size: int = Field(0, ge=0, description="The job's number of ranks.")
+    capacity: int = Field(2, ge=0, description="Ranks the node can host (its accelerators).")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="Interval of this node's heartbeats.")
+    # Off by default: a subscriber that predates the compact forms would see no ranks.
+    rank_columns: bool = Field(False, description=(
+        "Send per-rank data as columns (heartbeats' rank_columns, acks' report_columns): half the "
+        "bytes, about twice cheaper to decode."))
+    # A module or a script, never both; then worker_args, shell-quoted, passed unchanged.
+    worker_module: str = Field("flashrecovery.agent.reference.train", description=(
+        "What every worker runs as `python -m MODULE` (unset when worker_script is set)."))
+    worker_script: str = Field("", description="What every worker runs as `python SCRIPT`.")
+    worker_args: str = Field("", description="The workers' arguments, shell-quoted.")
+    node_rank: int = Field(-1, ge=-1, description=(
+        "The node's rank among the job's nodes (torchrun's GROUP_RANK); -1: the first hosted "
+        "rank divided by the ranks hosted here."))
+    # Sidecars sharing one machine: run --standalone registers one node per tensor-parallel group.
+    local_rank_base: int = Field(0, ge=0, description=(
+        "Added to a worker's position to make torchrun's LOCAL_RANK (sidecars sharing one machine)."))
+    local_world_size: int = Field(0, ge=0, description=(
+        "torchrun's LOCAL_WORLD_SIZE; 0: the ranks hosted here."))
+    exit_with_job: bool = Field(False, description=(
+        "`flashrecovery run`: exit 0 once every rank of the job has finished, and 1 as soon as a "
+        "worker fails in a way no recovery can repair (a plain script's rank died)."))
     # A rank blocked rebuilding groups with a peer that died meanwhile cannot answer a pause
     # until its rebuild gives up; the pause wait must outlast that bound.
-    rebuild_timeout_s: float = Field(15.0, gt=0)
-    pause_timeout_s: float = Field(25.0, gt=0)
+    rebuild_timeout_s: float = Field(15.0, gt=0, description=(
+        "Bound on a worker's group rebuild (passed to the agent)."))
+    pause_timeout_s: float = Field(25.0, gt=0, description=(
+        "How long a rank may take to confirm a pause before it is marked hung (outlasts rebuild_timeout_s)."))
     # On a machine whose cores the control plane shares with the trainers (the local demo), a
     # positive niceness keeps heartbeats on time while torch imports saturate the CPU.
-    worker_nice: int = Field(0, ge=0, le=19)
-    log_lines_per_s: float = Field(20.0, gt=0)
-    log_burst: int = Field(50, ge=1)
-
-    @field_validator("role")
-    @classmethod
-    def _role(cls, v: str) -> str:
-        if v not in ("active", "spare"):
-            raise ValueError("must be 'active' or 'spare'")
-        return v
+    worker_nice: int = Field(0, ge=0, le=19, description="Niceness of the workers.")
+    log_lines_per_s: float = Field(20.0, gt=0, description="Rate limit of forwarded worker log lines.")
+    log_burst: int = Field(50, ge=1, description="Burst of the forwarded log line rate limit.")
 
     @field_validator("ranks")
     @classmethod
@@ -189,32 +227,112 @@ class SidecarSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLASHRECOVERY_", env_nested_delimiter="__",
+    """The services' and the command line's settings (FLASHRECOVERY_...)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER,
                                       extra="ignore")
 
-    job_id: str = "demo"
-    kafka_bootstrap: str | None = None  # unset: the embedded stack starts a local broker
-    redis_url: str | None = None  # unset: the embedded stack starts a local redis-server
-    runtime_dir: str = ".runtime"
-    log_format: str = "auto"  # auto | json | console
+    job_id: str = Field(DEFAULT_JOB_ID, description="The job the services serve.")
+    kafka_bootstrap: str | None = Field(None, description=(
+        "Kafka bootstrap address; unset: the embedded stack starts a local broker."))
+    redis_url: str | None = Field(None, description=(
+        "Redis URL; unset: the embedded stack starts a local redis-server."))
+    runtime_dir: str = Field(".runtime", description=(
+        "Where logs, the embedded stack's data and running jobs' addresses are kept."))
+    log_format: LogFormat = Field("auto", description=(
+        "auto: console on a terminal, JSON elsewhere."))
     bus: BusSettings = BusSettings()
     detector: DetectorSettings = DetectorSettings()
     planner: PlannerSettings = PlannerSettings()
     executor: ExecutorSettings = ExecutorSettings()
     sidecar: SidecarSettings = SidecarSettings()
-    rdzv: str | None = None  # host:port of the rendezvous store
-    instance: str = "0"  # this process's name among replicas of a service
+    rdzv: str | None = Field(None, description="host:port of the job's rendezvous store.")
+    instance: str = Field("0", description="This process's name among replicas of a service.")
     metrics_port: int = Field(0, ge=0, le=65535, description=(
         "Port of this process's Prometheus endpoint (/metrics); 0: no endpoint"))
     metrics_host: str = Field("127.0.0.1", description=(
         "Address the metrics endpoint listens on (0.0.0.0 in a container scraped from outside)"))
 
-    @field_validator("log_format")
+
+class AgentSettings(BaseSettings):
+    """The agent's settings in a worker (FLASHRECOVERY_AGENT_...), set by its launcher."""
+
+    model_config = SettingsConfigDict(env_prefix=AGENT_ENV_PREFIX, frozen=True, extra="ignore")
+
+    job_id: str = Field(DEFAULT_JOB_ID, description="The job this worker belongs to.")
+    node_id: str = Field("node0", description="The node (sidecar) that started this worker.")
+    rank: int | None = Field(None, description="This worker's global rank; unset for a standby.")
+    local_rank: int | None = Field(None, description="This worker's position on its node.")
+    world_size: int = Field(1, description="The job's number of ranks.")
+    generation: int = Field(0, description=(
+        "The job's generation when this worker started (> 0 with a rank: a cold replacement)."))
+    rdzv: str = Field("127.0.0.1:29500", description="host:port of the job's rendezvous store.")
+    socket: str | None = Field(None, description=(
+        "The sidecar's Unix socket; unset: no control channel (no recovery)."))
+    standby: bool = Field(False, description="A pre-started standby, waiting for a rank.")
+    fault: str | None = Field(None, description=(
+        "Fault injection for tests: kind=K,rank=R,step=S[,phase=P] (kinds and phases: agent/faults.py)."))
+    tp: int | None = Field(None, description=(
+        "The job's tensor-parallel degree as its launcher registered it (unset: not told)."))
+    backend: Backend = Field("gloo", description="torch.distributed backend.")
+    gloo_lazy: bool = Field(True, description="gloo connects pairs on first use instead of at group creation.")
+    command_timeout_s: float = Field(600.0, description=(
+        "How long a paused rank waits for `recover` (or a finished rank for `stop`) before giving up."))
+    rebuild_timeout_s: float = Field(120.0, description=(
+        "Bound on building a generation's groups (every member must register in the store)."))
+    # Ranks start over many seconds on a loaded host (measured: 6 of 8 arrived within 15 s).
+    start_timeout_s: float = Field(300.0, description=(
+        "Bound on every rank arriving for the job's first group build (generation 0)."))
+
+    @field_validator("rdzv")
     @classmethod
-    def _fmt(cls, v: str) -> str:
-        if v not in ("auto", "json", "console"):
-            raise ValueError("must be auto, json or console")
+    def _host_port(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{AGENT_ENV_PREFIX}RDZV must be host:port, got {v!r}")
         return v
+
+    @property
+    def rdzv_host(self) -> str:
+        return self.rdzv.rpartition(":")[0]
+
+    @property
+    def rdzv_port(self) -> int:
+        return int(self.rdzv.rpartition(":")[2])
+
+
+def agent_env(field: str) -> str:
+    """The environment variable of one AgentSettings field (what a launcher sets)."""
+    if field not in AgentSettings.model_fields:
+        raise KeyError(f"AgentSettings has no field {field!r}")
+    return AGENT_ENV_PREFIX + field.upper()
+
+
+def env_names() -> dict[str, tuple[type[BaseModel], str]]:
+    """Every environment variable a settings field accepts -> (model, field). A nested group
+    is accepted whole too (FLASHRECOVERY_BUS='{"linger_ms": 1}'), and so is each of its fields,
+    at any depth (FLASHRECOVERY_BUS__SECURITY__PROTOCOL)."""
+    out: dict[str, tuple[type[BaseModel], str]] = {}
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for name, f in model.model_fields.items():
+            out[prefix + name.upper()] = (model, name)
+            group = f.annotation
+            if isinstance(group, type) and issubclass(group, BaseModel):
+                walk(prefix + name.upper() + NESTED_DELIMITER, group)
+
+    walk(ENV_PREFIX, Settings)
+    for name in AgentSettings.model_fields:
+        out[agent_env(name)] = (AgentSettings, name)
+    return out
+
+
+def unknown_env(names: Iterable[str]) -> list[str]:
+    """The FLASHRECOVERY_* names among `names` (os.environ's keys) that no settings field
+    accepts and that are not in OTHER_ENV: an operator's typo is otherwise silently ignored.
+    Case-insensitive, as the settings read them."""
+    known = env_names().keys() | OTHER_ENV.keys()
+    return sorted(n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known)
 
 
 class ConfigError(SystemExit):
@@ -226,6 +344,6 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = [f"  FLASHRECOVERY_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+        lines = [f"  {ENV_PREFIX}{NESTED_DELIMITER.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
                  for e in exc.errors()]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

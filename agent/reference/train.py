@@ -1,9 +1,10 @@
 """Reference training job: dp x tp GPT on synthetic tokens, with the recovery agent in the loop.
 
-    FLASHRECOVERY_RANK=0 FLASHRECOVERY_WORLD_SIZE=2 FLASHRECOVERY_RDZV=127.0.0.1:29500 \
+    FLASHRECOVERY_AGENT_RANK=0 FLASHRECOVERY_AGENT_WORLD_SIZE=2 FLASHRECOVERY_AGENT_RDZV=127.0.0.1:29500 \
         python -m flashrecovery.agent.reference.train --steps 30 --tp 2 --out /tmp/run
 
-Identity and rendezvous come from FLASHRECOVERY_* (agent/settings.py); the job shape from flags.
+Identity and rendezvous come from FLASHRECOVERY_AGENT_* (shared/settings.py AgentSettings); the
+job shape from flags.
 Each rank writes ``rank{r}.pt`` (model, optimizer and stateful state_dicts, step, digest, pid)
 to --out. The update (optimizer, warmup + cosine LR schedule, gradient clipping, a grad-norm EMA
 buffer) is built by recipe.build_recipe and applied by the agent (attach's scheduler and

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
                                           RepairAction)
-from flashrecovery.shared.settings import PlannerSettings
 from flashrecovery.shared.replicas import choose_sources
+from flashrecovery.shared.settings import NoSparePolicy, PlannerSettings
 from flashrecovery.shared.topology import JobSnapshot
 
 from .arrays import PlanInput
@@ -26,12 +27,17 @@ from .placement import Group, place
 PRODUCER = "planner"
 
 
+# One source of defaults: the settings model (a plain pydantic model: building it reads no
+# environment).
+_S = PlannerSettings()
+
+
 @dataclass(frozen=True)
 class Policy:
-    restart_in_place_for_software: bool = False
-    no_spare_policy: str = "wait"  # wait only: SHRINK is not implemented (PlannerSettings)
-    quarantine_faults: int = 2
-    quarantine_window_s: float = 3600.0
+    restart_in_place_for_software: bool = _S.restart_in_place_for_software
+    no_spare_policy: NoSparePolicy = _S.no_spare_policy  # wait only: shrink is not implemented (PlannerSettings)
+    quarantine_faults: int = _S.quarantine_faults
+    quarantine_window_s: float = _S.quarantine_window_s
     # Last durable checkpoint. Only named in the escalation of a lost shard: no checkpoint
     # restore is implemented, so no CHECKPOINT plan is ever made.
     checkpoint_step: int | None = None
@@ -45,10 +51,8 @@ class Policy:
     @classmethod
     def from_settings(cls, s: PlannerSettings, *, checkpoint_step: int | None = None,
                       producer: str = PRODUCER) -> Policy:
-        return cls(restart_in_place_for_software=s.restart_in_place_for_software,
-                   no_spare_policy=s.no_spare_policy, quarantine_faults=s.quarantine_faults,
-                   quarantine_window_s=s.quarantine_window_s, checkpoint_step=checkpoint_step,
-                   producer=producer)
+        return cls(**{f: getattr(s, f) for f in PlannerSettings.model_fields},
+                   checkpoint_step=checkpoint_step, producer=producer)
 
 
 @dataclass(frozen=True)
@@ -178,8 +182,36 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
          active_plan: RecoveryPlan | None = None) -> Decision:
     """Decide the recovery for the union of open `incidents`. `active_plan` is the plan the
     executor is driving now, if any: the result then supersedes it. `fault_history` holds the
-    earlier faults per node (from Redis) for quarantine."""
+    earlier faults per node (from Redis) for quarantine.
+
+    The steps, in order; `reasons` collects each step's explanation, in that order."""
     inp = snapshot if isinstance(snapshot, PlanInput) else PlanInput.from_snapshot(snapshot)
+    incs, ids, reasons = _own_incidents(inp, incidents)
+    new_ids, done = _new_incidents(ids, reasons, active_plan)
+    if done is not None:
+        return done
+    faults = _collect(inp, incs)
+    reasons += faults.reasons
+    idle = _inert(ids, new_ids, faults, reasons, active_plan)
+    if idle is not None:
+        return idle
+    quarantine, q_idx = _quarantine(inp, incs, faults, fault_history or {}, now, policy, reasons)
+    restart, healthy, faulty_idx = _restart_set(inp, faults, reasons)
+    moves, lacking = _placement(inp, faults, q_idx, faulty_idx, policy, reasons)
+    draft = _Draft(inp, ids, now, policy, reasons, quarantine, faulty_idx,
+                   active_plan.plan_id if active_plan is not None else None)
+    restart_pos = np.flatnonzero(restart)
+    transfers, lost = choose_sources(inp, restart_pos, healthy)
+    if lost:
+        return draft.lost_shards(lost)
+    if lacking:
+        return draft.wait_for_capacity(lacking, restart_pos)
+    return draft.recovery(moves, restart_pos, transfers)
+
+
+def _own_incidents(inp: PlanInput, incidents: Iterable[FaultIncident],
+                   ) -> tuple[list[FaultIncident], tuple[str, ...], list[str]]:
+    """This job's incidents, one per id, in id order (another job's are named and dropped)."""
     reasons: list[str] = []
     by_id: dict[str, FaultIncident] = {}
     for inc in sorted(incidents, key=lambda i: i.incident_id):
@@ -187,37 +219,55 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
             reasons.append(f"{inc.incident_id}: belongs to job {inc.job_id}, ignored")
         else:
             by_id.setdefault(inc.incident_id, inc)
-    incs = list(by_id.values())
-    ids = tuple(by_id)
-    if not incs:
-        return NoPlan(ids, tuple(reasons + ["no incident for this job"]))
+    return list(by_id.values()), tuple(by_id), reasons
+
+
+def _new_incidents(ids: tuple[str, ...], reasons: list[str], active_plan: RecoveryPlan | None,
+                   ) -> tuple[list[str], NoPlan | None]:
+    """The incidents the active plan does not cover yet, or the NoPlan saying there are none."""
+    if not ids:
+        return [], NoPlan(ids, tuple(reasons + ["no incident for this job"]))
     covered = set(active_plan.incident_ids) if active_plan is not None else set()
     new_ids = [i for i in ids if i not in covered]
     if not new_ids:
-        return NoPlan(ids, tuple(reasons + [f"all incidents covered by active plan {active_plan.plan_id}"]))
+        assert active_plan is not None
+        return [], NoPlan(ids, tuple(reasons + [f"all incidents covered by active plan {active_plan.plan_id}"]))
+    return new_ids, None
 
-    faults = _collect(inp, incs)
-    reasons += faults.reasons
+
+def _inert(ids: tuple[str, ...], new_ids: list[str], faults: _Faults, reasons: list[str],
+           active_plan: RecoveryPlan | None) -> NoPlan | None:
+    """The NoPlan when no new incident names a node or rank with active work, else None."""
     inert = tuple(i for i in new_ids if i not in faults.contributed)
-    if len(inert) == len(new_ids):
-        why = "incidents name no node or rank with active work" if active_plan is None else \
-            f"new incidents need no recovery; active plan {active_plan.plan_id} continues"
-        return NoPlan(ids, tuple(reasons + [why]), inert)
+    if len(inert) < len(new_ids):
+        return None
+    why = "incidents name no node or rank with active work" if active_plan is None else \
+        f"new incidents need no recovery; active plan {active_plan.plan_id} continues"
+    return NoPlan(ids, tuple(reasons + [why]), inert)
 
-    # Quarantine: a node faulting repeatedly leaves the job for good, so its ranks all move.
-    q_names = quarantined(incs, fault_history or {}, now, policy)
+
+def _quarantine(inp: PlanInput, incs: list[FaultIncident], faults: _Faults, history: FaultHistory,
+                now: float, policy: Policy, reasons: list[str]) -> tuple[list[str], set[int]]:
+    """A node faulting repeatedly leaves the job for good, so its ranks all move: its process
+    restarts become a replacement. Returns (quarantined node ids, their indices)."""
+    q_names = quarantined(incs, history, now, policy)
     quarantine = sorted(n for n in q_names if n in inp.node_index)
     q_idx = {inp.node_index[n] for n in quarantine}
-    for n in quarantine:
-        reasons.append(f"{n}: {policy.quarantine_faults}+ faults within "
+    for name in quarantine:
+        reasons.append(f"{name}: {policy.quarantine_faults}+ faults within "
                        f"{policy.quarantine_window_s:g}s: quarantined")
     for n in sorted(set(faults.proc) & q_idx):
         faults.replace.add(n)
     for n in faults.replace:
         faults.proc.pop(n, None)
+    return quarantine, q_idx
 
-    n_nodes = len(inp.node_ids)
-    node_faulty = np.zeros(n_nodes, dtype=bool)
+
+def _restart_set(inp: PlanInput, faults: _Faults, reasons: list[str],
+                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(restart mask over rank positions, healthy mask: may serve as a replica, faulty node
+    indices). Ranks still recovering from a superseded plan are restarted again."""
+    node_faulty = np.zeros(len(inp.node_ids), dtype=bool)
     faulty_idx = sorted(faults.replace | set(faults.proc))
     node_faulty[faulty_idx] = True
     restart = inp.recovering.copy()
@@ -229,11 +279,16 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
         reasons.append(f"{int(inp.recovering.sum())} ranks still recovering from a superseded "
                        "plan: restored again, not moved")
     healthy = ~restart & ~node_faulty[inp.node_of]
+    return restart, healthy, faulty_idx
 
-    # Placement: node replacements must move; software restarts move to a standby (or stay).
+
+def _placement(inp: PlanInput, faults: _Faults, q_idx: set[int], faulty_idx: list[int],
+               policy: Policy, reasons: list[str]) -> tuple[list[tuple[int, int, str]], list[Group]]:
+    """Node replacements must move; software restarts move to a standby (or stay). A rank still
+    recovering from a superseded plan moves again only if its current node is named now;
+    otherwise it keeps its standby and only needs a source. Returns ((position, target node,
+    mode) moves, groups that must move and found no room)."""
     in_place = policy.restart_in_place_for_software
-    # A rank still recovering from a superseded plan moves again only if its current node is
-    # named now; otherwise it keeps its standby and only needs a source.
     groups = [Group(n, tuple(int(p) for p in inp.ranks_on(n)), True) for n in sorted(faults.replace)]
     if not in_place:
         groups += [Group(n, tuple(sorted(v)), False) for n, v in sorted(faults.proc.items())]
@@ -249,66 +304,77 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
                            "restarted processes: restarting in place")
     for n in sorted(set(stay)):
         moves += [(p, n, "in_place") for p in sorted(faults.proc[n])]
-    lacking = [g for g in placement.unplaced if g.must_move]
+    return moves, [g for g in placement.unplaced if g.must_move]
 
-    restart_pos = np.flatnonzero(restart)
-    target_gen = inp.generation + 1
-    supersedes = active_plan.plan_id if active_plan is not None else None
-    if supersedes:
-        reasons.append(f"supersedes {supersedes}: covers {len(ids)} open incidents")
-    faulty_nodes = tuple(inp.node_ids[n] for n in faulty_idx)
 
-    def build(fallback: Fallback, *, restart_ranks: np.ndarray, replacements: list[dict],
-              transfers: list[dict], world_size: int, groups_: tuple[str, ...],
-              recovery_step: int, steps_lost: int = 0) -> RecoveryPlan:
-        pid = plan_id_for(inp.job_id, ids, target_gen, fallback)
-        return RecoveryPlan(
-            event_id=pid, job_id=inp.job_id, generation=inp.generation, emitted_at=now,
-            producer=policy.producer, plan_id=pid, incident_ids=ids, supersedes=supersedes,
-            target_generation=target_gen, world_size=world_size,
-            restart_ranks=tuple(inp.rank[restart_ranks].tolist()),
-            faulty_nodes=faulty_nodes, replacements=tuple(replacements),
-            transfers=tuple(transfers), recovery_step=recovery_step, rebuild_groups=groups_,
-            quarantine_nodes=tuple(quarantine), fallback=fallback,
-            steps_lost_estimate=steps_lost, reasons=tuple(reasons))
+class _Draft:
+    """What every outcome of one plan() call shares (ids, generation, superseded plan, faulty
+    and quarantined nodes, the reasons so far), and the three outcomes."""
 
-    next_step = inp.committed_step + 1
-    transfers, lost = choose_sources(inp, restart_pos, healthy)
-    if lost:
-        # Nothing alive holds these shards' state and no checkpoint restore is implemented: a
-        # plan could only end in a job that resumes with missing state. Say so instead.
+    def __init__(self, inp: PlanInput, ids: tuple[str, ...], now: float, policy: Policy,
+                 reasons: list[str], quarantine: list[str], faulty_idx: list[int],
+                 supersedes: str | None) -> None:
+        self.inp, self.ids, self.now, self.policy = inp, ids, now, policy
+        self.reasons, self.quarantine, self.supersedes = reasons, quarantine, supersedes
+        self.target_gen = inp.generation + 1
+        self.next_step = inp.committed_step + 1
+        self.faulty_nodes = tuple(inp.node_ids[n] for n in faulty_idx)
+        if supersedes:
+            reasons.append(f"supersedes {supersedes}: covers {len(ids)} open incidents")
+
+    def lost_shards(self, lost: list[int]) -> Escalation:
+        """Nothing alive holds these shards' state and no checkpoint restore is implemented: a
+        plan could only end in a job that resumes with missing state. Say so instead."""
+        inp, policy = self.inp, self.policy
         ck = "unknown" if policy.checkpoint_step is None else str(policy.checkpoint_step)
         why = "; ".join(f"every replica of shard {s} lost and no checkpoint restore is implemented"
                         for s in lost)
-        return Escalation(event_id=plan_id_for(inp.job_id, ids, target_gen, Fallback.CHECKPOINT)
+        return Escalation(event_id=plan_id_for(inp.job_id, self.ids, self.target_gen, Fallback.CHECKPOINT)
                           .replace("plan-", "esc-"),
-                          job_id=inp.job_id, generation=inp.generation, emitted_at=now,
-                          producer=policy.producer, incident_ids=ids,
-                          reason="; ".join([*reasons, f"{why} (last durable checkpoint step {ck}): "
+                          job_id=inp.job_id, generation=inp.generation, emitted_at=self.now,
+                          producer=policy.producer, incident_ids=self.ids,
+                          reason="; ".join([*self.reasons, f"{why} (last durable checkpoint step {ck}): "
                                             "restart the job from its checkpoint"]))
-    if lacking:
+
+    def wait_for_capacity(self, lacking: list[Group], restart_pos: np.ndarray) -> RecoveryPlan:
+        inp = self.inp
         need = sum(len(g.positions) for g in lacking)
         names = [inp.node_ids[g.node] for g in lacking]
-        reasons.append(f"no spare capacity: {need} standby slots needed for {names}; waiting "
-                       "for capacity")
-        return build(Fallback.WAIT, restart_ranks=restart_pos, replacements=[], transfers=[],
-                     world_size=inp.world_size, groups_=rebuild_groups(inp, restart_pos),
-                     recovery_step=next_step)
+        self.reasons.append(f"no spare capacity: {need} standby slots needed for {names}; waiting "
+                            "for capacity")
+        return self._build(Fallback.WAIT, restart_ranks=restart_pos, replacements=[], transfers=[],
+                           groups_=rebuild_groups(inp, restart_pos))
 
-    # Plain dicts: the plan model validates them all in one (compiled) pass, much cheaper than
-    # one model object per restarted rank.
-    moves.sort()
-    at = np.fromiter((m[0] for m in moves), dtype=np.int64, count=len(moves))
-    replacements = [{"rank": r, "from_node": inp.node_ids[f], "to_node": inp.node_ids[t],
-                     "local_rank": lr, "mode": mode}
-                    for r, f, lr, (_, t, mode) in zip(inp.rank[at].tolist(), inp.node_of[at].tolist(),
-                                                      inp.local_rank[at].tolist(), moves)]
-    groups_ = rebuild_groups(inp, restart_pos)
-    reasons.append(f"restart {restart_pos.size} ranks on {len(faulty_nodes)} faulty nodes, "
-                   f"resume at step {next_step}")
-    return build(Fallback.NONE, restart_ranks=restart_pos, replacements=replacements,
-                 transfers=transfers, world_size=inp.world_size, groups_=groups_,
-                 recovery_step=next_step)
+    def recovery(self, moves: list[tuple[int, int, str]], restart_pos: np.ndarray,
+                 transfers: list[dict[str, int]]) -> RecoveryPlan:
+        # Plain dicts: the plan model validates them all in one (compiled) pass, much cheaper than
+        # one model object per restarted rank.
+        inp = self.inp
+        moves = sorted(moves)
+        at = np.fromiter((m[0] for m in moves), dtype=np.int64, count=len(moves))
+        replacements = [{"rank": r, "from_node": inp.node_ids[f], "to_node": inp.node_ids[t],
+                         "local_rank": lr, "mode": mode}
+                        for r, f, lr, (_, t, mode) in zip(inp.rank[at].tolist(), inp.node_of[at].tolist(),
+                                                          inp.local_rank[at].tolist(), moves)]
+        groups_ = rebuild_groups(inp, restart_pos)
+        self.reasons.append(f"restart {restart_pos.size} ranks on {len(self.faulty_nodes)} faulty nodes, "
+                            f"resume at step {self.next_step}")
+        return self._build(Fallback.NONE, restart_ranks=restart_pos, replacements=replacements,
+                           transfers=transfers, groups_=groups_)
+
+    def _build(self, fallback: Fallback, *, restart_ranks: np.ndarray, replacements: list[dict[str, Any]],
+               transfers: list[dict[str, int]], groups_: tuple[str, ...]) -> RecoveryPlan:
+        inp = self.inp
+        pid = plan_id_for(inp.job_id, self.ids, self.target_gen, fallback)
+        return RecoveryPlan(
+            event_id=pid, job_id=inp.job_id, generation=inp.generation, emitted_at=self.now,
+            producer=self.policy.producer, plan_id=pid, incident_ids=self.ids,
+            supersedes=self.supersedes, target_generation=self.target_gen,
+            world_size=inp.world_size, restart_ranks=tuple(inp.rank[restart_ranks].tolist()),
+            faulty_nodes=self.faulty_nodes, replacements=tuple(replacements),
+            transfers=tuple(transfers), recovery_step=self.next_step, rebuild_groups=groups_,
+            quarantine_nodes=tuple(self.quarantine), fallback=fallback,
+            steps_lost_estimate=0, reasons=tuple(self.reasons))
 
 
 def rebuild_groups(inp: PlanInput, restart_pos: np.ndarray) -> tuple[str, ...]:

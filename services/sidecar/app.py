@@ -26,7 +26,7 @@ from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, LogEvent,
                                           NodeHeartbeat, NodeRole, RankReport, RankState,
                                           RankColumns, RankStatus, ReportColumns, WorkerExit)
-from flashrecovery.shared.settings import Settings
+from flashrecovery.shared.settings import Settings, agent_env
 
 from .core import (CommandGate, RegistryView, TokenBucket, WorkerPlace, command_refusal, node_rank, prefilter,
                    ranks_to_kill, reports_stages, stage_failure, stage_reached, worker_argv, worker_env)
@@ -151,7 +151,7 @@ class SidecarService:
             local_world_size=self.cfg.local_world_size or len(hosted) or self.cfg.capacity,
             world_size=self.cfg.world_size, generation=self.gate.generation, rdzv=self.s.rdzv or "",
             agent_socket=str(self.sock_path), local_rank_base=self.cfg.local_rank_base))
-        env.setdefault("FLASHRECOVERY_REBUILD_TIMEOUT_S", str(self.cfg.rebuild_timeout_s))
+        env.setdefault(agent_env("rebuild_timeout_s"), str(self.cfg.rebuild_timeout_s))
         argv = worker_argv(sys.executable, "" if self.cfg.worker_script else self.cfg.worker_module,
                            self.cfg.worker_script, shlex.split(self.cfg.worker_args))
         nice = self.cfg.worker_nice

@@ -9,6 +9,7 @@ from typing import Any
 from dataclasses import dataclass, field
 
 from flashrecovery.shared.schemas import ExecutorCommand
+from flashrecovery.shared.settings import agent_env
 
 # A cheap first pass only: anything that smells like an error goes to the detector, which owns
 # the real signature catalog. Keeping this broad costs a few log events; missing a line costs a
@@ -178,8 +179,8 @@ class WorkerPlace:
 
 
 def worker_env(base: dict[str, str], place: WorkerPlace) -> dict[str, str]:
-    """The environment of one worker: `base` (the sidecar's own), the FLASHRECOVERY_* settings
-    the agent reads, and what torchrun gives its workers, so that an unmodified script's
+    """The environment of one worker: `base` (the sidecar's own), the FLASHRECOVERY_AGENT_*
+    settings the agent reads (shared.settings.AgentSettings), and what torchrun gives its workers, so that an unmodified script's
     `init_process_group()` (env://, torch/distributed/rendezvous.py) finds RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT and, with TORCHELASTIC_USE_AGENT_STORE=True, connects to the
     job's rendezvous store as a client instead of hosting one on rank 0.
@@ -189,11 +190,11 @@ def worker_env(base: dict[str, str], place: WorkerPlace) -> dict[str, str]:
     replaces single ranks in place. GROUP_RANK is -1 on a spare node (no node rank of its own)."""
     env = {k: v for k, v in base.items() if k not in TORCHRUN_VARS}
     env.update({
-        "FLASHRECOVERY_JOB_ID": place.job_id, "FLASHRECOVERY_NODE_ID": place.node_id,
-        "FLASHRECOVERY_LOCAL_RANK": str(place.local_rank),
-        "FLASHRECOVERY_WORLD_SIZE": str(place.world_size),
-        "FLASHRECOVERY_GENERATION": str(place.generation),
-        "FLASHRECOVERY_RDZV": place.rdzv, "FLASHRECOVERY_AGENT_SOCKET": place.agent_socket,
+        agent_env("job_id"): place.job_id, agent_env("node_id"): place.node_id,
+        agent_env("local_rank"): str(place.local_rank),
+        agent_env("world_size"): str(place.world_size),
+        agent_env("generation"): str(place.generation),
+        agent_env("rdzv"): place.rdzv, agent_env("socket"): place.agent_socket,
         "PYTHONUNBUFFERED": "1",
         "LOCAL_RANK": str(place.local_rank_base + place.local_rank), "WORLD_SIZE": str(place.world_size),
         "LOCAL_WORLD_SIZE": str(place.local_world_size), "GROUP_RANK": str(place.node_rank),
@@ -208,15 +209,15 @@ def worker_env(base: dict[str, str], place: WorkerPlace) -> dict[str, str]:
     if host and port.isdigit():
         env["MASTER_ADDR"], env["MASTER_PORT"] = host, port
     if place.rank is None:
-        env["FLASHRECOVERY_STANDBY"] = "1"
-        env.pop("FLASHRECOVERY_RANK", None)
-        env.pop("FLASHRECOVERY_FAULT", None)  # faults are injected into ranks, never standbys
+        env[agent_env("standby")] = "1"
+        env.pop(agent_env("rank"), None)
+        env.pop(agent_env("fault"), None)  # faults are injected into ranks, never standbys
     else:
-        env["FLASHRECOVERY_RANK"] = env["RANK"] = env["ROLE_RANK"] = str(place.rank)
-        env.pop("FLASHRECOVERY_STANDBY", None)
+        env[agent_env("rank")] = env["RANK"] = env["ROLE_RANK"] = str(place.rank)
+        env.pop(agent_env("standby"), None)
     # Eager gloo connect: lazy pair set-up deadlocked on the first tp allreduce with 8 ranks
     # here (torch 2.13), while eager set-up is a few ms per group at this size.
-    env.setdefault("FLASHRECOVERY_GLOO_LAZY", "0")
+    env.setdefault(agent_env("gloo_lazy"), "0")
     return env
 
 

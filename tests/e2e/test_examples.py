@@ -130,4 +130,4 @@ def test_ddp_tp_example_recovers_from_a_kill_in_the_gradient_allreduce_bitwise(t
         (tmp_path / d).mkdir()
     _check(tmp_path, "examples/ddp_tp_mlp/train.py", ["--tp", "2", "--steps", "24"], killed=1,
            launcher=("--tp", "2"),
-           fault_env={"FLASHRECOVERY_FAULT": "kind=kill,rank=1,step=12,phase=grad_sync"})
+           fault_env={"FLASHRECOVERY_AGENT_FAULT": "kind=kill,rank=1,step=12,phase=grad_sync"})

@@ -137,7 +137,7 @@ def test_settings_come_from_torchrun_variables_without_flashrecovery_ones() -> N
            "MASTER_PORT": "29555", "TORCHELASTIC_RUN_ID": "j1"}
     s = settings_from_env(env)
     assert (s.rank, s.local_rank, s.world_size, s.rdzv, s.job_id) == (3, 1, 4, "127.0.0.1:29555", "j1")
-    assert s.agent_socket is None  # no sidecar: it trains, it cannot recover
+    assert s.socket is None  # no sidecar: it trains, it cannot recover
 
 
 @pytest.mark.timeout(60)
@@ -158,8 +158,8 @@ def test_a_ddp_that_would_relayout_its_buckets_or_uses_another_group_is_refused(
 def test_a_script_tp_other_than_the_launchers_is_refused(monkeypatch: Any) -> None:
     import flashrecovery.agent as fr
 
-    monkeypatch.setenv("FLASHRECOVERY_TP", "1")
-    monkeypatch.setenv("FLASHRECOVERY_RANK", "0")
+    monkeypatch.setenv("FLASHRECOVERY_AGENT_TP", "1")
+    monkeypatch.setenv("FLASHRECOVERY_AGENT_RANK", "0")
     with pytest.raises(ValueError, match="tp=2 but the job was launched with --tp 1"):
         fr.init(tp=2)
 

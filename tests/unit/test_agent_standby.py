@@ -31,7 +31,7 @@ def test_assigned_standby_reports_paused_on_pause() -> None:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(path)
         server.listen(1)
-        settings = AgentSettings(standby=True, agent_socket=path, world_size=2,
+        settings = AgentSettings(standby=True, socket=path, world_size=2,
                                  rdzv=f"127.0.0.1:{master.port}", command_timeout_s=20)
         agent = RecoveryAgent(settings)
         outcome: list[BaseException] = []

@@ -84,26 +84,26 @@ def _place(rank=3, **kw) -> WorkerPlace:
 
 
 def test_a_ranked_worker_gets_torchruns_environment_and_the_agents():
-    base = {"PATH": "/bin", "RANK": "99", "MASTER_PORT": "1", "FLASHRECOVERY_STANDBY": "1"}
+    base = {"PATH": "/bin", "RANK": "99", "MASTER_PORT": "1", "FLASHRECOVERY_AGENT_STANDBY": "1"}
     env = worker_env(base, _place())
     assert {k: env[k] for k in TORCHRUN_VARS} == {
         "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
         "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "3", "ROLE_NAME": "default", "ROLE_WORLD_SIZE": "4",
         "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29511", "TORCHELASTIC_USE_AGENT_STORE": "True",
         "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_RUN_ID": "job-1", "TORCHELASTIC_MAX_RESTARTS": "0"}
-    assert env["FLASHRECOVERY_RANK"] == "3" and env["FLASHRECOVERY_LOCAL_RANK"] == "1"
-    assert env["FLASHRECOVERY_WORLD_SIZE"] == "4" and env["FLASHRECOVERY_GENERATION"] == "2"
-    assert env["FLASHRECOVERY_RDZV"] == "10.0.0.5:29511" and env["FLASHRECOVERY_AGENT_SOCKET"] == "/tmp/a.sock"
-    assert env["FLASHRECOVERY_JOB_ID"] == "job-1" and env["FLASHRECOVERY_NODE_ID"] == "node-1"
-    assert "FLASHRECOVERY_STANDBY" not in env and env["PATH"] == "/bin"
+    assert env["FLASHRECOVERY_AGENT_RANK"] == "3" and env["FLASHRECOVERY_AGENT_LOCAL_RANK"] == "1"
+    assert env["FLASHRECOVERY_AGENT_WORLD_SIZE"] == "4" and env["FLASHRECOVERY_AGENT_GENERATION"] == "2"
+    assert env["FLASHRECOVERY_AGENT_RDZV"] == "10.0.0.5:29511" and env["FLASHRECOVERY_AGENT_SOCKET"] == "/tmp/a.sock"
+    assert env["FLASHRECOVERY_AGENT_JOB_ID"] == "job-1" and env["FLASHRECOVERY_AGENT_NODE_ID"] == "node-1"
+    assert "FLASHRECOVERY_AGENT_STANDBY" not in env and env["PATH"] == "/bin"
     assert base["RANK"] == "99"  # the input is not changed
 
 
 def test_a_standby_gets_no_rank_and_no_fault():
-    env = worker_env({"RANK": "0", "ROLE_RANK": "0", "FLASHRECOVERY_RANK": "0", "FLASHRECOVERY_FAULT": "kind=ecc"},
+    env = worker_env({"RANK": "0", "ROLE_RANK": "0", "FLASHRECOVERY_AGENT_RANK": "0", "FLASHRECOVERY_AGENT_FAULT": "kind=ecc"},
                      _place(rank=None, node_rank=-1))
-    assert env["FLASHRECOVERY_STANDBY"] == "1"
-    for gone in ("RANK", "ROLE_RANK", "FLASHRECOVERY_RANK", "FLASHRECOVERY_FAULT"):
+    assert env["FLASHRECOVERY_AGENT_STANDBY"] == "1"
+    for gone in ("RANK", "ROLE_RANK", "FLASHRECOVERY_AGENT_RANK", "FLASHRECOVERY_AGENT_FAULT"):
         assert gone not in env
     assert env["WORLD_SIZE"] == "4" and env["GROUP_RANK"] == "-1"
 
@@ -111,7 +111,7 @@ def test_a_standby_gets_no_rank_and_no_fault():
 def test_sidecars_sharing_a_machine_number_local_ranks_across_it():
     env = worker_env({}, _place(rank=5, local_rank=1, node_rank=0, local_world_size=8, local_rank_base=4))
     assert (env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"], env["GROUP_WORLD_SIZE"]) == ("5", "8", "0", "1")
-    assert env["FLASHRECOVERY_LOCAL_RANK"] == "1"  # the agent's: the position on its sidecar
+    assert env["FLASHRECOVERY_AGENT_LOCAL_RANK"] == "1"  # the agent's: the position on its sidecar
 
 
 def test_standalone_layout_puts_replicas_on_other_registered_nodes():
