@@ -4,13 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup os-deps bench up torchft-install
+.PHONY: demo test lint setup os-deps bench up torchft-install
 
 demo: setup
 	$(VENV)/bin/flashrecovery demo $(DEMO_ARGS)
 
-test: setup
+# The house rules first (ruff lint + format, import contracts, mypy strict on the cores and
+# shared/: docs/architecture.md "Rooms and arrows"), then the tests.
+test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: setup
+	VENV=$(VENV) scripts/lint.sh
 
 up: setup
 	$(VENV)/bin/flashrecovery up

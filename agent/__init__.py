@@ -26,10 +26,18 @@ from importlib import import_module
 from typing import Any
 
 # Everything loads on first use: importing the package (or its settings) must not import torch.
-_LAZY = {"AgentExit": "agent", "RecoveryAgent": "agent", "StepBatches": "data",
-         "ManagedAgent": "managed", "init": "managed", "step_seed": "managed",
-         "RecoverableGroup": "process_group", "Stateful": "transfer", "TrainingState": "transfer",
-         "state_digest": "transfer"}
+_LAZY = {
+    "AgentExit": "agent",
+    "RecoveryAgent": "agent",
+    "StepBatches": "data",
+    "ManagedAgent": "managed",
+    "init": "managed",
+    "step_seed": "managed",
+    "RecoverableGroup": "process_group",
+    "Stateful": "transfer",
+    "TrainingState": "transfer",
+    "state_digest": "transfer",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,5 +46,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AgentExit", "ManagedAgent", "RecoverableGroup", "RecoveryAgent", "Stateful", "StepBatches",
-           "TrainingState", "init", "state_digest", "step_seed"]
+__all__ = [
+    "AgentExit",
+    "ManagedAgent",
+    "RecoverableGroup",
+    "RecoveryAgent",
+    "Stateful",
+    "StepBatches",
+    "TrainingState",
+    "init",
+    "state_digest",
+    "step_seed",
+]

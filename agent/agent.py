@@ -30,7 +30,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 import torch
@@ -56,8 +57,7 @@ from .groups import (
     print_failure,
 )
 from .settings import AgentSettings
-from .transfer import (Stateful, TrainingState, TransferError, TransferResult, recv_state,
-                       send_state)
+from .transfer import Stateful, TrainingState, TransferError, TransferResult, recv_state, send_state
 
 
 class AgentExit(SystemExit):
@@ -75,8 +75,7 @@ def _make_logger(rank: Any) -> Any:
 
 
 class RecoveryAgent:
-    def __init__(self, settings: AgentSettings, tp: int = 1,
-                 factory: GroupFactory | None = None) -> None:
+    def __init__(self, settings: AgentSettings, tp: int = 1, factory: GroupFactory | None = None) -> None:
         self.settings = settings
         self.tp = tp
         self.rank: int | None = settings.rank
@@ -89,8 +88,7 @@ class RecoveryAgent:
             if settings.backend == "nccl":
                 factory = NcclGroupFactory()
             else:
-                factory = GlooGroupFactory(lazy_init=settings.gloo_lazy,
-                                           connect_timeout_s=settings.rebuild_timeout_s)
+                factory = GlooGroupFactory(lazy_init=settings.gloo_lazy, connect_timeout_s=settings.rebuild_timeout_s)
         self.factory = factory
         self.interruptor = Interruptor()
         self.comm = Comm(self.interruptor)
@@ -120,12 +118,18 @@ class RecoveryAgent:
 
     # ------------------------------------------------------------------ set-up
     @classmethod
-    def from_env(cls, tp: int = 1, **kw: Any) -> "RecoveryAgent":
+    def from_env(cls, tp: int = 1, **kw: Any) -> RecoveryAgent:
         return cls(AgentSettings(), tp=tp, **kw)
 
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-               scheduler: Any = None, before_apply: Callable[[int], None] | None = None,
-               stateful: Mapping[str, Stateful] | None = None) -> None:
+    def attach(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any = None,
+        before_apply: Callable[[int], None] | None = None,
+        stateful: Mapping[str, Stateful] | None = None,
+    ) -> None:
         """Register the training state (transfer.TrainingState: what a replaced rank receives).
 
         ``scheduler``: an LR scheduler the agent steps once after every optimizer step it
@@ -157,8 +161,12 @@ class RecoveryAgent:
             return self._standby_wait()
         assert self.rank is not None, "FLASHRECOVERY_AGENT_RANK is required for a non-standby worker"
         self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
-        self.log.info("started", generation=self.generation, world_size=self.world_size,
-                      build_s=round(self.groups.build_s, 4) if self.groups else None)
+        self.log.info(
+            "started",
+            generation=self.generation,
+            world_size=self.world_size,
+            build_s=round(self.groups.build_s, 4) if self.groups else None,
+        )
         return self.applied_step + 1
 
     def _connect(self) -> None:
@@ -166,14 +174,20 @@ class RecoveryAgent:
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 pid`: stacks
         if self.settings.socket:
             self.conn = ch.Connection.connect(self.settings.socket)
-            self._reader = threading.Thread(target=self._read_loop, name="flashrecovery-control",
-                                            daemon=True)
+            self._reader = threading.Thread(target=self._read_loop, name="flashrecovery-control", daemon=True)
             self._reader.start()
             self._install_excepthook()
-        self.store = dist.TCPStore(self.settings.rdzv_host, self.settings.rdzv_port,
-                                   is_master=False, timeout=datetime.timedelta(seconds=300))
-        self._send(ch.Hello(pid=os.getpid(), rank=None if self.standby else self.rank,
-                            local_rank=self.local_rank, standby=self.standby))
+        self.store = dist.TCPStore(
+            self.settings.rdzv_host, self.settings.rdzv_port, is_master=False, timeout=datetime.timedelta(seconds=300)
+        )
+        self._send(
+            ch.Hello(
+                pid=os.getpid(),
+                rank=None if self.standby else self.rank,
+                local_rank=self.local_rank,
+                standby=self.standby,
+            )
+        )
 
     def _awaits_state(self) -> bool:
         return self.standby or (self.generation > 0 and self.conn is not None)
@@ -212,9 +226,13 @@ class RecoveryAgent:
         assert self.store is not None and self.rank is not None
         self.store.set_timeout(datetime.timedelta(seconds=self.settings.rebuild_timeout_s))
         arrived = f"flashrecovery/{self.settings.job_id}/g{self.generation}/arrived"
-        self.barrier_polls = arrival_barrier(self.store, arrived, self.world_size,
-                                             self._abandon_rebuild,
-                                             arrival_timeout_s or self.settings.rebuild_timeout_s)
+        self.barrier_polls = arrival_barrier(
+            self.store,
+            arrived,
+            self.world_size,
+            self._abandon_rebuild,
+            arrival_timeout_s or self.settings.rebuild_timeout_s,
+        )
         try:
             self.groups = self._build_interruptibly()
         except RuntimeError as exc:  # store timeout, connect failure
@@ -310,9 +328,14 @@ class RecoveryAgent:
         self.vote_step = step
         self.faults.maybe(self.rank, step, "optimizer")
         self._apply(step)
-        self._send(ch.Step(rank=self.rank, step=step,
-                           step_time_s=round(time.perf_counter() - self._t_step, 6),
-                           generation=self.generation))
+        self._send(
+            ch.Step(
+                rank=self.rank,
+                step=step,
+                step_time_s=round(time.perf_counter() - self._t_step, 6),
+                generation=self.generation,
+            )
+        )
         self._step = None
         return step + 1
 
@@ -348,8 +371,7 @@ class RecoveryAgent:
         so it must leave and be replaced from a replica, never pause as a survivor of step k+1.
         """
         if self._applying is not None:
-            self.log.error("torn optimizer step: leaving to be replaced", step=self._applying,
-                           error=repr(exc))
+            self.log.error("torn optimizer step: leaving to be replaced", step=self._applying, error=repr(exc))
             raise exc
         if not isinstance(exc, Interrupted):
             if not self.interruptor.interrupted:
@@ -363,18 +385,28 @@ class RecoveryAgent:
             self.groups = None
             self.comm.groups = None
         self._step = None
-        self.log.info("paused", why=why, generation=self.generation,
-                      applied_step=self.applied_step, grads_step=self.grads_step,
-                      vote_step=self.vote_step)
+        self.log.info(
+            "paused",
+            why=why,
+            generation=self.generation,
+            applied_step=self.applied_step,
+            grads_step=self.grads_step,
+            vote_step=self.vote_step,
+        )
         self._send_paused()
 
     def _send_paused(self) -> None:
-        self._send(ch.Paused(rank=self.rank, generation=self.generation,
-                             applied_step=self.applied_step, grads_step=self.grads_step,
-                             vote_step=self.vote_step))
+        self._send(
+            ch.Paused(
+                rank=self.rank,
+                generation=self.generation,
+                applied_step=self.applied_step,
+                grads_step=self.grads_step,
+                vote_step=self.vote_step,
+            )
+        )
 
-    def _recover_loop(self, exc: BaseException | None = None,
-                      first: ch.Recover | None = None) -> int:
+    def _recover_loop(self, exc: BaseException | None = None, first: ch.Recover | None = None) -> int:
         if exc is not None:
             self.interruptor.interrupt(str(exc))  # a self-detected failure also stops this rank
             self._enter_paused(f"{type(exc).__name__}: {exc}")
@@ -390,8 +422,7 @@ class RecoveryAgent:
                 raise AgentExit(0)
             elif isinstance(cmd, ch.Recover):
                 if cmd.generation <= self.generation:
-                    self.log.info("stale recover dropped", got=cmd.generation,
-                                  generation=self.generation)
+                    self.log.info("stale recover dropped", got=cmd.generation, generation=self.generation)
                 else:
                     try:
                         return self._do_recover(cmd)
@@ -414,17 +445,22 @@ class RecoveryAgent:
         self._build_groups()
         self.comm.global_allreduce(torch.ones(1), "rebuild check allreduce")
         t_rebuilt = time.perf_counter()
-        self._send(ch.Progress(rank=self.rank, generation=self.generation, phase="rebuilt",
-                               seconds=round(t_rebuilt - t0, 6)))
-        record: dict[str, Any] = {"generation": self.generation, "rebuild_s": t_rebuilt - t0,
-                                  "build_s": self.groups.build_s}
+        self._send(
+            ch.Progress(rank=self.rank, generation=self.generation, phase="rebuilt", seconds=round(t_rebuilt - t0, 6))
+        )
+        record: dict[str, Any] = {
+            "generation": self.generation,
+            "rebuild_s": t_rebuilt - t0,
+            "build_s": self.groups.build_s,
+        }
         receiving = [t for t in cmd.transfers if t.dst == self.rank]
         sending = [t for t in cmd.transfers if t.src == self.rank]
         if cmd.commit_step is not None and not receiving and self.applied_step < cmd.commit_step:
             if self.applied_step != cmd.commit_step - 1 or self.grads_step != cmd.commit_step:
                 raise _RecoveryFailed(
                     f"cannot commit step {cmd.commit_step}: applied {self.applied_step}, "
-                    f"holding gradients of {self.grads_step}")
+                    f"holding gradients of {self.grads_step}"
+                )
             self._apply(cmd.commit_step)
             self.vote_step = cmd.commit_step
             self.log.info("committed in recovery", step=cmd.commit_step)
@@ -440,9 +476,11 @@ class RecoveryAgent:
         for t in receiving:
             if tp_shard(t.src, self.tp) != tp_shard(self.rank, self.tp):
                 # Same shapes, another shard's values: nothing downstream would notice.
-                raise _RecoveryFailed(f"state source rank {t.src} holds tp shard {tp_shard(t.src, self.tp)}, "
-                                      f"rank {self.rank} is shard {tp_shard(self.rank, self.tp)} (tp {self.tp}): "
-                                      "the job's registered tp differs from the script's")
+                raise _RecoveryFailed(
+                    f"state source rank {t.src} holds tp shard {tp_shard(t.src, self.tp)}, "
+                    f"rank {self.rank} is shard {tp_shard(self.rank, self.tp)} (tp {self.tp}): "
+                    "the job's registered tp differs from the script's"
+                )
             try:
                 res = recv_state(self.comm, t.src, self.state)
             except TransferError as exc:
@@ -455,20 +493,35 @@ class RecoveryAgent:
             self.grads_step = None
         nbytes = sum(r.bytes for r in results)
         t_restored = time.perf_counter()
-        self._send(ch.Progress(rank=self.rank, generation=self.generation, phase="restored",
-                               seconds=round(t_restored - t_rebuilt, 6),
-                               bytes=nbytes if results else None, digest_ok=digest_ok))
+        self._send(
+            ch.Progress(
+                rank=self.rank,
+                generation=self.generation,
+                phase="restored",
+                seconds=round(t_restored - t_rebuilt, 6),
+                bytes=nbytes if results else None,
+                digest_ok=digest_ok,
+            )
+        )
         if self.applied_step != cmd.resume_step - 1:
             raise _RecoveryFailed(f"resume at {cmd.resume_step} but applied {self.applied_step}")
-        self._send(ch.Progress(rank=self.rank, generation=self.generation, phase="resumed",
-                               seconds=round(time.perf_counter() - t0, 6)))
+        self._send(
+            ch.Progress(
+                rank=self.rank, generation=self.generation, phase="resumed", seconds=round(time.perf_counter() - t0, 6)
+            )
+        )
         t_reap = time.perf_counter()
         reaped = self.factory.reap()
-        record.update(transfer_s=t_restored - t_rebuilt, bytes=nbytes, resume_step=cmd.resume_step,
-                      reaped=reaped, reap_s=time.perf_counter() - t_reap, gloo_loops=gloo_loop_threads())
+        record.update(
+            transfer_s=t_restored - t_rebuilt,
+            bytes=nbytes,
+            resume_step=cmd.resume_step,
+            reaped=reaped,
+            reap_s=time.perf_counter() - t_reap,
+            gloo_loops=gloo_loop_threads(),
+        )
         self.recoveries.append(record)
-        self.log.info("resumed", **{k: (round(v, 4) if isinstance(v, float) else v)
-                                    for k, v in record.items()})
+        self.log.info("resumed", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()})
         return cmd.resume_step
 
     def _before_transfers(self) -> None:
@@ -492,8 +545,7 @@ class RecoveryAgent:
             if isinstance(cmd, ch.Stop):
                 break
             if isinstance(cmd, ch.Pause):
-                self.interruptor.interrupt(f"pause g{cmd.generation} after done",
-                                           generation=cmd.generation)
+                self.interruptor.interrupt(f"pause g{cmd.generation} after done", generation=cmd.generation)
                 self._recover_loop(exc=PauseRequested(f"pause g{cmd.generation} after done"))
 
     def close(self) -> None:
@@ -503,7 +555,8 @@ class RecoveryAgent:
         sys.stdout.flush()
         sys.stderr.flush()
         if any(t.is_alive() for t in self._orphan_builds) or (
-                isinstance(self.factory, GlooGroupFactory) and self.factory.graveyard):
+            isinstance(self.factory, GlooGroupFactory) and self.factory.graveyard
+        ):
             # Old generations may hold gloo worker threads stuck in abandoned collectives; their
             # destructors would join them at interpreter exit. Leave without running them.
             os._exit(0)
@@ -533,12 +586,10 @@ class RecoveryAgent:
             for msg in self.conn.messages():
                 if isinstance(msg, ch.Pause):
                     if msg.generation < self.generation:
-                        self.log.info("stale pause dropped", got=msg.generation,
-                                      generation=self.generation)
+                        self.log.info("stale pause dropped", got=msg.generation, generation=self.generation)
                         continue
                     self._pause_gen = max(self._pause_gen, msg.generation)
-                    self.interruptor.interrupt(f"pause g{msg.generation} from sidecar",
-                                               generation=msg.generation)
+                    self.interruptor.interrupt(f"pause g{msg.generation} from sidecar", generation=msg.generation)
                 self._cmds.put(msg)
         except (OSError, ValueError) as exc:
             self.log.warning("sidecar channel error", error=repr(exc))

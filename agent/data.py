@@ -11,21 +11,31 @@ be moved or checkpointed, and it is the same whichever rank computes it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import default_collate
 
 
 class StepBatches:
-    def __init__(self, dataset: Sequence[Any], batch_size: int, *, dp_index: int, dp_size: int,
-                 seed: int = 0, shuffle: bool = True,
-                 collate_fn: Callable[[list[Any]], Any] = default_collate) -> None:
+    def __init__(
+        self,
+        dataset: Sequence[Any],
+        batch_size: int,
+        *,
+        dp_index: int,
+        dp_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        collate_fn: Callable[[list[Any]], Any] = default_collate,
+    ) -> None:
         if batch_size < 1 or dp_size < 1 or not 0 <= dp_index < dp_size:
             raise ValueError(f"batch_size {batch_size}, dp_index {dp_index}, dp_size {dp_size}")
         if len(dataset) < batch_size * dp_size:
-            raise ValueError(f"dataset of {len(dataset)} items is smaller than one global batch "
-                             f"({batch_size} x {dp_size})")
+            raise ValueError(
+                f"dataset of {len(dataset)} items is smaller than one global batch ({batch_size} x {dp_size})"
+            )
         self.dataset, self.batch_size = dataset, batch_size
         self.dp_index, self.dp_size = dp_index, dp_size
         self.seed, self.shuffle, self.collate_fn = seed, shuffle, collate_fn
@@ -43,7 +53,7 @@ class StepBatches:
         else:
             order = torch.arange(len(self.dataset))
         start = k * self.global_batch + self.dp_index * self.batch_size
-        return order[start:start + self.batch_size].tolist()
+        return order[start : start + self.batch_size].tolist()
 
     def __call__(self, step: int) -> Any:
         return self.collate_fn([self.dataset[i] for i in self.indices(step)])

@@ -31,7 +31,7 @@ class FaultSpec:
     phase: str = "forward"
 
     @classmethod
-    def parse(cls, spec: str) -> "FaultSpec":
+    def parse(cls, spec: str) -> FaultSpec:
         kv = dict(part.split("=", 1) for part in spec.split(",") if part.strip())
         f = cls(kv["kind"], int(kv["rank"]), int(kv["step"]), kv.get("phase", "forward"))
         if f.kind not in KINDS or f.phase not in PHASES:
@@ -62,16 +62,24 @@ class FaultInjector:
     @staticmethod
     def fire(f: FaultSpec) -> None:
         pid = os.getpid()
-        print(f"flashrecovery-fault: inject kind={f.kind} rank={f.rank} step={f.step} "
-              f"phase={f.phase} pid={pid} t={time.time():.6f}", file=sys.stderr, flush=True)
+        print(
+            f"flashrecovery-fault: inject kind={f.kind} rank={f.rank} step={f.step} "
+            f"phase={f.phase} pid={pid} t={time.time():.6f}",
+            file=sys.stderr,
+            flush=True,
+        )
         if f.kind == "kill":
             os.kill(pid, signal.SIGKILL)
         elif f.kind == "hang":
             os.kill(pid, signal.SIGSTOP)
         elif f.kind == "ecc":
-            print(f"NVRM: Xid (PCI:0000:3b:00): 48, pid={pid}, name=python, An uncorrectable "
-                  f"double bit error (DBE) has been detected on GPU in the framebuffer at "
-                  f"partition 2, subpartition 0.", file=sys.stderr, flush=True)
+            print(
+                f"NVRM: Xid (PCI:0000:3b:00): 48, pid={pid}, name=python, An uncorrectable "
+                f"double bit error (DBE) has been detected on GPU in the framebuffer at "
+                f"partition 2, subpartition 0.",
+                file=sys.stderr,
+                flush=True,
+            )
             while True:  # a device with an uncorrectable error: nothing useful happens any more
                 time.sleep(1.0)
         elif f.kind == "exception":

@@ -12,12 +12,11 @@ def flatten_grads(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor],
     return grads, torch.cat([g.detach().reshape(-1).cpu() for g in grads])
 
 
-def unflatten_into_grads(params: list[torch.nn.Parameter], grads: list[torch.Tensor],
-                         flat: torch.Tensor) -> None:
+def unflatten_into_grads(params: list[torch.nn.Parameter], grads: list[torch.Tensor], flat: torch.Tensor) -> None:
     off = 0
     for p, g in zip(params, grads):
         n = g.numel()
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad.copy_(flat[off:off + n].view_as(g))
+        p.grad.copy_(flat[off : off + n].view_as(g))
         off += n

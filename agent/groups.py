@@ -18,8 +18,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -140,8 +141,11 @@ def first_line(exc: BaseException) -> str:
 def print_failure(rank: int | None, what: str, exc: BaseException) -> None:
     """A failed collective or group build, printed like gloo/c10d prints it, so the sidecar's log
     classifier matches the line."""
-    print(f"[rank{rank}]:[E ProcessGroupGloo.cpp] {what} failed: RuntimeError: {first_line(exc)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[rank{rank}]:[E ProcessGroupGloo.cpp] {what} failed: RuntimeError: {first_line(exc)}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def future_of(work: dist.Work) -> object:
@@ -152,8 +156,9 @@ def future_of(work: dist.Work) -> object:
         return _ThreadFuture(work)
 
 
-def arrival_barrier(store: dist.Store, key: str, size: int, abandon: Callable[[], str | None],
-                    timeout_s: float, poll_s: float = 0.005) -> int:
+def arrival_barrier(
+    store: dist.Store, key: str, size: int, abandon: Callable[[], str | None], timeout_s: float, poll_s: float = 0.005
+) -> int:
     """Wait until ``size`` members have arrived at ``key``; returns the number of store polls.
 
     Group constructors wait in the store for every member while holding the GIL, so a member
@@ -176,8 +181,7 @@ def arrival_barrier(store: dist.Store, key: str, size: int, abandon: Callable[[]
         if store.add(key, 0) >= size:
             return polls
         if time.monotonic() - t0 > timeout_s:
-            raise CollectiveError(f"{key}: only {store.add(key, 0)} of {size} members arrived "
-                                  f"in {timeout_s} s")
+            raise CollectiveError(f"{key}: only {store.add(key, 0)} of {size} members arrived in {timeout_s} s")
         time.sleep(delay)
         delay = min(delay * 2, poll_s * 4)
 
@@ -257,8 +261,7 @@ class GroupFactory(Protocol):
 
     name: str
 
-    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
-              tp: int) -> Groups: ...
+    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int, tp: int) -> Groups: ...
 
     def abort(self, groups: Groups, pending: list[object] = ()) -> None: ...
 
@@ -281,11 +284,11 @@ class GlooGroupFactory:
     def _device(self) -> object:
         # One fresh device per group: groups sharing one lazily-connecting device cross their
         # pairs (measured: the first tp allreduce times out in `unbound_buffer.cc`).
-        return dist.ProcessGroupGloo.create_device(hostname=self.hostname,
-                                                   lazy_init=self.lazy_init)
+        return dist.ProcessGroupGloo.create_device(hostname=self.hostname, lazy_init=self.lazy_init)
 
-    def _one(self, store: dist.Store, prefix: str, rank: int, size: int,
-             device: object, deadline: float | None = None) -> dist.ProcessGroup:
+    def _one(
+        self, store: dist.Store, prefix: str, rank: int, size: int, device: object, deadline: float | None = None
+    ) -> dist.ProcessGroup:
         opts = dist.ProcessGroupGloo._Options()
         # One budget for the whole build, not one per group: three groups each waiting the full
         # bound for a peer that died after the arrival barrier outlasted the sidecar's pause
@@ -299,18 +302,15 @@ class GlooGroupFactory:
             pg.set_timeout(datetime.timedelta(seconds=self.timeout_s))
         return pg
 
-    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
-              tp: int) -> Groups:
+    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int, tp: int) -> Groups:
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.connect_timeout_s if self.connect_timeout_s else None
         base = f"flashrecovery/{job}/g{generation}"
         dp_index, tp_index = divmod(rank, tp)
         glob = self._one(store, f"{base}/global", rank, world_size, self._device(), deadline)
-        dp_pg = self._one(store, f"{base}/dp{tp_index}", dp_index, world_size // tp,
-                          self._device(), deadline)
+        dp_pg = self._one(store, f"{base}/dp{tp_index}", dp_index, world_size // tp, self._device(), deadline)
         tp_pg = self._one(store, f"{base}/tp{dp_index}", tp_index, tp, self._device(), deadline)
-        return Groups(generation, rank, world_size, tp, glob, dp_pg, tp_pg,
-                      build_s=time.perf_counter() - t0)
+        return Groups(generation, rank, world_size, tp, glob, dp_pg, tp_pg, build_s=time.perf_counter() - t0)
 
     def abort(self, groups: Groups, pending: list[object] = ()) -> None:
         # Kept referenced while a collective abandoned on it may still run: its destructor would
@@ -369,8 +369,7 @@ class NcclGroupFactory:
 
     name: str = "nccl"
 
-    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int,
-              tp: int) -> Groups:
+    def build(self, store: dist.Store, job: str, generation: int, rank: int, world_size: int, tp: int) -> Groups:
         raise NotImplementedError("NCCL group factory: use abort()+new communicator per generation")
 
     def abort(self, groups: Groups, pending: list[object] = ()) -> None:

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -62,10 +63,13 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> AgentSettings:
     env = os.environ if env is None else env
     if agent_env("rank") in env or agent_env("standby") in env or "RANK" not in env:
         return AgentSettings()
-    return AgentSettings(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", "0")),
-                         world_size=int(env.get("WORLD_SIZE", "1")),
-                         rdzv=f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', '29500')}",
-                         job_id=env.get("TORCHELASTIC_RUN_ID", DEFAULT_JOB_ID))
+    return AgentSettings(
+        rank=int(env["RANK"]),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        world_size=int(env.get("WORLD_SIZE", "1")),
+        rdzv=f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', '29500')}",
+        job_id=env.get("TORCHELASTIC_RUN_ID", DEFAULT_JOB_ID),
+    )
 
 
 class ManagedAgent(RecoveryAgent):
@@ -115,11 +119,16 @@ class ManagedAgent(RecoveryAgent):
     def dp_size(self) -> int:
         return self.world_size // self.tp
 
-    def batches(self, dataset: Any, batch_size: int, *, seed: int | None = None,
-                **kw: Any) -> StepBatches:
+    def batches(self, dataset: Any, batch_size: int, *, seed: int | None = None, **kw: Any) -> StepBatches:
         """This replica's batches of ``dataset`` as a function of the step (data.StepBatches)."""
-        return StepBatches(dataset, batch_size, dp_index=self.dp_index, dp_size=self.dp_size,
-                           seed=self.seed if seed is None else seed, **kw)
+        return StepBatches(
+            dataset,
+            batch_size,
+            dp_index=self.dp_index,
+            dp_size=self.dp_size,
+            seed=self.seed if seed is None else seed,
+            **kw,
+        )
 
     def ddp(self, module: torch.nn.Module, **kw: Any) -> DDP:
         """torch's DistributedDataParallel on the data-parallel group, as recovery needs it
@@ -140,8 +149,13 @@ class ManagedAgent(RecoveryAgent):
         assert self.store is not None and self.rank is not None
         self.pgs = install(self, self.store, self.rank, self.world_size, self.tp, default_group)
         atexit.register(self.close)
-        self.log.info("initialised", generation=self.generation, world_size=self.world_size,
-                      awaiting_state=self._awaiting, pid=os.getpid())
+        self.log.info(
+            "initialised",
+            generation=self.generation,
+            world_size=self.world_size,
+            awaiting_state=self._awaiting,
+            pid=os.getpid(),
+        )
 
     def _wait_assigned(self) -> None:
         while self.rank is None:
@@ -158,14 +172,19 @@ class ManagedAgent(RecoveryAgent):
             # The user's code has read its rank already (data slice, groups): it cannot become
             # another rank. Leave: the plan's replace step fails and is replanned.
             self.log.error("reassigned to another rank after init", rank=self.rank, to=cmd.rank)
-            self._send(ch.Error(rank=self.rank, message=f"standby of rank {self.rank} cannot "
-                                                        f"become rank {cmd.rank}"))
+            self._send(ch.Error(rank=self.rank, message=f"standby of rank {self.rank} cannot become rank {cmd.rank}"))
             self.close()
             raise AgentExit(1)
         super()._on_assign(cmd)
 
-    def register(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 scheduler: Any = None, stateful: Mapping[str, Stateful] | None = None) -> None:
+    def register(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any = None,
+        stateful: Mapping[str, Stateful] | None = None,
+    ) -> None:
         """The training state a replaced rank receives (transfer.py's contract), and the hooks:
         ``optimizer.step()`` runs the commit rule; ``scheduler.step()`` becomes the agent's (once
         per applied step, recovery commits included), so a loop's own call is a no-op."""
@@ -187,8 +206,7 @@ class ManagedAgent(RecoveryAgent):
             # The class, not an instance attribute: a scheduler's state_dict is its __dict__.
             cls = type(scheduler)
             self._sched_step = lambda: cls.step(scheduler)
-            scheduler.__class__ = type(f"Managed{cls.__name__}", (cls,),
-                                       {"step": _scheduler_step_by_agent})
+            scheduler.__class__ = type(f"Managed{cls.__name__}", (cls,), {"step": _scheduler_step_by_agent})
 
     def _optimizer_step(self) -> None:
         self._opt_step()
@@ -212,14 +230,14 @@ class ManagedAgent(RecoveryAgent):
             yield step
             if self._next_step is None:  # the body did not reach optimizer.step()
                 if self._broken is None and not self.interruptor.interrupted:
-                    raise RuntimeError(f"step {step}: optimizer.step() was not called (once per "
-                                       "step inside agent.steps())")
+                    raise RuntimeError(
+                        f"step {step}: optimizer.step() was not called (once per step inside agent.steps())"
+                    )
                 step = self._recover_now(CollectiveError(self._broken or "interrupted"))
                 continue
             step = self._next_step
         assert self.state is not None and self.model is not None and self.optimizer is not None
-        self._serve_until_stop(state_digest(self.model, self.optimizer, self.state.stateful,
-                                             self.applied_step))
+        self._serve_until_stop(state_digest(self.model, self.optimizer, self.state.stateful, self.applied_step))
 
     def _begin(self, step: int) -> None:
         assert self.model is not None and self.rank is not None
@@ -271,14 +289,18 @@ def check_ddp(ddp: DDP, agent: ManagedAgent) -> None:
     ``init_sync=False`` is needed too, but DDP does not keep it: a replacement would otherwise
     wait in DDP's constructor for a broadcast nobody sends (agent.ddp sets all three)."""
     if not isinstance(ddp.process_group, RecoverableGroup) or ddp.process_group._session is not agent:
-        raise ValueError("DistributedDataParallel must use the agent's group: "
-                         "DDP(module, process_group=agent.dp_group, init_sync=False, "
-                         "find_unused_parameters=True), or agent.ddp(module)")
+        raise ValueError(
+            "DistributedDataParallel must use the agent's group: "
+            "DDP(module, process_group=agent.dp_group, init_sync=False, "
+            "find_unused_parameters=True), or agent.ddp(module)"
+        )
     if not ddp.find_unused_parameters or ddp.static_graph:
-        raise ValueError("DistributedDataParallel needs find_unused_parameters=True (and no "
-                         "static_graph) to be recoverable: its bucket layout must never change, "
-                         "or a replaced rank's fresh DDP would reduce misaligned gradients. Use "
-                         "agent.ddp(module), or pass find_unused_parameters=True")
+        raise ValueError(
+            "DistributedDataParallel needs find_unused_parameters=True (and no "
+            "static_graph) to be recoverable: its bucket layout must never change, "
+            "or a replaced rank's fresh DDP would reduce misaligned gradients. Use "
+            "agent.ddp(module), or pass find_unused_parameters=True"
+        )
 
 
 def _scheduler_step_by_agent(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -294,8 +316,10 @@ def init(tp: int | None = None, seed: int = 0, *, default_group: bool = True) ->
     if tp is not None and launched is not None and tp != launched:
         # The planner picks state sources by the registered tp: a script that shards otherwise
         # would receive another shard's state after a fault.
-        raise ValueError(f"the script uses tp={tp} but the job was launched with --tp {launched}: "
-                         "pass the same tensor-parallel degree to both")
+        raise ValueError(
+            f"the script uses tp={tp} but the job was launched with --tp {launched}: "
+            "pass the same tensor-parallel degree to both"
+        )
     agent = ManagedAgent(settings, tp=tp or launched or 1, seed=seed)
     agent.open(default_group=default_group)
     return agent

@@ -21,7 +21,8 @@ generation that completes late writes into its own copy, never into a later step
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -85,8 +86,9 @@ class _FutureWork(dist.Work):
 class _Call:
     """One collective in flight: finishes exactly once, by the backend or by an interrupt."""
 
-    def __init__(self, session: GroupSession, what: str, outs: list[torch.Tensor],
-                 copies: list[torch.Tensor], result: Any) -> None:
+    def __init__(
+        self, session: GroupSession, what: str, outs: list[torch.Tensor], copies: list[torch.Tensor], result: Any
+    ) -> None:
         self.session, self.what = session, what
         self.outs, self.copies, self.result = outs, copies, result
         self.fut: Future = Future()
@@ -119,8 +121,7 @@ class _Call:
 
 
 class RecoverableGroup(dist.ProcessGroup):
-    def __init__(self, session: GroupSession, kind: str, rank: int, world_size: int,
-                 tp: int) -> None:
+    def __init__(self, session: GroupSession, kind: str, rank: int, world_size: int, tp: int) -> None:
         self.kind = kind
         self.global_ranks = members(kind, rank, world_size, tp)
         super().__init__(self.global_ranks.index(rank), len(self.global_ranks))
@@ -128,7 +129,7 @@ class RecoverableGroup(dist.ProcessGroup):
         self._group_rank = self.global_ranks.index(rank)
 
     # ------------------------------------------------------------------ identity
-    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+    def getBackendName(self) -> str:
         return "flashrecovery"
 
     def name(self) -> str:
@@ -153,9 +154,14 @@ class RecoverableGroup(dist.ProcessGroup):
             return None
         return {"global": g.global_pg, "dp": g.dp_pg, "tp": g.tp_pg}[self.kind]
 
-    def _run(self, what: str, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor],
-             launch: Callable[[Any, list[torch.Tensor], list[torch.Tensor]], dist.Work],
-             result: Any = None) -> dist.Work:
+    def _run(
+        self,
+        what: str,
+        outs: Sequence[torch.Tensor],
+        ins: Sequence[torch.Tensor],
+        launch: Callable[[Any, list[torch.Tensor], list[torch.Tensor]], dist.Work],
+        result: Any = None,
+    ) -> dist.Work:
         """``launch(backend, in_copies, out_copies)`` starts the collective on host copies;
         ``outs`` receive the out copies on success. In-place collectives pass the same tensors
         as ``outs`` and ``ins`` (one copy serves both)."""
@@ -165,8 +171,7 @@ class RecoverableGroup(dist.ProcessGroup):
         same = len(outs) == len(ins) and all(o is i for o, i in zip(outs, ins))
         in_copies = [t.detach().to("cpu", copy=True).contiguous() for t in ins]
         out_copies = in_copies if same else [torch.empty_like(t, device="cpu") for t in outs]
-        call = _Call(session, f"{self.kind} {what}", outs, out_copies,
-                     outs if result is None else result)
+        call = _Call(session, f"{self.kind} {what}", outs, out_copies, outs if result is None else result)
         backend = self._backend()
         if session.step_broken() is not None or backend is None:
             # the step is already lost: nothing to talk to, nobody to wait for
@@ -201,8 +206,7 @@ class RecoverableGroup(dist.ProcessGroup):
     # ------------------------------------------------------------------ collectives
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         opts = _allreduce_opts(opts)
-        return self._run("allreduce", tensors, tensors,
-                         lambda b, ins, outs: b.allreduce(ins, opts))
+        return self._run("allreduce", tensors, tensors, lambda b, ins, outs: b.allreduce(ins, opts))
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         if opts is None or not isinstance(opts, dist.BroadcastOptions):
@@ -210,11 +214,11 @@ class RecoverableGroup(dist.ProcessGroup):
             if isinstance(opts, int):
                 o.rootRank = opts
             opts = o
-        return self._run("broadcast", tensors, tensors,
-                         lambda b, ins, outs: b.broadcast(ins, opts))
+        return self._run("broadcast", tensors, tensors, lambda b, ins, outs: b.broadcast(ins, opts))
 
-    def allgather(self, output_lists: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
-                  opts: Any = None) -> dist.Work:
+    def allgather(
+        self, output_lists: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None
+    ) -> dist.Work:
         opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
         flat_outs = [t for lst in output_lists for t in lst]
         shape = [len(lst) for lst in output_lists]
@@ -225,26 +229,30 @@ class RecoverableGroup(dist.ProcessGroup):
 
         return self._run("allgather", flat_outs, input_tensors, launch, result=output_lists)
 
-    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor,
-                        opts: Any = None) -> dist.Work:
+    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
-        return self._run("allgather", [output], [input],
-                         lambda b, ins, outs: b._allgather_base(outs[0], ins[0], opts),
-                         result=[output])
+        return self._run(
+            "allgather",
+            [output],
+            [input],
+            lambda b, ins, outs: b._allgather_base(outs[0], ins[0], opts),
+            result=[output],
+        )
 
     def barrier(self, opts: Any = None) -> dist.Work:
         token = torch.zeros(1)
-        return self._run("barrier", [token], [token],
-                         lambda b, ins, outs: b.allreduce(ins, dist.AllreduceOptions()))
+        return self._run("barrier", [token], [token], lambda b, ins, outs: b.allreduce(ins, dist.AllreduceOptions()))
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
-        return self._run(f"send to {dst}", [], tensors,
-                         lambda b, ins, outs: b.send(ins, dst, tag), result=tensors)
+        return self._run(f"send to {dst}", [], tensors, lambda b, ins, outs: b.send(ins, dst, tag), result=tensors)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
-        return self._run(f"recv from {src}", tensors,
-                         [torch.empty_like(t) for t in tensors],
-                         lambda b, ins, outs: b.recv(outs, src, tag))
+        return self._run(
+            f"recv from {src}",
+            tensors,
+            [torch.empty_like(t) for t in tensors],
+            lambda b, ins, outs: b.recv(outs, src, tag),
+        )
 
 
 def _allreduce_opts(opts: Any) -> dist.AllreduceOptions:
@@ -256,8 +264,9 @@ def _allreduce_opts(opts: Any) -> dist.AllreduceOptions:
     return o
 
 
-def install(session: GroupSession, store: dist.Store, rank: int, world_size: int,
-            tp: int, default: bool) -> dict[str, RecoverableGroup]:
+def install(
+    session: GroupSession, store: dist.Store, rank: int, world_size: int, tp: int, default: bool
+) -> dict[str, RecoverableGroup]:
     """Make the recoverable groups torch.distributed groups: ``dist.get_rank(group)``,
     ``dist.get_world_size(group)`` and the collectives accept them; with ``default`` the global
     one becomes the default group, so a script's ``dist.get_rank()`` / ``dist.all_reduce(x)``

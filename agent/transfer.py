@@ -28,8 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -67,8 +68,11 @@ class TrainingState:
     stateful: Mapping[str, Stateful] = field(default_factory=dict)
 
     def tree(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "stateful": {k: v.state_dict() for k, v in self.stateful.items()},
+        }
 
 
 # ---------------------------------------------------------------------- exact, canonical encoding
@@ -86,8 +90,10 @@ def _encode(obj: Any, tensors: list[torch.Tensor]) -> Any:
         return {"t": [_encode(v, tensors) for v in obj]}
     if isinstance(obj, dict):  # keys may be ints (optimizer state): pairs, in insertion order
         return {"d": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
-    raise TransferError(f"cannot transfer a {type(obj).__name__} in a state_dict: use tensors "
-                        f"and plain values (None, bool, int, float, str, list, tuple, dict)")
+    raise TransferError(
+        f"cannot transfer a {type(obj).__name__} in a state_dict: use tensors "
+        f"and plain values (None, bool, int, float, str, list, tuple, dict)"
+    )
 
 
 Slot = Callable[[int, torch.dtype, tuple[int, ...], tuple[Any, ...]], torch.Tensor]
@@ -97,7 +103,7 @@ def _decode(obj: Any, slot: Slot, path: tuple[Any, ...] = ()) -> Any:
     if isinstance(obj, list):
         return [_decode(v, slot, path + (i,)) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
-        (tag, v), = obj.items()
+        ((tag, v),) = obj.items()
         if tag == "T":
             return slot(v[0], getattr(torch, v[1]), tuple(v[2]), path)
         if tag == "f":
@@ -138,8 +144,12 @@ def _digest(meta: bytes, tensors: list[torch.Tensor]) -> bytes:
     return h.digest()
 
 
-def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 stateful: Mapping[str, Stateful] | None = None, step: int | None = None) -> str:
+def state_digest(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stateful: Mapping[str, Stateful] | None = None,
+    step: int | None = None,
+) -> str:
     """blake2b over the whole contract: every tensor's bytes and every non-tensor value."""
     meta, tensors = encode(TrainingState(model, optimizer, stateful or {}).tree(), step)
     return _digest(meta, tensors).hex()
@@ -157,10 +167,8 @@ def send_state(comm: Comm, dst: int, state: TrainingState, applied_step: int) ->
             comm.send(_host(t), dst, TAG_BASE + 2 + i)
             nbytes += t.numel() * t.element_size()
     digest = _digest(meta, tensors)
-    comm.send(torch.frombuffer(bytearray(digest), dtype=torch.uint8), dst,
-              TAG_BASE + 2 + len(tensors))
-    return TransferResult(dst, nbytes + 32, time.perf_counter() - t0, digest.hex(), None,
-                          applied_step)
+    comm.send(torch.frombuffer(bytearray(digest), dtype=torch.uint8), dst, TAG_BASE + 2 + len(tensors))
+    return TransferResult(dst, nbytes + 32, time.perf_counter() - t0, digest.hex(), None, applied_step)
 
 
 def recv_state(comm: Comm, src: int, state: TrainingState) -> TransferResult:
@@ -186,8 +194,7 @@ def recv_state(comm: Comm, src: int, state: TrainingState) -> TransferResult:
 
     tree = decode_meta(meta, slot)
     if len(targets) != int(header[1]):
-        raise TransferError(f"state from {src}: {int(header[1])} tensors announced, "
-                            f"{len(targets)} in its metadata")
+        raise TransferError(f"state from {src}: {int(header[1])} tensors announced, {len(targets)} in its metadata")
     nbytes = 16 + len(meta)
     for i, dst in enumerate(targets):
         if not dst.numel():
@@ -203,8 +210,9 @@ def recv_state(comm: Comm, src: int, state: TrainingState) -> TransferResult:
     comm.recv(theirs, src, TAG_BASE + 2 + len(targets))
     _load(state, tree, in_place == own_model.keys() and tree["model"].keys() == own_model.keys())
     ours = _digest(*encode(state.tree(), tree["step"]))
-    return TransferResult(src, nbytes + 32, time.perf_counter() - t0, ours.hex(),
-                          bytes(theirs.tolist()) == ours, int(tree["step"]))
+    return TransferResult(
+        src, nbytes + 32, time.perf_counter() - t0, ours.hex(), bytes(theirs.tolist()) == ours, int(tree["step"])
+    )
 
 
 def _load(state: TrainingState, tree: dict[str, Any], model_in_place: bool) -> None:

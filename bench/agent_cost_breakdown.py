@@ -19,12 +19,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch.distributed as dist
 
 VARIANTS = ("plain", "group", "group_fu", "agent")
-WORKER = r'''
+WORKER = r"""
 import os, time, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 import flashrecovery.agent as fr
@@ -51,20 +50,33 @@ for step in steps:
     opt.zero_grad(); loss.backward(); opt.step()
 if dist.get_rank() == 0:
     print("MS_PER_STEP", (time.perf_counter() - t0) / (STEPS - WARM) * 1e3, flush=True)
-'''
+"""
 
 
 def one(variant: str, steps: int, nproc: int = 2) -> float | None:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=60))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60)
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLASHRECOVERY_")}
     procs = []
     for r in range(nproc):
-        env = {**base, "V": variant, "STEPS": str(steps), "RANK": str(r), "LOCAL_RANK": str(r),
-               "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-               "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        env = {
+            **base,
+            "V": variant,
+            "STEPS": str(steps),
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(store.port),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+        )
     out = ""
     try:
         for i, p in enumerate(procs):
@@ -89,18 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(args.runs):
-        for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+        for v in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
             ms = one(v, args.steps)
             if ms is not None:
                 rows[v].append(round(ms, 3))
             print(v, ms, flush=True)
-    summary = {v: {"n": len(ms), "median_ms": statistics.median(ms) if ms else None, "all": ms}
-               for v, ms in rows.items()}
+    summary = {
+        v: {"n": len(ms), "median_ms": statistics.median(ms) if ms else None, "all": ms} for v, ms in rows.items()
+    }
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"steps": args.steps, "runs": args.runs, "loadavg_end": list(os.getloadavg()),
-                       "summary": summary}, f, indent=2)
+            json.dump(
+                {"steps": args.steps, "runs": args.runs, "loadavg_end": list(os.getloadavg()), "summary": summary},
+                f,
+                indent=2,
+            )
             f.write("\n")
     return 0 if all(s["n"] == args.runs for s in summary.values()) else 1
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from flashrecovery.agent.gradients import flatten_grads, unflatten_into_grads
-from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
+from flashrecovery.agent.reference.model import TPGPT, ModelConfig, batch
 from flashrecovery.agent.reference.recipe import build_recipe
 from flashrecovery.agent.reference.train import add_job_args
 
@@ -72,10 +72,19 @@ def build_groups(world: int, tp: int, rank: int) -> tuple[dist.ProcessGroup | No
 def init_distributed() -> tuple[int, int, int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=120))
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"baseline/attempt{attempt}", store),
-                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    dist.init_process_group(
+        "gloo",
+        store=dist.PrefixStore(f"baseline/attempt{attempt}", store),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     return rank, world, attempt
 
 
@@ -86,8 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     tp_pg, dp_pg = build_groups(world, args.tp, rank)
     dp_size = world // args.tp
     dp_index = rank // args.tp
-    cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
-                      n_layers=args.layers, seq=args.seq, dropout=args.dropout)
+    cfg = ModelConfig(
+        vocab=args.vocab,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        n_layers=args.layers,
+        seq=args.seq,
+        dropout=args.dropout,
+    )
     model = TPGPT(cfg, args.tp, rank % args.tp, TPComm(tp_pg), args.seed)
     recipe = build_recipe(model, args)
     opt, sched = recipe.optimizer, recipe.scheduler
@@ -122,8 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         applied = step
         step_times.append(time.perf_counter() - t0)
         if args.ckpt_every and step % args.ckpt_every == 0 and not args.bare:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step}, ckpt + ".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step,
+                },
+                ckpt + ".tmp",
+            )
             os.replace(ckpt + ".tmp", ckpt)
         if progress is not None:
             progress.write(f"{attempt} {step} {time.time():.6f}\n")
@@ -132,10 +154,17 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(args.step_sleep)
         step += 1
     dist.barrier()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "stateful": {k: v.state_dict() for k, v in recipe.stateful().items()}, "step": applied,
-                "pid": os.getpid(), "step_times": step_times},
-               os.path.join(args.dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "stateful": {k: v.state_dict() for k, v in recipe.stateful().items()},
+            "step": applied,
+            "pid": os.getpid(),
+            "step_times": step_times,
+        },
+        os.path.join(args.dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 

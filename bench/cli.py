@@ -29,11 +29,15 @@ def _csv(v: str) -> list[str]:
 
 
 def add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmarks: recovery vs torchrun and torchft, scale, detector, planner, "
-                                     "overhead, goodput")
-    p.add_argument("--suite", type=_csv, default=None,
-                   help=f"comma-separated subset of {','.join(SUITES)} (default: all; --smoke: "
-                        f"{','.join(SMOKE_SUITES)})")
+    p = sub.add_parser(
+        "bench", help="benchmarks: recovery vs torchrun and torchft, scale, detector, planner, overhead, goodput"
+    )
+    p.add_argument(
+        "--suite",
+        type=_csv,
+        default=None,
+        help=f"comma-separated subset of {','.join(SUITES)} (default: all; --smoke: {','.join(SMOKE_SUITES)})",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes and one run of everything asked for")
     p.add_argument("--runs", type=int, default=None, help="runs per fault class (default 5; smoke 1)")
     p.add_argument("--faults", type=_csv, default=["process-crash", "node-crash", "hang", "ecc"])
@@ -41,21 +45,41 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--at-step", type=int, default=15)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--ckpt-every", type=lambda v: [int(x) for x in _csv(v)], default=[10, 100])
-    p.add_argument("--torchft-faults", type=_csv, default=["after-step"],
-                   help="torchft suite: after-step (SIGKILL after step S, as the baseline) and/or "
-                        "in-allreduce (the victim stops before the gradient all-reduce of step S+1 and is "
-                        "killed while its peers wait inside it)")
-    p.add_argument("--torchft-heartbeat-ms", type=int, default=1000,
-                   help="torchft suite: the lighthouse's heartbeat timeout (its default is 5000)")
-    p.add_argument("--torchft-timeout", type=float, default=30.0,
-                   help="torchft suite: the Manager's timeout (collectives, should_commit, healing), s; "
-                        "survivors that are not the dead process's ring neighbours wait this long")
-    p.add_argument("--scale-sizes", type=lambda v: [int(x) for x in _csv(v)], default=None,
-                   help="ranks (default 64,1000,10000,100000; smoke 64)")
+    p.add_argument(
+        "--torchft-faults",
+        type=_csv,
+        default=["after-step"],
+        help="torchft suite: after-step (SIGKILL after step S, as the baseline) and/or "
+        "in-allreduce (the victim stops before the gradient all-reduce of step S+1 and is "
+        "killed while its peers wait inside it)",
+    )
+    p.add_argument(
+        "--torchft-heartbeat-ms",
+        type=int,
+        default=1000,
+        help="torchft suite: the lighthouse's heartbeat timeout (its default is 5000)",
+    )
+    p.add_argument(
+        "--torchft-timeout",
+        type=float,
+        default=30.0,
+        help="torchft suite: the Manager's timeout (collectives, should_commit, healing), s; "
+        "survivors that are not the dead process's ring neighbours wait this long",
+    )
+    p.add_argument(
+        "--scale-sizes",
+        type=lambda v: [int(x) for x in _csv(v)],
+        default=None,
+        help="ranks (default 64,1000,10000,100000; smoke 64)",
+    )
     p.add_argument("--scale-warmup", type=float, default=8.0)
     p.add_argument("--scale-runs", type=int, default=3, help="runs per cluster size; rows show medians")
-    p.add_argument("--scale-detectors", type=int, default=None,
-                   help="detector instances per scale point (default: one per 8,000 nodes)")
+    p.add_argument(
+        "--scale-detectors",
+        type=int,
+        default=None,
+        help="detector instances per scale point (default: one per 8,000 nodes)",
+    )
     p.add_argument("--overhead-reps", type=int, default=None, help="interleaved pairs (default 3; smoke 1)")
     p.add_argument("--overhead-steps", type=int, default=40)
     p.add_argument("--goodput-duration", type=float, default=600.0)
@@ -93,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
     results["machine"] = {**machine_info(), "loadavg_start": _loadavg()}
     settings = load_settings()
     run_root = Path(settings.runtime_dir).resolve() / "bench"
-    command = "flashrecovery bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "bench" else "flashrecovery bench"
+    command = (
+        "flashrecovery bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "bench"
+        else "flashrecovery bench"
+    )
     n = args.runs or (1 if args.smoke else 5)
     failed = []
 
@@ -113,14 +140,20 @@ def run(args: argparse.Namespace) -> int:
             failed.append(suite)
             results[suite] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"suite {suite} failed: {exc!r}")
-        results["runs"][suite] = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
-                                  "wall_s": round(time.time() - t0, 1), "smoke": args.smoke,
-                                  "loadavg_end": _loadavg()}
+        results["runs"][suite] = {
+            "command": command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+            "wall_s": round(time.time() - t0, 1),
+            "smoke": args.smoke,
+            "loadavg_end": _loadavg(),
+        }
         save()
     (args.out / "summary.md").write_text(render(_ok_sections(results)))
     made = charts(_ok_sections(results), args.out)
-    log(f"wrote {path}, {args.out / 'summary.md'}"
-        + (f", {', '.join(made)}" if made else " (no charts: pip install '.[bench]' for matplotlib)"))
+    log(
+        f"wrote {path}, {args.out / 'summary.md'}"
+        + (f", {', '.join(made)}" if made else " (no charts: pip install '.[bench]' for matplotlib)")
+    )
     return 1 if failed else 0
 
 
@@ -141,28 +174,41 @@ def _ok_sections(results: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in results.items() if not (isinstance(v, dict) and set(v) == {"error"})}
 
 
-def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root: Path,
-               results: dict[str, Any], log) -> dict[str, Any]:
+def _run_suite(
+    suite: str, args: argparse.Namespace, n: int, settings, run_root: Path, results: dict[str, Any], log
+) -> dict[str, Any]:
     if suite == "recovery":
         from .recovery import run_recovery
-        faults = args.faults if not args.smoke or args.faults != ["process-crash", "node-crash", "hang", "ecc"] \
+
+        faults = (
+            args.faults
+            if not args.smoke or args.faults != ["process-crash", "node-crash", "hang", "ecc"]
             else ["process-crash"]
-        return asyncio.run(run_recovery(faults, n, args.rank, args.at_step, args.steps, run_root / "recovery",
-                                        settings, args.timeout, log))
+        )
+        return asyncio.run(
+            run_recovery(
+                faults, n, args.rank, args.at_step, args.steps, run_root / "recovery", settings, args.timeout, log
+            )
+        )
     if suite == "baseline":
         from .baseline import run_baseline
+
         runs = []
         for k in args.ckpt_every[:1] if args.smoke else args.ckpt_every:
             for i in range(1 if args.smoke else max(1, min(n, 3))):
                 log(f"baseline: torchrun, checkpoint every {k}, run {i + 1}")
                 try:
-                    runs.append(run_baseline(run_root / "baseline" / f"k{k}-{i}", k, args.at_step, args.steps,
-                                             args.rank, args.timeout))
+                    runs.append(
+                        run_baseline(
+                            run_root / "baseline" / f"k{k}-{i}", k, args.at_step, args.steps, args.rank, args.timeout
+                        )
+                    )
                 except Exception as exc:  # noqa: BLE001
                     runs.append({"ckpt_every": k, "at_step": args.at_step, "error": f"{type(exc).__name__}: {exc}"})
         return {"runs": runs}
     if suite == "torchft":
         from .torchft_bench import run_torchft, torchft_available
+
         why = torchft_available()
         if why:
             return {"skipped": why}
@@ -171,27 +217,45 @@ def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root:
             for i in range(1 if args.smoke else max(1, min(n, 3))):
                 log(f"torchft: {fault}, run {i + 1}")
                 try:
-                    runs.append(run_torchft(run_root / "torchft" / f"{fault}-{i}", args.at_step, args.steps,
-                                            args.rank, args.timeout, fault=fault,
-                                            heartbeat_timeout_ms=args.torchft_heartbeat_ms,
-                                            ft_timeout_s=args.torchft_timeout))
+                    runs.append(
+                        run_torchft(
+                            run_root / "torchft" / f"{fault}-{i}",
+                            args.at_step,
+                            args.steps,
+                            args.rank,
+                            args.timeout,
+                            fault=fault,
+                            heartbeat_timeout_ms=args.torchft_heartbeat_ms,
+                            ft_timeout_s=args.torchft_timeout,
+                        )
+                    )
                 except Exception as exc:  # noqa: BLE001
                     runs.append({"fault": fault, "at_step": args.at_step, "error": f"{type(exc).__name__}: {exc}"})
         return {"runs": runs, "torchft": _torchft_version()}
     if suite == "scale":
         from .scale import run_scale_point
+
         sizes = args.scale_sizes or ([64] if args.smoke else [64, 1000, 10000, 100000])
         from .scale import median_point
+
         points, raw = [], []
         for ranks in sizes:
             runs = []
             for i in range(1 if args.smoke else args.scale_runs):
                 log(f"scale: {ranks} simulated ranks, run {i + 1}")
                 try:
-                    runs.append(asyncio.run(run_scale_point(ranks, run_root / "scale", settings,
-                                                            warmup_s=min(args.scale_warmup, 6.0) if args.smoke
-                                                            else args.scale_warmup, timeout_s=args.timeout,
-                                                            detectors=args.scale_detectors)))
+                    runs.append(
+                        asyncio.run(
+                            run_scale_point(
+                                ranks,
+                                run_root / "scale",
+                                settings,
+                                warmup_s=min(args.scale_warmup, 6.0) if args.smoke else args.scale_warmup,
+                                timeout_s=args.timeout,
+                                detectors=args.scale_detectors,
+                            )
+                        )
+                    )
                 except Exception as exc:  # noqa: BLE001
                     runs.append({"ranks": ranks, "error": f"{type(exc).__name__}: {exc}"})
             raw.extend(runs)
@@ -199,8 +263,12 @@ def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root:
         return {"points": points, "runs": raw}
     if suite == "detector":
         from . import detector_bench
-        shapes = [(100, 6.0, 2.3, 4.0, False)] if args.smoke else [
-            (1250, 20.0, 8.3, 14.5, False), (12500, 20.0, 8.3, 14.5, False), (12500, 20.0, 8.3, 14.5, True)]
+
+        shapes = (
+            [(100, 6.0, 2.3, 4.0, False)]
+            if args.smoke
+            else [(1250, 20.0, 8.3, 14.5, False), (12500, 20.0, 8.3, 14.5, False), (12500, 20.0, 8.3, 14.5, True)]
+        )
         rows = []
         for nodes, secs, lost, crash, columns in shapes:
             log(f"detector: {nodes} nodes x 8 ranks, {secs} s, {'rank_columns' if columns else 'rank objects'}")
@@ -208,27 +276,40 @@ def _run_suite(suite: str, args: argparse.Namespace, n: int, settings, run_root:
         return {"rows": rows}
     if suite == "planner":
         from . import planner_bench
+
         rows = planner_bench.bench([1000] if args.smoke else [1000, 10000, 100000], 3 if args.smoke else 5)
         return {"rows": rows}
     if suite == "overhead":
         from .overhead import run_overhead
+
         reps = args.overhead_reps or (1 if args.smoke else 3)
         return asyncio.run(run_overhead(reps, args.overhead_steps, run_root / "overhead", settings, args.timeout, log))
     if suite == "goodput":
         if args.smoke:
             return {"skipped": "smoke"}
         from .goodput import goodput_ours, goodput_torchrun
+
         s_ours = s_bare = None
         ov = results.get("overhead") or {}
         s_ours = (ov.get("ours_s_per_step") or {}).get("median")
         s_bare = (ov.get("bare_s_per_step") or {}).get("median")
         log(f"goodput: ours, {args.goodput_duration} s, fault every ~{args.goodput_gap} s")
-        ours = asyncio.run(goodput_ours(args.goodput_duration, args.goodput_gap, s_ours, run_root / "goodput", settings))
+        ours = asyncio.run(
+            goodput_ours(args.goodput_duration, args.goodput_gap, s_ours, run_root / "goodput", settings)
+        )
         tr = []
         for k in args.ckpt_every[:1]:
             log(f"goodput: torchrun ckpt every {k}")
-            tr.append(goodput_torchrun(args.goodput_duration, args.goodput_gap, k, s_bare,
-                                       run_root / "goodput" / f"torchrun-k{k}"))
-        return {"gap_s": args.goodput_gap, "duration_s": args.goodput_duration, "ours": ours, "torchrun": tr,
-                "note": "goodput uses each system's fault-free s/step from the overhead suite"}
+            tr.append(
+                goodput_torchrun(
+                    args.goodput_duration, args.goodput_gap, k, s_bare, run_root / "goodput" / f"torchrun-k{k}"
+                )
+            )
+        return {
+            "gap_s": args.goodput_gap,
+            "duration_s": args.goodput_duration,
+            "ours": ours,
+            "torchrun": tr,
+            "note": "goodput uses each system's fault-free s/step from the overhead suite",
+        }
     raise ValueError(suite)

@@ -38,24 +38,64 @@ def beat_bytes(node: int, ranks: int, seq: int, t: float, columns: bool = False)
     columns: the compact rank_columns form (sidecar setting rank_columns)."""
     step = int(t / STEP_S)
     since = t - step * STEP_S
-    rows = [{"rank": node * ranks + lr, "local_rank": lr, "pid": 1000 + lr, "state": "running",
-             "step": step, "step_time_s": STEP_S, "generation": 0, "long_phase": None,
-             "long_phase_expected_s": None, "since_progress_s": since} for lr in range(ranks)]
-    form = ({"rank_columns": {f: [r[f] for r in rows] for f in rows[0] if f not in ("long_phase", "long_phase_expected_s")}}
-            if columns else {"ranks": rows})
-    return orjson.dumps({
-        "event_id": f"hb-{node}-{seq}", "schema_version": SCHEMA_VERSION, "job_id": JOB,
-        "generation": 0, "emitted_at": t, "producer": f"sidecar/{node}", "kind": "node_heartbeat",
-        "node_id": f"node-{node:05d}", "role": "active", "seq": seq, "interval_s": 1.0,
-        "standby_ready": 0, **form})
+    rows = [
+        {
+            "rank": node * ranks + lr,
+            "local_rank": lr,
+            "pid": 1000 + lr,
+            "state": "running",
+            "step": step,
+            "step_time_s": STEP_S,
+            "generation": 0,
+            "long_phase": None,
+            "long_phase_expected_s": None,
+            "since_progress_s": since,
+        }
+        for lr in range(ranks)
+    ]
+    form = (
+        {"rank_columns": {f: [r[f] for r in rows] for f in rows[0] if f not in ("long_phase", "long_phase_expected_s")}}
+        if columns
+        else {"ranks": rows}
+    )
+    return orjson.dumps(
+        {
+            "event_id": f"hb-{node}-{seq}",
+            "schema_version": SCHEMA_VERSION,
+            "job_id": JOB,
+            "generation": 0,
+            "emitted_at": t,
+            "producer": f"sidecar/{node}",
+            "kind": "node_heartbeat",
+            "node_id": f"node-{node:05d}",
+            "role": "active",
+            "seq": seq,
+            "interval_s": 1.0,
+            "standby_ready": 0,
+            **form,
+        }
+    )
 
 
 def exit_bytes(node: int, rank: int) -> bytes:
-    return orjson.dumps({
-        "event_id": "exit-1", "schema_version": SCHEMA_VERSION, "job_id": JOB, "generation": 0,
-        "emitted_at": 0.0, "producer": "sidecar", "kind": "worker_exit",
-        "node_id": f"node-{node:05d}", "rank": rank, "pid": 1, "signal": 9, "exit_code": None,
-        "step": 0, "expected": False})
+    return orjson.dumps(
+        {
+            "event_id": "exit-1",
+            "schema_version": SCHEMA_VERSION,
+            "job_id": JOB,
+            "generation": 0,
+            "emitted_at": 0.0,
+            "producer": "sidecar",
+            "kind": "worker_exit",
+            "node_id": f"node-{node:05d}",
+            "rank": rank,
+            "pid": 1,
+            "signal": 9,
+            "exit_code": None,
+            "step": 0,
+            "expected": False,
+        }
+    )
 
 
 def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float, columns: bool = False) -> dict:
@@ -97,7 +137,7 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
             crash_sent = now
             pending.append((now, exit_bytes(crash_node, crash_rank)))
         for start in range(0, len(pending), BATCH):
-            batch = pending[start:start + BATCH]
+            batch = pending[start : start + BATCH]
             c0 = time.process_time()
             recv = time.monotonic() - t0
             for _, raw in batch:
@@ -130,8 +170,12 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
     crash = by_class.get("process_crash")
     return {
         "form": "rank_columns" if columns else "rank objects",
-        "nodes": nodes, "ranks_per_node": ranks, "ranks": nodes * ranks, "seconds": round(wall, 2),
-        "messages": messages, "messages_per_s": round(messages / wall, 1),
+        "nodes": nodes,
+        "ranks_per_node": ranks,
+        "ranks": nodes * ranks,
+        "seconds": round(wall, 2),
+        "messages": messages,
+        "messages_per_s": round(messages / wall, 1),
         "rank_updates_per_s": round(messages * ranks / wall, 1),
         "detector_cpu_s_per_wall_s": round(cpu / wall, 3),
         "detector_cpu_us_per_message": round(cpu / max(messages, 1) * 1e6, 2),
@@ -140,22 +184,31 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
         "node_lost_latency_from_last_beat_s": round(lost[0] - last_beat[lost_node], 3) if lost else None,
         "node_lost_budget_s": 3.0 + 1.0,
         "crash_latency_s": round(crash[0] - crash_sent, 4) if crash and crash_sent else None,
-        "incidents": [{"class": i.fault_class.value, "nodes": list(i.root_cause_nodes),
-                       "ranks": list(i.root_cause_ranks)} for _, i in incidents],
-        "false_incidents": len([1 for _, i in incidents
-                                if i.root_cause_nodes not in ((f"node-{lost_node:05d}",),
-                                                              (f"node-{crash_node:05d}",))]),
+        "incidents": [
+            {"class": i.fault_class.value, "nodes": list(i.root_cause_nodes), "ranks": list(i.root_cause_ranks)}
+            for _, i in incidents
+        ],
+        "false_incidents": len(
+            [
+                1
+                for _, i in incidents
+                if i.root_cause_nodes not in ((f"node-{lost_node:05d}",), (f"node-{crash_node:05d}",))
+            ]
+        ),
     }
 
 
 # ------------------------------------------------------------------ through the real broker
 
-async def _produce(bootstrap: str, namespace: str, nodes: int, ranks: int, seconds: float,
-                   lost_at: float, crash_at: float, report: str) -> None:
+
+async def _produce(
+    bootstrap: str, namespace: str, nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float, report: str
+) -> None:
     """The sidecars of the whole cluster in one process: paced keyed produce of raw beats."""
     from aiokafka import AIOKafkaProducer
 
     from flashrecovery.shared import topics as T
+
     hb_topic = T.with_namespace(T.HEARTBEATS.name, namespace)
     ev_topic = T.with_namespace(T.WORKER_EVENTS.name, namespace)
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1, max_batch_size=1 << 20)
@@ -184,13 +237,17 @@ async def _produce(bootstrap: str, namespace: str, nodes: int, ranks: int, secon
             sent += 1
         if crash_wall is None and now >= crash_at:
             crash_wall = time.time()
-            await p.send(ev_topic, exit_bytes(crash_node, crash_node * ranks + 1),
-                         key=f"node-{crash_node:05d}".encode())
+            await p.send(
+                ev_topic, exit_bytes(crash_node, crash_node * ranks + 1), key=f"node-{crash_node:05d}".encode()
+            )
         await asyncio.sleep(0.005)
     await p.flush()
     await p.stop()
-    Path(report).write_text(json.dumps({"lost_last_beat_wall": last_beat, "crash_wall": crash_wall,
-                                        "sent": sent, "seconds": time.monotonic() - t0}))
+    Path(report).write_text(
+        json.dumps(
+            {"lost_last_beat_wall": last_beat, "crash_wall": crash_wall, "sent": sent, "seconds": time.monotonic() - t0}
+        )
+    )
 
 
 async def run_broker(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float) -> dict:
@@ -206,18 +263,39 @@ async def run_broker(nodes: int, ranks: int, seconds: float, lost_at: float, cra
     tmp = Path(tempfile.mkdtemp(prefix="detbench-"))
     stack = start_stack(tmp)
     try:
-        settings = Settings(job_id=JOB, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                            bus=BusSettings(topic_namespace="bench", telemetry_partitions=8))
+        settings = Settings(
+            job_id=JOB,
+            kafka_bootstrap=stack.kafka_bootstrap,
+            redis_url=stack.redis_url,
+            bus=BusSettings(topic_namespace="bench", telemetry_partitions=8),
+        )
         await ensure_topics(settings.kafka_bootstrap, settings.bus)
         svc = DetectorService(settings, instance="bench")
         await svc.start()
         task = asyncio.create_task(svc.run())
         await svc.wait_assigned(60)
         report = tmp / "producer.json"
-        proc = subprocess.Popen([sys.executable, "-m", "flashrecovery.bench.detector_bench", "--produce",
-                                 stack.kafka_bootstrap, "--nodes", str(nodes), "--ranks", str(ranks),
-                                 "--seconds", str(seconds), "--lost-at", str(lost_at),
-                                 "--crash-at", str(crash_at), "--out", str(report)])
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flashrecovery.bench.detector_bench",
+                "--produce",
+                stack.kafka_bootstrap,
+                "--nodes",
+                str(nodes),
+                "--ranks",
+                str(ranks),
+                "--seconds",
+                str(seconds),
+                "--lost-at",
+                str(lost_at),
+                "--crash-at",
+                str(crash_at),
+                "--out",
+                str(report),
+            ]
+        )
         c0, w0 = time.process_time(), time.monotonic()
         h0 = svc._consumer.handled
         while proc.poll() is None:
@@ -234,11 +312,16 @@ async def run_broker(nodes: int, ranks: int, seconds: float, lost_at: float, cra
         crash = next((i for i in incs if i.fault_class.value == "process_crash"), None)
         return {
             "mode": "broker (tansu, 8 partitions; producer in a second process; same 2-core host)",
-            "nodes": nodes, "ranks_per_node": ranks, "seconds": round(wall, 2), "messages": handled,
-            "messages_per_s": round(handled / wall, 1), "sent": prod["sent"],
+            "nodes": nodes,
+            "ranks_per_node": ranks,
+            "seconds": round(wall, 2),
+            "messages": handled,
+            "messages_per_s": round(handled / wall, 1),
+            "sent": prod["sent"],
             "detector_process_cpu_s_per_wall_s": round(cpu / wall, 3),
-            "node_lost_latency_from_last_beat_s":
-                round(lost.detected_at - prod["lost_last_beat_wall"], 3) if lost else None,
+            "node_lost_latency_from_last_beat_s": round(lost.detected_at - prod["lost_last_beat_wall"], 3)
+            if lost
+            else None,
             "crash_latency_s": round(crash.detected_at - prod["crash_wall"], 3) if crash else None,
             "incidents": len(incs),
         }
@@ -259,13 +342,15 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/detector.json")
     args = ap.parse_args()
     if args.produce:
-        asyncio.run(_produce(args.produce, "bench", args.nodes, args.ranks, args.seconds,
-                             args.lost_at, args.crash_at, args.out))
+        asyncio.run(
+            _produce(args.produce, "bench", args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at, args.out)
+        )
         return
     result = {"core": run(args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at)}
     if args.broker:
-        result["broker"] = asyncio.run(run_broker(args.broker_nodes or args.nodes, args.ranks,
-                                                  args.seconds, args.lost_at, args.crash_at))
+        result["broker"] = asyncio.run(
+            run_broker(args.broker_nodes or args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at)
+        )
     result["machine"] = f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ import json
 import statistics
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from flashrecovery.bench.detector_rig import FakeJob, running_detector
 from flashrecovery.shared import bus as busmod
@@ -28,10 +29,16 @@ from flashrecovery.shared.settings import BusSettings, Settings
 from flashrecovery.shared.stack import start_stack
 
 XID = "NVRM: Xid (PCI:0000:3b:00): 79, pid=10002, GPU has fallen off the bus."
-OOM = ["Traceback (most recent call last):", '  File "train.py", line 88, in step',
-       "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"]
-SOFTWARE = ["Traceback (most recent call last):", '  File "train.py", line 12, in load',
-            "RuntimeError: corrupt batch header"]
+OOM = [
+    "Traceback (most recent call last):",
+    '  File "train.py", line 88, in step',
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB",
+]
+SOFTWARE = [
+    "Traceback (most recent call last):",
+    '  File "train.py", line 12, in load',
+    "RuntimeError: corrupt batch header",
+]
 COMM = "NCCL WARN NET/IB : Got completion with error 12, opcode 0, timeout"
 
 
@@ -94,9 +101,12 @@ CLASSES: dict[str, tuple[Callable[[FakeJob], Awaitable[float]], str]] = {
 
 async def one_run(kafka: str, redis: str, cls: str, warmup_s: float, timeout_s: float) -> dict[str, Any]:
     ns = f"lat{uuid.uuid4().hex[:8]}"
-    settings = Settings(job_id=f"job-{ns}", kafka_bootstrap=kafka, redis_url=redis,
-                        bus=BusSettings(topic_namespace=ns, telemetry_partitions=4,
-                                        control_partitions=1, linger_ms=0))
+    settings = Settings(
+        job_id=f"job-{ns}",
+        kafka_bootstrap=kafka,
+        redis_url=redis,
+        bus=BusSettings(topic_namespace=ns, telemetry_partitions=4, control_partitions=1, linger_ms=0),
+    )
     await busmod.ensure_topics(kafka, settings.bus)
     producer = busmod.Producer(kafka, settings.bus)
     await producer.start()
@@ -110,17 +120,23 @@ async def one_run(kafka: str, redis: str, cls: str, warmup_s: float, timeout_s: 
             await watcher.wait(lambda: got, timeout_s, f"the {cls} {kind}")
             at, ev = got[0]
             wrong = (str(getattr(ev, "fault_class", "")) != cls) if kind == "incident" else False
-            return {"class": cls, "latency_s": round(at - t_fault, 4), "event": kind,
-                    "fault_class": str(getattr(ev, "fault_class", None)), "wrong_class": wrong,
-                    "incidents": len(watcher.incidents)}
+            return {
+                "class": cls,
+                "latency_s": round(at - t_fault, 4),
+                "event": kind,
+                "fault_class": str(getattr(ev, "fault_class", None)),
+                "wrong_class": wrong,
+                "incidents": len(watcher.incidents),
+            }
     except Exception as exc:  # noqa: BLE001 - a failed run is a result, recorded as such
         return {"class": cls, "error": repr(exc)}
     finally:
         await producer.stop()
 
 
-async def run(runs: int, classes: list[str], run_dir: Path, warmup_s: float = 3.0,
-              timeout_s: float = 20.0, log=print) -> dict[str, Any]:
+async def run(
+    runs: int, classes: list[str], run_dir: Path, warmup_s: float = 3.0, timeout_s: float = 20.0, log=print
+) -> dict[str, Any]:
     stack = start_stack(run_dir)
     out: dict[str, Any] = {"runs": runs, "classes": {}}
     try:
@@ -131,10 +147,12 @@ async def run(runs: int, classes: list[str], run_dir: Path, warmup_s: float = 3.
                 rows.append(await one_run(stack.kafka_bootstrap, stack.redis_url, cls, warmup_s, timeout_s))
             lat = [r["latency_s"] for r in rows if "latency_s" in r]
             out["classes"][cls] = {
-                "runs": rows, "ok": len(lat),
+                "runs": rows,
+                "ok": len(lat),
                 "median_s": round(statistics.median(lat), 4) if lat else None,
                 "max_s": round(max(lat), 4) if lat else None,
-                "wrong_class": sum(1 for r in rows if r.get("wrong_class"))}
+                "wrong_class": sum(1 for r in rows if r.get("wrong_class")),
+            }
     finally:
         stack.stop()
     return out
@@ -148,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", type=Path, default=Path(".runtime/bench/detector_latency"))
     args = ap.parse_args(argv)
     from flashrecovery.shared.logging import configure
+
     configure("json", level="WARNING")
     classes = [c for c in args.classes.split(",") if c]
     unknown = [c for c in classes if c not in CLASSES]

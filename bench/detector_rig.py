@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
-from flashrecovery.shared.schemas import (Degradation, FaultIncident, LogEvent, NodeHeartbeat, RankColumns,
-                                          RankState, RankStatus, WorkerExit)
+from flashrecovery.shared.schemas import (
+    Degradation,
+    FaultIncident,
+    LogEvent,
+    NodeHeartbeat,
+    RankColumns,
+    RankState,
+    RankStatus,
+    WorkerExit,
+)
 from flashrecovery.shared.settings import Settings
 
 
@@ -38,6 +46,7 @@ class FakeJob:
     """Sidecars of a training job as the detector sees them: one heartbeat per node per interval
     with each rank's committed step, last step time and seconds since its step last advanced
     (measured here, on the 'sidecar' clock, as a real sidecar does)."""
+
     producer: Producer
     job_id: str
     nodes: int = 4
@@ -51,9 +60,10 @@ class FakeJob:
 
     def __post_init__(self) -> None:
         now = time.monotonic()
-        self.ranks = {r: SimRank(r, r % self.ranks_per_node, now + self.step_time, now, dt=self.step_time,
-                                   dt_used=self.step_time)
-                      for r in range(self.nodes * self.ranks_per_node)}
+        self.ranks = {
+            r: SimRank(r, r % self.ranks_per_node, now + self.step_time, now, dt=self.step_time, dt_used=self.step_time)
+            for r in range(self.nodes * self.ranks_per_node)
+        }
         self.seq = {self.node_of(r): 0 for r in self.ranks}
         self._task: asyncio.Task | None = None
 
@@ -94,16 +104,31 @@ class FakeJob:
                 continue
             self._advance(r, now)
             in_phase = r.phase is not None and now < r.phase[2]
-            statuses.append(RankStatus(
-                rank=r.rank, local_rank=r.local_rank, pid=10000 + r.rank, state=r.state, step=r.step,
-                step_time_s=r.last_dt, generation=self.generation,
-                long_phase=r.phase[0] if in_phase else None,
-                long_phase_expected_s=r.phase[1] if in_phase else None,
-                since_progress_s=now - r.last_advance))
+            statuses.append(
+                RankStatus(
+                    rank=r.rank,
+                    local_rank=r.local_rank,
+                    pid=10000 + r.rank,
+                    state=r.state,
+                    step=r.step,
+                    step_time_s=r.last_dt,
+                    generation=self.generation,
+                    long_phase=r.phase[0] if in_phase else None,
+                    long_phase_expected_s=r.phase[1] if in_phase else None,
+                    since_progress_s=now - r.last_advance,
+                )
+            )
         self.seq[node] += 1
         form = {"rank_columns": RankColumns.of(statuses)} if self.columns else {"ranks": tuple(statuses)}
-        return NodeHeartbeat(job_id=self.job_id, generation=self.generation, producer=f"sidecar/{node}",
-                             node_id=node, seq=self.seq[node], interval_s=self.interval, **form)
+        return NodeHeartbeat(
+            job_id=self.job_id,
+            generation=self.generation,
+            producer=f"sidecar/{node}",
+            node_id=node,
+            seq=self.seq[node],
+            interval_s=self.interval,
+            **form,
+        )
 
     async def _run(self) -> None:
         while True:
@@ -127,15 +152,33 @@ class FakeJob:
     async def crash(self, rank: int, signal: int = 9) -> float:
         r = self.ranks[rank]
         r.state = RankState.EXITED
-        await self.producer.publish(WorkerExit(
-            job_id=self.job_id, generation=self.generation, producer="sidecar", node_id=self.node_of(rank),
-            rank=rank, pid=10000 + rank, signal=signal, step=r.step), wait=True)
+        await self.producer.publish(
+            WorkerExit(
+                job_id=self.job_id,
+                generation=self.generation,
+                producer="sidecar",
+                node_id=self.node_of(rank),
+                rank=rank,
+                pid=10000 + rank,
+                signal=signal,
+                step=r.step,
+            ),
+            wait=True,
+        )
         return time.monotonic()
 
     async def log(self, rank: int | None, line: str, node: str | None = None) -> float:
-        await self.producer.publish(LogEvent(
-            job_id=self.job_id, generation=self.generation, producer="sidecar",
-            node_id=node or self.node_of(rank), rank=rank, line=line), wait=True)
+        await self.producer.publish(
+            LogEvent(
+                job_id=self.job_id,
+                generation=self.generation,
+                producer="sidecar",
+                node_id=node or self.node_of(rank),
+                rank=rank,
+                line=line,
+            ),
+            wait=True,
+        )
         return time.monotonic()
 
 
@@ -145,8 +188,9 @@ class Watcher:
     def __init__(self, settings: Settings, producer: Producer) -> None:
         self.incidents: list[tuple[float, FaultIncident]] = []
         self.degradations: list[tuple[float, Degradation]] = []
-        self.consumer = Consumer(settings.kafka_bootstrap, settings.bus, [topics.INCIDENTS], None,
-                                 self._on, producer, "test-incidents")
+        self.consumer = Consumer(
+            settings.kafka_bootstrap, settings.bus, [topics.INCIDENTS], None, self._on, producer, "test-incidents"
+        )
 
     async def _on(self, event, _record) -> None:
         if isinstance(event, FaultIncident):
@@ -164,8 +208,9 @@ class Watcher:
 
 
 @contextlib.asynccontextmanager
-async def running_detector(settings: Settings, producer: Producer,
-                           instance: str) -> AsyncIterator[tuple[Any, Watcher, FakeJob]]:
+async def running_detector(
+    settings: Settings, producer: Producer, instance: str
+) -> AsyncIterator[tuple[Any, Watcher, FakeJob]]:
     """One DetectorService, an incidents Watcher and a (not yet started) FakeJob, all assigned
     their partitions; everything stopped on exit."""
     from flashrecovery.detector.app import DetectorService

@@ -37,18 +37,33 @@ def _command(kind: str, nproc: int, steps: int, out: str, step_sleep: float) -> 
     script = EXAMPLE / ("train_plain.py" if kind == "plain@torchrun" else "train.py")
     args = [str(script), "--steps", str(steps), "--out", out, "--step-sleep", str(step_sleep)]
     if kind.endswith("@torchrun"):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nproc}", *args]
-    return [sys.executable, "-m", "flashrecovery.cli", "run", "--standalone", "--nproc-per-node",
-            str(nproc), "--standbys", "1", *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "flashrecovery.cli",
+        "run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--standbys",
+        "1",
+        *args,
+    ]
 
 
 def one_run(kind: str, nproc: int, steps: int, timeout_s: float, step_sleep: float = 0.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fr-overhead-") as out:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         t0 = time.perf_counter()
-        proc = subprocess.Popen(_command(kind, nproc, steps, out, step_sleep), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            _command(kind, nproc, steps, out, step_sleep),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         seen: dict[int, float] = {}
         assert proc.stdout is not None
         try:
@@ -68,8 +83,7 @@ def one_run(kind: str, nproc: int, steps: int, timeout_s: float, step_sleep: flo
     if rc != 0 or len(marks) < 2:
         return {"kind": kind, "ok": False, "rc": rc, "wall_s": round(wall, 3)}
     first, last = marks[0], marks[-1]
-    return {"kind": kind, "ok": True, "wall_s": round(wall, 3),
-            "step_s": (seen[last] - seen[first]) / (last - first)}
+    return {"kind": kind, "ok": True, "wall_s": round(wall, 3), "step_s": (seen[last] - seen[first]) / (last - first)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--step-sleep", type=float, default=0.0,
-                    help="seconds each step sleeps: a stand-in for a bigger model's compute")
+    ap.add_argument(
+        "--step-sleep",
+        type=float,
+        default=0.0,
+        help="seconds each step sleeps: a stand-in for a bigger model's compute",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     kinds = ["plain@torchrun", "recoverable@torchrun", "recoverable@flashrecovery"]
@@ -94,18 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {}
     for kind in kinds:
         times = [r["step_s"] for r in rows if r["kind"] == kind and r["ok"]]
-        summary[kind] = {"n": len(times), "median_step_ms": round(1e3 * statistics.median(times), 3)
-                         if times else None,
-                         "min_step_ms": round(1e3 * min(times), 3) if times else None,
-                         "max_step_ms": round(1e3 * max(times), 3) if times else None,
-                         "failed": sum(1 for r in rows if r["kind"] == kind and not r["ok"])}
+        summary[kind] = {
+            "n": len(times),
+            "median_step_ms": round(1e3 * statistics.median(times), 3) if times else None,
+            "min_step_ms": round(1e3 * min(times), 3) if times else None,
+            "max_step_ms": round(1e3 * max(times), 3) if times else None,
+            "failed": sum(1 for r in rows if r["kind"] == kind and not r["ok"]),
+        }
     base = summary["plain@torchrun"]["median_step_ms"]
     for kind in kinds:
         m = summary[kind]["median_step_ms"]
         summary[kind]["ratio_vs_plain_torchrun"] = round(m / base, 4) if m and base else None
-    out = {"runs": args.runs, "steps": args.steps, "nproc": args.nproc, "warmup_steps": WARMUP,
-           "step_sleep_s": args.step_sleep,
-           "loadavg_end": list(os.getloadavg()), "summary": summary, "rows": rows}
+    out = {
+        "runs": args.runs,
+        "steps": args.steps,
+        "nproc": args.nproc,
+        "warmup_steps": WARMUP,
+        "step_sleep_s": args.step_sleep,
+        "loadavg_end": list(os.getloadavg()),
+        "summary": summary,
+        "rows": rows,
+    }
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -33,9 +33,26 @@ def _run(work: Path, out: Path, nproc: int, steps: int, fault: str | None) -> tu
     env["FLASHRECOVERY_RUNTIME_DIR"] = str(work / "rt")
     if fault:
         env["FLASHRECOVERY_AGENT_FAULT"] = fault
-    cmd = [sys.executable, "-m", "flashrecovery", "run", "--standalone", "--nproc-per-node", str(nproc),
-           "--standbys", "1", "--timeout", "300", str(SCRIPT), "--steps", str(steps),
-           "--step-sleep", "0.1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flashrecovery",
+        "run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--standbys",
+        "1",
+        "--timeout",
+        "300",
+        str(SCRIPT),
+        "--steps",
+        str(steps),
+        "--step-sleep",
+        "0.1",
+        "--out",
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=400)
     return proc.returncode, time.perf_counter() - t0, work / "rt"
@@ -45,14 +62,22 @@ def _states(out: Path, nproc: int) -> dict[int, dict]:
     states = {}
     for r in range(nproc):
         s = torch.load(out / f"rank{r}.pt", weights_only=False)
-        states[r] = {"model": s["model"], "optimizer": s["optimizer"],
-                     "stateful": {"scheduler": s["scheduler"]}, "step": s["step"]}
+        states[r] = {
+            "model": s["model"],
+            "optimizer": s["optimizer"],
+            "stateful": {"scheduler": s["scheduler"]},
+            "step": s["step"],
+        }
     return states
 
 
 def _finished(rt: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for log in rt.rglob("executor-*.log")
-            for line in log.read_text().splitlines() if '"plan_finished"' in line]
+    return [
+        json.loads(line)
+        for log in rt.rglob("executor-*.log")
+        for line in log.read_text().splitlines()
+        if '"plan_finished"' in line
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,19 +104,31 @@ def main(argv: list[str] | None = None) -> int:
             code, wall, rt = _run(work, work / "out", args.nproc, args.steps, fault)
             done = [p for p in _finished(rt) if p.get("outcome") == "done"]
             same, why = states_equal(ref, _states(work / "out", args.nproc)) if code == 0 else (False, f"exit {code}")
-            row = {"run": i, "exit": code, "wall_s": round(wall, 2), "bitwise": same, "why": why,
-                   "rto_s": done[0]["rto_s"] if done else None,
-                   "committed_steps_lost": done[0].get("committed_steps_lost") if done else None,
-                   "steps_recomputed": done[0].get("steps_recomputed") if done else None,
-                   "phases": done[0].get("phases") if done else None}
+            row = {
+                "run": i,
+                "exit": code,
+                "wall_s": round(wall, 2),
+                "bitwise": same,
+                "why": why,
+                "rto_s": done[0]["rto_s"] if done else None,
+                "committed_steps_lost": done[0].get("committed_steps_lost") if done else None,
+                "steps_recomputed": done[0].get("steps_recomputed") if done else None,
+                "phases": done[0].get("phases") if done else None,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     rtos = [r["rto_s"] for r in rows if r["rto_s"] is not None]
-    summary = {"runs": args.runs, "nproc": args.nproc, "steps": args.steps, "fault": fault,
-               "passed": sum(1 for r in rows if r["bitwise"] and r["committed_steps_lost"] == 0),
-               "rto_median_s": statistics.median(rtos) if rtos else None,
-               "rto_min_s": min(rtos, default=None), "rto_max_s": max(rtos, default=None),
-               "loadavg_end": list(os.getloadavg())}
+    summary = {
+        "runs": args.runs,
+        "nproc": args.nproc,
+        "steps": args.steps,
+        "fault": fault,
+        "passed": sum(1 for r in rows if r["bitwise"] and r["committed_steps_lost"] == 0),
+        "rto_median_s": statistics.median(rtos) if rtos else None,
+        "rto_min_s": min(rtos, default=None),
+        "rto_max_s": max(rtos, default=None),
+        "loadavg_end": list(os.getloadavg()),
+    }
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")

@@ -37,17 +37,24 @@ def _fault_times(duration_s: float, gap_s: float, rng: random.Random) -> list[fl
         out.append(t)
 
 
-async def goodput_ours(duration_s: float, gap_s: float, s_per_step: float | None, run_root: Path,
-                       base: Settings, seed: int = 7) -> dict[str, Any]:
+async def goodput_ours(
+    duration_s: float, gap_s: float, s_per_step: float | None, run_root: Path, base: Settings, seed: int = 7
+) -> dict[str, Any]:
     rng = random.Random(seed)
     job = f"goodput-{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
-        topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
+    settings = base.model_copy(
+        update={
+            "job_id": job,
+            "bus": BusSettings(topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2),
+        }
+    )
     # Restart in place (one spare could not absorb ten faults), and no quarantine: these are
     # injected SIGKILLs, not a flapping node (the default quarantines a node at its 2nd fault in
     # an hour, and with no spare capacity left the job would wait for an operator).
-    policy = {"FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE": "true",
-              "FLASHRECOVERY_PLANNER__QUARANTINE_FAULTS": "1000000"}
+    policy = {
+        "FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE": "true",
+        "FLASHRECOVERY_PLANNER__QUARANTINE_FAULTS": "1000000",
+    }
     prev = {k: os.environ.get(k) for k in policy}
     os.environ.update(policy)
     cluster = reference_cluster(settings, run_root / job, BIG)
@@ -62,8 +69,12 @@ async def goodput_ours(duration_s: float, gap_s: float, s_per_step: float | None
             rank = rng.randrange(cluster.world)
             node, st = view.get(rank, (None, None))
             if st is None or st.state != "running":
-                faults.append({"at_s": round(time.monotonic() - t0, 1),
-                               "skipped": f"rank {rank} {st.state if st else 'not reported'}"})
+                faults.append(
+                    {
+                        "at_s": round(time.monotonic() - t0, 1),
+                        "skipped": f"rank {rank} {st.state if st else 'not reported'}",
+                    }
+                )
                 continue
             try:
                 os.kill(st.pid, signal.SIGKILL)
@@ -74,10 +85,15 @@ async def goodput_ours(duration_s: float, gap_s: float, s_per_step: float | None
         wall = time.monotonic() - t0
         net = cluster.min_step() - s0
         done = [c for c in cluster.timeline.completed if c.outcome == "done"]
-        return {"duration_s": round(wall, 1), "faults": faults, "recoveries_done": len(done),
-                "net_steps": net, "steps_per_s": round(net / wall, 3),
-                "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
-                "s_per_step_fault_free": s_per_step}
+        return {
+            "duration_s": round(wall, 1),
+            "faults": faults,
+            "recoveries_done": len(done),
+            "net_steps": net,
+            "steps_per_s": round(net / wall, 3),
+            "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
+            "s_per_step_fault_free": s_per_step,
+        }
     finally:
         for k, v in prev.items():
             if v is None:
@@ -87,16 +103,21 @@ async def goodput_ours(duration_s: float, gap_s: float, s_per_step: float | None
         await cluster.stop()
 
 
-def goodput_torchrun(duration_s: float, gap_s: float, ckpt_every: int, s_per_step: float | None,
-                     run_dir: Path, seed: int = 7) -> dict[str, Any]:
+def goodput_torchrun(
+    duration_s: float, gap_s: float, ckpt_every: int, s_per_step: float | None, run_dir: Path, seed: int = 7
+) -> dict[str, Any]:
     rng = random.Random(seed)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     faults = _fault_times(duration_s, gap_s, rng)
     restarts = len(faults) + 1
     log = (run_dir / "torchrun.log").open("wb")
-    proc = subprocess.Popen(torchrun_argv(run_dir, BIG, ckpt_every, max_restarts=restarts), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun_argv(run_dir, BIG, ckpt_every, max_restarts=restarts),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     progress, pids = run_dir / "progress.log", run_dir / "pids.log"
     done = []
     try:
@@ -122,10 +143,17 @@ def goodput_torchrun(duration_s: float, gap_s: float, ckpt_every: int, s_per_ste
         rows = _read(progress)
         last_attempt = max(int(r[0]) for r in rows)
         net = max(int(r[1]) for r in rows if int(r[0]) == last_attempt) - s0
-        return {"duration_s": round(wall, 1), "ckpt_every": ckpt_every, "faults": done,
-                "attempts": last_attempt + 1, "net_steps": net, "steps_per_s": round(net / wall, 3),
-                "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
-                "s_per_step_fault_free": s_per_step, "nproc": NPROC}
+        return {
+            "duration_s": round(wall, 1),
+            "ckpt_every": ckpt_every,
+            "faults": done,
+            "attempts": last_attempt + 1,
+            "net_steps": net,
+            "steps_per_s": round(net / wall, 3),
+            "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
+            "s_per_step_fault_free": s_per_step,
+            "nproc": NPROC,
+        }
     finally:
         stop_torchrun(proc, run_dir, "flashrecovery.bench.baseline_train")
         log.close()

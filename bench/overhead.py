@@ -23,15 +23,25 @@ from .baseline import NPROC, TP, _read, torchrun_argv
 from .recovery import step_time_ours
 from .stats import ratio, slope, summarize
 
-
 WORKER_NICE = int(os.environ.get("FLASHRECOVERY_SIDECAR__WORKER_NICE", "10"))
 
 
 def _agent_only_argv(run_dir: Path, steps: int) -> list[str]:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, "--standalone", f"--nproc-per-node={NPROC}", "--max-restarts=0",
-            "-m", "flashrecovery.bench.agent_only", "--steps", str(steps), "--tp", str(TP),
-            "--progress", str(run_dir / "progress.log")]
+    return [
+        torchrun,
+        "--standalone",
+        f"--nproc-per-node={NPROC}",
+        "--max-restarts=0",
+        "-m",
+        "flashrecovery.bench.agent_only",
+        "--steps",
+        str(steps),
+        "--tp",
+        str(TP),
+        "--progress",
+        str(run_dir / "progress.log"),
+    ]
 
 
 def step_time_torchrun(run_dir: Path, steps: int, timeout_s: float, agent: bool) -> dict[str, Any]:
@@ -39,15 +49,17 @@ def step_time_torchrun(run_dir: Path, steps: int, timeout_s: float, agent: bool)
     run_dir.mkdir(parents=True)
     argv = _agent_only_argv(run_dir, steps) if agent else torchrun_argv(run_dir, steps, 0, max_restarts=0)
     with (run_dir / "torchrun.log").open("wb") as log:
-        subprocess.run(["nice", "-n", str(WORKER_NICE), *argv], stdout=log, stderr=subprocess.STDOUT,
-                       timeout=timeout_s, check=True)
+        subprocess.run(
+            ["nice", "-n", str(WORKER_NICE), *argv], stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True
+        )
     rows = [(float(t), int(s)) for a, s, t in _read(run_dir / "progress.log") if int(s) >= 2]
     sec = slope([s for _, s in rows], [t for t, _ in rows])
     return {"s_per_step": round(sec, 4) if sec else None, "samples": len(rows)}
 
 
-async def run_overhead(reps: int, steps: int, run_root: Path, settings: Settings, timeout_s: float,
-                       log=print) -> dict[str, Any]:
+async def run_overhead(
+    reps: int, steps: int, run_root: Path, settings: Settings, timeout_s: float, log=print
+) -> dict[str, Any]:
     ours, agent_only, bare = [], [], []
     for i in range(reps):  # interleaved: the load drifts less between the variants of one round
         log(f"overhead: agent+sidecar+services run {i + 1}/{reps}")
@@ -59,9 +71,17 @@ async def run_overhead(reps: int, steps: int, run_root: Path, settings: Settings
     o = summarize(r["s_per_step"] for r in ours)
     a = summarize(r["s_per_step"] for r in agent_only)
     b = summarize(r["s_per_step"] for r in bare)
-    return {"steps": steps, "reps": reps, "worker_nice": WORKER_NICE, "ours": ours,
-            "agent_only": agent_only, "bare": bare, "ours_s_per_step": o,
-            "agent_only_s_per_step": a, "bare_s_per_step": b,
-            "ratio": ratio(o["median"], b["median"], 3),
-            "agent_only_ratio": ratio(a["median"], b["median"], 3),
-            "deployment_ratio": ratio(o["median"], a["median"], 3)}
+    return {
+        "steps": steps,
+        "reps": reps,
+        "worker_nice": WORKER_NICE,
+        "ours": ours,
+        "agent_only": agent_only,
+        "bare": bare,
+        "ours_s_per_step": o,
+        "agent_only_s_per_step": a,
+        "bare_s_per_step": b,
+        "ratio": ratio(o["median"], b["median"], 3),
+        "agent_only_ratio": ratio(a["median"], b["median"], 3),
+        "deployment_ratio": ratio(o["median"], a["median"], 3),
+    }

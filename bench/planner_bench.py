@@ -39,18 +39,28 @@ RESULTS = Path(__file__).resolve().parent / "results" / "planner.json"
 def make_snapshot(ranks: int, tp: int, pp: int) -> JobSnapshot:
     nodes = ranks // RANKS_PER_NODE
     spares = max(2, nodes // 50)  # 2% spare nodes: room for the 1% fault set
-    return grid_topology("bench", nodes=nodes, ranks_per_node=RANKS_PER_NODE, tp=tp, pp=pp,
-                         spares=spares).model_copy(update={"committed_step": 1000})
+    return grid_topology("bench", nodes=nodes, ranks_per_node=RANKS_PER_NODE, tp=tp, pp=pp, spares=spares).model_copy(
+        update={"committed_step": 1000}
+    )
 
 
 def incidents_for(nodes: int, fraction: float | None) -> list[FaultIncident]:
     count = 1 if fraction is None else max(1, round(nodes * fraction))
     stride = max(1, nodes // count)
-    return [FaultIncident(job_id="bench", generation=0, producer="bench", incident_id=f"inc-{i}",
-                          fault_class=FaultClass.NODE_LOST, action=RepairAction.REPLACE_NODE,
-                          root_cause_nodes=(f"node-{(i * stride + 3) % nodes}",),
-                          first_seen_at=NOW - 2, detected_at=NOW - 1)
-            for i in range(count)]
+    return [
+        FaultIncident(
+            job_id="bench",
+            generation=0,
+            producer="bench",
+            incident_id=f"inc-{i}",
+            fault_class=FaultClass.NODE_LOST,
+            action=RepairAction.REPLACE_NODE,
+            root_cause_nodes=(f"node-{(i * stride + 3) % nodes}",),
+            first_seen_at=NOW - 2,
+            detected_at=NOW - 1,
+        )
+        for i in range(count)
+    ]
 
 
 def timed(fn, runs: int, cpu: list[float] | None = None) -> tuple[float, object]:
@@ -80,55 +90,76 @@ def peak_kib(fn) -> float:
 
 
 def bench(sizes: list[int], runs: int) -> list[dict]:
-    rows = []
-    policy = Policy()
+    rows: list[dict] = []
     for ranks in sizes:
         for layout, (tp, pp) in LAYOUTS.items():
-            snap = make_snapshot(ranks, tp, pp)
-            raw = snap.model_dump_json()
-            parse_ms, parsed = timed(lambda: JobSnapshot.model_validate_json(raw),
-                                     1 if ranks >= 100_000 else 3)
-            arrays_ms, inp = timed(lambda: PlanInput.build(parsed), 3)
-            # the service's path: the registry's raw hashes straight to arrays
-            meta = {"generation": 0, "committed_step": snap.committed_step,
-                    "world_size": snap.world_size, "dp": snap.dp, "tp": tp, "pp": pp}
-            rank_rows = [r.model_dump_json().encode() for r in snap.ranks]
-            node_rows = [n.model_dump_json().encode() for n in snap.nodes]
-            rows_ms, _ = timed(lambda: PlanInput.from_rows("bench", meta, rank_rows, node_rows),
-                               1 if ranks >= 100_000 else 3)
-            arrays_kib = peak_kib(lambda: PlanInput.build(parsed))
-            nodes = ranks // RANKS_PER_NODE
-            for fault, fraction in (("1 node", None), ("1% nodes", 0.01)):
-                incs = incidents_for(nodes, fraction)
-                plan(inp, incs, policy, NOW)  # warm-up
-                cpu: list[float] = []
-                plan_ms, result = timed(lambda: plan(inp, incs, policy, NOW), runs, cpu)
-                assert isinstance(result, RecoveryPlan) and result.fallback.value == "none", result
-                rows.append({
-                    "ranks": ranks, "layout": layout, "fault": fault, "faulty_nodes": len(incs),
-                    "restarted": len(result.restart_ranks),
-                    "rebuild_groups": len(result.rebuild_groups),
-                    "parse_ms": round(parse_ms, 2), "arrays_ms": round(arrays_ms, 2), "registry_rows_ms": round(rows_ms, 2),
-                    "plan_ms": round(plan_ms, 3), "plan_cpu_ms": round(cpu[0], 3),
-                    "arrays_peak_kib": round(arrays_kib, 1),
-                    "plan_peak_kib": round(peak_kib(lambda: plan(inp, incs, policy, NOW)), 1),
-                })
-            del snap, parsed, inp, raw, rank_rows, node_rows
-            gc.collect()
+            rows += _one_layout(ranks, layout, tp, pp, runs)
+            gc.collect()  # the 100k-rank snapshot and arrays of this layout are gone with its frame
+    return rows
+
+
+def _one_layout(ranks: int, layout: str, tp: int, pp: int, runs: int) -> list[dict]:
+    policy = Policy()
+    snap = make_snapshot(ranks, tp, pp)
+    raw = snap.model_dump_json()
+    parse_ms, parsed = timed(lambda: JobSnapshot.model_validate_json(raw), 1 if ranks >= 100_000 else 3)
+    arrays_ms, inp = timed(lambda: PlanInput.build(parsed), 3)
+    # the service's path: the registry's raw hashes straight to arrays
+    meta = {
+        "generation": 0,
+        "committed_step": snap.committed_step,
+        "world_size": snap.world_size,
+        "dp": snap.dp,
+        "tp": tp,
+        "pp": pp,
+    }
+    rank_rows = [r.model_dump_json().encode() for r in snap.ranks]
+    node_rows = [n.model_dump_json().encode() for n in snap.nodes]
+    rows_ms, _ = timed(lambda: PlanInput.from_rows("bench", meta, rank_rows, node_rows), 1 if ranks >= 100_000 else 3)
+    arrays_kib = peak_kib(lambda: PlanInput.build(parsed))
+    nodes = ranks // RANKS_PER_NODE
+    rows = []
+    for fault, fraction in (("1 node", None), ("1% nodes", 0.01)):
+        incs = incidents_for(nodes, fraction)
+        plan(inp, incs, policy, NOW)  # warm-up
+        cpu: list[float] = []
+        plan_ms, result = timed(lambda: plan(inp, incs, policy, NOW), runs, cpu)
+        assert isinstance(result, RecoveryPlan) and result.fallback.value == "none", result
+        rows.append(
+            {
+                "ranks": ranks,
+                "layout": layout,
+                "fault": fault,
+                "faulty_nodes": len(incs),
+                "restarted": len(result.restart_ranks),
+                "rebuild_groups": len(result.rebuild_groups),
+                "parse_ms": round(parse_ms, 2),
+                "arrays_ms": round(arrays_ms, 2),
+                "registry_rows_ms": round(rows_ms, 2),
+                "plan_ms": round(plan_ms, 3),
+                "plan_cpu_ms": round(cpu[0], 3),
+                "arrays_peak_kib": round(arrays_kib, 1),
+                "plan_peak_kib": round(peak_kib(lambda: plan(inp, incs, policy, NOW)), 1),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| ranks | layout | fault (nodes) | restarted | groups | plan ms (median wall) "
-            "| plan CPU ms | plan peak KiB | arrays ms | arrays peak KiB | snapshot parse ms "
-            "| registry rows -> arrays ms |")
+    head = (
+        "| ranks | layout | fault (nodes) | restarted | groups | plan ms (median wall) "
+        "| plan CPU ms | plan peak KiB | arrays ms | arrays peak KiB | snapshot parse ms "
+        "| registry rows -> arrays ms |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['ranks']:,} | {r['layout']} | {r['fault']} ({r['faulty_nodes']}) | "
-                     f"{r['restarted']} | {r['rebuild_groups']} | {r['plan_ms']:.2f} | {r['plan_cpu_ms']:.2f} | "
-                     f"{r['plan_peak_kib']:.0f} | {r['arrays_ms']:.1f} | "
-                     f"{r['arrays_peak_kib']:.0f} | {r['parse_ms']:.0f} | "
-                     f"{r['registry_rows_ms']:.0f} |")
+        lines.append(
+            f"| {r['ranks']:,} | {r['layout']} | {r['fault']} ({r['faulty_nodes']}) | "
+            f"{r['restarted']} | {r['rebuild_groups']} | {r['plan_ms']:.2f} | {r['plan_cpu_ms']:.2f} | "
+            f"{r['plan_peak_kib']:.0f} | {r['arrays_ms']:.1f} | "
+            f"{r['arrays_peak_kib']:.0f} | {r['parse_ms']:.0f} | "
+            f"{r['registry_rows_ms']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -141,9 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench(args.sizes, args.runs)
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
-                                    "processor": platform.processor() or platform.machine(),
-                                    "runs": args.runs, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "python": platform.python_version(),
+                "processor": platform.processor() or platform.machine(),
+                "runs": args.runs,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}")
 
 

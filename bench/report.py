@@ -16,8 +16,10 @@ PHASES = ("detect", "plan", "fence", "pause", "replace", "rebuild", "restore", "
 def recovery_phase_medians(fault_summary: dict[str, Any]) -> dict[str, float]:
     """Median seconds per phase of one fault class, detection and planning included."""
     s = fault_summary
-    out = {"detect": (s.get("detection_latency_s") or {}).get("median"),
-           "plan": (s.get("planning_s") or {}).get("median")}
+    out = {
+        "detect": (s.get("detection_latency_s") or {}).get("median"),
+        "plan": (s.get("planning_s") or {}).get("median"),
+    }
     for p, v in (s.get("phases_s") or {}).items():
         out[p] = (v or {}).get("median")
     return {k: float(v) for k, v in out.items() if v is not None}
@@ -28,14 +30,41 @@ def recovery_table(rec: dict[str, Any]) -> str:
     for fault, body in rec.get("faults", {}).items():
         s = body["summary"]
         ph = s.get("phases_s", {})
-        rows.append([fault, f"{s['done']}/{s['runs']}", median_max(s["detection_latency_s"]),
-                     median_max(s["planning_s"]), median_max(ph.get("pause")),
-                     median_max(ph.get("replace")), median_max(ph.get("rebuild")),
-                     median_max(ph.get("restore")), median_max(ph.get("verify")), median_max(s["rto_s"]),
-                     median_max(s["steps_recomputed"], 0), median_max(s["committed_steps_lost"], 0),
-                     f"{s['bitwise_equal']}/{s['done']}"])
-    return md_table(["fault", "done", "detect s", "plan s", "pause s", "replace s", "rebuild s", "restore s",
-                     "verify s", "RTO s", "steps recomputed", "committed lost", "bitwise = fault-free"], rows)
+        rows.append(
+            [
+                fault,
+                f"{s['done']}/{s['runs']}",
+                median_max(s["detection_latency_s"]),
+                median_max(s["planning_s"]),
+                median_max(ph.get("pause")),
+                median_max(ph.get("replace")),
+                median_max(ph.get("rebuild")),
+                median_max(ph.get("restore")),
+                median_max(ph.get("verify")),
+                median_max(s["rto_s"]),
+                median_max(s["steps_recomputed"], 0),
+                median_max(s["committed_steps_lost"], 0),
+                f"{s['bitwise_equal']}/{s['done']}",
+            ]
+        )
+    return md_table(
+        [
+            "fault",
+            "done",
+            "detect s",
+            "plan s",
+            "pause s",
+            "replace s",
+            "rebuild s",
+            "restore s",
+            "verify s",
+            "RTO s",
+            "steps recomputed",
+            "committed lost",
+            "bitwise = fault-free",
+        ],
+        rows,
+    )
 
 
 def baseline_table(base: dict[str, Any], ours_rto: float | None) -> str:
@@ -46,18 +75,50 @@ def baseline_table(base: dict[str, Any], ours_rto: float | None) -> str:
         if "error" in r:
             rows.append([f"torchrun K={r.get('ckpt_every')}", r.get("at_step"), "error", "—", "—", r["error"][:60]])
             continue
-        rows.append([f"torchrun --max-restarts=3, ckpt every {r['ckpt_every']}", r["at_step"], fmt(r["rto_s"]),
-                     r["steps_recomputed"], r["processes_restarted"], fmt(ratio(r["rto_s"], ours_rto))])
-    return md_table(["system", "fault at step", "RTO s", "steps recomputed (= committed lost)",
-                     "processes restarted", "RTO / ours"], rows)
+        rows.append(
+            [
+                f"torchrun --max-restarts=3, ckpt every {r['ckpt_every']}",
+                r["at_step"],
+                fmt(r["rto_s"]),
+                r["steps_recomputed"],
+                r["processes_restarted"],
+                fmt(ratio(r["rto_s"], ours_rto)),
+            ]
+        )
+    return md_table(
+        [
+            "system",
+            "fault at step",
+            "RTO s",
+            "steps recomputed (= committed lost)",
+            "processes restarted",
+            "RTO / ours",
+        ],
+        rows,
+    )
 
 
 def torchft_table(tft: dict[str, Any], ours_rto: float | None) -> str:
     """One row per torchft run, the columns of baseline_table plus what only torchft has."""
     rows = []
     if ours_rto is not None:
-        rows.append(["FlashRecovery (process-crash, median)", "—", "—", "—", fmt(ours_rto), "—", "—", "0", "—",
-                     "—", "1", "—", "1.0"])
+        rows.append(
+            [
+                "FlashRecovery (process-crash, median)",
+                "—",
+                "—",
+                "—",
+                fmt(ours_rto),
+                "—",
+                "—",
+                "0",
+                "—",
+                "—",
+                "1",
+                "—",
+                "1.0",
+            ]
+        )
     for r in tft.get("runs", []):
         name = f"torchft, {r.get('replicas', '?')} groups x tp {r.get('tp', '?')}"
         if "error" in r:
@@ -65,15 +126,41 @@ def torchft_table(tft: dict[str, Any], ours_rto: float | None) -> str:
             continue
         crashed = r.get("survivor_groups_crashed") or []
         kept = fmt(r["survivors_pids_kept"]) + (f" (group {', '.join(map(str, crashed))} crashed)" if crashed else "")
-        rows.append([name, r["fault"], r["at_step"], fmt(r.get("ft_timeout_s")),
-                     fmt(r["rto_s"]) if r.get("restarted_group_rejoined") else "did not rejoin",
-                     fmt(r.get("rto_survivors_s")), r["steps_recomputed"], r["committed_steps_lost"],
-                     r["microbatches_dropped"], kept, r["processes_restarted"],
-                     fmt(r.get("replicas_consistent")), fmt(ratio(r.get("rto_s"), ours_rto))])
-    return md_table(["system", "fault", "at step", "torchft timeout s", "RTO s (restarted group commits)",
-                     "survivors commit s",
-                     "steps recomputed", "committed lost", "micro-batches dropped", "survivors' pids kept",
-                     "processes restarted", "replicas equal at end", "RTO / ours"], rows)
+        rows.append(
+            [
+                name,
+                r["fault"],
+                r["at_step"],
+                fmt(r.get("ft_timeout_s")),
+                fmt(r["rto_s"]) if r.get("restarted_group_rejoined") else "did not rejoin",
+                fmt(r.get("rto_survivors_s")),
+                r["steps_recomputed"],
+                r["committed_steps_lost"],
+                r["microbatches_dropped"],
+                kept,
+                r["processes_restarted"],
+                fmt(r.get("replicas_consistent")),
+                fmt(ratio(r.get("rto_s"), ours_rto)),
+            ]
+        )
+    return md_table(
+        [
+            "system",
+            "fault",
+            "at step",
+            "torchft timeout s",
+            "RTO s (restarted group commits)",
+            "survivors commit s",
+            "steps recomputed",
+            "committed lost",
+            "micro-batches dropped",
+            "survivors' pids kept",
+            "processes restarted",
+            "replicas equal at end",
+            "RTO / ours",
+        ],
+        rows,
+    )
 
 
 def scale_table(points: list[dict[str, Any]]) -> str:
@@ -83,24 +170,56 @@ def scale_table(points: list[dict[str, Any]]) -> str:
             rows.append([p["ranks"], p.get("nodes"), "error: " + p["error"][:60]] + ["—"] * 9)
             continue
         ph = p.get("phases_s", {})
-        rows.append([p["ranks"], p["nodes"], fmt(p.get("detection_s")), fmt(p.get("planning_s")),
-                     fmt(ph.get("fence")), fmt(ph.get("pause")), fmt(ph.get("replace")),
-                     fmt(sum(ph.get(k, 0) for k in ("rebuild", "restore", "resume", "verify")), 2),
-                     fmt(p.get("recovery_after_detection_s")), fmt(p.get("rto_s")), fmt(p.get("rto_max_s")),
-                     p.get("runs", 1), p.get("detector_instances", 1),
-                     p.get("redis_commands"), p.get("kafka_control_messages")])
-    return md_table(["ranks", "nodes", "detect s", "plan s", "fence s", "pause s", "replace s",
-                     "recover stages s", "detect -> done s", "RTO s (median)", "RTO max s", "runs",
-                     "detectors", "Redis cmds", "Kafka control msgs"], rows)
+        rows.append(
+            [
+                p["ranks"],
+                p["nodes"],
+                fmt(p.get("detection_s")),
+                fmt(p.get("planning_s")),
+                fmt(ph.get("fence")),
+                fmt(ph.get("pause")),
+                fmt(ph.get("replace")),
+                fmt(sum(ph.get(k, 0) for k in ("rebuild", "restore", "resume", "verify")), 2),
+                fmt(p.get("recovery_after_detection_s")),
+                fmt(p.get("rto_s")),
+                fmt(p.get("rto_max_s")),
+                p.get("runs", 1),
+                p.get("detector_instances", 1),
+                p.get("redis_commands"),
+                p.get("kafka_control_messages"),
+            ]
+        )
+    return md_table(
+        [
+            "ranks",
+            "nodes",
+            "detect s",
+            "plan s",
+            "fence s",
+            "pause s",
+            "replace s",
+            "recover stages s",
+            "detect -> done s",
+            "RTO s (median)",
+            "RTO max s",
+            "runs",
+            "detectors",
+            "Redis cmds",
+            "Kafka control msgs",
+        ],
+        rows,
+    )
 
 
 def scale_slopes(points: list[dict[str, Any]]) -> dict[str, float | None]:
     ok = [p for p in points if "error" not in p]
     xs = [p["ranks"] for p in ok]
-    return {"rto_s_per_10x": _r(log_slope(xs, [p.get("rto_s") for p in ok])),
-            "after_detection_s_per_10x": _r(log_slope(xs, [p.get("recovery_after_detection_s") for p in ok])),
-            "redis_cmds_per_10x": _r(log_slope(xs, [p.get("redis_commands") for p in ok])),
-            "kafka_msgs_per_10x": _r(log_slope(xs, [p.get("kafka_control_messages") for p in ok]))}
+    return {
+        "rto_s_per_10x": _r(log_slope(xs, [p.get("rto_s") for p in ok])),
+        "after_detection_s_per_10x": _r(log_slope(xs, [p.get("recovery_after_detection_s") for p in ok])),
+        "redis_cmds_per_10x": _r(log_slope(xs, [p.get("redis_commands") for p in ok])),
+        "kafka_msgs_per_10x": _r(log_slope(xs, [p.get("kafka_control_messages") for p in ok])),
+    }
 
 
 def _r(v: float | None) -> float | None:
@@ -109,9 +228,13 @@ def _r(v: float | None) -> float | None:
 
 def render(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
-    out = ["# FlashRecovery benchmark summary", "",
-           f"Machine: {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
-           f"accelerator {m.get('accelerator') or 'none'}; load average at start {m.get('loadavg_start')}.", ""]
+    out = [
+        "# FlashRecovery benchmark summary",
+        "",
+        f"Machine: {m.get('cores')} cores ({m.get('cpu')}), {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
+        f"accelerator {m.get('accelerator') or 'none'}; load average at start {m.get('loadavg_start')}.",
+        "",
+    ]
     for name, run in results.get("runs", {}).items():
         out.append(f"- `{name}`: `{run.get('command')}` at {run.get('started')} ({run.get('wall_s')} s)")
     out.append("")
@@ -127,53 +250,136 @@ def render(results: dict[str, Any]) -> str:
     if tft and tft.get("skipped"):
         out += ["## TorchFT, same job, same fault", "", f"Skipped: {tft['skipped']}", ""]
     elif tft:
-        out += ["## TorchFT, same job, same fault" + (f" ({tft['torchft']})" if tft.get("torchft") else ""), "",
-                torchft_table(tft, ours_rto), "",
-                "RTO: fault -> the restarted replica group commits its first step (healed from a live "
-                "group). Survivors commit: fault -> every other group has committed a step. Micro-batches "
-                "dropped: data not trained while a group was down or healing (torchft does not recompute it).",
-                ""]
+        out += [
+            "## TorchFT, same job, same fault" + (f" ({tft['torchft']})" if tft.get("torchft") else ""),
+            "",
+            torchft_table(tft, ours_rto),
+            "",
+            "RTO: fault -> the restarted replica group commits its first step (healed from a live "
+            "group). Survivors commit: fault -> every other group has committed a step. Micro-batches "
+            "dropped: data not trained while a group was down or healing (torchft does not recompute it).",
+            "",
+        ]
     sc = results.get("scale")
     if sc:
-        out += ["## Scale: real control plane, simulated sidecars (8 ranks/node)", "", scale_table(sc["points"]), "",
-                "Slope per 10x ranks: " + ", ".join(f"{k} {fmt(v)}" for k, v in scale_slopes(sc["points"]).items()), ""]
+        out += [
+            "## Scale: real control plane, simulated sidecars (8 ranks/node)",
+            "",
+            scale_table(sc["points"]),
+            "",
+            "Slope per 10x ranks: " + ", ".join(f"{k} {fmt(v)}" for k, v in scale_slopes(sc["points"]).items()),
+            "",
+        ]
     det = results.get("detector")
     if det:
-        rows = [[r["ranks"], r["nodes"], r.get("form", "rank objects"), r["messages_per_s"], r["detector_cpu_s_per_wall_s"],
-                 r["detector_cpu_us_per_message"], r["node_lost_latency_from_last_beat_s"], r["crash_latency_s"],
-                 r["false_incidents"]] for r in det.get("rows", [])]
-        out += ["## Detector ingest (bench/detector_bench.py, core path)", "",
-                md_table(["ranks", "nodes", "heartbeat form", "msgs/s", "CPU s / wall s", "CPU µs / msg", "node-lost latency s",
-                          "crash latency s", "false incidents"], rows, 3), ""]
+        rows = [
+            [
+                r["ranks"],
+                r["nodes"],
+                r.get("form", "rank objects"),
+                r["messages_per_s"],
+                r["detector_cpu_s_per_wall_s"],
+                r["detector_cpu_us_per_message"],
+                r["node_lost_latency_from_last_beat_s"],
+                r["crash_latency_s"],
+                r["false_incidents"],
+            ]
+            for r in det.get("rows", [])
+        ]
+        out += [
+            "## Detector ingest (bench/detector_bench.py, core path)",
+            "",
+            md_table(
+                [
+                    "ranks",
+                    "nodes",
+                    "heartbeat form",
+                    "msgs/s",
+                    "CPU s / wall s",
+                    "CPU µs / msg",
+                    "node-lost latency s",
+                    "crash latency s",
+                    "false incidents",
+                ],
+                rows,
+                3,
+            ),
+            "",
+        ]
     pl = results.get("planner")
     if pl:
-        rows = [[r["ranks"], r["layout"], r["fault"], r["restarted"], r["plan_ms"], r["plan_cpu_ms"],
-                 r["registry_rows_ms"]] for r in pl.get("rows", [])]
-        out += ["## Planner latency (bench/planner_bench.py)", "",
-                md_table(["ranks", "layout", "fault", "restarted", "plan ms", "plan CPU ms",
-                          "registry rows -> arrays ms"], rows), ""]
+        rows = [
+            [r["ranks"], r["layout"], r["fault"], r["restarted"], r["plan_ms"], r["plan_cpu_ms"], r["registry_rows_ms"]]
+            for r in pl.get("rows", [])
+        ]
+        out += [
+            "## Planner latency (bench/planner_bench.py)",
+            "",
+            md_table(
+                ["ranks", "layout", "fault", "restarted", "plan ms", "plan CPU ms", "registry rows -> arrays ms"], rows
+            ),
+            "",
+        ]
     ov = results.get("overhead")
     if ov:
-        out += ["## Failure-free overhead", "",
-                md_table(["", "s/step median (max)", "runs"],
-                         [["agent + sidecar + services", median_max(ov["ours_s_per_step"], 4), ov["reps"]]]
-                         + ([["agent only (torchrun, no sidecar, no services)",
-                              median_max(ov["agent_only_s_per_step"], 4), ov["reps"]]]
-                            if ov.get("agent_only_s_per_step") else [])
-                         + [["bare gloo loop (torchrun, no agent)", median_max(ov["bare_s_per_step"], 4), ov["reps"]]]),
-                "", f"Ratio ours / bare: {fmt(ov.get('ratio'), 3)}"
-                + (f"; agent only / bare: {fmt(ov.get('agent_only_ratio'), 3)}; ours / agent only "
-                   f"(the deployment on the same cores): {fmt(ov.get('deployment_ratio'), 3)}"
-                   if ov.get("agent_only_ratio") is not None else ""), ""]
+        out += [
+            "## Failure-free overhead",
+            "",
+            md_table(
+                ["", "s/step median (max)", "runs"],
+                [["agent + sidecar + services", median_max(ov["ours_s_per_step"], 4), ov["reps"]]]
+                + (
+                    [
+                        [
+                            "agent only (torchrun, no sidecar, no services)",
+                            median_max(ov["agent_only_s_per_step"], 4),
+                            ov["reps"],
+                        ]
+                    ]
+                    if ov.get("agent_only_s_per_step")
+                    else []
+                )
+                + [["bare gloo loop (torchrun, no agent)", median_max(ov["bare_s_per_step"], 4), ov["reps"]]],
+            ),
+            "",
+            f"Ratio ours / bare: {fmt(ov.get('ratio'), 3)}"
+            + (
+                f"; agent only / bare: {fmt(ov.get('agent_only_ratio'), 3)}; ours / agent only "
+                f"(the deployment on the same cores): {fmt(ov.get('deployment_ratio'), 3)}"
+                if ov.get("agent_only_ratio") is not None
+                else ""
+            ),
+            "",
+        ]
     gp = results.get("goodput")
     if gp:
-        rows = [["FlashRecovery", gp["ours"].get("duration_s"), len(gp["ours"].get("faults", [])),
-                 gp["ours"].get("net_steps"), gp["ours"].get("steps_per_s"), gp["ours"].get("goodput")]]
+        rows = [
+            [
+                "FlashRecovery",
+                gp["ours"].get("duration_s"),
+                len(gp["ours"].get("faults", [])),
+                gp["ours"].get("net_steps"),
+                gp["ours"].get("steps_per_s"),
+                gp["ours"].get("goodput"),
+            ]
+        ]
         for r in gp.get("torchrun", []):
-            rows.append([f"torchrun ckpt every {r.get('ckpt_every')}", r.get("duration_s"), len(r.get("faults", [])),
-                         r.get("net_steps"), r.get("steps_per_s"), r.get("goodput")])
-        out += [f"## Goodput (fault every ~{gp['gap_s']} s)", "",
-                md_table(["system", "wall s", "faults", "net steps", "steps/s", "goodput"], rows, 3), ""]
+            rows.append(
+                [
+                    f"torchrun ckpt every {r.get('ckpt_every')}",
+                    r.get("duration_s"),
+                    len(r.get("faults", [])),
+                    r.get("net_steps"),
+                    r.get("steps_per_s"),
+                    r.get("goodput"),
+                ]
+            )
+        out += [
+            f"## Goodput (fault every ~{gp['gap_s']} s)",
+            "",
+            md_table(["system", "wall s", "faults", "net steps", "steps/s", "goodput"], rows, 3),
+            "",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -181,6 +387,7 @@ def charts(results: dict[str, Any], out_dir: Path) -> list[str]:
     """rto_phases.png (stacked bar per fault class) and rto_vs_scale.png; [] without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -47,19 +47,34 @@ def detectors_for(nodes: int) -> int:
     return max(1, -(-nodes // NODES_PER_DETECTOR))
 
 
-async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: float = 8.0,
-                          timeout_s: float = 180.0, idle_s: float = 3.0,
-                          detectors: int | None = None) -> dict[str, Any]:
+async def run_scale_point(
+    ranks: int,
+    run_root: Path,
+    base: Settings,
+    warmup_s: float = 8.0,
+    timeout_s: float = 180.0,
+    idle_s: float = 3.0,
+    detectors: int | None = None,
+) -> dict[str, Any]:
     nodes = ranks // RANKS_PER_NODE
     detectors = detectors or detectors_for(nodes)
     job = f"scale-{ranks}-{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
-        topic_namespace=job, telemetry_partitions=8, control_partitions=1, linger_ms=2)})
+    settings = base.model_copy(
+        update={
+            "job_id": job,
+            "bus": BusSettings(topic_namespace=job, telemetry_partitions=8, control_partitions=1, linger_ms=2),
+        }
+    )
     sup = Supervisor(settings, run_root / job)
     seen: dict[str, int] = {}
     marks: dict[str, Any] = {}
-    res: dict[str, Any] = {"ranks": ranks, "nodes": nodes, "ranks_per_node": RANKS_PER_NODE, "tp": TP,
-                           "detector_instances": detectors}
+    res: dict[str, Any] = {
+        "ranks": ranks,
+        "nodes": nodes,
+        "ranks_per_node": RANKS_PER_NODE,
+        "tp": TP,
+        "detector_instances": detectors,
+    }
     t_start = time.time()
     try:
         await asyncio.to_thread(sup.start_stack)
@@ -91,8 +106,16 @@ async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: 
         # counted by the simulator that sends and receives them, so the watcher adds no decoding
         # on the 2 cores the system under test uses (25k acks at 100k ranks). (The broker's end
         # offsets cannot count them: the local broker advances them once per batch.)
-        watcher = busmod.Consumer(sup.stack.kafka_bootstrap, settings.bus, WATCHED, None, on_event, producer,
-                                  "scale-watcher", from_latest=True)
+        watcher = busmod.Consumer(
+            sup.stack.kafka_bootstrap,
+            settings.bus,
+            WATCHED,
+            None,
+            on_event,
+            producer,
+            "scale-watcher",
+            from_latest=True,
+        )
         await watcher.start()
         wtask = asyncio.create_task(watcher.run())
         await watcher.wait_assigned()
@@ -113,8 +136,22 @@ async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: 
         finally:
             await reg.close()
         out = sup.run_dir / "sim.json"
-        sup.spawn("sim", [sys.executable, "-m", "flashrecovery.bench.simsidecars", "--nodes", str(nodes),
-                          "--ranks", str(RANKS_PER_NODE), "--lose-at", str(warmup_s), "--out", str(out)])
+        sup.spawn(
+            "sim",
+            [
+                sys.executable,
+                "-m",
+                "flashrecovery.bench.simsidecars",
+                "--nodes",
+                str(nodes),
+                "--ranks",
+                str(RANKS_PER_NODE),
+                "--lose-at",
+                str(warmup_s),
+                "--out",
+                str(out),
+            ],
+        )
         ready = out.with_suffix(".ready")
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -150,21 +187,26 @@ async def run_scale_point(ranks: int, run_root: Path, base: Settings, warmup_s: 
         window = marks["done_seen"] - marks["fault_at"]
         cmds = _delta(before, after)
         background = sum(idle.values()) / idle_s * window
-        res.update({
-            "outcome": done.outcome, "fault_class": str(done.fault_class),
-            "detection_s": round(inc.detected_at - fault_at, 3) if inc else None,
-            "planning_s": round(marks["plan"].emitted_at - inc.detected_at, 3) if inc and "plan" in marks else None,
-            "phases_s": done.phase_seconds,
-            "rto_s": round(done.emitted_at - fault_at, 3),
-            "recovery_after_detection_s": round(done.emitted_at - inc.detected_at, 3) if inc else None,
-            "restarted_ranks": None,
-            "redis_commands": sum(cmds.values()), "redis_background_estimate": round(background),
-            "redis_top": dict(sorted(cmds.items(), key=lambda kv: -kv[1])[:6]),
-            "kafka_messages": {k.removeprefix("flashrecovery.").removesuffix(".v1"): v for k, v in seen.items()},
-            "kafka_control_messages": sum(seen.values()),
-            "heartbeats_per_s": round(nodes + 1, 1),
-            "sim": sim, "wall_s": round(time.time() - t_start, 1),
-        })
+        res.update(
+            {
+                "outcome": done.outcome,
+                "fault_class": str(done.fault_class),
+                "detection_s": round(inc.detected_at - fault_at, 3) if inc else None,
+                "planning_s": round(marks["plan"].emitted_at - inc.detected_at, 3) if inc and "plan" in marks else None,
+                "phases_s": done.phase_seconds,
+                "rto_s": round(done.emitted_at - fault_at, 3),
+                "recovery_after_detection_s": round(done.emitted_at - inc.detected_at, 3) if inc else None,
+                "restarted_ranks": None,
+                "redis_commands": sum(cmds.values()),
+                "redis_background_estimate": round(background),
+                "redis_top": dict(sorted(cmds.items(), key=lambda kv: -kv[1])[:6]),
+                "kafka_messages": {k.removeprefix("flashrecovery.").removesuffix(".v1"): v for k, v in seen.items()},
+                "kafka_control_messages": sum(seen.values()),
+                "heartbeats_per_s": round(nodes + 1, 1),
+                "sim": sim,
+                "wall_s": round(time.time() - t_start, 1),
+            }
+        )
         if "plan" in marks:
             res["restarted_ranks"] = len(marks["plan"].restart_ranks)
         return res
@@ -185,8 +227,20 @@ def median_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     phases = list(dict.fromkeys(k for r in ok for k in r.get("phases_s", {})))
     out = {k: first[k] for k in ("ranks", "nodes", "ranks_per_node", "tp", "detector_instances") if k in first}
-    out.update({k: med(k) for k in ("detection_s", "planning_s", "rto_s", "recovery_after_detection_s",
-                                    "redis_commands", "kafka_control_messages", "restarted_ranks")})
+    out.update(
+        {
+            k: med(k)
+            for k in (
+                "detection_s",
+                "planning_s",
+                "rto_s",
+                "recovery_after_detection_s",
+                "redis_commands",
+                "kafka_control_messages",
+                "restarted_ranks",
+            )
+        }
+    )
     out["phases_s"] = {p: summarize(r.get("phases_s", {}).get(p) for r in ok)["median"] for p in phases}
     out["rto_max_s"] = summarize(r.get("rto_s") for r in ok)["max"]
     out["runs"], out["failed_runs"] = len(ok), len(runs) - len(ok)

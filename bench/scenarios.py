@@ -47,8 +47,12 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     run_root = Path(settings.runtime_dir).resolve() / "bench-scenarios"
     names = args.only or list(SCENARIOS)
     refs: dict[str, dict] = {}
-    out: dict[str, Any] = {"runs_per_scenario": args.runs, "steps": args.steps, "at_step": args.at_step,
-                           "scenarios": {}}
+    out: dict[str, Any] = {
+        "runs_per_scenario": args.runs,
+        "steps": args.steps,
+        "at_step": args.at_step,
+        "scenarios": {},
+    }
     for name in names:
         sc = SCENARIOS[name]
         worker_args = f"--step-sleep {STEP_SLEEP_S} {sc.job_args}".strip()
@@ -59,24 +63,47 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.runs):
             t0 = time.time()
             try:
-                rep = await run_once(sc.fault, sc.rank, sc.step(args.steps, args.at_step), args.steps,
-                                     args.timeout, True, run_root, settings, worker_args,
-                                     [FollowUp.parse(t) for t in sc.then],
-                                     [ServiceFault.parse(f) for f in sc.service_faults], sc.spares)
+                rep = await run_once(
+                    sc.fault,
+                    sc.rank,
+                    sc.step(args.steps, args.at_step),
+                    args.steps,
+                    args.timeout,
+                    True,
+                    run_root,
+                    settings,
+                    worker_args,
+                    [FollowUp.parse(t) for t in sc.then],
+                    [ServiceFault.parse(f) for f in sc.service_faults],
+                    sc.spares,
+                )
                 ok, why = _verdict(name, rep, refs.get(worker_args))
             except Exception as exc:  # noqa: BLE001 - a run that hangs or breaks is a failed run
                 rep, ok, why = {"outcome": "error"}, False, repr(exc)[:200]
-            rows.append({"run": i, "pass": ok, "why": why, "outcome": rep.get("outcome"),
-                         "rto_s": rep.get("rto_s"), "wall_s": round(time.time() - t0, 1),
-                         "recoveries": [(c["outcome"], c["rto_s"]) for c in rep.get("recoveries", [])]})
-            print(f"{name} run {i}: {'PASS' if ok else 'FAIL'} {rep.get('outcome')} rto {rep.get('rto_s')} "
-                  f"({why[:100]})", flush=True)
+            rows.append(
+                {
+                    "run": i,
+                    "pass": ok,
+                    "why": why,
+                    "outcome": rep.get("outcome"),
+                    "rto_s": rep.get("rto_s"),
+                    "wall_s": round(time.time() - t0, 1),
+                    "recoveries": [(c["outcome"], c["rto_s"]) for c in rep.get("recoveries", [])],
+                }
+            )
+            print(
+                f"{name} run {i}: {'PASS' if ok else 'FAIL'} {rep.get('outcome')} rto {rep.get('rto_s')} ({why[:100]})",
+                flush=True,
+            )
         rtos = [r["rto_s"] for r in rows if r["rto_s"] is not None]
         out["scenarios"][name] = {
-            "demo_args": sc.demo_args(args.steps, args.at_step), "expect": sc.expect,
-            "passed": sum(r["pass"] for r in rows), "runs": rows,
+            "demo_args": sc.demo_args(args.steps, args.at_step),
+            "expect": sc.expect,
+            "passed": sum(r["pass"] for r in rows),
+            "runs": rows,
             "rto_median_s": round(statistics.median(rtos), 3) if rtos else None,
-            "rto_max_s": max(rtos) if rtos else None}
+            "rto_max_s": max(rtos) if rtos else None,
+        }
     return out
 
 

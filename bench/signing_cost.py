@@ -13,21 +13,48 @@ import statistics
 import time
 from collections.abc import Callable
 
-from flashrecovery.shared.schemas import (Assignment, ExecutorCommand, NodeHeartbeat, RankState, RankStatus,
-                                          Transfer, decode, encode)
+from flashrecovery.shared.schemas import (
+    Assignment,
+    ExecutorCommand,
+    NodeHeartbeat,
+    RankState,
+    RankStatus,
+    Transfer,
+    decode,
+    encode,
+)
 from flashrecovery.shared.signing import Keyring
 
 TOPIC = "flashrecovery.commands.v1"
 
 
 def _messages() -> dict[str, bytes]:
-    cmd = ExecutorCommand(job_id="job", generation=3, producer="executor-0", command_id="c" * 32, plan_id="p" * 32,
-                          incident_id="i" * 32, action="recover", world_size=8, commit_step=None, resume_step=12,
-                          assignments=(Assignment(rank=2, local_rank=0, node_id="spare-0"),),
-                          transfers=(Transfer(src=0, dst=2),), fence_token=4)
-    beat8 = NodeHeartbeat(job_id="job", generation=3, producer="sidecar", node_id="node-1", seq=7, ranks=tuple(
-        RankStatus(rank=r, local_rank=r % 8, pid=1000 + r, state=RankState.RUNNING, step=12, step_time_s=0.1)
-        for r in range(8)))
+    cmd = ExecutorCommand(
+        job_id="job",
+        generation=3,
+        producer="executor-0",
+        command_id="c" * 32,
+        plan_id="p" * 32,
+        incident_id="i" * 32,
+        action="recover",
+        world_size=8,
+        commit_step=None,
+        resume_step=12,
+        assignments=(Assignment(rank=2, local_rank=0, node_id="spare-0"),),
+        transfers=(Transfer(src=0, dst=2),),
+        fence_token=4,
+    )
+    beat8 = NodeHeartbeat(
+        job_id="job",
+        generation=3,
+        producer="sidecar",
+        node_id="node-1",
+        seq=7,
+        ranks=tuple(
+            RankStatus(rank=r, local_rank=r % 8, pid=1000 + r, state=RankState.RUNNING, step=12, step_time_s=0.1)
+            for r in range(8)
+        ),
+    )
     return {"command (recover)": encode(cmd), "heartbeat (8 ranks)": encode(beat8)}
 
 
@@ -49,8 +76,14 @@ def measure(rounds: int = 15, n: int = 2000) -> list[dict[str, object]]:
             samples["verify_us"].append(_per_op_us(lambda: ring.refusal(TOPIC, value, headers), n))
             samples["decode_us"].append(_per_op_us(lambda: decode(value), n))
         med = {k: statistics.median(v) for k, v in samples.items()}
-        rows.append({"message": name, "bytes": len(value), **{k: round(v, 2) for k, v in med.items()},
-                     "verify_over_decode": round(med["verify_us"] / med["decode_us"], 3)})
+        rows.append(
+            {
+                "message": name,
+                "bytes": len(value),
+                **{k: round(v, 2) for k, v in med.items()},
+                "verify_over_decode": round(med["verify_us"] / med["decode_us"], 3),
+            }
+        )
     return rows
 
 

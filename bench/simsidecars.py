@@ -43,15 +43,13 @@ FLUSH_S = 0.05  # how often due beats are handed to the broker, per partition
 
 
 class SimCluster:
-    def __init__(self, nodes: int, ranks: int, spares: int, lose: int, lose_at: float,
-                 columns: bool = True) -> None:
+    def __init__(self, nodes: int, ranks: int, spares: int, lose: int, lose_at: float, columns: bool = True) -> None:
         self.s = load_settings()
         self.columns = columns  # heartbeats in the rank_columns form (sidecar heartbeat_columns)
         self.nodes, self.ranks = nodes, ranks
         self.names = [f"node-{i}" for i in range(nodes)] + [f"spare-{i}" for i in range(spares)]
         # node -> hosted ranks; the spare hosts none until a replace assigns some
-        self.hosted: dict[str, list[int]] = {f"node-{i}": list(range(i * ranks, (i + 1) * ranks))
-                                             for i in range(nodes)}
+        self.hosted: dict[str, list[int]] = {f"node-{i}": list(range(i * ranks, (i + 1) * ranks)) for i in range(nodes)}
         for i in range(spares):
             self.hosted[f"spare-{i}"] = []
         self.dead: set[str] = set()
@@ -94,8 +92,10 @@ class SimCluster:
         self._head: dict[str, bytes] = {}
         self._rank_heads: dict[str, list[bytes]] = {}
         for node in self.names:
-            self._head[node] = (f'"schema_version":{SCHEMA_VERSION},"job_id":{job},"producer":"sim-{node}",'
-                                f'"kind":"node_heartbeat","node_id":"{node}","interval_s":1.0,').encode()
+            self._head[node] = (
+                f'"schema_version":{SCHEMA_VERSION},"job_id":{job},"producer":"sim-{node}",'
+                f'"kind":"node_heartbeat","node_id":"{node}","interval_s":1.0,'
+            ).encode()
             self._rank_heads[node] = self._rank_prefixes(node)
 
     def _rank_prefixes(self, node: str) -> list[bytes]:
@@ -105,10 +105,13 @@ class SimCluster:
         ids = list(enumerate(hosted)) if hosted else [(lr, None) for lr in range(self.ranks)]
         pid = [100000 + r if r is not None else 200000 + lr for lr, r in ids]
         if self.columns:
-            return [orjson.dumps({"rank": [r for _, r in ids], "local_rank": [lr for lr, _ in ids],
-                                  "pid": pid})[:-1] + b","]
-        return [f'{{"rank":{"null" if r is None else r},"local_rank":{lr},"pid":{p},'.encode()
-                for (lr, r), p in zip(ids, pid)]
+            return [
+                orjson.dumps({"rank": [r for _, r in ids], "local_rank": [lr for lr, _ in ids], "pid": pid})[:-1] + b","
+            ]
+        return [
+            f'{{"rank":{"null" if r is None else r},"local_rank":{lr},"pid":{p},'.encode()
+            for (lr, r), p in zip(ids, pid)
+        ]
 
     def beat(self, node: str) -> bytes:
         step = self.step()
@@ -116,26 +119,36 @@ class SimCluster:
         since = (now - self.run_since) % STEP_S if self.run_since is not None else now - (self.t0)
         hosted = self.hosted[node]
         if hosted:
-            state, t, tail = ("running" if self.run_since is not None else "paused"), STEP_S, \
-                ',"role":"active","standby_ready":0}'
+            state, t, tail = (
+                ("running" if self.run_since is not None else "paused"),
+                STEP_S,
+                ',"role":"active","standby_ready":0}',
+            )
         else:
             state, step, since, t, tail = "standby", 0, 0.0, None, f',"role":"spare","standby_ready":{self.ranks}}}'
         self.seq[node] += 1
-        head = (f'{{"event_id":"{os.urandom(8).hex()}","generation":{self.generation},"emitted_at":{time.time()},'
-                f'"seq":{self.seq[node]},').encode() + self._head[node]
+        head = (
+            f'{{"event_id":"{os.urandom(8).hex()}","generation":{self.generation},"emitted_at":{time.time()},'
+            f'"seq":{self.seq[node]},'
+        ).encode() + self._head[node]
         prefixes = self._rank_heads[node]
         if self.columns:
             n = len(hosted) or self.ranks
 
             def col(v: object) -> str:
                 return "[" + ",".join([v] * n) + "]"  # type: ignore[list-item]
-            body = (f'"state":{col(chr(34) + state + chr(34))},"step":{col(str(step))},'
-                    f'"step_time_s":{col("null" if t is None else str(t))},"generation":{col(str(self.generation))},'
-                    f'"since_progress_s":{col(f"{since:.3f}")}}}').encode()
+
+            body = (
+                f'"state":{col(chr(34) + state + chr(34))},"step":{col(str(step))},'
+                f'"step_time_s":{col("null" if t is None else str(t))},"generation":{col(str(self.generation))},'
+                f'"since_progress_s":{col(f"{since:.3f}")}}}'
+            ).encode()
             return b"".join((head, b'"rank_columns":', prefixes[0], body, tail.encode()))
-        common = (f'"state":"{state}","step":{step},"step_time_s":{"null" if t is None else t},'
-                  f'"generation":{self.generation},"long_phase":null,"long_phase_expected_s":null,'
-                  f'"since_progress_s":{since:.3f}}}').encode()
+        common = (
+            f'"state":"{state}","step":{step},"step_time_s":{"null" if t is None else t},'
+            f'"generation":{self.generation},"long_phase":null,"long_phase_expected_s":null,'
+            f'"since_progress_s":{since:.3f}}}'
+        ).encode()
         return b"".join((head, b'"ranks":[', b",".join(p + common for p in prefixes), b"]", tail.encode()))
 
     async def heartbeats(self, raw: AIOKafkaProducer) -> None:
@@ -188,9 +201,16 @@ class SimCluster:
             kill = set(cmd.kill_ranks)
             for n in targets:
                 if self.hosted[n]:
-                    self.ack(cmd, n, "done", [{"rank": r, "pid": 100000 + r, "applied_step": step,
-                                               "grads_step": None, "vote_step": step}
-                                              for r in self.hosted[n] if r not in kill])
+                    self.ack(
+                        cmd,
+                        n,
+                        "done",
+                        [
+                            {"rank": r, "pid": 100000 + r, "applied_step": step, "grads_step": None, "vote_step": step}
+                            for r in self.hosted[n]
+                            if r not in kill
+                        ],
+                    )
         elif cmd.action is CommandAction.REPLACE:
             for n in targets:
                 mine = [a for a in cmd.assignments if a.node_id == n]
@@ -208,12 +228,17 @@ class SimCluster:
             staged = live if cmd.stage_nodes is None else [n for n in live if n in set(cmd.stage_nodes)]
             for stage in ("rebuilt", "restored", "resumed"):
                 for n in staged:
-                    self.ack(cmd, n, stage, [{"rank": r, "pid": 100000 + r, "phase": stage, "seconds": 0.0}
-                                             for r in self.hosted[n]])
+                    self.ack(
+                        cmd,
+                        n,
+                        stage,
+                        [{"rank": r, "pid": 100000 + r, "phase": stage, "seconds": 0.0} for r in self.hosted[n]],
+                    )
             self.resume(resume)
             for n in staged:
-                self.ack(cmd, n, "verified", [{"rank": r, "pid": 100000 + r, "applied_step": resume}
-                                              for r in self.hosted[n]])
+                self.ack(
+                    cmd, n, "verified", [{"rank": r, "pid": 100000 + r, "applied_step": resume} for r in self.hosted[n]]
+                )
         elif cmd.action is CommandAction.STOP:
             for n in targets:
                 self.ack(cmd, n)
@@ -222,18 +247,42 @@ class SimCluster:
         handed = time.time()
         await asyncio.gather(*getattr(self, "_delivered", ()), return_exceptions=True)
         # where a phase's time goes: command emitted -> received here -> acks built -> handed over
-        self.timeline.append({"action": str(cmd.action), "emitted_at": cmd.emitted_at, "received_at": got,
-                              "acks": count, "acks_built_at": built, "acks_sent_at": handed,
-                              "acks_stored_at": time.time()})
+        self.timeline.append(
+            {
+                "action": str(cmd.action),
+                "emitted_at": cmd.emitted_at,
+                "received_at": got,
+                "acks": count,
+                "acks_built_at": built,
+                "acks_sent_at": handed,
+                "acks_stored_at": time.time(),
+            }
+        )
 
     def ack(self, cmd: ExecutorCommand, node: str, stage: str = "done", ranks: list[dict] | None = None) -> None:
         """A CommandAck as the sidecar's encoder writes it, queued for flush_acks()."""
-        self._acks.append(orjson.dumps({
-            "event_id": os.urandom(8).hex(), "schema_version": SCHEMA_VERSION, "job_id": self.s.job_id,
-            "generation": cmd.generation, "emitted_at": time.time(), "producer": f"sim-{node}",
-            "kind": "command_ack", "command_id": cmd.command_id, "plan_id": cmd.plan_id,
-            "incident_id": cmd.incident_id, "action": str(cmd.action), "node_id": node, "ok": True,
-            "stage": stage, "detail": "", **self._reports(ranks or [])}))
+        self._acks.append(
+            orjson.dumps(
+                {
+                    "event_id": os.urandom(8).hex(),
+                    "schema_version": SCHEMA_VERSION,
+                    "job_id": self.s.job_id,
+                    "generation": cmd.generation,
+                    "emitted_at": time.time(),
+                    "producer": f"sim-{node}",
+                    "kind": "command_ack",
+                    "command_id": cmd.command_id,
+                    "plan_id": cmd.plan_id,
+                    "incident_id": cmd.incident_id,
+                    "action": str(cmd.action),
+                    "node_id": node,
+                    "ok": True,
+                    "stage": stage,
+                    "detail": "",
+                    **self._reports(ranks or []),
+                }
+            )
+        )
         self.sent_acks += 1
 
     def _reports(self, ranks: list[dict]) -> dict[str, Any]:
@@ -262,11 +311,18 @@ class SimCluster:
     async def run(self, seconds: float, out: Path) -> None:
         self.producer = busmod.Producer(self.s.kafka_bootstrap, self.s.bus, "sim-sidecars")
         await self.producer.start()
-        raw = self._raw = AIOKafkaProducer(bootstrap_servers=self.s.kafka_bootstrap, acks=1,
-                                           max_batch_size=1 << 20)
+        raw = self._raw = AIOKafkaProducer(bootstrap_servers=self.s.kafka_bootstrap, acks=1, max_batch_size=1 << 20)
         await raw.start()
-        consumer = busmod.Consumer(self.s.kafka_bootstrap, self.s.bus, [T.COMMANDS], None, self.on_command,
-                                   self.producer, "sim-sidecars", from_latest=True)
+        consumer = busmod.Consumer(
+            self.s.kafka_bootstrap,
+            self.s.bus,
+            [T.COMMANDS],
+            None,
+            self.on_command,
+            self.producer,
+            "sim-sidecars",
+            from_latest=True,
+        )
         await consumer.start()
         ctask = asyncio.create_task(consumer.run())
         await consumer.wait_assigned()
@@ -285,11 +341,20 @@ class SimCluster:
         await asyncio.gather(ctask, return_exceptions=True)
         await self.producer.stop()
         await raw.stop()
-        out.write_text(json.dumps({"fault_at": self.fault_at, "lost_node": self.lose,
-                                   "sent_heartbeats": self.sent_beats, "sent_acks": self.sent_acks,
-                                   "commands": self.commands, "heartbeat_lag_max_s": round(self.lag_max, 3),
-                                   "command_timeline": self.timeline,
-                                   "seconds": round(time.monotonic() - self.t0, 2)}))
+        out.write_text(
+            json.dumps(
+                {
+                    "fault_at": self.fault_at,
+                    "lost_node": self.lose,
+                    "sent_heartbeats": self.sent_beats,
+                    "sent_acks": self.sent_acks,
+                    "commands": self.commands,
+                    "heartbeat_lag_max_s": round(self.lag_max, 3),
+                    "command_timeline": self.timeline,
+                    "seconds": round(time.monotonic() - self.t0, 2),
+                }
+            )
+        )
 
 
 def main() -> None:
@@ -301,11 +366,18 @@ def main() -> None:
     ap.add_argument("--lose-at", type=float, default=8.0)
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rank-objects", action="store_true",
-                    help="heartbeats with one object per rank instead of rank_columns")
+    ap.add_argument(
+        "--rank-objects", action="store_true", help="heartbeats with one object per rank instead of rank_columns"
+    )
     args = ap.parse_args()
-    sim = SimCluster(args.nodes, args.ranks, args.spares, args.nodes // 3 if args.lose is None else args.lose,
-                     args.lose_at, columns=not args.rank_objects)
+    sim = SimCluster(
+        args.nodes,
+        args.ranks,
+        args.spares,
+        args.nodes // 3 if args.lose is None else args.lose,
+        args.lose_at,
+        columns=not args.rank_objects,
+    )
     asyncio.run(sim.run(args.seconds, args.out))
 
 

@@ -10,10 +10,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-
 PHASES = ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
-METRICS = ("detection_latency_s", "planning_s", "dispatch_s", "rto_s", "steps_recomputed",
-           "committed_steps_lost")
+METRICS = ("detection_latency_s", "planning_s", "dispatch_s", "rto_s", "steps_recomputed", "committed_steps_lost")
 
 
 def summarize(values: Iterable[float | None]) -> dict[str, Any]:
@@ -21,8 +19,7 @@ def summarize(values: Iterable[float | None]) -> dict[str, Any]:
     xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not xs:
         return {"n": 0, "median": None, "min": None, "max": None}
-    return {"n": len(xs), "median": round(statistics.median(xs), 4), "min": round(min(xs), 4),
-            "max": round(max(xs), 4)}
+    return {"n": len(xs), "median": round(statistics.median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4)}
 
 
 def ratio(a: float | None, b: float | None, digits: int = 1) -> float | None:
@@ -66,8 +63,10 @@ def fmt(v: Any, digits: int = 2) -> str:
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 2) -> str:
     """A GitHub Markdown table; cells go through fmt, pipes in text are escaped."""
+
     def cell(v: Any) -> str:
         return fmt(v, digits).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -84,8 +83,12 @@ def median_max(summary: dict[str, Any] | None, digits: int = 2) -> str:
 
 def machine_info() -> dict[str, Any]:
     """Cores, memory, CPU model, Python, torch (if importable) and the accelerator, if any."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -102,6 +105,7 @@ def machine_info() -> dict[str, Any]:
         info["memory_gib"] = None
     try:
         import torch
+
         info["torch"] = torch.__version__
         info["accelerator"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - a broken torch must not stop the description

@@ -38,8 +38,10 @@ from .baseline import _read, _wait, kill_recorded_workers
 
 REPLICAS = 4
 TP = 2
-INSTALL_HINT = ("pip install --no-deps torchft-nightly && pip install opentelemetry-api opentelemetry-sdk "
-                "opentelemetry-exporter-otlp-proto-http (see docs/benchmarks.md)")
+INSTALL_HINT = (
+    "pip install --no-deps torchft-nightly && pip install opentelemetry-api opentelemetry-sdk "
+    "opentelemetry-exporter-otlp-proto-http (see docs/benchmarks.md)"
+)
 
 
 def torchft_available() -> str | None:
@@ -65,13 +67,15 @@ def _free_port() -> int:
 
 # ---- pure: progress logs -> the report fields (unit-tested) ---------------------------------------
 
+
 def parse_progress(lines: list[list[str]]) -> list[tuple[int, int, float, int, bool]]:
     """Rows "<attempt> <step> <time> <participants> <committed>" -> tuples."""
     return [(int(a), int(s), float(t), int(p), c == "1") for a, s, t, p, c in (r[:5] for r in lines if len(r) >= 5)]
 
 
-def summarize(progress: dict[int, list[tuple[int, int, float, int, bool]]], fault_at: float, victim: int,
-              replicas: int) -> dict[str, Any]:
+def summarize(
+    progress: dict[int, list[tuple[int, int, float, int, bool]]], fault_at: float, victim: int, replicas: int
+) -> dict[str, Any]:
     """The report fields from every group's parsed progress log (see the module docstring)."""
     # A restarted group's rows count once it healed: one that came back after the others had
     # finished commits step 1 alone and stops (not a recovery, not a rollback).
@@ -94,8 +98,9 @@ def summarize(progress: dict[int, list[tuple[int, int, float, int, bool]]], faul
         "steps_recomputed": max(failed.values(), default=0),
     }
     # a rolled-back step is committed twice by the same group (once before, once after the fault)
-    out["committed_steps_lost"] = max((len(steps) - len(set(steps)) for steps in
-                                       ([row[1] for row in rows] for rows in committed.values())), default=0)
+    out["committed_steps_lost"] = max(
+        (len(steps) - len(set(steps)) for steps in ([row[1] for row in rows] for rows in committed.values())), default=0
+    )
     # one row per committed step: the most participants any group saw for it
     width: dict[int, int] = {}
     for rows in committed.values():
@@ -118,10 +123,21 @@ def pids_by_replica(rows: list[list[str]]) -> dict[int, dict[int, set[int]]]:
 
 # ---- the run -----------------------------------------------------------------------------------
 
-def run_torchft(run_dir: Path, at_step: int, steps: int, kill_rank: int = 2, timeout_s: float = 600.0,
-                replicas: int = REPLICAS, tp: int = TP, fault: str = "after-step",
-                heartbeat_timeout_ms: int = 1000, ft_timeout_s: float = 30.0, threads: int = 1,
-                extra: list[str] | None = None) -> dict[str, Any]:
+
+def run_torchft(
+    run_dir: Path,
+    at_step: int,
+    steps: int,
+    kill_rank: int = 2,
+    timeout_s: float = 600.0,
+    replicas: int = REPLICAS,
+    tp: int = TP,
+    fault: str = "after-step",
+    heartbeat_timeout_ms: int = 1000,
+    ft_timeout_s: float = 30.0,
+    threads: int = 1,
+    extra: list[str] | None = None,
+) -> dict[str, Any]:
     """One torchft job; SIGKILL the process in rank `kill_rank`'s place once it committed `at_step`.
 
     fault="after-step": as bench/baseline.py (it dies wherever it is after step S committed).
@@ -134,14 +150,20 @@ def run_torchft(run_dir: Path, at_step: int, steps: int, kill_rank: int = 2, tim
     run_dir.mkdir(parents=True)
     port = _free_port()
     lighthouse_addr = f"http://localhost:{port}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHFT_LIGHTHOUSE": lighthouse_addr,
-           "TORCHFT_USE_OTEL": "false"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHFT_LIGHTHOUSE": lighthouse_addr, "TORCHFT_USE_OTEL": "false"}
     procs: list[subprocess.Popen] = []
     logs = []
-    rep: dict[str, Any] = {"at_step": at_step, "steps": steps, "kill_rank": kill_rank, "replicas": replicas,
-                           "tp": tp, "fault": fault, "heartbeat_timeout_ms": heartbeat_timeout_ms,
-                           "ft_timeout_s": ft_timeout_s,
-                           "run_dir": os.path.relpath(run_dir)}
+    rep: dict[str, Any] = {
+        "at_step": at_step,
+        "steps": steps,
+        "kill_rank": kill_rank,
+        "replicas": replicas,
+        "tp": tp,
+        "fault": fault,
+        "heartbeat_timeout_ms": heartbeat_timeout_ms,
+        "ft_timeout_s": ft_timeout_s,
+        "run_dir": os.path.relpath(run_dir),
+    }
     started = time.time()
 
     def spawn(argv: list[str], log_name: str) -> subprocess.Popen:
@@ -157,22 +179,62 @@ def run_torchft(run_dir: Path, at_step: int, steps: int, kill_rank: int = 2, tim
                 raise RuntimeError(f"{p.args[0]} (pid {p.pid}) exited with {p.returncode}; see {run_dir}")
 
     try:
-        spawn([str(_lighthouse_bin()), "--bind", f"[::]:{port}", "--min_replicas", "1",
-               "--heartbeat_timeout_ms", str(heartbeat_timeout_ms), "--join_timeout_ms", "60000"],
-              "lighthouse.log")
+        spawn(
+            [
+                str(_lighthouse_bin()),
+                "--bind",
+                f"[::]:{port}",
+                "--min_replicas",
+                "1",
+                "--heartbeat_timeout_ms",
+                str(heartbeat_timeout_ms),
+                "--join_timeout_ms",
+                "60000",
+            ],
+            "lighthouse.log",
+        )
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         groups = []
         for r in range(replicas):
-            stall = ["--stall-at", str(at_step + 1), "--stall-rank", str(victim_local)] \
-                if fault == "in-allreduce" and r == victim else []
-            groups.append(spawn([torchrun, "--standalone", f"--nproc-per-node={tp}", "--max-restarts=3",
-                                 "--monitor-interval=0.1", "-m", "flashrecovery.bench.torchft_train",
-                                 "--replica-id", str(r), "--steps", str(steps), "--tp", str(tp),
-                                 "--threads", str(threads), "--timeout", str(ft_timeout_s),
-                                 "--dir", str(run_dir), *stall, *(extra or [])],
-                                f"replica{r}.log"))
-        _wait_alive(lambda: all((run_dir / f"ready-r{r}").exists() for r in range(replicas)), timeout_s,
-                    "every replica's Manager", check_alive)
+            stall = (
+                ["--stall-at", str(at_step + 1), "--stall-rank", str(victim_local)]
+                if fault == "in-allreduce" and r == victim
+                else []
+            )
+            groups.append(
+                spawn(
+                    [
+                        torchrun,
+                        "--standalone",
+                        f"--nproc-per-node={tp}",
+                        "--max-restarts=3",
+                        "--monitor-interval=0.1",
+                        "-m",
+                        "flashrecovery.bench.torchft_train",
+                        "--replica-id",
+                        str(r),
+                        "--steps",
+                        str(steps),
+                        "--tp",
+                        str(tp),
+                        "--threads",
+                        str(threads),
+                        "--timeout",
+                        str(ft_timeout_s),
+                        "--dir",
+                        str(run_dir),
+                        *stall,
+                        *(extra or []),
+                    ],
+                    f"replica{r}.log",
+                )
+            )
+        _wait_alive(
+            lambda: all((run_dir / f"ready-r{r}").exists() for r in range(replicas)),
+            timeout_s,
+            "every replica's Manager",
+            check_alive,
+        )
         (run_dir / "go").touch()
         prog = {r: run_dir / f"progress-r{r}.log" for r in range(replicas)}
 
@@ -183,18 +245,29 @@ def run_torchft(run_dir: Path, at_step: int, steps: int, kill_rank: int = 2, tim
             _wait_alive(lambda: (run_dir / "stalled").exists(), timeout_s, "the victim to stall", check_alive)
             time.sleep(0.5)
         else:
-            _wait_alive(lambda: any(row[1] >= at_step for row in committed(victim)), timeout_s,
-                        f"step {at_step}", check_alive)
+            _wait_alive(
+                lambda: any(row[1] >= at_step for row in committed(victim)), timeout_s, f"step {at_step}", check_alive
+            )
         pids0 = pids_by_replica(_read(run_dir / "pids.log"))
-        victim_pid = next(int(row[3]) for row in _read(run_dir / "pids.log")
-                          if row[0] == str(victim) and row[1] == "0" and row[2] == str(victim_local))
+        victim_pid = next(
+            int(row[3])
+            for row in _read(run_dir / "pids.log")
+            if row[0] == str(victim) and row[1] == "0" and row[2] == str(victim_local)
+        )
         fault_at = time.time()
         os.kill(victim_pid, signal.SIGKILL)
-        rep.update({"fault_at": fault_at, "killed_pid": victim_pid,
-                    "loadavg_at_fault": [round(x, 2) for x in os.getloadavg()]})
-        _wait_alive(lambda: any(row[0] > 0 and row[2] > fault_at and row[1] > 1 for row in committed(victim))
-                    or any(run_dir.glob(f"not-healed-r{victim}-*")), timeout_s,
-                    "the restarted group's first step", check_alive)
+        rep.update(
+            {"fault_at": fault_at, "killed_pid": victim_pid, "loadavg_at_fault": [round(x, 2) for x in os.getloadavg()]}
+        )
+        _wait_alive(
+            lambda: (
+                any(row[0] > 0 and row[2] > fault_at and row[1] > 1 for row in committed(victim))
+                or any(run_dir.glob(f"not-healed-r{victim}-*"))
+            ),
+            timeout_s,
+            "the restarted group's first step",
+            check_alive,
+        )
         deadline = time.monotonic() + timeout_s
         for p in groups:
             rc = p.wait(max(1.0, deadline - time.monotonic()))
@@ -211,13 +284,16 @@ def run_torchft(run_dir: Path, at_step: int, steps: int, kill_rank: int = 2, tim
                 f = run_dir / f"final-r{r}-{i}.txt"
                 if f.exists():
                     finals.setdefault(i, set()).add(f.read_text().split()[1])
-        rep.update({
-            "survivors_pids_kept": all(set(pids.get(r, {})) == {0} and pids[r][0] == pids0[r][0]
-                                       for r in survivors),
-            "processes_restarted": sum(len(v) for r in pids for a, v in pids[r].items() if a > 0),
-            "replicas_consistent": bool(finals) and all(len(v) == 1 for v in finals.values()),
-            "wall_s": round(ended - started, 2),
-        })
+        rep.update(
+            {
+                "survivors_pids_kept": all(
+                    set(pids.get(r, {})) == {0} and pids[r][0] == pids0[r][0] for r in survivors
+                ),
+                "processes_restarted": sum(len(v) for r in pids for a, v in pids[r].items() if a > 0),
+                "replicas_consistent": bool(finals) and all(len(v) == 1 for v in finals.values()),
+                "wall_s": round(ended - started, 2),
+            }
+        )
         return rep
     finally:
         # torchruns first (so nothing restarts), then their workers (torchrun puts each worker in
@@ -240,7 +316,9 @@ def run_torchft(run_dir: Path, at_step: int, steps: int, kill_rank: int = 2, tim
 
 def _wait_alive(pred, timeout_s: float, what: str, check) -> Any:
     """bench.baseline._wait, also failing early when one of our processes died with an error."""
+
     def ready():
         check()
         return pred()
+
     return _wait(ready, timeout_s, what)

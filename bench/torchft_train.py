@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from flashrecovery.agent.gradients import flatten_grads, unflatten_into_grads
-from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
+from flashrecovery.agent.reference.model import TPGPT, ModelConfig, batch
 from flashrecovery.agent.reference.recipe import build_recipe
 from flashrecovery.agent.reference.train import add_job_args
 from flashrecovery.agent.transfer import state_digest
@@ -59,15 +59,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     add_job_args(p)
     p.add_argument("--replica-id", type=int, required=True, help="replica group = dp index")
-    p.add_argument("--lighthouse", default=os.environ.get("TORCHFT_LIGHTHOUSE"),
-                   help="lighthouse address (default $TORCHFT_LIGHTHOUSE)")
+    p.add_argument(
+        "--lighthouse",
+        default=os.environ.get("TORCHFT_LIGHTHOUSE"),
+        help="lighthouse address (default $TORCHFT_LIGHTHOUSE)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="torchft collective / commit timeout, s")
     p.add_argument("--quorum-timeout", type=float, default=120.0, help="torchft quorum timeout, s")
     p.add_argument("--go-timeout", type=float, default=300.0, help="max wait for the harness's go file, s")
-    p.add_argument("--stall-at", type=int, default=0,
-                   help="fault injection: on attempt 0, local rank --stall-rank of this replica stops "
-                        "right before the gradient all-reduce of this step (writes --dir/stalled and "
-                        "sleeps), so the peers are inside the all-reduce when the harness kills it")
+    p.add_argument(
+        "--stall-at",
+        type=int,
+        default=0,
+        help="fault injection: on attempt 0, local rank --stall-rank of this replica stops "
+        "right before the gradient all-reduce of this step (writes --dir/stalled and "
+        "sleeps), so the peers are inside the all-reduce when the harness kills it",
+    )
     p.add_argument("--stall-rank", type=int, default=0)
     p.add_argument("--dir", required=True)
     return p.parse_args(argv)
@@ -77,8 +84,7 @@ def _replica_store(attempt: int, local_rank: int, timeout: datetime.timedelta) -
     """The replica group's store for the Manager: a fresh TCPStore per torchrun attempt, hosted by
     local rank 0 and announced through torchrun's store. (The Manager keeps its server address
     under fixed keys: on torchrun's own store a restarted rank 1 would read the dead one's.)"""
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timeout)
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     key = f"torchft_bench/attempt{attempt}/store_port"
     if local_rank == 0:
         own = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False, timeout=timeout)
@@ -103,24 +109,41 @@ def main(argv: list[str] | None = None) -> None:
     store_keep, store_port = _replica_store(attempt, local_rank, datetime.timedelta(seconds=120))
     tp_group = None
     if tp > 1:
-        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=datetime.timedelta(seconds=120))
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"torchft_bench/tp/attempt{attempt}", base),
-                                rank=local_rank, world_size=tp, timeout=datetime.timedelta(seconds=120))
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=120),
+        )
+        dist.init_process_group(
+            "gloo",
+            store=dist.PrefixStore(f"torchft_bench/tp/attempt{attempt}", base),
+            rank=local_rank,
+            world_size=tp,
+            timeout=datetime.timedelta(seconds=120),
+        )
         tp_group = dist.group.WORLD
 
-    cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
-                      n_layers=args.layers, seq=args.seq, dropout=args.dropout)
+    cfg = ModelConfig(
+        vocab=args.vocab,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        n_layers=args.layers,
+        seq=args.seq,
+        dropout=args.dropout,
+    )
     model = TPGPT(cfg, tp, local_rank, TPComm(tp_group), args.seed)
     recipe = build_recipe(model, args)
     opt, sched = recipe.optimizer, recipe.scheduler
 
     manager = Manager(
         pg=ProcessGroupGloo(timeout=timeout),
-        load_state_dict=lambda sd: (model.load_state_dict(sd["model"]), opt.load_state_dict(sd["optim"]),
-                                    sched.load_state_dict(sd["scheduler"])),
-        state_dict=lambda: {"model": model.state_dict(), "optim": opt.state_dict(),
-                            "scheduler": sched.state_dict()},
+        load_state_dict=lambda sd: (
+            model.load_state_dict(sd["model"]),
+            opt.load_state_dict(sd["optim"]),
+            sched.load_state_dict(sd["scheduler"]),
+        ),
+        state_dict=lambda: {"model": model.state_dict(), "optim": opt.state_dict(), "scheduler": sched.state_dict()},
         min_replica_size=1,
         timeout=timeout,
         quorum_timeout=datetime.timedelta(seconds=args.quorum_timeout),
@@ -164,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
             recipe.apply(step)
         if progress is not None:
             # the participants of the step just done (the quorum is settled by now)
-            progress.write(f"{attempt} {manager.current_step() if committed else step} {time.time():.6f} "
-                           f"{manager.num_participants()} {int(committed)}\n")
+            progress.write(
+                f"{attempt} {manager.current_step() if committed else step} {time.time():.6f} "
+                f"{manager.num_participants()} {int(committed)}\n"
+            )
             progress.flush()
         if attempt > 0 and committed and manager.current_step() == 1:
             # A restarted group whose first commit is step 1 had no live peer to heal from: the

@@ -25,6 +25,7 @@ def _settings() -> Settings:
     if settings.redis_url:
         return settings
     from .tools import _locate  # the local-job lookup `status` uses
+
     return _locate(settings)
 
 
@@ -32,11 +33,14 @@ def _settings() -> Settings:
 def add_job_parser(sub: Any) -> None:
     p = sub.add_parser("job", help="register a job's topology in the registry")
     jsub = p.add_subparsers(dest="job_cmd", required=True)
-    r = jsub.add_parser("register", help="write the topology once (generation 0); an existing job is kept",
-                        description="Either a grid (--nodes, --ranks-per-node; node-<i> and spare-<i>) or "
-                                    "--file with an explicit placement: {\"tp\": 2, \"pp\": 1, \"nodes\": "
-                                    "{\"n0\": [0, 1], \"n1\": [2, 3]}, \"spares\": {\"s0\": 2}, "
-                                    "\"labels\": {\"n0\": {\"rack\": \"a\"}}}")
+    r = jsub.add_parser(
+        "register",
+        help="write the topology once (generation 0); an existing job is kept",
+        description="Either a grid (--nodes, --ranks-per-node; node-<i> and spare-<i>) or "
+        '--file with an explicit placement: {"tp": 2, "pp": 1, "nodes": '
+        '{"n0": [0, 1], "n1": [2, 3]}, "spares": {"s0": 2}, '
+        '"labels": {"n0": {"rack": "a"}}}',
+    )
     r.add_argument("--job", help="job id (default FLASHRECOVERY_JOB_ID)")
     r.add_argument("--file", type=Path, help="JSON placement (instead of the grid flags)")
     r.add_argument("--nodes", type=int, help="active nodes of a grid")
@@ -62,16 +66,27 @@ def topology_from_args(args: argparse.Namespace, job_id: str) -> JobSnapshot:
                 raise ValueError(f"unknown keys {sorted(unknown)}")
             if spec.get("job_id", job_id) != job_id:
                 raise ValueError(f"the file is for job {spec['job_id']!r}, not {job_id!r}")
-            return spec_topology(job_id, {str(k): [int(r) for r in v] for k, v in spec["nodes"].items()},
-                                 tp=int(spec.get("tp", 1)), pp=int(spec.get("pp", 1)),
-                                 spares={str(k): int(v) for k, v in spec.get("spares", {}).items()},
-                                 labels=spec.get("labels") or {})
+            return spec_topology(
+                job_id,
+                {str(k): [int(r) for r in v] for k, v in spec["nodes"].items()},
+                tp=int(spec.get("tp", 1)),
+                pp=int(spec.get("pp", 1)),
+                spares={str(k): int(v) for k, v in spec.get("spares", {}).items()},
+                labels=spec.get("labels") or {},
+            )
         if args.nodes is None or args.ranks_per_node is None:
             raise ValueError("give --nodes and --ranks-per-node (a grid) or --file (a placement)")
         if args.nodes < 1 or args.ranks_per_node < 1 or args.spares < 0:
             raise ValueError("--nodes and --ranks-per-node must be >= 1, --spares >= 0")
-        return grid_topology(job_id, args.nodes, args.ranks_per_node, args.tp, args.pp, spares=args.spares,
-                             standby_slots=args.spare_capacity)
+        return grid_topology(
+            job_id,
+            args.nodes,
+            args.ranks_per_node,
+            args.tp,
+            args.pp,
+            spares=args.spares,
+            standby_slots=args.spare_capacity,
+        )
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"job register: {exc}") from None
 
@@ -97,17 +112,27 @@ def job_register(args: argparse.Namespace) -> int:
 
     created, stored = asyncio.run(go())
     if created:
-        log.info("job_registered", world_size=snap.world_size, tp=snap.tp, pp=snap.pp,
-                 nodes=len([n for n in snap.nodes if n.ranks]), spares=len([n for n in snap.nodes if not n.ranks]))
-        print(f"job {job_id} registered: world {snap.world_size} (dp={snap.dp} tp={snap.tp} pp={snap.pp}), "
-              f"{len(snap.nodes)} nodes")
+        log.info(
+            "job_registered",
+            world_size=snap.world_size,
+            tp=snap.tp,
+            pp=snap.pp,
+            nodes=len([n for n in snap.nodes if n.ranks]),
+            spares=len([n for n in snap.nodes if not n.ranks]),
+        )
+        print(
+            f"job {job_id} registered: world {snap.world_size} (dp={snap.dp} tp={snap.tp} pp={snap.pp}), "
+            f"{len(snap.nodes)} nodes"
+        )
         return 0
     if stored.generation == 0 and _shape(stored) == _shape(snap):
         print(f"job {job_id} was already registered with this topology: nothing written")
         return 0
-    print(f"job {job_id} is already registered (generation {stored.generation}, world {stored.world_size}): "
-          "nothing written; a registered job's topology changes only through recoveries and `node` commands",
-          file=sys.stderr)
+    print(
+        f"job {job_id} is already registered (generation {stored.generation}, world {stored.world_size}): "
+        "nothing written; a registered job's topology changes only through recoveries and `node` commands",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -118,8 +143,9 @@ def add_node_parser(sub: Any) -> None:
     a = nsub.add_parser("add-spare", help="a node joins the standby pool (start its sidecar with ROLE=spare)")
     a.add_argument("node")
     a.add_argument("--capacity", type=int, default=2, help="standby slots: ranks it can host (default 2)")
-    a.add_argument("--label", action="append", default=None, metavar="KEY=VALUE",
-                   help="locality label (rack, switch), repeatable")
+    a.add_argument(
+        "--label", action="append", default=None, metavar="KEY=VALUE", help="locality label (rack, switch), repeatable"
+    )
     q = nsub.add_parser("quarantine", help="take a node without ranks out of the standby pool")
     q.add_argument("node")
     q.add_argument("--reason", required=True, help="why (kept in the registry, shown by `status --json`)")
@@ -168,7 +194,12 @@ def node(args: argparse.Namespace) -> int:
     except (ValueError, LookupError) as exc:
         print(f"node {args.node_cmd} {args.node}: refused: {exc}", file=sys.stderr)
         return 1
-    log.info(f"node_{args.node_cmd.replace('-', '_')}", node=rec.node_id, role=rec.role.value,
-             standby_slots=rec.standby_slots, reason=getattr(args, "reason", None))
+    log.info(
+        f"node_{args.node_cmd.replace('-', '_')}",
+        node=rec.node_id,
+        role=rec.role.value,
+        standby_slots=rec.standby_slots,
+        reason=getattr(args, "reason", None),
+    )
     print(f"{rec.node_id}: {rec.role.value}, standby slots {rec.standby_slots}")
     return 0

@@ -37,8 +37,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         stack = sup.start_stack()
-        log.info("stack_ready", kafka=stack.kafka_bootstrap, redis=stack.redis_url,
-                 embedded=[p.name for p in stack.owned])
+        log.info(
+            "stack_ready", kafka=stack.kafka_bootstrap, redis=stack.redis_url, embedded=[p.name for p in stack.owned]
+        )
         names = []
         for service in SERVICES:
             for i in range(args.executors if service == "executor" else 1):
@@ -52,8 +53,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.info("services_ready", services=names, logs=str(sup.run_dir))
         address = job_address_file(settings.runtime_dir, settings.job_id)
         write_job_address(address, settings, sup, sup.run_dir)  # for status / events / inject
-        print(f"flashrecovery up: {', '.join(names)} ready; kafka {stack.kafka_bootstrap}, "
-              f"redis {stack.redis_url}. Ctrl-C stops everything.", flush=True)
+        print(
+            f"flashrecovery up: {', '.join(names)} ready; kafka {stack.kafka_bootstrap}, "
+            f"redis {stack.redis_url}. Ctrl-C stops everything.",
+            flush=True,
+        )
         if args.exit_when_ready:
             return 0
         # A service that dies is restarted (bounded); the others keep running meanwhile: when
@@ -61,11 +65,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             for name, code, restarted in sup.revive(args.max_restarts):
                 if restarted:
-                    log.warning("service_restarted", process=name, exit_code=code, restarts=sup.restarts[name],
-                                max_restarts=args.max_restarts)
+                    log.warning(
+                        "service_restarted",
+                        process=name,
+                        exit_code=code,
+                        restarts=sup.restarts[name],
+                        max_restarts=args.max_restarts,
+                    )
                 else:
-                    log.error("service_given_up", process=name, exit_code=code, restarts=sup.restarts.get(name, 0),
-                              reason="restarted max_restarts times: left stopped, the rest keep running")
+                    log.error(
+                        "service_given_up",
+                        process=name,
+                        exit_code=code,
+                        restarts=sup.restarts.get(name, 0),
+                        reason="restarted max_restarts times: left stopped, the rest keep running",
+                    )
         return 0
     finally:
         sup.stop_all()
@@ -74,25 +88,40 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flashrecovery", description=__doc__,
-                                 epilog="exit codes: 0 ok, 1 failed / unhealthy, 2 bad configuration or "
-                                        "usage, 130/143 interrupted (docs/operations.md)")
+    ap = argparse.ArgumentParser(
+        prog="flashrecovery",
+        description=__doc__,
+        epilog="exit codes: 0 ok, 1 failed / unhealthy, 2 bad configuration or "
+        "usage, 130/143 interrupted (docs/operations.md)",
+    )
     ap.add_argument("--version", action="version", version=f"flashrecovery {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="run the services (embedded broker + Redis unless configured)")
     up.add_argument("--executors", type=int, default=2, help="executor instances (one leads)")
     up.add_argument("--exit-when-ready", action="store_true", help="start, check health, stop")
-    up.add_argument("--max-restarts", type=int, default=5,
-                    help="restarts of a service that exits before `up` gives up on it (the rest keep running)")
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts of a service that exits before `up` gives up on it (the rest keep running)",
+    )
     for service in ("detector", "planner", "executor", "sidecar"):
         sub.add_parser(service, help=f"run one {service} (addresses from FLASHRECOVERY_*)")
     # Tools are imported only when asked for: a service start must not pay for torch.
     argv = sys.argv[1:] if argv is None else argv
-    tools = {"run": "flashrecovery.launch", "demo": "flashrecovery.demo", "status": "flashrecovery.tools",
-             "events": "flashrecovery.tools",
-             "inject": "flashrecovery.tools", "bench": "flashrecovery.bench.cli",
-             "health": "flashrecovery.health", "schema": "flashrecovery.schemadoc",
-             "job": "flashrecovery.admin", "node": "flashrecovery.admin", "deadletters": "flashrecovery.deadletters"}
+    tools = {
+        "run": "flashrecovery.launch",
+        "demo": "flashrecovery.demo",
+        "status": "flashrecovery.tools",
+        "events": "flashrecovery.tools",
+        "inject": "flashrecovery.tools",
+        "bench": "flashrecovery.bench.cli",
+        "health": "flashrecovery.health",
+        "schema": "flashrecovery.schemadoc",
+        "job": "flashrecovery.admin",
+        "node": "flashrecovery.admin",
+        "deadletters": "flashrecovery.deadletters",
+    }
     for name, module in tools.items():
         if argv and argv[0] == name:
             try:

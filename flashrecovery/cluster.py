@@ -22,19 +22,38 @@ import torch
 from .shared import bus as busmod
 from .shared import topics as T
 from .shared.registry import Registry
-from .shared.schemas import (FaultIncident, LogEvent, NodeHeartbeat, RecoveryCompleted, RecoveryPlan,
-                             RecoveryProgress, WorkerExit)
+from .shared.schemas import (
+    FaultIncident,
+    LogEvent,
+    NodeHeartbeat,
+    RecoveryCompleted,
+    RecoveryPlan,
+    RecoveryProgress,
+    WorkerExit,
+)
 from .shared.settings import Settings, agent_env
 from .shared.topology import grid_topology
 from .supervisor import Supervisor, job_address_file, write_job_address
 
-FAULTS = ("process-crash", "node-crash", "hang", "ecc", "exception", "kill-forward", "kill-grad-sync",
-          "kill-after-sync", "kill-vote", "kill-optimizer", "none")
+FAULTS = (
+    "process-crash",
+    "node-crash",
+    "hang",
+    "ecc",
+    "exception",
+    "kill-forward",
+    "kill-grad-sync",
+    "kill-after-sync",
+    "kill-vote",
+    "kill-optimizer",
+    "none",
+)
 
 
 @dataclass
 class Timeline:
     """Everything the watcher saw, with the local receive time."""
+
     heartbeats: dict[str, NodeHeartbeat] = field(default_factory=dict)
     exits: list[WorkerExit] = field(default_factory=list)
     logs: list[LogEvent] = field(default_factory=list)
@@ -76,6 +95,7 @@ class Timeline:
 @dataclass(frozen=True)
 class WorkerSpec:
     """What every worker runs: `python -m module ARGS` or `python script ARGS`."""
+
     module: str = ""
     script: str = ""
     args: tuple[str, ...] = ()
@@ -87,15 +107,18 @@ class WorkerSpec:
     def sidecar_env(self) -> dict[str, str]:
         # both entry points set, one empty: a value inherited from the caller's environment
         # must not add the other one (the sidecar refuses both)
-        return {"FLASHRECOVERY_SIDECAR__WORKER_MODULE": self.module,
-                "FLASHRECOVERY_SIDECAR__WORKER_SCRIPT": self.script,
-                "FLASHRECOVERY_SIDECAR__WORKER_ARGS": shlex.join(self.args)}
+        return {
+            "FLASHRECOVERY_SIDECAR__WORKER_MODULE": self.module,
+            "FLASHRECOVERY_SIDECAR__WORKER_SCRIPT": self.script,
+            "FLASHRECOVERY_SIDECAR__WORKER_ARGS": shlex.join(self.args),
+        }
 
 
 @dataclass
 class LocalCluster:
     """`nodes` x `ranks_per_node` ranks running `worker`, and `spares` spare nodes keeping
     `standbys` standby workers each (default: one per rank of a node)."""
+
     settings: Settings
     run_dir: Path
     worker: WorkerSpec
@@ -133,8 +156,16 @@ class LocalCluster:
         self.sup.start_rendezvous()
         reg = Registry.from_url(self.sup.stack.redis_url, self.settings.job_id)
         try:
-            await reg.init_job(grid_topology(self.settings.job_id, self.nodes, self.ranks_per_node, self.tp,
-                                             spares=self.spares, standby_slots=self.standbys))
+            await reg.init_job(
+                grid_topology(
+                    self.settings.job_id,
+                    self.nodes,
+                    self.ranks_per_node,
+                    self.tp,
+                    spares=self.spares,
+                    standby_slots=self.standbys,
+                )
+            )
         finally:
             await reg.close()
         await self._start_watcher()
@@ -145,14 +176,16 @@ class LocalCluster:
             self.sup.start_service("executor", f"executor-{i}", FLASHRECOVERY_INSTANCE=str(i))
         await self.sup.wait_ready(names, timeout_s)
         write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
-        env = {"FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
-               # the job's tensor-parallel degree as registered: the agent checks its own against it
-               agent_env("tp"): str(self.tp),
-               **self.worker.sidecar_env(),
-               "FLASHRECOVERY_SIDECAR__EXIT_WITH_JOB": str(self.exit_with_job).lower(),
-               "FLASHRECOVERY_RUNTIME_DIR": str(self.run_dir),  # worker logs beside the services' logs
-               # every "node" shares this machine's cores with the control plane
-               "FLASHRECOVERY_SIDECAR__WORKER_NICE": os.environ.get("FLASHRECOVERY_SIDECAR__WORKER_NICE", "10")}
+        env = {
+            "FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
+            # the job's tensor-parallel degree as registered: the agent checks its own against it
+            agent_env("tp"): str(self.tp),
+            **self.worker.sidecar_env(),
+            "FLASHRECOVERY_SIDECAR__EXIT_WITH_JOB": str(self.exit_with_job).lower(),
+            "FLASHRECOVERY_RUNTIME_DIR": str(self.run_dir),  # worker logs beside the services' logs
+            # every "node" shares this machine's cores with the control plane
+            "FLASHRECOVERY_SIDECAR__WORKER_NICE": os.environ.get("FLASHRECOVERY_SIDECAR__WORKER_NICE", "10"),
+        }
         if self.fault_env:
             env[agent_env("fault")] = self.fault_env
         sidecars = []
@@ -161,15 +194,26 @@ class LocalCluster:
         for n in range(self.nodes):
             ranks = ",".join(str(r) for r in range(n * self.ranks_per_node, (n + 1) * self.ranks_per_node))
             base = str(n * self.ranks_per_node if self.one_machine else 0)
-            self.sup.spawn(f"sidecar-node-{n}", [sys.executable, "-m", "flashrecovery.sidecar"],
-                           FLASHRECOVERY_SIDECAR__NODE_ID=f"node-{n}", FLASHRECOVERY_SIDECAR__RANKS=ranks,
-                           FLASHRECOVERY_SIDECAR__ROLE="active", FLASHRECOVERY_SIDECAR__LOCAL_RANK_BASE=base,
-                           FLASHRECOVERY_SIDECAR__CAPACITY=str(self.ranks_per_node), **env)
+            self.sup.spawn(
+                f"sidecar-node-{n}",
+                [sys.executable, "-m", "flashrecovery.sidecar"],
+                FLASHRECOVERY_SIDECAR__NODE_ID=f"node-{n}",
+                FLASHRECOVERY_SIDECAR__RANKS=ranks,
+                FLASHRECOVERY_SIDECAR__ROLE="active",
+                FLASHRECOVERY_SIDECAR__LOCAL_RANK_BASE=base,
+                FLASHRECOVERY_SIDECAR__CAPACITY=str(self.ranks_per_node),
+                **env,
+            )
             sidecars.append(f"node-{n}")
         for s in range(self.spares):
-            self.sup.spawn(f"sidecar-spare-{s}", [sys.executable, "-m", "flashrecovery.sidecar"],
-                           FLASHRECOVERY_SIDECAR__NODE_ID=f"spare-{s}", FLASHRECOVERY_SIDECAR__ROLE="spare",
-                           FLASHRECOVERY_SIDECAR__CAPACITY=str(self.standbys), **env)
+            self.sup.spawn(
+                f"sidecar-spare-{s}",
+                [sys.executable, "-m", "flashrecovery.sidecar"],
+                FLASHRECOVERY_SIDECAR__NODE_ID=f"spare-{s}",
+                FLASHRECOVERY_SIDECAR__ROLE="spare",
+                FLASHRECOVERY_SIDECAR__CAPACITY=str(self.standbys),
+                **env,
+            )
             sidecars.append(f"spare-{s}")
         await self.sup.wait_ready(sidecars, timeout_s)
         if self.metrics:  # again, now with the sidecars' metrics endpoints
@@ -178,9 +222,16 @@ class LocalCluster:
     async def _start_watcher(self) -> None:
         self._producer = busmod.Producer(self.sup.stack.kafka_bootstrap, self.settings.bus, "watcher")
         await self._producer.start()
-        self._watcher = busmod.Consumer(self.sup.stack.kafka_bootstrap, self.settings.bus,
-                                        [t for t in T.ALL if t is not T.DEAD_LETTER], None, self._seen,
-                                        self._producer, "watcher", from_latest=True)
+        self._watcher = busmod.Consumer(
+            self.sup.stack.kafka_bootstrap,
+            self.settings.bus,
+            [t for t in T.ALL if t is not T.DEAD_LETTER],
+            None,
+            self._seen,
+            self._producer,
+            "watcher",
+            from_latest=True,
+        )
         await self._watcher.start()
         self._watch_task = asyncio.create_task(self._watcher.run())
         await self._watcher.wait_assigned()
@@ -195,9 +246,14 @@ class LocalCluster:
                 tl.heartbeats[ev.node_id] = ev
             tl.note_steps(ev, time.time())
         else:
-            bucket = {WorkerExit: tl.exits, LogEvent: tl.logs, FaultIncident: tl.incidents,
-                      RecoveryPlan: tl.plans, RecoveryProgress: tl.progress,
-                      RecoveryCompleted: tl.completed}.get(type(ev), tl.other)
+            bucket = {
+                WorkerExit: tl.exits,
+                LogEvent: tl.logs,
+                FaultIncident: tl.incidents,
+                RecoveryPlan: tl.plans,
+                RecoveryProgress: tl.progress,
+                RecoveryCompleted: tl.completed,
+            }.get(type(ev), tl.other)
             bucket.append(ev)
             if self.on_event:
                 self.on_event(ev)
@@ -246,15 +302,20 @@ class LocalCluster:
         if fault == "none":
             return time.time()
         if fault in ("process-crash", "hang", "node-crash"):
-            await self.wait_until(lambda: (self.rank_status(rank)[1] is not None
-                                           and self.rank_status(rank)[1].step >= at_step),
-                                  timeout_s, f"rank {rank} at step {at_step}")
+            await self.wait_until(
+                lambda: self.rank_status(rank)[1] is not None and self.rank_status(rank)[1].step >= at_step,
+                timeout_s,
+                f"rank {rank} at step {at_step}",
+            )
             return self.fault_now(fault, rank)
+
         # agent-injected: the first exit or matching log line from that rank marks the moment
         def seen():
-            ev = next((e for e in self.timeline.exits if e.rank == rank and not e.expected), None) or \
-                 next((e for e in self.timeline.logs if e.rank == rank), None)
+            ev = next((e for e in self.timeline.exits if e.rank == rank and not e.expected), None) or next(
+                (e for e in self.timeline.logs if e.rank == rank), None
+            )
             return ev
+
         await self.wait_until(lambda: seen() is not None, timeout_s, f"{fault} on rank {rank}")
         return seen().emitted_at
 
@@ -281,11 +342,15 @@ class LocalCluster:
 
     @staticmethod
     def fault_env_for(fault: str, rank: int, at_step: int) -> str | None:
-        agent_kinds = {"ecc": "kind=ecc", "exception": "kind=exception",
-                       "kill-forward": "kind=kill,phase=forward", "kill-grad-sync": "kind=kill,phase=grad_sync",
-                       "kill-after-sync": "kind=kill,phase=after_sync",
-                       "kill-vote": "kind=kill,phase=vote",
-                       "kill-optimizer": "kind=kill,phase=optimizer"}
+        agent_kinds = {
+            "ecc": "kind=ecc",
+            "exception": "kind=exception",
+            "kill-forward": "kind=kill,phase=forward",
+            "kill-grad-sync": "kind=kill,phase=grad_sync",
+            "kill-after-sync": "kind=kill,phase=after_sync",
+            "kill-vote": "kind=kill,phase=vote",
+            "kill-optimizer": "kind=kill,phase=optimizer",
+        }
         if fault not in agent_kinds:
             return None
         return f"{agent_kinds[fault]},rank={rank},step={at_step}"

@@ -31,23 +31,28 @@ def line(letter: DeadLetter | None, record: Any) -> str:
     if letter is None:
         return f"{record.partition}:{record.offset} unreadable record ({len(record.value or b'')} bytes)"
     at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.at))
-    return (f"{at} {letter.topic}[{letter.partition}]@{letter.offset} consumer={letter.consumer} "
-            f"size={letter.raw_size} truncated={letter.raw_truncated} reason: {letter.reason}")
+    return (
+        f"{at} {letter.topic}[{letter.partition}]@{letter.offset} consumer={letter.consumer} "
+        f"size={letter.raw_size} truncated={letter.raw_truncated} reason: {letter.reason}"
+    )
 
 
 def deadletters(args: argparse.Namespace) -> int:
     settings = _locate(load_settings())
     records = asyncio.run(busmod.read_to_end(settings.kafka_bootstrap, settings.bus, T.DEAD_LETTER, args.timeout))
     if args.last > 0:
-        records = records[-args.last:]
+        records = records[-args.last :]
     for record in records:
         try:
             letter: DeadLetter | None = decode_dead_letter(record.value)
         except SchemaError:
             letter = None
         if args.json:
-            d = letter.model_dump(mode="json", exclude={"raw_b64"}) if letter else {
-                "unreadable": True, "partition": record.partition, "offset": record.offset}
+            d = (
+                letter.model_dump(mode="json", exclude={"raw_b64"})
+                if letter
+                else {"unreadable": True, "partition": record.partition, "offset": record.offset}
+            )
             print(json.dumps(d))
         else:
             print(line(letter, record))

@@ -16,23 +16,21 @@ from .agent.reference.recipe import OPTIMIZERS
 from .cluster import FAULTS, LocalCluster, WorkerSpec, states_equal
 from .scenario import FollowUp, ScenarioLog, ServiceFault, escalations, run_followups, wait_settled
 from .shared.logging import configure
-from .shared.schemas import (Escalation, FaultIncident, RecoveryCompleted, RecoveryPlan,
-                             RecoveryProgress)
+from .shared.schemas import Escalation, FaultIncident, RecoveryCompleted, RecoveryPlan, RecoveryProgress
 from .shared.settings import BusSettings, load_settings
-
 
 REFERENCE_JOB = "flashrecovery.agent.reference.train"
 
 
-def reference_cluster(settings, run_dir: Path, steps: int, worker_args: str = "", tp: int = 2,
-                      **kw: Any) -> LocalCluster:
+def reference_cluster(
+    settings, run_dir: Path, steps: int, worker_args: str = "", tp: int = 2, **kw: Any
+) -> LocalCluster:
     """A LocalCluster running the reference job (agent/reference/train.py): `steps` steps of a
     dp x tp GPT, every rank saving its final state to the cluster's out_dir; `worker_args`: more
     of its flags (--step-sleep, --optimizer, ...)."""
     out_dir = run_dir / "final"
     args = ("--steps", str(steps), "--tp", str(tp), "--out", str(out_dir), *shlex.split(worker_args))
-    return LocalCluster(settings, run_dir, WorkerSpec(module=REFERENCE_JOB, args=args), tp=tp,
-                        out_dir=out_dir, **kw)
+    return LocalCluster(settings, run_dir, WorkerSpec(module=REFERENCE_JOB, args=args), tp=tp, out_dir=out_dir, **kw)
 
 
 def add_demo_parser(sub: Any) -> None:
@@ -45,18 +43,32 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--json", default=None, help="write the report as JSON to this file")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where the ranks keep their tensors (cuda: all ranks share GPU 0, gloo)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the ranks keep their tensors (cuda: all ranks share GPU 0, gloo)",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="the job's optimizer")
     p.add_argument("--spares", type=int, default=1, help="spare nodes with standbys (0: none)")
-    p.add_argument("--then", action="append", default=[], type=_parsed(FollowUp.parse),
-                   metavar="KIND:RANK:DELAY_S",
-                   help="a further worker fault (process-crash|hang|node-crash) DELAY_S after the "
-                        "first incident is detected; repeatable")
-    p.add_argument("--service-fault", action="append", default=[], type=_parsed(ServiceFault.parse),
-                   metavar="NAME:DELAY_S",
-                   help="executor-leader | executor-leader-stall | detector | planner, DELAY_S "
-                        "after the first incident; repeatable")
+    p.add_argument(
+        "--then",
+        action="append",
+        default=[],
+        type=_parsed(FollowUp.parse),
+        metavar="KIND:RANK:DELAY_S",
+        help="a further worker fault (process-crash|hang|node-crash) DELAY_S after the "
+        "first incident is detected; repeatable",
+    )
+    p.add_argument(
+        "--service-fault",
+        action="append",
+        default=[],
+        type=_parsed(ServiceFault.parse),
+        metavar="NAME:DELAY_S",
+        help="executor-leader | executor-leader-stall | detector | planner, DELAY_S "
+        "after the first incident; repeatable",
+    )
     p.set_defaults(func=run)
 
 
@@ -66,6 +78,7 @@ def _parsed(parse):
             return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
     return convert
 
 
@@ -77,20 +90,29 @@ def _printer(quiet: bool):
             return
         at = f"[{time.time() - t0:6.2f}s]"
         if isinstance(ev, FaultIncident):
-            print(f"{at} INCIDENT {ev.fault_class} on {','.join(ev.root_cause_nodes)} ranks "
-                  f"{list(ev.root_cause_ranks)} ({ev.reason[:90]})", flush=True)
+            print(
+                f"{at} INCIDENT {ev.fault_class} on {','.join(ev.root_cause_nodes)} ranks "
+                f"{list(ev.root_cause_ranks)} ({ev.reason[:90]})",
+                flush=True,
+            )
         elif isinstance(ev, RecoveryPlan):
             moves = ", ".join(f"r{r.rank}:{r.from_node}->{r.to_node}" for r in ev.replacements)
-            print(f"{at} PLAN     restart {list(ev.restart_ranks)} [{moves}] sources "
-                  f"{[(t.src, t.dst) for t in ev.transfers]}", flush=True)
+            print(
+                f"{at} PLAN     restart {list(ev.restart_ranks)} [{moves}] sources "
+                f"{[(t.src, t.dst) for t in ev.transfers]}",
+                flush=True,
+            )
         elif isinstance(ev, RecoveryProgress):
             print(f"{at} PHASE    {ev.phase:<8} {ev.status}", flush=True)
         elif isinstance(ev, RecoveryCompleted):
-            print(f"{at} DONE     {ev.outcome} rto {ev.rto_s}s recovery step {ev.recovery_step}"
-                  f"{' (' + ev.reason[:120] + ')' if ev.outcome != 'done' and ev.reason else ''}",
-                  flush=True)
+            print(
+                f"{at} DONE     {ev.outcome} rto {ev.rto_s}s recovery step {ev.recovery_step}"
+                f"{' (' + ev.reason[:120] + ')' if ev.outcome != 'done' and ev.reason else ''}",
+                flush=True,
+            )
         elif isinstance(ev, Escalation):
             print(f"{at} ESCALATED {ev.reason[:200]}", flush=True)
+
     return show
 
 
@@ -105,23 +127,46 @@ async def _status_line(cluster: LocalCluster, stop: asyncio.Event, quiet: bool) 
             pass
 
 
-async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: float, quiet: bool,
-                   run_root: Path, base_settings, worker_args: str = "",
-                   then: list[FollowUp] | None = None,
-                   service_faults: list[ServiceFault] | None = None, spares: int = 1) -> dict[str, Any]:
+async def run_once(
+    fault: str,
+    rank: int,
+    at_step: int,
+    steps: int,
+    timeout_s: float,
+    quiet: bool,
+    run_root: Path,
+    base_settings,
+    worker_args: str = "",
+    then: list[FollowUp] | None = None,
+    service_faults: list[ServiceFault] | None = None,
+    spares: int = 1,
+) -> dict[str, Any]:
     job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
-    settings = base_settings.model_copy(update={"job_id": job, "bus": BusSettings(
-        topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
-    cluster = reference_cluster(settings, run_root / job, steps, worker_args, spares=spares,
-                                fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
-                                on_event=_printer(quiet))
+    settings = base_settings.model_copy(
+        update={
+            "job_id": job,
+            "bus": BusSettings(topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2),
+        }
+    )
+    cluster = reference_cluster(
+        settings,
+        run_root / job,
+        steps,
+        worker_args,
+        spares=spares,
+        fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
+        on_event=_printer(quiet),
+    )
     stop = asyncio.Event()
     started = time.time()
     try:
         await cluster.start()
         if not quiet:
-            print(f"stack, services, 4 nodes x 2 ranks and a spare up in {time.time() - started:.1f}s "
-                  f"(logs: {cluster.run_dir})", flush=True)
+            print(
+                f"stack, services, 4 nodes x 2 ranks and a spare up in {time.time() - started:.1f}s "
+                f"(logs: {cluster.run_dir})",
+                flush=True,
+            )
         ticker = asyncio.create_task(_status_line(cluster, stop, quiet))
         await cluster.wait_until(lambda: cluster.min_step() >= 1, timeout_s, "training to start")
         pids_before = {r: s.pid for r, (_, s) in cluster.timeline.rank_view().items()}
@@ -129,8 +174,11 @@ async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: f
         log = ScenarioLog()
         await run_followups(cluster, then or [], service_faults or [], timeout_s, log)
         if fault != "none":
-            await cluster.wait_until(lambda: any(c.outcome != "superseded" for c in cluster.timeline.completed),
-                                     timeout_s, "the recovery to complete")
+            await cluster.wait_until(
+                lambda: any(c.outcome != "superseded" for c in cluster.timeline.completed),
+                timeout_s,
+                "the recovery to complete",
+            )
         ending = await wait_settled(cluster, timeout_s)
         stop.set()
         await ticker
@@ -143,17 +191,37 @@ async def run_once(fault: str, rank: int, at_step: int, steps: int, timeout_s: f
         await cluster.stop()
 
 
-def _report(cluster: LocalCluster, fault: str, rank: int, at_step: int, fault_at: float,
-            pids_before: dict[int, int], escalated_for_good: bool = False) -> dict[str, Any]:
+def _report(
+    cluster: LocalCluster,
+    fault: str,
+    rank: int,
+    at_step: int,
+    fault_at: float,
+    pids_before: dict[int, int],
+    escalated_for_good: bool = False,
+) -> dict[str, Any]:
     tl = cluster.timeline
     escalated = escalations(cluster)
     if escalated_for_good:
-        return {"fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
-                "outcome": "escalated", "reason": "; ".join(e.reason for e in escalated),
-                "recoveries": _recoveries(tl), "_states": None}
+        return {
+            "fault": fault,
+            "rank": rank,
+            "at_step": at_step,
+            "job_id": cluster.settings.job_id,
+            "outcome": "escalated",
+            "reason": "; ".join(e.reason for e in escalated),
+            "recoveries": _recoveries(tl),
+            "_states": None,
+        }
     final = cluster.final_states()
-    rep: dict[str, Any] = {"fault": fault, "rank": rank, "at_step": at_step, "job_id": cluster.settings.job_id,
-                           "final_step": {r: s["step"] for r, s in final.items()}, "_states": final}
+    rep: dict[str, Any] = {
+        "fault": fault,
+        "rank": rank,
+        "at_step": at_step,
+        "job_id": cluster.settings.job_id,
+        "final_step": {r: s["step"] for r, s in final.items()},
+        "_states": final,
+    }
     # the plan that brought training back: the last one done (earlier ones may have failed or
     # been superseded in a multi-fault run)
     done = next((c for c in reversed(tl.completed) if c.outcome == "done"), None)
@@ -166,28 +234,37 @@ def _report(cluster: LocalCluster, fault: str, rank: int, at_step: int, fault_at
     for p in tl.progress:
         if p.plan_id == done.plan_id:
             marks[(p.phase, str(p.status))] = p.at
-    phases = {ph: round(marks[(ph, "completed")] - marks[(ph, "started")], 3)
-              for ph in ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
-              if (ph, "completed") in marks and (ph, "started") in marks}
+    phases = {
+        ph: round(marks[(ph, "completed")] - marks[(ph, "started")], 3)
+        for ph in ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")
+        if (ph, "completed") in marks and (ph, "started") in marks
+    }
     restarted = set(plan.restart_ranks)
     survivors = {r: pid for r, pid in pids_before.items() if r not in restarted}
     unchanged = all(final[r]["pid"] == pid for r, pid in survivors.items())
-    rep.update({
-        "outcome": done.outcome, "fault_class": str(done.fault_class), "incident_id": done.incident_id,
-        "plan_id": done.plan_id, "restart_ranks": sorted(restarted),
-        "moved_to": {r.rank: r.to_node for r in plan.replacements},
-        "detection_latency_s": round(incident.detected_at - fault_at, 3) if incident else None,
-        "planning_s": round(plan.emitted_at - incident.detected_at, 3) if incident else None,
-        "dispatch_s": round(marks.get(("fence", "started"), plan.emitted_at) - plan.emitted_at, 3),
-        "phases_s": phases,
-        "rto_s": round(marks[("verify", "completed")] - fault_at, 3) if ("verify", "completed") in marks else None,
-        "recovery_step": done.recovery_step, "steps_recomputed": done.steps_recomputed,
-        "committed_steps_lost": done.committed_steps_lost,
-        "committed_steps_lost_observed": committed_steps_lost_observed(tl, fault_at, done.recovery_step),
-        "survivor_pids_unchanged": unchanged,
-        "survivors": len(survivors), "commit_rule": done.reason,
-        "recoveries": _recoveries(tl),
-    })
+    rep.update(
+        {
+            "outcome": done.outcome,
+            "fault_class": str(done.fault_class),
+            "incident_id": done.incident_id,
+            "plan_id": done.plan_id,
+            "restart_ranks": sorted(restarted),
+            "moved_to": {r.rank: r.to_node for r in plan.replacements},
+            "detection_latency_s": round(incident.detected_at - fault_at, 3) if incident else None,
+            "planning_s": round(plan.emitted_at - incident.detected_at, 3) if incident else None,
+            "dispatch_s": round(marks.get(("fence", "started"), plan.emitted_at) - plan.emitted_at, 3),
+            "phases_s": phases,
+            "rto_s": round(marks[("verify", "completed")] - fault_at, 3) if ("verify", "completed") in marks else None,
+            "recovery_step": done.recovery_step,
+            "steps_recomputed": done.steps_recomputed,
+            "committed_steps_lost": done.committed_steps_lost,
+            "committed_steps_lost_observed": committed_steps_lost_observed(tl, fault_at, done.recovery_step),
+            "survivor_pids_unchanged": unchanged,
+            "survivors": len(survivors),
+            "commit_rule": done.reason,
+            "recoveries": _recoveries(tl),
+        }
+    )
     return rep
 
 
@@ -201,9 +278,17 @@ def committed_steps_lost_observed(tl, fault_at: float, resume_step: int | None) 
 
 def _recoveries(tl) -> list[dict[str, Any]]:
     """Every plan that ended, in order: a multi-fault run has several (superseded ones too)."""
-    return [{"plan_id": c.plan_id, "outcome": c.outcome, "rto_s": c.rto_s,
-             "recovery_step": c.recovery_step, "committed_steps_lost": c.committed_steps_lost,
-             "reason": c.reason} for c in tl.completed]
+    return [
+        {
+            "plan_id": c.plan_id,
+            "outcome": c.outcome,
+            "rto_s": c.rto_s,
+            "recovery_step": c.recovery_step,
+            "committed_steps_lost": c.committed_steps_lost,
+            "reason": c.reason,
+        }
+        for c in tl.completed
+    ]
 
 
 def print_report(rep: dict[str, Any], verify: tuple[bool, str] | None) -> None:
@@ -227,10 +312,14 @@ def print_report(rep: dict[str, Any], verify: tuple[bool, str] | None) -> None:
             print(f"  {ph:<14} {sec:.3f} s")
         rto = "n/a" if rep["rto_s"] is None else f"{rep['rto_s']:.3f} s"
         print(f"RTO              {rto}  (fault -> every rank committed the first step after recovery)")
-        print(f"recovery step    {rep['recovery_step']}; steps recomputed {rep['steps_recomputed']}; "
-              f"committed steps lost {rep['committed_steps_lost']} (executor), "
-              f"{rep['committed_steps_lost_observed']} (seen in heartbeats)")
-        print(f"survivor PIDs    {'unchanged' if rep['survivor_pids_unchanged'] else 'CHANGED'} ({rep['survivors']} ranks kept their processes)")
+        print(
+            f"recovery step    {rep['recovery_step']}; steps recomputed {rep['steps_recomputed']}; "
+            f"committed steps lost {rep['committed_steps_lost']} (executor), "
+            f"{rep['committed_steps_lost_observed']} (seen in heartbeats)"
+        )
+        print(
+            f"survivor PIDs    {'unchanged' if rep['survivor_pids_unchanged'] else 'CHANGED'} ({rep['survivors']} ranks kept their processes)"
+        )
         print(f"commit rule      {rep['commit_rule']}")
     print(f"final steps      {sorted(set(rep['final_step'].values()))}")
     if verify is not None:
@@ -250,11 +339,24 @@ def run(args: argparse.Namespace) -> int:
         reference = None
         if args.verify:
             print("fault-free reference run ...", flush=True)
-            reference = await run_once("none", args.rank, args.at_step, args.steps, args.timeout, True,
-                                       run_root, settings, worker_args)
+            reference = await run_once(
+                "none", args.rank, args.at_step, args.steps, args.timeout, True, run_root, settings, worker_args
+            )
         print(f"run with fault {args.fault} on rank {args.rank} at step {args.at_step} ...", flush=True)
-        rep = await run_once(args.fault, args.rank, args.at_step, args.steps, args.timeout, args.quiet,
-                             run_root, settings, worker_args, args.then, args.service_fault, args.spares)
+        rep = await run_once(
+            args.fault,
+            args.rank,
+            args.at_step,
+            args.steps,
+            args.timeout,
+            args.quiet,
+            run_root,
+            settings,
+            worker_args,
+            args.then,
+            args.service_fault,
+            args.spares,
+        )
         verdict = None
         if reference and rep["_states"] is not None:
             verdict = states_equal(reference["_states"], rep["_states"])

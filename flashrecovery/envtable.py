@@ -56,9 +56,12 @@ def _type(f: FieldInfo) -> str:
         text = " or ".join("unset" if a is type(None) else a.__name__ for a in args)
     else:
         text = getattr(ann, "__name__", str(ann))
-    bounds = [f"{sym} {getattr(m, attr)}" for m in f.metadata
-              for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-              if getattr(m, attr, None) is not None]
+    bounds = [
+        f"{sym} {getattr(m, attr)}"
+        for m in f.metadata
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if getattr(m, attr, None) is not None
+    ]
     return text + (f" ({', '.join(bounds)})" if bounds else "")
 
 
@@ -103,8 +106,13 @@ def table() -> str:
             lines += _section(f"{ENV_PREFIX}{name.upper()}{NESTED_DELIMITER}", f.annotation, head)
     lines += ["", "## Workers (`AgentSettings`)", "", *head]
     lines += [_row(agent_env(name), f) for name, f in AgentSettings.model_fields.items()]
-    lines += ["", "## Read elsewhere (not settings, not reported as unknown)", "",
-              "| variable | description |", "|---|---|"]
+    lines += [
+        "",
+        "## Read elsewhere (not settings, not reported as unknown)",
+        "",
+        "| variable | description |",
+        "|---|---|",
+    ]
     lines += [f"| `{name}` | {desc} |" for name, desc in OTHER_ENV.items()]
     return "\n".join(lines) + "\n"
 

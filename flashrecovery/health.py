@@ -21,18 +21,19 @@ TIMEOUT_S = 3.0  # a probe must answer within the kubelet's timeoutSeconds
 
 def add_health_parser(sub: Any) -> None:
     p = sub.add_parser("health", help="exit 0 if the service(s) are live in Redis, 1 if not, 2 on bad config")
-    p.add_argument("--service", choices=(*SERVICES, "sidecar"),
-                   help="one service (default: detector, planner and executor, any instance each)")
-    p.add_argument("--instance",
-                   help="one instance of --service (default: FLASHRECOVERY_INSTANCE when set, else any)")
+    p.add_argument(
+        "--service",
+        choices=(*SERVICES, "sidecar"),
+        help="one service (default: detector, planner and executor, any instance each)",
+    )
+    p.add_argument("--instance", help="one instance of --service (default: FLASHRECOVERY_INSTANCE when set, else any)")
     p.set_defaults(func=health)
 
 
 def verdict(live: list[str], services: tuple[str, ...], instance: str | None) -> dict[str, bool]:
     """Pure: which of `services` have a live key among `live` (`service:instance` strings)."""
     seen = {tuple(k.split(":", 1)) for k in live if ":" in k}
-    return {s: any(svc == s and (instance is None or inst == instance) for svc, inst in seen)
-            for s in services}
+    return {s: any(svc == s and (instance is None or inst == instance) for svc, inst in seen) for s in services}
 
 
 async def _live(redis_url: str, job_id: str) -> list[str]:

@@ -68,6 +68,7 @@ other terminals:
 @dataclass(frozen=True)
 class RunPlan:
     """What `flashrecovery run` was asked for, checked."""
+
     standalone: bool
     nproc: int
     nnodes: int
@@ -92,30 +93,64 @@ class RunPlan:
 
 def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "run", help="launch a training script like torchrun, with FlashRecovery as its sidecar",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EPILOG)
-    p.add_argument("--standalone", action="store_true",
-                   help="one machine, nothing else needed: start the whole control plane here")
-    p.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, required=True,
-                   help="ranks on this node")
+        "run",
+        help="launch a training script like torchrun, with FlashRecovery as its sidecar",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--standalone", action="store_true", help="one machine, nothing else needed: start the whole control plane here"
+    )
+    p.add_argument(
+        "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, required=True, help="ranks on this node"
+    )
     p.add_argument("--nnodes", type=int, default=1, help="nodes of the job (not with --standalone)")
-    p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=0,
-                   help="this node's index: it hosts ranks node_rank*N .. node_rank*N+N-1")
-    p.add_argument("--standbys", type=int, default=0,
-                   help="--standalone: standby workers kept warm on a spare node to replace a dead "
-                        "rank (needs a script using flashrecovery.agent; 0 for a plain script)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="--standalone: tensor-parallel size of the registered topology (ranks with the "
-                        "same rank %% tp hold the same shard and can restore each other)")
-    p.add_argument("--job-id", "--rdzv-id", "--rdzv_id", dest="job_id", default=None,
-                   help="job id (--standalone: default run-<random>; else FLASHRECOVERY_JOB_ID)")
-    p.add_argument("--timeout", type=float, default=0.0,
-                   help="--standalone: stop everything and exit 1 after this many seconds (0: never)")
-    p.add_argument("--no-echo", dest="echo", action="store_false",
-                   help="do not echo worker output here (it stays in the log files)")
-    p.add_argument("-m", "--module", action="store_true",
-                   help="the entry point is a module (python -m), not a script path")
+    p.add_argument(
+        "--node-rank",
+        "--node_rank",
+        dest="node_rank",
+        type=int,
+        default=0,
+        help="this node's index: it hosts ranks node_rank*N .. node_rank*N+N-1",
+    )
+    p.add_argument(
+        "--standbys",
+        type=int,
+        default=0,
+        help="--standalone: standby workers kept warm on a spare node to replace a dead "
+        "rank (needs a script using flashrecovery.agent; 0 for a plain script)",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="--standalone: tensor-parallel size of the registered topology (ranks with the "
+        "same rank %% tp hold the same shard and can restore each other)",
+    )
+    p.add_argument(
+        "--job-id",
+        "--rdzv-id",
+        "--rdzv_id",
+        dest="job_id",
+        default=None,
+        help="job id (--standalone: default run-<random>; else FLASHRECOVERY_JOB_ID)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="--standalone: stop everything and exit 1 after this many seconds (0: never)",
+    )
+    p.add_argument(
+        "--no-echo",
+        dest="echo",
+        action="store_false",
+        help="do not echo worker output here (it stays in the log files)",
+    )
+    p.add_argument(
+        "-m", "--module", action="store_true", help="the entry point is a module (python -m), not a script path"
+    )
     p.add_argument("training_script", help="the script (or, with -m, the module) every rank runs")
     p.add_argument("training_script_args", nargs=argparse.REMAINDER, help="its arguments, passed unchanged")
     p.set_defaults(func=run)
@@ -133,8 +168,10 @@ def plan_of(args: argparse.Namespace) -> RunPlan:
     if args.standbys < 0:
         raise ValueError("--standbys must be 0 or more")
     if not args.standalone and args.standbys:
-        raise ValueError("--standbys is for --standalone; in a multi-node job spare nodes run "
-                         "`flashrecovery sidecar` with FLASHRECOVERY_SIDECAR__ROLE=spare")
+        raise ValueError(
+            "--standbys is for --standalone; in a multi-node job spare nodes run "
+            "`flashrecovery sidecar` with FLASHRECOVERY_SIDECAR__ROLE=spare"
+        )
     if args.tp < 1 or args.nproc % args.tp:
         raise ValueError(f"--tp {args.tp} must divide --nproc-per-node {args.nproc}")
     if args.timeout < 0:
@@ -142,10 +179,20 @@ def plan_of(args: argparse.Namespace) -> RunPlan:
     script = "" if args.module else str(Path(args.training_script).resolve())
     if script and not Path(script).is_file():
         raise ValueError(f"no such script: {args.training_script}")
-    return RunPlan(standalone=args.standalone, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                   standbys=args.standbys, tp=args.tp, module=args.training_script if args.module else "",
-                   script=script, args=tuple(args.training_script_args), job_id=args.job_id,
-                   timeout_s=args.timeout, echo=args.echo)
+    return RunPlan(
+        standalone=args.standalone,
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        standbys=args.standbys,
+        tp=args.tp,
+        module=args.training_script if args.module else "",
+        script=script,
+        args=tuple(args.training_script_args),
+        job_id=args.job_id,
+        timeout_s=args.timeout,
+        echo=args.echo,
+    )
 
 
 def standalone_layout(nproc: int, tp: int, standbys: int) -> tuple[int, int]:
@@ -232,22 +279,38 @@ async def _standalone(plan: RunPlan, base: Settings) -> int:
     from .shared.settings import BusSettings
 
     job = plan.job_id or f"run-{uuid.uuid4().hex[:8]}"
-    settings = base.model_copy(update={"job_id": job, "bus": BusSettings(
-        topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2)})
+    settings = base.model_copy(
+        update={
+            "job_id": job,
+            "bus": BusSettings(topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2),
+        }
+    )
     run_dir = Path(settings.runtime_dir).resolve() / "run" / job
     nodes, per_node = standalone_layout(plan.nproc, plan.tp, plan.standbys)
-    cluster = LocalCluster(settings, run_dir, WorkerSpec(module=plan.module, script=plan.script, args=plan.args),
-                           nodes=nodes, ranks_per_node=per_node, tp=plan.tp, spares=1 if plan.standbys else 0,
-                           standbys=plan.standbys, exit_with_job=True, one_machine=True,
-                           on_event=_printer(quiet=False))  # incidents, plans, recovery phases
+    cluster = LocalCluster(
+        settings,
+        run_dir,
+        WorkerSpec(module=plan.module, script=plan.script, args=plan.args),
+        nodes=nodes,
+        ranks_per_node=per_node,
+        tp=plan.tp,
+        spares=1 if plan.standbys else 0,
+        standbys=plan.standbys,
+        exit_with_job=True,
+        one_machine=True,
+        on_event=_printer(quiet=False),
+    )  # incidents, plans, recovery phases
     stop, got = asyncio.Event(), []
     _signals(stop, got)
     echo = Echo(run_dir, plan.echo)
     follower = asyncio.create_task(echo.follow(stop))
     t0 = time.monotonic()
     what = plan.module and f"-m {plan.module}" or plan.script
-    print(f"flashrecovery run: job {job}: {plan.nproc} ranks of {what}"
-          f"{f' + {plan.standbys} standbys' if plan.standbys else ''}; logs in {run_dir}", flush=True)
+    print(
+        f"flashrecovery run: job {job}: {plan.nproc} ranks of {what}"
+        f"{f' + {plan.standbys} standbys' if plan.standbys else ''}; logs in {run_dir}",
+        flush=True,
+    )
     code, reason = 1, ""
     try:
         starting = asyncio.create_task(cluster.start())
@@ -268,14 +331,21 @@ async def _standalone(plan: RunPlan, base: Settings) -> int:
     wall = time.monotonic() - t0
     if got:
         code = 128 + got[0]
-        print(f"flashrecovery run: job {job} stopped by {signal.Signals(got[0]).name} ({wall:.1f} s); "
-              f"logs in {run_dir}", file=sys.stderr, flush=True)
+        print(
+            f"flashrecovery run: job {job} stopped by {signal.Signals(got[0]).name} ({wall:.1f} s); logs in {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
     elif code == 0:
-        print(f"flashrecovery run: job {job} finished: every rank exited 0 ({wall:.1f} s); logs in {run_dir}",
-              flush=True)
+        print(
+            f"flashrecovery run: job {job} finished: every rank exited 0 ({wall:.1f} s); logs in {run_dir}", flush=True
+        )
     else:
-        print(f"flashrecovery run: job {job} FAILED: {reason} ({wall:.1f} s); logs in {run_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"flashrecovery run: job {job} FAILED: {reason} ({wall:.1f} s); logs in {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
     return code
 
 
@@ -345,22 +415,40 @@ async def _node(plan: RunPlan, base: Settings) -> int:
     from .shared.settings import SidecarSettings
     from .sidecar import app as sidecar_app
 
-    missing = [v for v, have in (("FLASHRECOVERY_KAFKA_BOOTSTRAP", base.kafka_bootstrap),
-                                 ("FLASHRECOVERY_REDIS_URL", base.redis_url), ("FLASHRECOVERY_RDZV", base.rdzv))
-               if not have]
+    missing = [
+        v
+        for v, have in (
+            ("FLASHRECOVERY_KAFKA_BOOTSTRAP", base.kafka_bootstrap),
+            ("FLASHRECOVERY_REDIS_URL", base.redis_url),
+            ("FLASHRECOVERY_RDZV", base.rdzv),
+        )
+        if not have
+    ]
     if missing:
         raise ConfigError(f"flashrecovery run without --standalone joins a running job: set {', '.join(missing)}")
     sidecar = base.sidecar.model_dump(exclude={"worker_module", "worker_script"})
-    sidecar.update(node_id=f"node-{plan.node_rank}", role="active", ranks=",".join(map(str, plan.ranks)),
-                   world_size=plan.world, capacity=plan.nproc, node_rank=plan.node_rank,
-                   worker_module=plan.module, worker_script=plan.script,
-                   worker_args=shlex.join(plan.args), exit_with_job=True)
+    sidecar.update(
+        node_id=f"node-{plan.node_rank}",
+        role="active",
+        ranks=",".join(map(str, plan.ranks)),
+        world_size=plan.world,
+        capacity=plan.nproc,
+        node_rank=plan.node_rank,
+        worker_module=plan.module,
+        worker_script=plan.script,
+        worker_args=shlex.join(plan.args),
+        exit_with_job=True,
+    )
     job = plan.job_id or base.job_id
     run_dir = Path(base.runtime_dir).resolve() / "run" / job
-    settings = base.model_copy(update={"job_id": job, "runtime_dir": str(run_dir),
-                                       "sidecar": SidecarSettings(**sidecar)})
-    print(f"flashrecovery run: job {job} node-{plan.node_rank}: ranks {plan.ranks[0]}..{plan.ranks[-1]} "
-          f"of {plan.world}; worker logs in {run_dir / 'sidecars' / f'node-{plan.node_rank}'}", flush=True)
+    settings = base.model_copy(
+        update={"job_id": job, "runtime_dir": str(run_dir), "sidecar": SidecarSettings(**sidecar)}
+    )
+    print(
+        f"flashrecovery run: job {job} node-{plan.node_rank}: ranks {plan.ranks[0]}..{plan.ranks[-1]} "
+        f"of {plan.world}; worker logs in {run_dir / 'sidecars' / f'node-{plan.node_rank}'}",
+        flush=True,
+    )
     stop = asyncio.Event()
     echo = Echo(run_dir, plan.echo)
     follower = asyncio.create_task(echo.follow(stop))
@@ -369,8 +457,9 @@ async def _node(plan: RunPlan, base: Settings) -> int:
     finally:
         stop.set()
         await follower
-    print(f"flashrecovery run: node-{plan.node_rank} {'done' if code == 0 else 'FAILED'} (exit {code})",
-          file=sys.stderr if code else sys.stdout, flush=True)
+    print(
+        f"flashrecovery run: node-{plan.node_rank} {'done' if code == 0 else 'FAILED'} (exit {code})",
+        file=sys.stderr if code else sys.stdout,
+        flush=True,
+    )
     return code
-
-

@@ -33,9 +33,11 @@ SERVICE_FAULTS = ("executor-leader", "executor-leader-stall", "detector", "plann
 # Restarting the embedded broker loses every topic (memory-only storage), and the services do not
 # yet recreate topics and re-subscribe: refused, not faked. (A restarted empty Redis loses the
 # registry: not survivable either, but the planner escalates it loudly, which is testable.)
-UNSUPPORTED_SERVICE_FAULTS = {"broker": "the embedded broker stores in memory only: a restart "
-                                        "loses every topic and the services do not recreate them "
-                                        "yet (issue #16 item 6)"}
+UNSUPPORTED_SERVICE_FAULTS = {
+    "broker": "the embedded broker stores in memory only: a restart "
+    "loses every topic and the services do not recreate them "
+    "yet (issue #16 item 6)"
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Scenario:
     """One #12 scenario: a first fault, then follow-ups; `expect` is "exact" (bitwise equal to
     a fault-free run, no committed step lost) or "escalate" (loudly, with `escalation_match` in
     the reason). `at_step` None: the caller's default; -1: the job's last step."""
+
     fault: str
     rank: int
     then: tuple[str, ...] = ()
@@ -77,25 +80,34 @@ SCENARIOS: dict[str, Scenario] = {
     "two-nodes-at-once": Scenario("process-crash", 2, then=("process-crash:5:0",)),
     "crash-then-crash-other-dp-group": Scenario("process-crash", 0, then=("process-crash:6:0.1",)),
     "hang-then-crash": Scenario("hang", 6, then=("process-crash:1:1",)),
-    "sgd-momentum-crash-then-crash": Scenario("process-crash", 2, then=("process-crash:5:0.1",),
-                                              job_args="--optimizer sgd"),
+    "sgd-momentum-crash-then-crash": Scenario(
+        "process-crash", 2, then=("process-crash:5:0.1",), job_args="--optimizer sgd"
+    ),
     "crash-in-last-step": Scenario("kill-optimizer", 5, at_step=-1),
     "kill-inside-commit-vote": Scenario("kill-vote", 3),
     "executor-leader-killed": Scenario("process-crash", 2, service_faults=("executor-leader:0.1",)),
-    "executor-leader-stalled": Scenario("process-crash", 2,
-                                        service_faults=("executor-leader-stall:0.1",)),
-    "detector-and-planner-killed": Scenario("process-crash", 2,
-                                            service_faults=("detector:0.05", "planner:0.05")),
+    "executor-leader-stalled": Scenario("process-crash", 2, service_faults=("executor-leader-stall:0.1",)),
+    "detector-and-planner-killed": Scenario("process-crash", 2, service_faults=("detector:0.05", "planner:0.05")),
     # early first fault: training still runs when the second crash comes, after the first
     # recovery ended and Redis came back empty
-    "redis-lost-then-crash": Scenario("process-crash", 2, at_step=2, then=("process-crash:5:3.5",),
-                                      service_faults=("redis:2.5",), own_redis=True,
-                                      expect="escalate", escalation_match="no topology"),
-    "no-spare-policy-wait": Scenario("node-crash", 2, spares=0, expect="escalate",
-                                     escalation_match="capacity"),
+    "redis-lost-then-crash": Scenario(
+        "process-crash",
+        2,
+        at_step=2,
+        then=("process-crash:5:3.5",),
+        service_faults=("redis:2.5",),
+        own_redis=True,
+        expect="escalate",
+        escalation_match="no topology",
+    ),
+    "no-spare-policy-wait": Scenario("node-crash", 2, spares=0, expect="escalate", escalation_match="capacity"),
     "every-replica-of-a-shard-lost": Scenario(
-        "process-crash", 0, then=("process-crash:2:0", "process-crash:4:0", "process-crash:6:0"),
-        expect="escalate", escalation_match="replica"),
+        "process-crash",
+        0,
+        then=("process-crash:2:0", "process-crash:4:0", "process-crash:6:0"),
+        expect="escalate",
+        escalation_match="replica",
+    ),
 }
 
 
@@ -148,6 +160,7 @@ class ServiceFault:
 @dataclass
 class ScenarioLog:
     """What was done when (wall times), for the report."""
+
     first_incident_at: float | None = None
     actions: list[dict[str, Any]] = field(default_factory=list)
 
@@ -182,8 +195,7 @@ async def apply_service_fault(cluster: LocalCluster, name: str, log: ScenarioLog
             _signal(proc.pid, signal.SIGKILL)
             proc.wait(10)
             log.add("executor leader killed", process=proc_name, pid=proc.pid)
-            sup.start_service("executor", proc_name,
-                              FLASHRECOVERY_INSTANCE=proc_name.removeprefix("executor-"))
+            sup.start_service("executor", proc_name, FLASHRECOVERY_INSTANCE=proc_name.removeprefix("executor-"))
             log.add("executor restarted", process=proc_name)
         else:
             stall = cluster.settings.executor.lease_ttl_s + 2.0
@@ -217,9 +229,9 @@ def _restart_redis_empty(cluster: LocalCluster, log: ScenarioLog) -> None:
     log.add("redis restarted empty", port=port)
 
 
-async def run_followups(cluster: LocalCluster, then: list[FollowUp],
-                        service_faults: list[ServiceFault], timeout_s: float,
-                        log: ScenarioLog) -> None:
+async def run_followups(
+    cluster: LocalCluster, then: list[FollowUp], service_faults: list[ServiceFault], timeout_s: float, log: ScenarioLog
+) -> None:
     """Wait for the first incident, then apply every follow-up at its delay (concurrently)."""
     if not then and not service_faults:
         return
@@ -243,8 +255,9 @@ async def run_followups(cluster: LocalCluster, then: list[FollowUp],
         # let it land before anyone judges whether the run has settled
         n = len(cluster.timeline.incidents)
         with contextlib.suppress(TimeoutError):
-            await cluster.wait_until(lambda: len(cluster.timeline.incidents) > n, DETECT_GRACE_S,
-                                     "the follow-up's incident")
+            await cluster.wait_until(
+                lambda: len(cluster.timeline.incidents) > n, DETECT_GRACE_S, "the follow-up's incident"
+            )
 
 
 def escalations(cluster: LocalCluster) -> list[Escalation]:
@@ -286,8 +299,11 @@ async def wait_settled(cluster: LocalCluster, timeout_s: float, grace_s: float =
     quiet for grace_s ("escalated")."""
     deadline = time.monotonic() + timeout_s
     while True:
-        await cluster.wait_until(lambda: _finished(cluster) or _escalated_for_good(cluster),
-                                 max(0.1, deadline - time.monotonic()), "training to finish")
+        await cluster.wait_until(
+            lambda: _finished(cluster) or _escalated_for_good(cluster),
+            max(0.1, deadline - time.monotonic()),
+            "training to finish",
+        )
         if _finished(cluster):
             return "finished"
         seen = len(cluster.timeline.plans)

@@ -23,12 +23,24 @@ DEFAULT_DIR = "docs/schemas"
 REGENERATE = "flashrecovery schema --out docs/schemas"
 MODELS: dict[str, type[BaseModel]] = {
     m.model_fields["kind"].default: m
-    for m in (S.NodeHeartbeat, S.WorkerExit, S.LogEvent, S.FaultIncident, S.Degradation, S.RecoveryPlan,
-              S.Escalation, S.ExecutorCommand, S.CommandAck, S.RecoveryProgress, S.RecoveryCompleted,
-              S.DeadLetter)
+    for m in (
+        S.NodeHeartbeat,
+        S.WorkerExit,
+        S.LogEvent,
+        S.FaultIncident,
+        S.Degradation,
+        S.RecoveryPlan,
+        S.Escalation,
+        S.ExecutorCommand,
+        S.CommandAck,
+        S.RecoveryProgress,
+        S.RecoveryCompleted,
+        S.DeadLetter,
+    )
 }
 KIND_OF_TOPIC = {T.DEAD_LETTER.name: ("dead_letter",)} | {
-    t.name: tuple(k for k, topic in T.TOPIC_OF_KIND.items() if topic == t) for t in T.ALL if t != T.DEAD_LETTER}
+    t.name: tuple(k for k, topic in T.TOPIC_OF_KIND.items() if topic == t) for t in T.ALL if t != T.DEAD_LETTER
+}
 
 
 def json_schema(kind: str) -> dict[str, Any]:
@@ -43,29 +55,43 @@ def asyncapi() -> dict[str, Any]:
     messages: dict[str, Any] = {}
     for kind, model in MODELS.items():
         doc = (model.__doc__ or "").strip().split("\n\n")[0]
-        messages[kind] = {"name": kind, "title": model.__name__, "contentType": "application/json",
-                          "payload": {"$ref": f"./{kind}.json"}, **({"summary": " ".join(doc.split())} if doc else {})}
+        messages[kind] = {
+            "name": kind,
+            "title": model.__name__,
+            "contentType": "application/json",
+            "payload": {"$ref": f"./{kind}.json"},
+            **({"summary": " ".join(doc.split())} if doc else {}),
+        }
     for t in T.ALL:
         short = t.name.split(".")[1]
         kinds = KIND_OF_TOPIC[t.name]
         channels[short] = {
             "address": t.name,
-            "description": (f"Partition key: the message's `{t.key_field}` field. "
-                            f"Partitions: BusSettings.{t.partitions_setting}. Tests and side-by-side jobs "
-                            "prefix the address with BusSettings.topic_namespace."),
+            "description": (
+                f"Partition key: the message's `{t.key_field}` field. "
+                f"Partitions: BusSettings.{t.partitions_setting}. Tests and side-by-side jobs "
+                "prefix the address with BusSettings.topic_namespace."
+            ),
             "messages": {k: {"$ref": f"#/components/messages/{k}"} for k in kinds},
             "bindings": {"kafka": {"topic": t.name, "bindingVersion": "0.5.0"}},
         }
         operations[f"receive-{short}"] = {
-            "action": "receive", "channel": {"$ref": f"#/channels/{short}"},
-            "messages": [{"$ref": f"#/channels/{short}/messages/{k}"} for k in kinds]}
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{short}"},
+            "messages": [{"$ref": f"#/channels/{short}/messages/{k}"} for k in kinds],
+        }
     return {
         "asyncapi": "3.0.0",
-        "info": {"title": "FlashRecovery event topics", "version": f"{__version__} (schema_version {S.SCHEMA_VERSION})",
-                 "description": "Generated from shared/schemas.py and shared/topics.py by "
-                                f"`{REGENERATE}`; prose in docs/events.md."},
+        "info": {
+            "title": "FlashRecovery event topics",
+            "version": f"{__version__} (schema_version {S.SCHEMA_VERSION})",
+            "description": "Generated from shared/schemas.py and shared/topics.py by "
+            f"`{REGENERATE}`; prose in docs/events.md.",
+        },
         "defaultContentType": "application/json",
-        "channels": channels, "operations": operations, "components": {"messages": messages},
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages},
     }
 
 

@@ -42,11 +42,15 @@ class Supervisor:
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.stack is not None
-        env = {**os.environ, "FLASHRECOVERY_KAFKA_BOOTSTRAP": self.stack.kafka_bootstrap,
-               "FLASHRECOVERY_REDIS_URL": self.stack.redis_url,
-               "FLASHRECOVERY_JOB_ID": self.settings.job_id,
-               "FLASHRECOVERY_BUS__TOPIC_NAMESPACE": self.settings.bus.topic_namespace,
-               "FLASHRECOVERY_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "FLASHRECOVERY_KAFKA_BOOTSTRAP": self.stack.kafka_bootstrap,
+            "FLASHRECOVERY_REDIS_URL": self.stack.redis_url,
+            "FLASHRECOVERY_JOB_ID": self.settings.job_id,
+            "FLASHRECOVERY_BUS__TOPIC_NAMESPACE": self.settings.bus.topic_namespace,
+            "FLASHRECOVERY_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
         if self.rdzv:
             env["FLASHRECOVERY_RDZV"] = self.rdzv
         if self.settings.bus.signing_key_file:  # every service signs and checks with one keyring
@@ -61,8 +65,12 @@ class Supervisor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # A broker started here serves this job's namespace only: it validates records at produce
         # time against the event schemas (shared/broker_schemas.py).
-        self.stack = start_stack(self.run_dir, self.settings.kafka_bootstrap, self.settings.redis_url,
-                                 schema_namespace=self.settings.bus.topic_namespace)
+        self.stack = start_stack(
+            self.run_dir,
+            self.settings.kafka_bootstrap,
+            self.settings.redis_url,
+            schema_namespace=self.settings.bus.topic_namespace,
+        )
         if ensure:
             asyncio.run(busmod.ensure_topics(self.stack.kafka_bootstrap, self.settings.bus))
         return self.stack
@@ -80,8 +88,14 @@ class Supervisor:
         if "FLASHRECOVERY_METRICS_PORT" in env:
             self.metrics_ports[name] = int(env["FLASHRECOVERY_METRICS_PORT"])
         log = (self.run_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         self.procs[name] = proc
         self.specs[name] = (argv, env)
         return proc
@@ -166,12 +180,22 @@ def job_address_file(runtime_dir: str | Path, job_id: str) -> Path:
 def write_job_address(path: Path, settings: Settings, sup: Supervisor, run_dir: Path) -> None:
     assert sup.stack is not None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "job_id": settings.job_id, "kafka_bootstrap": sup.stack.kafka_bootstrap,
-        "redis_url": sup.stack.redis_url, "topic_namespace": settings.bus.topic_namespace,
-        "rdzv": sup.rdzv, "run_dir": str(run_dir), "pid": os.getpid(),
-        # process name -> its Prometheus endpoint (empty when metrics are off)
-        "metrics": {n: f"127.0.0.1:{p}" for n, p in sorted(sup.metrics_ports.items())}}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "job_id": settings.job_id,
+                "kafka_bootstrap": sup.stack.kafka_bootstrap,
+                "redis_url": sup.stack.redis_url,
+                "topic_namespace": settings.bus.topic_namespace,
+                "rdzv": sup.rdzv,
+                "run_dir": str(run_dir),
+                "pid": os.getpid(),
+                # process name -> its Prometheus endpoint (empty when metrics are off)
+                "metrics": {n: f"127.0.0.1:{p}" for n, p in sorted(sup.metrics_ports.items())},
+            },
+            indent=1,
+        )
+    )
 
 
 def pick_job_address(found: list[dict], job_id: str | None) -> dict:
@@ -181,15 +205,20 @@ def pick_job_address(found: list[dict], job_id: str | None) -> dict:
         hit = [a for a in found if a.get("job_id") == job_id]
         if hit:
             return hit[0]
-        raise ValueError(f"no running job {job_id!r} here (running: "
-                         f"{', '.join(sorted(a['job_id'] for a in found)) or 'none'})")
+        raise ValueError(
+            f"no running job {job_id!r} here (running: {', '.join(sorted(a['job_id'] for a in found)) or 'none'})"
+        )
     if len(found) == 1:
         return found[0]
     if not found:
-        raise ValueError("no running job found: start one (`flashrecovery run --standalone`, `demo`, `up`) "
-                         "or set FLASHRECOVERY_KAFKA_BOOTSTRAP and FLASHRECOVERY_REDIS_URL")
-    raise ValueError(f"{len(found)} jobs running ({', '.join(sorted(a['job_id'] for a in found))}): "
-                     "choose one with FLASHRECOVERY_JOB_ID")
+        raise ValueError(
+            "no running job found: start one (`flashrecovery run --standalone`, `demo`, `up`) "
+            "or set FLASHRECOVERY_KAFKA_BOOTSTRAP and FLASHRECOVERY_REDIS_URL"
+        )
+    raise ValueError(
+        f"{len(found)} jobs running ({', '.join(sorted(a['job_id'] for a in found))}): "
+        "choose one with FLASHRECOVERY_JOB_ID"
+    )
 
 
 def live_job_addresses(runtime_dir: str | Path) -> list[dict]:

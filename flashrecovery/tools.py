@@ -31,10 +31,15 @@ def _locate(settings: Settings) -> Settings:
         a = pick_job_address(live_job_addresses(settings.runtime_dir), wanted)
     except ValueError as exc:
         raise ConfigError(f"{exc} (looked in {Path(settings.runtime_dir).resolve() / 'jobs'})") from None
-    return settings.model_copy(update={
-        "job_id": a["job_id"], "kafka_bootstrap": a["kafka_bootstrap"], "redis_url": a["redis_url"],
-        "rdzv": a.get("rdzv") or settings.rdzv,
-        "bus": settings.bus.model_copy(update={"topic_namespace": a.get("topic_namespace", "")})})
+    return settings.model_copy(
+        update={
+            "job_id": a["job_id"],
+            "kafka_bootstrap": a["kafka_bootstrap"],
+            "redis_url": a["redis_url"],
+            "rdzv": a.get("rdzv") or settings.rdzv,
+            "bus": settings.bus.model_copy(update={"topic_namespace": a.get("topic_namespace", "")}),
+        }
+    )
 
 
 # ---------------------------------------------------------------- status
@@ -65,22 +70,54 @@ async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
     escalated = {i: d.get("reason", "") for i, d in incidents.items() if d.get("phase") == "escalated"}
     open_incidents = {i: {k: v for k, v in d.items() if k != "incident"} for i, d in incidents.items()}
     if snap is None:
-        return {"job_id": settings.job_id, "topology": "missing", "generation": None,
-                "committed_step": None, "world_size": None, "layout": None, "services": services,
-                "executor_leader": leader, "nodes": [], "ranks": [],
-                "open_incidents": open_incidents, "escalated": escalated}
-    return {"topology": "present", "escalated": escalated,
-        "job_id": snap.job_id, "generation": snap.generation, "committed_step": snap.committed_step,
-        "world_size": snap.world_size, "layout": f"dp={snap.dp} tp={snap.tp} pp={snap.pp}",
-        "services": services, "executor_leader": leader,
-        "nodes": [{"node": n.node_id, "role": str(n.role), "ranks": list(n.ranks),
-                   **({"quarantine_note": notes[n.node_id]} if n.node_id in notes else {}),
-                   "standby_ready": beats[n.node_id].standby_ready if n.node_id in beats else None,
-                   "heartbeat": n.node_id in beats} for n in snap.nodes],
-        "ranks": [{"rank": r.rank, "node": r.node_id, "shard": r.shard_id, "dp": r.dp, "tp": r.tp,
-                   "state": str(live[r.rank][1].state) if r.rank in live else str(r.state),
-                   "step": live[r.rank][1].step if r.rank in live else r.step,
-                   "pid": live[r.rank][1].pid if r.rank in live else r.pid} for r in snap.ranks],
+        return {
+            "job_id": settings.job_id,
+            "topology": "missing",
+            "generation": None,
+            "committed_step": None,
+            "world_size": None,
+            "layout": None,
+            "services": services,
+            "executor_leader": leader,
+            "nodes": [],
+            "ranks": [],
+            "open_incidents": open_incidents,
+            "escalated": escalated,
+        }
+    return {
+        "topology": "present",
+        "escalated": escalated,
+        "job_id": snap.job_id,
+        "generation": snap.generation,
+        "committed_step": snap.committed_step,
+        "world_size": snap.world_size,
+        "layout": f"dp={snap.dp} tp={snap.tp} pp={snap.pp}",
+        "services": services,
+        "executor_leader": leader,
+        "nodes": [
+            {
+                "node": n.node_id,
+                "role": str(n.role),
+                "ranks": list(n.ranks),
+                **({"quarantine_note": notes[n.node_id]} if n.node_id in notes else {}),
+                "standby_ready": beats[n.node_id].standby_ready if n.node_id in beats else None,
+                "heartbeat": n.node_id in beats,
+            }
+            for n in snap.nodes
+        ],
+        "ranks": [
+            {
+                "rank": r.rank,
+                "node": r.node_id,
+                "shard": r.shard_id,
+                "dp": r.dp,
+                "tp": r.tp,
+                "state": str(live[r.rank][1].state) if r.rank in live else str(r.state),
+                "step": live[r.rank][1].step if r.rank in live else r.step,
+                "pid": live[r.rank][1].pid if r.rank in live else r.pid,
+            }
+            for r in snap.ranks
+        ],
         "open_incidents": open_incidents,
     }
 
@@ -95,8 +132,9 @@ async def _listen_heartbeats(settings: Settings, seconds: float) -> dict[str, No
 
     producer = busmod.Producer(settings.kafka_bootstrap, settings.bus, "status")
     await producer.start()
-    c = busmod.Consumer(settings.kafka_bootstrap, settings.bus, [T.HEARTBEATS], None, keep, producer,
-                        "status", from_latest=True)
+    c = busmod.Consumer(
+        settings.kafka_bootstrap, settings.bus, [T.HEARTBEATS], None, keep, producer, "status", from_latest=True
+    )
     await c.start()
     task = asyncio.create_task(c.run())
     await asyncio.sleep(seconds)
@@ -110,24 +148,34 @@ def status(args: argparse.Namespace) -> int:
     settings = _locate(load_settings())
     view = asyncio.run(_status(settings, args.listen))
     # The Prometheus endpoints a local `up` / cluster left in its address file ({} elsewhere).
-    view["metrics"] = next((a.get("metrics", {}) for a in live_job_addresses(settings.runtime_dir)
-                            if a.get("job_id") == view["job_id"]), {})
+    view["metrics"] = next(
+        (a.get("metrics", {}) for a in live_job_addresses(settings.runtime_dir) if a.get("job_id") == view["job_id"]),
+        {},
+    )
     if args.json:
         print(json.dumps(view, indent=2))
         return 0
     if view["topology"] == "missing":
-        print(f"job {view['job_id']}: the registry has no topology (lost, e.g. Redis restarted "
-              "empty, or never registered): no recovery can be planned")
-    print(f"job {view['job_id']}  generation {view['generation']}  committed step {view['committed_step']}  "
-          f"world {view['world_size']} ({view['layout']})  executor leader {view['executor_leader']}")
+        print(
+            f"job {view['job_id']}: the registry has no topology (lost, e.g. Redis restarted "
+            "empty, or never registered): no recovery can be planned"
+        )
+    print(
+        f"job {view['job_id']}  generation {view['generation']}  committed step {view['committed_step']}  "
+        f"world {view['world_size']} ({view['layout']})  executor leader {view['executor_leader']}"
+    )
     print(f"services: {', '.join(view['services']) or 'none live'}")
     if view["metrics"]:
         print("metrics: " + "  ".join(f"{n} http://{a}/metrics" for n, a in view["metrics"].items()))
     for n in view["nodes"]:
-        print(f"  {n['node']:<10} {n['role']:<12} ranks {n['ranks']}  heartbeat {'yes' if n['heartbeat'] else 'NO'}"
-              + (f"  standbys {n['standby_ready']}" if n['standby_ready'] else ""))
+        print(
+            f"  {n['node']:<10} {n['role']:<12} ranks {n['ranks']}  heartbeat {'yes' if n['heartbeat'] else 'NO'}"
+            + (f"  standbys {n['standby_ready']}" if n["standby_ready"] else "")
+        )
     for r in view["ranks"]:
-        print(f"    rank {r['rank']:>3} {r['node']:<10} shard {r['shard']} {r['state']:<10} step {r['step']:>5} pid {r['pid']}")
+        print(
+            f"    rank {r['rank']:>3} {r['node']:<10} shard {r['shard']} {r['state']:<10} step {r['step']:>5} pid {r['pid']}"
+        )
     print(f"open incidents: {view['open_incidents'] or 'none'}")
     for iid, reason in view["escalated"].items():
         print(f"ESCALATED {iid}: {reason}")
@@ -139,8 +187,11 @@ def add_events_parser(sub: Any) -> None:
     p = sub.add_parser("events", help="tail the event topics")
     p.add_argument("--follow", action="store_true", help="keep reading new events")
     p.add_argument("--json", action="store_true", help="one JSON object a line")
-    p.add_argument("--topics", default="incidents,plans,commands,acks,recovery,worker-events",
-                   help="comma-separated short names (heartbeats too, if you want them)")
+    p.add_argument(
+        "--topics",
+        default="incidents,plans,commands,acks,recovery,worker-events",
+        help="comma-separated short names (heartbeats too, if you want them)",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="without --follow: how long to read")
     p.set_defaults(func=events)
 
@@ -160,8 +211,10 @@ def _decode_or_dead_letter(raw: bytes | None) -> Any:
 def _line(ev: Any) -> str:
     if isinstance(ev, DeadLetter):
         head = f"{time.strftime('%H:%M:%S', time.localtime(ev.at))} dead_letter       "
-        return (f"{head} topic={ev.topic} partition={ev.partition} offset={ev.offset} consumer={ev.consumer} "
-                f"size={ev.raw_size} truncated={ev.raw_truncated} reason={ev.reason[:200]}")
+        return (
+            f"{head} topic={ev.topic} partition={ev.partition} offset={ev.offset} consumer={ev.consumer} "
+            f"size={ev.raw_size} truncated={ev.raw_truncated} reason={ev.reason[:200]}"
+        )
     d = ev.model_dump(mode="json")
     head = f"{time.strftime('%H:%M:%S', time.localtime(d['emitted_at']))} g{d['generation']} {d['kind']:<18}"
     skip = {"event_id", "schema_version", "job_id", "generation", "emitted_at", "kind", "producer"}
@@ -188,8 +241,17 @@ def events(args: argparse.Namespace) -> int:
         await producer.start()
         # An onlooker: what it cannot read is skipped with a log line, never dead-lettered (a
         # reader of the dead-letter topic would otherwise re-dead-letter its own input).
-        c = busmod.Consumer(settings.kafka_bootstrap, settings.bus, wanted, None, show, producer, "events",
-                            dead_letters=False, decoder=_decode_or_dead_letter)
+        c = busmod.Consumer(
+            settings.kafka_bootstrap,
+            settings.bus,
+            wanted,
+            None,
+            show,
+            producer,
+            "events",
+            dead_letters=False,
+            decoder=_decode_or_dead_letter,
+        )
         await c.start()
         task = asyncio.create_task(c.run())
         if args.follow:

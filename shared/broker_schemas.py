@@ -20,8 +20,17 @@ from . import schemas as S
 from . import topics as T
 
 _MODELS: tuple[type[BaseModel], ...] = (
-    S.NodeHeartbeat, S.WorkerExit, S.LogEvent, S.FaultIncident, S.Degradation, S.RecoveryPlan, S.Escalation,
-    S.ExecutorCommand, S.CommandAck, S.RecoveryProgress, S.RecoveryCompleted,
+    S.NodeHeartbeat,
+    S.WorkerExit,
+    S.LogEvent,
+    S.FaultIncident,
+    S.Degradation,
+    S.RecoveryPlan,
+    S.Escalation,
+    S.ExecutorCommand,
+    S.CommandAck,
+    S.RecoveryProgress,
+    S.RecoveryCompleted,
 )
 
 
@@ -37,7 +46,7 @@ def value_schema(topic: T.Topic) -> dict[str, Any]:
     if len(models) == 1:
         return models[0].model_json_schema()
     # The union is built at run time from the topic's models: a type the checker cannot see.
-    union: Any = Annotated[Union[tuple(models)], Field(discriminator="kind")]  # noqa: UP007
+    union: Any = Annotated[Union[tuple(models)], Field(discriminator="kind")]
     schema: dict[str, Any] = TypeAdapter(union).json_schema()
     return schema
 

@@ -18,10 +18,10 @@ from pydantic import BaseModel
 
 from . import metrics as M
 from . import topics as T
+from .kafka_security import client_kwargs
 from .logging import get_logger
 from .schemas import DeadLetter, SchemaError, decode, encode
 from .settings import BusSettings
-from .kafka_security import client_kwargs
 from .signing import Keyring, load_keyring
 
 Handler = Callable[[Any, Any], Awaitable[None]]  # (event, raw ConsumerRecord)
@@ -41,20 +41,28 @@ def keyring_of(bus: BusSettings) -> tuple[Keyring | None, frozenset[str]]:
 def new_topics(bus: BusSettings, wanted: Iterable[T.Topic], existing: set[str]) -> list[NewTopic]:
     """The topics to create: partitions, replication factor and min.insync.replicas from `bus`."""
     configs = {} if bus.min_insync_replicas is None else {"min.insync.replicas": str(bus.min_insync_replicas)}
-    return [NewTopic(topic_name(t, bus), getattr(bus, t.partitions_setting), bus.replication_factor,
-                     topic_configs=dict(configs))
-            for t in wanted if topic_name(t, bus) not in existing]
+    return [
+        NewTopic(
+            topic_name(t, bus), getattr(bus, t.partitions_setting), bus.replication_factor, topic_configs=dict(configs)
+        )
+        for t in wanted
+        if topic_name(t, bus) not in existing
+    ]
 
 
 def producer_config(bus: BusSettings) -> dict[str, Any]:
     """AIOKafkaProducer's durability and batching arguments from `bus`."""
-    return {"linger_ms": bus.linger_ms, "max_batch_size": min(bus.max_batch_bytes, 1 << 20),
-            "acks": "all" if bus.producer_acks == "all" else int(bus.producer_acks),
-            "enable_idempotence": bus.idempotence}
+    return {
+        "linger_ms": bus.linger_ms,
+        "max_batch_size": min(bus.max_batch_bytes, 1 << 20),
+        "acks": "all" if bus.producer_acks == "all" else int(bus.producer_acks),
+        "enable_idempotence": bus.idempotence,
+    }
 
 
-async def ensure_topics(bootstrap: str, bus: BusSettings, wanted: Iterable[T.Topic] = T.ALL,
-                        timeout_s: float = 30.0) -> None:
+async def ensure_topics(
+    bootstrap: str, bus: BusSettings, wanted: Iterable[T.Topic] = T.ALL, timeout_s: float = 30.0
+) -> None:
     """Create the topics with the configured partition counts; existing ones are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, **client_kwargs(bus.security))
     await asyncio.wait_for(admin.start(), timeout_s)
@@ -74,11 +82,18 @@ async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_
     group, nothing committed (an onlooker such as `flashrecovery deadletters`). A topic that
     does not exist yet has no records. TimeoutError when the end is not reached in timeout_s."""
     name = topic_name(topic, bus)
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="earliest", request_timeout_ms=10000, **client_kwargs(bus.security))
+    c = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=10000,
+        **client_kwargs(bus.security),
+    )
     await asyncio.wait_for(c.start(), timeout_s)
     out: list[Any] = []
     try:
+
         async def _read() -> None:
             if name not in await c.topics():
                 return
@@ -89,6 +104,7 @@ async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_
             while [tp for tp in parts if await c.position(tp) < end[tp]]:
                 for records in (await c.getmany(*parts, timeout_ms=200)).values():
                     out.extend(r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)])
+
         await asyncio.wait_for(_read(), timeout_s)
     finally:
         await c.stop()
@@ -98,8 +114,9 @@ async def read_to_end(bootstrap: str, bus: BusSettings, topic: T.Topic, timeout_
 class Producer:
     def __init__(self, bootstrap: str, bus: BusSettings, client_id: str = "flashrecovery") -> None:
         self._bus = bus
-        self._p = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, **producer_config(bus),
-                                   **client_kwargs(bus.security))
+        self._p = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, client_id=client_id, **producer_config(bus), **client_kwargs(bus.security)
+        )
         self._keyring, self._signed = keyring_of(bus)
         self.sent = 0
         self.dead_letter_failures = 0  # dead letters that could not be produced (logged)
@@ -137,19 +154,33 @@ class Producer:
         (`dead_letter_failures`) and the consumer goes on; a bad message must not stop it.
         -> whether the letter was produced."""
         try:
-            letter = DeadLetter.of(topic=record.topic, partition=record.partition, offset=record.offset,
-                                   key=record.key, value=record.value, reason=reason, consumer=consumer)
-            await self.publish_raw(T.DEAD_LETTER, orjson.dumps(letter.model_dump(mode="json")),
-                                   key=str(record.topic).encode()[:256])
+            letter = DeadLetter.of(
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                key=record.key,
+                value=record.value,
+                reason=reason,
+                consumer=consumer,
+            )
+            await self.publish_raw(
+                T.DEAD_LETTER, orjson.dumps(letter.model_dump(mode="json")), key=str(record.topic).encode()[:256]
+            )
             M.DEAD_LETTERS.labels(consumer, M.reason_class(reason)).inc()
             return True
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - see the docstring
             self.dead_letter_failures += 1
-            self._log.error("dead_letter_failed", error=repr(exc)[:500], topic=record.topic,
-                            partition=record.partition, offset=record.offset, reason=reason[:500],
-                            failures=self.dead_letter_failures)
+            self._log.error(
+                "dead_letter_failed",
+                error=repr(exc)[:500],
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                reason=reason[:500],
+                failures=self.dead_letter_failures,
+            )
             return False
 
     async def flush(self) -> None:
@@ -161,10 +192,21 @@ class Consumer:
     that keeps failing on one message is retried a bounded number of times, then dead-lettered,
     so one poison message never stalls a partition."""
 
-    def __init__(self, bootstrap: str, bus: BusSettings, topics: Iterable[T.Topic], group_id: str | None,
-                 handler: Handler, producer: Producer, name: str, *, from_latest: bool = False,
-                 batch_handler: Callable[[list[tuple[Any, Any]]], Awaitable[None]] | None = None,
-                 dead_letters: bool = True, decoder: Callable[[bytes | None], Any] = decode) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        bus: BusSettings,
+        topics: Iterable[T.Topic],
+        group_id: str | None,
+        handler: Handler,
+        producer: Producer,
+        name: str,
+        *,
+        from_latest: bool = False,
+        batch_handler: Callable[[list[tuple[Any, Any]]], Awaitable[None]] | None = None,
+        dead_letters: bool = True,
+        decoder: Callable[[bytes | None], Any] = decode,
+    ) -> None:
         topics = list(topics)  # read twice: the subscription and the metrics' topic labels
         self._bus = bus
         self._decode = decoder  # bytes -> event, or SchemaError
@@ -179,10 +221,17 @@ class Consumer:
         self._log = get_logger(name)
         self._stopping = asyncio.Event()
         self._c = AIOKafkaConsumer(
-            *[topic_name(t, bus) for t in topics], bootstrap_servers=bootstrap, group_id=group_id,
-            enable_auto_commit=False, auto_offset_reset="latest" if from_latest else "earliest",
-            max_poll_records=2000, fetch_max_wait_ms=50, session_timeout_ms=10000,
-            heartbeat_interval_ms=1000, **client_kwargs(bus.security))
+            *[topic_name(t, bus) for t in topics],
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="latest" if from_latest else "earliest",
+            max_poll_records=2000,
+            fetch_max_wait_ms=50,
+            session_timeout_ms=10000,
+            heartbeat_interval_ms=1000,
+            **client_kwargs(bus.security),
+        )
         self._group = group_id is not None
         self._keyring, self._signed = keyring_of(bus)
         self._require_tags = bus.require_signatures
@@ -196,11 +245,13 @@ class Consumer:
 
     async def wait_assigned(self, timeout_s: float = 30.0) -> None:
         """Block until partitions are assigned (and positioned), so a test can publish after."""
+
         async def _wait() -> None:
             while not self._c.assignment():
                 await asyncio.sleep(0.05)
             for tp in self._c.assignment():
                 await self._c.position(tp)
+
         await asyncio.wait_for(_wait(), timeout_s)
 
     async def seek_to_time(self, ts_ms: int) -> None:
@@ -285,10 +336,11 @@ class Consumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the consumer
-                self._log.warning("handler_failed", attempt=attempt, error=repr(exc),
-                                  topic=record.topic, offset=record.offset)
+                self._log.warning(
+                    "handler_failed", attempt=attempt, error=repr(exc), topic=record.topic, offset=record.offset
+                )
                 if attempt < self._bus.handler_retries:
-                    await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
                 else:
                     await self._dead_letter(record, f"handler failed {attempt + 1}x: {exc!r}")
 
@@ -296,11 +348,21 @@ class Consumer:
         if not self._dead_letters or record.topic == self._dead_letter_topic:
             # An onlooker, or a record of the dead-letter topic itself: dead-lettering it again
             # would feed a reader of that topic its own output, a copy of a copy, forever.
-            self._log.info("bad_input_skipped", reason=reason[:500], topic=record.topic,
-                           partition=record.partition, offset=record.offset)
+            self._log.info(
+                "bad_input_skipped",
+                reason=reason[:500],
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
             return
         self.dead_lettered += 1
-        self._log.warning("dead_lettered", reason=reason[:500], topic=record.topic,
-                          partition=record.partition, offset=record.offset,
-                          size=len(record.value or b""))
+        self._log.warning(
+            "dead_lettered",
+            reason=reason[:500],
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            size=len(record.value or b""),
+        )
         await self._producer.dead_letter(record, reason, self.name)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from typing import Annotated, Iterator, Literal, Union
+from collections.abc import Iterator
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -170,7 +171,7 @@ class Connection:
         self._rfile = sock.makefile("rb")
 
     @classmethod
-    def connect(cls, path: str, timeout_s: float = 30.0) -> "Connection":
+    def connect(cls, path: str, timeout_s: float = 30.0) -> Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout_s)
         sock.connect(path)

@@ -16,8 +16,9 @@ No I/O, no clock: the executor service imports this module.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
 
 
 class PausedReport(Protocol):
@@ -72,7 +73,8 @@ def decide_from_rows(rows: Iterable[tuple[int, int, int | None, int]]) -> Recove
         rank, (applied, _, vote) = min(bad)
         if applied > vote:
             raise InconsistentReports(
-                f"rank {rank} applied step {applied} without completing its vote (vote_step {vote})")
+                f"rank {rank} applied step {applied} without completing its vote (vote_step {vote})"
+            )
         raise InconsistentReports(f"rank {rank} voted step {vote} but applied only {applied}")
     v = max(vote for _, _, vote in groups)
     lagging_groups = {key: rs for key, rs in groups.items() if key[0] < v}
@@ -88,16 +90,18 @@ def decide_from_rows(rows: Iterable[tuple[int, int, int | None, int]]) -> Recove
 
     discarded = any(grads is not None and grads > v for _, grads, _ in groups)
     tail = f"; in-flight step {v + 1} discarded" + (
-        f" (reduced gradients held by ranks {ranks_text(holding(lambda k: k[1] == v + 1))})" if discarded else "")
+        f" (reduced gradients held by ranks {ranks_text(holding(lambda k: k[1] == v + 1))})" if discarded else ""
+    )
     if lagging_groups:
         lagging = sorted(r for rs in lagging_groups.values() for r in rs)
         return RecoveryDecision(
             commit_step=v,
             resume_step=v + 1,
-            reason=(f"vote of step {v} completed on ranks {ranks_text(holding(lambda k: k[2] == v))}; "
-                    f"ranks {ranks_text(lagging)} apply it now"),
+            reason=(
+                f"vote of step {v} completed on ranks {ranks_text(holding(lambda k: k[2] == v))}; "
+                f"ranks {ranks_text(lagging)} apply it now"
+            ),
         )
     if v == 0:
         return RecoveryDecision(None, 1, "no step committed yet" + tail)
     return RecoveryDecision(None, v + 1, f"all survivors applied step {v}" + tail)
-

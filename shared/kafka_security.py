@@ -21,6 +21,9 @@ def client_kwargs(sec: KafkaSecuritySettings) -> dict[str, Any]:
         out["ssl_context"] = ctx
     if sec.protocol.startswith("SASL"):
         assert sec.sasl_password_file is not None  # the settings model requires it
-        out.update(sasl_mechanism=sec.sasl_mechanism, sasl_plain_username=sec.sasl_username,
-                   sasl_plain_password=Path(sec.sasl_password_file).read_text().strip())
+        out.update(
+            sasl_mechanism=sec.sasl_mechanism,
+            sasl_plain_username=sec.sasl_username,
+            sasl_plain_password=Path(sec.sasl_password_file).read_text().strip(),
+        )
     return out

@@ -18,8 +18,19 @@ class JobKeys:
         """`ACL SETUSER <user> on ><password> <rules...>` rules for a service of this job: every
         key of the job (this prefix) and nothing else, the data, scripting and transaction
         commands the registry uses, no admin or dangerous command (FLUSHALL, KEYS, CONFIG, ...)."""
-        return ["resetkeys", f"~{self._p}:*", "resetchannels", "-@all", "+@read", "+@write", "+@scripting",
-                "+@transaction", "+@connection", "-@dangerous", "-@admin"]
+        return [
+            "resetkeys",
+            f"~{self._p}:*",
+            "resetchannels",
+            "-@all",
+            "+@read",
+            "+@write",
+            "+@scripting",
+            "+@transaction",
+            "+@connection",
+            "-@dangerous",
+            "-@admin",
+        ]
 
     @property
     def meta(self) -> str:  # hash: generation, committed_step, world_size, tp, dp

@@ -14,8 +14,9 @@ from .settings import unknown_env
 
 def configure(fmt: str = "auto", level: str = "INFO") -> None:
     json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer = (structlog.processors.JSONRenderer() if json
-                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    renderer = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -40,7 +41,9 @@ def warn_unknown_env(service: str, environ: Mapping[str, str] | None = None) -> 
     typo would otherwise be ignored without a word). Start-up only; never fails."""
     unknown = unknown_env(os.environ if environ is None else environ)
     if unknown:
-        get_logger(service).warning("unknown_settings", names=unknown,
-                                    reason="no setting reads these variables: ignored "
-                                           "(docs/configuration.md lists every one)")
+        get_logger(service).warning(
+            "unknown_settings",
+            names=unknown,
+            reason="no setting reads these variables: ignored (docs/configuration.md lists every one)",
+        )
     return unknown

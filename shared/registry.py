@@ -96,7 +96,6 @@ return {1, cur}
 Placement = tuple[bytes | None, dict[int, str]]  # (topology_version, rank -> node)
 
 
-
 # KEYS[1]=meta, KEYS[2]=nodes, KEYS[3]=quarantine notes, KEYS[4]=the node's fault history.
 # ARGV[1]=node id, ARGV[2]=its record as read ('' = absent), ARGV[3]=the new record, ARGV[4]=
 # 'set' / 'del' the node's quarantine note (ARGV[5]) or '' to leave it, ARGV[6]='clear' to drop
@@ -198,9 +197,9 @@ class Registry:
             name, token = self.fence if self.fence is not None else ("executor", "")
             res = await script(keys=[*keys, self.k.fence(name)], args=[*args, token])
             if isinstance(res, list) and res and res[0] == -1:
-                raise FencedOut(f"write with fence token {token} refused: the {name} lease's newest "
-                                f"token is {res[1]}")
+                raise FencedOut(f"write with fence token {token} refused: the {name} lease's newest token is {res[1]}")
             return res
+
         return call
 
     @classmethod
@@ -218,9 +217,16 @@ class Registry:
         if not created:
             return False
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.k.meta, mapping={"committed_step": snap.committed_step,
-                                        "world_size": snap.world_size, "dp": snap.dp,
-                                        "tp": snap.tp, "pp": snap.pp})
+        pipe.hset(
+            self.k.meta,
+            mapping={
+                "committed_step": snap.committed_step,
+                "world_size": snap.world_size,
+                "dp": snap.dp,
+                "tp": snap.tp,
+                "pp": snap.pp,
+            },
+        )
         pipe.hset(self.k.ranks, mapping={str(r.rank): _j(r) for r in snap.ranks})
         pipe.hset(self.k.nodes, mapping={n.node_id: _j(n) for n in snap.nodes})
         pipe.hincrby(self.k.meta, TOPOLOGY_VERSION, 1)
@@ -236,14 +242,19 @@ class Registry:
         if not meta:
             raise LookupError(f"job {self.job_id!r} has no topology in the registry")
         m = meta_ints(meta)
-        rank_recs = sorted((RankRecord.model_validate_json(v) for v in ranks.values()),
-                           key=lambda r: r.rank)
-        node_recs = sorted((NodeRecord.model_validate_json(v) for v in nodes.values()),
-                           key=lambda n: n.node_id)
-        return JobSnapshot(job_id=self.job_id, generation=m["generation"],
-                           committed_step=m.get("committed_step", -1), world_size=m["world_size"],
-                           dp=m["dp"], tp=m["tp"], pp=m.get("pp", 1), ranks=tuple(rank_recs),
-                           nodes=tuple(node_recs))
+        rank_recs = sorted((RankRecord.model_validate_json(v) for v in ranks.values()), key=lambda r: r.rank)
+        node_recs = sorted((NodeRecord.model_validate_json(v) for v in nodes.values()), key=lambda n: n.node_id)
+        return JobSnapshot(
+            job_id=self.job_id,
+            generation=m["generation"],
+            committed_step=m.get("committed_step", -1),
+            world_size=m["world_size"],
+            dp=m["dp"],
+            tp=m["tp"],
+            pp=m.get("pp", 1),
+            ranks=tuple(rank_recs),
+            nodes=tuple(node_recs),
+        )
 
     # ------------------------------------------------------------ topology reads for the services
     async def meta(self) -> dict[bytes, bytes]:
@@ -281,8 +292,11 @@ class Registry:
         pipe.hmget(self.k.meta, ["generation", "world_size"])
         pipe.get(self.k.fence("executor"))
         (gen, world), fence = await pipe.execute()
-        return (None if gen is None else int(gen), None if world is None else int(world),
-                None if fence is None else int(fence))
+        return (
+            None if gen is None else int(gen),
+            None if world is None else int(world),
+            None if fence is None else int(fence),
+        )
 
     async def generation(self) -> int:
         v = await self.r.hget(self.k.meta, "generation")
@@ -365,9 +379,16 @@ class Registry:
     async def put_nodes(self, generation: int, recs: list[NodeRecord]) -> None:
         await self._fenced(self.k.nodes, generation, {n.node_id: _j(n) for n in recs})
 
-    async def change_node(self, node_id: str, change: Callable[[NodeRecord | None], NodeRecord], *,
-                          note: str | None = None, drop_note: bool = False, clear_faults: bool = False,
-                          attempts: int = 5) -> NodeRecord:
+    async def change_node(
+        self,
+        node_id: str,
+        change: Callable[[NodeRecord | None], NodeRecord],
+        *,
+        note: str | None = None,
+        drop_note: bool = False,
+        clear_faults: bool = False,
+        attempts: int = 5,
+    ) -> NodeRecord:
         """An operator's change of one node record (add a spare, quarantine, release):
         `change(current or None) -> new record` (a pure function that raises ValueError to refuse),
         written by compare-and-set so a concurrent write by the executor is never lost: on a
@@ -380,7 +401,8 @@ class Registry:
             op = "set" if note is not None else "del" if drop_note else ""
             ok, _cur = await self._node_cas(
                 keys=[self.k.meta, self.k.nodes, self.k.quarantine_notes, self.k.node_faults(node_id)],
-                args=[node_id, raw or b"", _j(new), op, note or "", "clear" if clear_faults else ""])
+                args=[node_id, raw or b"", _j(new), op, note or "", "clear" if clear_faults else ""],
+            )
             if ok == 2:
                 raise LookupError(f"job {self.job_id!r} has no topology in the registry (register it first)")
             if ok == 1:
@@ -403,21 +425,24 @@ class Registry:
             raise StaleGeneration(f"commit from generation {generation} refused: registry at {cur}")
 
     # ------------------------------------------------------------ incidents and plans
-    async def incident_transition(self, incident_id: str, expected: str | None, new: str,
-                                  generation: int, **fields: Any) -> tuple[bool, str]:
+    async def incident_transition(
+        self, incident_id: str, expected: str | None, new: str, generation: int, **fields: Any
+    ) -> tuple[bool, str]:
         """Atomic compare-and-set of an incident's phase. Exactly one of several concurrent
         writers expecting the same phase wins; the others get (False, why)."""
-        return await self._phase_cas(self.k.incident(incident_id), self.k.open_incidents, incident_id,
-                                     expected, new, generation, fields)
+        return await self._phase_cas(
+            self.k.incident(incident_id), self.k.open_incidents, incident_id, expected, new, generation, fields
+        )
 
-    async def run_transition(self, plan_id: str, expected: str | None, new: str,
-                             generation: int, **fields: Any) -> tuple[bool, str]:
+    async def run_transition(
+        self, plan_id: str, expected: str | None, new: str, generation: int, **fields: Any
+    ) -> tuple[bool, str]:
         """The same compare-and-set for the executor's state of one plan."""
-        return await self._phase_cas(self.k.run(plan_id), self.k.open_runs, plan_id, expected, new,
-                                     generation, fields)
+        return await self._phase_cas(self.k.run(plan_id), self.k.open_runs, plan_id, expected, new, generation, fields)
 
-    async def _phase_cas(self, key: str, index: str, member: str, expected: str | None, new: str,
-                         generation: int, fields: dict[str, Any]) -> tuple[bool, str]:
+    async def _phase_cas(
+        self, key: str, index: str, member: str, expected: str | None, new: str, generation: int, fields: dict[str, Any]
+    ) -> tuple[bool, str]:
         args: list[Any] = [expected or "", new, generation, member]
         for f, v in fields.items():
             args += [f, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
@@ -445,8 +470,7 @@ class Registry:
         return v.decode() if v else None
 
     # ------------------------------------------------------------ per-node fault history
-    async def record_node_faults(self, nodes: Iterable[str], incident_id: str, at: float,
-                                 window_s: float) -> None:
+    async def record_node_faults(self, nodes: Iterable[str], incident_id: str, at: float, window_s: float) -> None:
         """Each node's faults keyed by incident id (a replay adds nothing), trimmed to the
         quarantine window and expiring after it."""
         pipe = self.r.pipeline(transaction=False)
@@ -472,8 +496,7 @@ class Registry:
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
         """Acquire or renew; -> the holder's fence token (renewing keeps it, a new holder gets a
         higher one), or None when another instance holds the lease."""
-        token = int(await self._lease(keys=[self.k.lease(name), self.k.fence(name)],
-                                      args=[holder, int(ttl_s * 1000)]))
+        token = int(await self._lease(keys=[self.k.lease(name), self.k.fence(name)], args=[holder, int(ttl_s * 1000)]))
         return token or None
 
     async def check_fence(self) -> None:
@@ -523,8 +546,9 @@ class Registry:
         await self.r.set(self.k.seen(consumer, event_id), 1, ex=ttl_s)
 
     async def side_effect_once(self, plan_id: str, name: str) -> bool:
-        ok, _ = await self._set(keys=[self.k.side_effect(plan_id, name)],
-                                args=[repr(time.time()), "", "nx", 86400 * 1000])
+        ok, _ = await self._set(
+            keys=[self.k.side_effect(plan_id, name)], args=[repr(time.time()), "", "nx", 86400 * 1000]
+        )
         return bool(ok)
 
     async def side_effect_done(self, plan_id: str, name: str) -> bool:
@@ -536,8 +560,7 @@ class Registry:
 
     async def live_services(self) -> list[str]:
         pattern = self.k.liveness("*", "*")
-        return sorted([k.decode().split(":alive:", 1)[1]
-                       async for k in self.r.scan_iter(match=pattern, count=1000)])
+        return sorted([k.decode().split(":alive:", 1)[1] async for k in self.r.scan_iter(match=pattern, count=1000)])
 
     # ------------------------------------------------------------ job completion
     async def mark_finished(self, rank: int, step: int) -> tuple[int, int]:

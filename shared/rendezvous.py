@@ -20,8 +20,9 @@ def main() -> None:
     # torch.distributed builds its namespace at import time: the stubs do not list TCPStore.
     from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
-    store = TCPStore(args.host, args.port, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=300), use_libuv=True)
+    store = TCPStore(
+        args.host, args.port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300), use_libuv=True
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

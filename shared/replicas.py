@@ -34,8 +34,9 @@ class ReplicaLayout(Protocol):
     def shard_members(self, shard_id: int) -> np.ndarray: ...
 
 
-def choose_sources(layout: ReplicaLayout, restart_pos: np.ndarray,
-                   healthy: np.ndarray) -> tuple[list[dict[str, int]], list[int]]:
+def choose_sources(
+    layout: ReplicaLayout, restart_pos: np.ndarray, healthy: np.ndarray
+) -> tuple[list[dict[str, int]], list[int]]:
     """One healthy replica (same shard id) per restarted rank. Within a shard each replica
     serves at most one restore more than any other; across shards, nodes already serving a
     restore are passed over while another node can serve. Returns (transfers as

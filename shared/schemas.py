@@ -12,8 +12,8 @@ import collections
 import hashlib
 import time
 import uuid
-from enum import StrEnum
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
 import orjson
@@ -49,6 +49,7 @@ class Envelope(Frozen):
 
 
 # ---------------------------------------------------------------- worker side (sidecar -> bus)
+
 
 class RankState(StrEnum):
     STARTING = "starting"
@@ -89,15 +90,26 @@ class NodeRole(StrEnum):
 
 
 # The fields of RankStatus in the order of a rank row (NodeHeartbeat.rank_rows()).
-RANK_ROW = ("rank", "local_rank", "pid", "state", "step", "step_time_s", "generation", "long_phase",
-            "long_phase_expected_s", "since_progress_s", "proc_state")
+RANK_ROW = (
+    "rank",
+    "local_rank",
+    "pid",
+    "state",
+    "step",
+    "step_time_s",
+    "generation",
+    "long_phase",
+    "long_phase_expected_s",
+    "since_progress_s",
+    "proc_state",
+)
 
 
 class _Columns(Frozen):
     """Per-rank data as columns: entry i of every column is rank i's value."""
 
     def _mismatch(self, names: tuple[str, ...]) -> ValueError:
-        n = len(getattr(self, "rank"))
+        n = len(getattr(self, "rank"))  # noqa: B009 - declared by each subclass, not here
         bad = [f for f in names if getattr(self, f) is not None and len(getattr(self, f)) != n]
         return ValueError(f"columns {bad} do not have one entry per rank ({n})")
 
@@ -112,6 +124,7 @@ class RankColumns(_Columns):
     content as NodeHeartbeat.ranks, about half the bytes, and ~2.5x cheaper to validate (one
     model instead of one per rank): heartbeats are nearly all the bus traffic, 12,500/s at 100k
     ranks. An optional column left out (None) means None for every rank."""
+
     rank: tuple[int | None, ...]
     local_rank: tuple[int, ...]
     pid: tuple[int, ...]
@@ -128,10 +141,18 @@ class RankColumns(_Columns):
     def _same_length(self) -> RankColumns:
         # Runs on every compact heartbeat: a plain comparison first, the names only on failure.
         n = len(self.rank)
-        if (len(self.local_rank) == len(self.pid) == len(self.state) == len(self.step) == len(self.generation)
-                == len(self.since_progress_s) == n) and all(
-                c is None or len(c) == n for c in (self.step_time_s, self.long_phase, self.long_phase_expected_s,
-                                                   self.proc_state)):
+        if (
+            len(self.local_rank)
+            == len(self.pid)
+            == len(self.state)
+            == len(self.step)
+            == len(self.generation)
+            == len(self.since_progress_s)
+            == n
+        ) and all(
+            c is None or len(c) == n
+            for c in (self.step_time_s, self.long_phase, self.long_phase_expected_s, self.proc_state)
+        ):
             return self
         raise self._mismatch(RANK_ROW)
 
@@ -146,15 +167,26 @@ class RankColumns(_Columns):
     def rows(self) -> Iterator[tuple[Any, ...]]:
         n = len(self.rank)
         none = (None,) * n
-        return zip(self.rank, self.local_rank, self.pid, self.state, self.step, self.step_time_s or none,
-                   self.generation, self.long_phase or none, self.long_phase_expected_s or none,
-                   self.since_progress_s, self.proc_state or none)
+        return zip(
+            self.rank,
+            self.local_rank,
+            self.pid,
+            self.state,
+            self.step,
+            self.step_time_s or none,
+            self.generation,
+            self.long_phase or none,
+            self.long_phase_expected_s or none,
+            self.since_progress_s,
+            self.proc_state or none,
+        )
 
 
 class NodeHeartbeat(Envelope):
     """A node's ranks come either as `ranks` (one object per rank) or as `rank_columns` (the
     compact form, sidecar setting rank_columns; a reader that predates it sees no ranks),
     never both. Readers go through rank_rows() / rank_statuses(), which serve both."""
+
     kind: Literal["node_heartbeat"] = "node_heartbeat"
     node_id: str
     role: NodeRole = NodeRole.ACTIVE
@@ -174,8 +206,22 @@ class NodeHeartbeat(Envelope):
         long_phase_expected_s, since_progress_s, proc_state) per rank: the hot path's view."""
         if self.rank_columns is not None:
             return self.rank_columns.rows()
-        return ((r.rank, r.local_rank, r.pid, r.state, r.step, r.step_time_s, r.generation, r.long_phase,
-                 r.long_phase_expected_s, r.since_progress_s, r.proc_state) for r in self.ranks)
+        return (
+            (
+                r.rank,
+                r.local_rank,
+                r.pid,
+                r.state,
+                r.step,
+                r.step_time_s,
+                r.generation,
+                r.long_phase,
+                r.long_phase_expected_s,
+                r.since_progress_s,
+                r.proc_state,
+            )
+            for r in self.ranks
+        )
 
     def rank_statuses(self) -> tuple[RankStatus, ...]:
         if self.rank_columns is None:
@@ -204,6 +250,7 @@ class LogEvent(Envelope):
 
 
 # ---------------------------------------------------------------- detector
+
 
 class FaultClass(StrEnum):
     PROCESS_CRASH = "process_crash"
@@ -248,6 +295,7 @@ class FaultIncident(Envelope):
 class Degradation(Envelope):
     """A rank persistently slower than its peers (a straggler): reported for operators, never
     recovered automatically."""
+
     kind: Literal["degradation"] = "degradation"
     node_id: str
     rank: int
@@ -259,6 +307,7 @@ class Degradation(Envelope):
 
 
 # ---------------------------------------------------------------- planner
+
 
 class Replacement(Frozen):
     rank: int
@@ -307,6 +356,7 @@ class Escalation(Envelope):
 
 
 # ---------------------------------------------------------------- executor <-> sidecars
+
 
 class CommandAction(StrEnum):
     PAUSE = "pause"  # healthy ranks break out of collectives and report their commit state
@@ -367,7 +417,8 @@ REPORT_ROW = tuple(RankReport.model_fields)
 # model so the two cannot drift (typed Any: a tuple class made at run time).
 _tuple_class: Callable[..., Any] = collections.namedtuple
 ReportRow: Any = _tuple_class(
-    "ReportRow", REPORT_ROW, defaults=tuple(f.default for f in list(RankReport.model_fields.values())[1:]))
+    "ReportRow", REPORT_ROW, defaults=tuple(f.default for f in list(RankReport.model_fields.values())[1:])
+)
 
 
 class ReportColumns(_Columns):
@@ -375,6 +426,7 @@ class ReportColumns(_Columns):
     heartbeats: the pause and verify acks of a recovery are 2 per node, 25,000 at 100k ranks,
     and this form is ~2.5x cheaper for the executor to decode. A column left out (None) holds
     RankReport's default for every rank."""
+
     rank: tuple[int, ...]
     pid: tuple[int | None, ...] | None = None
     applied_step: tuple[int, ...] | None = None
@@ -388,8 +440,19 @@ class ReportColumns(_Columns):
     @model_validator(mode="after")
     def _same_length(self) -> ReportColumns:
         n = len(self.rank)
-        if all(c is None or len(c) == n for c in (self.pid, self.applied_step, self.grads_step, self.vote_step,
-                                                  self.phase, self.seconds, self.bytes, self.digest_ok)):
+        if all(
+            c is None or len(c) == n
+            for c in (
+                self.pid,
+                self.applied_step,
+                self.grads_step,
+                self.vote_step,
+                self.phase,
+                self.seconds,
+                self.bytes,
+                self.digest_ok,
+            )
+        ):
             return self
         raise self._mismatch(REPORT_ROW)
 
@@ -412,6 +475,7 @@ class ReportColumns(_Columns):
 class CommandAck(Envelope):
     """Per-rank reports come as `ranks` (one object per rank) or `report_columns` (the compact
     form, sidecar setting rank_columns), never both; readers call report_rows()."""
+
     kind: Literal["command_ack"] = "command_ack"
     command_id: str
     plan_id: str
@@ -446,6 +510,7 @@ class CommandAck(Envelope):
 
 # ---------------------------------------------------------------- recovery progress
 
+
 class PhaseStatus(StrEnum):
     STARTED = "started"
     COMPLETED = "completed"
@@ -479,16 +544,36 @@ class RecoveryCompleted(Envelope):
 
 Event = Annotated[
     Union[
-        NodeHeartbeat, WorkerExit, LogEvent, FaultIncident, Degradation, RecoveryPlan,
-        Escalation, ExecutorCommand, CommandAck, RecoveryProgress, RecoveryCompleted,
+        NodeHeartbeat,
+        WorkerExit,
+        LogEvent,
+        FaultIncident,
+        Degradation,
+        RecoveryPlan,
+        Escalation,
+        ExecutorCommand,
+        CommandAck,
+        RecoveryProgress,
+        RecoveryCompleted,
     ],
     Field(discriminator="kind"),
 ]
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 EVENT_KINDS = tuple(
     m.model_fields["kind"].default
-    for m in (NodeHeartbeat, WorkerExit, LogEvent, FaultIncident, Degradation, RecoveryPlan,
-              Escalation, ExecutorCommand, CommandAck, RecoveryProgress, RecoveryCompleted)
+    for m in (
+        NodeHeartbeat,
+        WorkerExit,
+        LogEvent,
+        FaultIncident,
+        Degradation,
+        RecoveryPlan,
+        Escalation,
+        ExecutorCommand,
+        CommandAck,
+        RecoveryProgress,
+        RecoveryCompleted,
+    )
 )
 
 
@@ -509,7 +594,8 @@ def decode(raw: bytes | None) -> Any:
     version = data.get("schema_version")
     if version not in SUPPORTED_VERSIONS:
         raise UnknownSchemaVersion(
-            f"schema_version {version!r} not supported (supported: {sorted(SUPPORTED_VERSIONS)})")
+            f"schema_version {version!r} not supported (supported: {sorted(SUPPORTED_VERSIONS)})"
+        )
     if data.get("kind") not in EVENT_KINDS:
         raise SchemaError(f"unknown kind {data.get('kind')!r}")
     try:
@@ -530,6 +616,7 @@ class DeadLetter(Frozen):
     the broker (a 2 MB poison message once took the detector and planner down because its
     base64 copy could not be produced). `raw_size`, `raw_sha256`, `raw_truncated`, `kind` and
     `schema_version` were added in 1.x: a letter written before them has none (defaults)."""
+
     kind: Literal["dead_letter"] = "dead_letter"
     schema_version: int = SCHEMA_VERSION
     topic: str
@@ -545,15 +632,32 @@ class DeadLetter(Frozen):
     raw_truncated: bool = False
 
     @classmethod
-    def of(cls, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-           reason: str, consumer: str, limit: int = DEAD_LETTER_RAW_LIMIT) -> DeadLetter:
+    def of(
+        cls,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        consumer: str,
+        limit: int = DEAD_LETTER_RAW_LIMIT,
+    ) -> DeadLetter:
         raw = value or b""
         text = key.decode(errors="replace") if key else None
-        return cls(topic=topic, partition=partition, offset=offset,
-                   key=text[:DEAD_LETTER_TEXT_LIMIT] if text is not None else None,
-                   reason=reason[:DEAD_LETTER_TEXT_LIMIT], consumer=consumer[:200],
-                   raw_b64=base64.b64encode(raw[:limit]).decode(), raw_size=len(raw),
-                   raw_sha256=hashlib.sha256(raw).hexdigest(), raw_truncated=len(raw) > limit)
+        return cls(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=text[:DEAD_LETTER_TEXT_LIMIT] if text is not None else None,
+            reason=reason[:DEAD_LETTER_TEXT_LIMIT],
+            consumer=consumer[:200],
+            raw_b64=base64.b64encode(raw[:limit]).decode(),
+            raw_size=len(raw),
+            raw_sha256=hashlib.sha256(raw).hexdigest(),
+            raw_truncated=len(raw) > limit,
+        )
 
 
 def decode_dead_letter(raw: bytes | None) -> DeadLetter:
@@ -564,5 +668,4 @@ def decode_dead_letter(raw: bytes | None) -> DeadLetter:
         return DeadLetter.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise SchemaError(f"invalid dead letter: {'.'.join(str(p) for p in first['loc'])}: "
-                          f"{first['msg']}") from None
+        raise SchemaError(f"invalid dead letter: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None

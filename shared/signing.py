@@ -81,8 +81,9 @@ def load_keyring(path: str | Path) -> Keyring:
     except KeyringError as exc:
         raise KeyringError(f"{p}: {exc}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise KeyringError(f"{p}: not a usable key file ({exc!r}); expected "
-                           '{"active": ID, "keys": {ID: HEX, ...}}') from None
+        raise KeyringError(
+            f'{p}: not a usable key file ({exc!r}); expected {{"active": ID, "keys": {{ID: HEX, ...}}}}'
+        ) from None
 
 
 def write_key_file(path: str | Path, key_ids: Sequence[str] = ("k1",), active: str | None = None) -> Path:

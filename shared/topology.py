@@ -51,9 +51,16 @@ class JobSnapshot(Frozen):
         return next((n for n in self.nodes if n.node_id == node_id), None)
 
 
-def grid_topology(job_id: str, nodes: int, ranks_per_node: int, tp: int, pp: int = 1,
-                  spares: int = 1, standby_slots: int | None = None,
-                  labels: dict[str, dict[str, str]] | None = None) -> JobSnapshot:
+def grid_topology(
+    job_id: str,
+    nodes: int,
+    ranks_per_node: int,
+    tp: int,
+    pp: int = 1,
+    spares: int = 1,
+    standby_slots: int | None = None,
+    labels: dict[str, dict[str, str]] | None = None,
+) -> JobSnapshot:
     """Megatron-style layout: rank = (dp_index * pp + pp_index) * tp + tp_index, so a tensor
     parallel group sits inside a node. shard_id = pp_index * tp + tp_index."""
     world = nodes * ranks_per_node
@@ -65,20 +72,43 @@ def grid_topology(job_id: str, nodes: int, ranks_per_node: int, tp: int, pp: int
         tp_i = r % tp
         pp_i = (r // tp) % pp
         dp_i = r // (tp * pp)
-        ranks.append(RankRecord(rank=r, node_id=f"node-{r // ranks_per_node}",
-                                local_rank=r % ranks_per_node, shard_id=pp_i * tp + tp_i,
-                                dp=dp_i, tp=tp_i, pp=pp_i))
+        ranks.append(
+            RankRecord(
+                rank=r,
+                node_id=f"node-{r // ranks_per_node}",
+                local_rank=r % ranks_per_node,
+                shard_id=pp_i * tp + tp_i,
+                dp=dp_i,
+                tp=tp_i,
+                pp=pp_i,
+            )
+        )
     labels = labels or {}
-    node_recs = [NodeRecord(node_id=f"node-{i}", role=NodeRole.ACTIVE,
-                            ranks=tuple(range(i * ranks_per_node, (i + 1) * ranks_per_node)),
-                            labels=labels.get(f"node-{i}", {}))
-                 for i in range(nodes)]
+    node_recs = [
+        NodeRecord(
+            node_id=f"node-{i}",
+            role=NodeRole.ACTIVE,
+            ranks=tuple(range(i * ranks_per_node, (i + 1) * ranks_per_node)),
+            labels=labels.get(f"node-{i}", {}),
+        )
+        for i in range(nodes)
+    ]
     slots = ranks_per_node if standby_slots is None else standby_slots
-    node_recs += [NodeRecord(node_id=f"spare-{i}", role=NodeRole.SPARE, standby_slots=slots,
-                             labels=labels.get(f"spare-{i}", {}))
-                  for i in range(spares)]
-    return JobSnapshot(job_id=job_id, generation=0, committed_step=-1, world_size=world, dp=dp,
-                       tp=tp, pp=pp, ranks=tuple(ranks), nodes=tuple(node_recs))
+    node_recs += [
+        NodeRecord(node_id=f"spare-{i}", role=NodeRole.SPARE, standby_slots=slots, labels=labels.get(f"spare-{i}", {}))
+        for i in range(spares)
+    ]
+    return JobSnapshot(
+        job_id=job_id,
+        generation=0,
+        committed_step=-1,
+        world_size=world,
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        ranks=tuple(ranks),
+        nodes=tuple(node_recs),
+    )
 
 
 TOPOLOGY_VERSION = "topology_version"  # meta field: bumped by every write of rank/node records
@@ -90,9 +120,14 @@ def meta_ints(meta: Mapping[bytes, Any] | Mapping[str, Any]) -> dict[str, int]:
     return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in meta.items()}
 
 
-def spec_topology(job_id: str, nodes: dict[str, list[int]], tp: int = 1, pp: int = 1,
-                  spares: dict[str, int] | None = None,
-                  labels: dict[str, dict[str, str]] | None = None) -> JobSnapshot:
+def spec_topology(
+    job_id: str,
+    nodes: dict[str, list[int]],
+    tp: int = 1,
+    pp: int = 1,
+    spares: dict[str, int] | None = None,
+    labels: dict[str, dict[str, str]] | None = None,
+) -> JobSnapshot:
     """A job from an explicit placement (`flashrecovery job register --file`): node id -> the
     global ranks it hosts (local rank = position in the list), spare node id -> its standby
     slots. Coordinates follow grid_topology's Megatron layout. ValueError names what is wrong."""
@@ -112,8 +147,10 @@ def spec_topology(job_id: str, nodes: dict[str, list[int]], tp: int = 1, pp: int
         raise ValueError("no ranks: give at least one node with ranks")
     if sorted(placed) != list(range(world)):
         dup = sorted({r for r in placed if placed.count(r) > 1})
-        raise ValueError(f"ranks must be 0..{world - 1}, each on exactly one node"
-                         + (f" (listed twice: {dup[:10]})" if dup else f" (got {sorted(placed)[:10]}...)"))
+        raise ValueError(
+            f"ranks must be 0..{world - 1}, each on exactly one node"
+            + (f" (listed twice: {dup[:10]})" if dup else f" (got {sorted(placed)[:10]}...)")
+        )
     if world % (tp * pp):
         raise ValueError(f"world size {world} not divisible by tp*pp={tp * pp}")
     bad = {n: s for n, s in spares.items() if s < 1}
@@ -123,23 +160,37 @@ def spec_topology(job_id: str, nodes: dict[str, list[int]], tp: int = 1, pp: int
     for node_id, hosted in nodes.items():
         for local, r in enumerate(hosted):
             tp_i, pp_i, dp_i = r % tp, (r // tp) % pp, r // (tp * pp)
-            ranks.append(RankRecord(rank=r, node_id=node_id, local_rank=local, shard_id=pp_i * tp + tp_i,
-                                    dp=dp_i, tp=tp_i, pp=pp_i))
-    node_recs = [NodeRecord(node_id=n, role=NodeRole.ACTIVE, ranks=tuple(rs), labels=labels.get(n, {}))
-                 for n, rs in nodes.items()]
-    node_recs += [NodeRecord(node_id=n, role=NodeRole.SPARE, standby_slots=s, labels=labels.get(n, {}))
-                  for n, s in spares.items()]
-    return JobSnapshot(job_id=job_id, generation=0, committed_step=-1, world_size=world,
-                       dp=world // (tp * pp), tp=tp, pp=pp, ranks=tuple(sorted(ranks, key=lambda r: r.rank)),
-                       nodes=tuple(node_recs))
+            ranks.append(
+                RankRecord(
+                    rank=r, node_id=node_id, local_rank=local, shard_id=pp_i * tp + tp_i, dp=dp_i, tp=tp_i, pp=pp_i
+                )
+            )
+    node_recs = [
+        NodeRecord(node_id=n, role=NodeRole.ACTIVE, ranks=tuple(rs), labels=labels.get(n, {}))
+        for n, rs in nodes.items()
+    ]
+    node_recs += [
+        NodeRecord(node_id=n, role=NodeRole.SPARE, standby_slots=s, labels=labels.get(n, {})) for n, s in spares.items()
+    ]
+    return JobSnapshot(
+        job_id=job_id,
+        generation=0,
+        committed_step=-1,
+        world_size=world,
+        dp=world // (tp * pp),
+        tp=tp,
+        pp=pp,
+        ranks=tuple(sorted(ranks, key=lambda r: r.rank)),
+        nodes=tuple(node_recs),
+    )
 
 
 # ---------------------------------------------------------------- operators' node changes
 # Pure: the current record (None = unknown node) -> the new one, or ValueError saying why not.
 # Registry.change_node writes the result by compare-and-set.
 
-def as_spare(cur: NodeRecord | None, node_id: str, capacity: int,
-             labels: dict[str, str] | None = None) -> NodeRecord:
+
+def as_spare(cur: NodeRecord | None, node_id: str, capacity: int, labels: dict[str, str] | None = None) -> NodeRecord:
     """`node add-spare`: a new node joins the standby pool (or a spare's capacity changes)."""
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1 (standby slots), got {capacity}")
@@ -161,8 +212,10 @@ def as_quarantined(cur: NodeRecord | None, node_id: str) -> NodeRecord:
     if cur is None:
         raise ValueError(f"{node_id} is not a node of the job")
     if cur.ranks:
-        raise ValueError(f"{node_id} hosts ranks {list(cur.ranks)}: only a node without ranks (a spare, or one "
-                         "the job already moved off) can be quarantined by hand")
+        raise ValueError(
+            f"{node_id} hosts ranks {list(cur.ranks)}: only a node without ranks (a spare, or one "
+            "the job already moved off) can be quarantined by hand"
+        )
     return cur.model_copy(update={"role": NodeRole.QUARANTINED})
 
 

@@ -19,9 +19,11 @@ from flashrecovery.shared.stack import Stack, start_stack
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    s = start_stack(tmp_path_factory.mktemp("stack"),
-                    kafka_bootstrap=os.environ.get("FLASHRECOVERY_TEST_KAFKA"),
-                    redis_url=os.environ.get("FLASHRECOVERY_TEST_REDIS"))
+    s = start_stack(
+        tmp_path_factory.mktemp("stack"),
+        kafka_bootstrap=os.environ.get("FLASHRECOVERY_TEST_KAFKA"),
+        redis_url=os.environ.get("FLASHRECOVERY_TEST_REDIS"),
+    )
     yield s
     s.stop()
 
@@ -38,9 +40,12 @@ def job_id(namespace: str) -> str:
 
 @pytest.fixture
 def settings(stack: Stack, namespace: str, job_id: str) -> Settings:
-    return Settings(job_id=job_id, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                    bus=BusSettings(topic_namespace=namespace, telemetry_partitions=4,
-                                    control_partitions=1, linger_ms=0))
+    return Settings(
+        job_id=job_id,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        bus=BusSettings(topic_namespace=namespace, telemetry_partitions=4, control_partitions=1, linger_ms=0),
+    )
 
 
 @pytest_asyncio.fixture

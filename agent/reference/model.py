@@ -90,8 +90,9 @@ def _shard(full: torch.Tensor, dim: int, tp: int, idx: int) -> nn.Parameter:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int, tp_index: int, comm: Comm, rng: StepRNG,
-                 gen: torch.Generator) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tp: int, tp_index: int, comm: Comm, rng: StepRNG, gen: torch.Generator
+    ) -> None:
         super().__init__()
         d, h = cfg.d_model, cfg.n_heads
         assert h % tp == 0, "heads must split across tp"
@@ -142,12 +143,10 @@ class TPGPT(nn.Module):
         self.rng = StepRNG()
         self.tok = nn.Parameter(torch.randn(cfg.vocab, cfg.d_model, generator=gen) * 0.02)
         self.pos = nn.Parameter(torch.randn(cfg.seq, cfg.d_model, generator=gen) * 0.01)
-        self.blocks = nn.ModuleList(
-            Block(cfg, tp, tp_index, comm, self.rng, gen) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, tp, tp_index, comm, self.rng, gen) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Parameter(torch.randn(cfg.vocab, cfg.d_model, generator=gen) * 0.02)
-        self.register_buffer("mask", torch.ones(cfg.seq, cfg.seq, dtype=torch.bool).triu(1),
-                             persistent=False)
+        self.register_buffer("mask", torch.ones(cfg.seq, cfg.seq, dtype=torch.bool).triu(1), persistent=False)
         # Training state that is not a parameter: an EMA of the (pre-clip) norm of the reduced
         # gradients, updated once per applied step. Identical on every dp replica of a tp shard
         # (it is computed after the gradient sync), so a replaced rank receives it from one.
@@ -163,12 +162,12 @@ class TPGPT(nn.Module):
         for b in self.blocks:
             x = b(x, self.mask[:T, :T])
         logits = self.ln_f(x) @ self.head.t()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 targets.reshape(-1))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def batch(seed: int, step: int, dp_index: int, micro_batch: int, cfg: ModelConfig,
-          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    seed: int, step: int, dp_index: int, micro_batch: int, cfg: ModelConfig, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic synthetic tokens for (seed, step, dp_index): the data position is the step.
 
     Sequences follow a noisy affine rule over the vocabulary so the loss can go down.

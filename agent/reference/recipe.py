@@ -22,11 +22,13 @@ OPTIMIZERS = ("adamw", "sgd")
 
 def lr_factor(warmup: int, total: int):
     """Linear warmup over ``warmup`` steps, then cosine decay to 10 % at step ``total``."""
+
     def f(n: int) -> float:  # n = optimizer steps applied so far
         if n < warmup:
             return (n + 1) / warmup
         progress = min(1.0, (n - warmup) / max(1, total - warmup))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     return f  # a plain function: LambdaLR.state_dict() stores None for it, nothing unpicklable
 
 
@@ -56,8 +58,7 @@ class Recipe:
 
 def build_recipe(model: torch.nn.Module, args: argparse.Namespace) -> Recipe:
     if args.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
-                                                       weight_decay=0.01)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     elif args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     else:

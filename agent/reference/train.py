@@ -21,7 +21,7 @@ import torch
 
 from ..agent import RecoveryAgent
 from ..transfer import state_digest
-from .model import ModelConfig, TPGPT, batch
+from .model import TPGPT, ModelConfig, batch
 from .recipe import OPTIMIZERS, build_recipe
 
 
@@ -38,12 +38,11 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                   help="adamw (weight decay 0.01) or sgd (momentum 0.9)")
-    p.add_argument("--warmup-steps", type=int, default=5,
-                   help="linear LR warmup, then cosine decay to 10%% at --steps")
-    p.add_argument("--clip-grad", type=float, default=1.0,
-                   help="max gradient norm per tp shard (0: no clipping)")
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw (weight decay 0.01) or sgd (momentum 0.9)"
+    )
+    p.add_argument("--warmup-steps", type=int, default=5, help="linear LR warmup, then cosine decay to 10%% at --steps")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm per tp shard (0: no clipping)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
 
@@ -54,14 +53,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_job_args(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="directory for rank{r}.pt final state dumps")
-    p.add_argument("--progress", default=None,
-                   help="rank 0 appends '0 <step> <wall time>' per committed step (benchmarks)")
+    p.add_argument(
+        "--progress", default=None, help="rank 0 appends '0 <step> <wall time>' per committed step (benchmarks)"
+    )
     # Fault-free irregularities that a detector must not mistake for a hang.
-    p.add_argument("--slow-step", type=_slow_step, default=None, metavar="STEP:SECONDS:RANK",
-                   help="rank RANK spends SECONDS more inside step STEP (its peers wait for it in "
-                        "the gradient allreduce)")
-    p.add_argument("--long-phase", type=_long_phase, default=None, metavar="STEP:SECONDS",
-                   help="after step STEP every rank declares an 'eval' phase and spends SECONDS in it")
+    p.add_argument(
+        "--slow-step",
+        type=_slow_step,
+        default=None,
+        metavar="STEP:SECONDS:RANK",
+        help="rank RANK spends SECONDS more inside step STEP (its peers wait for it in the gradient allreduce)",
+    )
+    p.add_argument(
+        "--long-phase",
+        type=_long_phase,
+        default=None,
+        metavar="STEP:SECONDS",
+        help="after step STEP every rank declares an 'eval' phase and spends SECONDS in it",
+    )
     return p.parse_args(argv)
 
 
@@ -82,8 +91,14 @@ def main(argv: list[str] | None = None) -> None:
         # bitwise reproducibility on the GPU (embedding backward accumulates with atomics else)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    cfg = ModelConfig(vocab=args.vocab, d_model=args.d_model, n_heads=args.heads,
-                      n_layers=args.layers, seq=args.seq, dropout=args.dropout)
+    cfg = ModelConfig(
+        vocab=args.vocab,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        n_layers=args.layers,
+        seq=args.seq,
+        dropout=args.dropout,
+    )
 
     agent = RecoveryAgent.from_env(tp=args.tp)
     # A standby does not know its rank yet: shapes do not depend on it, values are replaced by
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             if progress is not None:
                 progress.write(f"0 {step - 1} {time.time():.6f}\n")
                 progress.flush()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - recover() decides: a peer's fault or re-raise
             step = agent.recover(exc)
         if args.long_phase and args.long_phase[0] == step - 1:
             # declared with headroom, as a user would for an evaluation of known length
@@ -131,10 +146,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"rank{agent.rank}.pt")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "stateful": {k: v.state_dict() for k, v in stateful.items()},
-                    "step": agent.applied_step, "digest": digest, "pid": os.getpid(),
-                    "recoveries": agent.recoveries}, path + ".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "stateful": {k: v.state_dict() for k, v in stateful.items()},
+                "step": agent.applied_step,
+                "digest": digest,
+                "pid": os.getpid(),
+                "recoveries": agent.recoveries,
+            },
+            path + ".tmp",
+        )
         os.replace(path + ".tmp", path)
     agent.finish(digest)
 

@@ -1,6 +1,6 @@
 """A small DDP MLP as a torchrun user writes it, made recoverable (`diff train_plain.py train.py`).
 
-    flashrecovery run --standalone --nproc-per-node 4 train.py --steps 40 --out /tmp/mlp
+flashrecovery run --standalone --nproc-per-node 4 train.py --steps 40 --out /tmp/mlp
 """
 
 import argparse
@@ -35,8 +35,9 @@ def main() -> None:
     rank = dist.get_rank()
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(),
-                              torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1)
+    )
     model = agent.ddp(net)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)
@@ -57,9 +58,16 @@ def main() -> None:
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "step": args.steps, "pid": os.getpid()},
-                   os.path.join(args.out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": args.steps,
+                "pid": os.getpid(),
+            },
+            os.path.join(args.out, f"rank{rank}.pt"),
+        )
     dist.destroy_process_group()
 
 

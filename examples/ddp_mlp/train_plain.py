@@ -1,6 +1,6 @@
 """A small DDP MLP as a torchrun user writes it (train.py beside it: the same, recoverable).
 
-    torchrun --standalone --nproc-per-node 4 train_plain.py --steps 40 --out /tmp/mlp
+torchrun --standalone --nproc-per-node 4 train_plain.py --steps 40 --out /tmp/mlp
 """
 
 import argparse
@@ -35,8 +35,9 @@ def main() -> None:
     rank = dist.get_rank()
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(),
-                              torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1)
+    )
     model = DDP(net)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)
@@ -58,9 +59,16 @@ def main() -> None:
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "step": args.steps, "pid": os.getpid()},
-                   os.path.join(args.out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": args.steps,
+                "pid": os.getpid(),
+            },
+            os.path.join(args.out, f"rank{rank}.pt"),
+        )
     dist.destroy_process_group()
 
 

@@ -37,8 +37,9 @@ class _SumOverTP(torch.autograd.Function):
 
 
 class TPMLP(torch.nn.Module):
-    def __init__(self, d_in: int, hidden: int, d_out: int, tp: int, tp_index: int,
-                 group: dist.ProcessGroup, seed: int) -> None:
+    def __init__(
+        self, d_in: int, hidden: int, d_out: int, tp: int, tp_index: int, group: dist.ProcessGroup, seed: int
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)  # the full layers, then this rank's shard
         w1 = torch.randn(hidden, d_in, generator=g) / math.sqrt(d_in)
@@ -83,8 +84,9 @@ def main() -> None:
     model = agent.ddp(net)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup, total = args.warmup, args.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, n / total)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda n: min(1.0, (n + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, n / total))))
+    )
     agent.register(model, opt, scheduler=sched)
     batches = agent.batches(make_dataset(4096, 32, args.seed), args.batch_size)
 
@@ -103,9 +105,15 @@ def main() -> None:
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "pid": os.getpid()},
-                   os.path.join(args.out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "pid": os.getpid(),
+            },
+            os.path.join(args.out, f"rank{rank}.pt"),
+        )
     dist.destroy_process_group()
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import flashrecovery.agent as fr
-from flashrecovery.agent.reference.model import ModelConfig, TPGPT, batch
+from flashrecovery.agent.reference.model import TPGPT, ModelConfig, batch
 from flashrecovery.agent.reference.recipe import OPTIMIZERS, build_recipe
 
 
@@ -70,10 +70,16 @@ def main() -> None:
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "stateful": {"scheduler": recipe.scheduler.state_dict()},
-                    "step": args.steps, "pid": os.getpid()},
-                   os.path.join(args.out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "stateful": {"scheduler": recipe.scheduler.state_dict()},
+                "step": args.steps,
+                "pid": os.getpid(),
+            },
+            os.path.join(args.out, f"rank{rank}.pt"),
+        )
     dist.destroy_process_group()
 
 

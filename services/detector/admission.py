@@ -11,6 +11,7 @@ from typing import Any
 class Topology:
     """What the registry says a job is, as far as telemetry may claim it: the detector checks
     every heartbeat, exit and log line against it before the event changes any state (admit)."""
+
     job_id: str
     generation: int
     world_size: int  # ranks are 0 .. world_size - 1

@@ -9,11 +9,11 @@ import dataclasses
 import time
 from typing import Any
 
-from flashrecovery.shared import metrics as M
-from flashrecovery.shared import topics as T
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
+from flashrecovery.shared import metrics as M
+from flashrecovery.shared import topics as T
 from flashrecovery.shared.bus import Consumer, Producer, topic_name
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
@@ -48,8 +48,13 @@ class ReceiveClock:
 
 
 class DetectorService:
-    def __init__(self, settings: Settings, instance: str | None = None,
-                 clock: ReceiveClock | None = None, peer_incidents: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        instance: str | None = None,
+        clock: ReceiveClock | None = None,
+        peer_incidents: bool = True,
+    ) -> None:
         self.settings = settings
         # FLASHRECOVERY_INSTANCE names it, like every other service: its liveness key is
         # alive:detector:<instance> (scaled out, give each replica its own, e.g. the pod name).
@@ -93,23 +98,37 @@ class DetectorService:
             raise ValueError("kafka_bootstrap is not set")
         self._producer = Producer(s.kafka_bootstrap, s.bus, client_id=f"detector-{self.instance}")
         await self._producer.start()
-        self._consumer = Consumer(s.kafka_bootstrap, s.bus, [T.HEARTBEATS, T.WORKER_EVENTS], self.group_id,
-                                  self._handle_one, self._producer, "detector",
-                                  batch_handler=self._handle_batch)
+        self._consumer = Consumer(
+            s.kafka_bootstrap,
+            s.bus,
+            [T.HEARTBEATS, T.WORKER_EVENTS],
+            self.group_id,
+            self._handle_one,
+            self._producer,
+            "detector",
+            batch_handler=self._handle_batch,
+        )
         await self._consumer.start()
         if self._peer_incidents:
             await self._start_peer_reader()
         if s.redis_url:
             self._registry = Registry.from_url(s.redis_url, s.job_id)
             await self._read_topology()
-        self.log.info("detector_started", job_id=s.job_id, group=self.group_id,
-                      signatures=len(self.cfg.catalog or ()))
+        self.log.info("detector_started", job_id=s.job_id, group=self.group_id, signatures=len(self.cfg.catalog or ()))
 
     async def _start_peer_reader(self) -> None:
         s = self.settings
         assert self._producer is not None
-        self._peers = Consumer(s.kafka_bootstrap, s.bus, [T.INCIDENTS], None, self._handle_peer,
-                               self._producer, "detector-peers", dead_letters=False)
+        self._peers = Consumer(
+            s.kafka_bootstrap,
+            s.bus,
+            [T.INCIDENTS],
+            None,
+            self._handle_peer,
+            self._producer,
+            "detector-peers",
+            dead_letters=False,
+        )
         await self._peers.start()
         since_ms = int((time.time() - PEER_LOOKBACK_S) * 1000)
         try:
@@ -124,10 +143,12 @@ class DetectorService:
 
     async def run(self) -> None:
         assert self._consumer is not None, "start() first"
-        tasks = [asyncio.create_task(self._consumer.run(), name="detector-consume"),
-                 asyncio.create_task(self._tick_loop(), name="detector-tick"),
-                 asyncio.create_task(self._liveness_loop(), name="detector-liveness"),
-                 asyncio.create_task(self._topology_loop(), name="detector-topology")]
+        tasks = [
+            asyncio.create_task(self._consumer.run(), name="detector-consume"),
+            asyncio.create_task(self._tick_loop(), name="detector-tick"),
+            asyncio.create_task(self._liveness_loop(), name="detector-liveness"),
+            asyncio.create_task(self._topology_loop(), name="detector-topology"),
+        ]
         if self._peers is not None:
             tasks.append(asyncio.create_task(self._peers.run(), name="detector-peers"))
         try:
@@ -190,8 +211,7 @@ class DetectorService:
             try:
                 _, ds = core.observe(self.state, event, now, self.cfg)
             except Exception as exc:  # noqa: BLE001 - one bad event must not stop the detector
-                self.log.warning("observe_failed", error=repr(exc), topic=record.topic,
-                                 offset=record.offset)
+                self.log.warning("observe_failed", error=repr(exc), topic=record.topic, offset=record.offset)
                 assert self._producer is not None
                 await self._producer.dead_letter(record, f"detector failed: {exc!r}", "detector")
                 continue
@@ -205,8 +225,14 @@ class DetectorService:
         self.refused += 1
         self.state.count("untrusted_events")
         if self.refused <= 10 or self.refused & (self.refused - 1) == 0:  # 1..10, then powers of 2
-            self.log.warning("event_refused", reason=why, kind=getattr(event, "kind", None),
-                             topic=record.topic, offset=record.offset, refused=self.refused)
+            self.log.warning(
+                "event_refused",
+                reason=why,
+                kind=getattr(event, "kind", None),
+                topic=record.topic,
+                offset=record.offset,
+                refused=self.refused,
+            )
         assert self._producer is not None
         await self._producer.dead_letter(record, f"untrusted: {why}", "detector")
 
@@ -227,8 +253,7 @@ class DetectorService:
         except Exception as exc:  # noqa: BLE001 - temporary; checked against the last view meanwhile
             self.log.warning("topology_read_failed", error=repr(exc))
             return
-        self.topology = core.Topology(job_id=self.settings.job_id, generation=gen, world_size=world,
-                                      nodes=nodes)
+        self.topology = core.Topology(job_id=self.settings.job_id, generation=gen, world_size=world, nodes=nodes)
 
     async def _topology_loop(self) -> None:
         while not self._stop.is_set():
@@ -236,7 +261,7 @@ class DetectorService:
                 await self._read_topology()
             try:
                 await asyncio.wait_for(self._stop.wait(), TOPOLOGY_POLL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _handle_peer(self, event: Any, record: Any) -> None:
@@ -277,8 +302,9 @@ class DetectorService:
         self._handover = (self._handover & owned) | newly
         self._handover_nodes = None
         self._handover_at = self.clock()
-        self.log.info("partitions_assigned", partitions=sorted(owned), released_nodes=released,
-                      new_partitions=sorted(newly))
+        self.log.info(
+            "partitions_assigned", partitions=sorted(owned), released_nodes=released, new_partitions=sorted(newly)
+        )
 
     async def _seed_handover(self) -> None:
         """Nodes on partitions taken over from another instance (the group had committed
@@ -294,8 +320,9 @@ class DetectorService:
             try:
                 assert self._consumer is not None
                 c = self._consumer._c  # see _check_ownership: bus has no hook for this
-                handed = [p for p in parts
-                          if await asyncio.wait_for(c.committed(TopicPartition(hb, p)), 2.0) is not None]
+                handed = [
+                    p for p in parts if await asyncio.wait_for(c.committed(TopicPartition(hb, p)), 2.0) is not None
+                ]
                 snap = await asyncio.wait_for(self._registry.snapshot(), 2.0) if handed else None
             except LookupError:
                 snap, handed = None, []  # no topology for the job: nothing to expect
@@ -307,18 +334,21 @@ class DetectorService:
         if not self._handover_nodes:
             self._handover.clear()
             return
-        seeded = core.expect_nodes(self.state, self.settings.job_id, self._handover_nodes,
-                                   self.clock(), self.cfg)
+        seeded = core.expect_nodes(self.state, self.settings.job_id, self._handover_nodes, self.clock(), self.cfg)
         if seeded is None and self.clock() - self._handover_at < HANDOVER_PATIENCE_S:
             return  # the job is not heard here yet: try again next tick
-        self.log.info("handover_nodes_expected", job_id=self.settings.job_id, partitions=parts,
-                      candidates=len(self._handover_nodes), seeded=seeded or 0,
-                      reason="seeded" if seeded is not None else "job not heard: nothing expected")
+        self.log.info(
+            "handover_nodes_expected",
+            job_id=self.settings.job_id,
+            partitions=parts,
+            candidates=len(self._handover_nodes),
+            seeded=seeded or 0,
+            reason="seeded" if seeded is not None else "job not heard: nothing expected",
+        )
         self._handover.clear()
         self._handover_nodes = None
 
-    def _handover_candidates(self, snap: Any,
-                             parts: set[int]) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+    def _handover_candidates(self, snap: Any, parts: set[int]) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
         """Active nodes of the registry topology that hold ranks and key onto `parts`."""
         partitions = list(range(self.settings.bus.telemetry_partitions))
         local = {r.rank: r.local_rank for r in snap.ranks}
@@ -358,7 +388,7 @@ class DetectorService:
                 await self._publish(decisions)
             try:
                 await asyncio.wait_for(self._stop.wait(), TICK_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _liveness_loop(self) -> None:
@@ -370,15 +400,20 @@ class DetectorService:
                     self.log.warning("liveness_failed", error=repr(exc))
             try:
                 await asyncio.wait_for(self._stop.wait(), LIVENESS_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _publish(self, decisions: list[core.Decision]) -> None:
         assert self._producer is not None
         for d in decisions:
-            fields = dict(job_id=d.job_id, generation=d.generation, reason=d.reason,
-                          incident_id=d.incident_id, node_id=d.node_id,
-                          fault_class=d.fault_class.value if d.fault_class else None)
+            fields = dict(
+                job_id=d.job_id,
+                generation=d.generation,
+                reason=d.reason,
+                incident_id=d.incident_id,
+                node_id=d.node_id,
+                fault_class=d.fault_class.value if d.fault_class else None,
+            )
             if d.kind == "noted":  # a peer's incident is a known root cause here
                 self.log.info("peer_incident", **fields)
                 continue
@@ -388,12 +423,20 @@ class DetectorService:
             if d.kind == "incident":
                 inc = d.event
                 await self._producer.publish(inc, wait=True)
-                self.log.info("incident", action=inc.action.value, nodes=list(inc.root_cause_nodes),
-                              ranks=list(inc.root_cause_ranks), confidence=inc.confidence,
-                              symptoms=inc.symptoms_attributed,
-                              latency_s=round(inc.detected_at - inc.first_seen_at, 3), **fields)
+                self.log.info(
+                    "incident",
+                    action=inc.action.value,
+                    nodes=list(inc.root_cause_nodes),
+                    ranks=list(inc.root_cause_ranks),
+                    confidence=inc.confidence,
+                    symptoms=inc.symptoms_attributed,
+                    latency_s=round(inc.detected_at - inc.first_seen_at, 3),
+                    **fields,
+                )
                 M.INCIDENTS.labels(M.label(inc.fault_class), M.label(inc.action)).inc()
-                M.DETECTION_LATENCY.labels(M.label(inc.fault_class)).observe(max(0.0, inc.detected_at - inc.first_seen_at))
+                M.DETECTION_LATENCY.labels(M.label(inc.fault_class)).observe(
+                    max(0.0, inc.detected_at - inc.first_seen_at)
+                )
             else:
                 await self._producer.publish(d.event)
                 self.log.info(d.kind, **fields)
@@ -416,8 +459,7 @@ async def main(settings: Settings) -> None:
     stack = None
     if not settings.kafka_bootstrap or not settings.redis_url:
         stack = start_stack(Path(settings.runtime_dir), settings.kafka_bootstrap, settings.redis_url)
-        settings = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap,
-                                               "redis_url": stack.redis_url})
+        settings = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url})
     try:
         await ensure_topics(settings.kafka_bootstrap, settings.bus)
         service = DetectorService(settings)

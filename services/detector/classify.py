@@ -46,8 +46,9 @@ def observe(state: DetectorState, event: Any, now: float, cfg: Config) -> tuple[
     return state, out
 
 
-def _on_heartbeat(state: DetectorState, job: JobState, hb: NodeHeartbeat, now: float, cfg: Config,
-                  out: list[Decision]) -> None:
+def _on_heartbeat(
+    state: DetectorState, job: JobState, hb: NodeHeartbeat, now: float, cfg: Config, out: list[Decision]
+) -> None:
     node = job.node(hb.node_id)
     if hb.seq <= node.seq:
         # Redelivered or reordered. A much lower seq after a silence is a restarted sidecar whose
@@ -65,8 +66,7 @@ def _on_heartbeat(state: DetectorState, job: JobState, hb: NodeHeartbeat, now: f
     job.lost_after[i] = interval * cfg.heartbeat_misses
     if node.lost:
         node.lost = False
-        out.append(Decision("dropped", job.job_id, job.generation, "node heartbeats again",
-                            node_id=node.node_id))
+        out.append(Decision("dropped", job.job_id, job.generation, "node heartbeats again", node_id=node.node_id))
     if hb.generation > job.generation:
         advance(job, hb.generation, now, out)
     elif hb.generation < job.generation:
@@ -76,15 +76,23 @@ def _on_heartbeat(state: DetectorState, job: JobState, hb: NodeHeartbeat, now: f
         job.due[node.idx] = INF
         if node.dropped_gen != hb.generation:
             node.dropped_gen = hb.generation
-            out.append(Decision("dropped", job.job_id, job.generation,
-                                f"heartbeat from old generation {hb.generation}", node_id=node.node_id))
+            out.append(
+                Decision(
+                    "dropped",
+                    job.job_id,
+                    job.generation,
+                    f"heartbeat from old generation {hb.generation}",
+                    node_id=node.node_id,
+                )
+            )
         return
     node.role = hb.role
     _update_ranks(job, node, hb, now, cfg, out)
 
 
-def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, cfg: Config,
-                  out: list[Decision]) -> None:
+def _update_ranks(
+    job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, cfg: Config, out: list[Decision]
+) -> None:
     # The hot path (every rank of every beat): locals only, no enum hashing, no numpy scalars
     # per rank.
     due = INF
@@ -163,35 +171,78 @@ def _update_ranks(job: JobState, node: NodeView, hb: NodeHeartbeat, now: float, 
     job.watch[i] = live and node.role is NodeRole.ACTIVE
 
 
-def _unanswered_pause(job: JobState, node: NodeView, rv: RankView, now: float, cfg: Config,
-                      out: list[Decision]) -> None:
+def _unanswered_pause(
+    job: JobState, node: NodeView, rv: RankView, now: float, cfg: Config, out: list[Decision]
+) -> None:
     """The sidecar marked a survivor HUNG: it did not confirm a pause within its deadline. It
     cannot take part in the rebuild, so it is the root cause of a hang of its own, restarted by
     the plan that supersedes the one waiting for it (its kill list SIGKILLs it by PID)."""
     if rv.rank is None:
         return
     gen = job.generation
-    ev = Evidence(source="node_heartbeat", node_id=node.node_id, rank=rv.rank,
-                  detail=f"rank {rv.rank} did not answer the pause of generation {gen} within the "
-                         f"sidecar's deadline (last step {rv.step})", observed_at=now)
+    ev = Evidence(
+        source="node_heartbeat",
+        node_id=node.node_id,
+        rank=rv.rank,
+        detail=f"rank {rv.rank} did not answer the pause of generation {gen} within the "
+        f"sidecar's deadline (last step {rv.step})",
+        observed_at=now,
+    )
     cover = restarting(job, gen, node.node_id, rv.rank)
     if cover is not None:
         join(cover, ev, out, "unanswered pause of a rank already being restarted")
         return
-    emit_root(job, FaultClass.HANG, RepairAction.RESTART_PROCESS, node.node_id, (rv.rank,), now,
-               [ev], 1.0, f"rank {rv.rank} on {node.node_id} did not answer the pause of generation "
-               f"{gen} in time: hung, restarted", now, cfg, out)
+    emit_root(
+        job,
+        FaultClass.HANG,
+        RepairAction.RESTART_PROCESS,
+        node.node_id,
+        (rv.rank,),
+        now,
+        [ev],
+        1.0,
+        f"rank {rv.rank} on {node.node_id} did not answer the pause of generation {gen} in time: hung, restarted",
+        now,
+        cfg,
+        out,
+    )
 
 
-def _degradation(job: JobState, node: NodeView, rank: int, t: float, median: float, count: int,
-                 now: float, cfg: Config, out: list[Decision]) -> None:
-    reason = (f"rank {rank} step time {t:.3f}s > {cfg.straggler_factor:g} x median "
-              f"{median:.3f}s for {count} beats")
-    deg = Degradation(job_id=job.job_id, generation=job.generation, emitted_at=now,
-                      producer=cfg.producer, node_id=node.node_id, rank=rank, step_time_s=t,
-                      median_step_time_s=median, consecutive=count, reason=reason)
-    out.append(Decision("degradation", job.job_id, job.generation, reason, event=deg,
-                        fault_class=FaultClass.STRAGGLER, node_id=node.node_id))
+def _degradation(
+    job: JobState,
+    node: NodeView,
+    rank: int,
+    t: float,
+    median: float,
+    count: int,
+    now: float,
+    cfg: Config,
+    out: list[Decision],
+) -> None:
+    reason = f"rank {rank} step time {t:.3f}s > {cfg.straggler_factor:g} x median {median:.3f}s for {count} beats"
+    deg = Degradation(
+        job_id=job.job_id,
+        generation=job.generation,
+        emitted_at=now,
+        producer=cfg.producer,
+        node_id=node.node_id,
+        rank=rank,
+        step_time_s=t,
+        median_step_time_s=median,
+        consecutive=count,
+        reason=reason,
+    )
+    out.append(
+        Decision(
+            "degradation",
+            job.job_id,
+            job.generation,
+            reason,
+            event=deg,
+            fault_class=FaultClass.STRAGGLER,
+            node_id=node.node_id,
+        )
+    )
 
 
 def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[Decision]) -> None:
@@ -203,8 +254,13 @@ def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[D
     if ev.expected:
         return
     how = f"signal {ev.signal}" if ev.signal is not None else f"exit code {ev.exit_code}"
-    evidence = Evidence(source="worker_exit", node_id=ev.node_id, rank=ev.rank,
-                        detail=f"rank {ev.rank} pid {ev.pid} {how} at step {ev.step}", observed_at=now)
+    evidence = Evidence(
+        source="worker_exit",
+        node_id=ev.node_id,
+        rank=ev.rank,
+        detail=f"rank {ev.rank} pid {ev.pid} {how} at step {ev.step}",
+        observed_at=now,
+    )
     gen = ev.generation
     if not evidence_gen(job, gen, now, out):
         late_evidence(job, gen, ev.node_id, ev.rank, evidence, now, cfg, out, dead=True)
@@ -220,22 +276,43 @@ def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[D
     key = (ev.node_id, ev.rank)
     header = job.headers.pop(key, None)
     if header is not None:
-        emit_root(job, FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS, ev.node_id,
-                   ranks_of(ev.rank), header[0], [header[1], evidence], 0.9,
-                   f"rank {ev.rank} exited ({how}) after a Python traceback", now, cfg, out)
+        emit_root(
+            job,
+            FaultClass.SOFTWARE,
+            RepairAction.RESTART_PROCESS,
+            ev.node_id,
+            ranks_of(ev.rank),
+            header[0],
+            [header[1], evidence],
+            0.9,
+            f"rank {ev.rank} exited ({how}) after a Python traceback",
+            now,
+            cfg,
+            out,
+        )
         return
     comm_t = job.comm_recent.get(key)
     if comm_t is not None and now - comm_t <= cfg.correlation_window_s:
         hold_symptom(job, Symptom(now, ev.node_id, ev.rank, gen, evidence, is_exit=True), now, cfg, out)
         return
-    emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, ev.node_id,
-               ranks_of(ev.rank), now, [evidence], 1.0, f"rank {ev.rank} on {ev.node_id} died ({how})",
-               now, cfg, out)
+    emit_root(
+        job,
+        FaultClass.PROCESS_CRASH,
+        RepairAction.RESTART_PROCESS,
+        ev.node_id,
+        ranks_of(ev.rank),
+        now,
+        [evidence],
+        1.0,
+        f"rank {ev.rank} on {ev.node_id} died ({how})",
+        now,
+        cfg,
+        out,
+    )
 
 
 def _on_log(job: JobState, ev: LogEvent, sig: Any, now: float, cfg: Config, out: list[Decision]) -> None:
-    evidence = Evidence(source=f"log:{sig.id}", node_id=ev.node_id, rank=ev.rank,
-                        detail=ev.line[:300], observed_at=now)
+    evidence = Evidence(source=f"log:{sig.id}", node_id=ev.node_id, rank=ev.rank, detail=ev.line[:300], observed_at=now)
     gen = ev.generation
     if not evidence_gen(job, gen, now, out):
         late_evidence(job, gen, ev.node_id, ev.rank, evidence, now, cfg, out)
@@ -258,5 +335,17 @@ def _on_log(job: JobState, ev: LogEvent, sig: Any, now: float, cfg: Config, out:
         return
     first = header[0] if header is not None else now
     evid = [header[1], evidence] if header is not None else [evidence]
-    emit_root(job, sig.fault_class, sig.action, ev.node_id, ranks_of(ev.rank), first, evid, 1.0,
-               f"rank {ev.rank} on {ev.node_id}: signature {sig.id}", now, cfg, out)
+    emit_root(
+        job,
+        sig.fault_class,
+        sig.action,
+        ev.node_id,
+        ranks_of(ev.rank),
+        first,
+        evid,
+        1.0,
+        f"rank {ev.rank} on {ev.node_id}: signature {sig.id}",
+        now,
+        cfg,
+        out,
+    )

@@ -43,8 +43,9 @@ class Config:
 
     @classmethod
     def from_settings(cls, s: DetectorSettings, producer: str = "detector") -> Config:
-        return cls(**{f: getattr(s, f) for f in _FROM_SETTINGS},
-                   catalog=load_catalog(s.signatures_path), producer=producer)
+        return cls(
+            **{f: getattr(s, f) for f in _FROM_SETTINGS}, catalog=load_catalog(s.signatures_path), producer=producer
+        )
 
     @property
     def long_phase_default_s(self) -> float:
@@ -57,6 +58,7 @@ class Decision:
     """What the detector decided and why. kind: incident | degradation (event set: publish it),
     joined (evidence added to an incident already out), noted (a peer instance's incident is now
     a known root cause here) or dropped (input ignored)."""
+
     kind: str
     job_id: str
     generation: int
@@ -67,9 +69,11 @@ class Decision:
     node_id: str | None = None
 
 
-def incident_id(job_id: str, generation: int, fault_class: FaultClass, nodes: tuple[str, ...],
-                ranks: tuple[int, ...]) -> str:
+def incident_id(
+    job_id: str, generation: int, fault_class: FaultClass, nodes: tuple[str, ...], ranks: tuple[int, ...]
+) -> str:
     """Deterministic: a replay or another detector instance derives the same id."""
-    text = "|".join((job_id, str(generation), fault_class.value, ",".join(sorted(nodes)),
-                     ",".join(str(r) for r in sorted(ranks))))
+    text = "|".join(
+        (job_id, str(generation), fault_class.value, ",".join(sorted(nodes)), ",".join(str(r) for r in sorted(ranks)))
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:32]

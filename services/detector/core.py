@@ -35,5 +35,16 @@ from .config import PRIOR_GENERATIONS, Config, Decision, incident_id
 from .peers import expect_nodes, observe_incident, release_nodes
 from .timers import tick
 
-__all__ = ["PRIOR_GENERATIONS", "Config", "Decision", "Topology", "admit", "expect_nodes",
-           "incident_id", "observe", "observe_incident", "release_nodes", "tick"]
+__all__ = [
+    "PRIOR_GENERATIONS",
+    "Config",
+    "Decision",
+    "Topology",
+    "admit",
+    "expect_nodes",
+    "incident_id",
+    "observe",
+    "observe_incident",
+    "release_nodes",
+    "tick",
+]

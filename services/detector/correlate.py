@@ -27,8 +27,9 @@ def advance(job: JobState, generation: int, now: float, out: list[Decision]) -> 
     job.hang_held = None
     # Kept for the late symptoms of the faults being recovered: survivors' errors about the dead
     # peer can reach us after the pause, stamped with the new generation.
-    job.prior_roots = [r for r in job.prior_roots + job.roots
-                       if generation - PRIOR_GENERATIONS <= r.generation < generation]
+    job.prior_roots = [
+        r for r in job.prior_roots + job.roots if generation - PRIOR_GENERATIONS <= r.generation < generation
+    ]
     job.advanced_at = now
     job.roots = [r for r in job.roots if r.generation >= generation]
     if job.comm_open is not None and job.comm_open.generation < generation:
@@ -37,8 +38,11 @@ def advance(job: JobState, generation: int, now: float, out: list[Decision]) -> 
         del job.by_node[key]
     for iid in [k for k, v in job.incidents.items() if v.generation < generation - 1]:
         del job.incidents[iid]
-    out.append(Decision("dropped", job.job_id, generation,
-                        f"generation {old} -> {generation}; {dropped} held symptoms dropped"))
+    out.append(
+        Decision(
+            "dropped", job.job_id, generation, f"generation {old} -> {generation}; {dropped} held symptoms dropped"
+        )
+    )
 
 
 def evidence_gen(job: JobState, gen: int, now: float, out: list[Decision]) -> bool:
@@ -48,8 +52,18 @@ def evidence_gen(job: JobState, gen: int, now: float, out: list[Decision]) -> bo
     return gen == job.generation
 
 
-def late_evidence(job: JobState, gen: int, node_id: str, rank: int | None, ev: Evidence, now: float,
-          cfg: Config, out: list[Decision], *, dead: bool = False) -> None:
+def late_evidence(
+    job: JobState,
+    gen: int,
+    node_id: str,
+    rank: int | None,
+    ev: Evidence,
+    now: float,
+    cfg: Config,
+    out: list[Decision],
+    *,
+    dead: bool = False,
+) -> None:
     """Evidence of a generation older than the job's: it joins that generation's incident of its
     node, else the root incident of that generation nearest in time. A rank that died then and
     that no incident restarts is dead now too: it becomes an incident of the current generation
@@ -57,9 +71,21 @@ def late_evidence(job: JobState, gen: int, node_id: str, rank: int | None, ev: E
     if dead and rank is not None:
         cover = restarting(job, gen, node_id, rank) or restarting(job, job.generation, node_id, rank)
         if cover is None:
-            emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, node_id, (rank,),
-                       now, [ev], 1.0, f"rank {rank} on {node_id} died in generation {gen} (reported "
-                       f"after the job moved to {job.generation}); no incident restarts it", now, cfg, out)
+            emit_root(
+                job,
+                FaultClass.PROCESS_CRASH,
+                RepairAction.RESTART_PROCESS,
+                node_id,
+                (rank,),
+                now,
+                [ev],
+                1.0,
+                f"rank {rank} on {node_id} died in generation {gen} (reported "
+                f"after the job moved to {job.generation}); no incident restarts it",
+                now,
+                cfg,
+                out,
+            )
         else:
             join(cover, ev, out, "late exit of a rank already being restarted")
         return
@@ -70,8 +96,7 @@ def late_evidence(job: JobState, gen: int, node_id: str, rank: int | None, ev: E
     if inc is not None:
         join(inc, ev, out, "late evidence from an old generation")
     else:
-        out.append(Decision("dropped", job.job_id, gen, f"{ev.source} from old generation {gen}",
-                            node_id=node_id))
+        out.append(Decision("dropped", job.job_id, gen, f"{ev.source} from old generation {gen}", node_id=node_id))
 
 
 def covers(inc: Incident, node_id: str, rank: int) -> bool:
@@ -99,17 +124,34 @@ def ranks_of(rank: int | None) -> tuple[int, ...]:
 def join(inc: Incident, ev: Evidence, out: list[Decision], reason: str) -> None:
     if len(inc.evidence) < 16:
         inc.evidence.append(ev)
-    out.append(Decision("joined", inc.job_id, inc.generation, reason, incident_id=inc.id,
-                        fault_class=inc.fault_class, node_id=ev.node_id))
+    out.append(
+        Decision(
+            "joined",
+            inc.job_id,
+            inc.generation,
+            reason,
+            incident_id=inc.id,
+            fault_class=inc.fault_class,
+            node_id=ev.node_id,
+        )
+    )
 
 
 def attribute(inc: Incident, s: Symptom, out: list[Decision], cfg: Config) -> None:
     inc.symptoms += 1
     if len(inc.evidence) < cfg.max_evidence:
         inc.evidence.append(s.evidence)
-    out.append(Decision("joined", inc.job_id, inc.generation,
-                        f"symptom attributed to {inc.fault_class.value} on {','.join(inc.nodes)}",
-                        incident_id=inc.id, fault_class=inc.fault_class, node_id=s.node_id))
+    out.append(
+        Decision(
+            "joined",
+            inc.job_id,
+            inc.generation,
+            f"symptom attributed to {inc.fault_class.value} on {','.join(inc.nodes)}",
+            incident_id=inc.id,
+            fault_class=inc.fault_class,
+            node_id=s.node_id,
+        )
+    )
 
 
 def root_for(job: JobState, s: Symptom, cfg: Config) -> Incident | None:
@@ -134,24 +176,32 @@ def hold_symptom(job: JobState, s: Symptom, now: float, cfg: Config, out: list[D
         job.pending.append(s)
 
 
-def attribute_symptom(job: JobState, root: Incident, s: Symptom, now: float, cfg: Config,
-                       out: list[Decision]) -> None:
+def attribute_symptom(job: JobState, root: Incident, s: Symptom, now: float, cfg: Config, out: list[Decision]) -> None:
     attribute(root, s, out, cfg)
     restart_dead(job, root, s, now, cfg, out)
 
 
-def restart_dead(job: JobState, root: Incident, s: Symptom, now: float, cfg: Config,
-                  out: list[Decision]) -> None:
+def restart_dead(job: JobState, root: Incident, s: Symptom, now: float, cfg: Config, out: list[Decision]) -> None:
     """A rank that exited is restarted whatever it died of. An exit explained by another root
     cause is that root's symptom, yet its process is gone: unless an incident already restarts
     it, it gets a process_crash incident of its own (else the recovery waits for it forever)."""
     if not s.is_exit or s.rank is None or restarting(job, job.generation, s.node_id, s.rank):
         return
-    emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, s.node_id, (s.rank,),
-               s.t, [s.evidence], 0.6,
-               f"rank {s.rank} on {s.node_id} exited after a communication error, a symptom of "
-               f"{root.fault_class.value} on {','.join(root.nodes)}; its process is gone: restarted too",
-               now, cfg, out)
+    emit_root(
+        job,
+        FaultClass.PROCESS_CRASH,
+        RepairAction.RESTART_PROCESS,
+        s.node_id,
+        (s.rank,),
+        s.t,
+        [s.evidence],
+        0.6,
+        f"rank {s.rank} on {s.node_id} exited after a communication error, a symptom of "
+        f"{root.fault_class.value} on {','.join(root.nodes)}; its process is gone: restarted too",
+        now,
+        cfg,
+        out,
+    )
 
 
 def prior_root(job: JobState, s: Symptom, cfg: Config) -> Incident | None:
@@ -168,15 +218,35 @@ def prior_root(job: JobState, s: Symptom, cfg: Config) -> Incident | None:
 
 def emit(job: JobState, inc: Incident, cfg: Config, out: list[Decision]) -> None:
     job.incidents[inc.id] = inc
-    out.append(Decision("incident", inc.job_id, inc.generation, inc.reason,
-                        event=inc.to_event(cfg.producer), incident_id=inc.id,
-                        fault_class=inc.fault_class, node_id=",".join(inc.nodes)))
+    out.append(
+        Decision(
+            "incident",
+            inc.job_id,
+            inc.generation,
+            inc.reason,
+            event=inc.to_event(cfg.producer),
+            incident_id=inc.id,
+            fault_class=inc.fault_class,
+            node_id=",".join(inc.nodes),
+        )
+    )
 
 
-def emit_root(job: JobState, cls: FaultClass, action: RepairAction, node_id: str | tuple[str, ...],
-               ranks: tuple[int, ...], fault_time: float, evidence: list[Any], confidence: float,
-               reason: str, now: float, cfg: Config, out: list[Decision],
-               symptoms: int = 0) -> Incident:
+def emit_root(
+    job: JobState,
+    cls: FaultClass,
+    action: RepairAction,
+    node_id: str | tuple[str, ...],
+    ranks: tuple[int, ...],
+    fault_time: float,
+    evidence: list[Any],
+    confidence: float,
+    reason: str,
+    now: float,
+    cfg: Config,
+    out: list[Decision],
+    symptoms: int = 0,
+) -> Incident:
     nodes = (node_id,) if isinstance(node_id, str) else tuple(sorted(node_id))
     gen = job.generation
     iid = incident_id(job.job_id, gen, cls, nodes, ranks)
@@ -185,9 +255,22 @@ def emit_root(job: JobState, cls: FaultClass, action: RepairAction, node_id: str
         for ev in evidence:
             join(known, ev, out, "replayed evidence")
         return known
-    inc = Incident(iid, job.job_id, gen, cls, action, nodes, tuple(sorted(ranks)), fault_time,
-                   min(fault_time, now), now, list(evidence)[: cfg.max_evidence], confidence,
-                   reason, root=True)
+    inc = Incident(
+        iid,
+        job.job_id,
+        gen,
+        cls,
+        action,
+        nodes,
+        tuple(sorted(ranks)),
+        fault_time,
+        min(fault_time, now),
+        now,
+        list(evidence)[: cfg.max_evidence],
+        confidence,
+        reason,
+        root=True,
+    )
     inc.symptoms = symptoms
     # Symptoms already held that this root explains are counted before it goes out.
     absorbed = explained(job, inc, cfg)
@@ -211,7 +294,8 @@ def explained(job: JobState, root: Incident, cfg: Config) -> list[Symptom]:
     keep: list[Symptom] = []
     for s in job.pending:
         if s.generation == root.generation and (
-                s.node_id in root.nodes or root.fault_time - cfg.correlation_window_s <= s.t):
+            s.node_id in root.nodes or root.fault_time - cfg.correlation_window_s <= s.t
+        ):
             took.append(s)
         else:
             keep.append(s)

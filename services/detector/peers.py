@@ -14,8 +14,9 @@ from .correlate import attribute_symptom, explained
 from .state import INF, DetectorState, Incident, RankView
 
 
-def observe_incident(state: DetectorState, incident: Any, now: float,
-                     cfg: Config) -> tuple[DetectorState, list[Decision]]:
+def observe_incident(
+    state: DetectorState, incident: Any, now: float, cfg: Config
+) -> tuple[DetectorState, list[Decision]]:
     """An incident published by another detector instance, read back from the incidents topic.
 
     A root incident becomes a known root cause here, exactly as if this instance had emitted it:
@@ -40,9 +41,16 @@ def observe_incident(state: DetectorState, incident: Any, now: float,
     iid = incident.incident_id
     if gen < job.generation:
         state.count("old_generation_incidents")
-        out.append(Decision("dropped", job.job_id, gen,
-                            f"incident from {incident.producer} of old generation {gen}",
-                            incident_id=iid, fault_class=incident.fault_class))
+        out.append(
+            Decision(
+                "dropped",
+                job.job_id,
+                gen,
+                f"incident from {incident.producer} of old generation {gen}",
+                incident_id=iid,
+                fault_class=incident.fault_class,
+            )
+        )
         return state, out
     if iid in job.incidents:
         state.count("duplicate_incidents")
@@ -52,10 +60,22 @@ def observe_incident(state: DetectorState, incident: Any, now: float,
     fault_time = now - took
     nodes = tuple(sorted(incident.root_cause_nodes))
     root = cls is not FaultClass.COMMUNICATION
-    inc = Incident(iid, job.job_id, gen, cls, incident.action, nodes,
-                   tuple(sorted(incident.root_cause_ranks)), fault_time, fault_time, now,
-                   list(incident.evidence)[: cfg.max_evidence], incident.confidence,
-                   incident.reason, root=root)
+    inc = Incident(
+        iid,
+        job.job_id,
+        gen,
+        cls,
+        incident.action,
+        nodes,
+        tuple(sorted(incident.root_cause_ranks)),
+        fault_time,
+        fault_time,
+        now,
+        list(incident.evidence)[: cfg.max_evidence],
+        incident.confidence,
+        incident.reason,
+        root=root,
+    )
     inc.symptoms = incident.symptoms_attributed
     inc.origin = incident.producer
     job.incidents[iid] = inc
@@ -70,10 +90,18 @@ def observe_incident(state: DetectorState, incident: Any, now: float,
             absorbed += 1
     elif gen == job.generation and job.comm_open is None:
         job.comm_open = inc
-    out.append(Decision("noted", job.job_id, gen,
-                        f"{cls.value} on {','.join(nodes)} reported by {incident.producer}; "
-                        f"{absorbed} held symptoms attributed to it", incident_id=iid,
-                        fault_class=cls, node_id=",".join(nodes)))
+    out.append(
+        Decision(
+            "noted",
+            job.job_id,
+            gen,
+            f"{cls.value} on {','.join(nodes)} reported by {incident.producer}; "
+            f"{absorbed} held symptoms attributed to it",
+            incident_id=iid,
+            fault_class=cls,
+            node_id=",".join(nodes),
+        )
+    )
     return state, out
 
 
@@ -96,9 +124,9 @@ def release_nodes(state: DetectorState, keep: Callable[[str], bool]) -> int:
     return released
 
 
-def expect_nodes(state: DetectorState, job_id: str,
-                 nodes: Iterable[tuple[str, tuple[tuple[int, int], ...]]], now: float,
-                 cfg: Config) -> int | None:
+def expect_nodes(
+    state: DetectorState, job_id: str, nodes: Iterable[tuple[str, tuple[tuple[int, int], ...]]], now: float, cfg: Config
+) -> int | None:
     """Nodes of partitions this instance took over in a rebalance, from the registry topology:
     (node id, ((rank, local rank), ...)). A node already heard of here is left alone; one never
     heard of is watched as if it had beaten at `now` (the handover), so a node that died before
@@ -107,8 +135,7 @@ def expect_nodes(state: DetectorState, job_id: str,
     quiet_factor intervals): a finished or not yet started job has nobody to expect."""
     job = state.jobs.get(job_id)
     n = 0 if job is None else len(job.by_idx)
-    if job is None or n == 0 or not bool(
-            (now - job.last_seen[:n] <= cfg.quiet_factor * job.interval[:n]).any()):
+    if job is None or n == 0 or not bool((now - job.last_seen[:n] <= cfg.quiet_factor * job.interval[:n]).any()):
         return None
     seeded = 0
     interval = cfg.heartbeat_interval_s

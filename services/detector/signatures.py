@@ -22,8 +22,7 @@ from typing import Any
 
 from flashrecovery.shared.schemas import FaultClass, RepairAction
 
-LOG_CLASSES = (FaultClass.HARDWARE, FaultClass.OUT_OF_MEMORY, FaultClass.COMMUNICATION,
-               FaultClass.SOFTWARE)
+LOG_CLASSES = (FaultClass.HARDWARE, FaultClass.OUT_OF_MEMORY, FaultClass.COMMUNICATION, FaultClass.SOFTWARE)
 SEVERITIES = ("critical", "error", "warning")
 
 
@@ -44,11 +43,13 @@ class Signature:
 class Catalog:
     def __init__(self, signatures: list[Signature]) -> None:
         order = {c: i for i, c in enumerate(LOG_CLASSES)}
-        self.signatures = tuple(sorted(
-            signatures, key=lambda s: (order[s.fault_class], SEVERITIES.index(s.severity))))
+        self.signatures = tuple(sorted(signatures, key=lambda s: (order[s.fault_class], SEVERITIES.index(s.severity))))
         # One pass over the alternation rejects the ordinary lines (almost all of them) cheaply.
-        self._any = re.compile("|".join(f"(?:{s.pattern.pattern})" for s in self.signatures),
-                               re.IGNORECASE) if self.signatures else None
+        self._any = (
+            re.compile("|".join(f"(?:{s.pattern.pattern})" for s in self.signatures), re.IGNORECASE)
+            if self.signatures
+            else None
+        )
 
     def match(self, line: str) -> Signature | None:
         if self._any is None or self._any.search(line) is None:

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashrecovery.shared.schemas import (Evidence, FaultClass, FaultIncident, NodeRole,
-                                          RankState, RepairAction)
+from flashrecovery.shared.schemas import Evidence, FaultClass, FaultIncident, NodeRole, RankState, RepairAction
 
 INF = math.inf
 STEP_HISTORY = 256  # steps kept for the adaptive hang threshold (recent p99 step time)
@@ -25,8 +24,19 @@ SEEN_IDS = 65536  # worker-event ids remembered to drop redeliveries
 
 
 class RankView:
-    __slots__ = ("rank", "state", "step", "key", "clear_since", "stall_start", "extra", "hung",
-                 "slow", "degraded", "frozen")
+    __slots__ = (
+        "rank",
+        "state",
+        "step",
+        "key",
+        "clear_since",
+        "stall_start",
+        "extra",
+        "hung",
+        "slow",
+        "degraded",
+        "frozen",
+    )
 
     def __init__(self, rank: int | None) -> None:
         self.rank = rank
@@ -43,8 +53,7 @@ class RankView:
 
 
 class NodeView:
-    __slots__ = ("node_id", "idx", "seq", "last_seen", "interval", "role", "ranks", "lost",
-                 "dropped_gen")
+    __slots__ = ("node_id", "idx", "seq", "last_seen", "interval", "role", "ranks", "lost", "dropped_gen")
 
     def __init__(self, node_id: str, idx: int) -> None:
         self.node_id = node_id
@@ -60,14 +69,43 @@ class NodeView:
 
 class Incident:
     """One root cause in one generation; later evidence joins it."""
-    __slots__ = ("id", "job_id", "generation", "fault_class", "action", "nodes", "ranks",
-                 "fault_time", "first_seen", "detected_at", "evidence", "symptoms", "confidence",
-                 "reason", "root", "origin")
 
-    def __init__(self, id: str, job_id: str, generation: int, fault_class: FaultClass,
-                 action: RepairAction, nodes: tuple[str, ...], ranks: tuple[int, ...],
-                 fault_time: float, first_seen: float, detected_at: float,
-                 evidence: list[Evidence], confidence: float, reason: str, root: bool) -> None:
+    __slots__ = (
+        "id",
+        "job_id",
+        "generation",
+        "fault_class",
+        "action",
+        "nodes",
+        "ranks",
+        "fault_time",
+        "first_seen",
+        "detected_at",
+        "evidence",
+        "symptoms",
+        "confidence",
+        "reason",
+        "root",
+        "origin",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        job_id: str,
+        generation: int,
+        fault_class: FaultClass,
+        action: RepairAction,
+        nodes: tuple[str, ...],
+        ranks: tuple[int, ...],
+        fault_time: float,
+        first_seen: float,
+        detected_at: float,
+        evidence: list[Evidence],
+        confidence: float,
+        reason: str,
+        root: bool,
+    ) -> None:
         self.id = id
         self.job_id = job_id
         self.generation = generation
@@ -87,17 +125,29 @@ class Incident:
 
     def to_event(self, producer: str) -> FaultIncident:
         return FaultIncident(
-            event_id=self.id, job_id=self.job_id, generation=self.generation,
-            emitted_at=self.detected_at, producer=producer, incident_id=self.id,
-            fault_class=self.fault_class, action=self.action, root_cause_nodes=self.nodes,
-            root_cause_ranks=self.ranks, evidence=tuple(self.evidence),
-            symptoms_attributed=self.symptoms, confidence=self.confidence,
-            first_seen_at=self.first_seen, detected_at=self.detected_at, reason=self.reason)
+            event_id=self.id,
+            job_id=self.job_id,
+            generation=self.generation,
+            emitted_at=self.detected_at,
+            producer=producer,
+            incident_id=self.id,
+            fault_class=self.fault_class,
+            action=self.action,
+            root_cause_nodes=self.nodes,
+            root_cause_ranks=self.ranks,
+            evidence=tuple(self.evidence),
+            symptoms_attributed=self.symptoms,
+            confidence=self.confidence,
+            first_seen_at=self.first_seen,
+            detected_at=self.detected_at,
+            reason=self.reason,
+        )
 
 
 @dataclass(slots=True)
 class Symptom:
     """Evidence waiting for a root cause: a communication error, or an exit that followed one."""
+
     t: float
     node_id: str
     rank: int | None

@@ -36,8 +36,7 @@ def tick(state: DetectorState, now: float, cfg: Config) -> tuple[DetectorState, 
         if job.pending:
             _expire_symptoms(job, n, now, cfg, out)
         if len(job.comm_recent) > 4096:
-            job.comm_recent = {k: t for k, t in job.comm_recent.items()
-                               if now - t <= cfg.correlation_window_s}
+            job.comm_recent = {k: t for k, t in job.comm_recent.items() if now - t <= cfg.correlation_window_s}
     return state, out
 
 
@@ -57,18 +56,31 @@ def _check_lost(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
         node.lost = True
         silent = now - node.last_seen
         heard = f"seq {node.seq}" if node.seq >= 0 else "expected from the registry, never heard here"
-        ev = Evidence(source="node_heartbeat", node_id=node.node_id,
-                      detail=f"no heartbeat for {silent:.2f}s (interval {node.interval:g}s, {heard})",
-                      observed_at=now)
+        ev = Evidence(
+            source="node_heartbeat",
+            node_id=node.node_id,
+            detail=f"no heartbeat for {silent:.2f}s (interval {node.interval:g}s, {heard})",
+            observed_at=now,
+        )
         existing = job.by_node.get((job.generation, node.node_id))
         if existing is not None:
             join(existing, ev, out, "heartbeats stopped on a node already reported")
             continue
         ranks = tuple(sorted(rv.rank for rv in node.ranks.values() if rv.rank is not None))
-        emit_root(job, FaultClass.NODE_LOST, RepairAction.REPLACE_NODE, node.node_id, ranks,
-                   node.last_seen, [ev], 1.0,
-                   f"{node.node_id} missed {cfg.heartbeat_misses} heartbeats ({silent:.2f}s silent)",
-                   now, cfg, out)
+        emit_root(
+            job,
+            FaultClass.NODE_LOST,
+            RepairAction.REPLACE_NODE,
+            node.node_id,
+            ranks,
+            node.last_seen,
+            [ev],
+            1.0,
+            f"{node.node_id} missed {cfg.heartbeat_misses} heartbeats ({silent:.2f}s silent)",
+            now,
+            cfg,
+            out,
+        )
 
 
 def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
@@ -82,8 +94,7 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
     for i in candidates:
         node = job.by_idx[i]
         for rv in node.ranks.values():
-            if (rv.state is RankState.RUNNING and not rv.hung
-                    and rv.stall_start + rv.extra + base < now):
+            if rv.state is RankState.RUNNING and not rv.hung and rv.stall_start + rv.extra + base < now:
                 rv.hung = True
                 hung.append((node, rv))
         job.due[i] = INF  # re-armed by the node's next heartbeat (hung ranks stay out)
@@ -91,9 +102,14 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
     margin = cfg.correlation_window_s + (base / cfg.hang_k)
     fresh: list[tuple[NodeView, RankView]] = []
     for node, rv in hung:
-        ev = Evidence(source="node_heartbeat", node_id=node.node_id, rank=rv.rank,
-                      detail=f"rank {rv.rank} at step {rv.step} for {now - rv.stall_start:.2f}s "
-                             f"(threshold {base + rv.extra:.2f}s)", observed_at=now)
+        ev = Evidence(
+            source="node_heartbeat",
+            node_id=node.node_id,
+            rank=rv.rank,
+            detail=f"rank {rv.rank} at step {rv.step} for {now - rv.stall_start:.2f}s "
+            f"(threshold {base + rv.extra:.2f}s)",
+            observed_at=now,
+        )
         own = job.by_node.get((gen, node.node_id))
         if own is not None:
             join(own, ev, out, "hang on a node already reported")
@@ -127,19 +143,41 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
     nodes = tuple(sorted({nd.node_id for nd, _ in root_pairs}))
     ranks = tuple(sorted(rv.rank for _, rv in root_pairs if rv.rank is not None))
     stall = min(rv.stall_start for _, rv in root_pairs)
-    evidence = [Evidence(source="node_heartbeat", node_id=nd.node_id, rank=rv.rank,
-                         detail=f"rank {rv.rank} step {rv.step} stalled {now - rv.stall_start:.2f}s "
-                                f"(threshold {base + rv.extra:.2f}s)", observed_at=now)
-                for nd, rv in root_pairs[: cfg.max_evidence]]
+    evidence = [
+        Evidence(
+            source="node_heartbeat",
+            node_id=nd.node_id,
+            rank=rv.rank,
+            detail=f"rank {rv.rank} step {rv.step} stalled {now - rv.stall_start:.2f}s "
+            f"(threshold {base + rv.extra:.2f}s)",
+            observed_at=now,
+        )
+        for nd, rv in root_pairs[: cfg.max_evidence]
+    ]
     others = len(fresh) - len(root_pairs)
-    reason = (f"ranks {list(ranks)} on {list(nodes)} made no progress for "
-              f"{now - stall:.2f}s > threshold {base:.2f}s (max({cfg.hang_k:g} x p99 step, "
-              f"{cfg.hang_floor_s:g}s))")
+    reason = (
+        f"ranks {list(ranks)} on {list(nodes)} made no progress for "
+        f"{now - stall:.2f}s > threshold {base:.2f}s (max({cfg.hang_k:g} x p99 step, "
+        f"{cfg.hang_floor_s:g}s))"
+    )
     if others:
         reason += f"; {others} ranks at later steps stalled behind them"
     confidence = 1.0 if len(nodes) == 1 or frozen else 0.5
-    emit_root(job, FaultClass.HANG, RepairAction.RESTART_PROCESS, nodes, ranks, stall, evidence,
-               confidence, reason, now, cfg, out, symptoms=others)
+    emit_root(
+        job,
+        FaultClass.HANG,
+        RepairAction.RESTART_PROCESS,
+        nodes,
+        ranks,
+        stall,
+        evidence,
+        confidence,
+        reason,
+        now,
+        cfg,
+        out,
+        symptoms=others,
+    )
 
 
 def _settle_headers(job: JobState, now: float, cfg: Config, out: list[Decision]) -> None:
@@ -153,8 +191,20 @@ def _settle_headers(job: JobState, now: float, cfg: Config, out: list[Decision])
         if existing is not None:
             join(existing, ev, out, "traceback on a node already reported")
             continue
-        emit_root(job, FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS, node_id, ranks_of(rank), t,
-                   [ev], 0.8, f"rank {rank} on {node_id} printed a Python traceback", now, cfg, out)
+        emit_root(
+            job,
+            FaultClass.SOFTWARE,
+            RepairAction.RESTART_PROCESS,
+            node_id,
+            ranks_of(rank),
+            t,
+            [ev],
+            0.8,
+            f"rank {rank} on {node_id} printed a Python traceback",
+            now,
+            cfg,
+            out,
+        )
 
 
 def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
@@ -191,10 +241,21 @@ def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[D
                 restart_dead(job, existing, s, now, cfg, out)
             continue
         ranks = tuple(sorted({s.rank for s in mine if s.rank is not None}))
-        emit_root(job, FaultClass.PROCESS_CRASH, RepairAction.RESTART_PROCESS, node_id, ranks,
-                   min(s.t for s in mine), [s.evidence for s in mine], 0.6,
-                   f"ranks {list(ranks)} on {node_id} exited after a communication error; "
-                   f"no other root cause within {window:g}s", now, cfg, out)
+        emit_root(
+            job,
+            FaultClass.PROCESS_CRASH,
+            RepairAction.RESTART_PROCESS,
+            node_id,
+            ranks,
+            min(s.t for s in mine),
+            [s.evidence for s in mine],
+            0.6,
+            f"ranks {list(ranks)} on {node_id} exited after a communication error; "
+            f"no other root cause within {window:g}s",
+            now,
+            cfg,
+            out,
+        )
     late = [(s, prior_root(job, s, cfg)) for s in logs]
     for s, prior in late:
         if prior is not None:
@@ -216,11 +277,24 @@ def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[D
             attribute(known, s, out, cfg)
         return
     first = min(s.t for s in logs)
-    inc = Incident(iid, job.job_id, gen, FaultClass.COMMUNICATION, RepairAction.NONE, nodes, ranks,
-                   first, first, now, [s.evidence for s in logs[: cfg.max_evidence]], 0.2,
-                   f"{len(logs)} communication errors on {len(nodes)} nodes and no crash, node "
-                   f"loss, hang or hardware fault within {window:g}s: reported for an operator, "
-                   f"no repair", root=False)
+    inc = Incident(
+        iid,
+        job.job_id,
+        gen,
+        FaultClass.COMMUNICATION,
+        RepairAction.NONE,
+        nodes,
+        ranks,
+        first,
+        first,
+        now,
+        [s.evidence for s in logs[: cfg.max_evidence]],
+        0.2,
+        f"{len(logs)} communication errors on {len(nodes)} nodes and no crash, node "
+        f"loss, hang or hardware fault within {window:g}s: reported for an operator, "
+        f"no repair",
+        root=False,
+    )
     inc.symptoms = len(logs) - 1
     job.comm_open = inc
     emit(job, inc, cfg, out)

@@ -16,22 +16,48 @@ from typing import Any
 
 import orjson
 
-from flashrecovery.shared.commit_rule import InconsistentReports, decide_from_rows
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics as T
+from flashrecovery.shared.commit_rule import InconsistentReports, decide_from_rows
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import FencedOut, Placement, RefusedWrite, Registry, StaleGeneration
-from flashrecovery.shared.schemas import (Assignment, CommandAck, CommandAction, Escalation,
-                                          ExecutorCommand, FaultIncident, PhaseStatus, RecoveryCompleted,
-                                          RecoveryPlan, RecoveryProgress)
+from flashrecovery.shared.schemas import (
+    Assignment,
+    CommandAck,
+    CommandAction,
+    Escalation,
+    ExecutorCommand,
+    FaultIncident,
+    PhaseStatus,
+    RecoveryCompleted,
+    RecoveryPlan,
+    RecoveryProgress,
+)
 from flashrecovery.shared.settings import Settings
 from flashrecovery.shared.topology import meta_ints
 
-from .core import (PHASES, RECOVER_STAGES, TERMINAL, Waitlist, applied_topology, cannot_proceed, covered_by,
-                   fence_refusal, identity_refusal, judge, named_nodes, next_phase_name, plan_refusal, ranks_to_kill,
-                   select_plan, settled, superseded_id, touched_nodes, waitlist)
-
+from .core import (
+    PHASES,
+    RECOVER_STAGES,
+    TERMINAL,
+    Waitlist,
+    applied_topology,
+    cannot_proceed,
+    covered_by,
+    fence_refusal,
+    identity_refusal,
+    judge,
+    named_nodes,
+    next_phase_name,
+    plan_refusal,
+    ranks_to_kill,
+    select_plan,
+    settled,
+    superseded_id,
+    touched_nodes,
+    waitlist,
+)
 
 PLACEMENT_POLL_S = 1.0  # how soon after a topology change the warm placement is rebuilt
 
@@ -56,11 +82,25 @@ class ExecutorService:
         self.registry = Registry.from_url(settings.redis_url, settings.job_id)
         self.producer = busmod.Producer(settings.kafka_bootstrap, settings.bus, f"executor-{self.instance}")
         # Every instance follows plans and acks, so a standby that takes over already knows them.
-        self.plan_consumer = busmod.Consumer(settings.kafka_bootstrap, settings.bus, [T.PLANS], None,
-                                             self.on_plan, self.producer, f"executor-{self.instance}-plans")
-        self.ack_consumer = busmod.Consumer(settings.kafka_bootstrap, settings.bus, [T.ACKS], None,
-                                            self.on_ack, self.producer, f"executor-{self.instance}-acks",
-                                            from_latest=True)
+        self.plan_consumer = busmod.Consumer(
+            settings.kafka_bootstrap,
+            settings.bus,
+            [T.PLANS],
+            None,
+            self.on_plan,
+            self.producer,
+            f"executor-{self.instance}-plans",
+        )
+        self.ack_consumer = busmod.Consumer(
+            settings.kafka_bootstrap,
+            settings.bus,
+            [T.ACKS],
+            None,
+            self.on_ack,
+            self.producer,
+            f"executor-{self.instance}-acks",
+            from_latest=True,
+        )
         self.plans: dict[str, RecoveryPlan] = {}
         self.acks: dict[str, dict[str, dict[str, CommandAck]]] = {}  # command -> stage -> node -> ack
         self.waitlists: dict[str, Waitlist] = {}  # plan -> its waitlist, read once at pause
@@ -103,8 +143,11 @@ class ExecutorService:
         await self.producer.start()
         for c in (self.plan_consumer, self.ack_consumer):
             await c.start()
-        tasks = [asyncio.create_task(self.plan_consumer.run()), asyncio.create_task(self.ack_consumer.run()),
-                 asyncio.create_task(self._keep_placement_warm())]
+        tasks = [
+            asyncio.create_task(self.plan_consumer.run()),
+            asyncio.create_task(self.ack_consumer.run()),
+            asyncio.create_task(self._keep_placement_warm()),
+        ]
         await self.ack_consumer.wait_assigned()
         self.log.info("ready")
         try:
@@ -195,8 +238,9 @@ class ExecutorService:
         for plan, outcome, reason in choice.retire:
             if self.driving and self.driving[0] == plan.plan_id:
                 await self._stop_driving(reason)
-            self.log.info("plan_retired", plan_id=plan.plan_id, outcome=outcome, reason=reason,
-                          started=bool(runs[plan.plan_id]))
+            self.log.info(
+                "plan_retired", plan_id=plan.plan_id, outcome=outcome, reason=reason, started=bool(runs[plan.plan_id])
+            )
             await self._end_unrun(plan, outcome, reason)
         return choice.drive
 
@@ -214,9 +258,15 @@ class ExecutorService:
             self.sound.add(plan.plan_id)
             return True
         self.refused += 1
-        self.log.error("plan_refused_invalid", plan_id=plan.plan_id[:100], reason=why,
-                       incident_ids=list(plan.incident_ids[:10]), producer=plan.producer[:100],
-                       started=started, refused=self.refused)
+        self.log.error(
+            "plan_refused_invalid",
+            plan_id=plan.plan_id[:100],
+            reason=why,
+            incident_ids=list(plan.incident_ids[:10]),
+            producer=plan.producer[:100],
+            started=started,
+            refused=self.refused,
+        )
         self.plans.pop(plan.plan_id, None)
         stored = await self.registry.get_plan(plan.plan_id)
         real = None
@@ -248,15 +298,20 @@ class ExecutorService:
         self.placement = await self.registry.versioned_rank_nodes(self.placement)
         names = sorted(named_nodes(plan))[:10_000]
         nodes = {n.node_id: n for n in await self.registry.get_nodes(names)}
-        return plan_refusal(plan, generation=int(m.get("generation", -1)),
-                            world_size=int(m.get("world_size", 0)), rank_nodes=self.placement[1],
-                            nodes_by_id=nodes, stored=stored)
+        return plan_refusal(
+            plan,
+            generation=int(m.get("generation", -1)),
+            world_size=int(m.get("world_size", 0)),
+            rank_nodes=self.placement[1],
+            nodes_by_id=nodes,
+            stored=stored,
+        )
 
     async def _end_unrun(self, plan: RecoveryPlan, outcome: str, reason: str) -> None:
         """A plan that will not run (any more): its run ends in `outcome` (terminal)."""
         ok, why = await self.registry.run_transition(
-            plan.plan_id, (await self._run_state(plan.plan_id)).get("phase"), outcome,
-            await self.registry.generation())
+            plan.plan_id, (await self._run_state(plan.plan_id)).get("phase"), outcome, await self.registry.generation()
+        )
         if ok:
             await self._finish(plan, outcome, await self._run_state(plan.plan_id), reason=reason)
         else:
@@ -269,8 +324,9 @@ class ExecutorService:
     async def _set_run(self, plan_id: str, **fields: Any) -> None:
         await self.registry.put_run(plan_id, fields)  # fenced by the lease token
 
-    async def _transition(self, plan: RecoveryPlan, expected: str | None, new: str,
-                          generation: int | None = None) -> bool:
+    async def _transition(
+        self, plan: RecoveryPlan, expected: str | None, new: str, generation: int | None = None
+    ) -> bool:
         """CAS on the run's phase (Lua), fenced by the lease token: two executors can never both
         move the same plan. A live phase moves only while the registry is still at the plan's
         own generation (the one its fence set; before the fence, the one it was made against):
@@ -331,8 +387,12 @@ class ExecutorService:
             if newer is not None:
                 log.warning("plan_failed_superseded", phase=phase, reason=str(exc), by=newer.plan_id)
                 await self._transition(plan, phase, "superseded")
-                await self._finish(plan, "superseded", await self._run_state(plan.plan_id),
-                                   reason=f"{exc}; superseded by {newer.plan_id}")
+                await self._finish(
+                    plan,
+                    "superseded",
+                    await self._run_state(plan.plan_id),
+                    reason=f"{exc}; superseded by {newer.plan_id}",
+                )
                 self.plan_event.set()
                 return
             log.error("plan_failed", phase=phase, reason=str(exc))
@@ -361,10 +421,18 @@ class ExecutorService:
         if key not in state:
             await self._set_run(plan.plan_id, **{key: at})
         gen = int(state.get("generation", plan.target_generation))
-        await self.producer.publish(RecoveryProgress(
-            job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
-            incident_id=",".join(plan.incident_ids), plan_id=plan.plan_id, phase=phase,
-            status=PhaseStatus.STARTED if edge == "start" else PhaseStatus.COMPLETED, at=at))
+        await self.producer.publish(
+            RecoveryProgress(
+                job_id=self.s.job_id,
+                generation=gen,
+                producer=f"executor-{self.instance}",
+                incident_id=",".join(plan.incident_ids),
+                plan_id=plan.plan_id,
+                phase=phase,
+                status=PhaseStatus.STARTED if edge == "start" else PhaseStatus.COMPLETED,
+                at=at,
+            )
+        )
 
     async def _command(self, plan: RecoveryPlan, action: CommandAction, attempt: int, **fields: Any) -> str:
         state = await self._run_state(plan.plan_id)
@@ -375,17 +443,31 @@ class ExecutorService:
             raise FencedOut("lease may have expired: not renewed in time")
         await self.registry.check_fence()
         cmd = ExecutorCommand(
-            job_id=self.s.job_id, generation=int(state["generation"]), producer=f"executor-{self.instance}",
-            command_id=f"{plan.plan_id}:{action}:{attempt}", plan_id=plan.plan_id,
-            incident_id=",".join(plan.incident_ids), action=action, attempt=attempt,
-            fence_token=self.token, **fields)
+            job_id=self.s.job_id,
+            generation=int(state["generation"]),
+            producer=f"executor-{self.instance}",
+            command_id=f"{plan.plan_id}:{action}:{attempt}",
+            plan_id=plan.plan_id,
+            incident_id=",".join(plan.incident_ids),
+            action=action,
+            attempt=attempt,
+            fence_token=self.token,
+            **fields,
+        )
         await self.producer.publish(cmd, wait=True)
         self.commands_sent += 1
         return cmd.command_id
 
-    async def _await_acks(self, command_id: str, stage: str, expected: frozenset[str], attempt: int,
-                          retries: int, timeout_s: float | None = None,
-                          fail_from: frozenset[str] | None = None) -> tuple[str, dict[str, CommandAck]]:
+    async def _await_acks(
+        self,
+        command_id: str,
+        stage: str,
+        expected: frozenset[str],
+        attempt: int,
+        retries: int,
+        timeout_s: float | None = None,
+        fail_from: frozenset[str] | None = None,
+    ) -> tuple[str, dict[str, CommandAck]]:
         started = time.monotonic()
         timeout_s = timeout_s or self.s.executor.phase_timeout_s
         while True:
@@ -403,16 +485,26 @@ class ExecutorService:
             except TimeoutError:
                 pass
 
-    async def _with_retries(self, plan: RecoveryPlan, action: CommandAction, stage: str,
-                            expected: frozenset[str], log, **fields: Any) -> dict[str, CommandAck]:
+    async def _with_retries(
+        self, plan: RecoveryPlan, action: CommandAction, stage: str, expected: frozenset[str], log, **fields: Any
+    ) -> dict[str, CommandAck]:
         retries = self.s.executor.phase_retries
         for attempt in range(retries + 1):
             command_id = await self._command(plan, action, attempt, **fields)
             outcome, acks = await self._await_acks(command_id, stage, expected, attempt, retries)
             reason = acks.pop("_reason")
             first, last = self.ack_times.pop((command_id, stage), (None, None))
-            log.info("phase_acks", action=str(action), stage=stage, outcome=outcome, reason=reason,
-                     attempt=attempt, acks=len(acks), first_ack_at=first, last_ack_at=last)
+            log.info(
+                "phase_acks",
+                action=str(action),
+                stage=stage,
+                outcome=outcome,
+                reason=reason,
+                attempt=attempt,
+                acks=len(acks),
+                first_ack_at=first,
+                last_ack_at=last,
+            )
             if outcome == "ok":
                 return acks
             if outcome == "fail":
@@ -429,8 +521,7 @@ class ExecutorService:
         why = fence_refusal(plan, cur, superseded_run or None)
         if why is not None:
             cover = covered_by(plan, self.plans.values())
-            raise PlanRefused("superseded" if cover is not None and cur > plan.target_generation - 1
-                              else "failed", why)
+            raise PlanRefused("superseded" if cover is not None and cur > plan.target_generation - 1 else "failed", why)
         return cur
 
     async def _phase_fence(self, plan: RecoveryPlan, log) -> None:
@@ -455,8 +546,9 @@ class ExecutorService:
 
     async def _phase_pause(self, plan: RecoveryPlan, log) -> None:
         wl = await self._waitlist(plan)
-        acks = await self._with_retries(plan, CommandAction.PAUSE, "done", wl.pause, log,
-                                        kill_ranks=ranks_to_kill(plan))
+        acks = await self._with_retries(
+            plan, CommandAction.PAUSE, "done", wl.pause, log, kill_ranks=ranks_to_kill(plan)
+        )
         restart = set(plan.restart_ranks)
         all_rows = [row for a in acks.values() for row in a.vote_rows()]
         rows = [row for row in all_rows if row[0] not in restart]
@@ -470,13 +562,21 @@ class ExecutorService:
         # the replaced ranks' last step reports (their sidecars add them to the pause ack) and
         # the last step the registry recorded as committed by every rank.
         before = max([applied for _, applied, _, _ in all_rows] + [await self.registry.committed_step()])
-        await self._set_run(plan.plan_id, commit_step=-1 if decision.commit_step is None else decision.commit_step,
-                            resume_step=decision.resume_step, commit_reason=decision.reason,
-                            applied_before=before,
-                            steps_lost=max(0, before - (decision.resume_step - 1)),
-                            steps_recomputed=max(0, computed - (decision.resume_step - 1)))
-        log.info("commit_decision", commit_step=decision.commit_step, resume_step=decision.resume_step,
-                 reason=decision.reason)
+        await self._set_run(
+            plan.plan_id,
+            commit_step=-1 if decision.commit_step is None else decision.commit_step,
+            resume_step=decision.resume_step,
+            commit_reason=decision.reason,
+            applied_before=before,
+            steps_lost=max(0, before - (decision.resume_step - 1)),
+            steps_recomputed=max(0, computed - (decision.resume_step - 1)),
+        )
+        log.info(
+            "commit_decision",
+            commit_step=decision.commit_step,
+            resume_step=decision.resume_step,
+            reason=decision.reason,
+        )
 
     async def _phase_replace(self, plan: RecoveryPlan, log) -> None:
         why = cannot_proceed(plan)
@@ -485,11 +585,19 @@ class ExecutorService:
         wl = await self._waitlist(plan)
         state = await self._run_state(plan.plan_id)
         gen = int(state["generation"])
-        assignments = tuple(Assignment(rank=r.rank, local_rank=r.local_rank, node_id=r.to_node)
-                            for r in plan.replacements)
-        await self._with_retries(plan, CommandAction.REPLACE, "done", wl.replace, log,
-                                 nodes=tuple(sorted(wl.replace | set(plan.faulty_nodes))),
-                                 kill_ranks=ranks_to_kill(plan), assignments=assignments)
+        assignments = tuple(
+            Assignment(rank=r.rank, local_rank=r.local_rank, node_id=r.to_node) for r in plan.replacements
+        )
+        await self._with_retries(
+            plan,
+            CommandAction.REPLACE,
+            "done",
+            wl.replace,
+            log,
+            nodes=tuple(sorted(wl.replace | set(plan.faulty_nodes))),
+            kill_ranks=ranks_to_kill(plan),
+            assignments=assignments,
+        )
         if "topology_written" not in state:
             moved = {r.rank: r for r in await self.registry.get_ranks(rep.rank for rep in plan.replacements)}
             nodes_by_id = {n.node_id: n for n in await self.registry.get_nodes(sorted(touched_nodes(plan)))}
@@ -499,8 +607,9 @@ class ExecutorService:
                 await self.registry.put_nodes(gen, nodes)
             except RefusedWrite as exc:
                 raise PhaseFailed(f"replace: topology write refused: {exc}") from None
-            await self._set_run(plan.plan_id, topology_written=1, recover_nodes=sorted(wl.recover),
-                                stage_nodes=sorted(wl.stages))
+            await self._set_run(
+                plan.plan_id, topology_written=1, recover_nodes=sorted(wl.recover), stage_nodes=sorted(wl.stages)
+            )
 
     async def _recover_stage(self, plan: RecoveryPlan, phase: str, log) -> None:
         state = await self._run_state(plan.plan_id)
@@ -511,16 +620,21 @@ class ExecutorService:
         if "recover_command" not in state:
             commit = int(state["commit_step"])
             command_id = await self._command(
-                plan, CommandAction.RECOVER, 0, world_size=plan.world_size,
-                commit_step=None if commit < 0 else commit, resume_step=int(state["resume_step"]),
-                transfers=plan.transfers, stage_nodes=tuple(sorted(stage_nodes)))
+                plan,
+                CommandAction.RECOVER,
+                0,
+                world_size=plan.world_size,
+                commit_step=None if commit < 0 else commit,
+                resume_step=int(state["resume_step"]),
+                transfers=plan.transfers,
+                stage_nodes=tuple(sorted(stage_nodes)),
+            )
             await self._set_run(plan.plan_id, recover_command=command_id)
         else:
             command_id = state["recover_command"]
         # Stages of one broadcast: a stage that fails is not retried on its own; the incident
         # fails and escalates (a superseding plan re-pauses everyone and starts over).
-        outcome, acks = await self._await_acks(command_id, RECOVER_STAGES[phase], expected, 0, 0,
-                                               fail_from=recover)
+        outcome, acks = await self._await_acks(command_id, RECOVER_STAGES[phase], expected, 0, 0, fail_from=recover)
         reason = acks.pop("_reason")
         first, last = self.ack_times.pop((command_id, RECOVER_STAGES[phase]), (None, None))
         if outcome != "ok":
@@ -555,8 +669,11 @@ class ExecutorService:
         self.waitlists.pop(plan.plan_id, None)
         if not await self.registry.side_effect_once(plan.plan_id, f"completed:{outcome}"):
             return
-        phase_seconds = {p: round(float(state[f"t:{p}:end"]) - float(state[f"t:{p}:start"]), 4)
-                         for p in PHASES if f"t:{p}:end" in state and f"t:{p}:start" in state}
+        phase_seconds = {
+            p: round(float(state[f"t:{p}:end"]) - float(state[f"t:{p}:start"]), 4)
+            for p in PHASES
+            if f"t:{p}:end" in state and f"t:{p}:start" in state
+        }
         first_seen = detected = fault_class = None
         for inc_id in plan.incident_ids:
             raw = (await self.registry.incident(inc_id)).get("incident")
@@ -579,19 +696,34 @@ class ExecutorService:
                 await self._mark_incident(inc, "done")
             await self.registry.clear_active_plan(plan.plan_id)
         elif outcome == "failed":
-            await self.producer.publish(Escalation(
-                job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
-                incident_ids=plan.incident_ids, plan_id=plan.plan_id, reason=reason), wait=True)
+            await self.producer.publish(
+                Escalation(
+                    job_id=self.s.job_id,
+                    generation=gen,
+                    producer=f"executor-{self.instance}",
+                    incident_ids=plan.incident_ids,
+                    plan_id=plan.plan_id,
+                    reason=reason,
+                ),
+                wait=True,
+            )
             M.ESCALATIONS.labels("executor").inc()
         done = RecoveryCompleted(
-            job_id=self.s.job_id, generation=gen, producer=f"executor-{self.instance}",
-            incident_id=",".join(plan.incident_ids), plan_id=plan.plan_id, outcome=outcome,
-            fault_class=fault_class, phase_seconds=phase_seconds,
+            job_id=self.s.job_id,
+            generation=gen,
+            producer=f"executor-{self.instance}",
+            incident_id=",".join(plan.incident_ids),
+            plan_id=plan.plan_id,
+            outcome=outcome,
+            fault_class=fault_class,
+            phase_seconds=phase_seconds,
             detection_latency_s=round(detected - first_seen, 4) if detected and first_seen else None,
             rto_s=round(end - first_seen, 4) if first_seen and outcome == "done" else None,
             recovery_step=int(state["resume_step"]) if "resume_step" in state else None,
             steps_recomputed=int(state.get("steps_recomputed", 0)),
-            committed_steps_lost=int(state.get("steps_lost", 0)), reason=reason or state.get("commit_reason", ""))
+            committed_steps_lost=int(state.get("steps_lost", 0)),
+            reason=reason or state.get("commit_reason", ""),
+        )
         await self.producer.publish(done, wait=True)
         M.RECOVERIES.labels(outcome, M.label(fault_class)).inc()
         for phase, seconds in phase_seconds.items():
@@ -600,10 +732,17 @@ class ExecutorService:
             M.RTO.labels(M.label(fault_class)).observe(done.rto_s)
         if outcome == "done" and done.recovery_step is not None:
             M.RESUME_STEP.set(done.recovery_step)
-        self.log.info("plan_finished", plan_id=plan.plan_id, outcome=outcome, rto_s=done.rto_s,
-                      phases=phase_seconds, resume_step=done.recovery_step,
-                      committed_steps_lost=done.committed_steps_lost,
-                      steps_recomputed=done.steps_recomputed, reason=done.reason)
+        self.log.info(
+            "plan_finished",
+            plan_id=plan.plan_id,
+            outcome=outcome,
+            rto_s=done.rto_s,
+            phases=phase_seconds,
+            resume_step=done.recovery_step,
+            committed_steps_lost=done.committed_steps_lost,
+            steps_recomputed=done.steps_recomputed,
+            reason=done.reason,
+        )
 
 
 async def main(settings: Settings) -> None:

@@ -57,14 +57,16 @@ def waitlist(plan: RecoveryPlan, rank_nodes: Mapping[int, str]) -> Waitlist:
     ends = restart | {t.src for t in plan.transfers} | {t.dst for t in plan.transfers}
     recover = frozenset(staying | dest)
     stages = frozenset(n for n in map(after, ends) if n is not None) & recover
-    return Waitlist(pause=frozenset(survivors), replace=frozenset(dest), recover=recover,
-                    stages=stages or recover)
+    return Waitlist(pause=frozenset(survivors), replace=frozenset(dest), recover=recover, stages=stages or recover)
 
 
 def touched_nodes(plan: RecoveryPlan) -> set[str]:
     """The nodes whose records applied_topology may rewrite: the shell reads only these."""
-    return ({rep.from_node for rep in plan.replacements} | {rep.to_node for rep in plan.replacements}
-            | set(plan.quarantine_nodes))
+    return (
+        {rep.from_node for rep in plan.replacements}
+        | {rep.to_node for rep in plan.replacements}
+        | set(plan.quarantine_nodes)
+    )
 
 
 def ranks_to_kill(plan: RecoveryPlan) -> tuple[int, ...]:
@@ -80,9 +82,16 @@ class PhaseVerdict:
     reason: str
 
 
-def judge(acks: Mapping[str, CommandAck], expected: frozenset[str], started_at: float, now: float,
-          timeout_s: float, attempt: int, retries: int,
-          fail_from: frozenset[str] | None = None) -> PhaseVerdict:
+def judge(
+    acks: Mapping[str, CommandAck],
+    expected: frozenset[str],
+    started_at: float,
+    now: float,
+    timeout_s: float,
+    attempt: int,
+    retries: int,
+    fail_from: frozenset[str] | None = None,
+) -> PhaseVerdict:
     """acks: node -> its ack for this phase's command (and stage). A negative ack from a node
     in `fail_from` (default: `expected`) fails the phase, even from a node not waited for."""
     fail_from = expected if fail_from is None else fail_from
@@ -99,17 +108,25 @@ def judge(acks: Mapping[str, CommandAck], expected: frozenset[str], started_at: 
     return PhaseVerdict("wait", f"waiting for {len(missing)} nodes")
 
 
-def applied_topology(plan: RecoveryPlan, ranks_by_id: Mapping[int, RankRecord],
-                     nodes_by_id: Mapping[str, NodeRecord],
-                     generation: int) -> tuple[list[RankRecord], list[NodeRecord]]:
+def applied_topology(
+    plan: RecoveryPlan, ranks_by_id: Mapping[int, RankRecord], nodes_by_id: Mapping[str, NodeRecord], generation: int
+) -> tuple[list[RankRecord], list[NodeRecord]]:
     """Registry records to write once replacements are up: only the moved ranks and the nodes
     whose membership changed, so the write grows with the restart set, not the cluster.
     ranks_by_id / nodes_by_id: the records of (at least) the moved ranks and touched_nodes()."""
     by_rank = ranks_by_id
-    ranks = [by_rank[rep.rank].model_copy(update={"node_id": rep.to_node, "local_rank": rep.local_rank,
-                                                  "state": RankState.RECOVERING, "generation": generation,
-                                                  "pid": None})
-             for rep in plan.replacements]
+    ranks = [
+        by_rank[rep.rank].model_copy(
+            update={
+                "node_id": rep.to_node,
+                "local_rank": rep.local_rank,
+                "state": RankState.RECOVERING,
+                "generation": generation,
+                "pid": None,
+            }
+        )
+        for rep in plan.replacements
+    ]
     touched: dict[str, NodeRecord] = {}
     moved_from: dict[str, set[int]] = {}
     for rep in plan.replacements:
@@ -120,8 +137,7 @@ def applied_topology(plan: RecoveryPlan, ranks_by_id: Mapping[int, RankRecord],
             continue
         left = tuple(r for r in n.ranks if r not in gone)
         quarantine = node_id in plan.quarantine_nodes or (not left and node_id in plan.faulty_nodes)
-        touched[node_id] = n.model_copy(update={"ranks": left,
-                                                "role": NodeRole.QUARANTINED if quarantine else n.role})
+        touched[node_id] = n.model_copy(update={"ranks": left, "role": NodeRole.QUARANTINED if quarantine else n.role})
     for rep in plan.replacements:
         n = touched.get(rep.to_node) or nodes_by_id[rep.to_node]
         hosted = tuple(sorted(set(n.ranks) | {rep.rank}))
@@ -139,8 +155,10 @@ def cannot_proceed(plan: RecoveryPlan) -> str | None:
     its restart set: rebuilding without those ranks could only time out, so the job is held
     paused (fenced, consistent) until a new plan brings capacity."""
     if plan.fallback == Fallback.WAIT:
-        return (f"waiting for capacity: ranks {list(plan.restart_ranks)[:10]} have no place; survivors "
-                f"stay paused until a new plan")
+        return (
+            f"waiting for capacity: ranks {list(plan.restart_ranks)[:10]} have no place; survivors "
+            f"stay paused until a new plan"
+        )
     return None
 
 
@@ -148,8 +166,7 @@ def settled(records: list[RankRecord]) -> list[RankRecord]:
     """The restart set's records once a plan is done: `recovering` ranks are running again (left
     recovering, the next plan would take them for leftovers of a superseded plan and restore
     them once more)."""
-    return [r.model_copy(update={"state": RankState.RUNNING}) for r in records
-            if r.state == RankState.RECOVERING]
+    return [r.model_copy(update={"state": RankState.RUNNING}) for r in records if r.state == RankState.RECOVERING]
 
 
 # ---------------------------------------------------------------------------- which plan runs
@@ -164,8 +181,7 @@ class PlanChoice:
 def covered_by(plan: RecoveryPlan, plans: Iterable[RecoveryPlan]) -> RecoveryPlan | None:
     """A newer plan (same or later target generation) that carries every incident of `plan`."""
     mine = set(plan.incident_ids)
-    newer = [q for q in plans if q.plan_id != plan.plan_id and _age(q) > _age(plan)
-             and mine <= set(q.incident_ids)]
+    newer = [q for q in plans if q.plan_id != plan.plan_id and _age(q) > _age(plan) and mine <= set(q.incident_ids)]
     return max(newer, key=_age, default=None)
 
 
@@ -179,9 +195,14 @@ def superseded_id(plan: RecoveryPlan, plans: Iterable[RecoveryPlan]) -> str | No
     if plan.supersedes:
         return plan.supersedes
     mine = set(plan.incident_ids)
-    older = [q for q in plans if q.plan_id != plan.plan_id
-             and q.target_generation == plan.target_generation and _age(q) < _age(plan)
-             and set(q.incident_ids) <= mine]
+    older = [
+        q
+        for q in plans
+        if q.plan_id != plan.plan_id
+        and q.target_generation == plan.target_generation
+        and _age(q) < _age(plan)
+        and set(q.incident_ids) <= mine
+    ]
     return max(older, key=_age).plan_id if older else None
 
 
@@ -189,8 +210,7 @@ def _age(plan: RecoveryPlan) -> tuple[int, float, str]:
     return plan.target_generation, plan.emitted_at, plan.plan_id
 
 
-def select_plan(plans: Iterable[RecoveryPlan], runs: Mapping[str, Mapping[str, str]],
-                generation: int) -> PlanChoice:
+def select_plan(plans: Iterable[RecoveryPlan], runs: Mapping[str, Mapping[str, str]], generation: int) -> PlanChoice:
     """The newest plan that may still run, and every plan that never may.
 
     runs: plan id -> its run state (phase, generation once fenced, ...; absent or empty: never
@@ -228,13 +248,17 @@ def select_plan(plans: Iterable[RecoveryPlan], runs: Mapping[str, Mapping[str, s
     retire = []
     for p, why in stale:
         cover = covered_by(p, plans)
-        retire.append((p, "superseded" if cover is not None else "failed",
-                       why if cover is not None else f"{why}; no newer plan covers its incidents"))
+        retire.append(
+            (
+                p,
+                "superseded" if cover is not None else "failed",
+                why if cover is not None else f"{why}; no newer plan covers its incidents",
+            )
+        )
     return PlanChoice(drive, tuple(retire))
 
 
-def fence_refusal(plan: RecoveryPlan, generation: int,
-                  superseded_run: Mapping[str, str] | None) -> str | None:
+def fence_refusal(plan: RecoveryPlan, generation: int, superseded_run: Mapping[str, str] | None) -> str | None:
     """Why `plan` must not fence now, or None. A plan was made against generation
     target_generation - 1 and holds only if the registry is still there. One exception: a plan
     that supersedes a running one may have been made a moment before that one's own fence moved
@@ -243,9 +267,12 @@ def fence_refusal(plan: RecoveryPlan, generation: int,
     base = plan.target_generation - 1
     if generation == base:
         return None
-    if superseded_run is not None and "topology_written" not in superseded_run \
-            and superseded_run.get("snapshot_generation") == str(base) \
-            and superseded_run.get("generation") == str(generation):
+    if (
+        superseded_run is not None
+        and "topology_written" not in superseded_run
+        and superseded_run.get("snapshot_generation") == str(base)
+        and superseded_run.get("generation") == str(generation)
+    ):
         return None
     return f"stale plan: made against generation {base}, registry at {generation}"
 
@@ -266,14 +293,22 @@ def identity_refusal(plan: RecoveryPlan, stored: RecoveryPlan | None) -> str | N
     return None
 
 
-def plan_refusal(plan: RecoveryPlan, *, generation: int, world_size: int, rank_nodes: Mapping[int, str],
-                 nodes_by_id: Mapping[str, NodeRecord], stored: RecoveryPlan | None) -> str | None:
+def plan_refusal(
+    plan: RecoveryPlan,
+    *,
+    generation: int,
+    world_size: int,
+    rank_nodes: Mapping[int, str],
+    nodes_by_id: Mapping[str, NodeRecord],
+    stored: RecoveryPlan | None,
+) -> str | None:
     """Why `plan` must not be driven at all, or None: checked against the registry before its
     first command, so an invalid plan never touches the job (one with restart_ranks [10^9] and
     world size -1 was once fenced, paused and replaced, failed at rebuild and left the job
     paused). The registry's view: its generation and world size, every rank's node
     (rank_nodes), the records of the nodes the plan names (named_nodes; absent = unknown), and
     the plan the planner recorded under this plan id before publishing it (stored)."""
+
     def some(xs: Iterable[object]) -> str:
         xs = list(xs)
         return f"{xs[:5]}{'...' if len(xs) > 5 else ''}"
@@ -282,8 +317,7 @@ def plan_refusal(plan: RecoveryPlan, *, generation: int, world_size: int, rank_n
     if why is not None:
         return why
     if plan.target_generation - 1 > generation:
-        return (f"plan made against generation {plan.target_generation - 1}, ahead of the registry's "
-                f"{generation}")
+        return f"plan made against generation {plan.target_generation - 1}, ahead of the registry's {generation}"
     if plan.world_size != world_size or world_size <= 0:
         return f"world size {plan.world_size} does not match the registry's {world_size}"
     if not plan.restart_ranks:

@@ -16,10 +16,9 @@ from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
-from flashrecovery.shared.topology import TOPOLOGY_VERSION, meta_ints
-from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
-                                          encode)
+from flashrecovery.shared.schemas import Escalation, Fallback, FaultIncident, RecoveryPlan, encode
 from flashrecovery.shared.settings import Settings
+from flashrecovery.shared.topology import TOPOLOGY_VERSION, meta_ints
 
 from .arrays import ROLE_ACTIVE, ROLE_QUARANTINED, ROLE_SPARE, PlanInput
 from .core import Decision, NoPlan, Policy, incident_refusal, known_incident_refusal, plan, plan_id_for
@@ -38,8 +37,9 @@ class PlannerService:
         self.policy = Policy.from_settings(settings.planner)
         self.registry = Registry.from_url(settings.redis_url, settings.job_id)
         self.producer = Producer(settings.kafka_bootstrap, settings.bus, client_id="planner")
-        self.consumer = Consumer(settings.kafka_bootstrap, settings.bus, [topics.INCIDENTS], GROUP,
-                                 self.handle, self.producer, SERVICE)
+        self.consumer = Consumer(
+            settings.kafka_bootstrap, settings.bus, [topics.INCIDENTS], GROUP, self.handle, self.producer, SERVICE
+        )
         self.log = get_logger(SERVICE, job_id=settings.job_id, instance=self.instance)
         self.decisions: list[dict[str, Any]] = []  # what was decided, newest last (tests, probes)
         self._live: asyncio.Task[None] | None = None
@@ -98,22 +98,36 @@ class PlannerService:
         generation = await reg.generation()
         refusal = incident_refusal(event, self.settings.job_id, generation)
         if refusal is not None and generation >= 0:  # -1: no topology (escalated below)
-            self._decided(log, "incident_refused", None, generation, (refusal,), level="warning",
-                          refused_event=event.event_id[:100])
+            self._decided(
+                log,
+                "incident_refused",
+                None,
+                generation,
+                (refusal,),
+                level="warning",
+                refused_event=event.event_id[:100],
+            )
             await reg.mark_handled(SERVICE, envelope_id)
             return
         if event.generation < generation:
             # Still a real fault: a node lost in generation g is lost in g+1 too.
             log.info("incident_older_generation", registry_generation=generation)
-        ok, why = await reg.incident_transition(event.incident_id, None, "planned", generation,
-                                                incident=encode(event), detected_at=event.detected_at)
+        ok, why = await reg.incident_transition(
+            event.incident_id, None, "planned", generation, incident=encode(event), detected_at=event.detected_at
+        )
         if not ok:
             known = await reg.incident(event.incident_id)
             refusal = known_incident_refusal(known)
             if refusal is not None:
                 # Not planned again: by the incident's identity, whatever the envelope says.
-                self._decided(log, "incident_known", known.get("plan_id"), max(generation, 0),
-                              (f"{why}: {refusal}",), duplicate_event=event.event_id)
+                self._decided(
+                    log,
+                    "incident_known",
+                    known.get("plan_id"),
+                    max(generation, 0),
+                    (f"{why}: {refusal}",),
+                    duplicate_event=event.event_id,
+                )
                 await reg.mark_handled(SERVICE, event.event_id)
                 return
             log.info("incident_known", reason=why, action="plan again: its plan never got out")
@@ -127,12 +141,15 @@ class PlannerService:
         if snapshot is None:
             # Nothing to plan from: Redis restarted empty (the registry is not persisted) or the
             # job never registered. Either way no recovery can follow, so say it loudly.
-            reason = (f"registry has no topology for job {self.settings.job_id}: "
-                      "lost or never registered")
-            esc = Escalation(event_id=plan_id_for(self.settings.job_id, (event.incident_id,), -1)
-                             .replace("plan-", "esc-"),
-                             job_id=self.settings.job_id, generation=event.generation,
-                             producer=SERVICE, incident_ids=(event.incident_id,), reason=reason)
+            reason = f"registry has no topology for job {self.settings.job_id}: lost or never registered"
+            esc = Escalation(
+                event_id=plan_id_for(self.settings.job_id, (event.incident_id,), -1).replace("plan-", "esc-"),
+                job_id=self.settings.job_id,
+                generation=event.generation,
+                producer=SERVICE,
+                incident_ids=(event.incident_id,),
+                reason=reason,
+            )
             await self._escalate(esc, log)
             self._decided(log, "escalation", None, max(generation, 0), (reason,), level="error")
             return
@@ -140,8 +157,7 @@ class PlannerService:
         open_incidents = await self._open_incidents(event)
         history = await self._fault_history(open_incidents, now)
         active = await self._active_plan(open_incidents)
-        decision = plan(snapshot, open_incidents, self.policy, now, fault_history=history,
-                        active_plan=active)
+        decision = plan(snapshot, open_incidents, self.policy, now, fault_history=history, active_plan=active)
         await self._act(decision, event, snapshot.generation, log)
         await reg.mark_handled(SERVICE, envelope_id)
 
@@ -157,8 +173,9 @@ class PlannerService:
             # The records are those of the copy (every write of them moves the version); the
             # rest of meta (generation, committed step) is read fresh.
             m = meta_ints(meta)
-            return dataclasses.replace(self._topology[1], generation=m["generation"],
-                                       committed_step=m.get("committed_step", -1))
+            return dataclasses.replace(
+                self._topology[1], generation=m["generation"], committed_step=m.get("committed_step", -1)
+            )
         return await self._read_topology()
 
     async def _read_topology(self) -> PlanInput | None:
@@ -194,9 +211,12 @@ class PlannerService:
         """Each node's faults, keyed by incident id (a replay adds nothing), trimmed to the
         quarantine window. Only the topology's nodes (`known`): an incident naming 10,000 nodes
         that do not exist must not create a key for each."""
-        await self.registry.record_node_faults((n for n in inc.root_cause_nodes if n in known),
-                                               inc.incident_id, inc.detected_at,
-                                               self.policy.quarantine_window_s)
+        await self.registry.record_node_faults(
+            (n for n in inc.root_cause_nodes if n in known),
+            inc.incident_id,
+            inc.detected_at,
+            self.policy.quarantine_window_s,
+        )
 
     async def _fault_history(self, incidents: list[FaultIncident], now: float) -> dict[str, dict[str, float]]:
         nodes = sorted({n for i in incidents for n in i.root_cause_nodes})
@@ -234,8 +254,9 @@ class PlannerService:
         reg = self.registry
         if isinstance(decision, NoPlan):
             for iid in decision.inert:
-                await reg.incident_transition(iid, "planned", "done", generation,
-                                              outcome="no_plan", reason="; ".join(decision.reasons))
+                await reg.incident_transition(
+                    iid, "planned", "done", generation, outcome="no_plan", reason="; ".join(decision.reasons)
+                )
             self._decided(log, "no_plan", None, generation, decision.reasons)
             return
         if isinstance(decision, Escalation):
@@ -244,24 +265,40 @@ class PlannerService:
             return
         stored = await reg.put_plan_once(decision.plan_id, encode(decision))
         if not stored and await reg.side_effect_done(decision.plan_id, "published"):
-            self._decided(log, "plan_exists", decision.plan_id, generation,
-                          ("same incidents and generation: plan already published",))
+            self._decided(
+                log,
+                "plan_exists",
+                decision.plan_id,
+                generation,
+                ("same incidents and generation: plan already published",),
+            )
             return
         await self.producer.publish(decision, wait=True)
         await reg.side_effect_once(decision.plan_id, "published")
         for iid in decision.incident_ids:
-            await reg.incident_transition(iid, "planned", "planned", generation,
-                                          plan_id=decision.plan_id)
+            await reg.incident_transition(iid, "planned", "planned", generation, plan_id=decision.plan_id)
         if decision.fallback == Fallback.WAIT:
-            esc = Escalation(event_id=decision.plan_id.replace("plan-", "esc-"),
-                             job_id=decision.job_id, generation=generation, producer=SERVICE,
-                             incident_ids=decision.incident_ids, plan_id=decision.plan_id,
-                             reason="; ".join(decision.reasons))
+            esc = Escalation(
+                event_id=decision.plan_id.replace("plan-", "esc-"),
+                job_id=decision.job_id,
+                generation=generation,
+                producer=SERVICE,
+                incident_ids=decision.incident_ids,
+                plan_id=decision.plan_id,
+                reason="; ".join(decision.reasons),
+            )
             await self.producer.publish(esc, wait=True)
             M.ESCALATIONS.labels(SERVICE).inc()
-        self._decided(log, "plan", decision.plan_id, generation, decision.reasons,
-                      fallback=decision.fallback.value, restart=len(decision.restart_ranks),
-                      supersedes=decision.supersedes)
+        self._decided(
+            log,
+            "plan",
+            decision.plan_id,
+            generation,
+            decision.reasons,
+            fallback=decision.fallback.value,
+            restart=len(decision.restart_ranks),
+            supersedes=decision.supersedes,
+        )
 
     async def _escalate(self, esc: Escalation, log: Any) -> None:
         """Publish once (the event id is derived from the incidents) and mark every incident
@@ -275,15 +312,29 @@ class PlannerService:
             phase = (await reg.incident(iid)).get("phase")
             if phase in ("done", "failed", "superseded", "escalated"):
                 continue
-            ok, why = await reg.incident_transition(iid, phase, "escalated", generation,
-                                                    reason=esc.reason, escalation_id=esc.event_id)
+            ok, why = await reg.incident_transition(
+                iid, phase, "escalated", generation, reason=esc.reason, escalation_id=esc.event_id
+            )
             if not ok:
                 log.warning("incident_not_marked_escalated", escalated_incident=iid, reason=why)
 
-    def _decided(self, log: Any, outcome: str, plan_id: str | None, generation: int,
-                 reasons: tuple[str, ...], level: str = "info", **extra: Any) -> None:
-        entry = {"outcome": outcome, "plan_id": plan_id, "generation": generation,
-                 "reason": "; ".join(reasons), **extra}
+    def _decided(
+        self,
+        log: Any,
+        outcome: str,
+        plan_id: str | None,
+        generation: int,
+        reasons: tuple[str, ...],
+        level: str = "info",
+        **extra: Any,
+    ) -> None:
+        entry = {
+            "outcome": outcome,
+            "plan_id": plan_id,
+            "generation": generation,
+            "reason": "; ".join(reasons),
+            **extra,
+        }
         self.decisions.append(entry)
         M.PLANNER_DECISIONS.labels(outcome).inc()
         del self.decisions[:-100]
@@ -306,4 +357,3 @@ async def main(settings: Settings) -> None:
     finally:
         await svc.stop()
         await svc.close()
-

@@ -21,8 +21,7 @@ from flashrecovery.shared.schemas import NodeRole, RankState
 from flashrecovery.shared.topology import JobSnapshot, NodeRecord, meta_ints
 
 ROLE_ACTIVE, ROLE_SPARE, ROLE_QUARANTINED = 0, 1, 2
-_ROLE_CODE = {NodeRole.ACTIVE: ROLE_ACTIVE, NodeRole.SPARE: ROLE_SPARE,
-              NodeRole.QUARANTINED: ROLE_QUARANTINED}
+_ROLE_CODE = {NodeRole.ACTIVE: ROLE_ACTIVE, NodeRole.SPARE: ROLE_SPARE, NodeRole.QUARANTINED: ROLE_QUARANTINED}
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,13 +71,13 @@ class PlanInput:
         return np.where(self.rank[pos] == ids, pos, -1)
 
     def ranks_on(self, node: int) -> np.ndarray:
-        return self.node_order[self.node_start[node]:self.node_start[node + 1]]
+        return self.node_order[self.node_start[node] : self.node_start[node + 1]]
 
     def shard_members(self, shard_id: int) -> np.ndarray:
         i = int(np.searchsorted(self.shard_ids, shard_id))
         if i >= self.shard_ids.shape[0] or self.shard_ids[i] != shard_id:
             return np.empty(0, dtype=np.int64)
-        return self.shard_order[self.shard_start[i]:self.shard_start[i + 1]]
+        return self.shard_order[self.shard_start[i] : self.shard_start[i + 1]]
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -102,24 +101,54 @@ class PlanInput:
         node_index = {n: i for i, n in enumerate(node_ids)}
         n = len(recs)
         cols = np.fromiter(
-            (v for r in recs for v in (r.rank, node_index[r.node_id], r.shard_id, r.dp, r.tp, r.pp,
-                                       r.local_rank, r.state == RankState.RECOVERING)),
-            dtype=np.int64, count=8 * n).reshape(n, 8)
-        roles = np.array([_ROLE_CODE[node_recs[x].role] if x in node_recs else ROLE_ACTIVE
-                          for x in node_ids], dtype=np.int8)
-        slots = np.array([node_recs[x].standby_slots if x in node_recs else 0 for x in node_ids],
-                         dtype=np.int32)
+            (
+                v
+                for r in recs
+                for v in (
+                    r.rank,
+                    node_index[r.node_id],
+                    r.shard_id,
+                    r.dp,
+                    r.tp,
+                    r.pp,
+                    r.local_rank,
+                    r.state == RankState.RECOVERING,
+                )
+            ),
+            dtype=np.int64,
+            count=8 * n,
+        ).reshape(n, 8)
+        roles = np.array(
+            [_ROLE_CODE[node_recs[x].role] if x in node_recs else ROLE_ACTIVE for x in node_ids], dtype=np.int8
+        )
+        slots = np.array([node_recs[x].standby_slots if x in node_recs else 0 for x in node_ids], dtype=np.int32)
         labels = tuple(dict(node_recs[x].labels) if x in node_recs else {} for x in node_ids)
         return cls.from_columns(
-            job_id=snap.job_id, generation=snap.generation, committed_step=snap.committed_step,
-            world_size=snap.world_size, dp=snap.dp, tp=snap.tp, pp=snap.pp, node_ids=node_ids,
-            node_role=roles, node_slots=slots, node_labels=labels, rank=cols[:, 0],
-            node_of=cols[:, 1], shard=cols[:, 2], dp_of=cols[:, 3], tp_of=cols[:, 4],
-            pp_of=cols[:, 5], local_rank=cols[:, 6], recovering=cols[:, 7].astype(bool))
+            job_id=snap.job_id,
+            generation=snap.generation,
+            committed_step=snap.committed_step,
+            world_size=snap.world_size,
+            dp=snap.dp,
+            tp=snap.tp,
+            pp=snap.pp,
+            node_ids=node_ids,
+            node_role=roles,
+            node_slots=slots,
+            node_labels=labels,
+            rank=cols[:, 0],
+            node_of=cols[:, 1],
+            shard=cols[:, 2],
+            dp_of=cols[:, 3],
+            tp_of=cols[:, 4],
+            pp_of=cols[:, 5],
+            local_rank=cols[:, 6],
+            recovering=cols[:, 7].astype(bool),
+        )
 
     @classmethod
-    def from_rows(cls, job_id: str, meta: Mapping[str, Any], ranks: Iterable[bytes | str],
-                  nodes: Iterable[bytes | str]) -> PlanInput:
+    def from_rows(
+        cls, job_id: str, meta: Mapping[str, Any], ranks: Iterable[bytes | str], nodes: Iterable[bytes | str]
+    ) -> PlanInput:
         """The registry's raw hashes (meta fields, RankRecord / NodeRecord JSON values) straight
         to arrays, without a pydantic object per rank: the records were validated when written.
         Several times cheaper than building a JobSnapshot first at 100k ranks."""
@@ -134,8 +163,9 @@ class PlanInput:
             if paused:
                 gc.enable()
         ns = {d["node_id"]: d for d in map(orjson.loads, nodes)}
-        rank_c, node_c, shard_c, dp_c, tp_c, pp_c, lr_c, st_c = (list(c) for c in zip(*rows)) \
-            if rows else ([] for _ in range(8))
+        rank_c, node_c, shard_c, dp_c, tp_c, pp_c, lr_c, st_c = (
+            (list(c) for c in zip(*rows)) if rows else ([] for _ in range(8))
+        )
         node_ids = tuple(sorted(set(ns).union(node_c)))
         idx = {x: i for i, x in enumerate(node_ids)}
         rank_a = np.array(rank_c, dtype=np.int64)
@@ -144,25 +174,55 @@ class PlanInput:
 
         def col(values: list[Any]) -> np.ndarray:
             return np.array(values, dtype=np.int64)[order]
+
         empty: dict[str, Any] = {}
         m = meta_ints(meta)
         return cls.from_columns(
-            job_id=job_id, generation=m["generation"], committed_step=m.get("committed_step", -1),
-            world_size=m["world_size"], dp=m["dp"], tp=m["tp"], pp=m.get("pp", 1),
+            job_id=job_id,
+            generation=m["generation"],
+            committed_step=m.get("committed_step", -1),
+            world_size=m["world_size"],
+            dp=m["dp"],
+            tp=m["tp"],
+            pp=m.get("pp", 1),
             node_ids=node_ids,
             node_role=[_ROLE_CODE[NodeRole(ns.get(x, empty).get("role", "active"))] for x in node_ids],
             node_slots=[ns.get(x, empty).get("standby_slots", 0) for x in node_ids],
             node_labels=tuple(dict(ns.get(x, empty).get("labels") or {}) for x in node_ids),
-            rank=rank_a[order], node_of=col([idx[x] for x in node_c]), shard=col(shard_c),
-            dp_of=col(dp_c), tp_of=col(tp_c), pp_of=col(pp_c), local_rank=col(lr_c),
-            recovering=np.array([x == recovering for x in st_c], dtype=bool)[order])
+            rank=rank_a[order],
+            node_of=col([idx[x] for x in node_c]),
+            shard=col(shard_c),
+            dp_of=col(dp_c),
+            tp_of=col(tp_c),
+            pp_of=col(pp_c),
+            local_rank=col(lr_c),
+            recovering=np.array([x == recovering for x in st_c], dtype=bool)[order],
+        )
 
     @classmethod
-    def from_columns(cls, *, job_id: str, generation: int, committed_step: int, world_size: int,
-                     dp: int, tp: int, pp: int, node_ids: tuple[str, ...], node_role: Any,
-                     node_slots: Any, node_labels: tuple[dict[str, str], ...], rank: Any,
-                     node_of: Any, shard: Any, dp_of: Any, tp_of: Any, pp_of: Any,
-                     local_rank: Any, recovering: Any) -> PlanInput:
+    def from_columns(
+        cls,
+        *,
+        job_id: str,
+        generation: int,
+        committed_step: int,
+        world_size: int,
+        dp: int,
+        tp: int,
+        pp: int,
+        node_ids: tuple[str, ...],
+        node_role: Any,
+        node_slots: Any,
+        node_labels: tuple[dict[str, str], ...],
+        rank: Any,
+        node_of: Any,
+        shard: Any,
+        dp_of: Any,
+        tp_of: Any,
+        pp_of: Any,
+        local_rank: Any,
+        recovering: Any,
+    ) -> PlanInput:
         """The fast path: columns straight from a store, no per-rank objects. `rank` must be
         ascending."""
         rank = np.asarray(rank, dtype=np.int64)
@@ -185,18 +245,33 @@ class PlanInput:
         shard_start = np.concatenate(([0], np.cumsum(shard_counts))).astype(np.int64)
         for arr in (rank, node_of, shard):
             arr.setflags(write=False)
-        return cls(job_id=job_id, generation=generation, committed_step=committed_step,
-                   world_size=world_size, dp=dp, tp=tp, pp=pp, node_ids=tuple(node_ids),
-                   node_index={x: i for i, x in enumerate(node_ids)},
-                   node_role=np.asarray(node_role, dtype=np.int8),
-                   node_slots=np.asarray(node_slots, dtype=np.int32),
-                   node_labels=tuple(node_labels), rank=rank, node_of=node_of, shard=shard,
-                   dp_of=np.asarray(dp_of, dtype=np.int32), tp_of=np.asarray(tp_of, dtype=np.int32),
-                   pp_of=np.asarray(pp_of, dtype=np.int32),
-                   local_rank=np.asarray(local_rank, dtype=np.int32),
-                   recovering=np.asarray(recovering, dtype=bool), node_order=node_order,
-                   node_start=node_start, shard_ids=shard_ids, shard_order=shard_order,
-                   shard_start=shard_start)
+        return cls(
+            job_id=job_id,
+            generation=generation,
+            committed_step=committed_step,
+            world_size=world_size,
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            node_ids=tuple(node_ids),
+            node_index={x: i for i, x in enumerate(node_ids)},
+            node_role=np.asarray(node_role, dtype=np.int8),
+            node_slots=np.asarray(node_slots, dtype=np.int32),
+            node_labels=tuple(node_labels),
+            rank=rank,
+            node_of=node_of,
+            shard=shard,
+            dp_of=np.asarray(dp_of, dtype=np.int32),
+            tp_of=np.asarray(tp_of, dtype=np.int32),
+            pp_of=np.asarray(pp_of, dtype=np.int32),
+            local_rank=np.asarray(local_rank, dtype=np.int32),
+            recovering=np.asarray(recovering, dtype=bool),
+            node_order=node_order,
+            node_start=node_start,
+            shard_ids=shard_ids,
+            shard_order=shard_order,
+            shard_start=shard_start,
+        )
 
 
 _cache: dict[str, Any] = {}

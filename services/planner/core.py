@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from flashrecovery.shared.schemas import (Escalation, Fallback, FaultIncident, RecoveryPlan,
-                                          RepairAction)
 from flashrecovery.shared.replicas import choose_sources
+from flashrecovery.shared.schemas import Escalation, Fallback, FaultIncident, RecoveryPlan, RepairAction
 from flashrecovery.shared.settings import NoSparePolicy, PlannerSettings
 from flashrecovery.shared.topology import JobSnapshot
 
@@ -45,20 +44,24 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.no_spare_policy != "wait":
-            raise ValueError(f"no_spare_policy {self.no_spare_policy!r} is not supported yet: "
-                             "only 'wait'")
+            raise ValueError(f"no_spare_policy {self.no_spare_policy!r} is not supported yet: only 'wait'")
 
     @classmethod
-    def from_settings(cls, s: PlannerSettings, *, checkpoint_step: int | None = None,
-                      producer: str = PRODUCER) -> Policy:
-        return cls(**{f: getattr(s, f) for f in PlannerSettings.model_fields},
-                   checkpoint_step=checkpoint_step, producer=producer)
+    def from_settings(
+        cls, s: PlannerSettings, *, checkpoint_step: int | None = None, producer: str = PRODUCER
+    ) -> Policy:
+        return cls(
+            **{f: getattr(s, f) for f in PlannerSettings.model_fields},
+            checkpoint_step=checkpoint_step,
+            producer=producer,
+        )
 
 
 @dataclass(frozen=True)
 class NoPlan:
     """Nothing to recover. `inert` names incidents that need no recovery at all (they name only
     nodes without active ranks): the shell may close them."""
+
     incident_ids: tuple[str, ...]
     reasons: tuple[str, ...]
     inert: tuple[str, ...] = ()
@@ -68,8 +71,9 @@ Decision = RecoveryPlan | Escalation | NoPlan
 FaultHistory = Mapping[str, Mapping[str, float]]  # node id -> {incident id: fault time}
 
 
-def plan_id_for(job_id: str, incident_ids: Iterable[str], target_generation: int,
-                fallback: Fallback = Fallback.NONE) -> str:
+def plan_id_for(
+    job_id: str, incident_ids: Iterable[str], target_generation: int, fallback: Fallback = Fallback.NONE
+) -> str:
     """Deterministic: a replayed incident yields the same id. The fallback kind is part of it so
     a WAIT plan and the real plan made once capacity arrives do not collide."""
     text = f"{job_id}|{','.join(sorted(set(incident_ids)))}|{target_generation}|{fallback.value}"
@@ -109,8 +113,7 @@ def known_incident_refusal(record: Mapping[str, str]) -> str | None:
     return f"incident already {phase}"
 
 
-def quarantined(incidents: Iterable[FaultIncident], history: FaultHistory, now: float,
-                policy: Policy) -> set[str]:
+def quarantined(incidents: Iterable[FaultIncident], history: FaultHistory, now: float, policy: Policy) -> set[str]:
     """Nodes with at least quarantine_faults distinct faults in the window ending at now. The
     history is keyed by incident id, so a replayed incident is not counted twice."""
     seen: dict[str, dict[str, float]] = {n: dict(v) for n, v in history.items()}
@@ -118,8 +121,7 @@ def quarantined(incidents: Iterable[FaultIncident], history: FaultHistory, now: 
         for n in inc.root_cause_nodes:
             seen.setdefault(n, {})[inc.incident_id] = inc.detected_at
     lo = now - policy.quarantine_window_s
-    return {n for n, faults in seen.items()
-            if sum(1 for t in faults.values() if t >= lo) >= policy.quarantine_faults}
+    return {n for n, faults in seen.items() if sum(1 for t in faults.values() if t >= lo) >= policy.quarantine_faults}
 
 
 @dataclass
@@ -156,18 +158,20 @@ def _collect(inp: PlanInput, incidents: list[FaultIncident]) -> _Faults:
             if pos.size == 0 and nodes:
                 pos = np.concatenate([inp.ranks_on(n) for n in nodes])
                 if pos.size:
-                    f.reasons.append(f"{iid}: no ranks named; restarting every rank of "
-                                     f"{[inp.node_ids[n] for n in nodes]}")
+                    f.reasons.append(
+                        f"{iid}: no ranks named; restarting every rank of {[inp.node_ids[n] for n in nodes]}"
+                    )
             if pos.size == 0:
                 f.reasons.append(f"{iid}: names no active rank")
             # A rank a superseded plan already moved off the incident's node runs there as an
             # assigned standby: it is restored again (PlanInput.recovering), not restarted once
             # more (that killed the fresh standby and left the next rank a cold start in place).
-            moved = [p for p in pos.tolist() if inp.recovering[p] and nodes
-                     and int(inp.node_of[p]) not in nodes]
+            moved = [p for p in pos.tolist() if inp.recovering[p] and nodes and int(inp.node_of[p]) not in nodes]
             if moved:
-                f.reasons.append(f"{iid}: ranks {inp.rank[moved].tolist()} already moved by a "
-                                 "superseded plan: restored again, not restarted")
+                f.reasons.append(
+                    f"{iid}: ranks {inp.rank[moved].tolist()} already moved by a "
+                    "superseded plan: restored again, not restarted"
+                )
             for p in pos.tolist():
                 f.contributed.add(iid)
                 if p not in moved:
@@ -177,9 +181,15 @@ def _collect(inp: PlanInput, incidents: list[FaultIncident]) -> _Faults:
     return f
 
 
-def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], policy: Policy,
-         now: float, *, fault_history: FaultHistory | None = None,
-         active_plan: RecoveryPlan | None = None) -> Decision:
+def plan(
+    snapshot: JobSnapshot | PlanInput,
+    incidents: Iterable[FaultIncident],
+    policy: Policy,
+    now: float,
+    *,
+    fault_history: FaultHistory | None = None,
+    active_plan: RecoveryPlan | None = None,
+) -> Decision:
     """Decide the recovery for the union of open `incidents`. `active_plan` is the plan the
     executor is driving now, if any: the result then supersedes it. `fault_history` holds the
     earlier faults per node (from Redis) for quarantine.
@@ -198,8 +208,9 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
     quarantine, q_idx = _quarantine(inp, incs, faults, fault_history or {}, now, policy, reasons)
     restart, healthy, faulty_idx = _restart_set(inp, faults, reasons)
     moves, lacking = _placement(inp, faults, q_idx, faulty_idx, policy, reasons)
-    draft = _Draft(inp, ids, now, policy, reasons, quarantine, faulty_idx,
-                   active_plan.plan_id if active_plan is not None else None)
+    draft = _Draft(
+        inp, ids, now, policy, reasons, quarantine, faulty_idx, active_plan.plan_id if active_plan is not None else None
+    )
     restart_pos = np.flatnonzero(restart)
     transfers, lost = choose_sources(inp, restart_pos, healthy)
     if lost:
@@ -209,8 +220,10 @@ def plan(snapshot: JobSnapshot | PlanInput, incidents: Iterable[FaultIncident], 
     return draft.recovery(moves, restart_pos, transfers)
 
 
-def _own_incidents(inp: PlanInput, incidents: Iterable[FaultIncident],
-                   ) -> tuple[list[FaultIncident], tuple[str, ...], list[str]]:
+def _own_incidents(
+    inp: PlanInput,
+    incidents: Iterable[FaultIncident],
+) -> tuple[list[FaultIncident], tuple[str, ...], list[str]]:
     """This job's incidents, one per id, in id order (another job's are named and dropped)."""
     reasons: list[str] = []
     by_id: dict[str, FaultIncident] = {}
@@ -222,8 +235,11 @@ def _own_incidents(inp: PlanInput, incidents: Iterable[FaultIncident],
     return list(by_id.values()), tuple(by_id), reasons
 
 
-def _new_incidents(ids: tuple[str, ...], reasons: list[str], active_plan: RecoveryPlan | None,
-                   ) -> tuple[list[str], NoPlan | None]:
+def _new_incidents(
+    ids: tuple[str, ...],
+    reasons: list[str],
+    active_plan: RecoveryPlan | None,
+) -> tuple[list[str], NoPlan | None]:
     """The incidents the active plan does not cover yet, or the NoPlan saying there are none."""
     if not ids:
         return [], NoPlan(ids, tuple(reasons + ["no incident for this job"]))
@@ -235,27 +251,39 @@ def _new_incidents(ids: tuple[str, ...], reasons: list[str], active_plan: Recove
     return new_ids, None
 
 
-def _inert(ids: tuple[str, ...], new_ids: list[str], faults: _Faults, reasons: list[str],
-           active_plan: RecoveryPlan | None) -> NoPlan | None:
+def _inert(
+    ids: tuple[str, ...], new_ids: list[str], faults: _Faults, reasons: list[str], active_plan: RecoveryPlan | None
+) -> NoPlan | None:
     """The NoPlan when no new incident names a node or rank with active work, else None."""
     inert = tuple(i for i in new_ids if i not in faults.contributed)
     if len(inert) < len(new_ids):
         return None
-    why = "incidents name no node or rank with active work" if active_plan is None else \
-        f"new incidents need no recovery; active plan {active_plan.plan_id} continues"
+    why = (
+        "incidents name no node or rank with active work"
+        if active_plan is None
+        else f"new incidents need no recovery; active plan {active_plan.plan_id} continues"
+    )
     return NoPlan(ids, tuple(reasons + [why]), inert)
 
 
-def _quarantine(inp: PlanInput, incs: list[FaultIncident], faults: _Faults, history: FaultHistory,
-                now: float, policy: Policy, reasons: list[str]) -> tuple[list[str], set[int]]:
+def _quarantine(
+    inp: PlanInput,
+    incs: list[FaultIncident],
+    faults: _Faults,
+    history: FaultHistory,
+    now: float,
+    policy: Policy,
+    reasons: list[str],
+) -> tuple[list[str], set[int]]:
     """A node faulting repeatedly leaves the job for good, so its ranks all move: its process
     restarts become a replacement. Returns (quarantined node ids, their indices)."""
     q_names = quarantined(incs, history, now, policy)
     quarantine = sorted(n for n in q_names if n in inp.node_index)
     q_idx = {inp.node_index[n] for n in quarantine}
     for name in quarantine:
-        reasons.append(f"{name}: {policy.quarantine_faults}+ faults within "
-                       f"{policy.quarantine_window_s:g}s: quarantined")
+        reasons.append(
+            f"{name}: {policy.quarantine_faults}+ faults within {policy.quarantine_window_s:g}s: quarantined"
+        )
     for n in sorted(set(faults.proc) & q_idx):
         faults.replace.add(n)
     for n in faults.replace:
@@ -263,8 +291,11 @@ def _quarantine(inp: PlanInput, incs: list[FaultIncident], faults: _Faults, hist
     return quarantine, q_idx
 
 
-def _restart_set(inp: PlanInput, faults: _Faults, reasons: list[str],
-                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _restart_set(
+    inp: PlanInput,
+    faults: _Faults,
+    reasons: list[str],
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(restart mask over rank positions, healthy mask: may serve as a replica, faulty node
     indices). Ranks still recovering from a superseded plan are restarted again."""
     node_faulty = np.zeros(len(inp.node_ids), dtype=bool)
@@ -276,14 +307,16 @@ def _restart_set(inp: PlanInput, faults: _Faults, reasons: list[str],
     for arr in replace_pos + proc_pos:
         restart[arr] = True
     if restart[inp.recovering].any():
-        reasons.append(f"{int(inp.recovering.sum())} ranks still recovering from a superseded "
-                       "plan: restored again, not moved")
+        reasons.append(
+            f"{int(inp.recovering.sum())} ranks still recovering from a superseded plan: restored again, not moved"
+        )
     healthy = ~restart & ~node_faulty[inp.node_of]
     return restart, healthy, faulty_idx
 
 
-def _placement(inp: PlanInput, faults: _Faults, q_idx: set[int], faulty_idx: list[int],
-               policy: Policy, reasons: list[str]) -> tuple[list[tuple[int, int, str]], list[Group]]:
+def _placement(
+    inp: PlanInput, faults: _Faults, q_idx: set[int], faulty_idx: list[int], policy: Policy, reasons: list[str]
+) -> tuple[list[tuple[int, int, str]], list[Group]]:
     """Node replacements must move; software restarts move to a standby (or stay). A rank still
     recovering from a superseded plan moves again only if its current node is named now;
     otherwise it keeps its standby and only needs a source. Returns ((position, target node,
@@ -300,8 +333,10 @@ def _placement(inp: PlanInput, faults: _Faults, q_idx: set[int], faulty_idx: lis
     for g in placement.unplaced:
         if not g.must_move:
             stay.append(g.node)
-            reasons.append(f"{inp.node_ids[g.node]}: no standby slot for {len(g.positions)} "
-                           "restarted processes: restarting in place")
+            reasons.append(
+                f"{inp.node_ids[g.node]}: no standby slot for {len(g.positions)} "
+                "restarted processes: restarting in place"
+            )
     for n in sorted(set(stay)):
         moves += [(p, n, "in_place") for p in sorted(faults.proc[n])]
     return moves, [g for g in placement.unplaced if g.must_move]
@@ -311,9 +346,17 @@ class _Draft:
     """What every outcome of one plan() call shares (ids, generation, superseded plan, faulty
     and quarantined nodes, the reasons so far), and the three outcomes."""
 
-    def __init__(self, inp: PlanInput, ids: tuple[str, ...], now: float, policy: Policy,
-                 reasons: list[str], quarantine: list[str], faulty_idx: list[int],
-                 supersedes: str | None) -> None:
+    def __init__(
+        self,
+        inp: PlanInput,
+        ids: tuple[str, ...],
+        now: float,
+        policy: Policy,
+        reasons: list[str],
+        quarantine: list[str],
+        faulty_idx: list[int],
+        supersedes: str | None,
+    ) -> None:
         self.inp, self.ids, self.now, self.policy = inp, ids, now, policy
         self.reasons, self.quarantine, self.supersedes = reasons, quarantine, supersedes
         self.target_gen = inp.generation + 1
@@ -327,54 +370,88 @@ class _Draft:
         plan could only end in a job that resumes with missing state. Say so instead."""
         inp, policy = self.inp, self.policy
         ck = "unknown" if policy.checkpoint_step is None else str(policy.checkpoint_step)
-        why = "; ".join(f"every replica of shard {s} lost and no checkpoint restore is implemented"
-                        for s in lost)
-        return Escalation(event_id=plan_id_for(inp.job_id, self.ids, self.target_gen, Fallback.CHECKPOINT)
-                          .replace("plan-", "esc-"),
-                          job_id=inp.job_id, generation=inp.generation, emitted_at=self.now,
-                          producer=policy.producer, incident_ids=self.ids,
-                          reason="; ".join([*self.reasons, f"{why} (last durable checkpoint step {ck}): "
-                                            "restart the job from its checkpoint"]))
+        why = "; ".join(f"every replica of shard {s} lost and no checkpoint restore is implemented" for s in lost)
+        return Escalation(
+            event_id=plan_id_for(inp.job_id, self.ids, self.target_gen, Fallback.CHECKPOINT).replace("plan-", "esc-"),
+            job_id=inp.job_id,
+            generation=inp.generation,
+            emitted_at=self.now,
+            producer=policy.producer,
+            incident_ids=self.ids,
+            reason="; ".join(
+                [*self.reasons, f"{why} (last durable checkpoint step {ck}): restart the job from its checkpoint"]
+            ),
+        )
 
     def wait_for_capacity(self, lacking: list[Group], restart_pos: np.ndarray) -> RecoveryPlan:
         inp = self.inp
         need = sum(len(g.positions) for g in lacking)
         names = [inp.node_ids[g.node] for g in lacking]
-        self.reasons.append(f"no spare capacity: {need} standby slots needed for {names}; waiting "
-                            "for capacity")
-        return self._build(Fallback.WAIT, restart_ranks=restart_pos, replacements=[], transfers=[],
-                           groups_=rebuild_groups(inp, restart_pos))
+        self.reasons.append(f"no spare capacity: {need} standby slots needed for {names}; waiting for capacity")
+        return self._build(
+            Fallback.WAIT,
+            restart_ranks=restart_pos,
+            replacements=[],
+            transfers=[],
+            groups_=rebuild_groups(inp, restart_pos),
+        )
 
-    def recovery(self, moves: list[tuple[int, int, str]], restart_pos: np.ndarray,
-                 transfers: list[dict[str, int]]) -> RecoveryPlan:
+    def recovery(
+        self, moves: list[tuple[int, int, str]], restart_pos: np.ndarray, transfers: list[dict[str, int]]
+    ) -> RecoveryPlan:
         # Plain dicts: the plan model validates them all in one (compiled) pass, much cheaper than
         # one model object per restarted rank.
         inp = self.inp
         moves = sorted(moves)
         at = np.fromiter((m[0] for m in moves), dtype=np.int64, count=len(moves))
-        replacements = [{"rank": r, "from_node": inp.node_ids[f], "to_node": inp.node_ids[t],
-                         "local_rank": lr, "mode": mode}
-                        for r, f, lr, (_, t, mode) in zip(inp.rank[at].tolist(), inp.node_of[at].tolist(),
-                                                          inp.local_rank[at].tolist(), moves)]
+        replacements = [
+            {"rank": r, "from_node": inp.node_ids[f], "to_node": inp.node_ids[t], "local_rank": lr, "mode": mode}
+            for r, f, lr, (_, t, mode) in zip(
+                inp.rank[at].tolist(), inp.node_of[at].tolist(), inp.local_rank[at].tolist(), moves
+            )
+        ]
         groups_ = rebuild_groups(inp, restart_pos)
-        self.reasons.append(f"restart {restart_pos.size} ranks on {len(self.faulty_nodes)} faulty nodes, "
-                            f"resume at step {self.next_step}")
-        return self._build(Fallback.NONE, restart_ranks=restart_pos, replacements=replacements,
-                           transfers=transfers, groups_=groups_)
+        self.reasons.append(
+            f"restart {restart_pos.size} ranks on {len(self.faulty_nodes)} faulty nodes, "
+            f"resume at step {self.next_step}"
+        )
+        return self._build(
+            Fallback.NONE, restart_ranks=restart_pos, replacements=replacements, transfers=transfers, groups_=groups_
+        )
 
-    def _build(self, fallback: Fallback, *, restart_ranks: np.ndarray, replacements: list[dict[str, Any]],
-               transfers: list[dict[str, int]], groups_: tuple[str, ...]) -> RecoveryPlan:
+    def _build(
+        self,
+        fallback: Fallback,
+        *,
+        restart_ranks: np.ndarray,
+        replacements: list[dict[str, Any]],
+        transfers: list[dict[str, int]],
+        groups_: tuple[str, ...],
+    ) -> RecoveryPlan:
         inp = self.inp
         pid = plan_id_for(inp.job_id, self.ids, self.target_gen, fallback)
         return RecoveryPlan(
-            event_id=pid, job_id=inp.job_id, generation=inp.generation, emitted_at=self.now,
-            producer=self.policy.producer, plan_id=pid, incident_ids=self.ids,
-            supersedes=self.supersedes, target_generation=self.target_gen,
-            world_size=inp.world_size, restart_ranks=tuple(inp.rank[restart_ranks].tolist()),
-            faulty_nodes=self.faulty_nodes, replacements=tuple(replacements),
-            transfers=tuple(transfers), recovery_step=self.next_step, rebuild_groups=groups_,
-            quarantine_nodes=tuple(self.quarantine), fallback=fallback,
-            steps_lost_estimate=0, reasons=tuple(self.reasons))
+            event_id=pid,
+            job_id=inp.job_id,
+            generation=inp.generation,
+            emitted_at=self.now,
+            producer=self.policy.producer,
+            plan_id=pid,
+            incident_ids=self.ids,
+            supersedes=self.supersedes,
+            target_generation=self.target_gen,
+            world_size=inp.world_size,
+            restart_ranks=tuple(inp.rank[restart_ranks].tolist()),
+            faulty_nodes=self.faulty_nodes,
+            replacements=tuple(replacements),
+            transfers=tuple(transfers),
+            recovery_step=self.next_step,
+            rebuild_groups=groups_,
+            quarantine_nodes=tuple(self.quarantine),
+            fallback=fallback,
+            steps_lost_estimate=0,
+            reasons=tuple(self.reasons),
+        )
 
 
 def rebuild_groups(inp: PlanInput, restart_pos: np.ndarray) -> tuple[str, ...]:
@@ -394,4 +471,3 @@ def rebuild_groups(inp: PlanInput, restart_pos: np.ndarray) -> tuple[str, ...]:
     if inp.pp > 1:
         out += [f"pp:dp={a},tp={b}" for a, b in sorted(set(zip(d.tolist(), t.tolist())))]
     return tuple(out)
-

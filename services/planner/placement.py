@@ -72,15 +72,16 @@ def place(inp: PlanInput, groups: list[Group], excluded: Iterable[int]) -> Place
         loc = _locality(inp, g.node, spares)
         fits = free >= need
         if fits.any():
-            key = np.where(fits, (-loc * big + (free - need)) * big + np.arange(spares.size),
-                           np.iinfo(np.int64).max)
+            key = np.where(fits, (-loc * big + (free - need)) * big + np.arange(spares.size), np.iinfo(np.int64).max)
             j = int(np.argmin(key))
             free[j] -= need
             for p in g.positions:
                 target[p] = int(spares[j])
             if loc.size and loc[j] > 0:
-                reasons.append(f"{inp.node_ids[g.node]} -> {inp.node_ids[spares[j]]}: same "
-                               f"{', '.join(k for k, v in inp.node_labels[g.node].items() if inp.node_labels[spares[j]].get(k) == v)}")
+                reasons.append(
+                    f"{inp.node_ids[g.node]} -> {inp.node_ids[spares[j]]}: same "
+                    f"{', '.join(k for k, v in inp.node_labels[g.node].items() if inp.node_labels[spares[j]].get(k) == v)}"
+                )
             continue
         if int(free.sum()) < need:
             unplaced.append(g)
@@ -100,6 +101,5 @@ def place(inp: PlanInput, groups: list[Group], excluded: Iterable[int]) -> Place
             used.append(inp.node_ids[spares[j]])
             if not left:
                 break
-        reasons.append(f"{inp.node_ids[g.node]}: no spare holds all {need} ranks; split over "
-                       f"{', '.join(used)}")
+        reasons.append(f"{inp.node_ids[g.node]}: no spare holds all {need} ranks; split over {', '.join(used)}")
     return Placement(target=target, unplaced=tuple(unplaced), reasons=tuple(reasons))

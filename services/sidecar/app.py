@@ -16,20 +16,44 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flashrecovery.shared import channel as ch
 from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import channel as ch
 from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.process import die_with_parent
 from flashrecovery.shared.registry import Registry
-from flashrecovery.shared.schemas import (CommandAck, CommandAction, ExecutorCommand, LogEvent,
-                                          NodeHeartbeat, NodeRole, RankReport, RankState,
-                                          RankColumns, RankStatus, ReportColumns, WorkerExit)
+from flashrecovery.shared.schemas import (
+    CommandAck,
+    CommandAction,
+    ExecutorCommand,
+    LogEvent,
+    NodeHeartbeat,
+    NodeRole,
+    RankColumns,
+    RankReport,
+    RankState,
+    RankStatus,
+    ReportColumns,
+    WorkerExit,
+)
 from flashrecovery.shared.settings import Settings, agent_env
 
-from .core import (CommandGate, RegistryView, TokenBucket, WorkerPlace, command_refusal, node_rank, prefilter,
-                   ranks_to_kill, reports_stages, stage_failure, stage_reached, worker_argv, worker_env)
+from .core import (
+    CommandGate,
+    RegistryView,
+    TokenBucket,
+    WorkerPlace,
+    command_refusal,
+    node_rank,
+    prefilter,
+    ranks_to_kill,
+    reports_stages,
+    stage_failure,
+    stage_reached,
+    worker_argv,
+    worker_env,
+)
 
 
 @dataclass
@@ -79,9 +103,16 @@ class SidecarService:
         self.run_dir = Path(settings.runtime_dir) / "sidecars" / self.node_id
         self.sock_path = Path("/tmp") / f"fr-{settings.job_id[:24]}-{self.node_id}-{os.getpid()}.sock"
         self.producer = busmod.Producer(settings.kafka_bootstrap, settings.bus, f"sidecar-{self.node_id}")
-        self.consumer = busmod.Consumer(settings.kafka_bootstrap, settings.bus, [T.COMMANDS], None,
-                                        self.on_command, self.producer, f"sidecar-{self.node_id}",
-                                        from_latest=True)
+        self.consumer = busmod.Consumer(
+            settings.kafka_bootstrap,
+            settings.bus,
+            [T.COMMANDS],
+            None,
+            self.on_command,
+            self.producer,
+            f"sidecar-{self.node_id}",
+            from_latest=True,
+        )
         self.registry = Registry.from_url(settings.redis_url, settings.job_id)
         self.seq = 0
         self.stopping = asyncio.Event()
@@ -117,7 +148,7 @@ class SidecarService:
         for w in list(self.workers.values()):
             try:
                 await asyncio.wait_for(w.proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self.consumer.stop()
         for t in list(self.tasks):
@@ -136,24 +167,39 @@ class SidecarService:
 
     # ------------------------------------------------------------------ workers
     def _ranked(self) -> list[Worker]:
-        return sorted((w for w in self.workers.values() if w.rank is not None and w.proc.returncode is None),
-                      key=lambda w: w.local_rank)
+        return sorted(
+            (w for w in self.workers.values() if w.rank is not None and w.proc.returncode is None),
+            key=lambda w: w.local_rank,
+        )
 
     def _standbys(self) -> list[Worker]:
-        return [w for w in self.workers.values()
-                if w.rank is None and w.proc.returncode is None]
+        return [w for w in self.workers.values() if w.rank is None and w.proc.returncode is None]
 
     async def _launch(self, local_rank: int, rank: int | None) -> Worker:
         hosted = self.cfg.rank_list()
-        env = worker_env(dict(os.environ), WorkerPlace(
-            job_id=self.s.job_id, node_id=self.node_id, node_rank=node_rank(self.cfg.node_rank, hosted),
-            rank=rank, local_rank=local_rank,
-            local_world_size=self.cfg.local_world_size or len(hosted) or self.cfg.capacity,
-            world_size=self.cfg.world_size, generation=self.gate.generation, rdzv=self.s.rdzv or "",
-            agent_socket=str(self.sock_path), local_rank_base=self.cfg.local_rank_base))
+        env = worker_env(
+            dict(os.environ),
+            WorkerPlace(
+                job_id=self.s.job_id,
+                node_id=self.node_id,
+                node_rank=node_rank(self.cfg.node_rank, hosted),
+                rank=rank,
+                local_rank=local_rank,
+                local_world_size=self.cfg.local_world_size or len(hosted) or self.cfg.capacity,
+                world_size=self.cfg.world_size,
+                generation=self.gate.generation,
+                rdzv=self.s.rdzv or "",
+                agent_socket=str(self.sock_path),
+                local_rank_base=self.cfg.local_rank_base,
+            ),
+        )
         env.setdefault(agent_env("rebuild_timeout_s"), str(self.cfg.rebuild_timeout_s))
-        argv = worker_argv(sys.executable, "" if self.cfg.worker_script else self.cfg.worker_module,
-                           self.cfg.worker_script, shlex.split(self.cfg.worker_args))
+        argv = worker_argv(
+            sys.executable,
+            "" if self.cfg.worker_script else self.cfg.worker_module,
+            self.cfg.worker_script,
+            shlex.split(self.cfg.worker_args),
+        )
         nice = self.cfg.worker_nice
 
         def prepare_child() -> None:
@@ -162,13 +208,20 @@ class SidecarService:
             # A worker never outlives its sidecar: the node is the sidecar and its workers.
             die_with_parent(signal.SIGKILL)
 
-        proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE, preexec_fn=prepare_child)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=prepare_child
+        )
         name = f"rank{rank}" if rank is not None else f"standby{proc.pid}"
-        w = Worker(proc=proc, local_rank=local_rank, rank=rank, standby=rank is None,
-                   log_path=self.run_dir / f"{name}.log", generation=self.gate.generation,
-                   state=RankState.STARTING if rank is not None else RankState.STANDBY,
-                   bucket=TokenBucket(self.cfg.log_lines_per_s, self.cfg.log_burst))
+        w = Worker(
+            proc=proc,
+            local_rank=local_rank,
+            rank=rank,
+            standby=rank is None,
+            log_path=self.run_dir / f"{name}.log",
+            generation=self.gate.generation,
+            state=RankState.STARTING if rank is not None else RankState.STANDBY,
+            bucket=TokenBucket(self.cfg.log_lines_per_s, self.cfg.log_burst),
+        )
         self.workers[proc.pid] = w
         self._spawn(self._watch_exit(w))
         self._spawn(self._tail(w, proc.stdout, "stdout"))
@@ -198,10 +251,21 @@ class SidecarService:
         expected = w.expected_exit or (rc == 0 and w.state == RankState.DONE)
         self.log.info("worker_exited", rank=w.rank, pid=w.pid, code=rc, signal=sig, expected=expected)
         if not self.stopping.is_set():
-            await self.producer.publish(WorkerExit(
-                job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
-                node_id=self.node_id, rank=w.rank, pid=w.pid, exit_code=None if sig else rc, signal=sig,
-                step=w.step, expected=expected), wait=True)
+            await self.producer.publish(
+                WorkerExit(
+                    job_id=self.s.job_id,
+                    generation=self.gate.generation,
+                    producer=f"sidecar-{self.node_id}",
+                    node_id=self.node_id,
+                    rank=w.rank,
+                    pid=w.pid,
+                    exit_code=None if sig else rc,
+                    signal=sig,
+                    step=w.step,
+                    expected=expected,
+                ),
+                wait=True,
+            )
         async with self.events:
             self.events.notify_all()
         if plain and w.state == RankState.DONE:
@@ -209,11 +273,15 @@ class SidecarService:
         elif plain and self.cfg.exit_with_job and not self.stopping.is_set():
             how = f"signal {sig}" if sig else f"exit code {rc}"
             if w.rank is None:
-                why = (f"a standby (pid {w.pid}) ended ({how}) without connecting to the agent: a plain "
-                       "script (no flashrecovery agent) cannot have standbys, use --standbys 0")
+                why = (
+                    f"a standby (pid {w.pid}) ended ({how}) without connecting to the agent: a plain "
+                    "script (no flashrecovery agent) cannot have standbys, use --standbys 0"
+                )
             else:
-                why = (f"rank {w.rank} (pid {w.pid}) ended ({how}) and cannot be recovered: it never "
-                       "connected to the flashrecovery agent (a plain script)")
+                why = (
+                    f"rank {w.rank} (pid {w.pid}) ended ({how}) and cannot be recovered: it never "
+                    "connected to the flashrecovery agent (a plain script)"
+                )
             self._end(1, f"{why}; its output: {w.log_path}")
         await self._end_if_job_finished()
 
@@ -225,8 +293,12 @@ class SidecarService:
         self.stopping.set()
 
     async def _end_if_job_finished(self) -> None:
-        if (self.cfg.exit_with_job and not self.stopping.is_set() and not self._ranked()
-                and await self.registry.job_finished()):
+        if (
+            self.cfg.exit_with_job
+            and not self.stopping.is_set()
+            and not self._ranked()
+            and await self.registry.job_finished()
+        ):
             self._end(0, "every rank of the job finished")
 
     async def _tail(self, w: Worker, stream: asyncio.StreamReader, name: str) -> None:
@@ -240,10 +312,19 @@ class SidecarService:
                 line = raw.decode(errors="replace").rstrip()
                 hint = prefilter(line)
                 if hint and w.bucket.allow(time.monotonic()) and not self.stopping.is_set():
-                    await self.producer.publish(LogEvent(
-                        job_id=self.s.job_id, generation=self.gate.generation,
-                        producer=f"sidecar-{self.node_id}", node_id=self.node_id, rank=w.rank,
-                        stream=name, line=line[:2000], hint=hint), wait=True)
+                    await self.producer.publish(
+                        LogEvent(
+                            job_id=self.s.job_id,
+                            generation=self.gate.generation,
+                            producer=f"sidecar-{self.node_id}",
+                            node_id=self.node_id,
+                            rank=w.rank,
+                            stream=name,
+                            line=line[:2000],
+                            hint=hint,
+                        ),
+                        wait=True,
+                    )
 
     async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         worker: Worker | None = None
@@ -319,8 +400,11 @@ class SidecarService:
 
     def _finished_waiting(self) -> list[Worker]:
         """Finished workers still up as replicas (not told to stop yet)."""
-        return [w for w in self.workers.values()
-                if w.state == RankState.DONE and not w.expected_exit and w.proc.returncode is None]
+        return [
+            w
+            for w in self.workers.values()
+            if w.state == RankState.DONE and not w.expected_exit and w.proc.returncode is None
+        ]
 
     async def _stop_finished(self) -> None:
         """Stop this node's finished workers (idempotent: a stopped one is skipped)."""
@@ -366,22 +450,40 @@ class SidecarService:
 
     async def _heartbeat(self) -> None:
         now = time.monotonic()
-        ranks = tuple(RankStatus(
-            rank=w.rank, local_rank=w.local_rank, pid=w.pid, state=w.state, step=w.step,
-            step_time_s=w.step_time_s, generation=self.gate.generation, long_phase=w.long_phase,
-            long_phase_expected_s=w.long_phase_expected_s,
-            since_progress_s=round(now - w.last_progress, 3), proc_state=proc_state(w.pid))
+        ranks = tuple(
+            RankStatus(
+                rank=w.rank,
+                local_rank=w.local_rank,
+                pid=w.pid,
+                state=w.state,
+                step=w.step,
+                step_time_s=w.step_time_s,
+                generation=self.gate.generation,
+                long_phase=w.long_phase,
+                long_phase_expected_s=w.long_phase_expected_s,
+                since_progress_s=round(now - w.last_progress, 3),
+                proc_state=proc_state(w.pid),
+            )
             for w in sorted(self.workers.values(), key=lambda w: (w.rank is None, w.rank or 0))
-            if w.proc.returncode is None)
+            if w.proc.returncode is None
+        )
         role = NodeRole.SPARE if self.cfg.role == "spare" and not self._ranked() else NodeRole.ACTIVE
         # Taken before the await: a beat sent out of turn (an unanswered pause) and the loop's
         # beat must not share a seq, or the detector drops the second as a duplicate.
         seq, self.seq = self.seq, self.seq + 1
-        await self.producer.publish(NodeHeartbeat(
-            job_id=self.s.job_id, generation=self.gate.generation, producer=f"sidecar-{self.node_id}",
-            node_id=self.node_id, role=role, seq=seq, interval_s=self.cfg.heartbeat_interval_s,
-            standby_ready=sum(1 for w in self._standbys() if w.writer),
-            **({"rank_columns": RankColumns.of(ranks)} if self.cfg.rank_columns else {"ranks": ranks})))
+        await self.producer.publish(
+            NodeHeartbeat(
+                job_id=self.s.job_id,
+                generation=self.gate.generation,
+                producer=f"sidecar-{self.node_id}",
+                node_id=self.node_id,
+                role=role,
+                seq=seq,
+                interval_s=self.cfg.heartbeat_interval_s,
+                standby_ready=sum(1 for w in self._standbys() if w.writer),
+                **({"rank_columns": RankColumns.of(ranks)} if self.cfg.rank_columns else {"ranks": ranks}),
+            )
+        )
         await self.registry.heartbeat_liveness("sidecar", self.node_id, ttl_s=5)
         M.HEARTBEATS_SENT.labels(self.node_id).inc()
         M.STANDBYS_READY.labels(self.node_id).set(sum(1 for w in self._standbys() if w.writer))
@@ -411,14 +513,26 @@ class SidecarService:
             if why is not None:
                 # Never acked: a negative ack under a real command's id would fail its phase.
                 self.gate.refused_commands += 1
-                self.log.warning("command_refused", command_id=cmd.command_id[:100], action=cmd.action,
-                                 generation=cmd.generation, reason=why, refused=self.gate.refused_commands)
+                self.log.warning(
+                    "command_refused",
+                    command_id=cmd.command_id[:100],
+                    action=cmd.action,
+                    generation=cmd.generation,
+                    reason=why,
+                    refused=self.gate.refused_commands,
+                )
                 return
         verdict, reason = self.gate.decide(cmd)
         if verdict == "ignore":
             if "stale" in reason:
-                self.log.info("command_ignored", command_id=cmd.command_id, action=cmd.action, reason=reason,
-                              fence_token=cmd.fence_token, refused_tokens=self.gate.refused_tokens)
+                self.log.info(
+                    "command_ignored",
+                    command_id=cmd.command_id,
+                    action=cmd.action,
+                    reason=reason,
+                    fence_token=cmd.fence_token,
+                    refused_tokens=self.gate.refused_tokens,
+                )
             return
         if verdict == "replay":
             for ack in self.gate.handled[cmd.command_id]:
@@ -426,20 +540,40 @@ class SidecarService:
             return
         self.gate.handled[cmd.command_id] = []
         self.gate.generation = max(self.gate.generation, cmd.generation)
-        self.log.info("command", command_id=cmd.command_id, action=cmd.action, generation=cmd.generation,
-                      plan_id=cmd.plan_id)
-        handler = {CommandAction.PAUSE: self._pause, CommandAction.REPLACE: self._replace,
-                   CommandAction.RECOVER: self._recover, CommandAction.STOP: self._stop}[cmd.action]
+        self.log.info(
+            "command", command_id=cmd.command_id, action=cmd.action, generation=cmd.generation, plan_id=cmd.plan_id
+        )
+        handler = {
+            CommandAction.PAUSE: self._pause,
+            CommandAction.REPLACE: self._replace,
+            CommandAction.RECOVER: self._recover,
+            CommandAction.STOP: self._stop,
+        }[cmd.action]
         # Recovery stages arrive over seconds: do not hold the command stream meanwhile.
         self._spawn(handler(cmd))
 
-    async def _ack(self, cmd: ExecutorCommand, stage: str = "done", ok: bool = True, detail: str = "",
-                   ranks: tuple[RankReport, ...] = ()) -> None:
-        ack = CommandAck(job_id=self.s.job_id, generation=cmd.generation, producer=f"sidecar-{self.node_id}",
-                         command_id=cmd.command_id, plan_id=cmd.plan_id, incident_id=cmd.incident_id,
-                         action=cmd.action, node_id=self.node_id, ok=ok, stage=stage, detail=detail,
-                         **({"report_columns": ReportColumns.of(ranks)} if self.cfg.rank_columns and ranks
-                            else {"ranks": ranks}))
+    async def _ack(
+        self,
+        cmd: ExecutorCommand,
+        stage: str = "done",
+        ok: bool = True,
+        detail: str = "",
+        ranks: tuple[RankReport, ...] = (),
+    ) -> None:
+        ack = CommandAck(
+            job_id=self.s.job_id,
+            generation=cmd.generation,
+            producer=f"sidecar-{self.node_id}",
+            command_id=cmd.command_id,
+            plan_id=cmd.plan_id,
+            incident_id=cmd.incident_id,
+            action=cmd.action,
+            node_id=self.node_id,
+            ok=ok,
+            stage=stage,
+            detail=detail,
+            **({"report_columns": ReportColumns.of(ranks)} if self.cfg.rank_columns and ranks else {"ranks": ranks}),
+        )
         self.gate.handled.setdefault(cmd.command_id, []).append(ack)
         await self.producer.publish(ack, wait=True)
 
@@ -469,18 +603,30 @@ class SidecarService:
             if w.state is not RankState.HUNG:  # hung stays hung until the new plan kills it
                 w.state = RankState.PAUSED
             await self._send(w, ch.Pause(generation=cmd.generation))
-        ok = await self._wait_for(lambda: all(w.paused is not None or w.proc.returncode is not None
-                                              for w in targets), self.cfg.pause_timeout_s)
-        reports = tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.paused.applied_step,
-                                   grads_step=w.paused.grads_step, vote_step=w.paused.vote_step)
-                        for w in targets if w.paused is not None)
+        ok = await self._wait_for(
+            lambda: all(w.paused is not None or w.proc.returncode is not None for w in targets),
+            self.cfg.pause_timeout_s,
+        )
+        reports = tuple(
+            RankReport(
+                rank=w.rank,
+                pid=w.pid,
+                applied_step=w.paused.applied_step,
+                grads_step=w.paused.grads_step,
+                vote_step=w.paused.vote_step,
+            )
+            for w in targets
+            if w.paused is not None
+        )
         missing = [w.rank for w in targets if w.paused is None]
         # The replaced ranks' last step reports: not used by the commit rule (they are in the
         # restart set), only to judge whether the recovery lost a step they had applied.
         replaced = set(cmd.kill_ranks)
-        reports += tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step)
-                         for w in self.workers.values()
-                         if w.rank in replaced and w.proc.returncode is not None)
+        reports += tuple(
+            RankReport(rank=w.rank, pid=w.pid, applied_step=w.step)
+            for w in self.workers.values()
+            if w.rank in replaced and w.proc.returncode is not None
+        )
         silent = [w for w in targets if w.paused is None and w.proc.returncode is None]
         if silent:
             # A survivor that does not answer a pause in time is hung (commit-protocol.md): say
@@ -488,15 +634,20 @@ class SidecarService:
             # plan kills it by PID and restarts it. The ack below still reports it missing.
             for w in silent:
                 w.state = RankState.HUNG
-            self.log.error("pause_unanswered", ranks=[w.rank for w in silent],
-                           pids=[w.pid for w in silent], generation=cmd.generation,
-                           timeout_s=self.cfg.pause_timeout_s)
+            self.log.error(
+                "pause_unanswered",
+                ranks=[w.rank for w in silent],
+                pids=[w.pid for w in silent],
+                generation=cmd.generation,
+                timeout_s=self.cfg.pause_timeout_s,
+            )
             try:
                 await self._heartbeat()
             except Exception as exc:  # noqa: BLE001 - the loop's next beat carries it too
                 self.log.warning("heartbeat_failed", error=repr(exc))
-        await self._ack(cmd, ok=ok and not missing, ranks=reports,
-                        detail=f"no pause report from ranks {missing}" if missing else "")
+        await self._ack(
+            cmd, ok=ok and not missing, ranks=reports, detail=f"no pause report from ranks {missing}" if missing else ""
+        )
 
     async def _replace(self, cmd: ExecutorCommand) -> None:
         await self._kill(set(cmd.kill_ranks))
@@ -533,40 +684,72 @@ class SidecarService:
         ranks = [w.rank for w in targets]
         for w in targets:
             w.state, w.recover_error = RankState.RECOVERING, None
-            await self._send(w, ch.Recover(
-                generation=cmd.generation, world_size=cmd.world_size, commit_step=cmd.commit_step,
-                resume_step=cmd.resume_step if cmd.resume_step is not None else 0,
-                transfers=tuple(ch.Transfer(src=t.src, dst=t.dst) for t in cmd.transfers)))
+            await self._send(
+                w,
+                ch.Recover(
+                    generation=cmd.generation,
+                    world_size=cmd.world_size,
+                    commit_step=cmd.commit_step,
+                    resume_step=cmd.resume_step if cmd.resume_step is not None else 0,
+                    transfers=tuple(ch.Transfer(src=t.src, dst=t.dst) for t in cmd.transfers),
+                ),
+            )
         timeout = self.s.executor.phase_timeout_s
+
         def failure(stage: str) -> str | None:
-            return stage_failure(stage, ranks, {w.rank: w.progress for w in targets},
-                                 {w.rank: w.recover_error for w in targets if w.recover_error})
+            return stage_failure(
+                stage,
+                ranks,
+                {w.rank: w.progress for w in targets},
+                {w.rank: w.recover_error for w in targets if w.recover_error},
+            )
 
         for stage in ("rebuilt", "restored", "resumed"):
             progress = {w.rank: w.progress for w in targets}
-            ok = await self._wait_for(lambda: stage_reached(stage, ranks, progress) or failure(stage) is not None
-                                      or any(w.proc.returncode is not None for w in targets), timeout)
+            ok = await self._wait_for(
+                lambda: (
+                    stage_reached(stage, ranks, progress)
+                    or failure(stage) is not None
+                    or any(w.proc.returncode is not None for w in targets)
+                ),
+                timeout,
+            )
             reached = stage_reached(stage, ranks, progress)
             failed = None if reached else failure(stage)
-            reports = tuple(RankReport(rank=w.rank, pid=w.pid, phase=m.phase, seconds=m.seconds,
-                                       bytes=m.bytes, digest_ok=m.digest_ok)
-                            for w in targets for m in w.progress_msgs if m.phase == stage)
+            reports = tuple(
+                RankReport(
+                    rank=w.rank, pid=w.pid, phase=m.phase, seconds=m.seconds, bytes=m.bytes, digest_ok=m.digest_ok
+                )
+                for w in targets
+                for m in w.progress_msgs
+                if m.phase == stage
+            )
             if failed:
                 self.log.warning("recover_stage_failed", stage=stage, command_id=cmd.command_id, reason=failed)
             if not reached or reports_stages(cmd, self.node_id):
-                await self._ack(cmd, stage=stage, ok=ok and reached, ranks=reports,
-                                detail="" if reached else failed or f"ranks did not reach {stage}")
+                await self._ack(
+                    cmd,
+                    stage=stage,
+                    ok=ok and reached,
+                    ranks=reports,
+                    detail="" if reached else failed or f"ranks did not reach {stage}",
+                )
             if not reached:
                 return
         resume = cmd.resume_step or 0
         # A rank that finished the job right after resuming (the fault was in the last step)
         # has no step left to commit: done at resume - 1 is verified too.
-        ok = await self._wait_for(lambda: all(w.step >= resume or (w.state == RankState.DONE
-                                                                   and w.step >= resume - 1)
-                                              for w in targets), timeout)
+        ok = await self._wait_for(
+            lambda: all(w.step >= resume or (w.state == RankState.DONE and w.step >= resume - 1) for w in targets),
+            timeout,
+        )
         if not ok or reports_stages(cmd, self.node_id):
-            await self._ack(cmd, stage="verified", ok=ok,
-                            ranks=tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step) for w in targets))
+            await self._ack(
+                cmd,
+                stage="verified",
+                ok=ok,
+                ranks=tuple(RankReport(rank=w.rank, pid=w.pid, applied_step=w.step) for w in targets),
+            )
 
     async def _stop(self, cmd: ExecutorCommand) -> None:
         for w in list(self.workers.values()):

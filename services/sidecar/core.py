@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from flashrecovery.shared.schemas import ExecutorCommand
 from flashrecovery.shared.settings import agent_env
@@ -17,7 +17,8 @@ from flashrecovery.shared.settings import agent_env
 PREFILTER = re.compile(
     r"error|exception|traceback|fatal|ecc|xid|nccl|gloo|connection (closed|reset|refused)|"
     r"fallen off|illegal (memory|instruction)|out of memory|timed? ?out|nvlink|abort|segmentation",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def prefilter(line: str) -> str | None:
@@ -28,6 +29,7 @@ def prefilter(line: str) -> str | None:
 @dataclass
 class TokenBucket:
     """Rate limit for forwarded log lines, per worker; the clock is passed in."""
+
     rate: float
     burst: int
     tokens: float = -1.0
@@ -51,6 +53,7 @@ class CommandGate:
     """Acts on each command once, for this node, from the current generation or newer, and
     from the newest executor leader seen: a deposed leader (its fence token lower than one
     already seen) may still be sending; its commands are refused and counted."""
+
     node_id: str
     generation: int = 0
     handled: dict[str, list[Any]] = field(default_factory=dict)  # command id -> acks sent
@@ -80,6 +83,7 @@ class RegistryView:
     """What the registry says about the job when a command arrives: its generation (the
     executor fences, bumping it, before it sends a plan's commands), world size and the
     executor lease's newest fence token (None: not checked)."""
+
     generation: int
     world_size: int
     fence_token: int | None = None
@@ -114,8 +118,9 @@ def stage_reached(stage: str, local_ranks: list[int], progress: dict[int, set[st
     return bool(local_ranks) and all(stage in progress.get(r, set()) for r in local_ranks)
 
 
-def stage_failure(stage: str, local_ranks: list[int], progress: dict[int, set[str]],
-                  errors: dict[int, str]) -> str | None:
+def stage_failure(
+    stage: str, local_ranks: list[int], progress: dict[int, set[str]], errors: dict[int, str]
+) -> str | None:
     """Why this node's ranks cannot reach `stage`, or None: a rank that has not reached it
     reported an error during this recovery (e.g. a restored state failing its digest check).
     Known at once, not at the phase timeout."""
@@ -125,15 +130,15 @@ def stage_failure(stage: str, local_ranks: list[int], progress: dict[int, set[st
     return "; ".join(f"rank {r}: {errors[r]}" for r in failed)
 
 
-def ranks_to_kill(kill_ranks: Iterable[int], generation: int,
-                  workers: Iterable[tuple[int, int | None]]) -> set[int]:
+def ranks_to_kill(kill_ranks: Iterable[int], generation: int, workers: Iterable[tuple[int, int | None]]) -> set[int]:
     """The ranks of `kill_ranks` whose process here is the old one. workers: (rank, generation
     at which a standby became that rank, or None for a rank started as itself). A process
     assigned its rank in this generation or later is the replacement: a retried or replayed
     PAUSE / REPLACE must never kill it."""
     wanted = set(kill_ranks)
-    return {rank for rank, assigned_at in workers
-            if rank in wanted and (assigned_at is None or assigned_at < generation)}
+    return {
+        rank for rank, assigned_at in workers if rank in wanted and (assigned_at is None or assigned_at < generation)
+    }
 
 
 def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:
@@ -147,10 +152,23 @@ def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:
 # ---------------------------------------------------------------- how a worker is started
 # Variables a torchrun worker reads. Set afresh for every worker (a value inherited from the
 # sidecar's own environment would be another job's); RANK and ROLE_RANK only for ranked workers.
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
-                 "TORCHELASTIC_MAX_RESTARTS")
+TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_MAX_RESTARTS",
+)
 
 
 def worker_argv(python: str, module: str, script: str, args: list[str]) -> list[str]:
@@ -165,6 +183,7 @@ def worker_argv(python: str, module: str, script: str, args: list[str]) -> list[
 class WorkerPlace:
     """Where a worker sits in the job. rank None: a standby (it learns its rank from the agent
     when it is assigned one)."""
+
     job_id: str
     node_id: str
     node_rank: int
@@ -189,21 +208,29 @@ def worker_env(base: dict[str, str], place: WorkerPlace) -> dict[str, str]:
     TORCHELASTIC_MAX_RESTARTS is 0: the worker group is never restarted as a whole, a recovery
     replaces single ranks in place. GROUP_RANK is -1 on a spare node (no node rank of its own)."""
     env = {k: v for k, v in base.items() if k not in TORCHRUN_VARS}
-    env.update({
-        agent_env("job_id"): place.job_id, agent_env("node_id"): place.node_id,
-        agent_env("local_rank"): str(place.local_rank),
-        agent_env("world_size"): str(place.world_size),
-        agent_env("generation"): str(place.generation),
-        agent_env("rdzv"): place.rdzv, agent_env("socket"): place.agent_socket,
-        "PYTHONUNBUFFERED": "1",
-        "LOCAL_RANK": str(place.local_rank_base + place.local_rank), "WORLD_SIZE": str(place.world_size),
-        "LOCAL_WORLD_SIZE": str(place.local_world_size), "GROUP_RANK": str(place.node_rank),
-        "GROUP_WORLD_SIZE": str(max(1, place.world_size // max(1, place.local_world_size))),
-        "ROLE_NAME": "default", "ROLE_WORLD_SIZE": str(place.world_size),
-        "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "TORCHELASTIC_RESTART_COUNT": str(place.generation),
-        "TORCHELASTIC_RUN_ID": place.job_id, "TORCHELASTIC_MAX_RESTARTS": "0",
-    })
+    env.update(
+        {
+            agent_env("job_id"): place.job_id,
+            agent_env("node_id"): place.node_id,
+            agent_env("local_rank"): str(place.local_rank),
+            agent_env("world_size"): str(place.world_size),
+            agent_env("generation"): str(place.generation),
+            agent_env("rdzv"): place.rdzv,
+            agent_env("socket"): place.agent_socket,
+            "PYTHONUNBUFFERED": "1",
+            "LOCAL_RANK": str(place.local_rank_base + place.local_rank),
+            "WORLD_SIZE": str(place.world_size),
+            "LOCAL_WORLD_SIZE": str(place.local_world_size),
+            "GROUP_RANK": str(place.node_rank),
+            "GROUP_WORLD_SIZE": str(max(1, place.world_size // max(1, place.local_world_size))),
+            "ROLE_NAME": "default",
+            "ROLE_WORLD_SIZE": str(place.world_size),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RESTART_COUNT": str(place.generation),
+            "TORCHELASTIC_RUN_ID": place.job_id,
+            "TORCHELASTIC_MAX_RESTARTS": "0",
+        }
+    )
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     host, _, port = place.rdzv.rpartition(":")
     if host and port.isdigit():

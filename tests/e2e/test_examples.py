@@ -41,16 +41,37 @@ def _env(tmp: Path, mark: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run(tmp: Path, script: str, args: list[str], out: Path, env: dict[str, str],
-         inject_rank: int | None = None, inject_after_step: int = 0,
-         launcher: tuple[str, ...] = ()) -> tuple[int, str]:
+def _run(
+    tmp: Path,
+    script: str,
+    args: list[str],
+    out: Path,
+    env: dict[str, str],
+    inject_rank: int | None = None,
+    inject_after_step: int = 0,
+    launcher: tuple[str, ...] = (),
+) -> tuple[int, str]:
     """flashrecovery run --standalone ...; with inject_rank, `flashrecovery inject` from another
     process once rank 0 printed step `inject_after_step`. Returns (exit code, all output)."""
-    cmd = [sys.executable, "-m", "flashrecovery", "run", "--standalone", "--nproc-per-node",
-           str(NPROC), "--standbys", "1", "--timeout", "300", *launcher, str(ROOT / script), *args,
-           "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "flashrecovery",
+        "run",
+        "--standalone",
+        "--nproc-per-node",
+        str(NPROC),
+        "--standbys",
+        "1",
+        "--timeout",
+        "300",
+        *launcher,
+        str(ROOT / script),
+        *args,
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()
@@ -61,9 +82,14 @@ def _run(tmp: Path, script: str, args: list[str], out: Path, env: dict[str, str]
                 assert proc.poll() is None, "".join(lines)[-4000:]
                 assert time.monotonic() < deadline, "never reached the step: " + "".join(lines)[-4000:]
                 time.sleep(0.1)
-            inj = subprocess.run([sys.executable, "-m", "flashrecovery", "inject", "process-crash",
-                                  "--rank", str(inject_rank)], env=env, cwd=tmp,
-                                 capture_output=True, text=True, timeout=60)
+            inj = subprocess.run(
+                [sys.executable, "-m", "flashrecovery", "inject", "process-crash", "--rank", str(inject_rank)],
+                env=env,
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert inj.returncode == 0, inj.stdout[-2000:] + inj.stderr[-2000:]
         code = proc.wait(360)
     finally:
@@ -78,9 +104,13 @@ def _states(out: Path) -> dict[int, dict]:
     states = {}
     for r in range(NPROC):
         s = torch.load(out / f"rank{r}.pt", weights_only=False)
-        states[r] = {"model": s["model"], "optimizer": s["optimizer"],
-                     "stateful": {"scheduler": s["scheduler"]}, "step": s.get("step", 0),
-                     "pid": s["pid"]}
+        states[r] = {
+            "model": s["model"],
+            "optimizer": s["optimizer"],
+            "stateful": {"scheduler": s["scheduler"]},
+            "step": s.get("step", 0),
+            "pid": s["pid"],
+        }
     return states
 
 
@@ -99,8 +129,14 @@ def _check(tmp: Path, script: str, args: list[str], killed: int, **run_kw: objec
     code, ref_log = _run(tmp, script, args, tmp / "ref", _env(tmp / "a", mark), launcher=launcher)  # type: ignore[arg-type]
     assert code == 0, ref_log[-4000:]
     fault_env = run_kw.pop("fault_env", {})
-    code, log = _run(tmp, script, args, tmp / "faulted", _env(tmp / "b", mark, **fault_env),  # type: ignore[arg-type]
-                     **run_kw)  # type: ignore[arg-type]
+    code, log = _run(
+        tmp,
+        script,
+        args,
+        tmp / "faulted",
+        _env(tmp / "b", mark, **fault_env),  # type: ignore[arg-type]
+        **run_kw,
+    )  # type: ignore[arg-type]
     assert code == 0, log[-6000:]
     ref, got = _states(tmp / "ref"), _states(tmp / "faulted")
     same, why = states_equal(ref, got)
@@ -121,13 +157,24 @@ def _check(tmp: Path, script: str, args: list[str], killed: int, **run_kw: objec
 def test_ddp_example_recovers_from_an_injected_crash_bitwise(tmp_path: Path) -> None:
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    _check(tmp_path, "examples/ddp_mlp/train.py", ["--steps", "30", "--step-sleep", "0.15"],
-           killed=1, inject_rank=1, inject_after_step=10)
+    _check(
+        tmp_path,
+        "examples/ddp_mlp/train.py",
+        ["--steps", "30", "--step-sleep", "0.15"],
+        killed=1,
+        inject_rank=1,
+        inject_after_step=10,
+    )
 
 
 def test_ddp_tp_example_recovers_from_a_kill_in_the_gradient_allreduce_bitwise(tmp_path: Path) -> None:
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    _check(tmp_path, "examples/ddp_tp_mlp/train.py", ["--tp", "2", "--steps", "24"], killed=1,
-           launcher=("--tp", "2"),
-           fault_env={"FLASHRECOVERY_AGENT_FAULT": "kind=kill,rank=1,step=12,phase=grad_sync"})
+    _check(
+        tmp_path,
+        "examples/ddp_tp_mlp/train.py",
+        ["--tp", "2", "--steps", "24"],
+        killed=1,
+        launcher=("--tp", "2"),
+        fault_env={"FLASHRECOVERY_AGENT_FAULT": "kind=kill,rank=1,step=12,phase=grad_sync"},
+    )

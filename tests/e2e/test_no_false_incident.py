@@ -30,10 +30,15 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_minutes_of_fault_free_training_raise_no_incident(stack, tmp_path):
     job = f"fp-{uuid.uuid4().hex[:8]}"
-    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
-    worker_args = (f"--step-sleep {STEP_SLEEP_S} --slow-step {SLOW[0]}:{SLOW[1]}:{SLOW[2]} "
-                   f"--long-phase {LONG[0]}:{LONG[1]}")
+    settings = Settings(
+        job_id=job,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2),
+    )
+    worker_args = (
+        f"--step-sleep {STEP_SLEEP_S} --slow-step {SLOW[0]}:{SLOW[1]}:{SLOW[2]} --long-phase {LONG[0]}:{LONG[1]}"
+    )
     seen: dict[str, float] = {}
 
     def saw_long_phase() -> bool:
@@ -64,5 +69,6 @@ def test_minutes_of_fault_free_training_raise_no_incident(stack, tmp_path):
     assert f"slow step {SLOW[0]}: {SLOW[1]} s extra on rank {SLOW[2]}" in logs
     assert f"long phase eval after step {LONG[0]}" in logs
     assert not c.timeline.incidents, (
-        f"{len(c.timeline.incidents)} false incident(s); first: {c.timeline.incidents[0].reason}")
+        f"{len(c.timeline.incidents)} false incident(s); first: {c.timeline.incidents[0].reason}"
+    )
     assert not c.timeline.plans

@@ -20,10 +20,15 @@ pytestmark = pytest.mark.timeout(600)
 
 def _cli(settings, *argv: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHRECOVERY_")}
-    env.update(FLASHRECOVERY_REDIS_URL=settings.redis_url, FLASHRECOVERY_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-               FLASHRECOVERY_JOB_ID=settings.job_id, FLASHRECOVERY_LOG_FORMAT="json")
-    res = subprocess.run([sys.executable, "-m", "flashrecovery", *argv], env=env, capture_output=True, text=True,
-                         timeout=60)
+    env.update(
+        FLASHRECOVERY_REDIS_URL=settings.redis_url,
+        FLASHRECOVERY_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        FLASHRECOVERY_JOB_ID=settings.job_id,
+        FLASHRECOVERY_LOG_FORMAT="json",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "flashrecovery", *argv], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, (argv, res.stdout, res.stderr[-2000:])
     return res
 
@@ -53,4 +58,5 @@ def test_a_released_spare_absorbs_a_replacement(stack, tmp_path: Path):
         finally:
             await reg.close()
             await c.stop()
+
     asyncio.run(go())

@@ -31,14 +31,22 @@ STEP_SLEEP_S = 0.3
 pytestmark = pytest.mark.timeout(900)  # the first test also pays for the reference run
 
 
-def _cluster(stack, tmp: Path, fault_env: str | None = None, job_args: str = "",
-             signing_key_file: Path | None = None) -> LocalCluster:
+def _cluster(
+    stack, tmp: Path, fault_env: str | None = None, job_args: str = "", signing_key_file: Path | None = None
+) -> LocalCluster:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2,
-                                        signing_key_file=str(signing_key_file) if signing_key_file else None))
-    return reference_cluster(settings, tmp / job, STEPS, f"--step-sleep {STEP_SLEEP_S} {job_args}",
-                             fault_env=fault_env)
+    settings = Settings(
+        job_id=job,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        bus=BusSettings(
+            topic_namespace=job,
+            telemetry_partitions=2,
+            linger_ms=2,
+            signing_key_file=str(signing_key_file) if signing_key_file else None,
+        ),
+    )
+    return reference_cluster(settings, tmp / job, STEPS, f"--step-sleep {STEP_SLEEP_S} {job_args}", fault_env=fault_env)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +65,7 @@ def _fault_free(stack, tmp: Path, job_args: str = "") -> dict:
             return c.final_states()
         finally:
             await c.stop()
+
     return asyncio.run(go())
 
 
@@ -74,10 +83,16 @@ async def _recover(c: LocalCluster, fault: str, rank: int, during=None) -> dict:
     done = [x for x in c.timeline.completed if x.outcome == "done"]
     plans = {p.plan_id: p for p in c.timeline.plans}
     restarted = set().union(*(plans[d.plan_id].restart_ranks for d in done))
-    return {"states": c.final_states(), "pids": pids, "restarted": restarted, "done": done,
-            "lost_observed": committed_steps_lost_observed(c.timeline, fault_at, done[-1].recovery_step),
-            "completed": c.timeline.completed, "incidents": c.timeline.incidents,
-            "plans": [plans[d.plan_id] for d in done]}
+    return {
+        "states": c.final_states(),
+        "pids": pids,
+        "restarted": restarted,
+        "done": done,
+        "lost_observed": committed_steps_lost_observed(c.timeline, fault_at, done[-1].recovery_step),
+        "completed": c.timeline.completed,
+        "incidents": c.timeline.incidents,
+        "plans": [plans[d.plan_id] for d in done],
+    }
 
 
 def _check(result: dict, reference: dict) -> None:
@@ -90,28 +105,40 @@ def _check(result: dict, reference: dict) -> None:
             assert result["states"][r]["pid"] == pid, f"survivor rank {r} changed process"
 
 
-def _recover_on_new_cluster(stack, tmp: Path, fault: str, rank: int, fault_env: str | None = None,
-                            during=None, job_args: str = "", signing_key_file: Path | None = None) -> dict:
+def _recover_on_new_cluster(
+    stack,
+    tmp: Path,
+    fault: str,
+    rank: int,
+    fault_env: str | None = None,
+    during=None,
+    job_args: str = "",
+    signing_key_file: Path | None = None,
+) -> dict:
     """A fresh cluster, one fault, its recovery awaited; the cluster is stopped whatever happens."""
+
     async def go():
         c = _cluster(stack, tmp, fault_env, job_args, signing_key_file)
         try:
             return await _recover(c, fault, rank, during=during)
         finally:
             await c.stop()
+
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("fault, rank, restarted", [
-    ("process-crash", 2, {2}),
-    ("node-crash", 5, {4, 5}),
-    ("hang", 6, {6}),
-])
+@pytest.mark.parametrize(
+    "fault, rank, restarted",
+    [
+        ("process-crash", 2, {2}),
+        ("node-crash", 5, {4, 5}),
+        ("hang", 6, {6}),
+    ],
+)
 def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, restarted):
     result = _recover_on_new_cluster(stack, tmp_path, fault, rank)
     assert result["restarted"] == restarted
     _check(result, reference_states)
-
 
 
 # A fault the agent injects inside one phase of step AT, and where training must resume: a step
@@ -132,6 +159,7 @@ def test_fault_inside_a_step_phase_resumes_at_the_committed_step(stack, tmp_path
     assert result["done"][0].recovery_step in PHASE_FAULTS[fault], result["done"][0].reason
     _check(result, reference_states)
 
+
 def test_crash_recovers_with_every_message_signed(stack, tmp_path, reference_states):
     """Every service, sidecar and the test's own watcher sign and check every topic's records
     (heartbeats, worker events, incidents, plans, commands, acks) with one keyring
@@ -143,6 +171,7 @@ def test_crash_recovers_with_every_message_signed(stack, tmp_path, reference_sta
     _check(result, reference_states)
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
     assert "unauthenticated" not in logs
+
 
 def test_sgd_momentum_job_crash_recovers_bitwise(stack, tmp_path):
     """SGD with momentum (plus the job's LR schedule, clipping and grad-norm buffer): the replaced
@@ -182,8 +211,9 @@ def test_two_faults_at_once(stack, tmp_path, reference_states):
 
 
 async def _when_phase(c: LocalCluster, phase: str) -> None:
-    await c.wait_until(lambda: any(p.phase == phase and str(p.status) == "started" for p in c.timeline.progress),
-                       120, f"phase {phase}")
+    await c.wait_until(
+        lambda: any(p.phase == phase and str(p.status) == "started" for p in c.timeline.progress), 120, f"phase {phase}"
+    )
 
 
 def test_second_fault_during_recovery_supersedes(stack, tmp_path, reference_states):
@@ -232,8 +262,7 @@ def test_crash_restarted_in_place_cold_start(stack, tmp_path, reference_states, 
     _check(result, reference_states)
 
 
-def test_survivor_hung_during_the_pause_is_killed_and_replaced(stack, tmp_path, reference_states,
-                                                              monkeypatch):
+def test_survivor_hung_during_the_pause_is_killed_and_replaced(stack, tmp_path, reference_states, monkeypatch):
     """Issue #12 item 3: a crash, and at once a survivor on another node stopped by the OS, so
     it cannot answer the pause. Its sidecar reports it hung at the pause deadline, the detector
     raises a hang naming it, the superseding plan kills it by PID and restarts it with the
@@ -270,8 +299,11 @@ def test_executor_leader_stopped_mid_recovery_is_fenced_when_it_wakes(stack, tmp
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             other = f"executor-{1 - int(leader)}"
-            await c.wait_until(lambda: any(p.producer == other for p in c.timeline.progress), 60,
-                               "the standby executor to continue the plan")
+            await c.wait_until(
+                lambda: any(p.producer == other for p in c.timeline.progress),
+                60,
+                "the standby executor to continue the plan",
+            )
         finally:
             seen["woke_at"] = time.time()
             os.kill(proc.pid, signal.SIGCONT)
@@ -279,13 +311,16 @@ def test_executor_leader_stopped_mid_recovery_is_fenced_when_it_wakes(stack, tmp
     result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 4, during=stop_leader)
     deposed = f"executor-{seen['leader']}"
     assert [d.producer for d in result["completed"]] != [] and all(
-        d.producer != deposed for d in result["completed"]), "the deposed leader finished a plan"
+        d.producer != deposed for d in result["completed"]
+    ), "the deposed leader finished a plan"
     assert len(result["done"]) == 1 and result["restarted"] == {4}
     _check(result, reference_states)
-    lines = [json.loads(line) for line in next(tmp_path.glob(f"e2e-*/{deposed}.log")).read_text().splitlines()
-             if line.startswith("{")]
-    awake = [e["event"] for e in lines
-             if datetime.fromisoformat(e["timestamp"]).timestamp() >= seen["woke_at"]]
+    lines = [
+        json.loads(line)
+        for line in next(tmp_path.glob(f"e2e-*/{deposed}.log")).read_text().splitlines()
+        if line.startswith("{")
+    ]
+    awake = [e["event"] for e in lines if datetime.fromisoformat(e["timestamp"]).timestamp() >= seen["woke_at"]]
     # Awake again, it only learns it lost the lease: not one more step, write or command (a
     # refused transition would still be an attempt to act on a plan it no longer owns).
     assert "drive_stopped" in awake or "fenced_out" in awake, awake

@@ -85,14 +85,35 @@ def test_a_plain_ddp_script_ends_as_under_torchrun(tmp_path):
     env = _env(tmp_path, mark)
     args = ("--steps", str(STEPS))
     t0 = time.monotonic()
-    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(PLAIN), *args, "--out", str(tmp_path / "torchrun")],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(PLAIN),
+            *args,
+            "--out",
+            str(tmp_path / "torchrun"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
     t1 = time.monotonic()
-    ours = subprocess.run(_ours("--standbys", "0", "--timeout", "120", str(PLAIN), *args,
-                                "--out", str(tmp_path / "ours")),
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    ours = subprocess.run(
+        _ours("--standbys", "0", "--timeout", "120", str(PLAIN), *args, "--out", str(tmp_path / "ours")),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     t2 = time.monotonic()
     print(f"torchrun {t1 - t0:.1f} s, flashrecovery run {t2 - t1:.1f} s")
     assert ours.returncode == 0, ours.stdout[-2000:] + ours.stderr[-3000:]
@@ -108,12 +129,20 @@ def test_tools_find_a_running_job_and_a_dead_plain_rank_ends_the_run(tmp_path):
     mark = uuid.uuid4().hex
     env = _env(tmp_path, mark)
     (tmp_path / "loop.py").write_text(LOOP)
-    proc = subprocess.Popen(_ours("--timeout", "120", "loop.py"), env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _ours("--timeout", "120", "loop.py"),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out: list[str] = []
     err: list[str] = []
-    readers = [threading.Thread(target=lambda s=s, b=b: b.extend(s), daemon=True)
-               for s, b in ((proc.stdout, out), (proc.stderr, err))]
+    readers = [
+        threading.Thread(target=lambda s=s, b=b: b.extend(s), daemon=True)
+        for s, b in ((proc.stdout, out), (proc.stderr, err))
+    ]
     for t in readers:
         t.start()
     try:
@@ -123,14 +152,21 @@ def test_tools_find_a_running_job_and_a_dead_plain_rank_ends_the_run(tmp_path):
             assert time.monotonic() < deadline, "the ranks never started: " + "".join(out + err)[-3000:]
             time.sleep(0.2)
         tool = [sys.executable, "-m", "flashrecovery"]
-        status = subprocess.run([*tool, "status", "--json"], env=env, cwd=tmp_path, capture_output=True,
-                                text=True, timeout=60)
+        status = subprocess.run(
+            [*tool, "status", "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
         assert status.returncode == 0, status.stderr[-2000:]
         view = json.loads(status.stdout)
         assert view["world_size"] == 2 and [r["rank"] for r in view["ranks"]] == [0, 1]
         assert all(r["pid"] for r in view["ranks"]), view["ranks"]
-        inject = subprocess.run([*tool, "inject", "process-crash", "--rank", "1"], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=60)
+        inject = subprocess.run(
+            [*tool, "inject", "process-crash", "--rank", "1"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert inject.returncode == 0, inject.stderr[-2000:]
         code = proc.wait(60)
     finally:

@@ -13,8 +13,16 @@ import pytest
 
 from flashrecovery.cluster import LocalCluster, states_equal
 from flashrecovery.demo import committed_steps_lost_observed, reference_cluster
-from flashrecovery.scenario import (SCENARIOS, FollowUp, Scenario, ScenarioLog, ServiceFault,
-                                    escalations, run_followups, wait_settled)
+from flashrecovery.scenario import (
+    SCENARIOS,
+    FollowUp,
+    Scenario,
+    ScenarioLog,
+    ServiceFault,
+    escalations,
+    run_followups,
+    wait_settled,
+)
 from flashrecovery.shared.settings import BusSettings, Settings
 
 STEPS = 16
@@ -25,12 +33,20 @@ pytestmark = pytest.mark.timeout(900)
 
 def _cluster(stack, tmp: Path, sc: Scenario) -> LocalCluster:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap,
-                        redis_url=None if sc.own_redis else stack.redis_url,
-                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
-    return reference_cluster(settings, tmp / job, STEPS, f"--step-sleep {STEP_SLEEP_S} {sc.job_args}".strip(),
-                             spares=sc.spares,
-                             fault_env=LocalCluster.fault_env_for(sc.fault, sc.rank, sc.step(STEPS, AT)))
+    settings = Settings(
+        job_id=job,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=None if sc.own_redis else stack.redis_url,
+        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2),
+    )
+    return reference_cluster(
+        settings,
+        tmp / job,
+        STEPS,
+        f"--step-sleep {STEP_SLEEP_S} {sc.job_args}".strip(),
+        spares=sc.spares,
+        fault_env=LocalCluster.fault_env_for(sc.fault, sc.rank, sc.step(STEPS, AT)),
+    )
 
 
 def _run(stack, tmp: Path, sc: Scenario) -> dict:
@@ -43,19 +59,31 @@ def _run(stack, tmp: Path, sc: Scenario) -> dict:
             fault_at = await c.inject(sc.fault, sc.rank, sc.step(STEPS, AT))
             log = ScenarioLog()
             if sc.fault != "none":
-                await run_followups(c, [FollowUp.parse(t) for t in sc.then],
-                                    [ServiceFault.parse(s) for s in sc.service_faults], 300, log)
+                await run_followups(
+                    c,
+                    [FollowUp.parse(t) for t in sc.then],
+                    [ServiceFault.parse(s) for s in sc.service_faults],
+                    300,
+                    log,
+                )
             ending = await wait_settled(c, 300)
             tl = c.timeline
             done = [x for x in tl.completed if x.outcome == "done"]
             plans = {p.plan_id: p for p in tl.plans}
-            return {"ending": ending, "pids": pids, "done": done, "completed": list(tl.completed),
-                    "escalations": escalations(c), "plans": plans, "log": log,
-                    "states": c.final_states() if ending == "finished" else None,
-                    "lost_observed": committed_steps_lost_observed(
-                        tl, fault_at, done[-1].recovery_step) if done else None}
+            return {
+                "ending": ending,
+                "pids": pids,
+                "done": done,
+                "completed": list(tl.completed),
+                "escalations": escalations(c),
+                "plans": plans,
+                "log": log,
+                "states": c.final_states() if ending == "finished" else None,
+                "lost_observed": committed_steps_lost_observed(tl, fault_at, done[-1].recovery_step) if done else None,
+            }
         finally:
             await c.stop()
+
     return asyncio.run(go())
 
 
@@ -103,5 +131,6 @@ def test_scenario_escalates_loudly(stack, tmp_path, name):
     sc = SCENARIOS[name]
     result = _run(stack, tmp_path, sc)
     assert result["ending"] == "escalated"
-    assert any(sc.escalation_match in e.reason for e in result["escalations"]), \
-        [e.reason for e in result["escalations"]]
+    assert any(sc.escalation_match in e.reason for e in result["escalations"]), [
+        e.reason for e in result["escalations"]
+    ]

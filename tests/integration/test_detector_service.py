@@ -15,7 +15,9 @@ from flashrecovery.shared.schemas import FaultClass, NodeRole, RepairAction
 
 pytestmark = pytest.mark.timeout(120)
 
-GLOO_PEER = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.1]:29500"
+GLOO_PEER = (
+    "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.1]:29500"
+)
 
 
 @pytest.fixture
@@ -68,15 +70,34 @@ async def test_hang_within_threshold_plus_a_second(rig, columns) -> None:
     assert threshold <= at - stalled_since < threshold + 1.0
 
 
-@pytest.mark.parametrize("lines, fault_class, action", [
-    (["NVRM: Xid (PCI:0000:3b:00): 79, pid=10002, GPU has fallen off the bus."], FaultClass.HARDWARE,
-     RepairAction.REPLACE_NODE),
-    (["Traceback (most recent call last):", '  File "train.py", line 88, in step',
-      "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"],
-     FaultClass.OUT_OF_MEMORY, RepairAction.RESTART_PROCESS),
-    (["Traceback (most recent call last):", '  File "train.py", line 12, in load',
-      "RuntimeError: corrupt batch header"], FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
-])
+@pytest.mark.parametrize(
+    "lines, fault_class, action",
+    [
+        (
+            ["NVRM: Xid (PCI:0000:3b:00): 79, pid=10002, GPU has fallen off the bus."],
+            FaultClass.HARDWARE,
+            RepairAction.REPLACE_NODE,
+        ),
+        (
+            [
+                "Traceback (most recent call last):",
+                '  File "train.py", line 88, in step',
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB",
+            ],
+            FaultClass.OUT_OF_MEMORY,
+            RepairAction.RESTART_PROCESS,
+        ),
+        (
+            [
+                "Traceback (most recent call last):",
+                '  File "train.py", line 12, in load',
+                "RuntimeError: corrupt batch header",
+            ],
+            FaultClass.SOFTWARE,
+            RepairAction.RESTART_PROCESS,
+        ),
+    ],
+)
 async def test_log_signatures_within_a_second(rig, lines, fault_class, action) -> None:
     svc, watcher, job, _ = rig
     await warm_up(job, 1.5)
@@ -153,8 +174,7 @@ async def test_malformed_input_is_dead_lettered_and_detection_goes_on(rig, produ
     svc, watcher, job, _ = rig
     await warm_up(job, 1.5)
     await producer.publish_raw(topics.HEARTBEATS, b"{not json", key=b"node-0")
-    await producer.publish_raw(topics.WORKER_EVENTS, b'{"schema_version": 99, "kind": "worker_exit"}',
-                               key=b"node-0")
+    await producer.publish_raw(topics.WORKER_EVENTS, b'{"schema_version": 99, "kind": "worker_exit"}', key=b"node-0")
     await job.crash(1)
     await watcher.wait(lambda: watcher.incidents, 5, "the crash incident")
     assert watcher.incidents[0][1].root_cause_nodes == ("node-0",)
@@ -170,8 +190,9 @@ async def test_second_instance_rebalance_no_false_incident_then_one_crash_incide
     await asyncio.wait_for(other.start(), 30)
     task = asyncio.create_task(other.run())
     try:
-        await watcher.wait(lambda: other._consumer._c.assignment() and len(svc._consumer._c.assignment()) < 8,
-                           30, "the rebalance")
+        await watcher.wait(
+            lambda: other._consumer._c.assignment() and len(svc._consumer._c.assignment()) < 8, 30, "the rebalance"
+        )
         await asyncio.sleep(3 * job.interval + 2.0)  # long enough for a false node loss
         assert watcher.incidents == [], [i for _, i in watcher.incidents]
         await job.crash(7)
@@ -187,14 +208,14 @@ async def test_second_instance_rebalance_no_false_incident_then_one_crash_incide
 @dataclass
 class NamedJob(FakeJob):
     """FakeJob with one rank per node and chosen node ids (so their partitions are known)."""
+
     names: tuple[str, ...] = ()
 
     def node_of(self, rank: int) -> str:
         return self.names[rank]
 
 
-async def test_two_instances_crash_at_one_symptoms_at_the_other_give_one_incident(
-        topics_ready, producer) -> None:
+async def test_two_instances_crash_at_one_symptoms_at_the_other_give_one_incident(topics_ready, producer) -> None:
     """Two detectors in one group split the partitions; the crashed node's partition belongs to
     A, the seven peers logging 'connection closed by peer' to B. B reads A's incident from the
     incidents topic and attributes its held symptoms to it: one incident across both."""
@@ -223,6 +244,7 @@ async def test_two_instances_crash_at_one_symptoms_at_the_other_give_one_inciden
         def settled() -> bool:
             pa, pb = owned(a), owned(b)
             return bool(pa) and bool(pb) and not pa & pb and len(pa | pb) == n
+
         await watcher.wait(settled, 40, "the group to split the partitions")
         pa, pb = owned(a), owned(b)
         part = DefaultPartitioner()
@@ -230,8 +252,7 @@ async def test_two_instances_crash_at_one_symptoms_at_the_other_give_one_inciden
         candidates = [f"node-{i}" for i in range(400)]
         crashed = next(c for c in candidates if part(c.encode(), parts, parts) in pa)
         peers = [c for c in candidates if part(c.encode(), parts, parts) in pb][:7]
-        job = NamedJob(producer, settings.job_id, nodes=8, ranks_per_node=1,
-                       names=(crashed, *peers))
+        job = NamedJob(producer, settings.job_id, nodes=8, ranks_per_node=1, names=(crashed, *peers))
         await warm_up(job, 2.5)
         assert settled(), (owned(a), owned(b))  # no rebalance under our feet
         assert a.cfg.peer_grace_s > 0 and b.cfg.peer_grace_s > 0  # partial owners: hangs wait
@@ -259,8 +280,7 @@ async def test_two_instances_crash_at_one_symptoms_at_the_other_give_one_inciden
             await svc.close()
 
 
-async def test_nodes_that_die_during_a_handover_are_reported_by_the_new_owner(
-        topics_ready, producer, registry) -> None:
+async def test_nodes_that_die_during_a_handover_are_reported_by_the_new_owner(topics_ready, producer, registry) -> None:
     """A alone watches 8 nodes (two per partition). One node per partition goes silent, then B
     joins and takes some partitions over; their silent nodes' last beats were read (and
     committed) by A, so B only knows them from the registry topology. Every silent node is
@@ -283,13 +303,18 @@ async def test_nodes_that_die_during_a_handover_are_reported_by_the_new_owner(
             by_part[p].append(name)
     names = tuple(name for p in parts for name in by_part[p])
     silent = {by_part[p][0]: p for p in parts}
-    await registry.init_job(JobSnapshot(
-        job_id=settings.job_id, generation=0, committed_step=-1, world_size=len(names),
-        dp=len(names), tp=1,
-        ranks=tuple(RankRecord(rank=i, node_id=nm, local_rank=0, shard_id=0, dp=i)
-                    for i, nm in enumerate(names)),
-        nodes=tuple(NodeRecord(node_id=nm, role=NodeRole.ACTIVE, ranks=(i,))
-                    for i, nm in enumerate(names))))
+    await registry.init_job(
+        JobSnapshot(
+            job_id=settings.job_id,
+            generation=0,
+            committed_step=-1,
+            world_size=len(names),
+            dp=len(names),
+            tp=1,
+            ranks=tuple(RankRecord(rank=i, node_id=nm, local_rank=0, shard_id=0, dp=i) for i, nm in enumerate(names)),
+            nodes=tuple(NodeRecord(node_id=nm, role=NodeRole.ACTIVE, ranks=(i,)) for i, nm in enumerate(names)),
+        )
+    )
     watcher = Watcher(settings, producer)
     await asyncio.wait_for(watcher.consumer.start(), 30)
     a = DetectorService(settings, instance="hand-a")
@@ -309,15 +334,17 @@ async def test_nodes_that_die_during_a_handover_are_reported_by_the_new_owner(
 
         def owned(svc: DetectorService) -> set[int]:
             return {tp.partition for tp in svc._consumer._c.assignment() if tp.topic == hb}
-        await watcher.wait(lambda: owned(a) and owned(b) and not owned(a) & owned(b)
-                           and len(owned(a) | owned(b)) == n, 30, "the group to split")
+
+        await watcher.wait(
+            lambda: owned(a) and owned(b) and not owned(a) & owned(b) and len(owned(a) | owned(b)) == n,
+            30,
+            "the group to split",
+        )
         pa, pb = owned(a), owned(b)
-        await watcher.wait(lambda: len(watcher.incidents) >= len(silent), 30,
-                           "a node-lost incident per silent node")
+        await watcher.wait(lambda: len(watcher.incidents) >= len(silent), 30, "a node-lost incident per silent node")
         await asyncio.sleep(2.0)  # no duplicates trailing
         got = sorted((i.root_cause_nodes, i.producer) for _, i in watcher.incidents)
-        want = sorted(((nm,), "detector/hand-a" if p in pa else "detector/hand-b")
-                      for nm, p in silent.items())
+        want = sorted(((nm,), "detector/hand-a" if p in pa else "detector/hand-b") for nm, p in silent.items())
         assert got == want, (got, want, pa, pb)
         assert all(i.fault_class is FaultClass.NODE_LOST for _, i in watcher.incidents)
     finally:

@@ -73,13 +73,27 @@ async def test_every_write_of_a_deposed_holder_is_refused(settings, registry):
 
 def _plan(job_id, pid, incidents, target, at):
     from flashrecovery.shared.schemas import RecoveryPlan
-    return RecoveryPlan(job_id=job_id, generation=target - 1, producer="t", plan_id=pid, emitted_at=at,
-                        incident_ids=tuple(incidents), target_generation=target, world_size=4,
-                        restart_ranks=(1,), faulty_nodes=(), replacements=(), transfers=(), recovery_step=1)
+
+    return RecoveryPlan(
+        job_id=job_id,
+        generation=target - 1,
+        producer="t",
+        plan_id=pid,
+        emitted_at=at,
+        incident_ids=tuple(incidents),
+        target_generation=target,
+        world_size=4,
+        restart_ranks=(1,),
+        faulty_nodes=(),
+        replacements=(),
+        transfers=(),
+        recovery_step=1,
+    )
 
 
 async def _executor(settings, instance: str):
     from flashrecovery.executor.app import ExecutorService
+
     svc = ExecutorService(settings.model_copy(update={"instance": instance}))
     published: list = []
 
@@ -133,16 +147,31 @@ async def test_an_invalid_plan_is_refused_before_the_first_command(settings, reg
     recovered, and left the job paused. Now: refused before anything (run failed, escalated),
     the generation unchanged, no command sent. Likewise a plan the planner never recorded, and
     a forged copy under a real plan's id."""
-    from flashrecovery.shared.schemas import (Escalation, ExecutorCommand, RecoveryCompleted, RecoveryPlan,
-                                              Replacement, Transfer)
+    from flashrecovery.shared.schemas import (
+        Escalation,
+        ExecutorCommand,
+        RecoveryCompleted,
+        RecoveryPlan,
+        Replacement,
+        Transfer,
+    )
+
     await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1))
-    good = RecoveryPlan(job_id=settings.job_id, generation=0, producer="planner", plan_id="P",
-                        incident_ids=("i1",), target_generation=1, world_size=4, restart_ranks=(1,),
-                        faulty_nodes=("node-0",), transfers=(Transfer(src=3, dst=1),), recovery_step=0,
-                        replacements=(Replacement(rank=1, from_node="node-0", to_node="spare-0",
-                                                  local_rank=1),))
-    absurd = good.model_copy(update={"restart_ranks": (10 ** 9,), "world_size": -1, "transfers": (),
-                                     "replacements": ()})
+    good = RecoveryPlan(
+        job_id=settings.job_id,
+        generation=0,
+        producer="planner",
+        plan_id="P",
+        incident_ids=("i1",),
+        target_generation=1,
+        world_size=4,
+        restart_ranks=(1,),
+        faulty_nodes=("node-0",),
+        transfers=(Transfer(src=3, dst=1),),
+        recovery_step=0,
+        replacements=(Replacement(rank=1, from_node="node-0", to_node="spare-0", local_rank=1),),
+    )
+    absurd = good.model_copy(update={"restart_ranks": (10**9,), "world_size": -1, "transfers": (), "replacements": ()})
     if forge == "absurd":
         plan = absurd
         await registry.put_plan_once(plan.plan_id, plan.model_dump_json().encode())

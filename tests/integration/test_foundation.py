@@ -39,17 +39,22 @@ async def _collect(settings, producer, topic_list, publish, want: int, timeout_s
 
 
 def _heartbeat(seq: int) -> S.NodeHeartbeat:
-    return S.NodeHeartbeat(job_id="j", generation=0, producer="sidecar-node-0", node_id="node-0", seq=seq,
-                           ranks=(S.RankStatus(rank=0, local_rank=0, pid=11, state=S.RankState.RUNNING,
-                                               step=4, step_time_s=0.05),
-                                  S.RankStatus(rank=1, local_rank=1, pid=12, state=S.RankState.RUNNING,
-                                               step=4, step_time_s=0.06)))
+    return S.NodeHeartbeat(
+        job_id="j",
+        generation=0,
+        producer="sidecar-node-0",
+        node_id="node-0",
+        seq=seq,
+        ranks=(
+            S.RankStatus(rank=0, local_rank=0, pid=11, state=S.RankState.RUNNING, step=4, step_time_s=0.05),
+            S.RankStatus(rank=1, local_rank=1, pid=12, state=S.RankState.RUNNING, step=4, step_time_s=0.06),
+        ),
+    )
 
 
 async def test_batched_heartbeat_round_trips(topics_ready, producer):
     hb = _heartbeat(1)
-    got, _ = await _collect(topics_ready, producer, [T.HEARTBEATS],
-                            lambda: producer.publish(hb, wait=True), want=1)
+    got, _ = await _collect(topics_ready, producer, [T.HEARTBEATS], lambda: producer.publish(hb, wait=True), want=1)
     assert got == [hb]
     assert isinstance(got[0], S.NodeHeartbeat) and len(got[0].ranks) == 2
 
@@ -70,8 +75,12 @@ async def test_bad_messages_are_dead_lettered_and_consumption_continues(topics_r
 
     async def read_letters():
         from aiokafka import AIOKafkaConsumer
-        c = AIOKafkaConsumer(busmod.topic_name(T.DEAD_LETTER, topics_ready.bus),
-                             bootstrap_servers=topics_ready.kafka_bootstrap, auto_offset_reset="earliest")
+
+        c = AIOKafkaConsumer(
+            busmod.topic_name(T.DEAD_LETTER, topics_ready.bus),
+            bootstrap_servers=topics_ready.kafka_bootstrap,
+            auto_offset_reset="earliest",
+        )
         await c.start()
         try:
             async with asyncio.timeout(20):
@@ -124,8 +133,9 @@ async def test_two_concurrent_writers_of_one_phase_cannot_both_win(registry, job
     await registry.init_job(grid_topology(job_id, nodes=1, ranks_per_node=2, tp=2))
     ok, _ = await registry.incident_transition("inc-1", None, "pausing", 0)
     assert ok
-    results = await asyncio.gather(*[
-        registry.incident_transition("inc-1", "pausing", f"replacing-by-{i}", 0) for i in range(8)])
+    results = await asyncio.gather(
+        *[registry.incident_transition("inc-1", "pausing", f"replacing-by-{i}", 0) for i in range(8)]
+    )
     assert sum(1 for ok, _ in results if ok) == 1
     assert (await registry.incident("inc-1"))["phase"].startswith("replacing-by-")
     assert "inc-1" in await registry.open_incidents()
@@ -138,19 +148,20 @@ async def test_rank_state_writes_outside_the_topology_or_ahead_of_the_generation
     rank records are written only for the topology's ranks and the registry's generation."""
     from flashrecovery.shared.registry import RefusedWrite
     from flashrecovery.shared.schemas import RankState
+
     snap = grid_topology(job_id, nodes=2, ranks_per_node=2, tp=2)
     await registry.init_job(snap)
-    ghost = snap.ranks[0].model_copy(update={"rank": 10 ** 9, "state": RankState.RUNNING})
+    ghost = snap.ranks[0].model_copy(update={"rank": 10**9, "state": RankState.RUNNING})
     with pytest.raises(RefusedWrite):
         await registry.put_ranks(0, [ghost])
     with pytest.raises(RefusedWrite):
-        await registry.put_ranks(10 ** 6, [snap.ranks[1].model_copy(update={"generation": 10 ** 6})])
+        await registry.put_ranks(10**6, [snap.ranks[1].model_copy(update={"generation": 10**6})])
     with pytest.raises(RefusedWrite):  # the record's own generation ahead
         await registry.put_ranks(0, [snap.ranks[1].model_copy(update={"generation": 5})])
     with pytest.raises(RefusedWrite):
         await registry.put_nodes(7, list(snap.nodes[:1]))
     with pytest.raises(RefusedWrite):
-        await registry.mark_finished(10 ** 9, 3)
+        await registry.mark_finished(10**9, 3)
     after = await registry.snapshot()
     assert [r.rank for r in after.ranks] == [0, 1, 2, 3] and after.ranks == snap.ranks
     assert await registry.r.hlen(registry.k.finished_ranks) == 0

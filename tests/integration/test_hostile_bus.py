@@ -7,18 +7,23 @@ from __future__ import annotations
 import asyncio
 import os
 
-import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from test_planner_service import _planner_for_grid, _stop, incident, wait_for
 
 from flashrecovery.bench.detector_rig import running_detector
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
-from flashrecovery.shared.schemas import (DeadLetter, FaultClass, NodeHeartbeat, RankState, RankStatus,
-                                          WorkerExit, decode_dead_letter)
+from flashrecovery.shared.schemas import (
+    DeadLetter,
+    FaultClass,
+    NodeHeartbeat,
+    RankState,
+    RankStatus,
+    WorkerExit,
+    decode_dead_letter,
+)
 from flashrecovery.shared.topology import grid_topology
-
-from test_planner_service import _planner_for_grid, _stop, incident, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,8 +43,12 @@ async def _publish_big(settings, topic: T.Topic, key: bytes) -> bytes:
 
 
 async def _dead_letters(settings, want: int, timeout_s: float = 20) -> list[DeadLetter]:
-    c = AIOKafkaConsumer(busmod.topic_name(T.DEAD_LETTER, settings.bus), bootstrap_servers=settings.kafka_bootstrap,
-                         auto_offset_reset="earliest", enable_auto_commit=False)
+    c = AIOKafkaConsumer(
+        busmod.topic_name(T.DEAD_LETTER, settings.bus),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await asyncio.wait_for(c.start(), 30)
     letters: list[DeadLetter] = []
     try:
@@ -65,6 +74,7 @@ async def test_a_2mb_message_is_dead_lettered_and_the_detector_keeps_detecting(t
     letter = (await _dead_letters(settings, 1))[0]
     assert letter.raw_truncated and letter.raw_size == BIG and letter.consumer == "detector"
     import hashlib
+
     assert letter.raw_sha256 == hashlib.sha256(raw).hexdigest()
 
 
@@ -82,9 +92,17 @@ async def test_a_2mb_message_is_dead_lettered_and_the_planner_keeps_planning(top
 
 
 def _forged_beat(job_id: str, node: str, ranks: tuple[int, ...], generation: int) -> NodeHeartbeat:
-    return NodeHeartbeat(job_id=job_id, generation=generation, producer="forger", node_id=node, seq=10 ** 9,
-                         ranks=tuple(RankStatus(rank=r, local_rank=i, pid=1, state=RankState.EXITED,
-                                                generation=generation) for i, r in enumerate(ranks)))
+    return NodeHeartbeat(
+        job_id=job_id,
+        generation=generation,
+        producer="forger",
+        node_id=node,
+        seq=10**9,
+        ranks=tuple(
+            RankStatus(rank=r, local_rank=i, pid=1, state=RankState.EXITED, generation=generation)
+            for i, r in enumerate(ranks)
+        ),
+    )
 
 
 async def test_forged_worker_events_do_not_blind_the_detector(topics_ready, producer, registry):
@@ -97,10 +115,19 @@ async def test_forged_worker_events_do_not_blind_the_detector(topics_ready, prod
         assert svc.topology is not None and svc.topology.world_size == 8
         job.start()
         await asyncio.sleep(1.5)
-        for ev in (_forged_beat(settings.job_id, "ghost-node", (10 ** 6,), 10 ** 6),
-                   _forged_beat(settings.job_id, "node-2", (4, 5), 10 ** 6),
-                   WorkerExit(job_id=settings.job_id, generation=10 ** 6, producer="forger", node_id="ghost-node",
-                              rank=10 ** 6, pid=1, signal=9)):
+        for ev in (
+            _forged_beat(settings.job_id, "ghost-node", (10**6,), 10**6),
+            _forged_beat(settings.job_id, "node-2", (4, 5), 10**6),
+            WorkerExit(
+                job_id=settings.job_id,
+                generation=10**6,
+                producer="forger",
+                node_id="ghost-node",
+                rank=10**6,
+                pid=1,
+                signal=9,
+            ),
+        ):
             await producer.publish(ev, wait=True)
         await wait_for(lambda: svc.refused >= 3, 10, "the forged events to be refused")
         await asyncio.sleep(0.5)

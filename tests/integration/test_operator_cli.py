@@ -23,11 +23,21 @@ pytestmark = pytest.mark.timeout(120)
 async def cli(settings, *argv: str) -> subprocess.CompletedProcess:
     """`flashrecovery ARGV` in a child process (the event loop keeps the planner running)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHRECOVERY_")}
-    env.update(FLASHRECOVERY_REDIS_URL=settings.redis_url, FLASHRECOVERY_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-               FLASHRECOVERY_JOB_ID=settings.job_id, FLASHRECOVERY_BUS__TOPIC_NAMESPACE=settings.bus.topic_namespace,
-               FLASHRECOVERY_LOG_FORMAT="json")
-    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "flashrecovery", *argv], env=env,
-                                   capture_output=True, text=True, timeout=60)
+    env.update(
+        FLASHRECOVERY_REDIS_URL=settings.redis_url,
+        FLASHRECOVERY_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        FLASHRECOVERY_JOB_ID=settings.job_id,
+        FLASHRECOVERY_BUS__TOPIC_NAMESPACE=settings.bus.topic_namespace,
+        FLASHRECOVERY_LOG_FORMAT="json",
+    )
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "flashrecovery", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def test_a_released_node_absorbs_the_next_replacement(topics_ready, producer, registry):

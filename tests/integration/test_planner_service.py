@@ -11,24 +11,32 @@ import pytest
 from flashrecovery.planner.app import PlannerService
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer
-from flashrecovery.shared.schemas import (Degradation, FaultClass, FaultIncident, RecoveryPlan,
-                                          RepairAction)
+from flashrecovery.shared.schemas import Degradation, FaultClass, FaultIncident, RecoveryPlan, RepairAction
 from flashrecovery.shared.topology import grid_topology
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def incident(job_id: str, incident_id: str, node: str) -> FaultIncident:
-    return FaultIncident(job_id=job_id, generation=0, producer="test", incident_id=incident_id,
-                         fault_class=FaultClass.NODE_LOST, action=RepairAction.REPLACE_NODE,
-                         root_cause_nodes=(node,), first_seen_at=100.0, detected_at=101.0,
-                         reason="heartbeats missed")
+    return FaultIncident(
+        job_id=job_id,
+        generation=0,
+        producer="test",
+        incident_id=incident_id,
+        fault_class=FaultClass.NODE_LOST,
+        action=RepairAction.REPLACE_NODE,
+        root_cause_nodes=(node,),
+        first_seen_at=100.0,
+        detected_at=101.0,
+        reason="heartbeats missed",
+    )
 
 
 async def wait_for(cond, timeout_s: float, what: str) -> None:
     async def _poll() -> None:
         while not cond():
             await asyncio.sleep(0.05)
+
     try:
         await asyncio.wait_for(_poll(), timeout_s)
     except TimeoutError:
@@ -40,9 +48,19 @@ async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, produ
     plans, watcher, svc, tasks = await _planner_for_grid(settings, producer, registry)
     try:
         # A degradation on the same topic is ignored; the incident is planned.
-        await producer.publish(Degradation(job_id=settings.job_id, generation=0, producer="test",
-                                           node_id="node-3", rank=6, step_time_s=2.0,
-                                           median_step_time_s=1.0, consecutive=5), wait=True)
+        await producer.publish(
+            Degradation(
+                job_id=settings.job_id,
+                generation=0,
+                producer="test",
+                node_id="node-3",
+                rank=6,
+                step_time_s=2.0,
+                median_step_time_s=1.0,
+                consecutive=5,
+            ),
+            wait=True,
+        )
         first = incident(settings.job_id, "inc-1", "node-1")
         await producer.publish(first, wait=True)
         await wait_for(lambda: len(plans) >= 1, 30, "the recovery plan")
@@ -72,8 +90,7 @@ async def test_incident_in_plan_out_and_replay_is_idempotent(topics_ready, produ
         await _stop(watcher, svc, tasks)
 
 
-async def test_a_recovered_incident_in_a_new_envelope_starts_no_second_recovery(topics_ready, producer,
-                                                                               registry):
+async def test_a_recovered_incident_in_a_new_envelope_starts_no_second_recovery(topics_ready, producer, registry):
     """Idempotency by the incident's identity: once its recovery is done (generation moved on),
     the same incident id under a new event id, even with other content, is not planned again (it
     was: a second plan against the new generation re-killed the recovered rank). An incident
@@ -88,15 +105,14 @@ async def test_a_recovered_incident_in_a_new_envelope_starts_no_second_recovery(
         # What the executor does: fence (generation 0 -> 1), recover, mark the incident done.
         assert await registry.bump_generation(0) == 1
         assert (await registry.incident_transition("inc-1", "planned", "done", 1))[0]
-        forged = first.model_copy(update={"event_id": "forged-1", "generation": 1,
-                                          "root_cause_nodes": ("node-2",)})
+        forged = first.model_copy(update={"event_id": "forged-1", "generation": 1, "root_cause_nodes": ("node-2",)})
         await producer.publish(forged, wait=True)
         # Half-way: recorded as planned, no plan out (no plan_id): planned now.
         half = incident(settings.job_id, "inc-2", "node-3")
-        assert (await registry.incident_transition("inc-2", None, "planned", 1,
-                                                   incident=half.model_dump_json()))[0]
-        await producer.publish(half.model_copy(update={"event_id": "redelivered",
-                                                       "root_cause_nodes": ("node-0",)}), wait=True)
+        assert (await registry.incident_transition("inc-2", None, "planned", 1, incident=half.model_dump_json()))[0]
+        await producer.publish(
+            half.model_copy(update={"event_id": "redelivered", "root_cause_nodes": ("node-0",)}), wait=True
+        )
         await wait_for(lambda: len(plans) >= 2, 30, "the half-way incident's plan")
         await asyncio.sleep(0.3)
         assert [p.incident_ids for p in plans] == [("inc-1",), ("inc-2",)]
@@ -175,8 +191,9 @@ async def _escalations_for(settings, producer, registry, incidents: list[FaultIn
         if isinstance(event, (Escalation, RecoveryPlan)) and event.job_id == settings.job_id:
             seen.append(event)
 
-    watcher, svc, tasks = await _start(settings, producer, [topics.RECOVERY, topics.PLANS], on_event,
-                                       "test-escalations")
+    watcher, svc, tasks = await _start(
+        settings, producer, [topics.RECOVERY, topics.PLANS], on_event, "test-escalations"
+    )
     try:
         await watcher.wait_assigned(30)
         for inc in incidents:
@@ -186,8 +203,7 @@ async def _escalations_for(settings, producer, registry, incidents: list[FaultIn
         await asyncio.sleep(0.5)  # a plan, if one were published, would have landed
     finally:
         await _stop(watcher, svc, tasks)
-    return ([e for e in seen if not isinstance(e, RecoveryPlan)],
-            [e for e in seen if isinstance(e, RecoveryPlan)], svc)
+    return ([e for e in seen if not isinstance(e, RecoveryPlan)], [e for e in seen if isinstance(e, RecoveryPlan)], svc)
 
 
 async def test_lost_registry_escalates_loudly(topics_ready, producer, registry):
@@ -197,7 +213,8 @@ async def test_lost_registry_escalates_loudly(topics_ready, producer, registry):
 
     settings = topics_ready
     escalations, plans, svc = await _escalations_for(
-        settings, producer, registry, [incident(settings.job_id, "inc-lost", "node-1")])
+        settings, producer, registry, [incident(settings.job_id, "inc-lost", "node-1")]
+    )
     assert plans == []
     [esc] = escalations
     want = f"registry has no topology for job {settings.job_id}: lost or never registered"
@@ -216,8 +233,7 @@ async def test_lost_shard_escalates_and_marks_the_incident(topics_ready, produce
 
     settings = topics_ready
     await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=2))
-    both = incident(settings.job_id, "inc-both", "node-0").model_copy(
-        update={"root_cause_nodes": ("node-0", "node-1")})
+    both = incident(settings.job_id, "inc-both", "node-0").model_copy(update={"root_cause_nodes": ("node-0", "node-1")})
     escalations, plans, svc = await _escalations_for(settings, producer, registry, [both])
     assert plans == []
     [esc] = escalations

@@ -27,16 +27,23 @@ from flashrecovery.shared.stack import free_port, wait_port
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.timeout(600)
-needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary: `make os-deps` installs "
-                                                                 "the Debian package `prometheus`")
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None, reason="no prometheus binary: `make os-deps` installs the Debian package `prometheus`"
+)
 SCRAPE_S = 0.5
 
 
 def _config(targets: dict[str, str]) -> str:
     """One scrape job per process, labelled like the Kubernetes deployment's (service=...)."""
-    jobs = [{"job_name": name, "scrape_interval": f"{int(SCRAPE_S * 1000)}ms", "scrape_timeout": "400ms",
-             "static_configs": [{"targets": [addr], "labels": {"service": name.split("-")[0]}}]}
-            for name, addr in sorted(targets.items())]
+    jobs = [
+        {
+            "job_name": name,
+            "scrape_interval": f"{int(SCRAPE_S * 1000)}ms",
+            "scrape_timeout": "400ms",
+            "static_configs": [{"targets": [addr], "labels": {"service": name.split("-")[0]}}],
+        }
+        for name, addr in sorted(targets.items())
+    ]
     return json.dumps({"global": {"scrape_interval": f"{int(SCRAPE_S * 1000)}ms"}, "scrape_configs": jobs})
 
 
@@ -70,9 +77,17 @@ def _start_prometheus(tmp: Path, targets: dict[str, str]) -> tuple[subprocess.Po
     cfg.write_text(_config(targets))  # JSON is YAML
     port = free_port()
     log = (tmp / "prometheus.log").open("wb")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_port(port, 60, proc)
         _wait_ready(port, proc, 90)  # the port opens before the storage is up: the API answers 503
@@ -126,21 +141,36 @@ def test_metrics_endpoint_serves_the_series_and_refuses_a_busy_port():
 @needs_prometheus
 def test_prometheus_scrapes_incident_and_rto_of_a_recovery(stack, tmp_path):
     job = f"prom-{uuid.uuid4().hex[:8]}"
-    settings = Settings(job_id=job, kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                        runtime_dir=str(tmp_path / "runtime"),
-                        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
+    settings = Settings(
+        job_id=job,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        runtime_dir=str(tmp_path / "runtime"),
+        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2),
+    )
     # The slept steps give the crash time to land mid-run on a loaded 2-core box; one rank per
     # node (tp=1, dp=2), so the replaced rank copies its state from the other node's replica.
-    cluster = reference_cluster(settings, tmp_path / job, 40, "--step-sleep 0.25", tp=1, nodes=2,
-                                ranks_per_node=1, spares=1, standbys=1, metrics=True)
+    cluster = reference_cluster(
+        settings,
+        tmp_path / job,
+        40,
+        "--step-sleep 0.25",
+        tp=1,
+        nodes=2,
+        ranks_per_node=1,
+        spares=1,
+        standbys=1,
+        metrics=True,
+    )
 
     async def run() -> None:
         prom = None
         try:
             await cluster.start(timeout_s=240)
             targets = {n: f"127.0.0.1:{p}" for n, p in cluster.sup.metrics_ports.items()}
-            assert {"detector", "planner", "executor-0", "executor-1", "sidecar-node-0",
-                    "sidecar-spare-0"} <= set(targets), targets
+            assert {"detector", "planner", "executor-0", "executor-1", "sidecar-node-0", "sidecar-spare-0"} <= set(
+                targets
+            ), targets
             address = json.loads(cluster.address_file().read_text())
             assert address["metrics"] == targets  # what `flashrecovery status` shows
             prom, port = _start_prometheus(tmp_path / "prom", targets)
@@ -148,17 +178,26 @@ def test_prometheus_scrapes_incident_and_rto_of_a_recovery(stack, tmp_path):
             assert every == len(targets), _query(port, "up")
             await cluster.wait_until(lambda: cluster.min_step() >= 2, 300, "training to start")
             await cluster.inject("process-crash", 1, 3)
-            await cluster.wait_until(lambda: any(c.outcome == "done" for c in cluster.timeline.completed),
-                                     300, "the recovery to finish")
+            await cluster.wait_until(
+                lambda: any(c.outcome == "done" for c in cluster.timeline.completed), 300, "the recovery to finish"
+            )
 
             incidents = await asyncio.to_thread(
-                _wait_value, port, 'sum(flashrecovery_incidents_total{fault_class="process_crash"})',
-                lambda v: v >= 1, 60)
+                _wait_value,
+                port,
+                'sum(flashrecovery_incidents_total{fault_class="process_crash"})',
+                lambda v: v >= 1,
+                60,
+            )
             assert incidents == 1, _query(port, "flashrecovery_incidents_total")
             assert _value(port, 'sum(flashrecovery_incidents_total{fault_class!="process_crash"})') in (None, 0.0)
             rto_count = await asyncio.to_thread(
-                _wait_value, port, 'sum(flashrecovery_recovery_rto_seconds_count{fault_class="process_crash"})',
-                lambda v: v >= 1, 60)
+                _wait_value,
+                port,
+                'sum(flashrecovery_recovery_rto_seconds_count{fault_class="process_crash"})',
+                lambda v: v >= 1,
+                60,
+            )
             assert rto_count is not None and rto_count >= 1
             done = next(c for c in cluster.timeline.completed if c.outcome == "done")
             rto_sum = _value(port, "sum(flashrecovery_recovery_rto_seconds_sum)")

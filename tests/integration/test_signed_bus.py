@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_hostile_bus import _dead_letters
+from test_planner_service import _planner_for_grid, _stop, incident, wait_for
 
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared.signing import write_key_file
-
-from test_hostile_bus import _dead_letters
-from test_planner_service import _planner_for_grid, _stop, incident, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,8 +26,9 @@ async def _producer(settings) -> busmod.Producer:
     return p
 
 
-async def test_the_planner_acts_only_on_incidents_tagged_with_an_accepted_key(topics_ready, producer, registry,
-                                                                             tmp_path):
+async def test_the_planner_acts_only_on_incidents_tagged_with_an_accepted_key(
+    topics_ready, producer, registry, tmp_path
+):
     signed = _with_keys(topics_ready, write_key_file(tmp_path / "keys.json"))
     forger = _with_keys(topics_ready, write_key_file(tmp_path / "other.json"))  # same key id, other key
     signed_producer, forged_producer = await _producer(signed), await _producer(forger)

@@ -41,16 +41,24 @@ def _gauge(url: str, name: str) -> float:
     """The sum of a series' samples on a /metrics page (0 when absent)."""
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-               if ln.startswith(name + "{") or ln.startswith(name + " "))
+    return sum(
+        float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith(name + "{") or ln.startswith(name + " ")
+    )
 
 
 def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FLASHRECOVERY_KAFKA_BOOTSTRAP", "FLASHRECOVERY_REDIS_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FLASHRECOVERY_KAFKA_BOOTSTRAP", "FLASHRECOVERY_REDIS_URL")}
     env.update(FLASHRECOVERY_RUNTIME_DIR=str(tmp_path), FLASHRECOVERY_JOB_ID="uptest")
-    proc = subprocess.Popen([sys.executable, "-m", "flashrecovery", "up"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashrecovery", "up"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 150
         line = ""
@@ -63,14 +71,23 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
         assert set(metrics) == {"detector", "planner", "executor-0", "executor-1"}
         deadline = time.monotonic() + 30
         while True:  # the lease is taken within a round of the executors' loop
-            leaders = sum(_gauge(f"http://{a}/metrics", "flashrecovery_executor_leader")
-                          for n, a in metrics.items() if n.startswith("executor"))
+            leaders = sum(
+                _gauge(f"http://{a}/metrics", "flashrecovery_executor_leader")
+                for n, a in metrics.items()
+                if n.startswith("executor")
+            )
             if leaders == 1 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert leaders == 1
-        status = subprocess.run([sys.executable, "-m", "flashrecovery", "status", "--listen", "0", "--json"],
-                                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [sys.executable, "-m", "flashrecovery", "status", "--listen", "0", "--json"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["metrics"] == metrics
         children = _children(proc.pid)
@@ -98,11 +115,16 @@ def _instance(pid: int) -> str | None:
 
 
 def test_up_restarts_a_dead_executor_and_keeps_the_rest_running(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FLASHRECOVERY_KAFKA_BOOTSTRAP", "FLASHRECOVERY_REDIS_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FLASHRECOVERY_KAFKA_BOOTSTRAP", "FLASHRECOVERY_REDIS_URL")}
     env.update(FLASHRECOVERY_RUNTIME_DIR=str(tmp_path), FLASHRECOVERY_JOB_ID="uptest2", FLASHRECOVERY_LOG_FORMAT="json")
-    proc = subprocess.Popen([sys.executable, "-m", "flashrecovery", "up"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashrecovery", "up"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 150
         line = ""
@@ -128,7 +150,7 @@ def test_up_restarts_a_dead_executor_and_keeps_the_rest_running(tmp_path):
         assert proc.wait(60) == 0
         out = proc.stdout.read()
         restarted = [ln for ln in out.splitlines() if '"service_restarted"' in ln]
-        assert restarted and 'executor-0' in restarted[0], out[-2000:]
+        assert restarted and "executor-0" in restarted[0], out[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -90,8 +90,9 @@ def test_completed_and_failed_works() -> None:
 @pytest.mark.unit
 @pytest.mark.timeout(60)
 def test_gloo_generation_rebuild_single_rank() -> None:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
     fac = GlooGroupFactory()
     comm = Comm(Interruptor())
     for gen in range(3):
@@ -125,8 +126,9 @@ def test_aborted_generations_are_destroyed_once_their_abandoned_work_finished() 
 
 
 def _destroyed_once_abandoned_work_finished() -> None:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
     _reaped_settled()
     # device loop threads of earlier tests' groups may end just after their destructors
     base, deadline = gloo_loop_threads(), time.monotonic() + 5
@@ -159,8 +161,7 @@ def test_nccl_factory_is_a_declared_stub() -> None:
 
 @pytest.mark.unit
 def test_fault_spec_parsing() -> None:
-    assert FaultSpec.parse("kind=kill,rank=2,step=12,phase=grad_sync") == FaultSpec(
-        "kill", 2, 12, "grad_sync")
+    assert FaultSpec.parse("kind=kill,rank=2,step=12,phase=grad_sync") == FaultSpec("kill", 2, 12, "grad_sync")
     assert len(parse_faults("kind=kill,rank=2,step=3;kind=hang,rank=3,step=3")) == 2
     assert parse_faults(None) == [] and parse_faults("") == []
     with pytest.raises(ValueError):
@@ -185,8 +186,7 @@ def test_arrival_barrier_is_abandoned_on_pause() -> None:
     threading.Timer(0.05, lambda: reason.append("pause g3")).start()
     t0 = time.monotonic()
     with pytest.raises(PauseRequested, match="pause g3"):
-        arrival_barrier(store, "g2/arrived", 2, lambda: reason[0] if reason else None,
-                        timeout_s=30)
+        arrival_barrier(store, "g2/arrived", 2, lambda: reason[0] if reason else None, timeout_s=30)
     assert time.monotonic() - t0 < 5
 
 

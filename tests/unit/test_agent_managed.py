@@ -44,8 +44,7 @@ class RollingBack(ManagedAgent):
 
 @pytest.fixture
 def master() -> Any:
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=30))
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30))
 
 
 def _agent(master: Any, cls: type[ManagedAgent] = ManagedAgent, job: str = "m") -> ManagedAgent:
@@ -82,12 +81,11 @@ def test_scheduler_steps_once_per_applied_step_and_its_state_moves(master: Any) 
     agent = _agent(master)
     model, opt, sched, seen, draws = _train(agent, 4)
     assert seen == [1, 2, 3, 4] and agent.applied_step == 4
-    assert sched.last_epoch == 4 and opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 4)
+    assert sched.last_epoch == 4 and opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
     assert all(not callable(v) for v in sched.state_dict().values())
     encode(agent.state.tree(), 4)  # the whole contract is transferable
     # torch's default generator is reseeded from (seed, step, rank) before every step
-    want = [torch.rand(1, generator=torch.Generator().manual_seed(step_seed(7, s, 0))).item()
-            for s in range(1, 5)]
+    want = [torch.rand(1, generator=torch.Generator().manual_seed(step_seed(7, s, 0))).item() for s in range(1, 5)]
     assert draws == want
 
 
@@ -103,7 +101,8 @@ def test_a_broken_step_is_not_applied_and_runs_again_from_its_start(master: Any)
     # the repeated step's forward counted once: the buffer went back to the step's start
     assert int(model.seen.item()) == 4
     assert state_digest(model, opt, {"scheduler": sched}, 4) == state_digest(
-        clean[0], clean[1], {"scheduler": clean[2]}, 4)
+        clean[0], clean[1], {"scheduler": clean[2]}, 4
+    )
 
 
 @pytest.mark.timeout(60)
@@ -133,8 +132,14 @@ def test_step_batches_slice_one_global_batch_by_replica_and_repeat_per_step() ->
 
 
 def test_settings_come_from_torchrun_variables_without_flashrecovery_ones() -> None:
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29555", "TORCHELASTIC_RUN_ID": "j1"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29555",
+        "TORCHELASTIC_RUN_ID": "j1",
+    }
     s = settings_from_env(env)
     assert (s.rank, s.local_rank, s.world_size, s.rdzv, s.job_id) == (3, 1, 4, "127.0.0.1:29555", "j1")
     assert s.socket is None  # no sidecar: it trains, it cannot recover

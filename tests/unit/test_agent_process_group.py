@@ -48,8 +48,12 @@ def _worker(port: int, rank: int, out: str) -> None:
     s = Session()
     s.groups = GlooGroupFactory(timeout_s=30).build(store, "pg", 0, rank, 2, tp=1)
     pgs = install(s, store, rank, 2, 1, default=True)
-    res: dict[str, Any] = {"rank": dist.get_rank(), "world": dist.get_world_size(),
-                           "dp_rank": dist.get_rank(pgs["dp"]), "tp_size": dist.get_world_size(pgs["tp"])}
+    res: dict[str, Any] = {
+        "rank": dist.get_rank(),
+        "world": dist.get_world_size(),
+        "dp_rank": dist.get_rank(pgs["dp"]),
+        "tp_size": dist.get_world_size(pgs["tp"]),
+    }
     t = torch.full((3,), float(rank + 1))
     dist.all_reduce(t)
     res["allreduce"] = t.clone()
@@ -85,8 +89,9 @@ def _worker(port: int, rank: int, out: str) -> None:
 
 @pytest.mark.timeout(90)
 def test_user_collectives_and_torch_ddp_run_on_recoverable_groups(tmp_path: Any) -> None:
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
+    master = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
     ctx = mp.get_context("spawn")
     outs = [str(tmp_path / f"r{r}.pt") for r in range(2)]
     procs = [ctx.Process(target=_worker, args=(master.port, r, outs[r]), daemon=True) for r in range(2)]
@@ -118,8 +123,9 @@ def test_user_collectives_and_torch_ddp_run_on_recoverable_groups(tmp_path: Any)
 def _pair(session: Session) -> tuple[RecoverableGroup, threading.Thread, dist.Store]:
     """Rank 0 here, rank 1 on a thread of this process: it joins the group, then never takes
     part in a collective (a peer that stopped)."""
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
+    master = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
     keep: list[Any] = []
 
     def peer() -> None:

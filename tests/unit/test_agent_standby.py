@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from flashrecovery.shared import channel as ch
 from flashrecovery.agent.agent import AgentExit, RecoveryAgent
 from flashrecovery.agent.settings import AgentSettings
+from flashrecovery.shared import channel as ch
 
 
 def _read(f, timeout_s: float = 10.0) -> ch.Message:
@@ -31,8 +31,9 @@ def test_assigned_standby_reports_paused_on_pause() -> None:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(path)
         server.listen(1)
-        settings = AgentSettings(standby=True, socket=path, world_size=2,
-                                 rdzv=f"127.0.0.1:{master.port}", command_timeout_s=20)
+        settings = AgentSettings(
+            standby=True, socket=path, world_size=2, rdzv=f"127.0.0.1:{master.port}", command_timeout_s=20
+        )
         agent = RecoveryAgent(settings)
         outcome: list[BaseException] = []
 

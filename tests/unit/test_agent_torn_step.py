@@ -69,11 +69,11 @@ class _StuckFactory:
         self.release = threading.Event()
         self.aborted: list[object] = []
 
-    def build(self, *args):  # noqa: ANN002 - the GroupFactory signature
+    def build(self, *args):
         self.release.wait(30)
         return "late groups"
 
-    def abort(self, groups, pending=()) -> None:  # noqa: ANN001
+    def abort(self, groups, pending=()) -> None:
         self.aborted.append(groups)
 
 
@@ -86,8 +86,7 @@ def test_a_pause_abandons_a_group_build_that_is_stuck_connecting() -> None:
     agent = RecoveryAgent(AgentSettings(rank=0, world_size=1, rebuild_timeout_s=20), factory=fac)
     agent.store = dist.HashStore()
     agent.generation = 1
-    threading.Timer(0.3, agent.interruptor.interrupt, args=("pause g2 from sidecar",),
-                    kwargs={"generation": 2}).start()
+    threading.Timer(0.3, agent.interruptor.interrupt, args=("pause g2 from sidecar",), kwargs={"generation": 2}).start()
     t0 = time.monotonic()
     with pytest.raises(PauseRequested, match="pause g2"):
         agent._build_groups()

@@ -15,8 +15,15 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from flashrecovery.agent.groups import Comm, GlooGroupFactory, Interruptor
-from flashrecovery.agent.transfer import (TrainingState, TransferError, decode_meta, encode,
-                                          recv_state, send_state, state_digest)
+from flashrecovery.agent.transfer import (
+    TrainingState,
+    TransferError,
+    decode_meta,
+    encode,
+    recv_state,
+    send_state,
+    state_digest,
+)
 
 STEPS = 3
 
@@ -78,8 +85,7 @@ def _sender(port: int, out: str) -> None:
     comm = _comm(port, 0)
     for _ in range(3):
         send_state(comm, 1, state, applied_step=STEPS)
-    torch.save({"tree": state.tree(), "digest": state_digest(state.model, state.optimizer,
-                                                             state.stateful, STEPS)}, out)
+    torch.save({"tree": state.tree(), "digest": state_digest(state.model, state.optimizer, state.stateful, STEPS)}, out)
 
 
 def _flat(obj: Any, pre: str = "") -> dict[str, Any]:
@@ -103,8 +109,9 @@ def _assert_bitwise(want: dict[str, Any], have: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(90)
 def test_sgd_momentum_scheduler_and_buffers_move_bitwise(tmp_path: Any) -> None:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
     out = str(tmp_path / "sender.pt")
     proc = mp.get_context("spawn").Process(target=_sender, args=(store.port, out), daemon=True)
     proc.start()
@@ -159,7 +166,8 @@ def test_digest_covers_every_piece_of_the_contract() -> None:
         "buffer": lambda: s.model[1].running_mean.add_(1e-6),
         "momentum": lambda: s.optimizer.state[s.model[3].bias]["momentum_buffer"].add_(1e-6),
         "param_groups lr": lambda: s.optimizer.param_groups[0].__setitem__(
-            "lr", s.optimizer.param_groups[0]["lr"] * (1 + 1e-15)),
+            "lr", s.optimizer.param_groups[0]["lr"] * (1 + 1e-15)
+        ),
         "scheduler": lambda: setattr(s.stateful["scheduler"], "last_epoch", STEPS + 1),
         "stateful value": lambda: setattr(s.stateful["seen"], "count", 99),
     }
@@ -179,11 +187,23 @@ def test_digest_covers_every_piece_of_the_contract() -> None:
 
 @pytest.mark.unit
 def test_meta_encoding_is_exact() -> None:
-    tree = {"model": {}, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}},
-                                       "param_groups": [{"betas": (0.9, 0.999), "lr": 0.1 + 0.2,
-                                                         "eps": float("inf"), "nesterov": False,
-                                                         "fused": None, "params": [0]}]},
-            "stateful": {"x": {"neg0": -0.0, "n": 2**70, "s": "a"}}}
+    tree = {
+        "model": {},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0)}},
+            "param_groups": [
+                {
+                    "betas": (0.9, 0.999),
+                    "lr": 0.1 + 0.2,
+                    "eps": float("inf"),
+                    "nesterov": False,
+                    "fused": None,
+                    "params": [0],
+                }
+            ],
+        },
+        "stateful": {"x": {"neg0": -0.0, "n": 2**70, "s": "a"}},
+    }
     meta, tensors = encode(tree, 5)
     back = decode_meta(meta, lambda i, dtype, shape, path: tensors[i])
     assert back.pop("step") == 5
@@ -191,7 +211,6 @@ def test_meta_encoding_is_exact() -> None:
     assert str(back["stateful"]["x"]["neg0"]) == "-0.0"
     with pytest.raises(TransferError, match="cannot transfer a object"):
         encode({"model": {}, "optimizer": {}, "stateful": {"x": {"bad": object()}}}, 0)
-
 
 
 @pytest.mark.unit
@@ -206,12 +225,17 @@ def test_agent_applies_clip_step_and_scheduler_once_per_step() -> None:
     agent = RecoveryAgent(AgentSettings(rank=0, world_size=1))
     sched = s.stateful["scheduler"]
     seen: list[tuple[int, float, int]] = []
-    agent.attach(s.model, s.optimizer, scheduler=sched, stateful={"seen": s.stateful["seen"]},
-                 before_apply=lambda step: seen.append((step, s.optimizer.param_groups[0]["lr"],
-                                                        sched.last_epoch)))
+    agent.attach(
+        s.model,
+        s.optimizer,
+        scheduler=sched,
+        stateful={"seen": s.stateful["seen"]},
+        before_apply=lambda step: seen.append((step, s.optimizer.param_groups[0]["lr"], sched.last_epoch)),
+    )
     assert set(agent.state.stateful) == {"scheduler", "seen"}
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
     agent.groups = agent.comm.groups = GlooGroupFactory().build(store, "apply", 0, 0, 1, tp=1)
     g = torch.Generator().manual_seed(3)
     step = 1

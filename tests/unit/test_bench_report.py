@@ -5,17 +5,32 @@ import argparse
 import pytest
 
 from flashrecovery.bench.cli import SUITES, add_bench_parser
-from flashrecovery.bench.stats import summarize_runs
 from flashrecovery.bench.report import recovery_phase_medians, render, scale_slopes, scale_table
+from flashrecovery.bench.stats import summarize_runs
 
 pytestmark = pytest.mark.unit
 
 
 def _run(rto, det=0.5, eq=True, outcome="done"):
-    return {"outcome": outcome, "detection_latency_s": det, "planning_s": 0.1, "dispatch_s": 0.0, "rto_s": rto,
-            "steps_recomputed": 1, "committed_steps_lost": 0, "bitwise_equal_to_fault_free": eq,
-            "phases_s": {"fence": 0.01, "pause": 0.2, "replace": 0.1, "rebuild": 0.3, "restore": 0.1,
-                         "resume": 0.0, "verify": 0.5}}
+    return {
+        "outcome": outcome,
+        "detection_latency_s": det,
+        "planning_s": 0.1,
+        "dispatch_s": 0.0,
+        "rto_s": rto,
+        "steps_recomputed": 1,
+        "committed_steps_lost": 0,
+        "bitwise_equal_to_fault_free": eq,
+        "phases_s": {
+            "fence": 0.01,
+            "pause": 0.2,
+            "replace": 0.1,
+            "rebuild": 0.3,
+            "restore": 0.1,
+            "resume": 0.0,
+            "verify": 0.5,
+        },
+    }
 
 
 def test_summarize_runs_counts_only_completed_runs():
@@ -31,10 +46,17 @@ def test_phase_medians_include_detection_and_planning():
 
 
 def _point(ranks, rto, cmds):
-    return {"ranks": ranks, "nodes": ranks // 8, "detection_s": 2.0, "planning_s": 0.1,
-            "phases_s": {"fence": 0.0, "pause": 0.3, "replace": 0.1, "rebuild": 0.1},
-            "recovery_after_detection_s": rto - 2.0, "rto_s": rto, "redis_commands": cmds,
-            "kafka_control_messages": 10}
+    return {
+        "ranks": ranks,
+        "nodes": ranks // 8,
+        "detection_s": 2.0,
+        "planning_s": 0.1,
+        "phases_s": {"fence": 0.0, "pause": 0.3, "replace": 0.1, "rebuild": 0.1},
+        "recovery_after_detection_s": rto - 2.0,
+        "rto_s": rto,
+        "redis_commands": cmds,
+        "kafka_control_messages": 10,
+    }
 
 
 def test_scale_table_and_flat_slope():
@@ -50,8 +72,9 @@ def test_render_all_sections():
         "machine": {"cores": 2, "cpu": "x", "memory_gib": 8, "torch": "2.13", "accelerator": None},
         "runs": {"recovery": {"command": "flashrecovery bench", "started": "now", "wall_s": 1}},
         "recovery": {"n": 1, "faults": {"process-crash": {"summary": summarize_runs([_run(4.0)])}}},
-        "baseline": {"runs": [{"ckpt_every": 10, "at_step": 15, "rto_s": 40.0, "steps_recomputed": 5,
-                               "processes_restarted": 8}]},
+        "baseline": {
+            "runs": [{"ckpt_every": 10, "at_step": 15, "rto_s": 40.0, "steps_recomputed": 5, "processes_restarted": 8}]
+        },
         "scale": {"points": [_point(64, 3.0, 200), _point(1000, 3.5, 210)]},
     }
     md = render(results)
@@ -71,10 +94,16 @@ def test_cli_registers_bench_with_a_func():
 
 def test_overhead_table_separates_the_agent_from_the_deployment():
     from flashrecovery.bench.stats import summarize
-    ov = {"reps": 3, "ours_s_per_step": summarize([0.30, 0.32, 0.31]),
-          "agent_only_s_per_step": summarize([0.12, 0.11, 0.13]),
-          "bare_s_per_step": summarize([0.10, 0.10, 0.11]),
-          "ratio": 3.1, "agent_only_ratio": 1.2, "deployment_ratio": 2.583}
+
+    ov = {
+        "reps": 3,
+        "ours_s_per_step": summarize([0.30, 0.32, 0.31]),
+        "agent_only_s_per_step": summarize([0.12, 0.11, 0.13]),
+        "bare_s_per_step": summarize([0.10, 0.10, 0.11]),
+        "ratio": 3.1,
+        "agent_only_ratio": 1.2,
+        "deployment_ratio": 2.583,
+    }
     md = render({"machine": {}, "runs": {}, "overhead": ov})
     assert "agent only (torchrun, no sidecar, no services)" in md
     assert "agent only / bare: 1.2" in md and "ours / agent only" in md
@@ -82,10 +111,22 @@ def test_overhead_table_separates_the_agent_from_the_deployment():
 
 def test_repeated_scale_runs_give_one_median_row_per_size():
     from flashrecovery.bench.scale import median_point
-    runs = [{"ranks": 64, "nodes": 8, "detector_instances": 1, "outcome": "done", "rto_s": r, "detection_s": 2.3,
-             "recovery_after_detection_s": r - 2.3, "redis_commands": c, "kafka_control_messages": 20,
-             "phases_s": {"fence": 0.01, "pause": p}} for r, c, p in ((2.8, 200, 0.2), (3.4, 210, 0.4),
-                                                                     (2.9, 205, 0.3))]
+
+    runs = [
+        {
+            "ranks": 64,
+            "nodes": 8,
+            "detector_instances": 1,
+            "outcome": "done",
+            "rto_s": r,
+            "detection_s": 2.3,
+            "recovery_after_detection_s": r - 2.3,
+            "redis_commands": c,
+            "kafka_control_messages": 20,
+            "phases_s": {"fence": 0.01, "pause": p},
+        }
+        for r, c, p in ((2.8, 200, 0.2), (3.4, 210, 0.4), (2.9, 205, 0.3))
+    ]
     runs.append({"ranks": 64, "error": "TimeoutError: no RecoveryCompleted"})
     row = median_point(runs)
     assert row["rto_s"] == 2.9 and row["rto_max_s"] == 3.4 and row["redis_commands"] == 205

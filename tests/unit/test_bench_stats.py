@@ -34,8 +34,9 @@ def test_log_slope_is_flat_for_constant_and_per_decade_otherwise():
     assert log_slope([10, 100, 1000], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("v,want", [(None, "—"), (True, "yes"), (12345, "12,345"), (1.23456, "1.23"),
-                                    (2000.0, "2,000"), ("x", "x")])
+@pytest.mark.parametrize(
+    "v,want", [(None, "—"), (True, "yes"), (12345, "12,345"), (1.23456, "1.23"), (2000.0, "2,000"), ("x", "x")]
+)
 def test_fmt(v, want):
     assert fmt(v) == want
 

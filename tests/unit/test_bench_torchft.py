@@ -108,11 +108,25 @@ def test_suite_registered_and_rendered():
     add_bench_parser(p.add_subparsers())
     args = p.parse_args(["bench", "--suite", "torchft", "--torchft-faults", "after-step,in-allreduce"])
     assert args.suite == ["torchft"] and args.torchft_faults == ["after-step", "in-allreduce"]
-    run = {"replicas": 4, "tp": 2, "fault": "after-step", "at_step": 15, "restarted_group_rejoined": True,
-           **summarize({0: SURVIVOR, 1: VICTIM}, 10.0, 1, 2), "survivors_pids_kept": True,
-           "processes_restarted": 2, "replicas_consistent": True}
-    md = render({"torchft": {"runs": [run, {"fault": "in-allreduce", "at_step": 15, "error": "boom"}],
-                             "torchft": "torchft-nightly 2026.10.26"}})
+    run = {
+        "replicas": 4,
+        "tp": 2,
+        "fault": "after-step",
+        "at_step": 15,
+        "restarted_group_rejoined": True,
+        **summarize({0: SURVIVOR, 1: VICTIM}, 10.0, 1, 2),
+        "survivors_pids_kept": True,
+        "processes_restarted": 2,
+        "replicas_consistent": True,
+    }
+    md = render(
+        {
+            "torchft": {
+                "runs": [run, {"fault": "in-allreduce", "at_step": 15, "error": "boom"}],
+                "torchft": "torchft-nightly 2026.10.26",
+            }
+        }
+    )
     assert "## TorchFT, same job, same fault (torchft-nightly 2026.10.26)" in md
     assert "| torchft, 4 groups x tp 2 | after-step | 15 | — | 3.10 |" in md
     assert "error: boom" in md

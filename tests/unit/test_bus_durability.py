@@ -9,14 +9,22 @@ from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.settings import BusSettings, ConfigError, load_settings
 
-PRODUCTION = {"FLASHRECOVERY_BUS__REPLICATION_FACTOR": "3", "FLASHRECOVERY_BUS__MIN_INSYNC_REPLICAS": "2",
-              "FLASHRECOVERY_BUS__PRODUCER_ACKS": "all", "FLASHRECOVERY_BUS__IDEMPOTENCE": "true"}
+PRODUCTION = {
+    "FLASHRECOVERY_BUS__REPLICATION_FACTOR": "3",
+    "FLASHRECOVERY_BUS__MIN_INSYNC_REPLICAS": "2",
+    "FLASHRECOVERY_BUS__PRODUCER_ACKS": "all",
+    "FLASHRECOVERY_BUS__IDEMPOTENCE": "true",
+}
 
 
 def test_embedded_defaults_are_unchanged() -> None:
     bus = BusSettings()
-    assert busmod.producer_config(bus) == {"linger_ms": 5, "max_batch_size": 1 << 20, "acks": 1,
-                                               "enable_idempotence": False}
+    assert busmod.producer_config(bus) == {
+        "linger_ms": 5,
+        "max_batch_size": 1 << 20,
+        "acks": 1,
+        "enable_idempotence": False,
+    }
     new = busmod.new_topics(bus, T.ALL, existing=set())
     assert {t.replication_factor for t in new} == {1} and all(t.topic_configs == {} for t in new)
 
@@ -39,11 +47,14 @@ def test_production_settings_from_the_environment_reach_topics_and_producer(monk
     assert built["acks"] == "all" and built["enable_idempotence"] is True
 
 
-@pytest.mark.parametrize("env, why", [
-    ({"FLASHRECOVERY_BUS__IDEMPOTENCE": "true"}, "idempotence needs producer_acks=all"),
-    ({"FLASHRECOVERY_BUS__MIN_INSYNC_REPLICAS": "2"}, "exceeds replication_factor"),
-    ({"FLASHRECOVERY_BUS__PRODUCER_ACKS": "2"}, "FLASHRECOVERY_BUS__PRODUCER_ACKS"),
-])
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"FLASHRECOVERY_BUS__IDEMPOTENCE": "true"}, "idempotence needs producer_acks=all"),
+        ({"FLASHRECOVERY_BUS__MIN_INSYNC_REPLICAS": "2"}, "exceeds replication_factor"),
+        ({"FLASHRECOVERY_BUS__PRODUCER_ACKS": "2"}, "FLASHRECOVERY_BUS__PRODUCER_ACKS"),
+    ],
+)
 def test_inconsistent_durability_is_refused_at_start_up(monkeypatch, env, why) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -14,8 +14,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
-from flashrecovery.shared.schemas import (DEAD_LETTER_RAW_LIMIT, DeadLetter, NodeHeartbeat, decode_dead_letter,
-                                          encode)
+from flashrecovery.shared.schemas import DEAD_LETTER_RAW_LIMIT, DeadLetter, NodeHeartbeat, decode_dead_letter, encode
 from flashrecovery.shared.settings import BusSettings
 
 pytestmark = pytest.mark.timeout(30)
@@ -58,8 +57,9 @@ def _producer(fake: FakeKafka) -> busmod.Producer:
 
 
 def _consumer(producer: busmod.Producer, handler, topics=(T.HEARTBEATS,), **kw) -> busmod.Consumer:
-    return busmod.Consumer("127.0.0.1:1", BusSettings(handler_retries=0), list(topics), None, handler,
-                           producer, "test", **kw)
+    return busmod.Consumer(
+        "127.0.0.1:1", BusSettings(handler_retries=0), list(topics), None, handler, producer, "test", **kw
+    )
 
 
 def _beat(seq: int = 1) -> bytes:
@@ -81,15 +81,24 @@ async def test_a_2mb_message_is_dead_lettered_as_a_bounded_prefix_with_digest_an
 
 
 async def test_a_small_message_is_kept_whole() -> None:
-    letter = DeadLetter.of(topic="t", partition=0, offset=1, key=None, value=b"{not json", reason="r",
-                           consumer="c")
+    letter = DeadLetter.of(topic="t", partition=0, offset=1, key=None, value=b"{not json", reason="r", consumer="c")
     assert base64.b64decode(letter.raw_b64) == b"{not json" and not letter.raw_truncated
     assert letter.raw_size == 9
 
 
 def test_a_dead_letter_written_before_the_new_fields_still_reads() -> None:
-    old = orjson.dumps({"topic": "t", "partition": 0, "offset": 3, "key": None, "reason": "not JSON",
-                        "raw_b64": base64.b64encode(b"x").decode(), "consumer": "detector", "at": 1.0})
+    old = orjson.dumps(
+        {
+            "topic": "t",
+            "partition": 0,
+            "offset": 3,
+            "key": None,
+            "reason": "not JSON",
+            "raw_b64": base64.b64encode(b"x").decode(),
+            "consumer": "detector",
+            "at": 1.0,
+        }
+    )
     letter = decode_dead_letter(old)
     assert letter.raw_size is None and letter.raw_sha256 is None and not letter.raw_truncated
 
@@ -158,7 +167,7 @@ async def test_the_dead_letter_topic_is_never_dead_lettered_again() -> None:
 
 async def test_the_events_tool_reads_dead_letters() -> None:
     from flashrecovery import tools
-    letter = DeadLetter.of(topic="t", partition=0, offset=1, key=None, value=b"x" * 10, reason="r",
-                           consumer="c")
+
+    letter = DeadLetter.of(topic="t", partition=0, offset=1, key=None, value=b"x" * 10, reason="r", consumer="c")
     got = tools._decode_or_dead_letter(orjson.dumps(letter.model_dump(mode="json")))
     assert isinstance(got, DeadLetter) and "size=10" in tools._line(got)

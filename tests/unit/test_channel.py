@@ -21,8 +21,7 @@ SAMPLES = [
     ch.Error(rank=3, message="RuntimeError: Connection closed by peer"),
     ch.Pause(generation=0),
     ch.Assign(rank=2, local_rank=0, node_id="spare"),
-    ch.Recover(generation=1, world_size=8, commit_step=None, resume_step=12,
-               transfers=(ch.Transfer(src=0, dst=2),)),
+    ch.Recover(generation=1, world_size=8, commit_step=None, resume_step=12, transfers=(ch.Transfer(src=0, dst=2),)),
     ch.Stop(),
 ]
 
@@ -39,8 +38,14 @@ def test_roundtrip(msg: ch._Msg) -> None:
 @pytest.mark.unit
 def test_wire_shape_of_recover() -> None:
     obj = json.loads(ch.encode(SAMPLES[10]))
-    assert obj == {"type": "recover", "generation": 1, "world_size": 8, "commit_step": None,
-                   "resume_step": 12, "transfers": [{"src": 0, "dst": 2}]}
+    assert obj == {
+        "type": "recover",
+        "generation": 1,
+        "world_size": 8,
+        "commit_step": None,
+        "resume_step": 12,
+        "transfers": [{"src": 0, "dst": 2}],
+    }
 
 
 @pytest.mark.unit

@@ -6,10 +6,9 @@ and no wrong detection latency."""
 from __future__ import annotations
 
 import pytest
+from test_detector_core import JOB, Sim
 
 from flashrecovery.shared.schemas import FaultClass, WorkerExit
-
-from test_detector_core import JOB, Sim
 
 pytestmark = pytest.mark.unit
 
@@ -28,8 +27,19 @@ def test_skewed_clocks_make_no_false_incident_and_no_wrong_latency() -> None:
     assert sim.incidents() == []
     for node, rank in (("n1", 2), ("n2", 5)):
         before = len(sim.incidents())
-        sim.feed(WorkerExit(job_id=JOB, generation=sim.generation, producer="sidecar", node_id=node,
-                            rank=rank, pid=1000 + rank, signal=9, step=sim.step), 30.2)
+        sim.feed(
+            WorkerExit(
+                job_id=JOB,
+                generation=sim.generation,
+                producer="sidecar",
+                node_id=node,
+                rank=rank,
+                pid=1000 + rank,
+                signal=9,
+                step=sim.step,
+            ),
+            30.2,
+        )
         sim.tick(30.3)
         new = sim.incidents()[before:]
         assert [i.fault_class for i in new] == [FaultClass.PROCESS_CRASH]

@@ -22,28 +22,37 @@ CASES = [
     ("before any step", [(0, 0, None, 0), (1, 0, None, 0)], None, 1),
     ("first step in forward", [(0, 0, None, 0), (1, 0, None, 0), (3, 0, None, 0)], None, 1),
     ("between steps", [(0, 11, 11, 11), (1, 11, 11, 11)], None, 12),
-    ("in forward of 12 (grads zeroed, stale grads_step kept)",
-     [(0, 11, 11, 11), (1, 11, 11, 11), (3, 11, 11, 11)], None, 12),
-    ("partial gradient: some finished dp sync of 12, none voted",
-     [(0, 11, 12, 11), (1, 11, 11, 11), (3, 11, 12, 11)], None, 12),
-    ("all finished dp sync of 12, vote never completed",
-     [(0, 11, 12, 11), (1, 11, 12, 11)], None, 12),
-    ("partial vote: one survivor completed vote 12 and applied it",
-     [(0, 12, 12, 12), (1, 11, 12, 11), (3, 11, 12, 11)], 12, 13),
-    ("partial vote: one survivor completed vote 12, not applied yet",
-     [(0, 11, 12, 12), (1, 11, 12, 11)], 12, 13),
-    ("all voted 12, some applied",
-     [(0, 12, 12, 12), (1, 11, 12, 12), (3, 12, 12, 12)], 12, 13),
-    ("all applied 12, some already in sync of 13",
-     [(0, 12, 13, 12), (1, 12, 12, 12)], None, 13),
+    (
+        "in forward of 12 (grads zeroed, stale grads_step kept)",
+        [(0, 11, 11, 11), (1, 11, 11, 11), (3, 11, 11, 11)],
+        None,
+        12,
+    ),
+    (
+        "partial gradient: some finished dp sync of 12, none voted",
+        [(0, 11, 12, 11), (1, 11, 11, 11), (3, 11, 12, 11)],
+        None,
+        12,
+    ),
+    ("all finished dp sync of 12, vote never completed", [(0, 11, 12, 11), (1, 11, 12, 11)], None, 12),
+    (
+        "partial vote: one survivor completed vote 12 and applied it",
+        [(0, 12, 12, 12), (1, 11, 12, 11), (3, 11, 12, 11)],
+        12,
+        13,
+    ),
+    ("partial vote: one survivor completed vote 12, not applied yet", [(0, 11, 12, 12), (1, 11, 12, 11)], 12, 13),
+    ("all voted 12, some applied", [(0, 12, 12, 12), (1, 11, 12, 12), (3, 12, 12, 12)], 12, 13),
+    ("all applied 12, some already in sync of 13", [(0, 12, 13, 12), (1, 12, 12, 12)], None, 13),
     ("single survivor lagging", [(5, 29, 30, 29), (6, 30, 30, 30)], 30, 31),
 ]
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("name,reports,commit,resume", CASES, ids=[c[0] for c in CASES])
-def test_decide_recovery(name: str, reports: list[tuple[int, int, int | None, int]],
-                         commit: int | None, resume: int) -> None:
+def test_decide_recovery(
+    name: str, reports: list[tuple[int, int, int | None, int]], commit: int | None, resume: int
+) -> None:
     d = decide_recovery([rep(*r) for r in reports])
     assert (d.commit_step, d.resume_step) == (commit, resume), d.reason
     assert d.reason
@@ -83,8 +92,14 @@ def consistent_reports(draw: st.DrawFn) -> tuple[list[Paused], int, int]:
         if vote_done_somewhere:
             # every rank entered vote v: it holds grads of v; it may have completed/applied it
             state = draw(st.sampled_from(["in_vote", "voted", "applied", "next_sync"]))
-            out.append({"in_vote": rep(r, v - 1, v, v - 1), "voted": rep(r, v - 1, v, v),
-                        "applied": rep(r, v, v, v), "next_sync": rep(r, v, v + 1, v)}[state])
+            out.append(
+                {
+                    "in_vote": rep(r, v - 1, v, v - 1),
+                    "voted": rep(r, v - 1, v, v),
+                    "applied": rep(r, v, v, v),
+                    "next_sync": rep(r, v, v + 1, v),
+                }[state]
+            )
         else:
             state = draw(st.sampled_from(["idle", "synced_next"]))
             grads = v if v else None
@@ -107,12 +122,14 @@ def test_property_exactly_once(data: tuple[list[Paused], int, int]) -> None:
         assert d.commit_step == d.resume_step - 1
         for p in reports:
             assert p.applied_step == d.commit_step or (
-                p.applied_step == d.commit_step - 1 and p.grads_step == d.commit_step)
+                p.applied_step == d.commit_step - 1 and p.grads_step == d.commit_step
+            )
     else:
         assert all(p.applied_step == d.resume_step - 1 for p in reports)
 
 
 def test_reasons_stay_short_at_100k_ranks():
     from flashrecovery.shared.commit_rule import ranks_text
+
     assert ranks_text([1, 2, 3]) == "[1, 2, 3]"
     assert ranks_text(list(range(100_000))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 100000 ranks]"

@@ -5,8 +5,6 @@ exactly what `pip install .` needs. No container engine is needed."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import shutil
 import subprocess
@@ -17,10 +15,6 @@ from pathlib import Path
 import pytest
 
 from flashrecovery.cli import main as cli_main
-
-
-
-
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -44,8 +38,9 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 @needs_hadolint
 @pytest.mark.parametrize("path", [DOCKERFILE, TRAINER], ids=lambda p: p.name)
 def test_hadolint_finds_nothing(path):
-    run = subprocess.run([HADOLINT, "--failure-threshold", "info", str(path)], capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [HADOLINT, "--failure-threshold", "info", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -95,10 +90,12 @@ def test_image_commands_are_cli_commands(capsys):
 
 
 def test_dockerignore_lets_in_what_the_build_copies():
-    allowed = {ln[1:].strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines()
-               if ln.startswith("!")}
-    copied = {a.split()[0].rstrip("/") for w, a in _instructions(DOCKERFILE)
-              if w == "COPY" and not a.startswith("--from")}
+    allowed = {
+        ln[1:].strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")
+    }
+    copied = {
+        a.split()[0].rstrip("/") for w, a in _instructions(DOCKERFILE) if w == "COPY" and not a.startswith("--from")
+    }
     assert copied <= allowed, f"COPY of ignored paths: {sorted(copied - allowed)}"
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     tops = {d.split("/")[0] for d in package_dirs.values()}

@@ -8,9 +8,7 @@ Redis with AOF, and a training job whose entrypoint is `flashrecovery run`, with
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 from pathlib import Path
 
 import kubernetes_validate
@@ -18,10 +16,6 @@ import pytest
 import yaml
 
 from flashrecovery.cli import main as cli_main
-
-
-
-
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s" / "base"
@@ -136,7 +130,9 @@ def test_overlay_renders_to_valid_manifests():
     job = _by(docs, "Job", "flashrecovery-train")
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 8
     assert _containers(job)[0]["args"][:4] == ["--nproc-per-node", "8", "--nnodes", "8"]
-    spare_env = {e["name"]: e.get("value") for e in _containers(_by(docs, "StatefulSet", "flashrecovery-spare"))[0]["env"]}
+    spare_env = {
+        e["name"]: e.get("value") for e in _containers(_by(docs, "StatefulSet", "flashrecovery-spare"))[0]["env"]
+    }
     assert spare_env["FLASHRECOVERY_SIDECAR__WORLD_SIZE"] == "64"  # 8 nodes x 8 ranks
     for d in docs:
         for c in _containers(d):

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "flashrecovery.json"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="no promtool: `make os-deps` installs the "
-                                                             "Debian package `prometheus`")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="no promtool: `make os-deps` installs the Debian package `prometheus`"
+)
 
 
 def _defined() -> dict[str, str]:
@@ -57,11 +58,18 @@ def test_metric_names_follow_prometheus_conventions():
         assert re.fullmatch(r"[a-z_]+", name), name
         if kind == "histogram":
             assert re.search(r"_seconds_(bucket|sum|count)$", name), f"{name}: a histogram of seconds"
-    for required in ("flashrecovery_incidents_total", "flashrecovery_recovery_rto_seconds_count",
-                     "flashrecovery_detection_latency_seconds_bucket", "flashrecovery_recovery_phase_seconds_sum",
-                     "flashrecovery_consumer_lag_messages", "flashrecovery_dead_letters_total",
-                     "flashrecovery_heartbeats_received_total", "flashrecovery_executor_leader",
-                     "flashrecovery_standby_pool_size", "flashrecovery_committed_step"):
+    for required in (
+        "flashrecovery_incidents_total",
+        "flashrecovery_recovery_rto_seconds_count",
+        "flashrecovery_detection_latency_seconds_bucket",
+        "flashrecovery_recovery_phase_seconds_sum",
+        "flashrecovery_consumer_lag_messages",
+        "flashrecovery_dead_letters_total",
+        "flashrecovery_heartbeats_received_total",
+        "flashrecovery_executor_leader",
+        "flashrecovery_standby_pool_size",
+        "flashrecovery_committed_step",
+    ):
         assert required in defined, required
 
 
@@ -81,10 +89,18 @@ def test_every_expression_names_defined_series(source):
 def test_alerts_cover_the_operational_failures():
     rules = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())
     names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
-    assert names == {"FlashRecoveryIncidentStorm", "FlashRecoveryRecoveryEscalated", "FlashRecoveryRTOHigh",
-                     "FlashRecoveryDetectorDown", "FlashRecoveryPlannerDown", "FlashRecoveryExecutorDown",
-                     "FlashRecoveryExecutorNoLeader", "FlashRecoveryDeadLettersRising",
-                     "FlashRecoveryStandbyPoolEmpty", "FlashRecoveryConsumerLag"}
+    assert names == {
+        "FlashRecoveryIncidentStorm",
+        "FlashRecoveryRecoveryEscalated",
+        "FlashRecoveryRTOHigh",
+        "FlashRecoveryDetectorDown",
+        "FlashRecoveryPlannerDown",
+        "FlashRecoveryExecutorDown",
+        "FlashRecoveryExecutorNoLeader",
+        "FlashRecoveryDeadLettersRising",
+        "FlashRecoveryStandbyPoolEmpty",
+        "FlashRecoveryConsumerLag",
+    }
     runbook = (ROOT / "docs" / "runbook.md").read_text().lower()
     for g in rules["groups"]:
         for r in g["rules"]:
@@ -102,26 +118,36 @@ def test_dashboard_is_importable_json():
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
 
 
-@pytest.mark.parametrize("reason, label", [
-    ("empty message (tombstone)", "empty"), ("not JSON: bad", "not_json"),
-    ("expected a JSON object, got list", "not_object"), ("unknown kind 'x'", "unknown_kind"),
-    ("invalid heartbeat: seq: field required", "invalid"), ("undecodable: ValueError()", "undecodable"),
-    ("handler failed 4x: KeyError()", "handler_failed"), ("detector failed: E()", "handler_failed"),
-    ("untrusted: rank 9 outside the world", "untrusted"), ("unauthenticated: no tag", "unauthenticated"),
-    ("something new", "other"),
-])
+@pytest.mark.parametrize(
+    "reason, label",
+    [
+        ("empty message (tombstone)", "empty"),
+        ("not JSON: bad", "not_json"),
+        ("expected a JSON object, got list", "not_object"),
+        ("unknown kind 'x'", "unknown_kind"),
+        ("invalid heartbeat: seq: field required", "invalid"),
+        ("undecodable: ValueError()", "undecodable"),
+        ("handler failed 4x: KeyError()", "handler_failed"),
+        ("detector failed: E()", "handler_failed"),
+        ("untrusted: rank 9 outside the world", "untrusted"),
+        ("unauthenticated: no tag", "unauthenticated"),
+        ("something new", "other"),
+    ],
+)
 def test_dead_letter_reasons_map_to_bounded_labels(reason, label):
     assert M.reason_class(reason) == label
 
 
 @needs_promtool
 def test_promtool_checks_and_unit_tests_the_alert_rules():
-    check = subprocess.run([PROMTOOL, "check", "rules", "alerts.yml"], cwd=PROM_DIR, capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        [PROMTOOL, "check", "rules", "alerts.yml"], cwd=PROM_DIR, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "SUCCESS: 10 rules found" in check.stdout
-    unit = subprocess.run([PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=PROM_DIR, capture_output=True,
-                          text=True, timeout=60)
+    unit = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=PROM_DIR, capture_output=True, text=True, timeout=60
+    )
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 

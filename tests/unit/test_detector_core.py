@@ -9,8 +9,16 @@ import pytest
 from flashrecovery.detector import core
 from flashrecovery.detector.signatures import CatalogError, load_catalog
 from flashrecovery.detector.state import DetectorState
-from flashrecovery.shared.schemas import (FaultClass, LogEvent, NodeHeartbeat, NodeRole,
-                                          RankState, RankStatus, RepairAction, WorkerExit)
+from flashrecovery.shared.schemas import (
+    FaultClass,
+    LogEvent,
+    NodeHeartbeat,
+    NodeRole,
+    RankState,
+    RankStatus,
+    RepairAction,
+    WorkerExit,
+)
 from flashrecovery.shared.settings import DetectorSettings
 
 JOB = "job-u"
@@ -34,23 +42,46 @@ class Sim:
         self.generation = 0
         self.decisions: list[core.Decision] = []
 
-    def beat(self, node: str, now: float, *, step: int | None = None, since: float = 0.1,
-             step_time: float = 0.2, state: RankState = RankState.RUNNING, overrides=None,
-             seq: int | None = None, generation: int | None = None) -> list[core.Decision]:
+    def beat(
+        self,
+        node: str,
+        now: float,
+        *,
+        step: int | None = None,
+        since: float = 0.1,
+        step_time: float = 0.2,
+        state: RankState = RankState.RUNNING,
+        overrides=None,
+        seq: int | None = None,
+        generation: int | None = None,
+    ) -> list[core.Decision]:
         i = self.nodes.index(node)
         ranks = []
         for lr in range(self.r):
             rank = i * self.r + lr
-            kw = dict(rank=rank, local_rank=lr, pid=1000 + rank, state=state,
-                      step=self.step if step is None else step, step_time_s=step_time,
-                      since_progress_s=since, generation=self.generation)
+            kw = dict(
+                rank=rank,
+                local_rank=lr,
+                pid=1000 + rank,
+                state=state,
+                step=self.step if step is None else step,
+                step_time_s=step_time,
+                since_progress_s=since,
+                generation=self.generation,
+            )
             kw.update((overrides or {}).get(rank, {}))
             ranks.append(RankStatus(**kw))
         if seq is None:
             self.seq[node] += 1
             seq = self.seq[node]
-        hb = NodeHeartbeat(job_id=JOB, generation=self.generation if generation is None else generation,
-                           producer="sidecar", node_id=node, seq=seq, ranks=tuple(ranks))
+        hb = NodeHeartbeat(
+            job_id=JOB,
+            generation=self.generation if generation is None else generation,
+            producer="sidecar",
+            node_id=node,
+            seq=seq,
+            ranks=tuple(ranks),
+        )
         return self.feed(hb, now)
 
     def feed(self, event, now: float) -> list[core.Decision]:
@@ -82,21 +113,37 @@ class Sim:
         return [d.event for d in self.decisions if d.kind == "degradation"]
 
 
-def exit_(node: str, rank: int, *, expected: bool = False, generation: int = 0, signal: int | None = 9,
-          event_id: str | None = None) -> WorkerExit:
+def exit_(
+    node: str,
+    rank: int,
+    *,
+    expected: bool = False,
+    generation: int = 0,
+    signal: int | None = 9,
+    event_id: str | None = None,
+) -> WorkerExit:
     kw = {"event_id": event_id} if event_id else {}
-    return WorkerExit(job_id=JOB, generation=generation, producer="sidecar", node_id=node, rank=rank,
-                      pid=1000 + rank, signal=signal, exit_code=None if signal else 0,
-                      expected=expected, **kw)
+    return WorkerExit(
+        job_id=JOB,
+        generation=generation,
+        producer="sidecar",
+        node_id=node,
+        rank=rank,
+        pid=1000 + rank,
+        signal=signal,
+        exit_code=None if signal else 0,
+        expected=expected,
+        **kw,
+    )
 
 
 def log(node: str, rank: int | None, line: str, *, generation: int = 0, event_id: str | None = None) -> LogEvent:
     kw = {"event_id": event_id} if event_id else {}
-    return LogEvent(job_id=JOB, generation=generation, producer="sidecar", node_id=node, rank=rank,
-                    line=line, **kw)
+    return LogEvent(job_id=JOB, generation=generation, producer="sidecar", node_id=node, rank=rank, line=line, **kw)
 
 
 # ----------------------------------------------------------------------------- classes
+
 
 def test_process_crash_is_immediate_and_names_the_node() -> None:
     sim = Sim()
@@ -117,17 +164,32 @@ def test_expected_exit_is_not_a_fault() -> None:
     assert sim.incidents() == []
 
 
-@pytest.mark.parametrize("line, fault_class, action", [
-    ("NVRM: Xid (PCI:0000:3b:00): 79, pid=4242, GPU has fallen off the bus.", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
-    ("NVRM: Xid (PCI:0000:3b:00): 48, pid=1, DBE", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
-    ("kernel: uncorrectable ECC error detected on GPU 3", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
-    ("RuntimeError: CUDA error: an illegal memory access was encountered", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
-    ("RuntimeError: CUDA error: unspecified launch failure", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
-    ("NVLink: fatal error detected on link 2", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
-    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", FaultClass.OUT_OF_MEMORY, RepairAction.RESTART_PROCESS),
-    ("RuntimeError: shape mismatch in layer 3", FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
-    ("KeyError: 'missing batch key'", FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
-])
+@pytest.mark.parametrize(
+    "line, fault_class, action",
+    [
+        (
+            "NVRM: Xid (PCI:0000:3b:00): 79, pid=4242, GPU has fallen off the bus.",
+            FaultClass.HARDWARE,
+            RepairAction.REPLACE_NODE,
+        ),
+        ("NVRM: Xid (PCI:0000:3b:00): 48, pid=1, DBE", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+        ("kernel: uncorrectable ECC error detected on GPU 3", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+        (
+            "RuntimeError: CUDA error: an illegal memory access was encountered",
+            FaultClass.HARDWARE,
+            RepairAction.REPLACE_NODE,
+        ),
+        ("RuntimeError: CUDA error: unspecified launch failure", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+        ("NVLink: fatal error detected on link 2", FaultClass.HARDWARE, RepairAction.REPLACE_NODE),
+        (
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB",
+            FaultClass.OUT_OF_MEMORY,
+            RepairAction.RESTART_PROCESS,
+        ),
+        ("RuntimeError: shape mismatch in layer 3", FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
+        ("KeyError: 'missing batch key'", FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS),
+    ],
+)
 def test_log_signatures_classify_at_once(line: str, fault_class: FaultClass, action: RepairAction) -> None:
     sim = Sim()
     sim.run(0, 2)
@@ -136,8 +198,9 @@ def test_log_signatures_classify_at_once(line: str, fault_class: FaultClass, act
     assert (inc.fault_class, inc.action, inc.root_cause_nodes) == (fault_class, action, ("n1",))
 
 
-@pytest.mark.parametrize("line", ["step 100 loss 2.31", "Epoch 3 error rate 0.1 (val)",
-                                  "NVRM: Xid (PCI:0000:3b:00): 13, Graphics Exception"])
+@pytest.mark.parametrize(
+    "line", ["step 100 loss 2.31", "Epoch 3 error rate 0.1 (val)", "NVRM: Xid (PCI:0000:3b:00): 13, Graphics Exception"]
+)
 def test_ordinary_lines_are_not_faults(line: str) -> None:
     sim = Sim()
     sim.run(0, 2)
@@ -200,9 +263,15 @@ def test_node_with_only_finished_ranks_going_away_is_not_lost() -> None:
 
 def test_spare_node_going_quiet_is_not_a_training_fault() -> None:
     sim = Sim(nodes=1)
-    hb = NodeHeartbeat(job_id=JOB, generation=0, producer="s", node_id="spare0", seq=1,
-                       role=NodeRole.SPARE, ranks=(RankStatus(rank=None, local_rank=0, pid=1,
-                                                              state=RankState.STANDBY),))
+    hb = NodeHeartbeat(
+        job_id=JOB,
+        generation=0,
+        producer="s",
+        node_id="spare0",
+        seq=1,
+        role=NodeRole.SPARE,
+        ranks=(RankStatus(rank=None, local_rank=0, pid=1, state=RankState.STANDBY),),
+    )
     sim.feed(hb, 0.0)
     for t in range(1, 10):
         sim.beat("n0", float(t))
@@ -211,6 +280,7 @@ def test_spare_node_going_quiet_is_not_a_training_fault() -> None:
 
 
 # ----------------------------------------------------------------------------- hang
+
 
 def test_hang_fires_at_floor_threshold_plus_tick() -> None:
     sim = Sim()
@@ -265,8 +335,13 @@ def test_declared_long_phase_extends_the_threshold() -> None:
     for k in range(1, 21):
         t = 3.0 + k
         for n in sim.nodes:
-            sim.beat(n, t, step=frozen, since=float(k),
-                     overrides={r: dict(long_phase="checkpoint", long_phase_expected_s=30.0) for r in range(4)})
+            sim.beat(
+                n,
+                t,
+                step=frozen,
+                since=float(k),
+                overrides={r: dict(long_phase="checkpoint", long_phase_expected_s=30.0) for r in range(4)},
+            )
         sim.tick(t + 0.5)
     assert sim.incidents() == []
     # the phase ends and training resumes: the stall clock restarts, no incident
@@ -280,8 +355,9 @@ def test_long_phase_that_overruns_is_a_hang() -> None:
     frozen = sim.step
     for k in range(1, 20):
         t = 3.0 + k
-        sim.beat("n0", t, step=frozen, since=float(k),
-                 overrides={0: dict(long_phase="eval", long_phase_expected_s=10.0)})
+        sim.beat(
+            "n0", t, step=frozen, since=float(k), overrides={0: dict(long_phase="eval", long_phase_expected_s=10.0)}
+        )
         sim.tick(t + 0.5)
     [inc] = sim.incidents()
     assert inc.fault_class is FaultClass.HANG
@@ -289,8 +365,7 @@ def test_long_phase_that_overruns_is_a_hang() -> None:
     assert inc.root_cause_ranks == (1,)
 
 
-@pytest.mark.parametrize("state", [RankState.PAUSED, RankState.RECOVERING, RankState.STANDBY,
-                                   RankState.DONE])
+@pytest.mark.parametrize("state", [RankState.PAUSED, RankState.RECOVERING, RankState.STANDBY, RankState.DONE])
 def test_ranks_not_running_are_never_hung(state: RankState) -> None:
     sim = Sim(nodes=1)
     sim.run(0, 2)
@@ -333,6 +408,7 @@ def test_job_wide_stall_is_one_incident_naming_the_lagging_rank() -> None:
 
 # ----------------------------------------------------------------------------- straggler
 
+
 def test_straggler_degradation_after_consecutive_slow_beats() -> None:
     sim = Sim()
     sim.run(0, 3)
@@ -358,13 +434,16 @@ def test_one_slow_step_is_not_a_straggler() -> None:
 
 # ----------------------------------------------------------------------------- root cause
 
+
 def test_crash_with_peer_symptoms_is_one_incident() -> None:
     sim = Sim()
     sim.run(0, 3)
     sim.feed(exit_("n0", 0), 3.0)
     for rank in range(1, 8):
-        sim.feed(log(f"n{rank // 2}", rank, "RuntimeError: [gloo] Connection closed by peer [10.0.0.1]:29500"),
-                 3.0 + 0.01 * rank)
+        sim.feed(
+            log(f"n{rank // 2}", rank, "RuntimeError: [gloo] Connection closed by peer [10.0.0.1]:29500"),
+            3.0 + 0.01 * rank,
+        )
     sim.run(3.1, 10)
     [inc] = sim.incidents()
     assert inc.fault_class is FaultClass.PROCESS_CRASH and inc.root_cause_nodes == ("n0",)
@@ -407,8 +486,7 @@ def test_secondary_exit_after_comm_error_is_a_symptom() -> None:
     assert root.root_cause_nodes == ("n0",)
     assert sim.state.jobs[JOB].incidents[root.incident_id].symptoms >= 1  # attributed to the root
     # ... but its process is gone: restarted too (issue #12 item 7), with the lower confidence
-    assert (dead.root_cause_nodes, dead.root_cause_ranks, dead.fault_class) == (("n1",), (2,),
-                                                                                FaultClass.PROCESS_CRASH)
+    assert (dead.root_cause_nodes, dead.root_cause_ranks, dead.fault_class) == (("n1",), (2,), FaultClass.PROCESS_CRASH)
     assert dead.confidence == 0.6 and "symptom of process_crash on n0" in dead.reason
 
 
@@ -435,8 +513,7 @@ def test_independent_faults_at_once_are_separate_incidents() -> None:
     sim.feed(log("n2", 4, "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus"), 5.0)
     sim.run(5, 12, skip={"n3"})
     got = {(i.fault_class, i.root_cause_nodes) for i in sim.incidents()}
-    assert got == {(FaultClass.PROCESS_CRASH, ("n0",)), (FaultClass.HARDWARE, ("n2",)),
-                   (FaultClass.NODE_LOST, ("n3",))}
+    assert got == {(FaultClass.PROCESS_CRASH, ("n0",)), (FaultClass.HARDWARE, ("n2",)), (FaultClass.NODE_LOST, ("n3",))}
 
 
 def test_later_evidence_from_a_reported_node_joins_its_incident() -> None:
@@ -451,6 +528,7 @@ def test_later_evidence_from_a_reported_node_joins_its_incident() -> None:
 
 
 # ----------------------------------------------------------------------------- robustness
+
 
 def test_incident_ids_are_deterministic_across_instances_and_replays() -> None:
     ids = []
@@ -497,10 +575,25 @@ def test_sender_clock_skew_is_irrelevant() -> None:
     sim = Sim(nodes=2)
     for t in range(6):
         for n in sim.nodes:
-            hb = NodeHeartbeat(job_id=JOB, generation=0, producer="s", node_id=n, seq=t + 1,
-                               emitted_at=1e9 if n == "n0" else 0.0,  # wildly wrong clocks
-                               ranks=(RankStatus(rank=0, local_rank=0, pid=1, state=RankState.RUNNING,
-                                                 step=t, step_time_s=0.2, since_progress_s=0.1),))
+            hb = NodeHeartbeat(
+                job_id=JOB,
+                generation=0,
+                producer="s",
+                node_id=n,
+                seq=t + 1,
+                emitted_at=1e9 if n == "n0" else 0.0,  # wildly wrong clocks
+                ranks=(
+                    RankStatus(
+                        rank=0,
+                        local_rank=0,
+                        pid=1,
+                        state=RankState.RUNNING,
+                        step=t,
+                        step_time_s=0.2,
+                        since_progress_s=0.1,
+                    ),
+                ),
+            )
             sim.feed(hb, float(t))
         sim.tick(t + 0.5)
     assert sim.incidents() == []
@@ -541,19 +634,38 @@ def test_new_generation_means_new_incidents_and_old_evidence_joins_old_ones() ->
 def test_unknown_event_kinds_are_ignored() -> None:
     sim = Sim()
     from flashrecovery.shared.schemas import Escalation
+
     sim.feed(Escalation(job_id=JOB, generation=0, producer="x", incident_ids=(), reason="r"), 1.0)
     assert sim.decisions == []
 
 
 # ----------------------------------------------------------------------------- catalog
 
+
 def test_operator_catalog_is_merged(tmp_path) -> None:
     extra = tmp_path / "site.json"
-    extra.write_text(json.dumps({"signatures": [
-        {"id": "site-ib-down", "regex": "mlx5_core .* link down", "class": "communication",
-         "severity": "warning", "action": "none"},
-        {"id": "hw-xid", "regex": "\\bXid\\b.*\\b(48|79)\\b", "class": "hardware",
-         "severity": "critical", "action": "replace_node"}]}))
+    extra.write_text(
+        json.dumps(
+            {
+                "signatures": [
+                    {
+                        "id": "site-ib-down",
+                        "regex": "mlx5_core .* link down",
+                        "class": "communication",
+                        "severity": "warning",
+                        "action": "none",
+                    },
+                    {
+                        "id": "hw-xid",
+                        "regex": "\\bXid\\b.*\\b(48|79)\\b",
+                        "class": "hardware",
+                        "severity": "critical",
+                        "action": "replace_node",
+                    },
+                ]
+            }
+        )
+    )
     catalog = load_catalog(str(extra))
     assert catalog.match("mlx5_core 0000:3b:00.0 port 1 link down").id == "site-ib-down"
     assert catalog.match("NVRM: Xid (PCI:0000:3b:00): 94, ...") is None  # overridden by id
@@ -561,12 +673,15 @@ def test_operator_catalog_is_merged(tmp_path) -> None:
     assert len(c.catalog) == len(CATALOG) + 1
 
 
-@pytest.mark.parametrize("entry, field", [
-    ({"id": "x", "regex": "(", "class": "hardware", "action": "none"}, "regex"),
-    ({"id": "x", "regex": "a", "class": "hang", "action": "none"}, "class"),
-    ({"id": "x", "regex": "a", "class": "hardware", "action": "reboot"}, "action"),
-    ({"id": "x", "regex": "a", "class": "hardware", "action": "none", "severity": "meh"}, "severity"),
-])
+@pytest.mark.parametrize(
+    "entry, field",
+    [
+        ({"id": "x", "regex": "(", "class": "hardware", "action": "none"}, "regex"),
+        ({"id": "x", "regex": "a", "class": "hang", "action": "none"}, "class"),
+        ({"id": "x", "regex": "a", "class": "hardware", "action": "reboot"}, "action"),
+        ({"id": "x", "regex": "a", "class": "hardware", "action": "none", "severity": "meh"}, "severity"),
+    ],
+)
 def test_bad_catalog_entries_name_the_field(tmp_path, entry, field) -> None:
     p = tmp_path / "bad.json"
     p.write_text(json.dumps([entry]))
@@ -768,21 +883,20 @@ def test_peer_communication_incident_is_joined_not_repeated() -> None:
 
 # ----------------------------------------------------------------------------- rebalance handover
 
+
 def test_node_that_died_before_the_handover_is_seeded_and_reported_lost() -> None:
     """n0 beat last at t=2 to the instance that owned its partition; at t=3 the partition moves
     here. This instance never heard of n0: the registry names it, and it is lost after the
     usual misses counted from the handover."""
     sim = Sim(nodes=4, ranks=2)
     sim.run(0, 3, skip={"n0"})
-    seeded = core.expect_nodes(sim.state, JOB, [("n0", ((0, 0), (1, 1))), ("n1", ((2, 0), (3, 1)))],
-                               3.0, sim.cfg)
+    seeded = core.expect_nodes(sim.state, JOB, [("n0", ((0, 0), (1, 1))), ("n1", ((2, 0), (3, 1)))], 3.0, sim.cfg)
     assert seeded == 1  # n1 is already known here: left alone
     sim.run(3, 5.9, skip={"n0"})
     assert sim.incidents() == []
     sim.run(5.9, 8, skip={"n0"})
     [inc] = sim.incidents()
-    assert (inc.fault_class, inc.root_cause_nodes, inc.root_cause_ranks) == (
-        FaultClass.NODE_LOST, ("n0",), (0, 1))
+    assert (inc.fault_class, inc.root_cause_nodes, inc.root_cause_ranks) == (FaultClass.NODE_LOST, ("n0",), (0, 1))
     assert 3.0 + 3 * 1.0 <= inc.detected_at <= 3.0 + 3 * 1.0 + 0.2
     assert "never heard here" in inc.evidence[0].detail
 
@@ -816,6 +930,7 @@ def test_seeded_node_whose_partition_moves_away_again_is_released() -> None:
 
 
 # ----------------------------------------------------------------------------- job-wide hang, split
+
 
 def _stall_both(a: Sim, b: Sim, until: float, deliver_at: float | None) -> None:
     """Every rank stalls at one step from t=4; rank 1 (n0, A's) is stopped by the OS. A watches
@@ -869,6 +984,7 @@ def test_split_hang_without_a_peer_incident_is_reported_after_the_grace() -> Non
 
 # ----------------------------------------------------------------------------- after a recovery
 
+
 def _crash_then_recover(sim: Sim, *, fault_at: float = 3.0, done_at: int = 6) -> None:
     """Rank 2 on n1 crashes in generation 0; the sidecars take the pause of generation 1 at the
     next beat, report paused then recovering ranks, and everyone runs again from `done_at`."""
@@ -888,8 +1004,7 @@ def test_late_peer_error_stamped_with_the_new_generation_joins_the_recovered_inc
     sim = Sim()
     _crash_then_recover(sim)
     [crash] = sim.incidents()
-    ds = sim.feed(log("n2", 4, "RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:2950",
-                      generation=1), 7.2)
+    ds = sim.feed(log("n2", 4, "RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:2950", generation=1), 7.2)
     sim.run(7.3, 14)
     assert sim.incidents() == [crash]
     joined = [d for d in sim.decisions if d.kind == "joined" and d.node_id == "n2"]
@@ -912,11 +1027,11 @@ def test_communication_error_long_after_a_recovery_is_still_reported() -> None:
     sim.run(7, 20)
     sim.feed(log("n2", 4, "Connection reset by peer", generation=1), 20.0)
     sim.run(20.1, 26)
-    assert [i.fault_class for i in sim.incidents()] == [FaultClass.PROCESS_CRASH,
-                                                       FaultClass.COMMUNICATION]
+    assert [i.fault_class for i in sim.incidents()] == [FaultClass.PROCESS_CRASH, FaultClass.COMMUNICATION]
 
 
 # ----------------------------------------------------------------------------- every dead rank restarted
+
 
 def test_second_crash_on_a_reported_node_in_the_same_generation_is_its_own_incident() -> None:
     # Issue #12 item 7: the second rank must reach the planner, or the rebuild barrier never fills.
@@ -953,6 +1068,7 @@ def test_late_exit_of_a_rank_the_old_plan_does_not_restart_is_a_new_incident() -
 
 
 # ----------------------------------------------------------------------------- unanswered pause
+
 
 def test_survivor_that_never_answers_the_pause_is_a_hang_naming_it() -> None:
     # Issue #12 item 3: the sidecar marks a survivor that did not confirm the pause within its

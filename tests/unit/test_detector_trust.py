@@ -9,8 +9,15 @@ import pytest
 
 from flashrecovery.detector import core
 from flashrecovery.detector.app import DetectorService
-from flashrecovery.shared.schemas import (FaultClass, LogEvent, NodeHeartbeat, RankColumns, RankState,
-                                          RankStatus, WorkerExit)
+from flashrecovery.shared.schemas import (
+    FaultClass,
+    LogEvent,
+    NodeHeartbeat,
+    RankColumns,
+    RankState,
+    RankStatus,
+    WorkerExit,
+)
 from flashrecovery.shared.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
@@ -20,42 +27,61 @@ TOPO = core.Topology(job_id=JOB, generation=0, world_size=4, nodes=frozenset({"n
 
 
 def beat(node: str, seq: int, generation: int = 0, ranks=(0, 1), rank_gen: int = 0, columns=False) -> NodeHeartbeat:
-    rows = tuple(RankStatus(rank=r, local_rank=i, pid=100 + (r or 0), state=RankState.RUNNING, step=seq,
-                            step_time_s=0.1, generation=rank_gen, since_progress_s=0.1)
-                 for i, r in enumerate(ranks))
+    rows = tuple(
+        RankStatus(
+            rank=r,
+            local_rank=i,
+            pid=100 + (r or 0),
+            state=RankState.RUNNING,
+            step=seq,
+            step_time_s=0.1,
+            generation=rank_gen,
+            since_progress_s=0.1,
+        )
+        for i, r in enumerate(ranks)
+    )
     if columns:
-        return NodeHeartbeat(job_id=JOB, generation=generation, producer="s", node_id=node, seq=seq,
-                             rank_columns=RankColumns.of(rows))
+        return NodeHeartbeat(
+            job_id=JOB, generation=generation, producer="s", node_id=node, seq=seq, rank_columns=RankColumns.of(rows)
+        )
     return NodeHeartbeat(job_id=JOB, generation=generation, producer="s", node_id=node, seq=seq, ranks=rows)
 
 
 def exit_(node: str, rank: int | None, generation: int = 0, **kw) -> WorkerExit:
-    return WorkerExit(job_id=JOB, generation=generation, producer="s", node_id=node, rank=rank, pid=5,
-                      signal=9, **kw)
+    return WorkerExit(job_id=JOB, generation=generation, producer="s", node_id=node, rank=rank, pid=5, signal=9, **kw)
 
 
-@pytest.mark.parametrize("event, why", [
-    (beat("ghost", 1), "node 'ghost' is not in"),
-    (beat("node-0", 1, generation=10 ** 6), "generation 1000000 is ahead"),
-    (beat("node-0", 1, rank_gen=10 ** 6), "ahead"),
-    (beat("node-0", 1, ranks=(0, 10 ** 9)), "rank 1000000000 is not in"),
-    (beat("node-0", 1, ranks=(0, -1), columns=True), "rank -1 is not in"),
-    (exit_("node-0", 10 ** 9), "rank 1000000000"),
-    (exit_("node-0", 0, generation=7), "ahead"),
-    (exit_("nowhere", 0), "not in the job's topology"),
-    (LogEvent(job_id=JOB, generation=0, producer="s", node_id="node-1", rank=4, line="x"), "rank 4"),
-    (exit_("node-0", 0).model_copy(update={"job_id": "other"}), "not this detector's job"),
-])
+@pytest.mark.parametrize(
+    "event, why",
+    [
+        (beat("ghost", 1), "node 'ghost' is not in"),
+        (beat("node-0", 1, generation=10**6), "generation 1000000 is ahead"),
+        (beat("node-0", 1, rank_gen=10**6), "ahead"),
+        (beat("node-0", 1, ranks=(0, 10**9)), "rank 1000000000 is not in"),
+        (beat("node-0", 1, ranks=(0, -1), columns=True), "rank -1 is not in"),
+        (exit_("node-0", 10**9), "rank 1000000000"),
+        (exit_("node-0", 0, generation=7), "ahead"),
+        (exit_("nowhere", 0), "not in the job's topology"),
+        (LogEvent(job_id=JOB, generation=0, producer="s", node_id="node-1", rank=4, line="x"), "rank 4"),
+        (exit_("node-0", 0).model_copy(update={"job_id": "other"}), "not this detector's job"),
+    ],
+)
 def test_untrusted_worker_events_are_refused_with_a_reason(event, why) -> None:
     reason = core.admit(event, TOPO)
     assert reason is not None and why in reason, reason
 
 
-@pytest.mark.parametrize("event", [
-    beat("node-0", 1), beat("node-1", 1, ranks=(2, 3), columns=True),
-    beat("spare-0", 1, ranks=(None, None)),  # standbys have no rank yet
-    exit_("node-0", 1), exit_("node-0", None), beat("node-0", 1, generation=0, rank_gen=0),
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        beat("node-0", 1),
+        beat("node-1", 1, ranks=(2, 3), columns=True),
+        beat("spare-0", 1, ranks=(None, None)),  # standbys have no rank yet
+        exit_("node-0", 1),
+        exit_("node-0", None),
+        beat("node-0", 1, generation=0, rank_gen=0),
+    ],
+)
 def test_events_of_the_topology_are_admitted(event) -> None:
     assert core.admit(event, TOPO) is None
     assert core.admit(event, None) is None  # no registry view: nothing to check against
@@ -94,11 +120,14 @@ async def test_one_forged_generation_does_not_blind_the_detector() -> None:
     t0 = 1000.0
     svc.clock = lambda: t0
     for seq in (1, 2):
-        await svc._handle_batch([(beat("node-0", seq), Rec()),
-                                 (beat("node-1", seq, ranks=(2, 3)), Rec(key=b"node-1"))])
-    await svc._handle_batch([(beat("node-0", 3, generation=10 ** 6, rank_gen=10 ** 6), Rec()),
-                             (beat("ghost", 1, generation=10 ** 6, ranks=(10 ** 9,)), Rec(key=b"ghost")),
-                             (exit_("ghost", 10 ** 9, generation=10 ** 6), Rec(key=b"ghost"))])
+        await svc._handle_batch([(beat("node-0", seq), Rec()), (beat("node-1", seq, ranks=(2, 3)), Rec(key=b"node-1"))])
+    await svc._handle_batch(
+        [
+            (beat("node-0", 3, generation=10**6, rank_gen=10**6), Rec()),
+            (beat("ghost", 1, generation=10**6, ranks=(10**9,)), Rec(key=b"ghost")),
+            (exit_("ghost", 10**9, generation=10**6), Rec(key=b"ghost")),
+        ]
+    )
     assert len(fake.letters) == 3 and all(r.startswith("untrusted: ") for r in fake.letters)
     assert svc.refused == 3 and svc.state.counters["untrusted_events"] == 3
     assert fake.published == []

@@ -43,8 +43,9 @@ def test_asyncapi_names_every_topic_and_every_kind_once() -> None:
 
 
 def test_a_real_event_carries_only_fields_its_schema_names() -> None:
-    ev = S.RecoveryCompleted(job_id="j", generation=1, producer="executor-0", incident_id="i", plan_id="p",
-                             outcome="done")
+    ev = S.RecoveryCompleted(
+        job_id="j", generation=1, producer="executor-0", incident_id="i", plan_id="p", outcome="done"
+    )
     props = json.loads((ROOT / schemadoc.DEFAULT_DIR / "recovery_completed.json").read_text())["properties"]
     assert set(ev.model_dump(mode="json")) == set(props)
 
@@ -66,8 +67,10 @@ def _fields(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
 
 def test_events_md_documents_every_field_of_every_event() -> None:
     text = (ROOT / "docs" / "events.md").read_text()
-    missing = {kind: sorted(f for f in _fields(model) if not re.search(rf"`{f}(\[\])?`", _section(text, kind)))
-               for kind, model in schemadoc.MODELS.items()}
+    missing = {
+        kind: sorted(f for f in _fields(model) if not re.search(rf"`{f}(\[\])?`", _section(text, kind)))
+        for kind, model in schemadoc.MODELS.items()
+    }
     missing = {k: v for k, v in missing.items() if v}
     assert not missing, f"fields sent but not documented in docs/events.md: {missing}"
 

@@ -1,8 +1,24 @@
-from flashrecovery.executor.core import (applied_topology, cannot_proceed, fence_refusal, judge, next_phase_name,
-                                         select_plan, settled,
-                                         touched_nodes, waitlist)
-from flashrecovery.shared.schemas import (CommandAck, CommandAction, Fallback, NodeRole, RankState, RecoveryPlan,
-                                          Replacement, Transfer)
+from flashrecovery.executor.core import (
+    applied_topology,
+    cannot_proceed,
+    fence_refusal,
+    judge,
+    next_phase_name,
+    select_plan,
+    settled,
+    touched_nodes,
+    waitlist,
+)
+from flashrecovery.shared.schemas import (
+    CommandAck,
+    CommandAction,
+    Fallback,
+    NodeRole,
+    RankState,
+    RecoveryPlan,
+    Replacement,
+    Transfer,
+)
 from flashrecovery.shared.topology import grid_topology
 
 SNAP = grid_topology("j", nodes=4, ranks_per_node=2, tp=2, spares=1)
@@ -20,21 +36,48 @@ def _applied(plan, snap=SNAP, generation=1):
 
 
 def _plan(restart, reps, faulty, quarantine=()):
-    return RecoveryPlan(job_id="j", generation=0, producer="t", plan_id="p", incident_ids=("i",),
-                        target_generation=1, world_size=8, restart_ranks=tuple(restart),
-                        faulty_nodes=tuple(faulty), replacements=tuple(reps),
-                        transfers=tuple(Transfer(src=(r + 2) % 8, dst=r) for r in restart),
-                        recovery_step=5, quarantine_nodes=tuple(quarantine))
+    return RecoveryPlan(
+        job_id="j",
+        generation=0,
+        producer="t",
+        plan_id="p",
+        incident_ids=("i",),
+        target_generation=1,
+        world_size=8,
+        restart_ranks=tuple(restart),
+        faulty_nodes=tuple(faulty),
+        replacements=tuple(reps),
+        transfers=tuple(Transfer(src=(r + 2) % 8, dst=r) for r in restart),
+        recovery_step=5,
+        quarantine_nodes=tuple(quarantine),
+    )
 
 
 def _ack(node, ok=True, detail=""):
-    return CommandAck(job_id="j", generation=1, producer="s", command_id="c", plan_id="p", incident_id="i",
-                      action=CommandAction.PAUSE, node_id=node, ok=ok, detail=detail)
+    return CommandAck(
+        job_id="j",
+        generation=1,
+        producer="s",
+        command_id="c",
+        plan_id="p",
+        incident_id="i",
+        action=CommandAction.PAUSE,
+        node_id=node,
+        ok=ok,
+        detail=detail,
+    )
 
 
 def test_phase_order():
-    assert [next_phase_name(p) for p in ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")] \
-        == ["pause", "replace", "rebuild", "restore", "resume", "verify", "done"]
+    assert [next_phase_name(p) for p in ("fence", "pause", "replace", "rebuild", "restore", "resume", "verify")] == [
+        "pause",
+        "replace",
+        "rebuild",
+        "restore",
+        "resume",
+        "verify",
+        "done",
+    ]
 
 
 def test_process_crash_waitlist_keeps_the_crashed_nodes_survivor():
@@ -83,8 +126,10 @@ def test_partial_use_of_a_spare_keeps_it_spare():
 
 def test_a_rank_left_recovering_is_restored_in_place_not_killed():
     from flashrecovery.executor.core import ranks_to_kill
-    snap = SNAP.model_copy(update={"ranks": tuple(
-        r.model_copy(update={"node_id": "spare-0"}) if r.rank == 2 else r for r in SNAP.ranks)})
+
+    snap = SNAP.model_copy(
+        update={"ranks": tuple(r.model_copy(update={"node_id": "spare-0"}) if r.rank == 2 else r for r in SNAP.ranks)}
+    )
     plan = _plan([2, 5], [Replacement(rank=5, from_node="node-2", to_node="spare-0", local_rank=1)], ["node-2"])
     assert ranks_to_kill(plan) == (5,)
     wl = waitlist(plan, _placement(snap))
@@ -132,9 +177,22 @@ def test_a_failure_from_a_node_not_waited_for_still_fails_the_stage():
 
 
 def _p(pid, target, incidents, supersedes=None, at=0.0):
-    return RecoveryPlan(job_id="j", generation=target - 1, producer="t", plan_id=pid, incident_ids=tuple(incidents),
-                        supersedes=supersedes, target_generation=target, world_size=8, restart_ranks=(2,),
-                        faulty_nodes=(), replacements=(), transfers=(), recovery_step=5, emitted_at=at)
+    return RecoveryPlan(
+        job_id="j",
+        generation=target - 1,
+        producer="t",
+        plan_id=pid,
+        incident_ids=tuple(incidents),
+        supersedes=supersedes,
+        target_generation=target,
+        world_size=8,
+        restart_ranks=(2,),
+        faulty_nodes=(),
+        replacements=(),
+        transfers=(),
+        recovery_step=5,
+        emitted_at=at,
+    )
 
 
 def test_an_older_plan_never_runs_after_a_newer_one_finished():
@@ -164,7 +222,7 @@ def test_a_stale_plan_nobody_covers_fails_loudly():
     a = _p("A", 1, ["i1"])
     choice = select_plan([a], {}, 3)  # the registry moved on without this plan's incident
     assert choice.drive is None
-    (plan, outcome, reason), = choice.retire
+    ((plan, outcome, reason),) = choice.retire
     assert outcome == "failed" and "no newer plan covers" in reason and "registry at 3" in reason
 
 

@@ -13,7 +13,10 @@ LIVE = ["detector:detector-a", "executor:0", "executor:1", "sidecar:node-0"]
 
 def test_every_control_plane_service_needs_one_live_instance() -> None:
     assert verdict(LIVE, ("detector", "planner", "executor"), None) == {
-        "detector": True, "planner": False, "executor": True}
+        "detector": True,
+        "planner": False,
+        "executor": True,
+    }
 
 
 def test_an_instance_must_match_exactly() -> None:
@@ -25,8 +28,13 @@ def test_an_instance_must_match_exactly() -> None:
 
 def _health(*args: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLASHRECOVERY_")}
-    return subprocess.run([sys.executable, "-m", "flashrecovery", "health", *args], env={**clean, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "flashrecovery", "health", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_exit_2_without_a_redis_address_and_1_when_redis_is_unreachable() -> None:

@@ -18,8 +18,9 @@ def test_plaintext_adds_nothing() -> None:
 
 def test_sasl_ssl_gives_every_client_scram_and_a_verifying_tls_context(tmp_path) -> None:
     (tmp_path / "pw").write_text("s3cret\n")
-    kw = client_kwargs(KafkaSecuritySettings(protocol="SASL_SSL", sasl_username="detector",
-                                             sasl_password_file=str(tmp_path / "pw")))
+    kw = client_kwargs(
+        KafkaSecuritySettings(protocol="SASL_SSL", sasl_username="detector", sasl_password_file=str(tmp_path / "pw"))
+    )
     assert kw["security_protocol"] == "SASL_SSL" and kw["sasl_mechanism"] == "SCRAM-SHA-512"
     assert (kw["sasl_plain_username"], kw["sasl_plain_password"]) == ("detector", "s3cret")
     ctx = kw["ssl_context"]

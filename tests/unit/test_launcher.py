@@ -30,8 +30,23 @@ def script(tmp_path):
 
 
 def test_script_args_pass_through_unchanged_even_launcher_like_ones(script):
-    plan = plan_of(_parse("--standalone", "--nproc-per-node", "2", str(script),
-                          "--steps", "5", "--tp", "3", "-m", "x", "--", "a b", ""))
+    plan = plan_of(
+        _parse(
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            "--steps",
+            "5",
+            "--tp",
+            "3",
+            "-m",
+            "x",
+            "--",
+            "a b",
+            "",
+        )
+    )
     assert plan.standalone and plan.nproc == 2 and plan.tp == 1 and plan.standbys == 0
     assert plan.script == str(script.resolve()) and plan.module == ""
     assert plan.args == ("--steps", "5", "--tp", "3", "-m", "x", "--", "a b", "")
@@ -43,14 +58,17 @@ def test_module_and_torchrun_spellings():
     assert plan.world == 12 and plan.ranks == [8, 9, 10, 11] and not plan.standalone
 
 
-@pytest.mark.parametrize("argv, says", [
-    (("--standalone", "--nproc-per-node", "2", "--nnodes", "2"), "--standalone runs one node"),
-    (("--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2"), "--node-rank"),
-    (("--nproc-per-node", "2", "--standbys", "1"), "--standbys is for --standalone"),
-    (("--standalone", "--nproc-per-node", "4", "--tp", "3"), "must divide"),
-    (("--standalone", "--nproc-per-node", "0"), "at least 1"),
-    (("--standalone", "--nproc-per-node", "2", "--standbys", "-1"), "0 or more"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (("--standalone", "--nproc-per-node", "2", "--nnodes", "2"), "--standalone runs one node"),
+        (("--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2"), "--node-rank"),
+        (("--nproc-per-node", "2", "--standbys", "1"), "--standbys is for --standalone"),
+        (("--standalone", "--nproc-per-node", "4", "--tp", "3"), "must divide"),
+        (("--standalone", "--nproc-per-node", "0"), "at least 1"),
+        (("--standalone", "--nproc-per-node", "2", "--standbys", "-1"), "0 or more"),
+    ],
+)
 def test_bad_arguments_are_named(script, argv, says):
     with pytest.raises(ValueError, match=says):
         plan_of(_parse(*argv, str(script)))
@@ -76,8 +94,18 @@ def test_worker_argv():
 
 
 def _place(rank=3, **kw) -> WorkerPlace:
-    fields = dict(job_id="job-1", node_id="node-1", node_rank=1, rank=rank, local_rank=1, local_world_size=2,
-                  world_size=4, generation=2, rdzv="10.0.0.5:29511", agent_socket="/tmp/a.sock")
+    fields = dict(
+        job_id="job-1",
+        node_id="node-1",
+        node_rank=1,
+        rank=rank,
+        local_rank=1,
+        local_world_size=2,
+        world_size=4,
+        generation=2,
+        rdzv="10.0.0.5:29511",
+        agent_socket="/tmp/a.sock",
+    )
 
     fields.update(kw)
     return WorkerPlace(**fields)
@@ -87,10 +115,22 @@ def test_a_ranked_worker_gets_torchruns_environment_and_the_agents():
     base = {"PATH": "/bin", "RANK": "99", "MASTER_PORT": "1", "FLASHRECOVERY_AGENT_STANDBY": "1"}
     env = worker_env(base, _place())
     assert {k: env[k] for k in TORCHRUN_VARS} == {
-        "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-        "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "3", "ROLE_NAME": "default", "ROLE_WORLD_SIZE": "4",
-        "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29511", "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_RUN_ID": "job-1", "TORCHELASTIC_MAX_RESTARTS": "0"}
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "GROUP_WORLD_SIZE": "2",
+        "ROLE_RANK": "3",
+        "ROLE_NAME": "default",
+        "ROLE_WORLD_SIZE": "4",
+        "MASTER_ADDR": "10.0.0.5",
+        "MASTER_PORT": "29511",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+        "TORCHELASTIC_RUN_ID": "job-1",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+    }
     assert env["FLASHRECOVERY_AGENT_RANK"] == "3" and env["FLASHRECOVERY_AGENT_LOCAL_RANK"] == "1"
     assert env["FLASHRECOVERY_AGENT_WORLD_SIZE"] == "4" and env["FLASHRECOVERY_AGENT_GENERATION"] == "2"
     assert env["FLASHRECOVERY_AGENT_RDZV"] == "10.0.0.5:29511" and env["FLASHRECOVERY_AGENT_SOCKET"] == "/tmp/a.sock"
@@ -100,8 +140,10 @@ def test_a_ranked_worker_gets_torchruns_environment_and_the_agents():
 
 
 def test_a_standby_gets_no_rank_and_no_fault():
-    env = worker_env({"RANK": "0", "ROLE_RANK": "0", "FLASHRECOVERY_AGENT_RANK": "0", "FLASHRECOVERY_AGENT_FAULT": "kind=ecc"},
-                     _place(rank=None, node_rank=-1))
+    env = worker_env(
+        {"RANK": "0", "ROLE_RANK": "0", "FLASHRECOVERY_AGENT_RANK": "0", "FLASHRECOVERY_AGENT_FAULT": "kind=ecc"},
+        _place(rank=None, node_rank=-1),
+    )
     assert env["FLASHRECOVERY_AGENT_STANDBY"] == "1"
     for gone in ("RANK", "ROLE_RANK", "FLASHRECOVERY_AGENT_RANK", "FLASHRECOVERY_AGENT_FAULT"):
         assert gone not in env
@@ -110,7 +152,12 @@ def test_a_standby_gets_no_rank_and_no_fault():
 
 def test_sidecars_sharing_a_machine_number_local_ranks_across_it():
     env = worker_env({}, _place(rank=5, local_rank=1, node_rank=0, local_world_size=8, local_rank_base=4))
-    assert (env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"], env["GROUP_WORLD_SIZE"]) == ("5", "8", "0", "1")
+    assert (env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"], env["GROUP_WORLD_SIZE"]) == (
+        "5",
+        "8",
+        "0",
+        "1",
+    )
     assert env["FLASHRECOVERY_AGENT_LOCAL_RANK"] == "1"  # the agent's: the position on its sidecar
 
 
@@ -160,8 +207,11 @@ def test_sidecar_settings_take_exactly_one_entry_point():
 
 def test_worker_spec_sets_both_entry_points_for_the_sidecar():
     env = WorkerSpec(script="/x/t.py", args=("--out", "a b")).sidecar_env()
-    assert env == {"FLASHRECOVERY_SIDECAR__WORKER_MODULE": "", "FLASHRECOVERY_SIDECAR__WORKER_SCRIPT": "/x/t.py",
-                   "FLASHRECOVERY_SIDECAR__WORKER_ARGS": "--out 'a b'"}
+    assert env == {
+        "FLASHRECOVERY_SIDECAR__WORKER_MODULE": "",
+        "FLASHRECOVERY_SIDECAR__WORKER_SCRIPT": "/x/t.py",
+        "FLASHRECOVERY_SIDECAR__WORKER_ARGS": "--out 'a b'",
+    }
     with pytest.raises(ValueError):
         WorkerSpec()
 

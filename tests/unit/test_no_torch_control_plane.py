@@ -12,10 +12,19 @@ from pathlib import Path
 
 import flashrecovery.shared
 
-ENTRY_POINTS = ["flashrecovery.cli", "flashrecovery.health", "flashrecovery.tools", "flashrecovery.schemadoc",
-                "flashrecovery.admin", "flashrecovery.deadletters",
-                "flashrecovery.supervisor", "flashrecovery.detector.app", "flashrecovery.planner.app",
-                "flashrecovery.executor.app", "flashrecovery.sidecar.app"]
+ENTRY_POINTS = [
+    "flashrecovery.cli",
+    "flashrecovery.health",
+    "flashrecovery.tools",
+    "flashrecovery.schemadoc",
+    "flashrecovery.admin",
+    "flashrecovery.deadletters",
+    "flashrecovery.supervisor",
+    "flashrecovery.detector.app",
+    "flashrecovery.planner.app",
+    "flashrecovery.executor.app",
+    "flashrecovery.sidecar.app",
+]
 SHARED = [f"flashrecovery.shared.{m.name}" for m in pkgutil.iter_modules(flashrecovery.shared.__path__)]
 
 BLOCKER = """
@@ -40,8 +49,13 @@ print("codes", json.dumps(codes))
 
 
 def _run(modules: list[str], *commands: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKER, ",".join(modules), json.dumps(commands)],
-                          capture_output=True, text=True, timeout=90, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER, ",".join(modules), json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=cwd,
+    )
 
 
 def test_the_blocker_blocks(tmp_path: Path) -> None:
@@ -57,8 +71,14 @@ def test_a_trainer_command_without_torch_says_which_extra_is_missing(tmp_path: P
 
 def test_control_plane_imports_and_runs_without_torch(tmp_path: Path) -> None:
     assert {"flashrecovery.shared.bus", "flashrecovery.shared.registry"} <= set(SHARED)
-    commands = [["--version"], ["schema", "--out", str(tmp_path / "schemas")], ["health", "--help"],
-                ["job", "register", "--help"], ["node", "add-spare", "--help"], ["deadletters", "--help"]]
+    commands = [
+        ["--version"],
+        ["schema", "--out", str(tmp_path / "schemas")],
+        ["health", "--help"],
+        ["job", "register", "--help"],
+        ["node", "add-spare", "--help"],
+        ["deadletters", "--help"],
+    ]
     res = _run(ENTRY_POINTS + SHARED, *commands, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[-1] == "codes " + json.dumps([0] * len(commands)), res.stdout[-2000:]

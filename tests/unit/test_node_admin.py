@@ -31,19 +31,26 @@ def test_a_placement_gets_the_grid_coordinates() -> None:
 def test_a_placement_with_its_own_order_and_labels() -> None:
     s = spec_topology("j", {"b": [3, 1], "a": [0, 2]}, tp=1, spares={"s": 1}, labels={"s": {"rack": "r1"}})
     assert [(r.rank, r.node_id, r.local_rank, r.dp) for r in s.ranks] == [
-        (0, "a", 0, 0), (1, "b", 1, 1), (2, "a", 1, 2), (3, "b", 0, 3)]
+        (0, "a", 0, 0),
+        (1, "b", 1, 1),
+        (2, "a", 1, 2),
+        (3, "b", 0, 3),
+    ]
     assert s.node("s") == NodeRecord(node_id="s", role=NodeRole.SPARE, standby_slots=1, labels={"rack": "r1"})
 
 
-@pytest.mark.parametrize("nodes, kw, why", [
-    ({"a": [0, 2]}, {}, "ranks must be 0..1"),
-    ({"a": [0, 1], "b": [1]}, {}, "listed twice: [1]"),
-    ({"a": [0, 1, 2]}, {"tp": 2}, "not divisible"),
-    ({"a": [0]}, {"spares": {"a": 1}}, "both as active and as spare"),
-    ({"a:b": [0]}, {}, "node id"),
-    ({"a": [0]}, {"spares": {"s": 0}}, "capacity must be >= 1"),
-    ({}, {}, "no ranks"),
-])
+@pytest.mark.parametrize(
+    "nodes, kw, why",
+    [
+        ({"a": [0, 2]}, {}, "ranks must be 0..1"),
+        ({"a": [0, 1], "b": [1]}, {}, "listed twice: [1]"),
+        ({"a": [0, 1, 2]}, {"tp": 2}, "not divisible"),
+        ({"a": [0]}, {"spares": {"a": 1}}, "both as active and as spare"),
+        ({"a:b": [0]}, {}, "node id"),
+        ({"a": [0]}, {"spares": {"s": 0}}, "capacity must be >= 1"),
+        ({}, {}, "no ranks"),
+    ],
+)
 def test_a_bad_placement_is_refused_with_the_reason(nodes, kw, why) -> None:
     with pytest.raises(ValueError, match=why.replace("[", r"\[").replace("]", r"\]")):
         spec_topology("j", nodes, **kw)
@@ -59,8 +66,11 @@ def test_register_flags_and_file(tmp_path: Path) -> None:
     f = tmp_path / "t.json"
     f.write_text(json.dumps({"tp": 2, "nodes": {"n0": [0, 1], "n1": [2, 3]}, "spares": {"s0": 2}}))
     assert topology_from_args(_args(file=f), "j").node("s0").standby_slots == 2
-    for bad, why in [(_args(), "--nodes and --ranks-per-node"), (_args(file=f, nodes=2), "not both"),
-                     (_args(file=tmp_path / "missing.json"), "No such file")]:
+    for bad, why in [
+        (_args(), "--nodes and --ranks-per-node"),
+        (_args(file=f, nodes=2), "not both"),
+        (_args(file=tmp_path / "missing.json"), "No such file"),
+    ]:
         with pytest.raises(ConfigError, match=why):
             topology_from_args(bad, "j")
     f.write_text(json.dumps({"job_id": "other", "nodes": {"n0": [0]}}))
@@ -78,8 +88,9 @@ FAULTED = NodeRecord(node_id="f", role=NodeRole.QUARANTINED, ranks=())
 
 
 def test_add_spare_new_or_resized_but_never_an_active_or_quarantined_node() -> None:
-    assert as_spare(None, "n", 4, {"rack": "x"}) == NodeRecord(node_id="n", role=NodeRole.SPARE, standby_slots=4,
-                                                               labels={"rack": "x"})
+    assert as_spare(None, "n", 4, {"rack": "x"}) == NodeRecord(
+        node_id="n", role=NodeRole.SPARE, standby_slots=4, labels={"rack": "x"}
+    )
     assert as_spare(SPARE, "s", 3).standby_slots == 3
     with pytest.raises(ValueError, match="is active"):
         as_spare(ACTIVE, "a", 2)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from flashrecovery.planner import NoPlan, PlanInput, Policy, plan, plan_id_for
-from flashrecovery.shared.schemas import (Escalation, Fallback, FaultClass, FaultIncident, NodeRole,
-                                          RankState, RecoveryPlan, RepairAction)
 from pydantic import ValidationError
 
+from flashrecovery.planner import NoPlan, PlanInput, Policy, plan, plan_id_for
+from flashrecovery.shared.schemas import (
+    Escalation,
+    Fallback,
+    FaultClass,
+    FaultIncident,
+    NodeRole,
+    RankState,
+    RecoveryPlan,
+    RepairAction,
+)
 from flashrecovery.shared.settings import ConfigError, PlannerSettings, load_settings
 from flashrecovery.shared.topology import JobSnapshot, NodeRecord, grid_topology
 
@@ -18,12 +25,27 @@ NOW = 10_000.0
 REPLACE, RESTART, NONE = RepairAction.REPLACE_NODE, RepairAction.RESTART_PROCESS, RepairAction.NONE
 
 
-def inc(iid: str, nodes: tuple[str, ...] = (), action: RepairAction = REPLACE,
-        ranks: tuple[int, ...] = (), at: float = NOW - 1, job: str = JOB) -> FaultIncident:
+def inc(
+    iid: str,
+    nodes: tuple[str, ...] = (),
+    action: RepairAction = REPLACE,
+    ranks: tuple[int, ...] = (),
+    at: float = NOW - 1,
+    job: str = JOB,
+) -> FaultIncident:
     cls = FaultClass.NODE_LOST if action == REPLACE else FaultClass.SOFTWARE
-    return FaultIncident(job_id=job, generation=0, producer="t", incident_id=iid, fault_class=cls,
-                         action=action, root_cause_nodes=nodes, root_cause_ranks=ranks,
-                         first_seen_at=at, detected_at=at)
+    return FaultIncident(
+        job_id=job,
+        generation=0,
+        producer="t",
+        incident_id=iid,
+        fault_class=cls,
+        action=action,
+        root_cause_nodes=nodes,
+        root_cause_ranks=ranks,
+        first_seen_at=at,
+        detected_at=at,
+    )
 
 
 def grid(nodes: int = 4, rpn: int = 2, tp: int = 2, pp: int = 1, spares: int = 1, **kw) -> JobSnapshot:
@@ -32,14 +54,15 @@ def grid(nodes: int = 4, rpn: int = 2, tp: int = 2, pp: int = 1, spares: int = 1
 
 
 def with_nodes(snap: JobSnapshot, **changes: dict) -> JobSnapshot:
-    nodes = tuple(n.model_copy(update=changes[n.node_id]) if n.node_id in changes else n
-                  for n in snap.nodes)
+    nodes = tuple(n.model_copy(update=changes[n.node_id]) if n.node_id in changes else n for n in snap.nodes)
     return snap.model_copy(update={"nodes": nodes})
 
 
 def with_rank_state(snap: JobSnapshot, state: RankState, ranks: set[int], node: str | None = None) -> JobSnapshot:
-    recs = tuple(r.model_copy(update={"state": state, **({"node_id": node} if node else {})})
-                 if r.rank in ranks else r for r in snap.ranks)
+    recs = tuple(
+        r.model_copy(update={"state": state, **({"node_id": node} if node else {})}) if r.rank in ranks else r
+        for r in snap.ranks
+    )
     return snap.model_copy(update={"ranks": recs})
 
 
@@ -57,24 +80,70 @@ def check_sources(snap: JobSnapshot, p: RecoveryPlan) -> None:
 
 CASES = [
     # id, snapshot, incidents, policy, restart ranks, {rank: (to_node, mode)}
-    ("node lost -> spare, together", grid(), [inc("a", ("node-1",))], Policy(), (2, 3),
-     {2: ("spare-0", "standby"), 3: ("spare-0", "standby")}),
-    ("software -> standby (default)", grid(), [inc("a", ("node-2",), RESTART, (5,))], Policy(), (5,),
-     {5: ("spare-0", "standby")}),
-    ("software in place by policy", grid(), [inc("a", ("node-2",), RESTART, (5,))],
-     Policy(restart_in_place_for_software=True), (5,), {5: ("node-2", "in_place")}),
-    ("software, no spare -> in place", grid(spares=0), [inc("a", ("node-2",), RESTART, (5,))],
-     Policy(), (5,), {5: ("node-2", "in_place")}),
-    ("software, no ranks named -> whole node", grid(), [inc("a", ("node-2",), RESTART)], Policy(),
-     (4, 5), {4: ("spare-0", "standby"), 5: ("spare-0", "standby")}),
-    ("replace by ranks only", grid(), [inc("a", (), REPLACE, (6,))], Policy(), (6, 7),
-     {6: ("spare-0", "standby"), 7: ("spare-0", "standby")}),
-    ("two nodes, two spares", grid(spares=2), [inc("a", ("node-0",)), inc("b", ("node-3",))],
-     Policy(), (0, 1, 6, 7), {0: ("spare-0", "standby"), 1: ("spare-0", "standby"),
-                               6: ("spare-1", "standby"), 7: ("spare-1", "standby")}),
-    ("replace wins over restart on one node", grid(),
-     [inc("a", ("node-1",)), inc("b", ("node-1",), RESTART, (3,))], Policy(), (2, 3),
-     {2: ("spare-0", "standby"), 3: ("spare-0", "standby")}),
+    (
+        "node lost -> spare, together",
+        grid(),
+        [inc("a", ("node-1",))],
+        Policy(),
+        (2, 3),
+        {2: ("spare-0", "standby"), 3: ("spare-0", "standby")},
+    ),
+    (
+        "software -> standby (default)",
+        grid(),
+        [inc("a", ("node-2",), RESTART, (5,))],
+        Policy(),
+        (5,),
+        {5: ("spare-0", "standby")},
+    ),
+    (
+        "software in place by policy",
+        grid(),
+        [inc("a", ("node-2",), RESTART, (5,))],
+        Policy(restart_in_place_for_software=True),
+        (5,),
+        {5: ("node-2", "in_place")},
+    ),
+    (
+        "software, no spare -> in place",
+        grid(spares=0),
+        [inc("a", ("node-2",), RESTART, (5,))],
+        Policy(),
+        (5,),
+        {5: ("node-2", "in_place")},
+    ),
+    (
+        "software, no ranks named -> whole node",
+        grid(),
+        [inc("a", ("node-2",), RESTART)],
+        Policy(),
+        (4, 5),
+        {4: ("spare-0", "standby"), 5: ("spare-0", "standby")},
+    ),
+    (
+        "replace by ranks only",
+        grid(),
+        [inc("a", (), REPLACE, (6,))],
+        Policy(),
+        (6, 7),
+        {6: ("spare-0", "standby"), 7: ("spare-0", "standby")},
+    ),
+    (
+        "two nodes, two spares",
+        grid(spares=2),
+        [inc("a", ("node-0",)), inc("b", ("node-3",))],
+        Policy(),
+        (0, 1, 6, 7),
+        {0: ("spare-0", "standby"), 1: ("spare-0", "standby"), 6: ("spare-1", "standby"), 7: ("spare-1", "standby")},
+    ),
+    (
+        "replace wins over restart on one node",
+        grid(),
+        [inc("a", ("node-1",)), inc("b", ("node-1",), RESTART, (3,))],
+        Policy(),
+        (2, 3),
+        {2: ("spare-0", "standby"), 3: ("spare-0", "standby")},
+    ),
 ]
 
 
@@ -98,8 +167,17 @@ def test_rebuild_groups_name_only_changed_groups():
     snap = grid(nodes=8, rpn=4, tp=2, pp=2)
     p = plan(snap, [inc("a", ("node-1",))], Policy(), NOW)
     # node-1 holds ranks 4..7: dp index 1, tp 0/1, pp 0/1
-    assert p.rebuild_groups == ("global", "dp:shard=0", "dp:shard=1", "dp:shard=2", "dp:shard=3",
-                                "tp:dp=1,pp=0", "tp:dp=1,pp=1", "pp:dp=1,tp=0", "pp:dp=1,tp=1")
+    assert p.rebuild_groups == (
+        "global",
+        "dp:shard=0",
+        "dp:shard=1",
+        "dp:shard=2",
+        "dp:shard=3",
+        "tp:dp=1,pp=0",
+        "tp:dp=1,pp=1",
+        "pp:dp=1,tp=0",
+        "pp:dp=1,tp=1",
+    )
 
 
 def test_sources_spread_over_nodes_and_balanced():
@@ -130,6 +208,7 @@ def test_more_restores_than_replicas_stay_balanced():
 
 # ------------------------------------------------------------------ placement
 
+
 def test_locality_prefers_same_rack():
     labels = {"node-1": {"rack": "r2"}, "spare-0": {"rack": "r1"}, "spare-1": {"rack": "r2"}}
     p = plan(grid(spares=2, labels=labels), [inc("a", ("node-1",))], Policy(), NOW)
@@ -159,10 +238,16 @@ def test_quarantined_and_faulty_spares_never_used():
 
 # ------------------------------------------------------------------ quarantine
 
+
 def test_repeat_fault_quarantines_node_and_moves_all_its_ranks():
     history = {"node-2": {"old": NOW - 100.0}}
-    p = plan(grid(), [inc("a", ("node-2",), RESTART, (5,))],
-             Policy(restart_in_place_for_software=True), NOW, fault_history=history)
+    p = plan(
+        grid(),
+        [inc("a", ("node-2",), RESTART, (5,))],
+        Policy(restart_in_place_for_software=True),
+        NOW,
+        fault_history=history,
+    )
     assert p.quarantine_nodes == ("node-2",)
     assert p.restart_ranks == (4, 5)
     assert {(r.to_node, r.mode) for r in p.replacements} == {("spare-0", "standby")}
@@ -181,8 +266,7 @@ def test_replayed_incident_counts_once():
 
 
 def test_policy_from_settings():
-    pol = Policy.from_settings(PlannerSettings(no_spare_policy="wait", quarantine_faults=3),
-                               checkpoint_step=7)
+    pol = Policy.from_settings(PlannerSettings(no_spare_policy="wait", quarantine_faults=3), checkpoint_step=7)
     assert (pol.no_spare_policy, pol.quarantine_faults, pol.checkpoint_step) == ("wait", 3, 7)
 
 
@@ -199,6 +283,7 @@ def test_shrink_is_refused_at_configuration_time(monkeypatch):
 
 # ------------------------------------------------------------------ fallbacks
 
+
 def test_no_spare_wait():
     p = plan(grid(spares=0), [inc("a", ("node-1",))], Policy(), NOW)
     assert p.fallback == Fallback.WAIT and p.replacements == () and p.restart_ranks == (2, 3)
@@ -213,18 +298,23 @@ def test_lost_shard_escalates_instead_of_a_checkpoint_plan(ckpt):
     assert isinstance(d, Escalation) and d.incident_ids == ("a", "b") and d.plan_id is None
     assert "every replica of shard 0 lost and no checkpoint restore is implemented" in d.reason
     assert d.event_id.startswith("esc-") and d.generation == 3
-    assert plan(snap, [inc("b", ("node-1",)), inc("a", ("node-0",))], Policy(checkpoint_step=ckpt),
-                NOW) == d  # deterministic: a replay escalates once (same event id)
+    assert (
+        plan(snap, [inc("b", ("node-1",)), inc("a", ("node-0",))], Policy(checkpoint_step=ckpt), NOW) == d
+    )  # deterministic: a replay escalates once (same event id)
 
 
 # ------------------------------------------------------------------ no plan, supersede, recovering
 
-@pytest.mark.parametrize("incs,why", [
-    ([inc("a", ("spare-0",))], "no node or rank"),
-    ([inc("a", ("node-9",))], "unknown nodes"),
-    ([inc("a", ("node-1",), NONE)], "nothing to restart"),
-    ([inc("a", ("node-1",), job="other")], "no incident for this job"),
-])
+
+@pytest.mark.parametrize(
+    "incs,why",
+    [
+        ([inc("a", ("spare-0",))], "no node or rank"),
+        ([inc("a", ("node-9",))], "unknown nodes"),
+        ([inc("a", ("node-1",), NONE)], "nothing to restart"),
+        ([inc("a", ("node-1",), job="other")], "no incident for this job"),
+    ],
+)
 def test_no_plan(incs, why):
     d = plan(grid(), incs, Policy(), NOW)
     assert isinstance(d, NoPlan) and any(why in r for r in d.reasons), d
@@ -238,8 +328,7 @@ def test_inert_incidents_reported_for_closing():
 def test_superseding_plan_covers_union():
     snap = grid(spares=2)
     first = plan(snap, [inc("a", ("node-1",))], Policy(), NOW)
-    second = plan(snap, [inc("a", ("node-1",)), inc("b", ("node-3",))], Policy(), NOW + 1,
-                  active_plan=first)
+    second = plan(snap, [inc("a", ("node-1",)), inc("b", ("node-3",))], Policy(), NOW + 1, active_plan=first)
     assert second.supersedes == first.plan_id and second.plan_id != first.plan_id
     assert second.incident_ids == ("a", "b") and second.restart_ranks == (2, 3, 6, 7)
     assert second.target_generation == snap.generation + 1
@@ -247,8 +336,7 @@ def test_superseding_plan_covers_union():
     again = plan(snap, [inc("a", ("node-1",))], Policy(), NOW + 2, active_plan=first)
     assert isinstance(again, NoPlan) and "covered" in again.reasons[-1]
     # a new incident that needs nothing: the active plan continues
-    idle = plan(snap, [inc("a", ("node-1",)), inc("c", ("spare-1",))], Policy(), NOW + 2,
-                active_plan=first)
+    idle = plan(snap, [inc("a", ("node-1",)), inc("c", ("spare-1",))], Policy(), NOW + 2, active_plan=first)
     assert isinstance(idle, NoPlan) and idle.inert == ("c",)
 
 
@@ -268,10 +356,13 @@ def test_recovering_ranks_move_again_when_their_standby_fails():
     p = plan(snap, [inc("b", ("spare-0",))], Policy(), NOW)
     assert p.restart_ranks == (2, 3)
     assert {(r.rank, r.from_node, r.to_node) for r in p.replacements} == {
-        (2, "spare-0", "spare-1"), (3, "spare-0", "spare-1")}
+        (2, "spare-0", "spare-1"),
+        (3, "spare-0", "spare-1"),
+    }
 
 
 # ------------------------------------------------------------------ ids and determinism
+
 
 def test_plan_id_deterministic():
     a = plan_id_for(JOB, ["b", "a"], 4)
@@ -296,19 +387,42 @@ def test_plan_input_cache_and_arrays():
 
 
 def test_plan_input_from_registry_rows_matches_snapshot():
-    snap = with_rank_state(with_nodes(grid(spares=2, labels={"spare-1": {"rack": "r1"}}),
-                                      **{"spare-0": {"role": NodeRole.QUARANTINED}}),
-                           RankState.RECOVERING, {2}, node="spare-1")
-    meta = {b"generation": b"3", b"committed_step": b"41", b"world_size": b"8", b"dp": b"4",
-            b"tp": b"2", b"pp": b"1"}
-    rows = PlanInput.from_rows(JOB, meta, [r.model_dump_json().encode() for r in reversed(snap.ranks)],
-                               [n.model_dump_json() for n in snap.nodes])
+    snap = with_rank_state(
+        with_nodes(grid(spares=2, labels={"spare-1": {"rack": "r1"}}), **{"spare-0": {"role": NodeRole.QUARANTINED}}),
+        RankState.RECOVERING,
+        {2},
+        node="spare-1",
+    )
+    meta = {b"generation": b"3", b"committed_step": b"41", b"world_size": b"8", b"dp": b"4", b"tp": b"2", b"pp": b"1"}
+    rows = PlanInput.from_rows(
+        JOB,
+        meta,
+        [r.model_dump_json().encode() for r in reversed(snap.ranks)],
+        [n.model_dump_json() for n in snap.nodes],
+    )
     built = PlanInput.build(snap)
-    for f in ("rank", "node_of", "shard", "dp_of", "tp_of", "pp_of", "local_rank", "recovering",
-              "node_role", "node_slots", "shard_order", "node_order", "node_start"):
+    for f in (
+        "rank",
+        "node_of",
+        "shard",
+        "dp_of",
+        "tp_of",
+        "pp_of",
+        "local_rank",
+        "recovering",
+        "node_role",
+        "node_slots",
+        "shard_order",
+        "node_order",
+        "node_start",
+    ):
         assert np.array_equal(getattr(rows, f), getattr(built, f)), f
     assert (rows.node_ids, rows.node_labels, rows.generation, rows.committed_step) == (
-        built.node_ids, built.node_labels, 3, 41)
+        built.node_ids,
+        built.node_labels,
+        3,
+        41,
+    )
     incs = [inc("a", ("node-3",))]
     assert plan(rows, incs, Policy(), NOW) == plan(snap, incs, Policy(), NOW)
 
@@ -331,8 +445,13 @@ def test_second_crash_on_the_same_node_supersedes_with_both_ranks():
     # Issue #12 item 7: the detector's incident for a second dead rank of a reported node.
     snap = grid(spares=1)
     first = plan(snap, [inc("a", ("node-1",), RESTART, (2,))], Policy(), NOW)
-    second = plan(snap, [inc("a", ("node-1",), RESTART, (2,)), inc("b", ("node-1",), RESTART, (3,))],
-                  Policy(), NOW + 1, active_plan=first)
+    second = plan(
+        snap,
+        [inc("a", ("node-1",), RESTART, (2,)), inc("b", ("node-1",), RESTART, (3,))],
+        Policy(),
+        NOW + 1,
+        active_plan=first,
+    )
     assert second.supersedes == first.plan_id and second.restart_ranks == (2, 3)
     assert {r.rank: r.to_node for r in second.replacements} == {2: "spare-0", 3: "spare-0"}
     check_sources(snap, second)
@@ -343,24 +462,29 @@ def test_a_rank_moved_by_a_superseded_plan_keeps_its_standby():
     that plan before rank 2 was restored. Rank 2 keeps its standby on spare-0 (restored, not
     restarted again) and rank 5 takes spare-0's other slot: no cold start in place."""
     snap = with_rank_state(grid(spares=1), RankState.RECOVERING, {2}, node="spare-0")
-    p = plan(snap, [inc("a", ("node-1",), RESTART, ranks=(2,)), inc("b", ("node-2",), RESTART, ranks=(5,))],
-             Policy(), NOW)
+    p = plan(
+        snap, [inc("a", ("node-1",), RESTART, ranks=(2,)), inc("b", ("node-2",), RESTART, ranks=(5,))], Policy(), NOW
+    )
     assert p.restart_ranks == (2, 5)
     assert {(r.rank, r.to_node, r.mode) for r in p.replacements} == {(5, "spare-0", "standby")}
     assert {t.dst for t in p.transfers} == {2, 5}
     check_sources(snap, p)
 
 
-@pytest.mark.parametrize("record, replan", [
-    ({}, True),  # new
-    ({"phase": "planned"}, True),  # its plan never got out: same plan again
-    ({"phase": "planned", "plan_id": "plan-1"}, False),
-    ({"phase": "recovering", "plan_id": "plan-1"}, False),
-    ({"phase": "done", "plan_id": "plan-1"}, False),
-    ({"phase": "failed"}, False),
-    ({"phase": "superseded"}, False),
-    ({"phase": "escalated"}, False),
-])
+@pytest.mark.parametrize(
+    "record, replan",
+    [
+        ({}, True),  # new
+        ({"phase": "planned"}, True),  # its plan never got out: same plan again
+        ({"phase": "planned", "plan_id": "plan-1"}, False),
+        ({"phase": "recovering", "plan_id": "plan-1"}, False),
+        ({"phase": "done", "plan_id": "plan-1"}, False),
+        ({"phase": "failed"}, False),
+        ({"phase": "superseded"}, False),
+        ({"phase": "escalated"}, False),
+    ],
+)
 def test_a_known_incident_is_planned_again_only_when_its_plan_never_got_out(record, replan) -> None:
     from flashrecovery.planner.core import known_incident_refusal
+
     assert (known_incident_refusal(record) is None) is replan

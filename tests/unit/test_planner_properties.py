@@ -8,14 +8,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashrecovery.planner import NoPlan, PlanInput, Policy, plan
-from flashrecovery.shared.schemas import (Escalation, Fallback, FaultClass, FaultIncident, NodeRole,
-                                          RankState, RecoveryPlan, RepairAction)
+from flashrecovery.shared.schemas import (
+    Escalation,
+    Fallback,
+    FaultClass,
+    FaultIncident,
+    NodeRole,
+    RankState,
+    RecoveryPlan,
+    RepairAction,
+)
 from flashrecovery.shared.topology import JobSnapshot, grid_topology
 
 JOB = "job"
 NOW = 50_000.0
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=False,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=False, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -23,38 +30,72 @@ def scenarios(draw):
     rpn = draw(st.sampled_from([1, 2, 4, 8]))
     nodes = draw(st.integers(2, 10))
     world = rpn * nodes
-    layouts = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4)
-               if world % (tp * pp) == 0 and world // (tp * pp) >= 1]
+    layouts = [
+        (tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4) if world % (tp * pp) == 0 and world // (tp * pp) >= 1
+    ]
     tp, pp = draw(st.sampled_from(layouts))
     spares = draw(st.integers(0, 3))
     racks = draw(st.booleans())
-    labels = ({f"node-{i}": {"rack": f"r{i % 2}"} for i in range(nodes)}
-              | {f"spare-{i}": {"rack": f"r{i % 2}"} for i in range(spares)}) if racks else None
-    snap = grid_topology(JOB, nodes=nodes, ranks_per_node=rpn, tp=tp, pp=pp, spares=spares,
-                         standby_slots=draw(st.integers(0, rpn + 1)), labels=labels)
+    labels = (
+        (
+            {f"node-{i}": {"rack": f"r{i % 2}"} for i in range(nodes)}
+            | {f"spare-{i}": {"rack": f"r{i % 2}"} for i in range(spares)}
+        )
+        if racks
+        else None
+    )
+    snap = grid_topology(
+        JOB,
+        nodes=nodes,
+        ranks_per_node=rpn,
+        tp=tp,
+        pp=pp,
+        spares=spares,
+        standby_slots=draw(st.integers(0, rpn + 1)),
+        labels=labels,
+    )
     # some spares quarantined by an earlier plan
     bad_spares = draw(st.sets(st.integers(0, max(spares - 1, 0)), max_size=spares))
-    node_recs = tuple(n.model_copy(update={"role": NodeRole.QUARANTINED})
-                      if n.role == NodeRole.SPARE and int(n.node_id.split("-")[1]) in bad_spares
-                      else n for n in snap.nodes)
-    snap = snap.model_copy(update={"nodes": node_recs, "committed_step": draw(st.integers(-1, 100)),
-                                   "generation": draw(st.integers(0, 5))})
+    node_recs = tuple(
+        n.model_copy(update={"role": NodeRole.QUARANTINED})
+        if n.role == NodeRole.SPARE and int(n.node_id.split("-")[1]) in bad_spares
+        else n
+        for n in snap.nodes
+    )
+    snap = snap.model_copy(
+        update={"nodes": node_recs, "committed_step": draw(st.integers(-1, 100)), "generation": draw(st.integers(0, 5))}
+    )
     all_nodes = [n.node_id for n in snap.nodes]
     incidents = []
     for i in range(draw(st.integers(1, 4))):
         action = draw(st.sampled_from([RepairAction.REPLACE_NODE, RepairAction.RESTART_PROCESS]))
         node = draw(st.sampled_from(all_nodes))
         on_node = [r.rank for r in snap.ranks if r.node_id == node]
-        ranks = tuple(draw(st.sets(st.sampled_from(on_node), max_size=len(on_node)))) if (
-            on_node and action == RepairAction.RESTART_PROCESS) else ()
-        incidents.append(FaultIncident(
-            job_id=JOB, generation=0, producer="t", incident_id=f"inc-{i}",
-            fault_class=FaultClass.HARDWARE, action=action, root_cause_nodes=(node,),
-            root_cause_ranks=tuple(sorted(ranks)), first_seen_at=NOW - 10, detected_at=NOW - 5))
+        ranks = (
+            tuple(draw(st.sets(st.sampled_from(on_node), max_size=len(on_node))))
+            if (on_node and action == RepairAction.RESTART_PROCESS)
+            else ()
+        )
+        incidents.append(
+            FaultIncident(
+                job_id=JOB,
+                generation=0,
+                producer="t",
+                incident_id=f"inc-{i}",
+                fault_class=FaultClass.HARDWARE,
+                action=action,
+                root_cause_nodes=(node,),
+                root_cause_ranks=tuple(sorted(ranks)),
+                first_seen_at=NOW - 10,
+                detected_at=NOW - 5,
+            )
+        )
     history = {n: {"earlier": NOW - 60.0} for n in draw(st.sets(st.sampled_from(all_nodes), max_size=2))}
-    policy = Policy(restart_in_place_for_software=draw(st.booleans()),
-                    no_spare_policy="wait",
-                    checkpoint_step=draw(st.one_of(st.none(), st.integers(-1, 50))))
+    policy = Policy(
+        restart_in_place_for_software=draw(st.booleans()),
+        no_spare_policy="wait",
+        checkpoint_step=draw(st.one_of(st.none(), st.integers(-1, 50))),
+    )
     return snap, incidents, policy, history
 
 
@@ -93,8 +134,7 @@ def test_invariants(scenario):
     assert restarted_nodes == set(d.faulty_nodes)
 
     # placement: never a quarantined, faulty or non-spare target; capacity respected
-    quarantined = set(d.quarantine_nodes) | {n for n, rec in node.items()
-                                             if rec.role == NodeRole.QUARANTINED}
+    quarantined = set(d.quarantine_nodes) | {n for n, rec in node.items() if rec.role == NodeRole.QUARANTINED}
     for rep in d.replacements:
         assert rep.local_rank == rank[rep.rank].local_rank
         if rep.mode == "in_place":
@@ -109,8 +149,7 @@ def test_invariants(scenario):
     assert {n for n in d.quarantine_nodes} <= named
 
     # every restarted rank has a source of its shard on a healthy node, or an explicit fallback
-    healthy = [r for r in snap.ranks if r.rank not in set(d.restart_ranks)
-               and r.node_id not in d.faulty_nodes]
+    healthy = [r for r in snap.ranks if r.rank not in set(d.restart_ranks) and r.node_id not in d.faulty_nodes]
     if d.fallback == Fallback.NONE:
         assert len(d.replacements) == len(d.restart_ranks)
         assert sorted(t.dst for t in d.transfers) == sorted(d.restart_ranks)
@@ -154,8 +193,10 @@ def test_recovering_ranks_restored_not_moved(scenario, data):
         return
     moved = data.draw(st.sets(st.sampled_from(movable), min_size=1, max_size=2))
     host = data.draw(st.sampled_from(spares))
-    recs = tuple(r.model_copy(update={"state": RankState.RECOVERING, "node_id": host})
-                 if r.rank in moved else r for r in snap.ranks)
+    recs = tuple(
+        r.model_copy(update={"state": RankState.RECOVERING, "node_id": host}) if r.rank in moved else r
+        for r in snap.ranks
+    )
     snap = snap.model_copy(update={"ranks": recs})
     d = decide(snap, incidents, policy, history)
     if not isinstance(d, RecoveryPlan):

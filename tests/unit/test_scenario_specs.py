@@ -7,22 +7,28 @@ import pytest
 from flashrecovery.scenario import FollowUp, ServiceFault
 
 
-@pytest.mark.parametrize("spec, want", [
-    ("process-crash:5:0.1", FollowUp("process-crash", 5, 0.1)),
-    ("hang:0:1", FollowUp("hang", 0, 1.0)),
-    ("node-crash:7:0", FollowUp("node-crash", 7, 0.0)),
-])
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("process-crash:5:0.1", FollowUp("process-crash", 5, 0.1)),
+        ("hang:0:1", FollowUp("hang", 0, 1.0)),
+        ("node-crash:7:0", FollowUp("node-crash", 7, 0.0)),
+    ],
+)
 def test_follow_up_parses(spec: str, want: FollowUp) -> None:
     assert FollowUp.parse(spec) == want
 
 
-@pytest.mark.parametrize("spec, why", [
-    ("process-crash:5", "KIND:RANK:DELAY_S"),
-    ("melt:5:0", "kind must be one of"),
-    ("hang:x:0", "not a rank number"),
-    ("hang:1:soon", "not a number of seconds"),
-    ("hang:1:-1", "within 0..600"),
-])
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        ("process-crash:5", "KIND:RANK:DELAY_S"),
+        ("melt:5:0", "kind must be one of"),
+        ("hang:x:0", "not a rank number"),
+        ("hang:1:soon", "not a number of seconds"),
+        ("hang:1:-1", "within 0..600"),
+    ],
+)
 def test_follow_up_refused_with_reason(spec: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         FollowUp.parse(spec)

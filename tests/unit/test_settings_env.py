@@ -30,24 +30,47 @@ from flashrecovery.shared.settings import (
 )
 from flashrecovery.sidecar.core import WorkerPlace, worker_env
 
-MODELS = (Settings, BusSettings, KafkaSecuritySettings, DetectorSettings, PlannerSettings,
-          ExecutorSettings, SidecarSettings, AgentSettings)
+MODELS = (
+    Settings,
+    BusSettings,
+    KafkaSecuritySettings,
+    DetectorSettings,
+    PlannerSettings,
+    ExecutorSettings,
+    SidecarSettings,
+    AgentSettings,
+)
 
 
 def test_unknown_env_names_typos_and_old_names_only():
-    names = ["PATH", "FLASHRECOVERY_JOB_ID", "FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES",
-             "flashrecovery_bus__linger_ms", "FLASHRECOVERY_BUS", "FLASHRECOVERY_AGENT_RANK",
-             "FLASHRECOVERY_AGENT_SOCKET", "FLASHRECOVERY_SIDECAR__ROLE",
-             "FLASHRECOVERY_BUS__SECURITY__PROTOCOL", "FLASHRECOVERY_BUS__SECURITY",
-             "FLASHRECOVERY_HEALTH_ARGS", "FLASHRECOVERY_METRICS_PORT",
-             "FLASHRECOVERY_DETECTOR__HEARTBEAT_MISES",  # a typo in a nested name
-             "FLASHRECOVERY_JOBID",  # a typo at the top
-             "FLASHRECOVERY_RANK",  # the agent's name before it got its own prefix
-             "FLASHRECOVERY_AGENT__RANK",  # the agent is not a nested group
-             "FLASHRECOVERY_PLANNER__", "FLASHRECOVERY_BUS__SECURITY__USER"]
-    assert unknown_env(names) == ["FLASHRECOVERY_AGENT__RANK", "FLASHRECOVERY_BUS__SECURITY__USER",
-                                  "FLASHRECOVERY_DETECTOR__HEARTBEAT_MISES",
-                                  "FLASHRECOVERY_JOBID", "FLASHRECOVERY_PLANNER__", "FLASHRECOVERY_RANK"]
+    names = [
+        "PATH",
+        "FLASHRECOVERY_JOB_ID",
+        "FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES",
+        "flashrecovery_bus__linger_ms",
+        "FLASHRECOVERY_BUS",
+        "FLASHRECOVERY_AGENT_RANK",
+        "FLASHRECOVERY_AGENT_SOCKET",
+        "FLASHRECOVERY_SIDECAR__ROLE",
+        "FLASHRECOVERY_BUS__SECURITY__PROTOCOL",
+        "FLASHRECOVERY_BUS__SECURITY",
+        "FLASHRECOVERY_HEALTH_ARGS",
+        "FLASHRECOVERY_METRICS_PORT",
+        "FLASHRECOVERY_DETECTOR__HEARTBEAT_MISES",  # a typo in a nested name
+        "FLASHRECOVERY_JOBID",  # a typo at the top
+        "FLASHRECOVERY_RANK",  # the agent's name before it got its own prefix
+        "FLASHRECOVERY_AGENT__RANK",  # the agent is not a nested group
+        "FLASHRECOVERY_PLANNER__",
+        "FLASHRECOVERY_BUS__SECURITY__USER",
+    ]
+    assert unknown_env(names) == [
+        "FLASHRECOVERY_AGENT__RANK",
+        "FLASHRECOVERY_BUS__SECURITY__USER",
+        "FLASHRECOVERY_DETECTOR__HEARTBEAT_MISES",
+        "FLASHRECOVERY_JOBID",
+        "FLASHRECOVERY_PLANNER__",
+        "FLASHRECOVERY_RANK",
+    ]
     assert unknown_env([]) == [] and unknown_env(["HOME", "FLASHRECOVERYX"]) == []
 
 
@@ -61,8 +84,9 @@ def test_every_name_env_names_lists_is_read_by_its_model(monkeypatch):
     names = env_names()
     assert "FLASHRECOVERY_DETECTOR__HANG_K" in names and "FLASHRECOVERY_AGENT_WORLD_SIZE" in names
     # one prefix per component: no service name starts with the agent's prefix
-    assert not [n for n, (model, _) in names.items()
-                if n.startswith("FLASHRECOVERY_AGENT_") and model is not AgentSettings]
+    assert not [
+        n for n, (model, _) in names.items() if n.startswith("FLASHRECOVERY_AGENT_") and model is not AgentSettings
+    ]
 
 
 def test_service_start_warns_once_naming_the_unknown_variables():
@@ -71,14 +95,27 @@ def test_service_start_warns_once_naming_the_unknown_variables():
         assert warn_unknown_env("planner", env) == ["FLASHRECOVERY_EXECUTOR__LEASE_TTL", "FLASHRECOVERY_RANK"]
         assert warn_unknown_env("planner", {"FLASHRECOVERY_JOB_ID": "j"}) == []
     assert [(e["event"], e["log_level"], e["names"]) for e in logs] == [
-        ("unknown_settings", "warning", ["FLASHRECOVERY_EXECUTOR__LEASE_TTL", "FLASHRECOVERY_RANK"])]
+        ("unknown_settings", "warning", ["FLASHRECOVERY_EXECUTOR__LEASE_TTL", "FLASHRECOVERY_RANK"])
+    ]
 
 
 def test_what_the_sidecar_sets_for_a_worker_is_what_the_agent_reads():
     for rank in (3, None):
-        env = worker_env({}, WorkerPlace(job_id="j", node_id="n", node_rank=0, rank=rank, local_rank=1,
-                                         local_world_size=2, world_size=4, generation=2,
-                                         rdzv="10.0.0.5:29511", agent_socket="/tmp/a.sock"))
+        env = worker_env(
+            {},
+            WorkerPlace(
+                job_id="j",
+                node_id="n",
+                node_rank=0,
+                rank=rank,
+                local_rank=1,
+                local_world_size=2,
+                world_size=4,
+                generation=2,
+                rdzv="10.0.0.5:29511",
+                agent_socket="/tmp/a.sock",
+            ),
+        )
         ours = {k: v for k, v in env.items() if k.startswith("FLASHRECOVERY_")}
         assert ours and unknown_env(ours) == []
         assert all(env_names()[k][0] is AgentSettings for k in ours)
@@ -89,8 +126,9 @@ def test_what_the_sidecar_sets_for_a_worker_is_what_the_agent_reads():
 def test_defaults_are_written_once():
     """The pure cores' configs take their settings-backed defaults from the settings models."""
     d, c = DetectorSettings(), Config()
-    assert {f: getattr(c, f) for f in DetectorSettings.model_fields if f != "signatures_path"} == \
-        {f: getattr(d, f) for f in DetectorSettings.model_fields if f != "signatures_path"}
+    assert {f: getattr(c, f) for f in DetectorSettings.model_fields if f != "signatures_path"} == {
+        f: getattr(d, f) for f in DetectorSettings.model_fields if f != "signatures_path"
+    }
     p, pol = PlannerSettings(), Policy()
     assert {f: getattr(pol, f) for f in PlannerSettings.model_fields} == p.model_dump()
     assert Policy.from_settings(PlannerSettings(quarantine_faults=4)).quarantine_faults == 4
@@ -113,8 +151,12 @@ def test_choices_are_typed_with_clear_errors(monkeypatch):
 
 
 def test_every_setting_is_described():
-    missing = [f"{m.__name__}.{n}" for m in MODELS for n, f in m.model_fields.items()
-               if not (f.description or isinstance(f.annotation, type) and f.annotation in MODELS)]
+    missing = [
+        f"{m.__name__}.{n}"
+        for m in MODELS
+        for n, f in m.model_fields.items()
+        if not (f.description or isinstance(f.annotation, type) and f.annotation in MODELS)
+    ]
     assert missing == []
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from flashrecovery.shared import channel as ch
 from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import channel as ch
 from flashrecovery.shared.schemas import Assignment, CommandAction, ExecutorCommand, RankState
 from flashrecovery.shared.settings import Settings, SidecarSettings
 from flashrecovery.sidecar.app import SidecarService, Worker
@@ -39,8 +39,14 @@ class _Bus:
 async def _sidecar(tmp_path, node_id: str, monkeypatch):
     monkeypatch.setattr(busmod, "Producer", _Bus)
     monkeypatch.setattr(busmod, "Consumer", _Bus)
-    svc = SidecarService(Settings(job_id="j", runtime_dir=str(tmp_path), redis_url="redis://127.0.0.1:9",
-                                  sidecar=SidecarSettings(node_id=node_id, role="active")))
+    svc = SidecarService(
+        Settings(
+            job_id="j",
+            runtime_dir=str(tmp_path),
+            redis_url="redis://127.0.0.1:9",
+            sidecar=SidecarSettings(node_id=node_id, role="active"),
+        )
+    )
     acks: list = []
 
     async def publish(event, wait=False):
@@ -60,8 +66,15 @@ async def _sidecar(tmp_path, node_id: str, monkeypatch):
 
 async def _worker(svc: SidecarService, tmp_path, rank: int | None) -> Worker:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(60)")
-    w = Worker(proc=proc, local_rank=0, rank=rank, standby=rank is None, log_path=tmp_path / f"{proc.pid}.log",
-               writer=_Writer(), state=RankState.STANDBY if rank is None else RankState.RUNNING)
+    w = Worker(
+        proc=proc,
+        local_rank=0,
+        rank=rank,
+        standby=rank is None,
+        log_path=tmp_path / f"{proc.pid}.log",
+        writer=_Writer(),
+        state=RankState.STANDBY if rank is None else RankState.RUNNING,
+    )
     svc.workers[proc.pid] = w
     return w
 
@@ -72,16 +85,28 @@ async def _handled(svc: SidecarService, cmd: ExecutorCommand) -> None:
 
 
 def _cmd(action, attempt, gen=3, **fields) -> ExecutorCommand:
-    return ExecutorCommand(job_id="j", generation=gen, producer="executor-0", command_id=f"p:{action}:{attempt}",
-                           plan_id="p", incident_id="i", action=action, attempt=attempt, **fields)
+    return ExecutorCommand(
+        job_id="j",
+        generation=gen,
+        producer="executor-0",
+        command_id=f"p:{action}:{attempt}",
+        plan_id="p",
+        incident_id="i",
+        action=action,
+        attempt=attempt,
+        **fields,
+    )
 
 
 async def test_retried_replace_and_pause_keep_the_replacement(tmp_path, monkeypatch):
     svc, acks = await _sidecar(tmp_path, "spare-0", monkeypatch)
     standby = await _worker(svc, tmp_path, None)
     try:
-        replace = dict(nodes=("node-1", "spare-0"), kill_ranks=(2,),
-                       assignments=(Assignment(rank=2, local_rank=0, node_id="spare-0"),))
+        replace = dict(
+            nodes=("node-1", "spare-0"),
+            kill_ranks=(2,),
+            assignments=(Assignment(rank=2, local_rank=0, node_id="spare-0"),),
+        )
         await _handled(svc, _cmd(CommandAction.REPLACE, 0, **replace))
         assert standby.rank == 2 and acks[-1].ok
         # attempt 0's ack was lost: the executor retries (a new command id), then a late retry
@@ -107,8 +132,10 @@ async def test_a_digest_mismatch_fails_the_restore_stage_at_once(tmp_path, monke
         async with asyncio.timeout(5):  # until the handler has sent Recover and waits
             while not w.writer.sent:
                 await asyncio.sleep(0.01)
-        for msg in (ch.Progress(rank=2, generation=3, phase="rebuilt", seconds=0.1),
-                    ch.Error(rank=2, message="state from rank 6: digest mismatch")):
+        for msg in (
+            ch.Progress(rank=2, generation=3, phase="rebuilt", seconds=0.1),
+            ch.Error(rank=2, message="state from rank 6: digest mismatch"),
+        ):
             svc._on_report(w, msg)
             async with svc.events:
                 svc.events.notify_all()
@@ -125,9 +152,14 @@ async def _plain_exit(tmp_path, monkeypatch, code: int, rank: int | None, exit_w
     """A worker that never connected to the agent (a plain torchrun script) exits with `code`."""
     monkeypatch.setattr(busmod, "Producer", _Bus)
     monkeypatch.setattr(busmod, "Consumer", _Bus)
-    svc = SidecarService(Settings(job_id="j", runtime_dir=str(tmp_path), redis_url="redis://127.0.0.1:9",
-                                  sidecar=SidecarSettings(node_id="node-0", ranks="0,1", world_size=2,
-                                                          exit_with_job=exit_with_job)))
+    svc = SidecarService(
+        Settings(
+            job_id="j",
+            runtime_dir=str(tmp_path),
+            redis_url="redis://127.0.0.1:9",
+            sidecar=SidecarSettings(node_id="node-0", ranks="0,1", world_size=2, exit_with_job=exit_with_job),
+        )
+    )
     published, finished = [], []
 
     async def publish(event, wait=False):
@@ -144,8 +176,14 @@ async def _plain_exit(tmp_path, monkeypatch, code: int, rank: int | None, exit_w
     svc.registry.mark_finished = mark_finished
     svc.registry.job_finished = job_finished
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", f"import sys; sys.exit({code})")
-    w = Worker(proc=proc, local_rank=0, rank=rank, standby=rank is None, log_path=tmp_path / "w.log",
-               state=RankState.STARTING if rank is not None else RankState.STANDBY)
+    w = Worker(
+        proc=proc,
+        local_rank=0,
+        rank=rank,
+        standby=rank is None,
+        log_path=tmp_path / "w.log",
+        state=RankState.STARTING if rank is not None else RankState.STANDBY,
+    )
     svc.workers[proc.pid] = w
     await asyncio.wait_for(svc._watch_exit(w), 10)
     return svc, published, finished
@@ -175,9 +213,14 @@ async def test_without_exit_with_job_a_plain_failure_is_left_to_the_control_plan
     assert svc.result is None and not svc.stopping.is_set() and not published[-1].expected
 
 
-@pytest.mark.parametrize("forged", [
-    dict(gen=10 ** 9), dict(fence_token=10 ** 18), dict(kill_ranks=(10 ** 9,)),
-])
+@pytest.mark.parametrize(
+    "forged",
+    [
+        dict(gen=10**9),
+        dict(fence_token=10**18),
+        dict(kill_ranks=(10**9,)),
+    ],
+)
 async def test_a_forged_command_is_refused_and_does_not_blind_the_node(tmp_path, monkeypatch, forged):
     """A pause from a generation the registry never reached (or with a token never issued, or
     for a rank outside the job) was acted on, and left the gate at that generation / token: every

@@ -1,13 +1,28 @@
 import pytest
 
 from flashrecovery.shared.schemas import CommandAction, ExecutorCommand
-from flashrecovery.sidecar.core import (CommandGate, TokenBucket, prefilter, ranks_to_kill, reports_stages,
-                                        stage_failure, stage_reached)
+from flashrecovery.sidecar.core import (
+    CommandGate,
+    TokenBucket,
+    prefilter,
+    ranks_to_kill,
+    reports_stages,
+    stage_failure,
+    stage_reached,
+)
 
 
 def _cmd(cid="c1", gen=2, nodes=None):
-    return ExecutorCommand(job_id="j", generation=gen, producer="executor-0", command_id=cid, plan_id="p",
-                           incident_id="i", action=CommandAction.PAUSE, nodes=nodes)
+    return ExecutorCommand(
+        job_id="j",
+        generation=gen,
+        producer="executor-0",
+        command_id=cid,
+        plan_id="p",
+        incident_id="i",
+        action=CommandAction.PAUSE,
+        nodes=nodes,
+    )
 
 
 def test_gate_acts_once_replays_duplicates_and_ignores_old_generations():
@@ -21,14 +36,17 @@ def test_gate_acts_once_replays_duplicates_and_ignores_old_generations():
     assert gate.decide(_cmd("c4", nodes=("node-1",)))[0] == "act"
 
 
-@pytest.mark.parametrize("line, hit", [
-    ("[E ProcessGroupGloo.cpp] tp allreduce failed: Connection closed by peer", True),
-    ("NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus", True),
-    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", True),
-    ("Traceback (most recent call last):", True),
-    ("step 12 loss 3.2145", False),
-    ("starting epoch 3", False),
-])
+@pytest.mark.parametrize(
+    "line, hit",
+    [
+        ("[E ProcessGroupGloo.cpp] tp allreduce failed: Connection closed by peer", True),
+        ("NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus", True),
+        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", True),
+        ("Traceback (most recent call last):", True),
+        ("step 12 loss 3.2145", False),
+        ("starting epoch 3", False),
+    ],
+)
 def test_prefilter(line, hit):
     assert (prefilter(line) is not None) == hit
 

@@ -11,7 +11,7 @@ from flashrecovery.shared import schemas as S
 
 
 def _sim(monkeypatch, nodes=3, columns=True):
-    monkeypatch.setenv("FLASHRECOVERY_JOB_ID", "job-\"q\"")  # a job id that needs JSON escaping
+    monkeypatch.setenv("FLASHRECOVERY_JOB_ID", 'job-"q"')  # a job id that needs JSON escaping
     return SimCluster(nodes, 4, spares=1, lose=0, lose_at=999.0, columns=columns)
 
 
@@ -33,8 +33,16 @@ def test_templated_heartbeats_decode_with_the_real_schema(monkeypatch, columns):
 
 
 def _command(action, **kw):
-    return S.ExecutorCommand(job_id='job-"q"', generation=1, producer="executor-0", command_id=f"c-{action}",
-                             plan_id="p", incident_id="i", action=action, **kw)
+    return S.ExecutorCommand(
+        job_id='job-"q"',
+        generation=1,
+        producer="executor-0",
+        command_id=f"c-{action}",
+        plan_id="p",
+        incident_id="i",
+        action=action,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("columns", [True, False], ids=["report-columns", "rank-objects"])
@@ -62,7 +70,10 @@ def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch, col
     assert [(r.rank, r.applied_step) for r in verified.report_rows()] == [(0, 3)]
     # a recover without stage_nodes (an older executor): every node reports every stage
     sent.clear()
-    asyncio.run(sim.on_command(_command(S.CommandAction.RECOVER, resume_step=3).model_copy(
-        update={"command_id": "c-recover-all"}), None))
+    asyncio.run(
+        sim.on_command(
+            _command(S.CommandAction.RECOVER, resume_step=3).model_copy(update={"command_id": "c-recover-all"}), None
+        )
+    )
     assert {S.decode(v).node_id for v in sent} == {"node-0", "node-1", "node-2", "spare-0"} and len(sent) == 16
     assert orjson.loads(sent[0])["schema_version"] == S.SCHEMA_VERSION

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 from flashrecovery.cluster import Timeline
 from flashrecovery.demo import committed_steps_lost_observed
-from flashrecovery.shared.schemas import NodeHeartbeat, RankStatus, RankState
+from flashrecovery.shared.schemas import NodeHeartbeat, RankState, RankStatus
 
 
 def _hb(node: str, seq: int, steps: dict[int, int]) -> NodeHeartbeat:
-    return NodeHeartbeat(job_id="j", generation=0, producer="sidecar", node_id=node, seq=seq,
-                         interval_s=1.0,
-                         ranks=tuple(RankStatus(rank=r, local_rank=i, pid=100 + r, state=RankState.RUNNING,
-                                                step=s) for i, (r, s) in enumerate(steps.items())))
+    return NodeHeartbeat(
+        job_id="j",
+        generation=0,
+        producer="sidecar",
+        node_id=node,
+        seq=seq,
+        interval_s=1.0,
+        ranks=tuple(
+            RankStatus(rank=r, local_rank=i, pid=100 + r, state=RankState.RUNNING, step=s)
+            for i, (r, s) in enumerate(steps.items())
+        ),
+    )
 
 
 def test_committed_before_is_the_step_every_rank_had_applied() -> None:
