@@ -72,19 +72,10 @@ def build_groups(world: int, tp: int, rank: int) -> tuple[dist.ProcessGroup | No
 def init_distributed() -> tuple[int, int, int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    dist.init_process_group(
-        "gloo",
-        store=dist.PrefixStore(f"baseline/attempt{attempt}", store),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    limit = datetime.timedelta(seconds=120)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=limit)
+    prefixed = dist.PrefixStore(f"baseline/attempt{attempt}", store)
+    dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world, timeout=limit)
     return rank, world, attempt
 
 

@@ -109,19 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     store_keep, store_port = _replica_store(attempt, local_rank, datetime.timedelta(seconds=120))
     tp_group = None
     if tp > 1:
-        base = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=120),
-        )
-        dist.init_process_group(
-            "gloo",
-            store=dist.PrefixStore(f"torchft_bench/tp/attempt{attempt}", base),
-            rank=local_rank,
-            world_size=tp,
-            timeout=datetime.timedelta(seconds=120),
-        )
+        limit = datetime.timedelta(seconds=120)
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        base = dist.TCPStore(addr, port, is_master=False, timeout=limit)
+        prefixed = dist.PrefixStore(f"torchft_bench/tp/attempt{attempt}", base)
+        dist.init_process_group("gloo", store=prefixed, rank=local_rank, world_size=tp, timeout=limit)
         tp_group = dist.group.WORLD
 
     cfg = ModelConfig(

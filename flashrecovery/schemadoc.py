@@ -21,23 +21,7 @@ from .shared import topics as T
 
 DEFAULT_DIR = "docs/schemas"
 REGENERATE = "flashrecovery schema --out docs/schemas"
-MODELS: dict[str, type[BaseModel]] = {
-    m.model_fields["kind"].default: m
-    for m in (
-        S.NodeHeartbeat,
-        S.WorkerExit,
-        S.LogEvent,
-        S.FaultIncident,
-        S.Degradation,
-        S.RecoveryPlan,
-        S.Escalation,
-        S.ExecutorCommand,
-        S.CommandAck,
-        S.RecoveryProgress,
-        S.RecoveryCompleted,
-        S.DeadLetter,
-    )
-}
+MODELS: dict[str, type[BaseModel]] = {m.model_fields["kind"].default: m for m in (*S.EVENT_MODELS, S.DeadLetter)}
 KIND_OF_TOPIC = {T.DEAD_LETTER.name: ("dead_letter",)} | {
     t.name: tuple(k for k, topic in T.TOPIC_OF_KIND.items() if topic == t) for t in T.ALL if t != T.DEAD_LETTER
 }

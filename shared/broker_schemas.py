@@ -19,26 +19,12 @@ from pydantic import BaseModel, Field, TypeAdapter
 from . import schemas as S
 from . import topics as T
 
-_MODELS: tuple[type[BaseModel], ...] = (
-    S.NodeHeartbeat,
-    S.WorkerExit,
-    S.LogEvent,
-    S.FaultIncident,
-    S.Degradation,
-    S.RecoveryPlan,
-    S.Escalation,
-    S.ExecutorCommand,
-    S.CommandAck,
-    S.RecoveryProgress,
-    S.RecoveryCompleted,
-)
-
 
 def models_on(topic: T.Topic) -> list[type[BaseModel]]:
     """The event models whose records travel on `topic` (topics.TOPIC_OF_KIND)."""
     if topic is T.DEAD_LETTER:
         return [S.DeadLetter]
-    return [m for m in _MODELS if T.TOPIC_OF_KIND[m.model_fields["kind"].default] is topic]
+    return [m for m in S.EVENT_MODELS if T.TOPIC_OF_KIND[m.model_fields["kind"].default] is topic]
 
 
 def value_schema(topic: T.Topic) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import base64
 import collections
 import hashlib
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from enum import StrEnum
@@ -559,22 +560,9 @@ Event = Annotated[
     Field(discriminator="kind"),
 ]
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
-EVENT_KINDS = tuple(
-    m.model_fields["kind"].default
-    for m in (
-        NodeHeartbeat,
-        WorkerExit,
-        LogEvent,
-        FaultIncident,
-        Degradation,
-        RecoveryPlan,
-        Escalation,
-        ExecutorCommand,
-        CommandAck,
-        RecoveryProgress,
-        RecoveryCompleted,
-    )
-)
+# The members of Event, for code that walks them (schema export, broker schemas, kinds).
+EVENT_MODELS: tuple[type[Envelope], ...] = typing.get_args(typing.get_args(Event)[0])
+EVENT_KINDS = tuple(m.model_fields["kind"].default for m in EVENT_MODELS)
 
 
 def encode(event: BaseModel) -> bytes:

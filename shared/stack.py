@@ -126,12 +126,17 @@ def start_broker(
         start_new_session=True,
         preexec_fn=die_with_parent,
     )
+    return _listening("broker", proc, log, port, timeout_s)
+
+
+def _listening(name: str, proc: subprocess.Popen[bytes], log: Path, port: int, timeout_s: float) -> OwnedProcess:
+    """The process we just started, once it listens on `port`; killed if it does not in time."""
     try:
         wait_port(port, timeout_s, proc)
     except StackError:
         proc.kill()
         raise
-    return OwnedProcess("broker", proc, log)
+    return OwnedProcess(name, proc, log)
 
 
 def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0) -> OwnedProcess:
@@ -162,12 +167,7 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
         start_new_session=True,
         preexec_fn=die_with_parent,
     )
-    try:
-        wait_port(port, timeout_s, proc)
-    except StackError:
-        proc.kill()
-        raise
-    return OwnedProcess("redis", proc, log)
+    return _listening("redis", proc, log, port, timeout_s)
 
 
 def start_stack(

@@ -67,20 +67,9 @@ def _check_lost(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
             join(existing, ev, out, "heartbeats stopped on a node already reported")
             continue
         ranks = tuple(sorted(rv.rank for rv in node.ranks.values() if rv.rank is not None))
-        emit_root(
-            job,
-            FaultClass.NODE_LOST,
-            RepairAction.REPLACE_NODE,
-            node.node_id,
-            ranks,
-            node.last_seen,
-            [ev],
-            1.0,
-            f"{node.node_id} missed {cfg.heartbeat_misses} heartbeats ({silent:.2f}s silent)",
-            now,
-            cfg,
-            out,
-        )
+        why = f"{node.node_id} missed {cfg.heartbeat_misses} heartbeats ({silent:.2f}s silent)"
+        lost = (FaultClass.NODE_LOST, RepairAction.REPLACE_NODE)
+        emit_root(job, *lost, node.node_id, ranks, node.last_seen, [ev], 1.0, why, now, cfg, out)
 
 
 def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
@@ -191,20 +180,9 @@ def _settle_headers(job: JobState, now: float, cfg: Config, out: list[Decision])
         if existing is not None:
             join(existing, ev, out, "traceback on a node already reported")
             continue
-        emit_root(
-            job,
-            FaultClass.SOFTWARE,
-            RepairAction.RESTART_PROCESS,
-            node_id,
-            ranks_of(rank),
-            t,
-            [ev],
-            0.8,
-            f"rank {rank} on {node_id} printed a Python traceback",
-            now,
-            cfg,
-            out,
-        )
+        why = f"rank {rank} on {node_id} printed a Python traceback"
+        software = (FaultClass.SOFTWARE, RepairAction.RESTART_PROCESS)
+        emit_root(job, *software, node_id, ranks_of(rank), t, [ev], 0.8, why, now, cfg, out)
 
 
 def _expire_symptoms(job: JobState, n: int, now: float, cfg: Config, out: list[Decision]) -> None:
