@@ -8,8 +8,13 @@ and the e2e scenario tests run the very same code.
     --service-fault NAME:DELAY_S    executor-leader (SIGKILL, restarted at once as a container
                                     would be), executor-leader-stall (SIGSTOP for longer than the
                                     lease, then SIGCONT), detector, planner (SIGKILL + restart),
-                                    redis (restarted empty on its port: the registry is lost; only
-                                    where this run started Redis itself)
+                                    redis (restarted empty on its port: the registry is lost),
+                                    redis-restart (SIGKILL, restarted on its port from its
+                                    append-only file); both only where this run started Redis;
+                                    broker (SIGKILL, restarted empty on its port, topics created
+                                    again: consumers start recreated partitions from the
+                                    beginning; not reliably survived yet: a command lost while
+                                    the broker was down waits for the phase timeout, issue #16)
 """
 
 from __future__ import annotations
@@ -17,27 +22,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .cluster import LocalCluster
+from .shared import bus as busmod
 from .shared.registry import Registry
 from .shared.schemas import Escalation
-from .shared.stack import start_redis
+from .shared.stack import start_broker, start_redis
 
 WORKER_FAULTS = ("process-crash", "hang", "node-crash")
 DETECT_GRACE_S = 3.0
-SERVICE_FAULTS = ("executor-leader", "executor-leader-stall", "detector", "planner", "redis")
-# Restarting the embedded broker loses every topic (memory-only storage), and the services do not
-# yet recreate topics and re-subscribe: refused, not faked. (A restarted empty Redis loses the
-# registry: not survivable either, but the planner escalates it loudly, which is testable.)
-UNSUPPORTED_SERVICE_FAULTS = {
-    "broker": "the embedded broker stores in memory only: a restart "
-    "loses every topic and the services do not recreate them "
-    "yet (issue #16 item 6)"
-}
+SERVICE_FAULTS = (
+    "executor-leader",
+    "executor-leader-stall",
+    "detector",
+    "planner",
+    "redis",
+    "redis-restart",
+    "broker",
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,11 @@ SCENARIOS: dict[str, Scenario] = {
         expect="escalate",
         escalation_match="no topology",
     ),
+    # Redis crashes inside the recovery and comes back from its append-only file: the registry
+    # survives, the services reconnect, the recovery ends exact.
+    "redis-restarted-inside-recovery": Scenario(
+        "process-crash", 2, service_faults=("redis-restart:0.1",), own_redis=True
+    ),
     "no-spare-policy-wait": Scenario("node-crash", 2, spares=0, expect="escalate", escalation_match="capacity"),
     "every-replica-of-a-shard-lost": Scenario(
         "process-crash",
@@ -150,8 +162,6 @@ class ServiceFault:
         name, sep, delay = spec.partition(":")
         if not sep:
             raise ValueError(f"{spec!r}: expected NAME:DELAY_S")
-        if name in UNSUPPORTED_SERVICE_FAULTS:
-            raise ValueError(f"{spec!r}: not supported: {UNSUPPORTED_SERVICE_FAULTS[name]}")
         if name not in SERVICE_FAULTS:
             raise ValueError(f"{spec!r}: NAME must be one of {', '.join(SERVICE_FAULTS)}")
         return cls(name, _delay(delay, spec))
@@ -205,8 +215,11 @@ async def apply_service_fault(cluster: LocalCluster, name: str, log: ScenarioLog
             _signal(proc.pid, signal.SIGCONT)
             log.add("executor leader continued", process=proc_name, pid=proc.pid)
         return
-    if name == "redis":
-        _restart_redis_empty(cluster, log)
+    if name in ("redis", "redis-restart"):
+        _restart_redis(cluster, log, keep_data=name == "redis-restart")
+        return
+    if name == "broker":
+        await _restart_broker(cluster, log)
         return
     proc = sup.procs[name]
     _signal(proc.pid, signal.SIGKILL)
@@ -216,17 +229,43 @@ async def apply_service_fault(cluster: LocalCluster, name: str, log: ScenarioLog
     log.add(f"{name} restarted")
 
 
-def _restart_redis_empty(cluster: LocalCluster, log: ScenarioLog) -> None:
-    """Stop the Redis this run started and start an empty one on the same port."""
+async def _restart_broker(cluster: LocalCluster, log: ScenarioLog) -> None:
+    """SIGKILL the broker this run started and start it again on the same port. Its storage is
+    memory only: every topic and record is gone. The topics are created again here, as `up`'s
+    supervisor would; the services must reconnect, and the registry in Redis carries the
+    recovery."""
+    stack = cluster.sup.stack
+    owned = next((p for p in stack.owned if p.name == "broker"), None) if stack else None
+    if stack is None or owned is None:
+        raise RuntimeError("broker fault: this run did not start the broker it uses")
+    port = int(stack.kafka_bootstrap.rsplit(":", 1)[1])
+    owned.proc.kill()
+    owned.proc.wait(10)
+    data_dir = owned.log_path.parent
+    schemas = data_dir / "broker-schemas"
+    stack.owned[stack.owned.index(owned)] = start_broker(
+        data_dir, port, schema_dir=schemas if schemas.is_dir() else None
+    )
+    await busmod.ensure_topics(stack.kafka_bootstrap, cluster.settings.bus)
+    log.add("broker restarted empty", port=port)
+
+
+def _restart_redis(cluster: LocalCluster, log: ScenarioLog, *, keep_data: bool) -> None:
+    """SIGKILL the Redis this run started and start it again on the same port: from its
+    append-only file (keep_data: a crash and restart), or empty (its files deleted: the
+    registry is lost)."""
     stack = cluster.sup.stack
     owned = next((p for p in stack.owned if p.name == "redis"), None) if stack else None
-    if owned is None:
+    if stack is None or owned is None:
         raise RuntimeError("redis fault: this run did not start the Redis it uses")
     port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
-    owned.proc.kill()  # no save, no AOF: everything in it is gone
+    owned.proc.kill()
     owned.proc.wait(10)
-    stack.owned[stack.owned.index(owned)] = start_redis(owned.log_path.parent, port)
-    log.add("redis restarted empty", port=port)
+    data_dir = owned.log_path.parent
+    if not keep_data:
+        shutil.rmtree(data_dir / "appendonlydir", ignore_errors=True)
+    stack.owned[stack.owned.index(owned)] = start_redis(data_dir, port)
+    log.add("redis restarted" + ("" if keep_data else " empty"), port=port)
 
 
 async def run_followups(

@@ -7,6 +7,7 @@ must be idempotent (they are: see keys.seen and the registry's fenced writes).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -24,6 +25,7 @@ from .schemas import DeadLetter, SchemaError, decode, encode
 from .settings import BusSettings
 from .signing import Keyring, load_keyring
 
+RESET_CHECK_S = 0.5  # how often a consumer looks for partitions recreated by a broker restart
 Handler = Callable[[Any, Any], Awaitable[None]]  # (event, raw ConsumerRecord)
 
 
@@ -239,6 +241,8 @@ class Consumer:
         self.handled = 0
         self.dead_lettered = 0
         self.unauthenticated = 0  # records refused for a missing, forged or unknown-key tag
+        self._ends: dict[Any, int] = {}  # partition -> end offset last seen
+        self.partition_resets = 0  # partitions found recreated (a broker that lost its topics)
 
     async def start(self) -> None:
         await self._c.start()
@@ -270,8 +274,12 @@ class Consumer:
         self._stopping.set()
 
     async def run(self) -> None:
+        next_check = 0.0
         try:
             while not self._stopping.is_set():
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + RESET_CHECK_S
+                    await self._follow_partition_resets()
                 batches = await self._c.getmany(timeout_ms=100, max_records=2000)
                 if not batches:
                     continue
@@ -289,6 +297,34 @@ class Consumer:
         high = self._c.highwater(tp)  # from the last fetch response; None before one
         if high is not None:
             M.CONSUMER_LAG.labels(self.name, topic, str(tp.partition)).set(max(0, high - records[-1].offset - 1))
+
+    async def _follow_partition_resets(self) -> None:
+        """A partition whose end offset went down was created anew: the embedded broker keeps
+        topics in memory, so a restart loses them and they are created again empty. Reading
+        on from the old position would skip the new topic's first records (up to the old
+        offset), e.g. the commands of the next recovery: start it from the beginning instead.
+        Handlers are idempotent, so a record read twice around the restart is harmless. The
+        decrease is seen if fewer records than the old end arrive within RESET_CHECK_S of the
+        restart (control topics carry a few per recovery)."""
+        parts = list(self._c.assignment())
+        if not parts:
+            return
+        try:
+            ends = await asyncio.wait_for(self._c.end_offsets(parts), 2.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - broker away: checked again on the next round
+            return
+        reset = [tp for tp, end in ends.items() if end < self._ends.get(tp, 0)]
+        self._ends.update(ends)
+        if reset:
+            await self._c.seek_to_beginning(*reset)
+            self.partition_resets += len(reset)
+            self._log.warning(
+                "partitions_recreated",
+                partitions=[f"{tp.topic}/{tp.partition}" for tp in reset][:20],
+                resets=self.partition_resets,
+            )
 
     async def _handle_records(self, records: list[Any]) -> None:
         decoded: list[tuple[Any, Any]] = []
