@@ -14,7 +14,7 @@ from typing import Any
 
 from .agent.reference.recipe import OPTIMIZERS
 from .cluster import FAULTS, LocalCluster, WorkerSpec, states_equal
-from .scenario import FollowUp, ScenarioLog, ServiceFault, escalations, run_followups, wait_settled
+from .scenario import SERVICE_FAULTS, FollowUp, ScenarioLog, ServiceFault, escalations, run_followups, wait_settled
 from .shared.logging import configure
 from .shared.schemas import Escalation, FaultIncident, RecoveryCompleted, RecoveryPlan, RecoveryProgress
 from .shared.settings import BusSettings, load_settings
@@ -66,8 +66,7 @@ def add_demo_parser(sub: Any) -> None:
         default=[],
         type=_parsed(ServiceFault.parse),
         metavar="NAME:DELAY_S",
-        help="executor-leader | executor-leader-stall | detector | planner, DELAY_S "
-        "after the first incident; repeatable",
+        help=f"{' | '.join(SERVICE_FAULTS)}, DELAY_S after the first incident; repeatable",
     )
     p.set_defaults(func=run)
 

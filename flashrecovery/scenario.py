@@ -32,7 +32,7 @@ from .cluster import LocalCluster
 from .shared import bus as busmod
 from .shared.registry import Registry
 from .shared.schemas import Escalation
-from .shared.stack import start_broker, start_redis
+from .shared.stack import OwnedProcess, Stack, start_broker, start_redis
 
 WORKER_FAULTS = ("process-crash", "hang", "node-crash")
 DETECT_GRACE_S = 3.0
@@ -229,23 +229,28 @@ async def apply_service_fault(cluster: LocalCluster, name: str, log: ScenarioLog
     log.add(f"{name} restarted")
 
 
-async def _restart_broker(cluster: LocalCluster, log: ScenarioLog) -> None:
-    """SIGKILL the broker this run started and start it again on the same port. Its storage is
-    memory only: every topic and record is gone. The topics are created again here, as `up`'s
-    supervisor would; the services must reconnect, and the registry in Redis carries the
-    recovery."""
+def _kill_owned(cluster: LocalCluster, name: str) -> tuple[Stack, OwnedProcess]:
+    """SIGKILL the `name` process (broker, redis) of the stack this run started itself."""
     stack = cluster.sup.stack
-    owned = next((p for p in stack.owned if p.name == "broker"), None) if stack else None
+    owned = next((p for p in stack.owned if p.name == name), None) if stack else None
     if stack is None or owned is None:
-        raise RuntimeError("broker fault: this run did not start the broker it uses")
-    port = int(stack.kafka_bootstrap.rsplit(":", 1)[1])
+        raise RuntimeError(f"{name} fault: this run did not start the {name} it uses")
     owned.proc.kill()
     owned.proc.wait(10)
+    return stack, owned
+
+
+async def _restart_broker(cluster: LocalCluster, log: ScenarioLog) -> None:
+    """SIGKILL the broker this run started and start it again on the same port. Its storage is
+    memory only: every topic and record is gone. The topics are created again here (nothing in
+    the services creates them after start-up); the services must reconnect, and the registry in
+    Redis carries the recovery."""
+    stack, owned = _kill_owned(cluster, "broker")
+    port = int(stack.kafka_bootstrap.rsplit(":", 1)[1])
     data_dir = owned.log_path.parent
     schemas = data_dir / "broker-schemas"
-    stack.owned[stack.owned.index(owned)] = start_broker(
-        data_dir, port, schema_dir=schemas if schemas.is_dir() else None
-    )
+    restarted = start_broker(data_dir, port, schema_dir=schemas if schemas.is_dir() else None)
+    stack.owned[stack.owned.index(owned)] = restarted
     await busmod.ensure_topics(stack.kafka_bootstrap, cluster.settings.bus)
     log.add("broker restarted empty", port=port)
 
@@ -254,13 +259,8 @@ def _restart_redis(cluster: LocalCluster, log: ScenarioLog, *, keep_data: bool) 
     """SIGKILL the Redis this run started and start it again on the same port: from its
     append-only file (keep_data: a crash and restart), or empty (its files deleted: the
     registry is lost)."""
-    stack = cluster.sup.stack
-    owned = next((p for p in stack.owned if p.name == "redis"), None) if stack else None
-    if stack is None or owned is None:
-        raise RuntimeError("redis fault: this run did not start the Redis it uses")
+    stack, owned = _kill_owned(cluster, "redis")
     port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
-    owned.proc.kill()
-    owned.proc.wait(10)
     data_dir = owned.log_path.parent
     if not keep_data:
         shutil.rmtree(data_dir / "appendonlydir", ignore_errors=True)

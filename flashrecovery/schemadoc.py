@@ -18,13 +18,12 @@ from pydantic import BaseModel
 from . import __version__
 from .shared import schemas as S
 from .shared import topics as T
+from .shared.broker_schemas import models_on
 
 DEFAULT_DIR = "docs/schemas"
 REGENERATE = "flashrecovery schema --out docs/schemas"
 MODELS: dict[str, type[BaseModel]] = {m.model_fields["kind"].default: m for m in (*S.EVENT_MODELS, S.DeadLetter)}
-KIND_OF_TOPIC = {T.DEAD_LETTER.name: ("dead_letter",)} | {
-    t.name: tuple(k for k, topic in T.TOPIC_OF_KIND.items() if topic == t) for t in T.ALL if t != T.DEAD_LETTER
-}
+KIND_OF_TOPIC = {t.name: tuple(m.model_fields["kind"].default for m in models_on(t)) for t in T.ALL}
 
 
 def json_schema(kind: str) -> dict[str, Any]:
