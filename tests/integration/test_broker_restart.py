@@ -1,0 +1,71 @@
+"""A broker that loses its topics (the embedded broker keeps them in memory; a restart creates
+them again empty): a consumer must read the new topic from its first record, not from its old
+offset, or it skips the next recovery's commands (seen: a sidecar missed a pause)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from flashrecovery.shared import bus as busmod
+from flashrecovery.shared import topics as T
+from flashrecovery.shared.schemas import ExecutorCommand
+from flashrecovery.shared.settings import BusSettings
+from flashrecovery.shared.stack import free_port, start_broker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _command(i: int) -> ExecutorCommand:
+    return ExecutorCommand(
+        job_id="j", generation=0, producer="test", command_id=f"c{i}", plan_id="p", incident_id="i", action="pause"
+    )
+
+
+async def _until(cond, timeout_s: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not cond():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
+
+
+async def test_a_consumer_reads_a_recreated_topic_from_its_first_record(tmp_path):
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the restart's connection errors
+    port = free_port()
+    broker = start_broker(tmp_path, port)
+    bootstrap, bus = f"127.0.0.1:{port}", BusSettings(linger_ms=0)
+    got: list[str] = []
+
+    async def handle(event, _record) -> None:
+        got.append(event.command_id)
+
+    producer = busmod.Producer(bootstrap, bus)
+    consumer = busmod.Consumer(bootstrap, bus, [T.COMMANDS], None, handle, producer, "test", from_latest=True)
+    task = None
+    try:
+        await busmod.ensure_topics(bootstrap, bus)
+        await asyncio.wait_for(producer.start(), 30)
+        await asyncio.wait_for(consumer.start(), 30)
+        await consumer.wait_assigned(30)
+        task = asyncio.create_task(consumer.run())
+        for i in range(6):
+            await producer.publish(_command(i), wait=True)
+        await _until(lambda: len(got) == 6, 30, "the first six commands")
+
+        broker.stop()
+        broker = start_broker(tmp_path, port)  # same address, no topics, no records
+        await busmod.ensure_topics(bootstrap, bus)
+        for i in range(6, 9):  # fewer records than the consumer's old offset
+            await asyncio.wait_for(producer.publish(_command(i), wait=True), 30)
+        await _until(lambda: {"c6", "c7", "c8"} <= set(got), 30, "the commands sent after the restart")
+        assert consumer.partition_resets >= 1
+    finally:
+        consumer.stop()
+        if task is not None:
+            await asyncio.wait_for(task, 15)
+        await producer.stop()
+        broker.stop()
