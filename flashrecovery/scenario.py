@@ -13,8 +13,8 @@ and the e2e scenario tests run the very same code.
                                     append-only file); both only where this run started Redis;
                                     broker (SIGKILL, restarted empty on its port, topics created
                                     again: consumers start recreated partitions from the
-                                    beginning; not reliably survived yet: a command lost while
-                                    the broker was down waits for the phase timeout, issue #16)
+                                    beginning, the executor sends a phase's command again every
+                                    command_resend_s until acknowledged)
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Scenario:
     expect: str = "exact"
     escalation_match: str = ""
     own_redis: bool = False  # the run starts its own Redis (a redis fault restarts it)
+    own_broker: bool = False  # the run starts its own broker (a broker fault restarts it)
 
     def demo_args(self, steps: int, default_at: int) -> str:
         """The same scenario as a `flashrecovery demo` command line."""
@@ -111,6 +112,13 @@ SCENARIOS: dict[str, Scenario] = {
     # survives, the services reconnect, the recovery ends exact.
     "redis-restarted-inside-recovery": Scenario(
         "process-crash", 2, service_faults=("redis-restart:0.1",), own_redis=True
+    ),
+    # The embedded broker (memory only) is killed inside the recovery and comes back empty:
+    # commands and acks produced around it are lost and sent again (executor command_resend_s),
+    # consumers start the recreated topics from the beginning and survive the group the broker
+    # forgot; a second crash 4 s later, after the first recovery, is detected and recovered.
+    "broker-restarted-then-crash": Scenario(
+        "process-crash", 2, then=("process-crash:5:4",), service_faults=("broker:0.1",), own_broker=True
     ),
     "no-spare-policy-wait": Scenario("node-crash", 2, spares=0, expect="escalate", escalation_match="capacity"),
     "every-replica-of-a-shard-lost": Scenario(

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from pydantic import BaseModel
 
 from . import metrics as M
@@ -243,6 +243,7 @@ class Consumer:
         self.unauthenticated = 0  # records refused for a missing, forged or unknown-key tag
         self._ends: dict[Any, int] = {}  # partition -> end offset last seen
         self.partition_resets = 0  # partitions found recreated (a broker that lost its topics)
+        self.commit_failures = 0  # group commits the broker refused (see _commit)
 
     async def start(self) -> None:
         await self._c.start()
@@ -287,9 +288,20 @@ class Consumer:
                     await self._handle_records(records)
                     self._record_metrics(tp, records)
                 if self._group:
-                    await self._c.commit()
+                    await self._commit()
         finally:
             await self._c.stop()
+
+    async def _commit(self) -> None:
+        """Best effort: a group the broker lost (a restart that kept no state) or rebalanced
+        refuses the commit; the consumer rejoins on its next poll and may see a few records
+        again, which the idempotent handlers absorb. A failed commit must never stop a
+        consumer: the detector died of one after a broker restart and missed the next crash."""
+        try:
+            await self._c.commit()
+        except KafkaError as exc:
+            self.commit_failures += 1
+            self._log.warning("commit_failed", error=type(exc).__name__, failures=self.commit_failures)
 
     def _record_metrics(self, tp: Any, records: list[Any]) -> None:
         topic = self._topic_label.get(tp.topic, tp.topic)
@@ -311,11 +323,16 @@ class Consumer:
             return
         try:
             ends = await asyncio.wait_for(self._c.end_offsets(parts), 2.0)
+            # The position counts too: records read since the last check (a plan produced just
+            # before the restart) raised it past the end seen then, and a recreated topic
+            # whose end has not caught up with it would otherwise be read from the old offset
+            # on, silently (the broker answers such a fetch with no records, not an error).
+            at = {tp: await asyncio.wait_for(self._c.position(tp), 2.0) for tp in ends}
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - broker away: checked again on the next round
             return
-        reset = [tp for tp, end in ends.items() if end < self._ends.get(tp, 0)]
+        reset = [tp for tp, end in ends.items() if end < max(self._ends.get(tp, 0), at[tp])]
         self._ends.update(ends)
         if reset:
             await self._c.seek_to_beginning(*reset)

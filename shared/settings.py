@@ -182,6 +182,14 @@ class ExecutorSettings(BaseModel):
     phase_retries: int = Field(
         2, ge=0, description=("Times a phase's command is sent again after its wait ran out, before the plan fails.")
     )
+    command_resend_s: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "While a phase waits for acknowledgements, its command is sent again (same id) at this "
+            "interval, so a command the bus lost costs seconds, not the phase timeout. 0: only on timeout."
+        ),
+    )
     lease_ttl_s: float = Field(
         3.0,
         gt=0,

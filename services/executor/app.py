@@ -52,6 +52,7 @@ from .core import (
     next_phase_name,
     plan_refusal,
     ranks_to_kill,
+    resend_due,
     select_plan,
     settled,
     superseded_id,
@@ -114,6 +115,8 @@ class ExecutorService:
         self.token: int | None = None  # the lease's fence token while this instance holds it
         self.lease_until = 0.0  # monotonic: past it, the lease may be someone else's
         self.commands_sent = 0
+        self.commands_resent = 0  # sent again while their phase waited (core.resend_due)
+        self.sent: dict[str, ExecutorCommand] = {}  # command id -> the command, to send it again
         self.sound: set[str] = set()  # plan ids checked against the registry (core.plan_refusal)
         self.refused = 0  # invalid plans refused (logged: plan_refused_invalid)
         self.refused_ids: set[str] = set()
@@ -456,7 +459,20 @@ class ExecutorService:
         )
         await self.producer.publish(cmd, wait=True)
         self.commands_sent += 1
+        self.sent[cmd.command_id] = cmd
         return cmd.command_id
+
+    async def _resend(self, command_id: str, missing: int) -> None:
+        """The same command again, under the same guards as its first sending."""
+        cmd = self.sent.get(command_id)
+        if cmd is None:  # sent by an earlier leader: its retry at the phase timeout covers it
+            return
+        if time.monotonic() > self.lease_until:
+            raise FencedOut("lease may have expired: not renewed in time")
+        await self.registry.check_fence()
+        await self.producer.publish(cmd, wait=True)
+        self.commands_resent += 1
+        self.log.info("command_resent", command_id=command_id, action=str(cmd.action), missing=missing)
 
     async def _await_acks(
         self,
@@ -468,7 +484,7 @@ class ExecutorService:
         timeout_s: float | None = None,
         fail_from: frozenset[str] | None = None,
     ) -> tuple[str, dict[str, CommandAck]]:
-        started = time.monotonic()
+        started = last_sent = time.monotonic()
         timeout_s = timeout_s or self.s.executor.phase_timeout_s
         while True:
             if time.monotonic() > self.lease_until:
@@ -479,6 +495,9 @@ class ExecutorService:
             verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries, fail_from)
             if verdict.outcome != "wait":
                 return verdict.outcome if verdict.outcome != "advance" else "ok", {**got, "_reason": verdict.reason}
+            if resend_due(verdict, last_sent, time.monotonic(), self.s.executor.command_resend_s):
+                last_sent = time.monotonic()
+                await self._resend(command_id, len(expected - got.keys()))
             self.ack_event.clear()
             try:
                 await asyncio.wait_for(self.ack_event.wait(), 0.2)
@@ -667,6 +686,7 @@ class ExecutorService:
         if outcome == "superseded":
             await self._transition(plan, (await self._run_state(plan.plan_id)).get("phase"), "superseded")
         self.waitlists.pop(plan.plan_id, None)
+        self.sent = {cid: c for cid, c in self.sent.items() if c.plan_id != plan.plan_id}
         if not await self.registry.side_effect_once(plan.plan_id, f"completed:{outcome}"):
             return
         phase_seconds = {

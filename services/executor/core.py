@@ -108,6 +108,14 @@ def judge(
     return PhaseVerdict("wait", f"waiting for {len(missing)} nodes")
 
 
+def resend_due(verdict: PhaseVerdict, last_sent_at: float, now: float, resend_s: float) -> bool:
+    """Whether a phase still waiting for acks sends its command again now. A command can be lost
+    on the bus (a restarted broker that kept no topics, a consumer repositioned past it); the
+    same command id again costs a sidecar that already acted only a replay of its acks
+    (sidecar CommandGate), while one that never saw it acts. resend_s 0: only on timeout."""
+    return verdict.outcome == "wait" and resend_s > 0 and now - last_sent_at >= resend_s
+
+
 def applied_topology(
     plan: RecoveryPlan, ranks_by_id: Mapping[int, RankRecord], nodes_by_id: Mapping[str, NodeRecord], generation: int
 ) -> tuple[list[RankRecord], list[NodeRecord]]:

@@ -43,8 +43,10 @@ from .core import (
     CommandGate,
     RegistryView,
     TokenBucket,
+    WorkerFate,
     WorkerPlace,
     command_refusal,
+    lost_before_recover,
     node_rank,
     prefilter,
     ranks_to_kill,
@@ -77,6 +79,7 @@ class Worker:
     progress_msgs: list[ch.Progress] = field(default_factory=list)
     bucket: TokenBucket | None = None
     assigned_at: int | None = None  # the generation in which a standby became this rank
+    exited_in_generation: int | None = None  # the command generation here when it died
     recover_error: str | None = None  # what the rank reported failing in the current recover
 
     @property
@@ -247,6 +250,7 @@ class SidecarService:
         if plain and rc == 0 and w.rank is not None:
             w.state = RankState.DONE
         w.state = RankState.EXITED if w.state != RankState.DONE else RankState.DONE
+        w.exited_in_generation = self.gate.generation
         sig = -rc if rc < 0 else None
         expected = w.expected_exit or (rc == 0 and w.state == RankState.DONE)
         self.log.info("worker_exited", rank=w.rank, pid=w.pid, code=rc, signal=sig, expected=expected)
@@ -679,6 +683,24 @@ class SidecarService:
 
     async def _recover(self, cmd: ExecutorCommand) -> None:
         targets = self._ranked()
+        lost = lost_before_recover(
+            cmd.generation,
+            (t.dst for t in cmd.transfers),
+            (
+                WorkerFate(
+                    w.rank,
+                    w.proc.returncode is None,
+                    not w.expected_exit and w.state != RankState.DONE,
+                    w.exited_in_generation,
+                )
+                for w in self.workers.values()
+            ),
+        )
+        if lost:
+            why = f"ranks {lost} died during this recovery: this node cannot rebuild without them"
+            self.log.warning("recover_stage_failed", stage="rebuilt", command_id=cmd.command_id, reason=why)
+            await self._ack(cmd, stage="rebuilt", ok=False, detail=why)
+            return
         if not targets:
             return
         ranks = [w.rank for w in targets]

@@ -141,6 +141,39 @@ def ranks_to_kill(kill_ranks: Iterable[int], generation: int, workers: Iterable[
     }
 
 
+@dataclass(frozen=True)
+class WorkerFate:
+    """What _recover needs to know of one worker process of this node."""
+
+    rank: int | None
+    alive: bool
+    unexpected_exit: bool  # died without the executor ordering it or the job finishing
+    exited_in_generation: int | None  # this node's command generation when it died
+
+
+def lost_before_recover(generation: int, replaced: Iterable[int], workers: Iterable[WorkerFate]) -> list[int]:
+    """Ranks of this node that died since the fence of this RECOVER's plan and that the plan
+    does not replace: this node cannot rebuild with them, so it fails the stage at once (the
+    planner's superseding plan takes over) instead of waiting the rebuild out. A death seen at
+    the previous generation counts too (between the fence and this node's PAUSE); the plan's own
+    victims then are `replaced`, and older victims died earlier still."""
+    fates = list(workers)
+    alive = {w.rank for w in fates if w.alive and w.rank is not None}
+    skip = set(replaced) | alive
+    return sorted(
+        {
+            w.rank
+            for w in fates
+            if w.rank is not None
+            and not w.alive
+            and w.unexpected_exit
+            and w.exited_in_generation is not None
+            and w.exited_in_generation >= generation - 1
+            and w.rank not in skip
+        }
+    )
+
+
 def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:
     """Whether this node acks the RECOVER stages when they succeed (a failure is always
     reported). Only the nodes the executor named do (executor/core.py Waitlist.stages says why

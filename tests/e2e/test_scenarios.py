@@ -35,7 +35,7 @@ def _cluster(stack, tmp: Path, sc: Scenario) -> LocalCluster:
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     settings = Settings(
         job_id=job,
-        kafka_bootstrap=stack.kafka_bootstrap,
+        kafka_bootstrap=None if sc.own_broker else stack.kafka_bootstrap,
         redis_url=None if sc.own_redis else stack.redis_url,
         bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2),
     )

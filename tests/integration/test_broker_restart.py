@@ -33,8 +33,19 @@ async def _until(cond, timeout_s: float, what: str) -> None:
         raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
 
 
-async def test_a_consumer_reads_a_recreated_topic_from_its_first_record(tmp_path):
+@pytest.mark.parametrize(
+    "check_every_s",
+    [
+        busmod.RESET_CHECK_S,  # checked every half second: the empty topic's end is seen at once
+        # No check between reading the records and the restart: the end offset last seen is
+        # the empty topic's, and only the consumer's position shows the topic was recreated
+        # (seen: the executor never received the superseding plan after a broker restart).
+        4.0,
+    ],
+)
+async def test_a_consumer_reads_a_recreated_topic_from_its_first_record(tmp_path, monkeypatch, check_every_s):
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the restart's connection errors
+    monkeypatch.setattr(busmod, "RESET_CHECK_S", check_every_s)
     port = free_port()
     broker = start_broker(tmp_path, port)
     bootstrap, bus = f"127.0.0.1:{port}", BusSettings(linger_ms=0)
@@ -52,6 +63,7 @@ async def test_a_consumer_reads_a_recreated_topic_from_its_first_record(tmp_path
         await asyncio.wait_for(consumer.start(), 30)
         await consumer.wait_assigned(30)
         task = asyncio.create_task(consumer.run())
+        await _until(lambda: bool(consumer._ends), 30, "the first check (it sees the empty topic)")
         for i in range(6):
             await producer.publish(_command(i), wait=True)
         await _until(lambda: len(got) == 6, 30, "the first six commands")
@@ -59,6 +71,9 @@ async def test_a_consumer_reads_a_recreated_topic_from_its_first_record(tmp_path
         broker.stop()
         broker = start_broker(tmp_path, port)  # same address, no topics, no records
         await busmod.ensure_topics(bootstrap, bus)
+        if check_every_s > busmod.RESET_CHECK_S:
+            # the new topic stays empty until a check after the restart has looked at it
+            await _until(lambda: consumer.partition_resets >= 1, 30, "the recreated topic to be noticed")
         for i in range(6, 9):  # fewer records than the consumer's old offset
             await asyncio.wait_for(producer.publish(_command(i), wait=True), 30)
         await _until(lambda: {"c6", "c7", "c8"} <= set(got), 30, "the commands sent after the restart")

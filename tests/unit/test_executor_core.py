@@ -263,3 +263,14 @@ def test_a_plan_carrying_a_started_plans_incidents_replaces_it_without_naming_it
     # a plan for other incidents, or made against another generation, replaces nothing
     c = _p("C", 1, ["i2"], at=3.0)
     assert select_plan([a, c], {"A": a_run}, 1).drive is a
+
+
+def test_a_waiting_phase_sends_its_command_again_at_the_resend_interval():
+    from flashrecovery.executor.core import PhaseVerdict, resend_due
+
+    waiting = PhaseVerdict("wait", "waiting for 2 nodes")
+    assert not resend_due(waiting, last_sent_at=10.0, now=11.9, resend_s=2.0)
+    assert resend_due(waiting, last_sent_at=10.0, now=12.0, resend_s=2.0)
+    assert not resend_due(waiting, last_sent_at=10.0, now=99.0, resend_s=0.0)  # 0: off
+    for outcome in ("advance", "retry", "fail"):  # decided: nothing left to send again
+        assert not resend_due(PhaseVerdict(outcome, ""), last_sent_at=10.0, now=99.0, resend_s=2.0)

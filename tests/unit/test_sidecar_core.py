@@ -108,3 +108,26 @@ def test_an_error_during_a_stage_fails_it_at_once():
     assert stage_failure("restored", [2, 3], progress, errors) == "rank 2: state from rank 6: digest mismatch"
     assert stage_failure("rebuilt", [2, 3], progress, errors) is None  # it got past this one
     assert stage_failure("restored", [2, 3], progress, {}) is None  # still waiting, nothing failed
+
+
+def test_a_rank_lost_since_the_fence_fails_the_recover_at_once():
+    """A second crash between this plan's fence and its RECOVER (seen after a broker restart
+    delayed the pause): the node's rebuild could only wait for the dead rank until the phase
+    timeout. Victims of this plan (replaced) and of older plans do not count."""
+    from flashrecovery.sidecar.core import WorkerFate, lost_before_recover
+
+    gen = 2
+    workers = [
+        WorkerFate(4, alive=True, unexpected_exit=False, exited_in_generation=None),
+        WorkerFate(5, alive=False, unexpected_exit=True, exited_in_generation=2),  # died inside the recovery
+        WorkerFate(2, alive=False, unexpected_exit=True, exited_in_generation=1),  # this plan's victim
+        WorkerFate(3, alive=False, unexpected_exit=True, exited_in_generation=0),  # an older plan's victim
+        WorkerFate(6, alive=False, unexpected_exit=False, exited_in_generation=2),  # killed by order
+        WorkerFate(7, alive=False, unexpected_exit=True, exited_in_generation=1),  # died before this node's pause
+        WorkerFate(None, alive=False, unexpected_exit=True, exited_in_generation=2),  # a standby
+    ]
+    assert lost_before_recover(gen, replaced=[2], workers=workers) == [5, 7]
+    # a rank whose replacement already runs here is not lost
+    workers.append(WorkerFate(5, alive=True, unexpected_exit=False, exited_in_generation=None))
+    assert lost_before_recover(gen, replaced=[2], workers=workers) == [7]
+    assert lost_before_recover(gen, replaced=[2, 7], workers=workers) == []
