@@ -18,7 +18,7 @@ from pathlib import Path
 from .shared import bus as busmod
 from .shared.process import die_with_parent
 from .shared.registry import Registry
-from .shared.settings import Settings
+from .shared.settings import ENV_PREFIX, NESTED_DELIMITER, Settings
 from .shared.stack import Stack, StackError, free_port, start_stack, wait_port
 
 SERVICES = ("detector", "planner", "executor")
@@ -53,6 +53,11 @@ class Supervisor:
         }
         if self.rdzv:
             env["FLASHRECOVERY_RDZV"] = self.rdzv
+        sec = self.settings.bus.security
+        if sec.protocol != "PLAINTEXT":  # every child speaks to the broker as this process does
+            for name, value in sec.model_dump().items():
+                if value is not None:
+                    env[f"{ENV_PREFIX}BUS{NESTED_DELIMITER}SECURITY{NESTED_DELIMITER}{name.upper()}"] = str(value)
         if self.settings.bus.signing_key_file:  # every service signs and checks with one keyring
             env["FLASHRECOVERY_BUS__SIGNING_KEY_FILE"] = str(Path(self.settings.bus.signing_key_file).resolve())
         # A metrics port set for this process is not every child's (they would collide): spawn()
