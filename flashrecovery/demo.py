@@ -156,11 +156,13 @@ async def run_once(
             "bus": BusSettings(topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2),
         }
     )
-    secure_stack = None
+    secure_run = None
     if secure:
         # the run's own stack, gateway in front of the broker; every process of the run gets
-        # these settings (the supervisor passes them on) and the cluster starts no stack
-        secure_stack, settings = start_secure_stack((run_root / job).resolve(), settings)
+        # these settings (the supervisor passes them on, with its kind's Kafka principal) and
+        # the cluster starts no stack
+        secure_run = start_secure_stack((run_root / job).resolve(), settings)
+        settings = secure_run.settings
     cluster = reference_cluster(
         settings,
         run_root / job,
@@ -169,6 +171,7 @@ async def run_once(
         spares=spares,
         fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
         on_event=_printer(quiet),
+        kafka_principals=secure_run.kafka_principals if secure_run else {},
     )
     stop = asyncio.Event()
     started = time.time()
@@ -202,8 +205,8 @@ async def run_once(
     finally:
         stop.set()
         await cluster.stop()
-        if secure_stack is not None:
-            secure_stack.stop()
+        if secure_run is not None:
+            secure_run.stack.stop()
 
 
 def _report(

@@ -4,9 +4,10 @@ a signing key for incidents, plans and commands, and a Redis ACL user limited to
 The embedded stack is then started with the gateway in front of the broker, and the settings
 every process of the run inherits say SASL_SSL + SCRAM-SHA-512, signed, ACL-limited Redis.
 
-Kafka principals: one shared principal (`flashrecovery`) for every service, sidecar and the
-run's watcher. The supervisor gives all its children one environment; docs/security.md lists the
-per-service principals and ACLs a production broker should use instead."""
+Kafka principals: one per kind of process (detector, planner, executor, sidecar) and one for
+the run's own watcher, each with its own password file; the supervisor gives each child its
+kind's principal (`Supervisor.kafka_principals`). The gateway authenticates them, it does not
+authorize: docs/security.md lists the ACLs a production broker enforces per principal."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ from .shared.settings import KafkaSecuritySettings, Settings
 from .shared.signing import write_key_file
 from .shared.stack import KafkaTls, Stack, StackError, start_stack
 
-KAFKA_USER = "flashrecovery"
+# the Kafka principal of each kind of process (Supervisor.spawn names a child "<kind>[-...]"),
+# and of the process that runs the cluster (its watcher, topic set-up)
+SERVICE_PRINCIPALS = ("detector", "planner", "executor", "sidecar")
+WATCHER = "watcher"
 CERT_DAYS = "2"  # a throwaway CA: it outlives no run
 
 
@@ -35,21 +39,28 @@ class SecureFiles:
     certfile: Path
     keyfile: Path
     users_file: Path
-    password_file: Path  # the Kafka principal's password (clients read it, never the env)
     signing_key_file: Path
 
     @property
     def kafka_tls(self) -> KafkaTls:
         return KafkaTls(self.certfile, self.keyfile, self.users_file)
 
-    def kafka_security(self) -> KafkaSecuritySettings:
+    def password_file(self, principal: str) -> Path:
+        """The principal's password (clients read it from the file, never from the env)."""
+        return self.dir / f"kafka-{principal}.password"
+
+    def kafka_security(self, principal: str = WATCHER) -> KafkaSecuritySettings:
         return KafkaSecuritySettings(
             protocol="SASL_SSL",
             ssl_cafile=str(self.cafile),
             sasl_mechanism="SCRAM-SHA-512",
-            sasl_username=KAFKA_USER,
-            sasl_password_file=str(self.password_file),
+            sasl_username=principal,
+            sasl_password_file=str(self.password_file(principal)),
         )
+
+    def kafka_principals(self) -> dict[str, tuple[str, str]]:
+        """Supervisor.kafka_principals: kind -> (user, password file)."""
+        return {p: (p, str(self.password_file(p))) for p in SERVICE_PRINCIPALS}
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -91,13 +102,14 @@ def write_certificates(d: Path) -> tuple[Path, Path, Path]:
 def write_secure_files(d: Path) -> SecureFiles:
     d.mkdir(parents=True, exist_ok=True)
     ca, cert, key = write_certificates(d)
-    password = secrets.token_urlsafe(24)
-    pw_file = d / "kafka-password"
-    pw_file.touch(mode=0o600)
-    pw_file.write_text(password)
-    users = write_users_file(d / "kafka-users.json", {KAFKA_USER: password})
-    signing = write_key_file(d / "signing-keys.json")
-    return SecureFiles(d, ca, cert, key, users, pw_file, signing)
+    passwords = {p: secrets.token_urlsafe(24) for p in (*SERVICE_PRINCIPALS, WATCHER)}
+    users = write_users_file(d / "kafka-users.json", passwords)
+    files = SecureFiles(d, ca, cert, key, users, write_key_file(d / "signing-keys.json"))
+    for principal, password in passwords.items():
+        f = files.password_file(principal)
+        f.touch(mode=0o600)
+        f.write_text(password)
+    return files
 
 
 def add_redis_user(admin_url: str, job_id: str, d: Path) -> str:
@@ -117,10 +129,17 @@ def add_redis_user(admin_url: str, job_id: str, d: Path) -> str:
     return f"{u.scheme}://{user}:{password}@{u.hostname}:{u.port}{u.path}"
 
 
-def start_secure_stack(run_dir: Path, settings: Settings) -> tuple[Stack, Settings]:
-    """The embedded stack with the gateway (SASL/SCRAM + TLS) in front of the broker and an ACL
-    user for settings.job_id -> (the stack, which the caller stops; settings for every process
-    of the run: SASL_SSL, signing on, the ACL user's Redis URL)."""
+@dataclass
+class SecureRun:
+    stack: Stack  # the caller stops it
+    settings: Settings  # SASL_SSL as the watcher, signing on, the ACL user's Redis URL
+    kafka_principals: dict[str, tuple[str, str]]  # for the supervisor: kind -> (user, password file)
+    files: SecureFiles
+
+
+def start_secure_stack(run_dir: Path, settings: Settings) -> SecureRun:
+    """The embedded stack with the gateway (SASL/SCRAM + TLS) in front of the broker, SCRAM users
+    per kind of process and an ACL user for settings.job_id."""
     files = write_secure_files(run_dir / "secrets")
     stack = start_stack(run_dir, schema_namespace=settings.bus.topic_namespace, kafka_tls=files.kafka_tls)
     try:
@@ -132,4 +151,4 @@ def start_secure_stack(run_dir: Path, settings: Settings) -> tuple[Stack, Settin
         update={"security": files.kafka_security(), "signing_key_file": str(files.signing_key_file)}
     )
     secure = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "redis_url": redis_url, "bus": bus})
-    return stack, secure
+    return SecureRun(stack, secure, files.kafka_principals(), files)

@@ -39,6 +39,9 @@ class Supervisor:
     # Prometheus test); a restarted process keeps its port, so a scrape config stays valid.
     metrics: bool = False
     metrics_ports: dict[str, int] = field(default_factory=dict)  # name -> port
+    # kind -> (Kafka user, password file): a child named "<kind>[-...]" authenticates as its
+    # kind's principal (flashrecovery.secure); others as the settings say
+    kafka_principals: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.stack is not None
@@ -92,6 +95,11 @@ class Supervisor:
             env["FLASHRECOVERY_METRICS_PORT"] = str(free_port())
         if "FLASHRECOVERY_METRICS_PORT" in env:
             self.metrics_ports[name] = int(env["FLASHRECOVERY_METRICS_PORT"])
+        principal = self.kafka_principals.get(name.split("-")[0])
+        if principal is not None:
+            sec = f"{ENV_PREFIX}BUS{NESTED_DELIMITER}SECURITY{NESTED_DELIMITER}"
+            env.setdefault(f"{sec}SASL_USERNAME", principal[0])
+            env.setdefault(f"{sec}SASL_PASSWORD_FILE", principal[1])
         log = (self.run_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             argv,

@@ -17,7 +17,7 @@ import pytest
 
 from flashrecovery.cluster import LocalCluster, states_equal
 from flashrecovery.demo import committed_steps_lost_observed, reference_cluster
-from flashrecovery.secure import start_secure_stack
+from flashrecovery.secure import SERVICE_PRINCIPALS, WATCHER, start_secure_stack
 from flashrecovery.shared.settings import BusSettings, Settings
 
 STEPS = 16
@@ -30,13 +30,16 @@ async def _run(tmp: Path, fault: str | None) -> dict:
     job = f"sec-{uuid.uuid4().hex[:8]}"
     base = Settings(job_id=job, bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2))
     run_dir = (tmp / job).resolve()
-    stack, settings = start_secure_stack(run_dir, base)
+    secure = start_secure_stack(run_dir, base)
+    stack, settings = secure.stack, secure.settings
     c: LocalCluster | None = None
     try:
         assert settings.bus.security.protocol == "SASL_SSL" and settings.bus.signing_key_file
         assert "@" in settings.redis_url  # the ACL user's URL
         # 2 nodes x 2 ranks (dp 2 x tp 2) and the spare: every kind of process, half the count
-        c = reference_cluster(settings, run_dir, STEPS, f"--step-sleep {STEP_SLEEP_S}", nodes=2)
+        c = reference_cluster(
+            settings, run_dir, STEPS, f"--step-sleep {STEP_SLEEP_S}", nodes=2, kafka_principals=secure.kafka_principals
+        )
         await c.start()
         if fault is None:
             await c.wait_until(c.finished, 300, "fault-free run to finish")
@@ -74,8 +77,8 @@ def _auth_decisions(run_dir: Path) -> list[dict]:
 
 def _assert_nothing_refused(run_dir: Path) -> None:
     decisions = _auth_decisions(run_dir)
-    # every service, sidecar and the watcher authenticated through the gateway, as the run's user
-    assert len([e for e in decisions if e["outcome"] == "ok"]) >= 10
+    # every kind of process authenticated through the gateway as its own principal
+    assert {e["principal"] for e in decisions if e["outcome"] == "ok"} == {*SERVICE_PRINCIPALS, WATCHER}
     assert [e for e in decisions if e["outcome"] != "ok"] == []
     logs = "".join(p.read_text(errors="replace") for p in run_dir.rglob("*.log") if "gateway" not in p.name)
     for word in ("unauthenticated", "NOPERM", "NOAUTH", "WRONGPASS", "SaslAuthenticationFailed"):

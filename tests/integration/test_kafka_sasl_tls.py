@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
-from flashrecovery.secure import KAFKA_USER, SecureFiles, write_secure_files
+from flashrecovery.secure import WATCHER, SecureFiles, write_secure_files
 from flashrecovery.shared import kafka_wire as W
 from flashrecovery.shared.kafka_security import client_kwargs
 from flashrecovery.shared.settings import KafkaSecuritySettings
@@ -107,7 +107,7 @@ async def test_scram_sha512_over_tls_round_trips_a_record(secure):
         await c.stop()
     assert rec.value == b"over tls"
     ok = _auth_lines(stack, "ok")
-    assert len(ok) > before and ok[-1]["principal"] == KAFKA_USER and ok[-1]["mechanism"] == "SCRAM-SHA-512"
+    assert len(ok) > before and ok[-1]["principal"] == WATCHER and ok[-1]["mechanism"] == "SCRAM-SHA-512"
     # the gateway's address is what clients learn: the broker's private port is never named
     assert all(str(b.port) == stack.kafka_bootstrap.rpartition(":")[2] for b in c._client.cluster.brokers())
 
@@ -124,7 +124,7 @@ async def test_a_wrong_password_is_refused(secure, tmp_path):
         conn.close()
     refused = await _wait_auth_line(stack, "refused", before)
     assert len(refused) > before
-    assert refused[-1]["principal"] == KAFKA_USER and "wrong proof" in refused[-1]["reason"]
+    assert refused[-1]["principal"] == WATCHER and "wrong proof" in refused[-1]["reason"]
     # a whole client: it cannot start
     p = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, request_timeout_ms=5000, **client_kwargs(sec))
     with pytest.raises(KafkaConnectionError):
@@ -150,7 +150,7 @@ async def test_plaintext_and_untrusting_clients_get_nothing(secure, tmp_path):
         conn.close()
     # TLS, but not trusting our CA (the system's CAs only): the client refuses the server
     sec = KafkaSecuritySettings(
-        protocol="SASL_SSL", sasl_username=KAFKA_USER, sasl_password_file=str(files.password_file)
+        protocol="SASL_SSL", sasl_username=WATCHER, sasl_password_file=str(files.password_file(WATCHER))
     )
     kw = client_kwargs(sec)
     assert isinstance(kw["ssl_context"], ssl.SSLContext)
@@ -173,5 +173,5 @@ async def test_plaintext_and_untrusting_clients_get_nothing(secure, tmp_path):
 
 def test_users_file_holds_no_password(secure):
     _, files = secure
-    password = Path(files.password_file).read_text()
-    assert password not in Path(files.users_file).read_text()
+    password = files.password_file(WATCHER).read_text()
+    assert len(password) >= 24 and password not in Path(files.users_file).read_text()
