@@ -193,6 +193,9 @@ def job_address_file(runtime_dir: str | Path, job_id: str) -> Path:
 def write_job_address(path: Path, settings: Settings, sup: Supervisor, run_dir: Path) -> None:
     assert sup.stack is not None
     path.parent.mkdir(parents=True, exist_ok=True)
+    # owner only: the Redis URL may hold a job's ACL user and password (demo --secure)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text(
         json.dumps(
             {
