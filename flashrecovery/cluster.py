@@ -138,11 +138,13 @@ class LocalCluster:
     # is one node, GROUP_RANK 0, LOCAL_RANK 0..world-1 across the sidecars.
     one_machine: bool = False
     metrics: bool = False  # every service and sidecar serves Prometheus metrics on a free port
+    # kind -> (Kafka user, password file), one principal per kind of process (flashrecovery.secure)
+    kafka_principals: dict[str, tuple[str, str]] = field(default_factory=dict)
     sup: Supervisor = field(init=False)
     timeline: Timeline = field(default_factory=Timeline)
 
     def __post_init__(self) -> None:
-        self.sup = Supervisor(self.settings, self.run_dir, metrics=self.metrics)
+        self.sup = Supervisor(self.settings, self.run_dir, metrics=self.metrics, kafka_principals=self.kafka_principals)
         self.out_dir = self.out_dir or self.run_dir / "final"
         self.world = self.nodes * self.ranks_per_node
         self.standbys = self.ranks_per_node if self.standbys is None else self.standbys

@@ -15,11 +15,13 @@ from typing import Any
 from .agent.reference.recipe import OPTIMIZERS
 from .cluster import FAULTS, LocalCluster, WorkerSpec, states_equal
 from .scenario import SERVICE_FAULTS, FollowUp, ScenarioLog, ServiceFault, escalations, run_followups, wait_settled
+from .secure import start_secure_stack
 from .shared.logging import configure
 from .shared.schemas import Escalation, FaultIncident, RecoveryCompleted, RecoveryPlan, RecoveryProgress
 from .shared.settings import BusSettings, load_settings
 
 REFERENCE_JOB = "flashrecovery.agent.reference.train"
+STACK_FAULTS = ("broker", "redis", "redis-restart")
 
 
 def reference_cluster(
@@ -67,6 +69,12 @@ def add_demo_parser(sub: Any) -> None:
         type=_parsed(ServiceFault.parse),
         metavar="NAME:DELAY_S",
         help=f"{' | '.join(SERVICE_FAULTS)}, DELAY_S after the first incident; repeatable",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="SASL/SCRAM + TLS to the broker (a gateway in front of the embedded one), signed "
+        "incidents, plans and commands, and a Redis ACL user limited to the job's keys",
     )
     p.set_defaults(func=run)
 
@@ -139,6 +147,7 @@ async def run_once(
     then: list[FollowUp] | None = None,
     service_faults: list[ServiceFault] | None = None,
     spares: int = 1,
+    secure: bool = False,
 ) -> dict[str, Any]:
     job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
     settings = base_settings.model_copy(
@@ -147,6 +156,13 @@ async def run_once(
             "bus": BusSettings(topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2),
         }
     )
+    secure_run = None
+    if secure:
+        # the run's own stack, gateway in front of the broker; every process of the run gets
+        # these settings (the supervisor passes them on, with its kind's Kafka principal) and
+        # the cluster starts no stack
+        secure_run = start_secure_stack((run_root / job).resolve(), settings)
+        settings = secure_run.settings
     cluster = reference_cluster(
         settings,
         run_root / job,
@@ -155,6 +171,7 @@ async def run_once(
         spares=spares,
         fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
         on_event=_printer(quiet),
+        kafka_principals=secure_run.kafka_principals if secure_run else {},
     )
     stop = asyncio.Event()
     started = time.time()
@@ -188,6 +205,8 @@ async def run_once(
     finally:
         stop.set()
         await cluster.stop()
+        if secure_run is not None:
+            secure_run.stack.stop()
 
 
 def _report(
@@ -333,13 +352,26 @@ def run(args: argparse.Namespace) -> int:
     # the bare job's steps (~0.08 s) could finish before that. Sleeping after each commit keeps
     # the run observable and changes nothing in the math.
     worker_args = f"--device {args.device} --step-sleep 0.1 --optimizer {args.optimizer}"
+    if args.secure and (stack_faults := [f.name for f in args.service_fault if f.name in STACK_FAULTS]):
+        # they restart the stack's processes, which a secure run owns outside the cluster
+        print(f"--secure does not combine with --service-fault {', '.join(stack_faults)}", file=sys.stderr)
+        return 2
 
     async def go() -> tuple[dict, tuple[bool, str] | None]:
         reference = None
         if args.verify:
             print("fault-free reference run ...", flush=True)
             reference = await run_once(
-                "none", args.rank, args.at_step, args.steps, args.timeout, True, run_root, settings, worker_args
+                "none",
+                args.rank,
+                args.at_step,
+                args.steps,
+                args.timeout,
+                True,
+                run_root,
+                settings,
+                worker_args,
+                secure=args.secure,
             )
         print(f"run with fault {args.fault} on rank {args.rank} at step {args.at_step} ...", flush=True)
         rep = await run_once(
@@ -355,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
             args.then,
             args.service_fault,
             args.spares,
+            args.secure,
         )
         verdict = None
         if reference and rep["_states"] is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .shared import bus as busmod
 from .shared.process import die_with_parent
 from .shared.registry import Registry
-from .shared.settings import Settings
+from .shared.settings import ENV_PREFIX, NESTED_DELIMITER, Settings
 from .shared.stack import Stack, StackError, free_port, start_stack, wait_port
 
 SERVICES = ("detector", "planner", "executor")
@@ -39,6 +39,9 @@ class Supervisor:
     # Prometheus test); a restarted process keeps its port, so a scrape config stays valid.
     metrics: bool = False
     metrics_ports: dict[str, int] = field(default_factory=dict)  # name -> port
+    # kind -> (Kafka user, password file): a child named "<kind>[-...]" authenticates as its
+    # kind's principal (flashrecovery.secure); others as the settings say
+    kafka_principals: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.stack is not None
@@ -53,6 +56,11 @@ class Supervisor:
         }
         if self.rdzv:
             env["FLASHRECOVERY_RDZV"] = self.rdzv
+        sec = self.settings.bus.security
+        if sec.protocol != "PLAINTEXT":  # every child speaks to the broker as this process does
+            for name, value in sec.model_dump().items():
+                if value is not None:
+                    env[f"{ENV_PREFIX}BUS{NESTED_DELIMITER}SECURITY{NESTED_DELIMITER}{name.upper()}"] = str(value)
         if self.settings.bus.signing_key_file:  # every service signs and checks with one keyring
             env["FLASHRECOVERY_BUS__SIGNING_KEY_FILE"] = str(Path(self.settings.bus.signing_key_file).resolve())
         # A metrics port set for this process is not every child's (they would collide): spawn()
@@ -87,6 +95,11 @@ class Supervisor:
             env["FLASHRECOVERY_METRICS_PORT"] = str(free_port())
         if "FLASHRECOVERY_METRICS_PORT" in env:
             self.metrics_ports[name] = int(env["FLASHRECOVERY_METRICS_PORT"])
+        principal = self.kafka_principals.get(name.split("-")[0])
+        if principal is not None:
+            sec = f"{ENV_PREFIX}BUS{NESTED_DELIMITER}SECURITY{NESTED_DELIMITER}"
+            env.setdefault(f"{sec}SASL_USERNAME", principal[0])
+            env.setdefault(f"{sec}SASL_PASSWORD_FILE", principal[1])
         log = (self.run_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             argv,
@@ -180,6 +193,9 @@ def job_address_file(runtime_dir: str | Path, job_id: str) -> Path:
 def write_job_address(path: Path, settings: Settings, sup: Supervisor, run_dir: Path) -> None:
     assert sup.stack is not None
     path.parent.mkdir(parents=True, exist_ok=True)
+    # owner only: the Redis URL may hold a job's ACL user and password (demo --secure)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text(
         json.dumps(
             {

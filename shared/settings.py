@@ -36,8 +36,9 @@ OTHER_ENV = {
 
 class KafkaSecuritySettings(BaseModel):
     """How every Kafka client of FlashRecovery authenticates and encrypts (aiokafka's options).
-    The embedded broker speaks PLAINTEXT only (docs/security.md says why); production brokers
-    want SASL_SSL with SCRAM-SHA-512 and one principal per service."""
+    The embedded broker speaks PLAINTEXT unless started behind FlashRecovery's SASL/SCRAM + TLS
+    gateway (docs/security.md); production brokers want SASL_SSL with SCRAM-SHA-512 and one
+    principal per service."""
 
     protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol; production brokers want SASL_SSL."

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,26 @@ class Stack:
         self.owned.clear()
 
 
+@dataclass(frozen=True)
+class KafkaTls:
+    """What the SASL/SCRAM + TLS gateway in front of the embedded broker needs
+    (shared/kafka_gateway.py): the server certificate and key (PEM) and the SCRAM users file."""
+
+    certfile: Path
+    keyfile: Path
+    users_file: Path
+
+
 def start_broker(
-    run_dir: Path, port: int | None = None, timeout_s: float = 20.0, schema_dir: Path | None = None
+    run_dir: Path,
+    port: int | None = None,
+    timeout_s: float = 20.0,
+    schema_dir: Path | None = None,
+    advertised: str | None = None,
 ) -> OwnedProcess:
     """The embedded broker on loopback. schema_dir: validate records at produce time against the
-    `<topic>.json` files there (shared/broker_schemas.py)."""
+    `<topic>.json` files there (shared/broker_schemas.py). advertised: the HOST:PORT its Metadata
+    responses name (the gateway's, when one is in front); default its own."""
     port = port or free_port()
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +125,7 @@ def start_broker(
         "--listener-url",
         f"tcp://127.0.0.1:{port}",
         "--advertised-listener-url",
-        f"tcp://127.0.0.1:{port}",
+        f"tcp://{advertised or f'127.0.0.1:{port}'}",
         "--storage-engine",
         "memory://tansu/",
     ]
@@ -170,12 +186,48 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
     return _listening("redis", proc, log, port, timeout_s)
 
 
+def start_gateway(run_dir: Path, port: int, upstream_port: int, tls: KafkaTls, timeout_s: float = 20.0) -> OwnedProcess:
+    """The SASL/SCRAM + TLS gateway (shared/kafka_gateway.py) on 127.0.0.1:port, in front of
+    the broker on upstream_port."""
+    run_dir = run_dir.resolve()
+    log = run_dir / f"kafka-gateway-{port}.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "flashrecovery.shared.kafka_gateway",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--certfile",
+        str(tls.certfile),
+        "--keyfile",
+        str(tls.keyfile),
+        "--users",
+        str(tls.users_file),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
+    return _listening("kafka-gateway", proc, log, port, timeout_s)
+
+
 def start_stack(
-    run_dir: Path, kafka_bootstrap: str | None = None, redis_url: str | None = None, schema_namespace: str | None = None
+    run_dir: Path,
+    kafka_bootstrap: str | None = None,
+    redis_url: str | None = None,
+    schema_namespace: str | None = None,
+    kafka_tls: KafkaTls | None = None,
 ) -> Stack:
     """Start what is not configured; use what is. The caller owns stop(). schema_namespace: the
     broker started here validates every record against the event schemas of the topics of that
-    namespace (shared/broker_schemas.py); None: no validation (a broker shared by namespaces)."""
+    namespace (shared/broker_schemas.py); None: no validation (a broker shared by namespaces).
+    kafka_tls: the broker started here listens on a private port behind the SASL/SCRAM + TLS
+    gateway, and the bootstrap is the gateway's address (clients need SASL_SSL)."""
     stack = Stack(kafka_bootstrap or "", redis_url or "")
     try:
         if not kafka_bootstrap:
@@ -185,9 +237,14 @@ def start_stack(
 
                 schema_dir = run_dir / "broker-schemas"
                 write_broker_schemas(schema_dir, schema_namespace)
-            b = start_broker(run_dir, schema_dir=schema_dir)
+            public = free_port() if kafka_tls else None
+            b = start_broker(run_dir, schema_dir=schema_dir, advertised=f"127.0.0.1:{public}" if public else None)
             stack.owned.append(b)
             stack.kafka_bootstrap = _arg(b.proc, 3).removeprefix("tcp://")
+            if kafka_tls and public:
+                private = int(stack.kafka_bootstrap.rpartition(":")[2])
+                stack.owned.append(start_gateway(run_dir, public, private, kafka_tls))
+                stack.kafka_bootstrap = f"127.0.0.1:{public}"
         if not redis_url:
             r = start_redis(run_dir)
             stack.owned.append(r)

@@ -4,14 +4,16 @@ how the tools find a running job."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
 from flashrecovery.cluster import WorkerSpec
 from flashrecovery.launch import add_run_parser, launcher_env, plan_of, standalone_layout
-from flashrecovery.shared.settings import SidecarSettings
+from flashrecovery.shared.settings import Settings, SidecarSettings
+from flashrecovery.shared.stack import Stack
 from flashrecovery.sidecar.core import TORCHRUN_VARS, WorkerPlace, node_rank, worker_argv, worker_env
-from flashrecovery.supervisor import pick_job_address
+from flashrecovery.supervisor import Supervisor, job_address_file, pick_job_address, write_job_address
 
 pytestmark = pytest.mark.unit
 
@@ -244,3 +246,13 @@ def test_worker_output_is_echoed_by_rank_complete_lines_first(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == ["[rank0]: step 1"]
     Echo(tmp_path, on=False).poll(last=True)
     assert capsys.readouterr().out == ""
+
+
+def test_a_job_address_file_is_the_owners_only(tmp_path):
+    """It holds the Redis URL, with the job's ACL password in a secure run."""
+    settings = Settings(job_id="j", redis_url="redis://fr-j:secret@127.0.0.1:1/0")
+    sup = Supervisor(settings, tmp_path, stack=Stack("127.0.0.1:2", settings.redis_url))
+    path = job_address_file(tmp_path, "j")
+    write_job_address(path, settings, sup, tmp_path)
+    assert json.loads(path.read_text())["redis_url"] == settings.redis_url
+    assert path.stat().st_mode & 0o777 == 0o600
