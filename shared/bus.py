@@ -189,6 +189,11 @@ class Producer:
         await self._p.flush()
 
 
+def _behind(highwater: int | None, position: int) -> bool:
+    """The broker's last fetch answer put the partition's end below where this consumer stands."""
+    return highwater is not None and highwater < position
+
+
 class Consumer:
     """Consume -> decode -> handle -> commit. Bad input is dead-lettered and skipped; a handler
     that keeps failing on one message is retried a bounded number of times, then dead-lettered,
@@ -323,16 +328,19 @@ class Consumer:
             return
         try:
             ends = await asyncio.wait_for(self._c.end_offsets(parts), 2.0)
-            # The position counts too: records read since the last check (a plan produced just
-            # before the restart) raised it past the end seen then, and a recreated topic
-            # whose end has not caught up with it would otherwise be read from the old offset
-            # on, silently (the broker answers such a fetch with no records, not an error).
+            # A fetch answered with a high watermark below our position counts too: records
+            # read since the last check (a plan produced just before the restart) raised the
+            # position past the end seen then, and the broker answers a fetch past a recreated
+            # topic's end with no records, not an error. (Not end_offsets against the position:
+            # tansu 0.6.0 answers ListOffsets with the last batch's base offset + 1.)
             at = {tp: await asyncio.wait_for(self._c.position(tp), 2.0) for tp in ends}
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - broker away: checked again on the next round
             return
-        reset = [tp for tp, end in ends.items() if end < max(self._ends.get(tp, 0), at[tp])]
+        reset = [
+            tp for tp, end in ends.items() if end < self._ends.get(tp, 0) or _behind(self._c.highwater(tp), at[tp])
+        ]
         self._ends.update(ends)
         if reset:
             await self._c.seek_to_beginning(*reset)

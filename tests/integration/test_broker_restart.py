@@ -84,3 +84,39 @@ async def test_a_consumer_reads_a_recreated_topic_from_its_first_record(tmp_path
             await asyncio.wait_for(task, 15)
         await producer.stop()
         broker.stop()
+
+
+async def test_batched_records_are_not_taken_for_a_recreated_topic(tmp_path):
+    """tansu answers ListOffsets with the last batch's base offset + 1, below the position of a
+    consumer that read the whole batch: comparing those two made a consumer start its topic over
+    twice a second, forever (seen in the demo's watcher)."""
+    port = free_port()
+    broker = start_broker(tmp_path, port)
+    bootstrap, bus = f"127.0.0.1:{port}", BusSettings(linger_ms=50)
+    got: list[str] = []
+
+    async def handle(event, _record) -> None:
+        got.append(event.command_id)
+
+    producer = busmod.Producer(bootstrap, bus)
+    consumer = busmod.Consumer(bootstrap, bus, [T.COMMANDS], None, handle, producer, "test")
+    task = None
+    try:
+        await busmod.ensure_topics(bootstrap, bus)
+        await asyncio.wait_for(producer.start(), 30)
+        await asyncio.wait_for(consumer.start(), 30)
+        await consumer.wait_assigned(30)
+        task = asyncio.create_task(consumer.run())
+        for batch in range(3):  # records sent together land in one batch
+            await asyncio.gather(*(producer.publish(_command(10 * batch + i)) for i in range(5)))
+            await producer.flush()
+            await _until(lambda b=batch: len(got) == 5 * (b + 1), 30, f"batch {batch}")
+        await asyncio.sleep(3 * busmod.RESET_CHECK_S + 0.5)  # several checks after the last batch
+        assert consumer.partition_resets == 0
+        assert len(got) == 15  # nothing read twice
+    finally:
+        consumer.stop()
+        if task is not None:
+            await asyncio.wait_for(task, 15)
+        await producer.stop()
+        broker.stop()
