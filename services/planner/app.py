@@ -273,6 +273,13 @@ class PlannerService:
                 ("same incidents and generation: plan already published",),
             )
             return
+        if not stored:
+            # A retry after the publish failed (a broker restart): send the plan recorded under
+            # this id, not this attempt's copy, which differs in its timestamps; the executor
+            # refuses a copy that differs from the recorded one.
+            recorded = await reg.get_plan(decision.plan_id)
+            if recorded is not None:
+                decision = RecoveryPlan.model_validate_json(recorded)
         await self.producer.publish(decision, wait=True)
         await reg.side_effect_once(decision.plan_id, "published")
         for iid in decision.incident_ids:

@@ -242,3 +242,30 @@ async def test_lost_shard_escalates_and_marks_the_incident(topics_ready, produce
     assert rec["phase"] == "escalated" and rec["reason"] == esc.reason
     view = await _status(settings, 0)
     assert view["escalated"] == {"inc-both": esc.reason}
+
+
+async def test_a_plan_whose_publish_failed_is_sent_as_recorded(topics_ready, producer, registry):
+    """The publish fails once (seen: the broker restarted under it) after the plan was recorded;
+    the handler's retry must send the recorded plan. Its own fresh copy differs in timestamps,
+    and the executor refuses a copy that differs from the one recorded under its id."""
+    settings = topics_ready
+    plans, watcher, svc, tasks = await _planner_for_grid(settings, producer, registry)
+    real_publish = svc.producer.publish
+    failed: list[str] = []
+
+    async def publish_once_failing(event, **kw):
+        if isinstance(event, RecoveryPlan) and not failed:
+            failed.append(event.plan_id)
+            await asyncio.sleep(0.01)  # the retry's copy gets other timestamps
+            raise RuntimeError("broker away")
+        return await real_publish(event, **kw)
+
+    svc.producer.publish = publish_once_failing
+    try:
+        await producer.publish(incident(settings.job_id, "inc-1", "node-1"), wait=True)
+        await wait_for(lambda: len(plans) >= 1, 30, "the plan, after the failed publish")
+        assert failed == [plans[0].plan_id]
+        stored = await registry.get_plan(plans[0].plan_id)
+        assert stored is not None and RecoveryPlan.model_validate_json(stored) == plans[0]
+    finally:
+        await _stop(watcher, svc, tasks)
