@@ -140,11 +140,18 @@ class LocalCluster:
     metrics: bool = False  # every service and sidecar serves Prometheus metrics on a free port
     # kind -> (Kafka user, password file), one principal per kind of process (flashrecovery.secure)
     kafka_principals: dict[str, tuple[str, str]] = field(default_factory=dict)
+    redis_urls: dict[str, str] = field(default_factory=dict)  # kind -> its role's Redis URL (secure)
     sup: Supervisor = field(init=False)
     timeline: Timeline = field(default_factory=Timeline)
 
     def __post_init__(self) -> None:
-        self.sup = Supervisor(self.settings, self.run_dir, metrics=self.metrics, kafka_principals=self.kafka_principals)
+        self.sup = Supervisor(
+            self.settings,
+            self.run_dir,
+            metrics=self.metrics,
+            kafka_principals=self.kafka_principals,
+            redis_urls=self.redis_urls,
+        )
         self.out_dir = self.out_dir or self.run_dir / "final"
         self.world = self.nodes * self.ranks_per_node
         self.standbys = self.ranks_per_node if self.standbys is None else self.standbys

@@ -74,7 +74,7 @@ def add_demo_parser(sub: Any) -> None:
         "--secure",
         action="store_true",
         help="SASL/SCRAM + TLS to the broker (a gateway in front of the embedded one), signed "
-        "incidents, plans and commands, and a Redis ACL user limited to the job's keys",
+        "incidents, plans and commands, and a Redis ACL user per role limited to the job's keys",
     )
     p.set_defaults(func=run)
 
@@ -159,8 +159,8 @@ async def run_once(
     secure_run = None
     if secure:
         # the run's own stack, gateway in front of the broker; every process of the run gets
-        # these settings (the supervisor passes them on, with its kind's Kafka principal) and
-        # the cluster starts no stack
+        # these settings (the supervisor passes them on, with its kind's Kafka principal and
+        # Redis user) and the cluster starts no stack
         secure_run = start_secure_stack((run_root / job).resolve(), settings)
         settings = secure_run.settings
     cluster = reference_cluster(
@@ -172,6 +172,7 @@ async def run_once(
         fault_env=LocalCluster.fault_env_for(fault, rank, at_step),
         on_event=_printer(quiet),
         kafka_principals=secure_run.kafka_principals if secure_run else {},
+        redis_urls=secure_run.redis_urls if secure_run else {},
     )
     stop = asyncio.Event()
     started = time.time()

@@ -30,6 +30,7 @@ from typing import Any
 
 from .cluster import LocalCluster
 from .shared import bus as busmod
+from .shared.keys import EXECUTOR_LEASE
 from .shared.registry import Registry
 from .shared.schemas import Escalation
 from .shared.stack import OwnedProcess, Stack, start_broker, start_redis
@@ -196,7 +197,7 @@ def _signal(pid: int, sig: int) -> None:
 async def _executor_leader(cluster: LocalCluster) -> str:
     reg = Registry.from_url(cluster.sup.stack.redis_url, cluster.settings.job_id)
     try:
-        holder = await reg.lease_holder("executor")
+        holder = await reg.lease_holder(EXECUTOR_LEASE)
     finally:
         await reg.close()
     if holder is None:

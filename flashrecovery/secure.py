@@ -1,6 +1,8 @@
 """Everything a secure local run needs (`flashrecovery demo --secure`, the secure e2e test): a
 throwaway CA and a server certificate for 127.0.0.1/localhost, SCRAM users for the Kafka gateway,
-a signing key for incidents, plans and commands, and a Redis ACL user limited to the job's keys.
+a signing key for incidents, plans and commands, and Redis ACL users limited to the job's keys,
+one per role (keys.ROLE_GRANTS): each kind of process gets its role's URL from the supervisor
+(`Supervisor.redis_urls`), the run's watcher the operator's.
 The embedded stack is then started with the gateway in front of the broker, and the settings
 every process of the run inherits say SASL_SSL + SCRAM-SHA-512, signed, ACL-limited Redis.
 
@@ -19,7 +21,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from .shared.keys import JobKeys
+from .shared.keys import JobKeys, Role
 from .shared.scram import write_users_file
 from .shared.settings import KafkaSecuritySettings, Settings
 from .shared.signing import write_key_file
@@ -29,6 +31,10 @@ from .shared.stack import KafkaTls, Stack, StackError, start_stack
 # and of the process that runs the cluster (its watcher, topic set-up)
 SERVICE_PRINCIPALS = ("detector", "planner", "executor", "sidecar")
 WATCHER = "watcher"
+# the Redis role of each kind of process (keys.ROLE_GRANTS; the supervisor gives a child its
+# kind's URL), and of the process that runs the cluster (its watcher registers the job)
+REDIS_ROLES: tuple[Role, ...] = ("detector", "planner", "executor", "sidecar")
+OPERATOR: Role = "operator"
 CERT_DAYS = "2"  # a throwaway CA: it outlives no run
 
 
@@ -112,21 +118,30 @@ def write_secure_files(d: Path) -> SecureFiles:
     return files
 
 
-def add_redis_user(admin_url: str, job_id: str, d: Path) -> str:
-    """A Redis ACL user reaching this job's keys only (JobKeys.acl_rules) -> its URL; then the
-    default user gets a password too, so no process of the run can reach Redis without one."""
-    user, password = f"fr-{job_id}", secrets.token_urlsafe(24)
+def _with_user(url: str, user: str, password: str) -> str:
+    u = urlsplit(url)
+    return f"{u.scheme}://{user}:{password}@{u.hostname}:{u.port}{u.path}"
+
+
+def add_redis_users(admin_url: str, job_id: str, d: Path) -> dict[str, str]:
+    """One Redis ACL user per role of this job (keys.ROLE_GRANTS: each service's and the
+    watcher's, `operator`) -> role -> its URL; then the default user gets a password too, so no
+    process of the run can reach Redis without one."""
+    keys = JobKeys(job_id)
+    urls = {}
     admin_password = secrets.token_urlsafe(24)
     r = redis.Redis.from_url(admin_url)
     try:
-        r.execute_command("ACL", "SETUSER", user, "on", f">{password}", *JobKeys(job_id).acl_rules())
+        for role in (*REDIS_ROLES, OPERATOR):
+            user, password = f"fr-{job_id}-{role}", secrets.token_urlsafe(24)
+            r.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", *keys.acl_rules(role))
+            urls[role] = _with_user(admin_url, user, password)
         r.execute_command("ACL", "SETUSER", "default", "resetpass", f">{admin_password}")
     finally:
         r.close()
     (d / "redis-admin-password").touch(mode=0o600)
     (d / "redis-admin-password").write_text(admin_password)
-    u = urlsplit(admin_url)
-    return f"{u.scheme}://{user}:{password}@{u.hostname}:{u.port}{u.path}"
+    return urls
 
 
 @dataclass
@@ -135,20 +150,24 @@ class SecureRun:
     settings: Settings  # SASL_SSL as the watcher, signing on, the ACL user's Redis URL
     kafka_principals: dict[str, tuple[str, str]]  # for the supervisor: kind -> (user, password file)
     files: SecureFiles
+    redis_urls: dict[str, str]  # for the supervisor: kind -> its role's Redis URL
 
 
 def start_secure_stack(run_dir: Path, settings: Settings) -> SecureRun:
     """The embedded stack with the gateway (SASL/SCRAM + TLS) in front of the broker, SCRAM users
-    per kind of process and an ACL user for settings.job_id."""
+    per kind of process and a Redis ACL user per role of settings.job_id (the settings carry the
+    operator's: the watcher's)."""
     files = write_secure_files(run_dir / "secrets")
     stack = start_stack(run_dir, schema_namespace=settings.bus.topic_namespace, kafka_tls=files.kafka_tls)
     try:
-        redis_url = add_redis_user(stack.redis_url, settings.job_id, files.dir)
+        redis_urls = add_redis_users(stack.redis_url, settings.job_id, files.dir)
     except BaseException:
         stack.stop()
         raise
     bus = settings.bus.model_copy(
         update={"security": files.kafka_security(), "signing_key_file": str(files.signing_key_file)}
     )
-    secure = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "redis_url": redis_url, "bus": bus})
-    return SecureRun(stack, secure, files.kafka_principals(), files)
+    secure = settings.model_copy(
+        update={"kafka_bootstrap": stack.kafka_bootstrap, "redis_url": redis_urls.pop(OPERATOR), "bus": bus}
+    )
+    return SecureRun(stack, secure, files.kafka_principals(), files, redis_urls)

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from .shared import bus as busmod
 from .shared.process import die_with_parent
@@ -42,6 +43,10 @@ class Supervisor:
     # kind -> (Kafka user, password file): a child named "<kind>[-...]" authenticates as its
     # kind's principal (flashrecovery.secure); others as the settings say
     kafka_principals: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # kind -> Redis URL with its role's ACL user (flashrecovery.secure): a child named
+    # "<kind>[-...]" gets its kind's; when set, any other child gets the address without the
+    # supervisor's own credentials (the rendezvous uses no Redis)
+    redis_urls: dict[str, str] = field(default_factory=dict)
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.stack is not None
@@ -95,11 +100,17 @@ class Supervisor:
             env["FLASHRECOVERY_METRICS_PORT"] = str(free_port())
         if "FLASHRECOVERY_METRICS_PORT" in env:
             self.metrics_ports[name] = int(env["FLASHRECOVERY_METRICS_PORT"])
-        principal = self.kafka_principals.get(name.split("-")[0])
+        kind = name.split("-")[0]
+        principal = self.kafka_principals.get(kind)
         if principal is not None:
             sec = f"{ENV_PREFIX}BUS{NESTED_DELIMITER}SECURITY{NESTED_DELIMITER}"
             env.setdefault(f"{sec}SASL_USERNAME", principal[0])
             env.setdefault(f"{sec}SASL_PASSWORD_FILE", principal[1])
+        if self.redis_urls:
+            assert self.stack is not None
+            env.setdefault(
+                "FLASHRECOVERY_REDIS_URL", self.redis_urls.get(kind) or without_credentials(self.stack.redis_url)
+            )
         log = (self.run_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             argv,
@@ -181,6 +192,12 @@ class Supervisor:
             self.stop(name)
         if self.stack is not None:
             self.stack.stop()
+
+
+def without_credentials(url: str) -> str:
+    u = urlsplit(url)
+    host = u.netloc.rpartition("@")[2]
+    return urlunsplit((u.scheme, host, u.path, u.query, u.fragment))
 
 
 # ---------------------------------------------------------------- finding a running job

@@ -14,6 +14,7 @@ from typing import Any
 
 from .shared import bus as busmod
 from .shared import topics as T
+from .shared.keys import EXECUTOR_LEASE
 from .shared.registry import Registry
 from .shared.schemas import DeadLetter, NodeHeartbeat, SchemaError, decode, decode_dead_letter
 from .shared.settings import ConfigError, Settings, load_settings
@@ -59,7 +60,7 @@ async def _status(settings: Settings, listen_s: float) -> dict[str, Any]:
             snap = None
         incidents = {i: await reg.incident(i) for i in await reg.open_incidents()}
         services = await reg.live_services()
-        leader = await reg.lease_holder("executor")
+        leader = await reg.lease_holder(EXECUTOR_LEASE)
         notes = await reg.quarantine_notes()  # node -> json {reason, at} of `node quarantine`
     finally:
         await reg.close()

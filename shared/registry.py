@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import orjson
 import redis.asyncio as aioredis
 
-from .keys import JobKeys
+from .keys import EXECUTOR_LEASE, JobKeys
 from .topology import TOPOLOGY_VERSION, JobSnapshot, NodeRecord, RankRecord, meta_ints
 
 
@@ -30,13 +30,16 @@ class FencedOut(RuntimeError):
     was deposed (its lease expired and another instance took it). Refused."""
 
 
-# Prepended to every script a lease holder runs: the last key is the lease's fence counter and
-# the last argument the writer's token ('' = a writer that holds no lease: not fenced). Both are
-# popped, so the script body sees its own KEYS and ARGV. A refused write returns {-1, current}.
+# Prepended to every script: the last argument is the writer's lease token ('' = a writer that
+# holds no lease: not fenced) and, only for a token, the last key the lease's fence counter. Both
+# are popped, so the script body sees its own KEYS and ARGV. A refused write returns
+# {-1, current}. A writer without a lease does not name the counter: EVALSHA needs read and write
+# permission on every key it is given, and only the lease's holder may write the counter (ACL
+# users per role, keys.ROLE_GRANTS).
 _FENCE_PREFIX = """
-local fence_key = table.remove(KEYS)
 local fence_token = table.remove(ARGV)
 if fence_token ~= '' then
+  local fence_key = table.remove(KEYS)
   local newest = tonumber(redis.call('GET', fence_key) or '0')
   if tonumber(fence_token) < newest then return {-1, newest} end
 end
@@ -194,10 +197,15 @@ class Registry:
         script = self.r.register_script(_FENCE_PREFIX + body)
 
         async def call(keys: list[str], args: list[Any]) -> Any:
-            name, token = self.fence if self.fence is not None else ("executor", "")
-            res = await script(keys=[*keys, self.k.fence(name)], args=[*args, token])
-            if isinstance(res, list) and res and res[0] == -1:
-                raise FencedOut(f"write with fence token {token} refused: the {name} lease's newest token is {res[1]}")
+            if self.fence is None:
+                res = await script(keys=keys, args=[*args, ""])
+            else:
+                name, token = self.fence
+                res = await script(keys=[*keys, self.k.fence(name)], args=[*args, token])
+                if isinstance(res, list) and res and res[0] == -1:
+                    raise FencedOut(
+                        f"write with fence token {token} refused: the {name} lease's newest token is {res[1]}"
+                    )
             return res
 
         return call
@@ -290,7 +298,7 @@ class Registry:
         sidecar checks a command against."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hmget(self.k.meta, ["generation", "world_size"])
-        pipe.get(self.k.fence("executor"))
+        pipe.get(self.k.fence(EXECUTOR_LEASE))
         (gen, world), fence = await pipe.execute()
         return (
             None if gen is None else int(gen),
@@ -559,7 +567,7 @@ class Registry:
         await self.r.set(self.k.liveness(service, instance), time.time(), px=int(ttl_s * 1000))
 
     async def live_services(self) -> list[str]:
-        pattern = self.k.liveness("*", "*")
+        pattern = self.k.glob().liveness("*", "*")  # a job id with `*` in it must not match others
         return sorted([k.decode().split(":alive:", 1)[1] async for k in self.r.scan_iter(match=pattern, count=1000)])
 
     # ------------------------------------------------------------ job completion

@@ -20,6 +20,7 @@ from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.commit_rule import InconsistentReports, decide_from_rows
+from flashrecovery.shared.keys import EXECUTOR_LEASE
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import FencedOut, Placement, RefusedWrite, Registry, StaleGeneration
 from flashrecovery.shared.schemas import (
@@ -184,7 +185,7 @@ class ExecutorService:
         ttl = self.s.executor.lease_ttl_s
         asked = time.monotonic()
         try:
-            token = await self.registry.acquire_lease("executor", self.instance, ttl)
+            token = await self.registry.acquire_lease(EXECUTOR_LEASE, self.instance, ttl)
         except Exception:  # noqa: BLE001 - Redis unreachable: the lease cannot be trusted either
             token = None
         if token != self.token:
@@ -192,7 +193,7 @@ class ExecutorService:
             # now, without another write (they would be refused anyway).
             await self._stop_driving("lease lost" if token is None else "new lease token")
             # Lost: keep writing with the old token, so any write still under way is refused.
-            self.registry.fence = ("executor", token if token is not None else self.token or 0)
+            self.registry.fence = (EXECUTOR_LEASE, token if token is not None else self.token or 0)
             self.token = token
             self.log.info("leadership", leader=token is not None, fence_token=token)
         self.leader = token is not None

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from flashrecovery.shared import metrics as M
 from flashrecovery.shared import topics
 from flashrecovery.shared.bus import Consumer, Producer
+from flashrecovery.shared.keys import PLAN_ID_PREFIX
 from flashrecovery.shared.logging import get_logger
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.schemas import Escalation, Fallback, FaultIncident, RecoveryPlan, encode
@@ -143,7 +144,7 @@ class PlannerService:
             # job never registered. Either way no recovery can follow, so say it loudly.
             reason = f"registry has no topology for job {self.settings.job_id}: lost or never registered"
             esc = Escalation(
-                event_id=plan_id_for(self.settings.job_id, (event.incident_id,), -1).replace("plan-", "esc-"),
+                event_id=plan_id_for(self.settings.job_id, (event.incident_id,), -1).replace(PLAN_ID_PREFIX, "esc-"),
                 job_id=self.settings.job_id,
                 generation=event.generation,
                 producer=SERVICE,
@@ -286,7 +287,7 @@ class PlannerService:
             await reg.incident_transition(iid, "planned", "planned", generation, plan_id=decision.plan_id)
         if decision.fallback == Fallback.WAIT:
             esc = Escalation(
-                event_id=decision.plan_id.replace("plan-", "esc-"),
+                event_id=decision.plan_id.replace(PLAN_ID_PREFIX, "esc-"),
                 job_id=decision.job_id,
                 generation=generation,
                 producer=SERVICE,

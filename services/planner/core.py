@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from flashrecovery.shared.keys import PLAN_ID_PREFIX
 from flashrecovery.shared.replicas import choose_sources
 from flashrecovery.shared.schemas import Escalation, Fallback, FaultIncident, RecoveryPlan, RepairAction
 from flashrecovery.shared.settings import NoSparePolicy, PlannerSettings
@@ -77,7 +78,7 @@ def plan_id_for(
     """Deterministic: a replayed incident yields the same id. The fallback kind is part of it so
     a WAIT plan and the real plan made once capacity arrives do not collide."""
     text = f"{job_id}|{','.join(sorted(set(incident_ids)))}|{target_generation}|{fallback.value}"
-    return "plan-" + hashlib.sha1(text.encode()).hexdigest()[:24]
+    return PLAN_ID_PREFIX + hashlib.sha1(text.encode()).hexdigest()[:24]
 
 
 def incident_refusal(incident: FaultIncident, job_id: str, generation: int) -> str | None:
@@ -372,7 +373,9 @@ class _Draft:
         ck = "unknown" if policy.checkpoint_step is None else str(policy.checkpoint_step)
         why = "; ".join(f"every replica of shard {s} lost and no checkpoint restore is implemented" for s in lost)
         return Escalation(
-            event_id=plan_id_for(inp.job_id, self.ids, self.target_gen, Fallback.CHECKPOINT).replace("plan-", "esc-"),
+            event_id=plan_id_for(inp.job_id, self.ids, self.target_gen, Fallback.CHECKPOINT).replace(
+                PLAN_ID_PREFIX, "esc-"
+            ),
             job_id=inp.job_id,
             generation=inp.generation,
             emitted_at=self.now,

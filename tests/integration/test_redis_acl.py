@@ -29,7 +29,7 @@ async def test_a_jobs_redis_user_reaches_its_keys_only(settings):
     jobs = {f"acl-a-{tag}": f"fr-a-{tag}", f"acl-b-{tag}": f"fr-b-{tag}"}
     try:
         for job, user in jobs.items():
-            await admin.execute_command("ACL", "SETUSER", user, "on", f">pw-{user}", *JobKeys(job).acl_rules())
+            await admin.execute_command("ACL", "SETUSER", user, "on", f">pw-{user}", *JobKeys(job).acl_rules("job"))
         (job_a, user_a), (job_b, user_b) = jobs.items()
         url_a = _url_for(settings.redis_url, user_a, f"pw-{user_a}")
 
