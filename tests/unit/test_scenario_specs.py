@@ -39,10 +39,10 @@ def test_service_fault_parses_and_refuses_unknown_names() -> None:
     assert ServiceFault.parse("planner:0") == ServiceFault("planner", 0.0)
     assert ServiceFault.parse("redis:3") == ServiceFault("redis", 3.0)
     assert ServiceFault.parse("redis-restart:0.1") == ServiceFault("redis-restart", 0.1)
-    # a broker restart can be scripted (to reproduce what is not survived reliably yet), but no
-    # scenario that must end exact relies on it
     assert ServiceFault.parse("broker:1") == ServiceFault("broker", 1.0)
-    assert not any(f.startswith("broker") for sc in SCENARIOS.values() for f in sc.service_faults)
+    # a broker restart must end exact, on a broker the run owns (the fault restarts it)
+    broker = [sc for sc in SCENARIOS.values() if any(f.startswith("broker") for f in sc.service_faults)]
+    assert broker and all(sc.expect == "exact" and sc.own_broker for sc in broker)
     with pytest.raises(ValueError, match="NAME must be one of"):
         ServiceFault.parse("kafka:1")
     with pytest.raises(ValueError, match="NAME:DELAY_S"):
