@@ -133,3 +133,63 @@ def test_reasons_stay_short_at_100k_ranks():
 
     assert ranks_text([1, 2, 3]) == "[1, 2, 3]"
     assert ranks_text(list(range(100_000))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 100000 ranks]"
+
+
+# ------------------------------------------------ the rule on merged summaries (issue #14 item 2)
+def _outcome(decide):
+    try:
+        d = decide()
+    except InconsistentReports as exc:
+        return ("refused", str(exc))
+    return ("decided", d.commit_step, d.resume_step)
+
+
+@st.composite
+def report_sets(draw):
+    """Survivor rows around a step s, consistent or not (one rank a step off, grads of another
+    step), split over nodes in a random order: what an aggregation tree would see."""
+    s = draw(st.integers(0, 5))
+    n = draw(st.integers(1, 24))
+    ranks = draw(st.permutations(range(64)))[:n]
+    rows = []
+    for r in ranks:
+        applied = draw(st.sampled_from([max(0, s - 1), s, s + 1]))
+        vote = draw(st.sampled_from([applied, applied + 1, max(0, applied - 1)]))
+        grads = draw(st.sampled_from([None, applied, applied + 1, vote]))
+        rows.append((r, applied, grads, vote))
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+    nodes = [rows[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+    return rows, nodes, draw(st.randoms(use_true_random=False))
+
+
+@given(report_sets())
+def test_merged_node_summaries_decide_as_the_rows_do(case) -> None:
+    """Each node summarises its ranks, the summaries merge in any order and grouping, and the
+    decision (commit step, resume step, or the refusal naming the same rank) is the rule's on
+    the raw rows."""
+    from functools import reduce
+
+    from flashrecovery.shared.commit_rule import StepSummary, decide_from_rows, decide_from_summary
+
+    rows, nodes, rnd = case
+    parts = [StepSummary.of(node) for node in nodes]
+    rnd.shuffle(parts)
+    while len(parts) > 1:  # a random aggregation tree
+        i = rnd.randrange(len(parts) - 1)
+        parts[i : i + 2] = [parts[i].merge(parts[i + 1])]
+    merged = reduce(StepSummary.merge, parts, StepSummary())
+    assert merged == StepSummary.of(rows)
+    assert _outcome(lambda: decide_from_summary(merged, expected_ranks=len(rows))) == _outcome(
+        lambda: decide_from_rows(rows)
+    )
+
+
+def test_a_summary_with_reports_missing_is_refused() -> None:
+    from flashrecovery.shared.commit_rule import StepSummary, decide_from_summary
+
+    two = StepSummary.of([(0, 11, 11, 11), (1, 11, 11, 11)])
+    assert decide_from_summary(two, expected_ranks=2).resume_step == 12
+    with pytest.raises(InconsistentReports, match="2 survivor reports, 3 expected"):
+        decide_from_summary(two, expected_ranks=3)
+    with pytest.raises(InconsistentReports, match="no survivor reports"):
+        decide_from_summary(StepSummary())
