@@ -38,6 +38,7 @@ from .supervisor import Supervisor, job_address_file, write_job_address
 FAULTS = (
     "process-crash",
     "node-crash",
+    "sidecar-crash",
     "hang",
     "ecc",
     "exception",
@@ -310,7 +311,7 @@ class LocalCluster:
         fault_env at start; their time is the sidecar's first report of them."""
         if fault == "none":
             return time.time()
-        if fault in ("process-crash", "hang", "node-crash"):
+        if fault in ("process-crash", "hang", "node-crash", "sidecar-crash"):
             await self.wait_until(
                 lambda: self.rank_status(rank)[1] is not None and self.rank_status(rank)[1].step >= at_step,
                 timeout_s,
@@ -343,6 +344,10 @@ class LocalCluster:
             elif fault == "node-crash":
                 proc = self.sup.procs[f"sidecar-{node}"]
                 os.killpg(proc.pid, signal.SIGKILL)  # the sidecar and every worker it started
+            elif fault == "sidecar-crash":
+                # The sidecar alone: its workers die with it (they are started with a parent-death
+                # SIGKILL), so the node goes silent and is recovered as lost; nothing re-attaches.
+                os.kill(self.sup.procs[f"sidecar-{node}"].pid, signal.SIGKILL)
             else:
                 raise ValueError(f"unknown worker fault {fault!r}")
         except ProcessLookupError:

@@ -132,6 +132,9 @@ def _recover_on_new_cluster(
     [
         ("process-crash", 2, {2}),
         ("node-crash", 5, {4, 5}),
+        # only the sidecar dies: its ranks die with it (parent-death signal) and the silent node
+        # is handled as lost (issue #16 item 6: a sidecar that cannot re-attach)
+        ("sidecar-crash", 3, {2, 3}),
         ("hang", 6, {6}),
     ],
 )
@@ -139,6 +142,9 @@ def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, 
     result = _recover_on_new_cluster(stack, tmp_path, fault, rank)
     assert result["restarted"] == restarted
     _check(result, reference_states)
+    if fault == "sidecar-crash":
+        lost = [i for i in result["incidents"] if i.fault_class == "node_lost"]
+        assert lost and lost[0].root_cause_nodes == ("node-1",), [i.reason for i in result["incidents"]]
 
 
 # A fault the agent injects inside one phase of step AT, and where training must resume: a step
