@@ -25,7 +25,7 @@ from .shared.keys import JobKeys, Role
 from .shared.scram import write_users_file
 from .shared.settings import KafkaSecuritySettings, Settings
 from .shared.signing import write_key_file
-from .shared.stack import KafkaTls, Stack, StackError, start_stack
+from .shared.stack import KafkaTls, RedisTls, Stack, StackError, start_stack
 
 # the Kafka principal of each kind of process (Supervisor.spawn names a child "<kind>[-...]"),
 # and of the process that runs the cluster (its watcher, topic set-up)
@@ -120,7 +120,8 @@ def write_secure_files(d: Path) -> SecureFiles:
 
 def _with_user(url: str, user: str, password: str) -> str:
     u = urlsplit(url)
-    return f"{u.scheme}://{user}:{password}@{u.hostname}:{u.port}{u.path}"
+    query = f"?{u.query}" if u.query else ""  # rediss://: the CA to verify the server with
+    return f"{u.scheme}://{user}:{password}@{u.hostname}:{u.port}{u.path}{query}"
 
 
 def add_redis_users(admin_url: str, job_id: str, d: Path) -> dict[str, str]:
@@ -158,7 +159,12 @@ def start_secure_stack(run_dir: Path, settings: Settings) -> SecureRun:
     per kind of process and a Redis ACL user per role of settings.job_id (the settings carry the
     operator's: the watcher's)."""
     files = write_secure_files(run_dir / "secrets")
-    stack = start_stack(run_dir, schema_namespace=settings.bus.topic_namespace, kafka_tls=files.kafka_tls)
+    stack = start_stack(
+        run_dir,
+        schema_namespace=settings.bus.topic_namespace,
+        kafka_tls=files.kafka_tls,
+        redis_tls=RedisTls(files.certfile, files.keyfile, files.cafile),
+    )
     try:
         redis_urls = add_redis_users(stack.redis_url, settings.job_id, files.dir)
     except BaseException:

@@ -104,6 +104,25 @@ class KafkaTls:
     users_file: Path
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """The embedded redis-server serves TLS only (no plaintext port): its certificate and key,
+    and the CA clients verify it with (named in the `rediss://` URL)."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+
+    def argv(self, port: int) -> list[str]:
+        # clients are not asked for certificates: they authenticate as ACL users
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.certfile),
+                "--tls-key-file", str(self.keyfile), "--tls-ca-cert-file", str(self.cafile),
+                "--tls-auth-clients", "no"]  # fmt: skip
+
+    def url(self, port: int) -> str:
+        return f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={self.cafile}"
+
+
 def start_broker(
     run_dir: Path,
     port: int | None = None,
@@ -155,7 +174,9 @@ def _listening(name: str, proc: subprocess.Popen[bytes], log: Path, port: int, t
     return OwnedProcess(name, proc, log)
 
 
-def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0) -> OwnedProcess:
+def start_redis(
+    run_dir: Path, port: int | None = None, timeout_s: float = 10.0, tls: RedisTls | None = None
+) -> OwnedProcess:
     port = port or free_port()
     run_dir = run_dir.resolve()  # redis-server chdirs to --dir before opening --logfile
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +184,7 @@ def start_redis(run_dir: Path, port: int | None = None, timeout_s: float = 10.0)
     proc = subprocess.Popen(
         [
             redis_binary(),
-            "--port",
-            str(port),
+            *(tls.argv(port) if tls else ["--port", str(port)]),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -222,12 +242,14 @@ def start_stack(
     redis_url: str | None = None,
     schema_namespace: str | None = None,
     kafka_tls: KafkaTls | None = None,
+    redis_tls: RedisTls | None = None,
 ) -> Stack:
     """Start what is not configured; use what is. The caller owns stop(). schema_namespace: the
     broker started here validates every record against the event schemas of the topics of that
     namespace (shared/broker_schemas.py); None: no validation (a broker shared by namespaces).
     kafka_tls: the broker started here listens on a private port behind the SASL/SCRAM + TLS
-    gateway, and the bootstrap is the gateway's address (clients need SASL_SSL)."""
+    gateway, and the bootstrap is the gateway's address (clients need SASL_SSL). redis_tls: the
+    Redis started here serves TLS only, and its URL is `rediss://`."""
     stack = Stack(kafka_bootstrap or "", redis_url or "")
     try:
         if not kafka_bootstrap:
@@ -246,9 +268,9 @@ def start_stack(
                 stack.owned.append(start_gateway(run_dir, public, private, kafka_tls))
                 stack.kafka_bootstrap = f"127.0.0.1:{public}"
         if not redis_url:
-            r = start_redis(run_dir)
-            stack.owned.append(r)
-            stack.redis_url = f"redis://127.0.0.1:{_arg(r.proc, 2)}/0"
+            port = free_port()
+            stack.owned.append(start_redis(run_dir, port, tls=redis_tls))
+            stack.redis_url = redis_tls.url(port) if redis_tls else f"redis://127.0.0.1:{port}/0"
     except BaseException:
         stack.stop()
         raise

@@ -37,6 +37,7 @@ async def _run(tmp: Path, fault: str | None) -> dict:
     try:
         assert settings.bus.security.protocol == "SASL_SSL" and settings.bus.signing_key_file
         assert f"fr-{job}-operator:" in settings.redis_url  # the watcher's ACL user
+        _assert_redis_speaks_tls_only(stack.redis_url)
         # 2 nodes x 2 ranks (dp 2 x tp 2) and the spare: every kind of process, half the count
         c = reference_cluster(
             settings,
@@ -72,6 +73,18 @@ async def _run(tmp: Path, fault: str | None) -> dict:
         if c is not None:
             await c.stop()
         stack.stop()
+
+
+def _assert_redis_speaks_tls_only(url: str) -> None:
+    """Every process reaches Redis over TLS (`rediss://`, verified against the run's CA): the same
+    port refuses a plaintext client."""
+    assert url.startswith("rediss://") and "ssl_ca_certs=" in url
+    plain = redis.Redis.from_url(url.replace("rediss://", "redis://", 1).split("?")[0], socket_timeout=3)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            plain.ping()
+    finally:
+        plain.close()
 
 
 def _redis_view(secure: SecureRun) -> tuple[set[str], list[dict]]:
