@@ -471,7 +471,9 @@ def _failures(
         f.append(f"{commands} refused commands sent, the sidecars logged {logged}")
     # The planner says a word about every valid incident: a decision, a duplicate, another job's.
     delivered = [
-        h for h, w in zip(records, where) if w is not None and h.topic is T.INCIDENTS and h.expect != H.MALFORMED
+        h
+        for h, w in zip(records, where)
+        if w is not None and h.topic is T.INCIDENTS and h.expect in (H.REFUSED, H.OTHER_JOB)
     ]
     said = sum(r["refusals_logged"].get("planner", {}).values())
     if said != len(delivered):
