@@ -399,7 +399,7 @@ def _account(
             ok = ok and all(x.reason.startswith("untrusted") for x in got)
         if h.expect == H.UNAUTHENTICATED:
             ok = ok and all(x.reason.startswith("unauthenticated") for x in got)
-        outcome = "dead_lettered" if got else h.expect
+        outcome = "dead_lettered" if got else h.expect if consumers[h.topic.name] else H.NO_CONSUMER
         by_category[cat][outcome] += 1
         by_topic[h.topic.name][outcome] += 1
         if not ok:
