@@ -241,6 +241,9 @@ class LocalCluster:
             self._producer,
             "watcher",
             from_latest=True,
+            # An onlooker: each topic's consumer dead-letters bad input once; a second copy of
+            # every letter under "watcher" would only double the dead-letter topic.
+            dead_letters=False,
         )
         await self._watcher.start()
         self._watch_task = asyncio.create_task(self._watcher.run())
