@@ -200,7 +200,9 @@ class RecoveryAgent:
     def _standby_wait(self) -> int:
         self.log.info("standby waiting for assign")
         while True:
-            cmd = self._next_cmd()
+            # Unassigned, a standby waits with no deadline (seen: every standby of the spare died
+            # "no command from the sidecar for 600 s" 10 minutes into a fault-free run).
+            cmd = self._next_cmd(bounded=self.rank is not None)
             if isinstance(cmd, ch.Assign):
                 self._on_assign(cmd)
             elif isinstance(cmd, ch.Pause) and self.rank is not None:
@@ -570,8 +572,11 @@ class RecoveryAgent:
         except OSError as exc:
             self.log.warning("sidecar send failed", error=repr(exc))
 
-    def _next_cmd(self) -> ch.Message:
-        timeout = self.settings.command_timeout_s
+    def _next_cmd(self, bounded: bool = True) -> ch.Message:
+        """The sidecar's next command; within command_timeout_s when `bounded` (a paused rank
+        waiting for its recover). An unassigned standby waits as long as the job runs: its
+        sidecar's channel closing is what ends it."""
+        timeout = self.settings.command_timeout_s if bounded else None
         try:
             cmd = self._cmds.get(timeout=timeout)
         except queue.Empty:

@@ -159,7 +159,7 @@ class ManagedAgent(RecoveryAgent):
 
     def _wait_assigned(self) -> None:
         while self.rank is None:
-            cmd = self._next_cmd()
+            cmd = self._next_cmd(bounded=False)  # unassigned: no deadline (RecoveryAgent._standby_wait)
             if isinstance(cmd, ch.Assign):
                 self._on_assign(cmd)
             elif isinstance(cmd, ch.Stop):

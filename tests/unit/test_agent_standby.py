@@ -58,3 +58,43 @@ def test_assigned_standby_reports_paused_on_pause() -> None:
         assert outcome and isinstance(outcome[0], AgentExit)
         conn.close()
         server.close()
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(60)
+def test_an_unassigned_standby_outwaits_the_command_timeout() -> None:
+    """A standby waits for its assignment as long as the job runs fault-free; the command
+    timeout bounds only an assigned rank's wait for its recover (seen: the spare's standbys all
+    died after command_timeout_s, 10 minutes into a fault-free soak)."""
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    with tempfile.TemporaryDirectory() as d:
+        path = str(Path(d) / "agent.sock")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(1)
+        settings = AgentSettings(
+            standby=True, socket=path, world_size=2, rdzv=f"127.0.0.1:{master.port}", command_timeout_s=0.5
+        )
+        agent = RecoveryAgent(settings)
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                agent.start()
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                outcome.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        server.settimeout(20)
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+        assert isinstance(_read(f), ch.Hello)
+        t.join(2.0)  # four command timeouts with nothing to do
+        assert t.is_alive() and not outcome, outcome
+        # assigned, it is a rank waiting for its recover: that wait is bounded
+        conn.sendall(ch.encode(ch.Assign(rank=1, local_rank=0, node_id="spare-0")))
+        t.join(10)
+        assert outcome and "no command from the sidecar" in str(outcome[0])
+        conn.close()
+        server.close()
