@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .process import die_with_parent
 
@@ -152,16 +153,20 @@ def start_broker(
         # tansu reads a file:// registry path relative to its working directory (an absolute
         # one gets the working directory prefixed): give it one relative to run_dir.
         argv += ["--schema-registry", f"file://./{os.path.relpath(schema_dir.resolve(), run_dir)}"]
+    return _spawn_listening("broker", argv, log, port, timeout_s, env=env, cwd=run_dir)
+
+
+def _spawn_listening(name: str, argv: list[str], log: Path, port: int, timeout_s: float, **popen: Any) -> OwnedProcess:
+    """Start argv (output to `log`, its own session, dying with us) and wait until it listens."""
     proc = subprocess.Popen(
         argv,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=env,
-        cwd=run_dir,
         start_new_session=True,
         preexec_fn=die_with_parent,
+        **popen,
     )
-    return _listening("broker", proc, log, port, timeout_s)
+    return _listening(name, proc, log, port, timeout_s)
 
 
 def _listening(name: str, proc: subprocess.Popen[bytes], log: Path, port: int, timeout_s: float) -> OwnedProcess:
@@ -226,14 +231,7 @@ def start_gateway(run_dir: Path, port: int, upstream_port: int, tls: KafkaTls, t
         "--users",
         str(tls.users_file),
     ]
-    proc = subprocess.Popen(
-        argv,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=die_with_parent,
-    )
-    return _listening("kafka-gateway", proc, log, port, timeout_s)
+    return _spawn_listening("kafka-gateway", argv, log, port, timeout_s)
 
 
 def start_stack(
