@@ -440,12 +440,6 @@ class ExecutorService:
 
     async def _command(self, plan: RecoveryPlan, action: CommandAction, attempt: int, **fields: Any) -> str:
         state = await self._run_state(plan.plan_id)
-        # A command is the one act outside Redis: sent only while the lease is surely ours (a
-        # process stopped past its lease sees the monotonic clock moved) and still the newest
-        # token in Redis. The sidecars check the token too, for what slips between the two.
-        if time.monotonic() > self.lease_until:
-            raise FencedOut("lease may have expired: not renewed in time")
-        await self.registry.check_fence()
         cmd = ExecutorCommand(
             job_id=self.s.job_id,
             generation=int(state["generation"]),
@@ -458,20 +452,26 @@ class ExecutorService:
             fence_token=self.token,
             **fields,
         )
-        await self.producer.publish(cmd, wait=True)
+        await self._publish_fenced(cmd)
         self.commands_sent += 1
         self.sent[cmd.command_id] = cmd
         return cmd.command_id
 
-    async def _resend(self, command_id: str, missing: int) -> None:
-        """The same command again, under the same guards as its first sending."""
-        cmd = self.sent.get(command_id)
-        if cmd is None:  # sent by an earlier leader: its retry at the phase timeout covers it
-            return
+    async def _publish_fenced(self, cmd: ExecutorCommand) -> None:
+        # A command is the one act outside Redis: sent only while the lease is surely ours (a
+        # process stopped past its lease sees the monotonic clock moved) and still the newest
+        # token in Redis. The sidecars check the token too, for what slips between the two.
         if time.monotonic() > self.lease_until:
             raise FencedOut("lease may have expired: not renewed in time")
         await self.registry.check_fence()
         await self.producer.publish(cmd, wait=True)
+
+    async def _resend(self, command_id: str, missing: int) -> None:
+        """The same command again (same id), under the same guards as its first sending."""
+        cmd = self.sent.get(command_id)
+        if cmd is None:  # sent by an earlier leader: its retry at the phase timeout covers it
+            return
+        await self._publish_fenced(cmd)
         self.commands_resent += 1
         self.log.info("command_resent", command_id=command_id, action=str(cmd.action), missing=missing)
 
