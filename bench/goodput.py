@@ -2,10 +2,11 @@
 (uniform +-30%), ours against the torchrun baseline. Goodput = net committed steps x the
 system's own fault-free seconds per step / wall time; net steps per second is also reported.
 
-Ours restarts a crashed process in place (planner policy restart_in_place_for_software), so a
-run can absorb any number of faults without running out of spare nodes; the standby on a spare
-node (what the recovery suite measures) is faster but the local cluster has one spare. Node
-quarantine is off for this run: the faults are injected SIGKILLs, not a bad node."""
+Ours restarts a crashed process in place (planner policy restart_in_place_for_software, the
+default) from the node's warm standby (sidecar standbys, default 1; until issue #14 item 1 this
+was a cold start while the job waited), so a run absorbs any number of faults without running out
+of spare nodes. Node quarantine is off for this run: the faults are injected SIGKILLs, not a bad
+node."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ async def goodput_ours(
             "bus": BusSettings(topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2),
         }
     )
-    # Restart in place (one spare could not absorb ten faults), and no quarantine: these are
+    # Restart in place (the default; one spare could not absorb ten faults), and no quarantine: these are
     # injected SIGKILLs, not a flapping node (the default quarantines a node at its 2nd fault in
     # an hour, and with no spare capacity left the job would wait for an operator).
     policy = {

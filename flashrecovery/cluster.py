@@ -128,6 +128,7 @@ class LocalCluster:
     tp: int = 2
     spares: int = 1
     standbys: int | None = None
+    node_standbys: int | None = None  # warm standbys of each active node (None: the settings')
     executors: int = 2
     fault_env: str | None = None
     on_event: Any = None
@@ -213,6 +214,7 @@ class LocalCluster:
                 FLASHRECOVERY_SIDECAR__LOCAL_RANK_BASE=base,
                 FLASHRECOVERY_SIDECAR__CAPACITY=str(self.ranks_per_node),
                 **env,
+                **({} if self.node_standbys is None else {"FLASHRECOVERY_SIDECAR__STANDBYS": str(self.node_standbys)}),
             )
             sidecars.append(f"node-{n}")
         for s in range(self.spares):

@@ -6,7 +6,7 @@
 
 --standalone starts everything on this machine (broker, Redis, rendezvous store, detector,
 planner, two executors, the job's topology, one sidecar for the N ranks and, with --standbys K,
-a spare node keeping K standbys), waits for every rank to finish and stops all of it. Without
+a spare node keeping K standbys, and one warm standby on each node for restarts in place), waits for every rank to finish and stops all of it. Without
 it, this process is node I's sidecar in a job whose control plane runs elsewhere: it needs
 FLASHRECOVERY_KAFKA_BOOTSTRAP, _REDIS_URL, _RDZV (the job's TCPStore server, one per job run)
 and the job id of a topology already registered (nodes node-0 .. node-M-1, N ranks each); it
@@ -119,7 +119,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="--standalone: standby workers kept warm on a spare node to replace a dead "
-        "rank (needs a script using flashrecovery.agent; 0 for a plain script)",
+        "rank, and one on each node for restarts in place (needs a script using "
+        "flashrecovery.agent; 0 for a plain script: no standby anywhere)",
     )
     p.add_argument(
         "--tp",
@@ -296,6 +297,8 @@ async def _standalone(plan: RunPlan, base: Settings) -> int:
         tp=plan.tp,
         spares=1 if plan.standbys else 0,
         standbys=plan.standbys,
+        # --standbys 0 means none anywhere (a plain script cannot have any)
+        node_standbys=None if plan.standbys else 0,
         exit_with_job=True,
         one_machine=True,
         on_event=_printer(quiet=False),

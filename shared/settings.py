@@ -207,8 +207,14 @@ class ExecutorSettings(BaseModel):
 
 
 class PlannerSettings(BaseModel):
+    # With a warm standby on every node (sidecar.standbys) a restart in place is as fast as a
+    # move to a spare, and keeps the spare's slots for the node losses only a spare can absorb.
     restart_in_place_for_software: bool = Field(
-        False, description=("Restart a rank with a software fault in its own node instead of on a standby.")
+        True,
+        description=(
+            "Restart a rank with a software fault on its own node (from the node's warm standby) "
+            "instead of moving it to a spare's standby."
+        ),
     )
     # Only "wait": "shrink" needs rank renumbering and state transfers that are not implemented,
     # so it is refused here (with its own message) rather than driven into a broken job.
@@ -244,6 +250,18 @@ class SidecarSettings(BaseModel):
     )
     world_size: int = Field(0, ge=0, description="The job's number of ranks.")
     capacity: int = Field(2, ge=0, description="Ranks the node can host (its accelerators).")
+    # Issue #14 item 1: a software fault restarts the rank in place (planner policy
+    # restart_in_place_for_software) from a process that has already imported torch, in the
+    # same ~0.1 s as a spare's standby; without one the node cold-starts a process while the
+    # whole job waits (seconds on a loaded machine).
+    standbys: int = Field(
+        1,
+        ge=0,
+        description=(
+            "Warm standby workers an active node keeps for restarts in place, started again once "
+            "its ranks train after a recovery; 0: a cold start. A spare keeps one per free slot instead."
+        ),
+    )
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Interval of this node's heartbeats.")
     # Off by default: a subscriber that predates the compact forms would see no ranks.
     rank_columns: bool = Field(

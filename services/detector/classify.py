@@ -253,6 +253,10 @@ def _on_exit(job: JobState, ev: WorkerExit, now: float, cfg: Config, out: list[D
             rv.stall_start = INF
     if ev.expected:
         return
+    if ev.rank is None:
+        # A standby holds no rank and no state: its sidecar starts another. An incident would
+        # name no rank, and the planner restarts every rank of a node when none is named.
+        return
     how = f"signal {ev.signal}" if ev.signal is not None else f"exit code {ev.exit_code}"
     evidence = Evidence(
         source="worker_exit",

@@ -134,7 +134,8 @@ class _Faults:
     reasons: list[str] = field(default_factory=list)
 
 
-def _collect(inp: PlanInput, incidents: list[FaultIncident]) -> _Faults:
+def _collect(inp: PlanInput, incidents: list[FaultIncident], handled: frozenset[str] = frozenset()) -> _Faults:
+    """`handled`: the incidents of the plan being superseded, whose ranks it already restarted."""
     f = _Faults()
     for inc in incidents:
         iid = inc.incident_id
@@ -167,10 +168,16 @@ def _collect(inp: PlanInput, incidents: list[FaultIncident]) -> _Faults:
             # A rank a superseded plan already moved off the incident's node runs there as an
             # assigned standby: it is restored again (PlanInput.recovering), not restarted once
             # more (that killed the fresh standby and left the next rank a cold start in place).
-            moved = [p for p in pos.tolist() if inp.recovering[p] and nodes and int(inp.node_of[p]) not in nodes]
+            # So is a rank that plan restarted in place for this same incident: its process is
+            # the node's standby, assigned (restarting it again killed it for a cold start).
+            moved = [
+                p
+                for p in pos.tolist()
+                if inp.recovering[p] and ((nodes and int(inp.node_of[p]) not in nodes) or iid in handled)
+            ]
             if moved:
                 f.reasons.append(
-                    f"{iid}: ranks {inp.rank[moved].tolist()} already moved by a "
+                    f"{iid}: ranks {inp.rank[moved].tolist()} already restarted by a "
                     "superseded plan: restored again, not restarted"
                 )
             for p in pos.tolist():
@@ -201,7 +208,7 @@ def plan(
     new_ids, done = _new_incidents(ids, reasons, active_plan)
     if done is not None:
         return done
-    faults = _collect(inp, incs)
+    faults = _collect(inp, incs, frozenset(active_plan.incident_ids) if active_plan is not None else frozenset())
     reasons += faults.reasons
     idle = _inert(ids, new_ids, faults, reasons, active_plan)
     if idle is not None:

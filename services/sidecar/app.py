@@ -53,9 +53,15 @@ from .core import (
     reports_stages,
     stage_failure,
     stage_reached,
+    standbys_to_start,
+    standbys_wanted,
     worker_argv,
     worker_env,
 )
+
+# How long a new standby waits for this node's ranks to train again before it starts anyway
+# (a rank left paused by a WAIT plan must not cost the node its standby for good).
+REFILL_WAIT_S = 60.0
 
 
 @dataclass
@@ -124,6 +130,9 @@ class SidecarService:
         self.tasks: set[asyncio.Task] = set()
         self.verify_target: dict[str, int] = {}  # command id -> resume step awaiting "verified"
         self.result: tuple[int, str] | None = None  # exit_with_job: (exit code, reason) once ended
+        self.refill_lock = asyncio.Lock()
+        self.standbys_kept = self.cfg.standbys
+        self.standbys_off = False  # an active node's standby could not serve (a plain script)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -135,7 +144,7 @@ class SidecarService:
         await self.consumer.wait_assigned()
         for local_rank, rank in enumerate(self.cfg.rank_list()):
             await self._launch(local_rank, rank)
-        await self._refill_standbys()
+        self._spawn(self._refill_standbys())
         self._spawn(self._heartbeat_loop())
         self.log.info("ready", role=self.cfg.role, ranks=self.cfg.rank_list(), socket=str(self.sock_path))
 
@@ -233,13 +242,29 @@ class SidecarService:
         return w
 
     async def _refill_standbys(self) -> None:
-        """Spares keep (capacity - hosted ranks) standbys warm; active nodes keep none."""
-        if self.cfg.role != "spare":
+        """Keep this node's warm standbys (core.standbys_wanted): started once its ranks train,
+        or after REFILL_WAIT_S if they do not, so a recovery here never shares its CPU with a
+        new interpreter importing torch."""
+        if self.standbys_off:
             return
-        want = max(0, self.cfg.capacity - len(self._ranked()))
-        free_local = sorted(set(range(self.cfg.capacity)) - {w.local_rank for w in self._ranked()})
-        for i in range(want - len(self._standbys())):
-            await self._launch(free_local[i % max(1, len(free_local))] if free_local else 0, None)
+        async with self.refill_lock:
+
+            def due(waited_out: bool = False) -> int:
+                wanted = standbys_wanted(self.cfg.role, self.cfg.capacity, len(self._ranked()), self.standbys_kept)
+                states = [w.state for w in self._ranked()]
+                return standbys_to_start(wanted, len(self._standbys()), states, waited_out)
+
+            if due(waited_out=True) == 0:
+                return
+            waited = await self._wait_for(lambda: self.stopping.is_set() or due() > 0, REFILL_WAIT_S)
+            if self.stopping.is_set() or self.standbys_off:
+                return
+            n = due(waited_out=not waited)
+            free_local = sorted(set(range(self.cfg.capacity)) - {w.local_rank for w in self._ranked()})
+            for i in range(n):
+                await self._launch(free_local[i % len(free_local)] if free_local else 0, None)
+            if n:
+                self.log.info("standbys_started", count=n, waited_out=not waited)
 
     async def _watch_exit(self, w: Worker) -> None:
         rc = await w.proc.wait()
@@ -272,6 +297,20 @@ class SidecarService:
             )
         async with self.events:
             self.events.notify_all()
+        if w.rank is None and not self.stopping.is_set():
+            if w.writer is not None:  # a standby that worked: start another (an OOM kill, say)
+                self._spawn(self._refill_standbys())
+            elif self.cfg.role == "active" and not w.expected_exit:
+                # An active node's standbys only speed up restarts in place: a worker that cannot
+                # be one (a plain script has no agent to wait in) costs the job nothing but them.
+                self.standbys_off = True
+                self.log.warning(
+                    "standbys_off",
+                    pid=w.pid,
+                    code=rc,
+                    reason="a standby ended without connecting to the agent; restarts here start cold",
+                )
+                return
         if plain and w.state == RankState.DONE:
             await self._finished(w, w.step)
         elif plain and self.cfg.exit_with_job and not self.stopping.is_set():

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flashrecovery.shared.schemas import ExecutorCommand
+from flashrecovery.shared.schemas import ExecutorCommand, RankState
 from flashrecovery.shared.settings import agent_env
 
 # A cheap first pass only: anything that smells like an error goes to the detector, which owns
@@ -172,6 +172,28 @@ def lost_before_recover(generation: int, replaced: Iterable[int], workers: Itera
             and w.rank not in skip
         }
     )
+
+
+# ---------------------------------------------------------------- warm standbys
+# A rank in these states is still being started or recovered: a new standby's torch import would
+# take CPU that the recovery on this node needs (issue #14 item 1: replenished off the critical path).
+_REFILL_WAITS_FOR = frozenset({RankState.STARTING, RankState.PAUSED, RankState.RECOVERING})
+
+
+def standbys_wanted(role: str, capacity: int, hosted: int, per_node: int) -> int:
+    """Standbys this node keeps warm: a spare one per free slot (the planner moves replaced
+    ranks onto them); an active node `per_node`, for restarting its own ranks in place."""
+    return max(0, capacity - hosted) if role == "spare" else max(0, per_node)
+
+
+def standbys_to_start(wanted: int, standing: int, rank_states: Iterable[RankState], waited_out: bool = False) -> int:
+    """How many standbys to start now: none while a rank of this node is starting or
+    recovering, unless the caller has waited that out (bounded); none once a rank has finished
+    (the job is ending: nothing will restart); else the ones missing."""
+    states = list(rank_states)
+    if RankState.DONE in states or (not waited_out and any(s in _REFILL_WAITS_FOR for s in states)):
+        return 0
+    return max(0, wanted - standing)
 
 
 def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:

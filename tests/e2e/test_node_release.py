@@ -33,7 +33,10 @@ def _cli(settings, *argv: str) -> subprocess.CompletedProcess:
     return res
 
 
-def test_a_released_spare_absorbs_a_replacement(stack, tmp_path: Path):
+def test_a_released_spare_absorbs_a_replacement(stack, tmp_path: Path, monkeypatch):
+    # the crash must move its rank (by default a software fault restarts in place)
+    monkeypatch.setenv("FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE", "false")
+
     async def go():
         c = _cluster(stack, tmp_path)  # 4 nodes x 2 ranks (tp 2) + the sidecar of spare-0
         s = c.settings

@@ -69,11 +69,13 @@ def _fault_free(stack, tmp: Path, job_args: str = "") -> dict:
     return asyncio.run(go())
 
 
-async def _recover(c: LocalCluster, fault: str, rank: int, during=None) -> dict:
-    """Run the job with one fault (and optionally a second action during recovery); return
-    what the checks need."""
+async def _recover(c: LocalCluster, fault: str, rank: int, during=None, before=None) -> dict:
+    """Run the job with one fault (and optionally an action before it, once training started,
+    and one during recovery); return what the checks need."""
     await c.start()
     await c.wait_until(lambda: c.min_step() >= 1, 300, "training to start")
+    if before is not None:
+        await before(c)
     pids = {r: s.pid for r, (_, s) in c.timeline.rank_view().items()}
     fault_at = await c.inject(fault, rank, AT)
     if during is not None:
@@ -114,13 +116,14 @@ def _recover_on_new_cluster(
     during=None,
     job_args: str = "",
     signing_key_file: Path | None = None,
+    before=None,
 ) -> dict:
     """A fresh cluster, one fault, its recovery awaited; the cluster is stopped whatever happens."""
 
     async def go():
         c = _cluster(stack, tmp, fault_env, job_args, signing_key_file)
         try:
-            return await _recover(c, fault, rank, during=during)
+            return await _recover(c, fault, rank, during=during, before=before)
         finally:
             await c.stop()
 
@@ -253,11 +256,36 @@ def test_executor_leader_killed_during_replace(stack, tmp_path, reference_states
     _check(result, reference_states)
 
 
+def _standby_pids(c: LocalCluster, node: str) -> set[int]:
+    hb = c.timeline.heartbeats.get(node)
+    return {r.pid for r in hb.rank_statuses() if r.rank is None} if hb else set()
+
+
+def test_crash_restarted_in_place_from_the_nodes_warm_standby(stack, tmp_path, reference_states):
+    """Issue #14 item 1, the defaults: a process crash restarts the rank on its own node, and the
+    process that becomes the rank is the node's warm standby, started before the fault (torch
+    imported), not a cold start; the spare's standbys are left for node losses."""
+    warm: set[int] = set()
+
+    async def standby_started(c: LocalCluster):
+        await c.wait_until(lambda: bool(_standby_pids(c, "node-1")), 120, "node-1's warm standby")
+        warm.update(_standby_pids(c, "node-1"))
+
+    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, before=standby_started)
+    assert result["restarted"] == {2}
+    [plan] = result["plans"]
+    assert [(r.from_node, r.to_node, r.mode) for r in plan.replacements] == [("node-1", "node-1", "in_place")]
+    assert result["states"][2]["pid"] in warm, "the rank was not restarted from the node's warm standby"
+    _check(result, reference_states)
+
+
 def test_crash_restarted_in_place_cold_start(stack, tmp_path, reference_states, monkeypatch):
-    """Planner policy restart-in-place: the crashed rank's own node starts a new process (no
-    pre-started standby there). The replace must complete on its first attempt: a standby's hello
-    has to wake the waiting replace even though every other worker is paused and silent."""
+    """Planner policy restart-in-place with no warm standby on the node (sidecar standbys 0):
+    the crashed rank's own node starts a new process. The replace must complete on its first
+    attempt: a standby's hello has to wake the waiting replace even though every other worker
+    is paused and silent."""
     monkeypatch.setenv("FLASHRECOVERY_PLANNER__RESTART_IN_PLACE_FOR_SOFTWARE", "true")
+    monkeypatch.setenv("FLASHRECOVERY_SIDECAR__STANDBYS", "0")
     timeout = Settings().executor.phase_timeout_s
 
     result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2)

@@ -115,7 +115,7 @@ class Sim:
 
 def exit_(
     node: str,
-    rank: int,
+    rank: int | None,
     *,
     expected: bool = False,
     generation: int = 0,
@@ -129,7 +129,7 @@ def exit_(
         producer="sidecar",
         node_id=node,
         rank=rank,
-        pid=1000 + rank,
+        pid=1000 + (rank if rank is not None else 999),
         signal=signal,
         exit_code=None if signal else 0,
         expected=expected,
@@ -162,6 +162,18 @@ def test_expected_exit_is_not_a_fault() -> None:
     sim.feed(exit_("n2", 5, expected=True, signal=None), 3.05)
     sim.run(3.1, 6)
     assert sim.incidents() == []
+
+
+def test_a_standby_dying_is_not_a_fault_of_its_node() -> None:
+    """A standby holds no rank (its sidecar starts another); an incident naming no rank would
+    restart every rank of the active node that kept it (issue #14 item 1: standbys on every node)."""
+    sim = Sim()
+    sim.run(0, 3)
+    sim.feed(exit_("n2", None), 3.05)
+    sim.run(3.1, 6)
+    assert sim.incidents() == []
+    sim.feed(exit_("n2", 5), 6.05)  # a rank of that node still is
+    assert [i.root_cause_ranks for i in sim.incidents()] == [(5,)]
 
 
 @pytest.mark.parametrize(

@@ -89,26 +89,26 @@ CASES = [
         {2: ("spare-0", "standby"), 3: ("spare-0", "standby")},
     ),
     (
-        "software -> standby (default)",
+        "software -> in place (default: the node's warm standby)",
         grid(),
         [inc("a", ("node-2",), RESTART, (5,))],
         Policy(),
         (5,),
-        {5: ("spare-0", "standby")},
+        {5: ("node-2", "in_place")},
     ),
     (
-        "software in place by policy",
+        "software -> a spare's standby by policy",
         grid(),
         [inc("a", ("node-2",), RESTART, (5,))],
-        Policy(restart_in_place_for_software=True),
+        Policy(restart_in_place_for_software=False),
         (5,),
-        {5: ("node-2", "in_place")},
+        {5: ("spare-0", "standby")},
     ),
     (
         "software, no spare -> in place",
         grid(spares=0),
         [inc("a", ("node-2",), RESTART, (5,))],
-        Policy(),
+        Policy(restart_in_place_for_software=False),
         (5,),
         {5: ("node-2", "in_place")},
     ),
@@ -116,7 +116,7 @@ CASES = [
         "software, no ranks named -> whole node",
         grid(),
         [inc("a", ("node-2",), RESTART)],
-        Policy(),
+        Policy(restart_in_place_for_software=False),
         (4, 5),
         {4: ("spare-0", "standby"), 5: ("spare-0", "standby")},
     ),
@@ -463,12 +463,35 @@ def test_a_rank_moved_by_a_superseded_plan_keeps_its_standby():
     restarted again) and rank 5 takes spare-0's other slot: no cold start in place."""
     snap = with_rank_state(grid(spares=1), RankState.RECOVERING, {2}, node="spare-0")
     p = plan(
-        snap, [inc("a", ("node-1",), RESTART, ranks=(2,)), inc("b", ("node-2",), RESTART, ranks=(5,))], Policy(), NOW
+        snap,
+        [inc("a", ("node-1",), RESTART, ranks=(2,)), inc("b", ("node-2",), RESTART, ranks=(5,))],
+        Policy(restart_in_place_for_software=False),
+        NOW,
     )
     assert p.restart_ranks == (2, 5)
     assert {(r.rank, r.to_node, r.mode) for r in p.replacements} == {(5, "spare-0", "standby")}
     assert {t.dst for t in p.transfers} == {2, 5}
     check_sources(snap, p)
+
+
+def test_a_rank_restarted_in_place_by_a_superseded_plan_keeps_its_standby():
+    """The in-place twin of the test above (the default policy): the first plan restarted rank 2
+    on node-1 from node-1's warm standby; a crash of rank 5 supersedes it before rank 2 was
+    restored. Rank 2 is restored again, its process kept (killing it left a cold start), unless
+    a new incident names it again (then its replacement died: restarted)."""
+    first = plan(grid(), [inc("a", ("node-1",), RESTART, ranks=(2,))], Policy(), NOW)
+    assert isinstance(first, RecoveryPlan)
+    assert [(r.rank, r.to_node, r.mode) for r in first.replacements] == [(2, "node-1", "in_place")]
+    snap = with_rank_state(grid(), RankState.RECOVERING, {2})
+    a, b = inc("a", ("node-1",), RESTART, ranks=(2,)), inc("b", ("node-2",), RESTART, ranks=(5,))
+    p = plan(snap, [a, b], Policy(), NOW + 1, active_plan=first)
+    assert p.restart_ranks == (2, 5)
+    assert {(r.rank, r.to_node, r.mode) for r in p.replacements} == {(5, "node-2", "in_place")}
+    assert {t.dst for t in p.transfers} == {2, 5}
+    check_sources(snap, p)
+    c = inc("c", ("node-1",), RESTART, ranks=(2,))  # (a 2nd fault of node-1: no quarantine here)
+    again = plan(snap, [a, c], Policy(quarantine_faults=3), NOW + 1, active_plan=first)
+    assert {(r.rank, r.to_node, r.mode) for r in again.replacements} == {(2, "node-1", "in_place")}
 
 
 @pytest.mark.parametrize(

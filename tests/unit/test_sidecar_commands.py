@@ -44,7 +44,8 @@ async def _sidecar(tmp_path, node_id: str, monkeypatch):
             job_id="j",
             runtime_dir=str(tmp_path),
             redis_url="redis://127.0.0.1:9",
-            sidecar=SidecarSettings(node_id=node_id, role="active"),
+            # no standby of its own: these tests hand it the workers they need
+            sidecar=SidecarSettings(node_id=node_id, role="active", standbys=0),
         )
     )
     acks: list = []
@@ -148,7 +149,9 @@ async def test_a_digest_mismatch_fails_the_restore_stage_at_once(tmp_path, monke
         await w.proc.wait()
 
 
-async def _plain_exit(tmp_path, monkeypatch, code: int, rank: int | None, exit_with_job: bool = True):
+async def _plain_exit(
+    tmp_path, monkeypatch, code: int, rank: int | None, exit_with_job: bool = True, role: str = "active"
+):
     """A worker that never connected to the agent (a plain torchrun script) exits with `code`."""
     monkeypatch.setattr(busmod, "Producer", _Bus)
     monkeypatch.setattr(busmod, "Consumer", _Bus)
@@ -157,7 +160,13 @@ async def _plain_exit(tmp_path, monkeypatch, code: int, rank: int | None, exit_w
             job_id="j",
             runtime_dir=str(tmp_path),
             redis_url="redis://127.0.0.1:9",
-            sidecar=SidecarSettings(node_id="node-0", ranks="0,1", world_size=2, exit_with_job=exit_with_job),
+            sidecar=SidecarSettings(
+                node_id="node-0" if role == "active" else "spare-0",
+                role=role,
+                ranks="0,1" if role == "active" else "",
+                world_size=2,
+                exit_with_job=exit_with_job,
+            ),
         )
     )
     published, finished = [], []
@@ -203,9 +212,19 @@ async def test_a_plain_rank_failing_ends_the_run_with_its_reason(tmp_path, monke
     assert reason.startswith("rank 1 (pid") and "(exit code 3)" in reason and "w.log" in reason
 
 
-async def test_a_plain_standby_ends_the_run_saying_standbys_0(tmp_path, monkeypatch):
-    svc, _, _ = await _plain_exit(tmp_path, monkeypatch, 1, None)
+async def test_a_plain_standby_on_a_spare_ends_the_run_saying_standbys_0(tmp_path, monkeypatch):
+    svc, _, _ = await _plain_exit(tmp_path, monkeypatch, 1, None, role="spare")
     assert svc.result[0] == 1 and "use --standbys 0" in svc.result[1]
+
+
+async def test_a_plain_standby_on_an_active_node_only_turns_its_standbys_off(tmp_path, monkeypatch):
+    """An active node's standby only speeds up restarts in place: a plain script's (it cannot
+    wait for a rank) turns the node's standbys off, and the run goes on."""
+    svc, _, _ = await _plain_exit(tmp_path, monkeypatch, 1, None)
+    assert svc.result is None and not svc.stopping.is_set()
+    assert svc.standbys_off
+    await asyncio.wait_for(svc._refill_standbys(), 5)  # and starts no other
+    assert svc.workers.keys() == {w.pid for w in svc.workers.values() if w.proc.returncode is not None}
 
 
 async def test_without_exit_with_job_a_plain_failure_is_left_to_the_control_plane(tmp_path, monkeypatch):

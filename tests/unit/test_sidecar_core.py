@@ -1,6 +1,6 @@
 import pytest
 
-from flashrecovery.shared.schemas import CommandAction, ExecutorCommand
+from flashrecovery.shared.schemas import CommandAction, ExecutorCommand, RankState
 from flashrecovery.sidecar.core import (
     CommandGate,
     TokenBucket,
@@ -9,6 +9,8 @@ from flashrecovery.sidecar.core import (
     reports_stages,
     stage_failure,
     stage_reached,
+    standbys_to_start,
+    standbys_wanted,
 )
 
 
@@ -131,3 +133,28 @@ def test_a_rank_lost_since_the_fence_fails_the_recover_at_once():
     workers.append(WorkerFate(5, alive=True, unexpected_exit=False, exited_in_generation=None))
     assert lost_before_recover(gen, replaced=[2], workers=workers) == [7]
     assert lost_before_recover(gen, replaced=[2, 7], workers=workers) == []
+
+
+# ---------------------------------------------------------------- warm standbys (issue #14 item 1)
+RUN, REC, PAUSED, START = RankState.RUNNING, RankState.RECOVERING, RankState.PAUSED, RankState.STARTING
+
+
+def test_an_active_node_keeps_its_standbys_whatever_it_hosts_a_spare_its_free_slots():
+    assert standbys_wanted("active", capacity=2, hosted=2, per_node=1) == 1
+    assert standbys_wanted("active", capacity=2, hosted=2, per_node=0) == 0
+    assert standbys_wanted("spare", capacity=2, hosted=0, per_node=1) == 2
+    assert standbys_wanted("spare", capacity=2, hosted=1, per_node=1) == 1  # a rank moved here
+    assert standbys_wanted("spare", capacity=2, hosted=3, per_node=1) == 0
+
+
+def test_a_used_standby_is_replenished_once_the_node_trains_again():
+    # the standby became the restarted rank: none left, and that rank is still recovering
+    assert standbys_to_start(1, 0, [RUN, REC]) == 0
+    assert standbys_to_start(1, 0, [RUN, PAUSED]) == 0
+    assert standbys_to_start(1, 0, [START, START]) == 0  # nor while the job starts
+    assert standbys_to_start(1, 0, [RUN, RUN]) == 1
+    assert standbys_to_start(1, 0, [RUN, REC], waited_out=True) == 1  # bounded: a long WAIT plan
+    assert standbys_to_start(1, 1, [RUN, RUN]) == 0  # never more than wanted
+    assert standbys_to_start(2, 1, []) == 1  # a spare with no rank yet
+    assert standbys_to_start(1, 0, [RankState.HUNG, RUN]) == 1
+    assert standbys_to_start(1, 0, [RankState.DONE, RUN], waited_out=True) == 0  # the job is ending
