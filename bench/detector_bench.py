@@ -33,7 +33,7 @@ TICK_S = 0.1
 LAG_LIMIT_S = 1.0  # DetectorService.LAG_LIMIT_S
 
 
-def beat_bytes(node: int, ranks: int, seq: int, t: float, columns: bool = False) -> bytes:
+def beat_bytes(node: int, ranks: int, seq: int, t: float, columns: bool = False, interval: float = 1.0) -> bytes:
     """A node heartbeat as a sidecar would encode it (built as a dict: cheap to generate);
     columns: the compact rank_columns form (sidecar setting rank_columns)."""
     step = int(t / STEP_S)
@@ -70,7 +70,7 @@ def beat_bytes(node: int, ranks: int, seq: int, t: float, columns: bool = False)
             "node_id": f"node-{node:05d}",
             "role": "active",
             "seq": seq,
-            "interval_s": 1.0,
+            "interval_s": interval,
             "standby_ready": 0,
             **form,
         }
@@ -98,12 +98,26 @@ def exit_bytes(node: int, rank: int) -> bytes:
     )
 
 
-def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float, columns: bool = False) -> dict:
+def run(
+    nodes: int,
+    ranks: int,
+    seconds: float,
+    lost_at: float,
+    crash_at: float,
+    columns: bool = False,
+    interval: float = 1.0,
+    shards: int = 1,
+) -> dict:
+    """`interval`: every node's heartbeat interval (0.25: 4 Hz, issue #14 item 3). `shards`: the
+    detector instances the telemetry partitions are split among; this one instance gets every
+    `shards`-th node (the lost and the crashed node among them), as a partition of the topic would."""
     cfg = core.Config.from_settings(DetectorSettings(), producer="bench")
+    nodes_all = nodes
+    nodes = -(-nodes // shards)  # this instance's share; node indices below are 0..share-1
     state = DetectorState()
     lost_node, crash_node = nodes // 3, (2 * nodes) // 3
     crash_rank = crash_node * ranks + 1
-    phase = [i / nodes for i in range(nodes)]  # node i beats at i/N of each second
+    phase = [i / nodes for i in range(nodes)]  # node i beats at i/N of each interval
     seq = [0] * nodes
     last_beat = [0.0] * nodes
     incidents: list[tuple[float, object]] = []
@@ -112,7 +126,7 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
     lag_max = 0.0
     crash_sent: float | None = None
     cursor = 0  # next (second, node) to emit, as a flat counter
-    total = int(seconds) * nodes
+    total = int(seconds / interval) * nodes
     t0 = time.monotonic()
     next_tick = 0.0
     pending: list[tuple[float, bytes]] = []
@@ -123,8 +137,8 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
             break
         # what the sidecars have sent by now (generation is not timed as detector work)
         while cursor < total:
-            sec, i = divmod(cursor, nodes)
-            at = sec + phase[i]
+            beat, i = divmod(cursor, nodes)
+            at = (beat + phase[i]) * interval
             if at > now:
                 break
             cursor += 1
@@ -132,7 +146,7 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
                 continue
             seq[i] += 1
             last_beat[i] = at
-            pending.append((at, beat_bytes(i, ranks, seq[i], at, columns)))
+            pending.append((at, beat_bytes(i, ranks, seq[i], at, columns, interval)))
         if crash_sent is None and now >= crash_at:
             crash_sent = now
             pending.append((now, exit_bytes(crash_node, crash_rank)))
@@ -170,6 +184,9 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
     crash = by_class.get("process_crash")
     return {
         "form": "rank_columns" if columns else "rank objects",
+        "heartbeat_interval_s": interval,
+        "shards": shards,
+        "nodes_in_job": nodes_all,
         "nodes": nodes,
         "ranks_per_node": ranks,
         "ranks": nodes * ranks,
@@ -182,7 +199,7 @@ def run(nodes: int, ranks: int, seconds: float, lost_at: float, crash_at: float,
         "max_lag_after_warmup_s": round(lag_max, 3),
         "ticks_held_while_behind": frozen,
         "node_lost_latency_from_last_beat_s": round(lost[0] - last_beat[lost_node], 3) if lost else None,
-        "node_lost_budget_s": 3.0 + 1.0,
+        "node_lost_budget_s": interval * cfg.heartbeat_misses + interval,
         "crash_latency_s": round(crash[0] - crash_sent, 4) if crash and crash_sent else None,
         "incidents": [
             {"class": i.fault_class.value, "nodes": list(i.root_cause_nodes), "ranks": list(i.root_cause_ranks)}
@@ -339,6 +356,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--lost-at", type=float, default=10.3)
     ap.add_argument("--crash-at", type=float, default=20.55)
+    ap.add_argument("--interval", type=float, default=1.0, help="heartbeat interval, s (0.25: 4 Hz)")
+    ap.add_argument("--shards", type=int, default=1, help="detector instances; this run is one of them")
+    ap.add_argument("--columns", action="store_true", help="heartbeats in the compact rank_columns form")
     ap.add_argument("--out", default="bench/results/detector.json")
     args = ap.parse_args()
     if args.produce:
@@ -346,7 +366,11 @@ def main() -> None:
             _produce(args.produce, "bench", args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at, args.out)
         )
         return
-    result = {"core": run(args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at)}
+    result = {
+        "core": run(
+            args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at, args.columns, args.interval, args.shards
+        )
+    }
     if args.broker:
         result["broker"] = asyncio.run(
             run_broker(args.broker_nodes or args.nodes, args.ranks, args.seconds, args.lost_at, args.crash_at)
