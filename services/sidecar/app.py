@@ -144,7 +144,7 @@ class SidecarService:
         await self.consumer.wait_assigned()
         for local_rank, rank in enumerate(self.cfg.rank_list()):
             await self._launch(local_rank, rank)
-        self._spawn(self._refill_standbys())
+        await self._refill_standbys(at_start=True)
         self._spawn(self._heartbeat_loop())
         self.log.info("ready", role=self.cfg.role, ranks=self.cfg.rank_list(), socket=str(self.sock_path))
 
@@ -241,9 +241,11 @@ class SidecarService:
         self.log.info("worker_started", rank=rank, pid=proc.pid, standby=rank is None)
         return w
 
-    async def _refill_standbys(self) -> None:
-        """Keep this node's warm standbys (core.standbys_wanted): started once its ranks train,
-        or after REFILL_WAIT_S if they do not, so a recovery here never shares its CPU with a
+    async def _refill_standbys(self, at_start: bool = False) -> None:
+        """Keep this node's warm standbys (core.standbys_wanted). At the sidecar's start they
+        start with its ranks (the job is starting anyway; started later they would import torch
+        while it trains, and on a shared machine stall it). A refill waits until its ranks
+        train, or REFILL_WAIT_S if they do not, so a recovery here never shares its CPU with a
         new interpreter importing torch."""
         if self.standbys_off:
             return
@@ -256,15 +258,15 @@ class SidecarService:
 
             if due(waited_out=True) == 0:
                 return
-            waited = await self._wait_for(lambda: self.stopping.is_set() or due() > 0, REFILL_WAIT_S)
+            ranks_train = at_start or await self._wait_for(lambda: self.stopping.is_set() or due() > 0, REFILL_WAIT_S)
             if self.stopping.is_set() or self.standbys_off:
                 return
-            n = due(waited_out=not waited)
+            n = due(waited_out=at_start or not ranks_train)
             free_local = sorted(set(range(self.cfg.capacity)) - {w.local_rank for w in self._ranked()})
             for i in range(n):
                 await self._launch(free_local[i % len(free_local)] if free_local else 0, None)
             if n:
-                self.log.info("standbys_started", count=n, waited_out=not waited)
+                self.log.info("standbys_started", count=n, at_start=at_start, waited_out=not ranks_train)
 
     async def _watch_exit(self, w: Worker) -> None:
         rc = await w.proc.wait()
