@@ -17,9 +17,13 @@ from flashrecovery.bench.hostile_run import Config, run
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.mark.parametrize("signing", [False, True], ids=["unsigned", "signed"])
-def test_hostile_records_while_training(stack, tmp_path, signing):
-    cfg = Config(messages=500, rate=70.0, signing=signing, pre_s=4.0, margin_s=5.0, oversized=2, seed=7)
+# Signing off: with signing on, most records stop at the signature check, so this run goes
+# deeper into every consumer's validation. The signed run (forged, unsigned, bad MAC) is the
+# benchmark's `--signing` (docs/results/hostile_run_10k_2core.json); the suite keeps signing's
+# refusals in tests/integration/test_signed_bus.py and tests/e2e/test_secure_recovery.py. Each
+# run takes ~150 s on 2 cores and the suite must stay within its time budget.
+def test_hostile_records_while_training(stack, tmp_path):
+    cfg = Config(messages=500, rate=70.0, signing=False, pre_s=4.0, margin_s=5.0, oversized=2, seed=7)
     r = asyncio.run(run(cfg, tmp_path, stack))
     assert r["trained_through_burst"], "the burst must happen while the job trains"
     assert (r["incidents"], r["plans"], r["commands"]) == (0, 0, 0)
@@ -31,10 +35,7 @@ def test_hostile_records_while_training(stack, tmp_path, signing):
     per = r["dead_letters_per_consumer"]
     assert {"detector", "planner", "executor-0-plans", "sidecar-node-0", "sidecar-spare-0"} <= per.keys()
     assert r["dead_letters"] >= r["records"] // 4
-    if signing:
-        assert r["unauthenticated_refusals"] > 0 and r["by_category"]["forged:unsigned"]["tried"] > 0
-    else:
-        assert r["unauthenticated_refusals"] == 0
+    assert r["unauthenticated_refusals"] == 0
     refused = r["by_category"]
     assert refused["absurd:command"].get(H.REFUSED, 0) > 0 and refused["absurd:plan"].get(H.REFUSED, 0) > 0
     assert r["ok"], r["failures"]
