@@ -108,6 +108,10 @@ def _update_ranks(
     samples = job.samples
     step_max = job.step_max
     for rank, local_rank, _, st, step, t, _, phase, phase_s, since, proc in hb.rank_rows():
+        if rank is None:
+            # A standby: nothing to watch, and keyed by local rank it would replace the view of
+            # a rank sharing its local rank (a stopped rank hidden, its peers blamed).
+            continue
         rv = ranks.get(local_rank)
         if rv is None:
             rv = ranks[local_rank] = RankView(rank)

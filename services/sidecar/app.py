@@ -53,6 +53,7 @@ from .core import (
     reports_stages,
     stage_failure,
     stage_reached,
+    standby_local_ranks,
     standbys_to_start,
     standbys_wanted,
     worker_argv,
@@ -262,9 +263,9 @@ class SidecarService:
             if self.stopping.is_set() or self.standbys_off:
                 return
             n = due(waited_out=at_start or not ranks_train)
-            free_local = sorted(set(range(self.cfg.capacity)) - {w.local_rank for w in self._ranked()})
-            for i in range(n):
-                await self._launch(free_local[i % len(free_local)] if free_local else 0, None)
+            used = [w.local_rank for w in self._ranked()] + [w.local_rank for w in self._standbys()]
+            for local_rank in standby_local_ranks(used, n):
+                await self._launch(local_rank, None)
             if n:
                 self.log.info("standbys_started", count=n, at_start=at_start, waited_out=not ranks_train)
 

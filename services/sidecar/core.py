@@ -186,6 +186,21 @@ def standbys_wanted(role: str, capacity: int, hosted: int, per_node: int) -> int
     return max(0, capacity - hosted) if role == "spare" else max(0, per_node)
 
 
+def standby_local_ranks(used: Iterable[int], n: int) -> list[int]:
+    """Local ranks for n new standbys: the lowest not held by a rank or another standby of this
+    node. A heartbeat's rows are keyed by local rank (the detector's view of a node), so a
+    standby sharing its rank's (an active node's, whose ranks fill its slots) hid that rank:
+    a stopped rank went unseen and its blocked peers were blamed for the hang."""
+    taken = set(used)
+    out: list[int] = []
+    candidate = 0
+    while len(out) < n:
+        if candidate not in taken:
+            out.append(candidate)
+        candidate += 1
+    return out
+
+
 def standbys_to_start(wanted: int, standing: int, rank_states: Iterable[RankState], waited_out: bool = False) -> int:
     """How many standbys to start now: none while a rank of this node is starting or
     recovering, unless the caller has waited that out (bounded); none once a rank has finished

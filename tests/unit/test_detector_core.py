@@ -54,6 +54,7 @@ class Sim:
         overrides=None,
         seq: int | None = None,
         generation: int | None = None,
+        extra_rows: tuple[RankStatus, ...] = (),
     ) -> list[core.Decision]:
         i = self.nodes.index(node)
         ranks = []
@@ -71,6 +72,7 @@ class Sim:
             )
             kw.update((overrides or {}).get(rank, {}))
             ranks.append(RankStatus(**kw))
+        ranks += extra_rows
         if seq is None:
             self.seq[node] += 1
             seq = self.seq[node]
@@ -735,6 +737,29 @@ def test_job_wide_stall_names_the_stopped_process_not_its_blocked_peers() -> Non
     assert inc.fault_class is FaultClass.HANG
     assert inc.root_cause_ranks == (5,) and inc.root_cause_nodes == ("n2",)
     assert inc.confidence == 1.0
+
+
+def test_a_standby_row_on_its_ranks_local_rank_does_not_hide_the_stopped_rank() -> None:
+    """A heartbeat's standby row (no rank) sharing a rank's local rank must not replace that
+    rank in the detector's view: it hid a SIGSTOPped rank, and its blocked peers were blamed
+    (seen in e2e once active nodes kept standbys; the sidecar now gives standbys free local
+    ranks, and a forged heartbeat must not be able to do the same)."""
+    sim = Sim()
+    sim.run(0, 4)
+    frozen_step = sim.step
+    standby = RankStatus(rank=None, local_rank=1, pid=4242, state=RankState.STANDBY, step=0, generation=0)
+    t = 4.0
+    while t < 15 and not sim.incidents():
+        if abs(t - round(t)) < 1e-6:
+            for n in sim.nodes:
+                over = {r: dict(step=frozen_step, since_progress_s=t - 4 + 0.1) for r in range(8)}
+                over[5]["proc_state"] = "T"
+                sim.beat(n, t, overrides=over, extra_rows=(standby,) if n == "n2" else ())
+        sim.tick(t)
+        t = round(t + 0.1, 6)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.HANG
+    assert inc.root_cause_ranks == (5,) and inc.root_cause_nodes == ("n2",)
 
 
 # ----------------------------------------------------------------------------- peer instances

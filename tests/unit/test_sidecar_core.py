@@ -9,6 +9,7 @@ from flashrecovery.sidecar.core import (
     reports_stages,
     stage_failure,
     stage_reached,
+    standby_local_ranks,
     standbys_to_start,
     standbys_wanted,
 )
@@ -158,3 +159,12 @@ def test_a_used_standby_is_replenished_once_the_node_trains_again():
     assert standbys_to_start(2, 1, []) == 1  # a spare with no rank yet
     assert standbys_to_start(1, 0, [RankState.HUNG, RUN]) == 1
     assert standbys_to_start(1, 0, [RankState.DONE, RUN], waited_out=True) == 0  # the job is ending
+
+
+def test_a_standby_never_shares_a_local_rank_with_a_rank_or_another_standby():
+    # heartbeat rows are keyed by local rank: an active node's standby on its rank's local rank 0
+    # hid that rank from the detector (a SIGSTOPped rank 6 went unseen, its peers were blamed)
+    assert standby_local_ranks([0, 1], 1) == [2]
+    assert standby_local_ranks([], 2) == [0, 1]  # a spare: its slots
+    assert standby_local_ranks([1], 2) == [0, 2]  # a spare hosting a moved rank at slot 1
+    assert standby_local_ranks([0, 1, 2], 1) == [3]  # ranks 0, 1 and a standby at 2
