@@ -90,6 +90,13 @@ async def goodput_ours(
             "duration_s": round(wall, 1),
             "faults": faults,
             "recoveries_done": len(done),
+            "rto_s": [round(d.rto_s, 3) for d in done if d.rto_s is not None],
+            "replace_s": [round(d.phase_seconds.get("replace", 0.0), 3) for d in done],
+            "in_place": sum(
+                1
+                for p in cluster.timeline.plans
+                if p.plan_id in {d.plan_id for d in done} and all(r.mode == "in_place" for r in p.replacements)
+            ),
             "net_steps": net,
             "steps_per_s": round(net / wall, 3),
             "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
