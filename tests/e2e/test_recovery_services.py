@@ -182,16 +182,6 @@ def test_crash_recovers_with_every_message_signed(stack, tmp_path, reference_sta
     assert "unauthenticated" not in logs
 
 
-def test_sgd_momentum_job_crash_recovers_bitwise(stack, tmp_path):
-    """SGD with momentum (plus the job's LR schedule, clipping and grad-norm buffer): the replaced
-    rank must get the momentum buffers, the scheduled lr and the buffer, not just parameters."""
-    reference = _fault_free(stack, tmp_path / "ref", job_args="--optimizer sgd")
-    assert "momentum_buffer" in reference[2]["optimizer"]["state"][0]
-    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, job_args="--optimizer sgd")
-    assert result["restarted"] == {2}
-    _check(result, reference)
-
-
 def test_hang_recovers_with_compact_rank_columns(stack, tmp_path, reference_states, monkeypatch):
     """Sidecars sending rank_columns heartbeats and report_columns acks: the detector judges the
     frozen rank from the columns, the executor's commit rule reads the columnar pause reports."""
@@ -209,31 +199,10 @@ def test_ecc_log_line_replaces_the_whole_node(stack, tmp_path, reference_states)
     _check(result, reference_states)
 
 
-def test_two_faults_at_once(stack, tmp_path, reference_states):
-    async def second(c: LocalCluster):
-        _, status = c.rank_status(7)
-        os.kill(status.pid, signal.SIGKILL)
-
-    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 0, during=second)
-    assert result["restarted"] == {0, 7}
-    _check(result, reference_states)
-
-
 async def _when_phase(c: LocalCluster, phase: str) -> None:
     await c.wait_until(
         lambda: any(p.phase == phase and str(p.status) == "started" for p in c.timeline.progress), 120, f"phase {phase}"
     )
-
-
-def test_second_fault_during_recovery_supersedes(stack, tmp_path, reference_states):
-    async def second(c: LocalCluster):
-        await _when_phase(c, "replace")
-        _, status = c.rank_status(5)
-        os.kill(status.pid, signal.SIGKILL)
-
-    result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, during=second)
-    assert {2, 5} <= result["restarted"]
-    _check(result, reference_states)
 
 
 def test_executor_leader_killed_during_replace(stack, tmp_path, reference_states):
