@@ -132,7 +132,6 @@ class SidecarService:
         self.verify_target: dict[str, int] = {}  # command id -> resume step awaiting "verified"
         self.result: tuple[int, str] | None = None  # exit_with_job: (exit code, reason) once ended
         self.refill_lock = asyncio.Lock()
-        self.standbys_kept = self.cfg.standbys
         self.standbys_off = False  # an active node's standby could not serve (a plain script)
 
     # ------------------------------------------------------------------ lifecycle
@@ -253,7 +252,7 @@ class SidecarService:
         async with self.refill_lock:
 
             def due(waited_out: bool = False) -> int:
-                wanted = standbys_wanted(self.cfg.role, self.cfg.capacity, len(self._ranked()), self.standbys_kept)
+                wanted = standbys_wanted(self.cfg.role, self.cfg.capacity, len(self._ranked()), self.cfg.standbys)
                 states = [w.state for w in self._ranked()]
                 return standbys_to_start(wanted, len(self._standbys()), states, waited_out)
 

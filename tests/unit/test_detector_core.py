@@ -718,9 +718,9 @@ def test_released_nodes_are_not_reported_lost_and_are_learnt_again() -> None:
     assert (inc.fault_class, inc.root_cause_nodes) == (FaultClass.NODE_LOST, ("n3",))
 
 
-def test_job_wide_stall_names_the_stopped_process_not_its_blocked_peers() -> None:
-    """SIGSTOP on one rank: every rank stalls at the same step; only the sidecar's reading of
-    the OS process state tells the frozen one from those blocked in a collective with it."""
+def _stall_with_rank_5_stopped(extra_rows_n2: tuple[RankStatus, ...] = ()):
+    """Every rank stalls at one step from t = 4 s; n2's rank 5 is SIGSTOPped (its sidecar reads
+    the OS state "T"). Returns the single incident."""
     sim = Sim()
     sim.run(0, 4)
     frozen_step = sim.step
@@ -730,10 +730,17 @@ def test_job_wide_stall_names_the_stopped_process_not_its_blocked_peers() -> Non
             for n in sim.nodes:
                 over = {r: dict(step=frozen_step, since_progress_s=t - 4 + 0.1) for r in range(8)}
                 over[5]["proc_state"] = "T"
-                sim.beat(n, t, overrides=over)
+                sim.beat(n, t, overrides=over, extra_rows=extra_rows_n2 if n == "n2" else ())
         sim.tick(t)
         t = round(t + 0.1, 6)
     [inc] = sim.incidents()
+    return inc
+
+
+def test_job_wide_stall_names_the_stopped_process_not_its_blocked_peers() -> None:
+    """SIGSTOP on one rank: every rank stalls at the same step; only the sidecar's reading of
+    the OS process state tells the frozen one from those blocked in a collective with it."""
+    inc = _stall_with_rank_5_stopped()
     assert inc.fault_class is FaultClass.HANG
     assert inc.root_cause_ranks == (5,) and inc.root_cause_nodes == ("n2",)
     assert inc.confidence == 1.0
@@ -744,20 +751,8 @@ def test_a_standby_row_on_its_ranks_local_rank_does_not_hide_the_stopped_rank() 
     rank in the detector's view: it hid a SIGSTOPped rank, and its blocked peers were blamed
     (seen in e2e once active nodes kept standbys; the sidecar now gives standbys free local
     ranks, and a forged heartbeat must not be able to do the same)."""
-    sim = Sim()
-    sim.run(0, 4)
-    frozen_step = sim.step
     standby = RankStatus(rank=None, local_rank=1, pid=4242, state=RankState.STANDBY, step=0, generation=0)
-    t = 4.0
-    while t < 15 and not sim.incidents():
-        if abs(t - round(t)) < 1e-6:
-            for n in sim.nodes:
-                over = {r: dict(step=frozen_step, since_progress_s=t - 4 + 0.1) for r in range(8)}
-                over[5]["proc_state"] = "T"
-                sim.beat(n, t, overrides=over, extra_rows=(standby,) if n == "n2" else ())
-        sim.tick(t)
-        t = round(t + 0.1, 6)
-    [inc] = sim.incidents()
+    inc = _stall_with_rank_5_stopped((standby,))
     assert inc.fault_class is FaultClass.HANG
     assert inc.root_cause_ranks == (5,) and inc.root_cause_nodes == ("n2",)
 
