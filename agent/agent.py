@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..shared import channel as ch
+from ..shared.commit_rule import InBandDecision, InconsistentReports, decide_in_band, in_band_row
 from ..shared.replicas import tp_shard
 from .faults import FaultInjector, parse_faults
 from .gradients import flatten_grads, unflatten_into_grads
@@ -445,18 +446,36 @@ class RecoveryAgent:
         # rebuild at the arrival barrier: the rank pauses again instead of training on.
         self.interruptor.clear(cmd.generation)
         self._build_groups()
-        self.comm.global_allreduce(torch.ones(1), "rebuild check allreduce")
+        receiving = [t for t in cmd.transfers if t.dst == self.rank]
+        sending = [t for t in cmd.transfers if t.src == self.rank]
+        decided = self._rebuild_check(cmd, restarting=bool(receiving))
+        if decided is not None:
+            cmd = cmd.model_copy(
+                update={"commit_step": decided.decision.commit_step, "resume_step": decided.decision.resume_step}
+            )
         t_rebuilt = time.perf_counter()
         self._send(
-            ch.Progress(rank=self.rank, generation=self.generation, phase="rebuilt", seconds=round(t_rebuilt - t0, 6))
+            ch.Progress(
+                rank=self.rank,
+                generation=self.generation,
+                phase="rebuilt",
+                seconds=round(t_rebuilt - t0, 6),
+                **(
+                    {}
+                    if decided is None
+                    else {
+                        "commit_step": decided.decision.commit_step,
+                        "resume_step": decided.decision.resume_step,
+                        "computed_step": decided.computed_step,
+                    }
+                ),
+            )
         )
         record: dict[str, Any] = {
             "generation": self.generation,
             "rebuild_s": t_rebuilt - t0,
             "build_s": self.groups.build_s,
         }
-        receiving = [t for t in cmd.transfers if t.dst == self.rank]
-        sending = [t for t in cmd.transfers if t.src == self.rank]
         if cmd.commit_step is not None and not receiving and self.applied_step < cmd.commit_step:
             if self.applied_step != cmd.commit_step - 1 or self.grads_step != cmd.commit_step:
                 raise _RecoveryFailed(
@@ -525,6 +544,30 @@ class RecoveryAgent:
         self.recoveries.append(record)
         self.log.info("resumed", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()})
         return cmd.resume_step
+
+    def _rebuild_check(self, cmd: ch.Recover, restarting: bool) -> InBandDecision | None:
+        """The allreduce that proves every member joined the new groups. In an in-band recovery
+        it also decides the commit: each survivor adds its counters (a restarted rank the
+        neutral row) and every rank reads the same decision off the MAX (commit_rule)."""
+        if not cmd.in_band:
+            self.comm.global_allreduce(torch.ones(1), "rebuild check allreduce")
+            return None
+        assert self.rank is not None
+        row = in_band_row(self.rank, self.applied_step, self.grads_step, self.vote_step, restarting)
+        reduced = self.comm.global_allreduce(
+            torch.tensor(row, dtype=torch.int64), "rebuild check and commit decision", op=dist.ReduceOp.MAX
+        )
+        try:
+            decided = decide_in_band(reduced.tolist())
+        except InconsistentReports as exc:  # every rank refuses alike: the recovery escalates
+            raise _RecoveryFailed(f"commit rule: {exc}") from None
+        self.log.info(
+            "commit_decision",
+            commit_step=decided.decision.commit_step,
+            resume_step=decided.decision.resume_step,
+            reason=decided.decision.reason,
+        )
+        return decided
 
     def _before_transfers(self) -> None:
         """Called in a recovery once the commit step is applied, before any state moves."""

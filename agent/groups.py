@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -397,12 +397,17 @@ class Comm:
         self.interruptor = interruptor
         self.groups: Groups | None = None
 
-    def _run(self, pg: dist.ProcessGroup | None, t: torch.Tensor, what: str) -> torch.Tensor:
+    def _run(self, pg: dist.ProcessGroup | None, t: torch.Tensor, what: str, op: Any = None) -> torch.Tensor:
         if pg is None or pg.size() == 1:
             return t
         host = t if t.device.type == "cpu" else t.detach().cpu()
         host = host.contiguous()
-        work = pg.allreduce([host])
+        if op is None:
+            work = pg.allreduce([host])
+        else:
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = op
+            work = pg.allreduce([host], opts)
         self.interruptor.wait(work, what, self.groups.rank if self.groups else None)
         return host if host is t else host.to(t.device)
 
@@ -420,9 +425,10 @@ class Comm:
             return None
         return self.groups.dp_pg.allreduce([t])
 
-    def global_allreduce(self, t: torch.Tensor, what: str = "global allreduce") -> torch.Tensor:
+    def global_allreduce(self, t: torch.Tensor, what: str = "global allreduce", op: Any = None) -> torch.Tensor:
+        """Sum over every rank, or `op` (a dist.ReduceOp, e.g. MAX for the in-band decision)."""
         assert self.groups is not None
-        return self._run(self.groups.global_pg, t, what)
+        return self._run(self.groups.global_pg, t, what, op)
 
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
         assert self.groups is not None and self.groups.global_pg is not None

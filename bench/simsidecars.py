@@ -2,9 +2,10 @@
 
 Each simulated node sends one NodeHeartbeat a second (at its own phase within the second) with
 its ranks' step, and obeys ExecutorCommands like services/sidecar/app.py does, answering at once:
-pause -> one ack per node with RankReports (applied_step = vote_step = current step,
-grads_step = None); replace -> the spare takes the assignments; recover -> acks for the stages
-rebuilt, restored, resumed, verified (from the command's stage_nodes only, like the sidecar). After `--lose-at` seconds one node stops beating (node loss); the fault time goes to
+pause -> one ack per node (with the in-band decision only from the nodes the command names)
+with RankReports (applied_step = vote_step = current step, grads_step = None); replace -> the spare takes the assignments; recover -> acks for the stages
+rebuilt, restored, resumed, verified (from the command's stage_nodes only, like the sidecar;
+`rebuilt` carries the in-band decision). After `--lose-at` seconds one node stops beating (node loss); the fault time goes to
 --out as JSON with what was sent.
 
 One process stands for thousands of sidecars, so its own cost is kept off the system under
@@ -200,7 +201,8 @@ class SimCluster:
             step = self.pause()
             kill = set(cmd.kill_ranks)
             for n in targets:
-                if self.hosted[n]:
+                # With the in-band decision only the named nodes report a pause (sidecar too).
+                if self.hosted[n] and (cmd.stage_nodes is None or n in cmd.stage_nodes):
                     self.ack(
                         cmd,
                         n,
@@ -223,7 +225,10 @@ class SimCluster:
                 self._rank_heads[n] = self._rank_prefixes(n)
                 self.ack(cmd, n, "done", [{"rank": a.rank, "pid": 100000 + a.rank} for a in mine])
         elif cmd.action is CommandAction.RECOVER:
-            resume = cmd.resume_step or 0
+            # In-band: every simulated rank paused between steps at the frozen step, so the
+            # reduction the real ranks run (commit_rule.decide_in_band) resumes at the next.
+            resume = self.frozen_step + 1 if cmd.in_band else cmd.resume_step or 0
+            decided = {"commit_step": None, "resume_step": resume, "computed_step": resume - 1} if cmd.in_band else {}
             live = [n for n in targets if self.hosted[n]]
             staged = live if cmd.stage_nodes is None else [n for n in live if n in set(cmd.stage_nodes)]
             for stage in ("rebuilt", "restored", "resumed"):
@@ -232,7 +237,11 @@ class SimCluster:
                         cmd,
                         n,
                         stage,
-                        [{"rank": r, "pid": 100000 + r, "phase": stage, "seconds": 0.0} for r in self.hosted[n]],
+                        [
+                            {"rank": r, "pid": 100000 + r, "phase": stage, "seconds": 0.0}
+                            | (decided if stage == "rebuilt" else {})
+                            for r in self.hosted[n]
+                        ],
                     )
             self.resume(resume)
             for n in staged:

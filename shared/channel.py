@@ -77,6 +77,11 @@ class Progress(_Msg):
     seconds: float
     bytes: int | None = None
     digest_ok: bool | None = None
+    # `rebuilt` of an in-band recovery: the decision the survivors reached (commit_rule.decide_in_band);
+    # commit_step None with resume_step set = nothing to commit.
+    commit_step: int | None = None
+    resume_step: int | None = None
+    computed_step: int | None = None
 
 
 class Done(_Msg):
@@ -121,6 +126,9 @@ class Recover(_Msg):
     commit_step: int | None
     resume_step: int
     transfers: tuple[Transfer, ...] = ()
+    # True: commit_step and resume_step are not given; the ranks decide them in-band, in the
+    # rebuild's allreduce (commit_rule.decide_in_band).
+    in_band: bool = False
 
 
 class Stop(_Msg):

@@ -57,63 +57,6 @@ def decide_recovery(reports: Iterable[PausedReport]) -> RecoveryDecision:
 Key = tuple[int, int | None, int]  # (applied_step, grads_step, vote_step)
 
 
-@dataclass(frozen=True)
-class StepSummary:
-    """Paused reports summed up: per distinct (applied, grads, vote), how many ranks reported it
-    and the lowest of them. The rule needs nothing more (decide_from_summary), so a node, or an
-    aggregator of nodes, can send this instead of a row per rank; merging is associative and
-    commutative, so every aggregation tree hands the executor the same summary, whose size is
-    the handful of distinct keys, not the number of ranks (issue #14 item 2)."""
-
-    groups: tuple[tuple[Key, int, int], ...] = ()  # (key, ranks, lowest rank), sorted by key
-
-    @classmethod
-    def of(cls, rows: Iterable[tuple[int, int, int | None, int]]) -> StepSummary:
-        stats: dict[Key, tuple[int, int]] = {}
-        for rank, applied, grads, vote in rows:
-            n, low = stats.get((applied, grads, vote), (0, rank))
-            stats[(applied, grads, vote)] = (n + 1, min(low, rank))
-        return cls._from(stats)
-
-    @classmethod
-    def _from(cls, stats: dict[Key, tuple[int, int]]) -> StepSummary:
-        return cls(tuple((k, n, low) for k, (n, low) in sorted(stats.items(), key=lambda kv: _order(kv[0]))))
-
-    def merge(self, other: StepSummary) -> StepSummary:
-        stats = {k: (n, low) for k, n, low in self.groups}
-        for k, n, low in other.groups:
-            n0, low0 = stats.get(k, (0, low))
-            stats[k] = (n0 + n, min(low0, low))
-        return StepSummary._from(stats)
-
-    @property
-    def ranks(self) -> int:
-        return sum(n for _, n, _ in self.groups)
-
-
-def _order(key: Key) -> tuple[int, int, int]:
-    applied, grads, vote = key
-    return applied, -1 if grads is None else grads, vote
-
-
-def decide_from_summary(summary: StepSummary, expected_ranks: int | None = None) -> RecoveryDecision:
-    """decide_from_rows on a StepSummary: the same commit and resume steps, and the same
-    refusals naming the same lowest rank. Duplicate ranks cannot be seen in a summary; the
-    caller that knows how many survivors should have reported passes expected_ranks."""
-    if summary.ranks == 0:
-        raise InconsistentReports("no survivor reports")
-    if expected_ranks is not None and summary.ranks != expected_ranks:
-        raise InconsistentReports(f"{summary.ranks} survivor reports, {expected_ranks} expected")
-    stats = {k: (n, low) for k, n, low in summary.groups}
-
-    def holding(pred: Callable[[Key], bool]) -> str:
-        n = sum(c for k, (c, _) in stats.items() if pred(k))
-        low = min((lo for k, (_, lo) in stats.items() if pred(k)), default=-1)
-        return f"[{low}]" if n == 1 else f"[{low}, ... {n} ranks]"
-
-    return _decide({k: low for k, (_, low) in stats.items()}, holding)
-
-
 def decide_from_rows(rows: Iterable[tuple[int, int, int | None, int]]) -> RecoveryDecision:
     """decide_recovery on (rank, applied_step, grads_step, vote_step) tuples: what the executor
     has from 100k ranks' columnar reports, without an object per rank."""
@@ -171,3 +114,75 @@ def _decide(lowest: dict[Key, int], holding: Callable[[Callable[[Key], bool]], s
     if v == 0:
         return RecoveryDecision(None, 1, "no step committed yet" + tail)
     return RecoveryDecision(None, v + 1, f"all survivors applied step {v}" + tail)
+
+
+# ---------------------------------------------------------------- the in-band decision
+# Issue #14 item 2: the executor must not receive a report per healthy node. The survivors
+# decide among themselves instead, in ONE element-wise MAX allreduce over the rebuilt global
+# group of generation g+1 (a minimum is the MAX of the negation). Each rank contributes
+# in_band_row(); every rank then runs decide_in_band() on the same reduced vector, so all reach
+# the same decision, and it is decide_from_rows()'s decision on the survivors' reports (proof in
+# docs/commit-protocol.md "The in-band decision"; tests/unit/test_commit_rule.py checks both on
+# random report sets). Restarted ranks contribute neutral values, as the rule ignores them.
+
+IN_BAND_FIELDS = (
+    "vote",  # max vote_step = V
+    "neg_progress",  # -min progress: progress = applied + 1 if the rank holds that step's gradients, else applied
+    "neg_applied",  # -min applied_step: some survivor lags V, so V is committed
+    "grads",  # max grads_step (-1: none): the in-flight step some rank had reduced
+    "applied",  # max applied_step: with grads, how far any survivor computed
+    "bad",  # 1 if some survivor's own counters break the protocol
+    "neg_bad_rank",  # -(lowest such rank), for the reason
+)
+_NEUTRAL = -(2**62)  # the MAX identity for these fields (int64)
+
+
+def in_band_row(rank: int, applied: int, grads: int | None, vote: int, restarting: bool) -> list[int]:
+    """One rank's contribution to the in-band MAX allreduce (IN_BAND_FIELDS order)."""
+    if restarting:  # the rule ignores restart ranks: the identity of MAX everywhere
+        return [-1, _NEUTRAL, _NEUTRAL, -1, -1, 0, _NEUTRAL]
+    g = -1 if grads is None else grads
+    progress = applied + 1 if g == applied + 1 else applied
+    bad = applied > vote or vote > applied + 1
+    return [vote, -progress, -applied, g, applied, int(bad), -rank if bad else _NEUTRAL]
+
+
+def combine_in_band(rows: Iterable[Sequence[int]]) -> list[int]:
+    """What the allreduce computes: the element-wise maximum (for tests and simulations)."""
+    out = [-1, _NEUTRAL, _NEUTRAL, -1, -1, 0, _NEUTRAL]
+    for row in rows:
+        out = [max(a, b) for a, b in zip(out, row, strict=True)]
+    return out
+
+
+@dataclass(frozen=True)
+class InBandDecision:
+    decision: RecoveryDecision
+    computed_step: int  # the furthest step any survivor computed (applied, or gradients held)
+
+
+def decide_in_band(reduced: Sequence[int]) -> InBandDecision:
+    """decide_from_rows' decision from the reduced vector: the same commit and resume steps, and
+    a refusal exactly where decide_from_rows refuses (its reason names fewer ranks)."""
+    v, neg_progress, neg_applied, grads, applied_max, bad, neg_bad_rank = (int(x) for x in reduced)
+    if v < 0:
+        raise InconsistentReports("no survivor reports")
+    if bad:
+        raise InconsistentReports(
+            f"rank {-neg_bad_rank} reported an applied step and a vote step the protocol forbids "
+            "(applied without its vote, or a vote more than one step ahead)"
+        )
+    lowest_applied, lowest_progress = -neg_applied, -neg_progress
+    if lowest_progress < v:
+        if lowest_applied < v - 1:
+            raise InconsistentReports(f"a survivor applied step {lowest_applied}, more than one behind voted step {v}")
+        raise InconsistentReports(f"step {v} was voted but a survivor that applied {v - 1} does not hold its gradients")
+    computed = max(grads, applied_max)
+    tail = f"; in-flight step {v + 1} discarded" + (" (its reduced gradients were held)" if grads > v else "")
+    if lowest_applied < v:
+        decision = RecoveryDecision(v, v + 1, f"in-band: vote of step {v} completed; survivors at {v - 1} apply it now")
+    elif v == 0:
+        decision = RecoveryDecision(None, 1, "in-band: no step committed yet" + tail)
+    else:
+        decision = RecoveryDecision(None, v + 1, f"in-band: all survivors applied step {v}" + tail)
+    return InBandDecision(decision, computed)

@@ -388,10 +388,14 @@ class ExecutorCommand(Envelope):
     resume_step: int | None = None
     transfers: tuple[Transfer, ...] = ()
     attempt: int = 0
-    # RECOVER only: the nodes that report the stages (rebuilt, restored, resumed, verified).
-    # Any other node reports a stage only if it failed there. None (the default, and what a
-    # producer that predates the field means): every node reports every stage.
+    # PAUSE and RECOVER: the nodes that report (RECOVER: each stage, rebuilt, restored, resumed,
+    # verified). Any other node reports only a failure. None (the default, and what a producer
+    # that predates the field means): every node reports.
     stage_nodes: tuple[str, ...] | None = None
+    # RECOVER: the survivors decide commit_step and resume_step among themselves in the rebuild's
+    # allreduce (docs/commit-protocol.md "The in-band decision"); the command carries neither,
+    # and the stage nodes' `rebuilt` reports carry the decision back.
+    in_band: bool = False
     # The sending executor's lease fence token: a new leader's token is higher than every
     # earlier leader's. Sidecars refuse a command whose token is lower than the highest they
     # have seen (a deposed leader still sending). None: a producer without a lease (tools).
@@ -408,6 +412,11 @@ class RankReport(Frozen):
     seconds: float | None = None
     bytes: int | None = None
     digest_ok: bool | None = None
+    # `rebuilt` of an in-band recovery: the decision the rank reached (commit_step None and
+    # resume_step set: nothing to commit), and the furthest step a survivor had computed.
+    commit_step: int | None = None
+    resume_step: int | None = None
+    computed_step: int | None = None
 
 
 REPORT_ROW = tuple(RankReport.model_fields)
@@ -437,23 +446,14 @@ class ReportColumns(_Columns):
     seconds: tuple[float | None, ...] | None = None
     bytes: tuple[int | None, ...] | None = None
     digest_ok: tuple[bool | None, ...] | None = None
+    commit_step: tuple[int | None, ...] | None = None
+    resume_step: tuple[int | None, ...] | None = None
+    computed_step: tuple[int | None, ...] | None = None
 
     @model_validator(mode="after")
     def _same_length(self) -> ReportColumns:
         n = len(self.rank)
-        if all(
-            c is None or len(c) == n
-            for c in (
-                self.pid,
-                self.applied_step,
-                self.grads_step,
-                self.vote_step,
-                self.phase,
-                self.seconds,
-                self.bytes,
-                self.digest_ok,
-            )
-        ):
+        if all(c is None or len(c) == n for c in (getattr(self, f) for f in REPORT_ROW[1:])):
             return self
         raise self._mismatch(REPORT_ROW)
 

@@ -199,6 +199,15 @@ class ExecutorSettings(BaseModel):
             "after the leader stops renewing it."
         ),
     )
+    # Issue #14 item 2: a recovery must not cost the executor a report per healthy node.
+    in_band_commit: bool = Field(
+        True,
+        description=(
+            "Survivors decide the commit and resume steps among themselves in the rebuild's "
+            "allreduce; only nodes that lost a rank report the pause. false: every node reports "
+            "its ranks' pause counters and the executor decides."
+        ),
+    )
     # A plan that fails because a second fault hit it is usually followed within ~0.1 s by the
     # planner's superseding plan.
     supersede_grace_s: float = Field(

@@ -48,6 +48,7 @@ from .core import (
     covered_by,
     fence_refusal,
     identity_refusal,
+    in_band_outcome,
     judge,
     named_nodes,
     next_phase_name,
@@ -484,6 +485,7 @@ class ExecutorService:
         retries: int,
         timeout_s: float | None = None,
         fail_from: frozenset[str] | None = None,
+        plan: RecoveryPlan | None = None,
     ) -> tuple[str, dict[str, CommandAck]]:
         started = last_sent = time.monotonic()
         timeout_s = timeout_s or self.s.executor.phase_timeout_s
@@ -492,6 +494,12 @@ class ExecutorService:
                 # Stopped past the lease (SIGSTOP, a long pause): the acks now arriving may answer
                 # the new leader's re-send of the same command id; they are not ours to act on.
                 raise FencedOut("lease may have expired while waiting for acks")
+            newer = covered_by(plan, self.plans.values()) if plan is not None else None
+            if newer is not None:
+                # A second fault during the stages (e.g. a survivor that never answered its
+                # pause, which no node waits for with the in-band decision): the stage could
+                # only time out; the newer plan re-pauses everyone.
+                return "fail", {"_reason": f"superseded by {newer.plan_id} while waiting"}
             got = self.acks.get(command_id, {}).get(stage, {})
             verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries, fail_from)
             if verdict.outcome != "wait":
@@ -566,6 +574,19 @@ class ExecutorService:
 
     async def _phase_pause(self, plan: RecoveryPlan, log) -> None:
         wl = await self._waitlist(plan)
+        if self.s.executor.in_band_commit:
+            # O(changed nodes): the survivors decide in the rebuild (core.Waitlist.pause_reporters).
+            acks = await self._with_retries(
+                plan,
+                CommandAction.PAUSE,
+                "done",
+                wl.pause_reporters & wl.pause,
+                log,
+                kill_ranks=ranks_to_kill(plan),
+                stage_nodes=tuple(sorted(wl.pause_reporters)),
+            )
+            await self._set_run(plan.plan_id, in_band=1)
+            return
         acks = await self._with_retries(
             plan, CommandAction.PAUSE, "done", wl.pause, log, kill_ranks=ranks_to_kill(plan)
         )
@@ -637,32 +658,72 @@ class ExecutorService:
         # A run state written before stage_nodes existed: every node reports every stage.
         stage_nodes = frozenset(orjson.loads(state["stage_nodes"])) if "stage_nodes" in state else recover
         expected = stage_nodes  # the others report only failures (core.Waitlist.stages)
+        in_band = "in_band" in state
         if "recover_command" not in state:
-            commit = int(state["commit_step"])
+            if in_band:
+                steps: dict[str, Any] = {"in_band": True}
+            else:
+                commit = int(state["commit_step"])
+                steps = {"commit_step": None if commit < 0 else commit, "resume_step": int(state["resume_step"])}
             command_id = await self._command(
                 plan,
                 CommandAction.RECOVER,
                 0,
                 world_size=plan.world_size,
-                commit_step=None if commit < 0 else commit,
-                resume_step=int(state["resume_step"]),
                 transfers=plan.transfers,
                 stage_nodes=tuple(sorted(stage_nodes)),
+                **steps,
             )
             await self._set_run(plan.plan_id, recover_command=command_id)
         else:
             command_id = state["recover_command"]
         # Stages of one broadcast: a stage that fails is not retried on its own; the incident
         # fails and escalates (a superseding plan re-pauses everyone and starts over).
-        outcome, acks = await self._await_acks(command_id, RECOVER_STAGES[phase], expected, 0, 0, fail_from=recover)
+        outcome, acks = await self._await_acks(
+            command_id, RECOVER_STAGES[phase], expected, 0, 0, fail_from=recover, plan=plan
+        )
         reason = acks.pop("_reason")
         first, last = self.ack_times.pop((command_id, RECOVER_STAGES[phase]), (None, None))
         if outcome != "ok":
             raise PhaseFailed(f"{phase}: {reason}")
+        if phase == "rebuild" and in_band and "resume_step" not in state:
+            await self._record_in_band(plan, acks, log)
         if phase == "restore":
             moved = sum(r.bytes or 0 for a in acks.values() for r in a.report_rows())
             await self._set_run(plan.plan_id, restore_bytes=moved)
         log.info("stage_done", phase=phase, nodes=len(acks), first_ack_at=first, last_ack_at=last)
+
+    async def _record_in_band(self, plan: RecoveryPlan, acks: dict[str, CommandAck], log) -> None:
+        """The survivors' decision, read off the stage nodes' `rebuilt` reports, into the run
+        state, with the lost-steps judgement the pause phase makes on the other path."""
+        got = in_band_outcome(
+            (r.commit_step, r.resume_step, r.computed_step) for a in acks.values() for r in a.report_rows()
+        )
+        if isinstance(got, str):
+            raise PhaseFailed(f"rebuild: {got}")
+        # Lost committed steps, against what the rule did not decide from: the replaced ranks'
+        # last step reports (their nodes' pause acks, every attempt) and the registry's record.
+        replaced = [
+            r.applied_step
+            for cid, by_stage in self.acks.items()
+            if cid.startswith(f"{plan.plan_id}:{CommandAction.PAUSE}:")
+            for a in by_stage.get("done", {}).values()
+            for r in a.report_rows()
+        ]
+        before = max([*replaced, await self.registry.committed_step()])
+        await self._set_run(
+            plan.plan_id,
+            commit_step=-1 if got.commit_step is None else got.commit_step,
+            resume_step=got.resume_step,
+            commit_reason=(
+                f"in-band: the survivors decided to resume at {got.resume_step}"
+                + (f", lagging ones applying step {got.commit_step} first" if got.commit_step is not None else "")
+            ),
+            applied_before=before,
+            steps_lost=max(0, before - (got.resume_step - 1)),
+            steps_recomputed=max(0, got.computed_step - (got.resume_step - 1)),
+        )
+        log.info("commit_decision", commit_step=got.commit_step, resume_step=got.resume_step, in_band=True)
 
     async def _phase_rebuild(self, plan, log) -> None:
         await self._recover_stage(plan, "rebuild", log)

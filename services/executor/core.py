@@ -38,6 +38,11 @@ class Waitlist:
     # rank resumed and reached that vote. Acks per recovery: one per node (the pause reports,
     # which decide the commit) plus four per stage node, instead of five per node.
     stages: frozenset[str]
+    # With the in-band decision (executor.in_band_commit) only the nodes that hosted a rank
+    # being replaced report the pause: the kill is confirmed and the replaced ranks' last step
+    # reports come back (to judge lost steps). Every other survivor decides the commit with the
+    # rest in the rebuild's allreduce, and reports a pause only if it failed there.
+    pause_reporters: frozenset[str] = frozenset()
 
 
 def waitlist(plan: RecoveryPlan, rank_nodes: Mapping[int, str]) -> Waitlist:
@@ -57,7 +62,35 @@ def waitlist(plan: RecoveryPlan, rank_nodes: Mapping[int, str]) -> Waitlist:
     ends = restart | {t.src for t in plan.transfers} | {t.dst for t in plan.transfers}
     recover = frozenset(staying | dest)
     stages = frozenset(n for n in map(after, ends) if n is not None) & recover
-    return Waitlist(pause=frozenset(survivors), replace=frozenset(dest), recover=recover, stages=stages or recover)
+    replaced_from = frozenset(n for n in (rank_nodes.get(r) for r in moved) if n is not None)
+    return Waitlist(
+        pause=frozenset(survivors),
+        replace=frozenset(dest),
+        recover=recover,
+        stages=stages or recover,
+        pause_reporters=replaced_from,
+    )
+
+
+@dataclass(frozen=True)
+class InBandOutcome:
+    commit_step: int | None
+    resume_step: int
+    computed_step: int
+
+
+def in_band_outcome(rows: Iterable[tuple[int | None, int | None, int | None]]) -> InBandOutcome | str:
+    """The decision the ranks reached in-band, from the stage nodes' `rebuilt` rows
+    (commit_step, resume_step, computed_step), or why it cannot be read. Every rank read it off
+    the same reduced vector, so any two rows that differ are a bug, not a tie to break."""
+    seen = {row for row in rows if row[1] is not None}
+    if not seen:
+        return "no rank reported the in-band decision"
+    if len(seen) > 1:
+        return f"ranks reported different in-band decisions: {sorted(seen, key=str)[:4]}"
+    commit, resume, computed = seen.pop()
+    assert resume is not None
+    return InBandOutcome(commit, resume, resume - 1 if computed is None else computed)
 
 
 def touched_nodes(plan: RecoveryPlan) -> set[str]:

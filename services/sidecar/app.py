@@ -8,6 +8,7 @@ model built) so a replacement never pays a cold start during recovery."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import signal
@@ -46,6 +47,7 @@ from .core import (
     WorkerFate,
     WorkerPlace,
     command_refusal,
+    decided_resume_step,
     lost_before_recover,
     node_rank,
     prefilter,
@@ -132,6 +134,7 @@ class SidecarService:
         self.verify_target: dict[str, int] = {}  # command id -> resume step awaiting "verified"
         self.result: tuple[int, str] | None = None  # exit_with_job: (exit code, reason) once ended
         self.refill_lock = asyncio.Lock()
+        self._pausing: asyncio.Task | None = None  # the newest PAUSE's handler
         self.standbys_off = False  # an active node's standby could not serve (a plain script)
 
     # ------------------------------------------------------------------ lifecycle
@@ -595,7 +598,9 @@ class SidecarService:
             CommandAction.STOP: self._stop,
         }[cmd.action]
         # Recovery stages arrive over seconds: do not hold the command stream meanwhile.
-        self._spawn(handler(cmd))
+        task = self._spawn(handler(cmd))
+        if cmd.action is CommandAction.PAUSE:
+            self._pausing = task
 
     async def _ack(
         self,
@@ -690,9 +695,13 @@ class SidecarService:
                 await self._heartbeat()
             except Exception as exc:  # noqa: BLE001 - the loop's next beat carries it too
                 self.log.warning("heartbeat_failed", error=repr(exc))
-        await self._ack(
-            cmd, ok=ok and not missing, ranks=reports, detail=f"no pause report from ranks {missing}" if missing else ""
-        )
+        if not ok or missing or reports_stages(cmd, self.node_id):
+            await self._ack(
+                cmd,
+                ok=ok and not missing,
+                ranks=reports,
+                detail=f"no pause report from ranks {missing}" if missing else "",
+            )
 
     async def _replace(self, cmd: ExecutorCommand) -> None:
         await self._kill(set(cmd.kill_ranks))
@@ -723,6 +732,11 @@ class SidecarService:
         self._spawn(self._refill_standbys())
 
     async def _recover(self, cmd: ExecutorCommand) -> None:
+        # An in-band recovery does not wait for this node's pause report: its RECOVER may come
+        # while the pause still runs here. The ranks must see pause before recover.
+        if self._pausing is not None and not self._pausing.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._pausing), self.cfg.pause_timeout_s + 5)
         targets = self._ranked()
         lost = lost_before_recover(
             cmd.generation,
@@ -755,6 +769,7 @@ class SidecarService:
                     commit_step=cmd.commit_step,
                     resume_step=cmd.resume_step if cmd.resume_step is not None else 0,
                     transfers=tuple(ch.Transfer(src=t.src, dst=t.dst) for t in cmd.transfers),
+                    in_band=cmd.in_band,
                 ),
             )
         timeout = self.s.executor.phase_timeout_s
@@ -781,7 +796,15 @@ class SidecarService:
             failed = None if reached else failure(stage)
             reports = tuple(
                 RankReport(
-                    rank=w.rank, pid=w.pid, phase=m.phase, seconds=m.seconds, bytes=m.bytes, digest_ok=m.digest_ok
+                    rank=w.rank,
+                    pid=w.pid,
+                    phase=m.phase,
+                    seconds=m.seconds,
+                    bytes=m.bytes,
+                    digest_ok=m.digest_ok,
+                    commit_step=m.commit_step,
+                    resume_step=m.resume_step,
+                    computed_step=m.computed_step,
                 )
                 for w in targets
                 for m in w.progress_msgs
@@ -799,7 +822,7 @@ class SidecarService:
                 )
             if not reached:
                 return
-        resume = cmd.resume_step or 0
+        resume = decided_resume_step(cmd, [(m.phase, m.resume_step) for w in targets for m in w.progress_msgs])
         # A rank that finished the job right after resuming (the fault was in the last step)
         # has no step left to commit: done at resume - 1 is verified too.
         ok = await self._wait_for(

@@ -108,7 +108,10 @@ def command_refusal(cmd: ExecutorCommand, view: RegistryView | None) -> str | No
     if cmd.action == "recover":
         if cmd.world_size != world:
             return f"world size {cmd.world_size} does not match the registry's {world}"
-        if cmd.resume_step is None or cmd.resume_step < 0 or (cmd.commit_step is not None and cmd.commit_step < -1):
+        if cmd.in_band:  # the ranks decide both steps; the command must not pretend to
+            if cmd.resume_step is not None or cmd.commit_step is not None:
+                return "an in-band recover carries no resume or commit step"
+        elif cmd.resume_step is None or cmd.resume_step < 0 or (cmd.commit_step is not None and cmd.commit_step < -1):
             return f"resume step {cmd.resume_step} / commit step {cmd.commit_step} out of range"
     return None
 
@@ -211,11 +214,21 @@ def standbys_to_start(wanted: int, standing: int, rank_states: Iterable[RankStat
     return max(0, wanted - standing)
 
 
+def decided_resume_step(cmd: ExecutorCommand, progress: Iterable[tuple[str, int | None]]) -> int:
+    """The step this node's ranks resume at: the command's, or in an in-band recovery the one
+    its ranks decided (all alike: one reduced vector). progress: (phase, resume_step) of the
+    ranks' progress messages; -1 if none carried it (a node reaches `verified` only after its
+    ranks' `rebuilt`, which carries it)."""
+    if not cmd.in_band:
+        return cmd.resume_step or 0
+    return next((step for phase, step in progress if phase == "rebuilt" and step is not None), -1)
+
+
 def reports_stages(cmd: ExecutorCommand, node_id: str) -> bool:
-    """Whether this node acks the RECOVER stages when they succeed (a failure is always
-    reported). Only the nodes the executor named do (executor/core.py Waitlist.stages says why
-    their reports speak for every rank), which keeps a recovery at about one ack per node, its
-    pause report, however large the job."""
+    """Whether this node acks a PAUSE, or a RECOVER's stages, when they succeed (a failure is
+    always reported). Only the nodes the executor named do (executor/core.py Waitlist says why
+    their reports speak for every rank): with the in-band decision a recovery costs the
+    executor a few acks per changed node, however large the job."""
     return cmd.stage_nodes is None or node_id in cmd.stage_nodes
 
 

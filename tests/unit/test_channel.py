@@ -45,6 +45,7 @@ def test_wire_shape_of_recover() -> None:
         "commit_step": None,
         "resume_step": 12,
         "transfers": [{"src": 0, "dst": 2}],
+        "in_band": False,
     }
 
 

@@ -135,19 +135,11 @@ def test_reasons_stay_short_at_100k_ranks():
     assert ranks_text(list(range(100_000))) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 100000 ranks]"
 
 
-# ------------------------------------------------ the rule on merged summaries (issue #14 item 2)
-def _outcome(decide):
-    try:
-        d = decide()
-    except InconsistentReports as exc:
-        return ("refused", str(exc))
-    return ("decided", d.commit_step, d.resume_step)
-
-
+# ------------------------------------------------ the in-band decision (issue #14 item 2)
 @st.composite
 def report_sets(draw):
     """Survivor rows around a step s, consistent or not (one rank a step off, grads of another
-    step), split over nodes in a random order: what an aggregation tree would see."""
+    step), and a shuffler for the order the allreduce would combine them in."""
     s = draw(st.integers(0, 5))
     n = draw(st.integers(1, 24))
     ranks = draw(st.permutations(range(64)))[:n]
@@ -157,39 +149,43 @@ def report_sets(draw):
         vote = draw(st.sampled_from([applied, applied + 1, max(0, applied - 1)]))
         grads = draw(st.sampled_from([None, applied, applied + 1, vote]))
         rows.append((r, applied, grads, vote))
-    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
-    nodes = [rows[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
-    return rows, nodes, draw(st.randoms(use_true_random=False))
+    return rows, draw(st.randoms(use_true_random=False))
 
 
-@given(report_sets())
-def test_merged_node_summaries_decide_as_the_rows_do(case) -> None:
-    """Each node summarises its ranks, the summaries merge in any order and grouping, and the
-    decision (commit step, resume step, or the refusal naming the same rank) is the rule's on
-    the raw rows."""
-    from functools import reduce
-
-    from flashrecovery.shared.commit_rule import StepSummary, decide_from_rows, decide_from_summary
-
-    rows, nodes, rnd = case
-    parts = [StepSummary.of(node) for node in nodes]
-    rnd.shuffle(parts)
-    while len(parts) > 1:  # a random aggregation tree
-        i = rnd.randrange(len(parts) - 1)
-        parts[i : i + 2] = [parts[i].merge(parts[i + 1])]
-    merged = reduce(StepSummary.merge, parts, StepSummary())
-    assert merged == StepSummary.of(rows)
-    assert _outcome(lambda: decide_from_summary(merged, expected_ranks=len(rows))) == _outcome(
-        lambda: decide_from_rows(rows)
-    )
+def _verdict(decide):
+    try:
+        d = decide()
+    except InconsistentReports:
+        return ("refused",)
+    return ("decided", d.commit_step, d.resume_step)
 
 
-def test_a_summary_with_reports_missing_is_refused() -> None:
-    from flashrecovery.shared.commit_rule import StepSummary, decide_from_summary
+@given(report_sets(), st.lists(st.integers(64, 80), max_size=4, unique=True))
+def test_the_in_band_reduction_decides_as_the_rows_do(case, restarting) -> None:
+    """Every survivor contributes its row, the restarted ranks the neutral one, in any order; the
+    element-wise MAX (what the allreduce computes) gives the rule's commit and resume steps, and
+    a refusal exactly where the rule refuses."""
+    from flashrecovery.shared.commit_rule import combine_in_band, decide_from_rows, decide_in_band, in_band_row
 
-    two = StepSummary.of([(0, 11, 11, 11), (1, 11, 11, 11)])
-    assert decide_from_summary(two, expected_ranks=2).resume_step == 12
-    with pytest.raises(InconsistentReports, match="2 survivor reports, 3 expected"):
-        decide_from_summary(two, expected_ranks=3)
+    rows, rnd = case
+    contributions = [in_band_row(r, a, g, v, restarting=False) for r, a, g, v in rows]
+    contributions += [in_band_row(r, 0, None, 0, restarting=True) for r in restarting]
+    rnd.shuffle(contributions)
+    reduced = combine_in_band(contributions)
+    assert _verdict(lambda: decide_in_band(reduced).decision) == _verdict(lambda: decide_from_rows(rows))
+    if _verdict(lambda: decide_from_rows(rows))[0] == "decided":
+        computed = max(max(a, g or 0) for _, a, g, _ in rows)
+        assert decide_in_band(reduced).computed_step == computed
+
+
+def test_the_in_band_decision_refuses_with_only_restarted_ranks_and_names_a_bad_rank() -> None:
+    from flashrecovery.shared.commit_rule import combine_in_band, decide_in_band, in_band_row
+
     with pytest.raises(InconsistentReports, match="no survivor reports"):
-        decide_from_summary(StepSummary())
+        decide_in_band(combine_in_band([in_band_row(3, 0, None, 0, restarting=True)]))
+    rows = [in_band_row(5, 12, 12, 11, restarting=False), in_band_row(2, 12, 12, 11, restarting=False)]
+    with pytest.raises(InconsistentReports, match="rank 2 reported"):
+        decide_in_band(combine_in_band(rows))
+    ok = combine_in_band([in_band_row(0, 12, 12, 12, False), in_band_row(1, 11, 12, 11, False)])
+    assert decide_in_band(ok).decision.commit_step == 12
+    assert decide_in_band(ok).decision.resume_step == 13

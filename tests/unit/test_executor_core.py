@@ -2,6 +2,7 @@ from flashrecovery.executor.core import (
     applied_topology,
     cannot_proceed,
     fence_refusal,
+    in_band_outcome,
     judge,
     next_phase_name,
     select_plan,
@@ -86,6 +87,23 @@ def test_process_crash_waitlist_keeps_the_crashed_nodes_survivor():
     assert wl.pause == {"node-0", "node-1", "node-2", "node-3"}  # rank 3 still lives on node-1
     assert wl.replace == {"spare-0"}
     assert wl.recover == {"node-0", "node-1", "node-2", "node-3", "spare-0"}
+
+
+def test_only_nodes_that_lost_a_rank_report_an_in_band_pause():
+    plan = _plan([2], [Replacement(rank=2, from_node="node-1", to_node="spare-0", local_rank=0)], ["node-1"])
+    wl = waitlist(plan, _placement())
+    assert wl.pause_reporters == {"node-1"}  # its survivor, rank 3, and the crashed rank's last report
+    assert wl.pause_reporters & wl.pause == {"node-1"}
+    reps = [Replacement(rank=r, from_node="node-1", to_node="spare-0", local_rank=r - 2) for r in (2, 3)]
+    lost = waitlist(_plan([2, 3], reps, ["node-1"]), _placement())
+    assert lost.pause_reporters & lost.pause == set()  # a lost node: nobody is waited for
+
+
+def test_the_in_band_outcome_is_read_once_and_disagreement_is_refused():
+    got = in_band_outcome([(None, 13, 13), (None, 13, 13), (None, None, None)])
+    assert (got.commit_step, got.resume_step, got.computed_step) == (None, 13, 13)
+    assert "different" in in_band_outcome([(12, 13, 12), (None, 13, 12)])
+    assert "no rank" in in_band_outcome([(None, None, None)])
 
 
 def test_node_loss_waitlist_never_waits_for_the_lost_node():

@@ -168,3 +168,19 @@ def test_a_standby_never_shares_a_local_rank_with_a_rank_or_another_standby():
     assert standby_local_ranks([], 2) == [0, 1]  # a spare: its slots
     assert standby_local_ranks([1], 2) == [0, 2]  # a spare hosting a moved rank at slot 1
     assert standby_local_ranks([0, 1, 2], 1) == [3]  # ranks 0, 1 and a standby at 2
+
+
+def test_an_in_band_recover_resumes_where_the_ranks_decided_and_must_not_name_steps():
+    from flashrecovery.sidecar.core import RegistryView, command_refusal, decided_resume_step
+
+    def recover(**kw):
+        return _cmd().model_copy(update={"action": CommandAction.RECOVER, "world_size": 8, **kw})
+
+    view = RegistryView(generation=2, world_size=8, fence_token=None)
+    assert command_refusal(recover(in_band=True), view) is None
+    assert "in-band" in command_refusal(recover(in_band=True, resume_step=12), view)
+    assert "out of range" in command_refusal(recover(), view)  # the other path must name them
+    progress = [("restored", None), ("rebuilt", 13), ("rebuilt", 13)]
+    assert decided_resume_step(recover(in_band=True), progress) == 13
+    assert decided_resume_step(recover(resume_step=7), progress) == 7
+    assert decided_resume_step(recover(in_band=True), [("rebuilt", None)]) == -1
