@@ -1,4 +1,4 @@
-"""False-positive check of the detector on the real job: 1.5 minutes of fault-free training through
+"""False-positive check of the detector on the real job: over a minute of fault-free training through
 the real services, with a deliberately slow step on one rank and a declared long phase on every
 rank, must raise no incident.
 
@@ -21,10 +21,10 @@ import pytest
 from flashrecovery.demo import reference_cluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
-STEPS = 160
-STEP_SLEEP_S = 0.5  # stretches the fault-free run to 1.5 minutes (the 10-minute soak: bench/soak.py)
-SLOW = (40, 4.0, 3)  # step, seconds, rank
-LONG = (120, 12.0)  # after step, seconds
+STEPS = 110
+STEP_SLEEP_S = 0.5  # stretches the fault-free run past a minute (the 10-minute soak: bench/soak.py)
+SLOW = (30, 4.0, 3)  # step, seconds, rank
+LONG = (80, 12.0)  # after step, seconds
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -64,7 +64,7 @@ def test_minutes_of_fault_free_training_raise_no_incident(stack, tmp_path):
             await c.stop()
 
     wall = asyncio.run(run())
-    assert wall >= 95, f"the run lasted only {wall:.0f} s"
+    assert wall >= 70, f"the run lasted only {wall:.0f} s"
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / job).rglob("rank*.log"))
     assert f"slow step {SLOW[0]}: {SLOW[1]} s extra on rank {SLOW[2]}" in logs
     assert f"long phase eval after step {LONG[0]}" in logs
