@@ -84,6 +84,13 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--overhead-steps", type=int, default=40)
     p.add_argument("--goodput-duration", type=float, default=600.0)
     p.add_argument("--goodput-gap", type=float, default=60.0)
+    p.add_argument(
+        "--goodput-torchft-timeouts",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[5.0],
+        help="goodput suite: torchft Manager timeouts, s, one run each (5: tuned for fast recovery; "
+        "60 is torchft's default); none: skip torchft",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
@@ -287,7 +294,7 @@ def _run_suite(
     if suite == "goodput":
         if args.smoke:
             return {"skipped": "smoke"}
-        from .goodput import goodput_ours, goodput_torchrun
+        from .goodput import goodput_ours, goodput_torchft_seeded, goodput_torchrun
 
         s_ours = s_bare = None
         ov = results.get("overhead") or {}
@@ -305,11 +312,29 @@ def _run_suite(
                     args.goodput_duration, args.goodput_gap, k, s_bare, run_root / "goodput" / f"torchrun-k{k}"
                 )
             )
+        ft: list[dict[str, Any]] = []
+        from .torchft_bench import torchft_available
+
+        why = torchft_available()
+        for t in args.goodput_torchft_timeouts if why is None else []:
+            log(f"goodput: torchft, Manager timeout {t} s, lighthouse heartbeat {args.torchft_heartbeat_ms} ms")
+            ft.append(
+                goodput_torchft_seeded(
+                    args.goodput_duration,
+                    args.goodput_gap,
+                    run_root / "goodput" / f"torchft-t{t:g}",
+                    t,
+                    args.torchft_heartbeat_ms,
+                )
+            )
         return {
             "gap_s": args.goodput_gap,
             "duration_s": args.goodput_duration,
             "ours": ours,
             "torchrun": tr,
-            "note": "goodput uses each system's fault-free s/step from the overhead suite",
+            "torchft": ft if why is None else [{"skipped": why}],
+            "note": "goodput uses each system's fault-free s/step: ours and torchrun's from the overhead "
+            "suite, torchft's from its own run before the first fault; torchft's steps count by the "
+            "share of replica groups that trained them",
         }
     raise ValueError(suite)

@@ -1,5 +1,6 @@
 """Goodput under repeated faults: a run of `duration_s` with a worker SIGKILLed every ~`gap_s`
-(uniform +-30%), ours against the torchrun baseline. Goodput = net committed steps x the
+(uniform +-30%), ours against the torchrun baseline and TorchFT (same seeded fault times; ours and
+TorchFT also the same victim ranks). Goodput = net committed steps x the
 system's own fault-free seconds per step / wall time; net steps per second is also reported.
 
 Ours restarts a crashed process in place (planner policy restart_in_place_for_software, the
@@ -165,3 +166,22 @@ def goodput_torchrun(
     finally:
         stop_torchrun(proc, run_dir, "flashrecovery.bench.baseline_train")
         log.close()
+
+
+def goodput_torchft_seeded(
+    duration_s: float, gap_s: float, run_dir: Path, ft_timeout_s: float, heartbeat_timeout_ms: int, seed: int = 7
+) -> dict[str, Any]:
+    """TorchFT's goodput run with goodput_ours' fault times and victim ranks (same seed, drawn in
+    the same order: every time first, then a rank per fault)."""
+    from .torchft_bench import goodput_torchft
+
+    rng = random.Random(seed)
+    times = _fault_times(duration_s, gap_s, rng)
+    return goodput_torchft(
+        duration_s,
+        run_dir,
+        times,
+        lambda world: rng.randrange(world),
+        ft_timeout_s=ft_timeout_s,
+        heartbeat_timeout_ms=heartbeat_timeout_ms,
+    )

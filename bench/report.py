@@ -374,6 +374,19 @@ def render(results: dict[str, Any]) -> str:
                     r.get("goodput"),
                 ]
             )
+        for r in gp.get("torchft", []):
+            if "skipped" in r:
+                continue
+            rows.append(
+                [
+                    f"TorchFT, timeout {r.get('ft_timeout_s')} s, heartbeat {r.get('heartbeat_timeout_ms')} ms",
+                    r.get("duration_s"),
+                    len(r.get("faults", [])),
+                    r.get("net_steps"),
+                    r.get("steps_per_s"),
+                    r.get("goodput"),
+                ]
+            )
         out += [
             f"## Goodput (fault every ~{gp['gap_s']} s)",
             "",

@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,138 @@ def pids_by_replica(rows: list[list[str]]) -> dict[int, dict[int, set[int]]]:
 # ---- the run -----------------------------------------------------------------------------------
 
 
+class TorchftJob:
+    """One torchft job: a lighthouse (`--min_replicas 1`) and one `torchrun --nproc-per-node=<tp>`
+    per replica group running bench/torchft_train.py; every process is ours and killed by pid at
+    close(). `stall_for(r)`: extra flags for group r (fault injection)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        steps: int,
+        replicas: int = REPLICAS,
+        tp: int = TP,
+        max_restarts: int = 3,
+        heartbeat_timeout_ms: int = 1000,
+        ft_timeout_s: float = 30.0,
+        threads: int = 1,
+        extra: list[str] | None = None,
+        stall_for: Callable[[int], list[str]] = lambda r: [],
+    ) -> None:
+        self.run_dir, self.steps, self.replicas, self.tp = run_dir, steps, replicas, tp
+        self.max_restarts, self.heartbeat_timeout_ms, self.ft_timeout_s = (
+            max_restarts,
+            heartbeat_timeout_ms,
+            ft_timeout_s,
+        )
+        self.threads, self.extra, self.stall_for = threads, extra or [], stall_for
+        self.procs: list[subprocess.Popen] = []
+        self.groups: list[subprocess.Popen] = []
+        self._logs: list[Any] = []
+
+    def _spawn(self, argv: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen:
+        log = (self.run_dir / log_name).open("wb")
+        self._logs.append(log)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.procs.append(p)
+        return p
+
+    def check_alive(self, *_: Any) -> None:
+        for p in self.procs:
+            if p.poll() is not None and p.returncode != 0:
+                raise RuntimeError(f"{p.args[0]} (pid {p.pid}) exited with {p.returncode}; see {self.run_dir}")
+
+    def start(self, timeout_s: float) -> None:
+        """Launch everything, wait until every group's Manager exists, then let them train."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        port = _free_port()
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TORCHFT_LIGHTHOUSE": f"http://localhost:{port}",
+            "TORCHFT_USE_OTEL": "false",
+        }
+        self._spawn(
+            [
+                str(_lighthouse_bin()),
+                "--bind",
+                f"[::]:{port}",
+                "--min_replicas",
+                "1",
+                "--heartbeat_timeout_ms",
+                str(self.heartbeat_timeout_ms),
+                "--join_timeout_ms",
+                "60000",
+            ],
+            "lighthouse.log",
+            env,
+        )
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        for r in range(self.replicas):
+            argv = [
+                torchrun,
+                "--standalone",
+                f"--nproc-per-node={self.tp}",
+                f"--max-restarts={self.max_restarts}",
+                "--monitor-interval=0.1",
+                "-m",
+                "flashrecovery.bench.torchft_train",
+                "--replica-id",
+                str(r),
+                "--steps",
+                str(self.steps),
+                "--tp",
+                str(self.tp),
+                "--threads",
+                str(self.threads),
+                "--timeout",
+                str(self.ft_timeout_s),
+                "--dir",
+                str(self.run_dir),
+                *self.stall_for(r),
+                *self.extra,
+            ]
+            self.groups.append(self._spawn(argv, f"replica{r}.log", env))
+        _wait_alive(
+            lambda: all((self.run_dir / f"ready-r{r}").exists() for r in range(self.replicas)),
+            timeout_s,
+            "every replica's Manager",
+            self.check_alive,
+        )
+        (self.run_dir / "go").touch()
+
+    def progress(self, r: int) -> list[tuple[int, int, float, int, bool]]:
+        return parse_progress(_read(self.run_dir / f"progress-r{r}.log"))
+
+    def committed(self, r: int) -> list[tuple[int, int, float, int, bool]]:
+        return [row for row in self.progress(r) if row[4]]
+
+    def pid_of(self, replica: int, local_rank: int) -> int | None:
+        """The newest attempt's process in that place (pids.log)."""
+        rows = [r for r in _read(self.run_dir / "pids.log") if len(r) >= 4 and r[0] == str(replica)]
+        rows = [r for r in rows if r[2] == str(local_rank)]
+        return int(max(rows, key=lambda r: int(r[1]))[3]) if rows else None
+
+    def close(self) -> None:
+        # torchruns first (so nothing restarts), then their workers (torchrun puts each worker in
+        # a session of its own, so killing a torchrun's group does not reach them): all by pid.
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_recorded_workers(self.run_dir, "flashrecovery.bench.torchft_train")
+        for log in self._logs:
+            log.close()
+
+
 def run_torchft(
     run_dir: Path,
     at_step: int,
@@ -146,13 +279,21 @@ def run_torchft(
     victim, victim_local = divmod(kill_rank, tp)
     if victim >= replicas:
         raise ValueError(f"rank {kill_rank} is not in a {replicas} x {tp} job")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    port = _free_port()
-    lighthouse_addr = f"http://localhost:{port}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHFT_LIGHTHOUSE": lighthouse_addr, "TORCHFT_USE_OTEL": "false"}
-    procs: list[subprocess.Popen] = []
-    logs = []
+    job = TorchftJob(
+        run_dir,
+        steps,
+        replicas,
+        tp,
+        heartbeat_timeout_ms=heartbeat_timeout_ms,
+        ft_timeout_s=ft_timeout_s,
+        threads=threads,
+        extra=extra,
+        stall_for=lambda r: (
+            ["--stall-at", str(at_step + 1), "--stall-rank", str(victim_local)]
+            if fault == "in-allreduce" and r == victim
+            else []
+        ),
+    )
     rep: dict[str, Any] = {
         "at_step": at_step,
         "steps": steps,
@@ -165,88 +306,17 @@ def run_torchft(
         "run_dir": os.path.relpath(run_dir),
     }
     started = time.time()
-
-    def spawn(argv: list[str], log_name: str) -> subprocess.Popen:
-        log = (run_dir / log_name).open("wb")
-        logs.append(log)
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        procs.append(p)
-        return p
-
-    def check_alive(*_: Any) -> None:
-        for p in procs:
-            if p.poll() is not None and p.returncode != 0:
-                raise RuntimeError(f"{p.args[0]} (pid {p.pid}) exited with {p.returncode}; see {run_dir}")
-
     try:
-        spawn(
-            [
-                str(_lighthouse_bin()),
-                "--bind",
-                f"[::]:{port}",
-                "--min_replicas",
-                "1",
-                "--heartbeat_timeout_ms",
-                str(heartbeat_timeout_ms),
-                "--join_timeout_ms",
-                "60000",
-            ],
-            "lighthouse.log",
-        )
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        groups = []
-        for r in range(replicas):
-            stall = (
-                ["--stall-at", str(at_step + 1), "--stall-rank", str(victim_local)]
-                if fault == "in-allreduce" and r == victim
-                else []
-            )
-            groups.append(
-                spawn(
-                    [
-                        torchrun,
-                        "--standalone",
-                        f"--nproc-per-node={tp}",
-                        "--max-restarts=3",
-                        "--monitor-interval=0.1",
-                        "-m",
-                        "flashrecovery.bench.torchft_train",
-                        "--replica-id",
-                        str(r),
-                        "--steps",
-                        str(steps),
-                        "--tp",
-                        str(tp),
-                        "--threads",
-                        str(threads),
-                        "--timeout",
-                        str(ft_timeout_s),
-                        "--dir",
-                        str(run_dir),
-                        *stall,
-                        *(extra or []),
-                    ],
-                    f"replica{r}.log",
-                )
-            )
-        _wait_alive(
-            lambda: all((run_dir / f"ready-r{r}").exists() for r in range(replicas)),
-            timeout_s,
-            "every replica's Manager",
-            check_alive,
-        )
-        (run_dir / "go").touch()
-        prog = {r: run_dir / f"progress-r{r}.log" for r in range(replicas)}
-
-        def committed(r: int) -> list[tuple[int, int, float, int, bool]]:
-            return [row for row in parse_progress(_read(prog[r])) if row[4]]
-
+        job.start(timeout_s)
         if fault == "in-allreduce":
-            _wait_alive(lambda: (run_dir / "stalled").exists(), timeout_s, "the victim to stall", check_alive)
+            _wait_alive(lambda: (run_dir / "stalled").exists(), timeout_s, "the victim to stall", job.check_alive)
             time.sleep(0.5)
         else:
             _wait_alive(
-                lambda: any(row[1] >= at_step for row in committed(victim)), timeout_s, f"step {at_step}", check_alive
+                lambda: any(row[1] >= at_step for row in job.committed(victim)),
+                timeout_s,
+                f"step {at_step}",
+                job.check_alive,
             )
         pids0 = pids_by_replica(_read(run_dir / "pids.log"))
         victim_pid = next(
@@ -261,21 +331,21 @@ def run_torchft(
         )
         _wait_alive(
             lambda: (
-                any(row[0] > 0 and row[2] > fault_at and row[1] > 1 for row in committed(victim))
+                any(row[0] > 0 and row[2] > fault_at and row[1] > 1 for row in job.committed(victim))
                 or any(run_dir.glob(f"not-healed-r{victim}-*"))
             ),
             timeout_s,
             "the restarted group's first step",
-            check_alive,
+            job.check_alive,
         )
         deadline = time.monotonic() + timeout_s
-        for p in groups:
+        for p in job.groups:
             rc = p.wait(max(1.0, deadline - time.monotonic()))
             if rc != 0:
                 raise RuntimeError(f"replica torchrun exited with {rc}; see {run_dir}")
         ended = time.time()
         pids = pids_by_replica(_read(run_dir / "pids.log"))
-        progress = {r: parse_progress(_read(prog[r])) for r in range(replicas)}
+        progress = {r: job.progress(r) for r in range(replicas)}
         rep.update(summarize(progress, fault_at, victim, replicas))
         survivors = [r for r in range(replicas) if r != victim]
         finals: dict[int, set[str]] = {}
@@ -296,22 +366,97 @@ def run_torchft(
         )
         return rep
     finally:
-        # torchruns first (so nothing restarts), then their workers (torchrun puts each worker in
-        # a session of its own, so killing a torchrun's group does not reach them): all by pid.
-        for p in reversed(procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
+        job.close()
+
+
+# ---- goodput (issue #14 item 4) ------------------------------------------------------------------
+
+
+def full_width_steps(
+    progress: dict[int, list[tuple[int, int, float, int, bool]]], replicas: int, since: float, until: float
+) -> tuple[float, int]:
+    """(steps weighted by the share of replica groups that trained them, distinct steps) committed
+    in (since, until]. torchft commits a step at reduced width while a group is down or healing
+    (that group's micro-batches are skipped, not recomputed), so a step is worth participants /
+    replicas of a full one; goodput counts work, as it does for the other systems."""
+    width: dict[int, int] = {}
+    for rows in progress.values():
+        for _, step, t, parts, ok in rows:
+            if ok and since < t <= until:
+                width[step] = max(width.get(step, 0), parts)
+    return sum(min(w, replicas) / replicas for w in width.values()), len(width)
+
+
+def goodput_torchft(
+    duration_s: float,
+    run_dir: Path,
+    fault_times: list[float],
+    pick_rank: Callable[[int], int],
+    ft_timeout_s: float = 5.0,
+    heartbeat_timeout_ms: int = 1000,
+    replicas: int = REPLICAS,
+    tp: int = TP,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
+    """The goodput run under torchft: the same seeded fault times as the other systems, each a
+    SIGKILL of the process in a random rank's place (newest attempt). torchrun restarts that
+    group; it heals from a live group while the others train on. Its fault-free s/step comes from
+    the same run, before the first fault (all groups up). pick_rank(world) -> the victim rank."""
+    world = replicas * tp
+    job = TorchftJob(
+        run_dir,
+        10**6,
+        replicas,
+        tp,
+        max_restarts=len(fault_times) + 1,
+        heartbeat_timeout_ms=heartbeat_timeout_ms,
+        ft_timeout_s=ft_timeout_s,
+    )
+    faults: list[dict[str, Any]] = []
+    try:
+        job.start(timeout_s)
+        _wait_alive(
+            lambda: all(job.committed(r) for r in range(replicas)),
+            timeout_s,
+            "every group's first step",
+            job.check_alive,
+        )
+        t0_wall, t0 = time.time(), time.monotonic()
+        for at in fault_times:
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            rank = pick_rank(world)
+            pid = job.pid_of(*divmod(rank, tp))
             try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        kill_recorded_workers(run_dir, "flashrecovery.bench.torchft_train")
-        for log in logs:
-            log.close()
+                if pid is None:
+                    raise ProcessLookupError
+                os.kill(pid, signal.SIGKILL)
+                faults.append({"at_s": round(time.monotonic() - t0, 1), "rank": rank, "pid": pid})
+            except ProcessLookupError:
+                faults.append({"at_s": round(time.monotonic() - t0, 1), "skipped": f"rank {rank}: no process"})
+        time.sleep(max(0.0, t0 + duration_s - time.monotonic()))
+        wall = time.monotonic() - t0
+        end_wall = t0_wall + wall
+        progress = {r: job.progress(r) for r in range(replicas)}
+        first_fault = t0_wall + (fault_times[0] if fault_times else wall)
+        clean, clean_steps = full_width_steps(progress, replicas, t0_wall, first_fault)
+        s_per_step = (first_fault - t0_wall) / clean if clean else None
+        work, distinct = full_width_steps(progress, replicas, t0_wall, end_wall)
+        restarts = sum(len(a) - 1 for a in pids_by_replica(_read(run_dir / "pids.log")).values())
+        return {
+            "duration_s": round(wall, 1),
+            "faults": faults,
+            "ft_timeout_s": ft_timeout_s,
+            "heartbeat_timeout_ms": heartbeat_timeout_ms,
+            "group_restarts": restarts,
+            "net_steps": distinct,
+            "full_width_steps": round(work, 2),
+            "steps_per_s": round(distinct / wall, 3),
+            "goodput": round(work * s_per_step / wall, 3) if s_per_step else None,
+            "s_per_step_fault_free": round(s_per_step, 4) if s_per_step else None,
+            "s_per_step_from": f"this run before its first fault ({clean_steps} steps, every group up)",
+        }
+    finally:
+        job.close()
 
 
 def _wait_alive(pred, timeout_s: float, what: str, check) -> Any:

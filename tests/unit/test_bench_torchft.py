@@ -131,3 +131,18 @@ def test_suite_registered_and_rendered():
     assert "| torchft, 4 groups x tp 2 | after-step | 15 | — | 3.10 |" in md
     assert "error: boom" in md
     assert "Skipped: torchft not installed" in render({"torchft": {"skipped": "torchft not installed: pip ..."}})
+
+
+def test_goodput_counts_a_torchft_step_by_the_share_of_groups_that_trained_it():
+    """Issue #14 item 4: while a group is down or healing torchft commits steps at reduced
+    width (its micro-batches are skipped), so a step is worth participants / replicas."""
+    from flashrecovery.bench.torchft_bench import full_width_steps
+
+    progress = {
+        0: [(0, 1, 10.0, 4, True), (0, 2, 11.0, 3, True), (0, 3, 12.0, 3, False), (0, 3, 13.0, 4, True)],
+        1: [(0, 1, 10.0, 4, True), (0, 2, 11.0, 3, True), (0, 3, 13.0, 4, True)],
+        2: [(1, 3, 13.0, 4, True)],  # restarted, healed: the step is counted once
+    }
+    work, steps = full_width_steps(progress, 4, 9.0, 20.0)
+    assert steps == 3 and work == 1 + 0.75 + 1
+    assert full_width_steps(progress, 4, 10.0, 12.5) == (0.75, 1)  # the window is (since, until]
