@@ -52,6 +52,7 @@ from .core import (
     node_rank,
     prefilter,
     ranks_to_kill,
+    refill_state,
     reports_stages,
     stage_failure,
     stage_reached,
@@ -90,6 +91,7 @@ class Worker:
     assigned_at: int | None = None  # the generation in which a standby became this rank
     exited_in_generation: int | None = None  # the command generation here when it died
     recover_error: str | None = None  # what the rank reported failing in the current recover
+    steps_since_recovery: int = 0  # steps committed since its last pause (core.refill_state)
 
     @property
     def pid(self) -> int:
@@ -256,7 +258,7 @@ class SidecarService:
 
             def due(waited_out: bool = False) -> int:
                 wanted = standbys_wanted(self.cfg.role, self.cfg.capacity, len(self._ranked()), self.cfg.standbys)
-                states = [w.state for w in self._ranked()]
+                states = [refill_state(w.state, w.steps_since_recovery) for w in self._ranked()]
                 return standbys_to_start(wanted, len(self._standbys()), states, waited_out)
 
             if due(waited_out=True) == 0:
@@ -407,6 +409,7 @@ class SidecarService:
         if isinstance(msg, ch.Step):
             if msg.step != w.step:
                 w.last_progress = now
+                w.steps_since_recovery += 1
             w.step, w.step_time_s, w.long_phase = msg.step, msg.step_time_s, None
             if w.state not in (RankState.PAUSED, RankState.RECOVERING):
                 w.state = RankState.RUNNING
@@ -649,7 +652,7 @@ class SidecarService:
         await self._kill(set(cmd.kill_ranks))
         targets = [w for w in self._ranked() if w.rank not in set(cmd.kill_ranks)]
         for w in targets:
-            w.paused, w.progress, w.progress_msgs = None, set(), []
+            w.paused, w.progress, w.progress_msgs, w.steps_since_recovery = None, set(), [], 0
             if w.state is not RankState.HUNG:  # hung stays hung until the new plan kills it
                 w.state = RankState.PAUSED
             await self._send(w, ch.Pause(generation=cmd.generation))

@@ -204,6 +204,20 @@ def standby_local_ranks(used: Iterable[int], n: int) -> list[int]:
     return out
 
 
+# A rank counts as recovering, for the refill, until it committed this many steps after its
+# recovery: the recovery's RTO ends only at the first commit after it (every rank), and that
+# step's first collectives also connect the new groups; a new interpreter importing torch must
+# not share the CPU with them (issue #14 item 1: a refill never counts in RTO).
+REFILL_AFTER_STEPS = 3
+
+
+def refill_state(state: RankState, steps_since_recovery: int) -> RankState:
+    """A rank's state as the refill rule sees it (standbys_to_start)."""
+    if state is RankState.RUNNING and steps_since_recovery < REFILL_AFTER_STEPS:
+        return RankState.RECOVERING
+    return state
+
+
 def standbys_to_start(wanted: int, standing: int, rank_states: Iterable[RankState], waited_out: bool = False) -> int:
     """How many standbys to start now: none while a rank of this node is starting or
     recovering, unless the caller has waited that out (bounded); none once a rank has finished

@@ -184,3 +184,17 @@ def test_an_in_band_recover_resumes_where_the_ranks_decided_and_must_not_name_st
     assert decided_resume_step(recover(in_band=True), progress) == 13
     assert decided_resume_step(recover(resume_step=7), progress) == 7
     assert decided_resume_step(recover(in_band=True), [("rebuilt", None)]) == -1
+
+
+def test_a_refill_waits_until_the_recovered_ranks_committed_a_few_steps():
+    """Issue #14 item 1: a refill never counts in RTO. A rank that resumed is `running`, but the
+    recovery ends only at its first commit (whose collectives also connect the new groups): the
+    refill starts once every rank of the node committed REFILL_AFTER_STEPS steps since its pause."""
+    from flashrecovery.sidecar.core import REFILL_AFTER_STEPS, refill_state
+
+    just_resumed = [refill_state(RankState.RUNNING, 0), refill_state(RankState.RUNNING, REFILL_AFTER_STEPS)]
+    assert standbys_to_start(1, 0, just_resumed) == 0
+    assert standbys_to_start(1, 0, just_resumed, waited_out=True) == 1  # the bounded wait still ends
+    trained = [refill_state(RankState.RUNNING, REFILL_AFTER_STEPS)] * 2
+    assert standbys_to_start(1, 0, trained) == 1
+    assert refill_state(RankState.PAUSED, 100) is RankState.PAUSED
