@@ -184,4 +184,5 @@ def goodput_torchft_seeded(
         lambda world: rng.randrange(world),
         ft_timeout_s=ft_timeout_s,
         heartbeat_timeout_ms=heartbeat_timeout_ms,
+        steps=BIG,
     )

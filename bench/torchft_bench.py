@@ -397,6 +397,7 @@ def goodput_torchft(
     replicas: int = REPLICAS,
     tp: int = TP,
     timeout_s: float = 300.0,
+    steps: int = 100_000,
 ) -> dict[str, Any]:
     """The goodput run under torchft: the same seeded fault times as the other systems, each a
     SIGKILL of the process in a random rank's place (newest attempt). torchrun restarts that
@@ -405,7 +406,7 @@ def goodput_torchft(
     world = replicas * tp
     job = TorchftJob(
         run_dir,
-        10**6,
+        steps,
         replicas,
         tp,
         max_restarts=len(fault_times) + 1,
