@@ -139,12 +139,11 @@ def test_fault_recovers_bitwise(stack, tmp_path, reference_states, fault, rank, 
 # is committed once its vote completed anywhere (docs/commit-protocol.md). The survivors decide
 # it in-band (the default): kill-optimizer needs the lagging survivors to apply AT in the
 # recovery, kill-grad-sync leaves some survivors holding AT's gradients and others not. A kill
-# in the forward or after the sync decides as kill-grad-sync does (nothing voted): the
-# scenarios (bench/scenarios.py) run those.
+# in the forward or after the sync, or a Python exception after it (the process exits), decide
+# as kill-grad-sync does (nothing voted); `flashrecovery demo --fault <kind>` runs them.
 PHASE_FAULTS = {
     "kill-grad-sync": {AT},
     "kill-optimizer": {AT + 1},  # the victim completed vote AT: step AT is committed
-    "exception": {AT},  # a Python exception after the gradient sync, the process exits
 }
 
 
