@@ -128,7 +128,7 @@ def measured_inputs(results: Path) -> dict:
         return _median([r[key] for r in faults[fault]["runs"] if r.get(key) is not None])
 
     node4 = json.loads((results / "node_loss_4hz_2core.json").read_text())["summary"]["4hz"]
-    scale = json.loads((results / "scale_n3_detector_2core.json").read_text())["scale"]["points"]
+    scale = json.loads((results / "scale_inband_n3_2core.json").read_text())["scale"]["points"]
     torchrun = [r for r in rec["baseline"]["runs"] if r["ckpt_every"] == 10]
     return {
         "ours_software_detect_s": med("process-crash", "detection_latency_s"),
@@ -142,7 +142,7 @@ def measured_inputs(results: Path) -> dict:
         "sources": {
             "recovery suite (8 ranks, n=5 per class)": "docs/results/bench_2core_recovery_baseline_n5.json",
             "node loss at 4 Hz heartbeats": "docs/results/node_loss_4hz_2core.json",
-            "scale suite (simulated sidecars, n=3)": "docs/results/scale_n3_detector_2core.json",
+            "scale suite (simulated sidecars, n=3)": "docs/results/scale_inband_n3_2core.json",
         },
     }
 
