@@ -498,8 +498,11 @@ class ExecutorService:
             if newer is not None:
                 # A second fault during the stages (e.g. a survivor that never answered its
                 # pause, which no node waits for with the in-band decision): the stage could
-                # only time out; the newer plan re-pauses everyone.
-                return "fail", {"_reason": f"superseded by {newer.plan_id} while waiting"}
+                # only time out; the newer plan re-pauses everyone. Only a sound plan may cover
+                # this one (a forged one is refused and forgotten here: look again).
+                if await self._sound(newer, started=bool(await self._run_state(newer.plan_id))):
+                    return "fail", {"_reason": f"superseded by {newer.plan_id} while waiting"}
+                continue
             got = self.acks.get(command_id, {}).get(stage, {})
             verdict = judge(got, expected, started, time.monotonic(), timeout_s, attempt, retries, fail_from)
             if verdict.outcome != "wait":
