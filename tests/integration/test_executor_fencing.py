@@ -201,3 +201,44 @@ async def test_an_invalid_plan_is_refused_before_the_first_command(settings, reg
             svc.driving[1].cancel()
             await asyncio.gather(svc.driving[1], return_exceptions=True)
         await svc.registry.close()
+
+
+async def test_a_stage_wait_ends_for_a_sound_superseding_plan_not_a_forged_one(settings, registry):
+    """With the in-band decision no node waits for a survivor that never answered its pause;
+    the plan's RECOVER stage ends as soon as a newer plan covers its incidents, so the planner's
+    superseding plan takes over at once. A forged plan covering them (never recorded by the
+    planner) is refused and forgotten, and the stage keeps waiting."""
+    import time
+
+    from flashrecovery.shared.schemas import RecoveryPlan, Replacement, Transfer
+
+    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1))
+    first = RecoveryPlan(
+        job_id=settings.job_id,
+        generation=0,
+        producer="planner",
+        plan_id="P",
+        emitted_at=1.0,
+        incident_ids=("i1",),
+        target_generation=1,
+        world_size=4,
+        restart_ranks=(1,),
+        faulty_nodes=("node-0",),
+        transfers=(Transfer(src=3, dst=1),),
+        recovery_step=0,
+        replacements=(Replacement(rank=1, from_node="node-0", to_node="spare-0", local_rank=1),),
+    )
+    newer = first.model_copy(update={"plan_id": "Q", "emitted_at": 2.0, "incident_ids": ("i1", "i2")})
+    svc, _ = await _executor(settings, "0")
+    try:
+        svc.lease_until = time.monotonic() + 60
+        svc.plans = {"P": first, "Q": newer}  # Q was never recorded: a forgery
+        outcome, acks = await svc._await_acks("P:recover:0", "rebuilt", frozenset({"node-1"}), 0, 0, 0.5, plan=first)
+        assert outcome == "fail" and "no ack after" in acks["_reason"]
+        assert "Q" not in svc.plans and svc.refused == 1
+        await registry.put_plan_once("Q", newer.model_dump_json().encode())  # the planner's own
+        svc.plans["Q"] = newer
+        outcome, acks = await svc._await_acks("P:recover:0", "rebuilt", frozenset({"node-1"}), 0, 0, 30, plan=first)
+        assert outcome == "fail" and acks["_reason"] == "superseded by Q while waiting"
+    finally:
+        await svc.registry.close()
