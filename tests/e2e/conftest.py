@@ -14,16 +14,27 @@ from flashrecovery.demo import reference_cluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
 
+def job_settings(stack, prefix: str = "e2e") -> Settings:
+    """Settings of a new job on the session's broker and Redis, in a topic namespace of its own."""
+    job = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    return Settings(
+        job_id=job,
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2),
+    )
+
+
+@pytest.fixture
+def new_job_settings(stack) -> Callable[[str], Settings]:
+    """prefix -> job_settings(stack, prefix)."""
+    return lambda prefix="e2e": job_settings(stack, prefix)
+
+
 def _fault_free_states(stack, run_dir: Path, steps: int, worker_args: str) -> dict:
     async def go() -> dict:
-        job = f"e2e-{uuid.uuid4().hex[:8]}"
-        settings = Settings(
-            job_id=job,
-            kafka_bootstrap=stack.kafka_bootstrap,
-            redis_url=stack.redis_url,
-            bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2),
-        )
-        c = reference_cluster(settings, run_dir / job, steps, worker_args)
+        settings = job_settings(stack)
+        c = reference_cluster(settings, run_dir / settings.job_id, steps, worker_args)
         try:
             await c.start()
             await c.wait_until(c.finished, 300, "fault-free run to finish")

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 
 from flashrecovery.demo import reference_cluster
-from flashrecovery.shared.settings import BusSettings, Settings
 
 STEPS = 110
 STEP_SLEEP_S = 0.5  # stretches the fault-free run past a minute (the 10-minute soak: bench/soak.py)
@@ -28,14 +26,9 @@ LONG = (80, 12.0)  # after step, seconds
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_minutes_of_fault_free_training_raise_no_incident(stack, tmp_path):
-    job = f"fp-{uuid.uuid4().hex[:8]}"
-    settings = Settings(
-        job_id=job,
-        kafka_bootstrap=stack.kafka_bootstrap,
-        redis_url=stack.redis_url,
-        bus=BusSettings(topic_namespace=job, telemetry_partitions=2, linger_ms=2),
-    )
+def test_minutes_of_fault_free_training_raise_no_incident(new_job_settings, tmp_path):
+    settings = new_job_settings("fp")
+    job = settings.job_id
     worker_args = (
         f"--step-sleep {STEP_SLEEP_S} --slow-step {SLOW[0]}:{SLOW[1]}:{SLOW[2]} --long-phase {LONG[0]}:{LONG[1]}"
     )

@@ -141,27 +141,16 @@ async def test_losing_the_lease_cancels_the_drive(settings, registry):
         await svc.registry.close()
 
 
-@pytest.mark.parametrize("forge", ["absurd", "unrecorded", "forged-copy"])
-async def test_an_invalid_plan_is_refused_before_the_first_command(settings, registry, forge):
-    """A plan with restart_ranks [10^9] and world size -1 was fenced, paused, replaced and
-    recovered, and left the job paused. Now: refused before anything (run failed, escalated),
-    the generation unchanged, no command sent. Likewise a plan the planner never recorded, and
-    a forged copy under a real plan's id."""
-    from flashrecovery.shared.schemas import (
-        Escalation,
-        ExecutorCommand,
-        RecoveryCompleted,
-        RecoveryPlan,
-        Replacement,
-        Transfer,
-    )
+def _spare_plan(job_id):
+    """A sound plan for a 2 x 2 job with one spare: rank 1 moves from node-0 to spare-0."""
+    from flashrecovery.shared.schemas import RecoveryPlan, Replacement, Transfer
 
-    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1))
-    good = RecoveryPlan(
-        job_id=settings.job_id,
+    return RecoveryPlan(
+        job_id=job_id,
         generation=0,
         producer="planner",
         plan_id="P",
+        emitted_at=1.0,
         incident_ids=("i1",),
         target_generation=1,
         world_size=4,
@@ -171,6 +160,18 @@ async def test_an_invalid_plan_is_refused_before_the_first_command(settings, reg
         recovery_step=0,
         replacements=(Replacement(rank=1, from_node="node-0", to_node="spare-0", local_rank=1),),
     )
+
+
+@pytest.mark.parametrize("forge", ["absurd", "unrecorded", "forged-copy"])
+async def test_an_invalid_plan_is_refused_before_the_first_command(settings, registry, forge):
+    """A plan with restart_ranks [10^9] and world size -1 was fenced, paused, replaced and
+    recovered, and left the job paused. Now: refused before anything (run failed, escalated),
+    the generation unchanged, no command sent. Likewise a plan the planner never recorded, and
+    a forged copy under a real plan's id."""
+    from flashrecovery.shared.schemas import Escalation, ExecutorCommand, RecoveryCompleted
+
+    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1))
+    good = _spare_plan(settings.job_id)
     absurd = good.model_copy(update={"restart_ranks": (10**9,), "world_size": -1, "transfers": (), "replacements": ()})
     if forge == "absurd":
         plan = absurd
@@ -210,24 +211,8 @@ async def test_a_stage_wait_ends_for_a_sound_superseding_plan_not_a_forged_one(s
     planner) is refused and forgotten, and the stage keeps waiting."""
     import time
 
-    from flashrecovery.shared.schemas import RecoveryPlan, Replacement, Transfer
-
     await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1))
-    first = RecoveryPlan(
-        job_id=settings.job_id,
-        generation=0,
-        producer="planner",
-        plan_id="P",
-        emitted_at=1.0,
-        incident_ids=("i1",),
-        target_generation=1,
-        world_size=4,
-        restart_ranks=(1,),
-        faulty_nodes=("node-0",),
-        transfers=(Transfer(src=3, dst=1),),
-        recovery_step=0,
-        replacements=(Replacement(rank=1, from_node="node-0", to_node="spare-0", local_rank=1),),
-    )
+    first = _spare_plan(settings.job_id)
     newer = first.model_copy(update={"plan_id": "Q", "emitted_at": 2.0, "incident_ids": ("i1", "i2")})
     svc, _ = await _executor(settings, "0")
     try:
