@@ -85,6 +85,19 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--goodput-duration", type=float, default=600.0)
     p.add_argument("--goodput-gap", type=float, default=60.0)
     p.add_argument(
+        "--goodput-runs",
+        type=int,
+        default=1,
+        help="goodput suite: rounds, each running every system once with the same seeded faults (seed 7, 8, ...)",
+    )
+    p.add_argument(
+        "--step-sleep",
+        type=float,
+        default=0.0,
+        help="overhead and goodput suites: seconds every system's steps sleep (a stand-in for a bigger "
+        "model's compute; the goodput suite refuses overhead results taken with another value)",
+    )
+    p.add_argument(
         "--goodput-torchft-timeouts",
         type=lambda v: [float(x) for x in v.split(",") if x],
         default=[5.0],
@@ -290,51 +303,87 @@ def _run_suite(
         from .overhead import run_overhead
 
         reps = args.overhead_reps or (1 if args.smoke else 3)
-        return asyncio.run(run_overhead(reps, args.overhead_steps, run_root / "overhead", settings, args.timeout, log))
+        return asyncio.run(
+            run_overhead(reps, args.overhead_steps, run_root / "overhead", settings, args.timeout, log, args.step_sleep)
+        )
     if suite == "goodput":
         if args.smoke:
             return {"skipped": "smoke"}
-        from .goodput import goodput_ours, goodput_torchft_seeded, goodput_torchrun
+        return _goodput_suite(args, settings, run_root, results, log)
+    raise ValueError(suite)
 
-        s_ours = s_bare = None
-        ov = results.get("overhead") or {}
-        s_ours = (ov.get("ours_s_per_step") or {}).get("median")
-        s_bare = (ov.get("bare_s_per_step") or {}).get("median")
-        log(f"goodput: ours, {args.goodput_duration} s, fault every ~{args.goodput_gap} s")
-        ours = asyncio.run(
-            goodput_ours(args.goodput_duration, args.goodput_gap, s_ours, run_root / "goodput", settings)
+
+def _goodput_suite(args: argparse.Namespace, settings, run_root: Path, results: dict[str, Any], log) -> dict[str, Any]:
+    """--goodput-runs rounds; each round runs every system once with the same seed (fault times
+    and victims), so the load drifts less between the systems of one round than between rounds."""
+    from .goodput import goodput_ours, goodput_torchft_seeded, goodput_torchrun, pooled
+    from .torchft_bench import torchft_available
+
+    ov = results.get("overhead") or {}
+    if (ov.get("step_sleep_s") or 0.0) != args.step_sleep:
+        raise ValueError(
+            f"the overhead results in --out were taken with --step-sleep {ov.get('step_sleep_s') or 0.0}, "
+            f"not {args.step_sleep}: run the overhead suite with the same --step-sleep first"
         )
-        tr = []
-        for k in args.ckpt_every[:1]:
-            log(f"goodput: torchrun ckpt every {k}")
-            tr.append(
-                goodput_torchrun(
-                    args.goodput_duration, args.goodput_gap, k, s_bare, run_root / "goodput" / f"torchrun-k{k}"
+    s_ours = (ov.get("ours_s_per_step") or {}).get("median")
+    s_bare = (ov.get("bare_s_per_step") or {}).get("median")
+    why = torchft_available()
+    ours: list[dict[str, Any]] = []
+    tr: dict[int, list[dict[str, Any]]] = {k: [] for k in args.ckpt_every[:1]}
+    ft: dict[float, list[dict[str, Any]]] = {t: [] for t in (args.goodput_torchft_timeouts if why is None else [])}
+    for i in range(args.goodput_runs):
+        seed = 7 + i
+        tag = f"round {i + 1}/{args.goodput_runs} (seed {seed})"
+        log(f"goodput {tag}: ours, {args.goodput_duration} s, fault every ~{args.goodput_gap} s")
+        ours.append(
+            asyncio.run(
+                goodput_ours(
+                    args.goodput_duration,
+                    args.goodput_gap,
+                    s_ours,
+                    run_root / "goodput",
+                    settings,
+                    seed=seed,
+                    step_sleep=args.step_sleep,
                 )
             )
-        ft: list[dict[str, Any]] = []
-        from .torchft_bench import torchft_available
-
-        why = torchft_available()
-        for t in args.goodput_torchft_timeouts if why is None else []:
-            log(f"goodput: torchft, Manager timeout {t} s, lighthouse heartbeat {args.torchft_heartbeat_ms} ms")
-            ft.append(
+        )
+        for k, runs in tr.items():
+            log(f"goodput {tag}: torchrun ckpt every {k}")
+            runs.append(
+                goodput_torchrun(
+                    args.goodput_duration,
+                    args.goodput_gap,
+                    k,
+                    s_bare,
+                    run_root / "goodput" / f"torchrun-k{k}",
+                    seed=seed,
+                    step_sleep=args.step_sleep,
+                )
+            )
+        for t, runs in ft.items():
+            log(f"goodput {tag}: torchft, Manager timeout {t} s, lighthouse heartbeat {args.torchft_heartbeat_ms} ms")
+            runs.append(
                 goodput_torchft_seeded(
                     args.goodput_duration,
                     args.goodput_gap,
                     run_root / "goodput" / f"torchft-t{t:g}",
                     t,
                     args.torchft_heartbeat_ms,
+                    seed=seed,
+                    step_sleep=args.step_sleep,
                 )
             )
-        return {
-            "gap_s": args.goodput_gap,
-            "duration_s": args.goodput_duration,
-            "ours": ours,
-            "torchrun": tr,
-            "torchft": ft if why is None else [{"skipped": why}],
-            "note": "goodput uses each system's fault-free s/step: ours and torchrun's from the overhead "
-            "suite, torchft's from its own run before the first fault; torchft's steps count by the "
-            "share of replica groups that trained them",
-        }
-    raise ValueError(suite)
+    return {
+        "gap_s": args.goodput_gap,
+        "duration_s": args.goodput_duration,
+        "step_sleep_s": args.step_sleep,
+        "rounds": args.goodput_runs,
+        "ours": pooled(ours),
+        "torchrun": [pooled(runs) for runs in tr.values()],
+        "torchft": [pooled(runs) for runs in ft.values()] if why is None else [{"skipped": why}],
+        "note": "goodput uses each system's fault-free s/step: ours and torchrun's from the overhead "
+        "suite, torchft's from its own run before the first fault; torchft's steps count by the "
+        "share of replica groups that trained them; per system the goodput is the median of its "
+        "rounds (goodput_min / goodput_max: the spread; runs: each round)",
+    }

@@ -26,6 +26,7 @@ from flashrecovery.demo import reference_cluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
 from .baseline import NPROC, _read, stop_torchrun, torchrun_argv
+from .stats import summarize
 
 BIG = 100_000
 
@@ -40,7 +41,13 @@ def _fault_times(duration_s: float, gap_s: float, rng: random.Random) -> list[fl
 
 
 async def goodput_ours(
-    duration_s: float, gap_s: float, s_per_step: float | None, run_root: Path, base: Settings, seed: int = 7
+    duration_s: float,
+    gap_s: float,
+    s_per_step: float | None,
+    run_root: Path,
+    base: Settings,
+    seed: int = 7,
+    step_sleep: float = 0.0,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     job = f"goodput-{uuid.uuid4().hex[:6]}"
@@ -59,7 +66,7 @@ async def goodput_ours(
     }
     prev = {k: os.environ.get(k) for k in policy}
     os.environ.update(policy)
-    cluster = reference_cluster(settings, run_root / job, BIG)
+    cluster = reference_cluster(settings, run_root / job, BIG, f"--step-sleep {step_sleep}" if step_sleep else "")
     faults = []
     try:
         await cluster.start()
@@ -113,7 +120,13 @@ async def goodput_ours(
 
 
 def goodput_torchrun(
-    duration_s: float, gap_s: float, ckpt_every: int, s_per_step: float | None, run_dir: Path, seed: int = 7
+    duration_s: float,
+    gap_s: float,
+    ckpt_every: int,
+    s_per_step: float | None,
+    run_dir: Path,
+    seed: int = 7,
+    step_sleep: float = 0.0,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -122,7 +135,13 @@ def goodput_torchrun(
     restarts = len(faults) + 1
     log = (run_dir / "torchrun.log").open("wb")
     proc = subprocess.Popen(
-        torchrun_argv(run_dir, BIG, ckpt_every, max_restarts=restarts),
+        torchrun_argv(
+            run_dir,
+            BIG,
+            ckpt_every,
+            max_restarts=restarts,
+            extra=["--step-sleep", str(step_sleep)] if step_sleep else [],
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -169,7 +188,13 @@ def goodput_torchrun(
 
 
 def goodput_torchft_seeded(
-    duration_s: float, gap_s: float, run_dir: Path, ft_timeout_s: float, heartbeat_timeout_ms: int, seed: int = 7
+    duration_s: float,
+    gap_s: float,
+    run_dir: Path,
+    ft_timeout_s: float,
+    heartbeat_timeout_ms: int,
+    seed: int = 7,
+    step_sleep: float = 0.0,
 ) -> dict[str, Any]:
     """TorchFT's goodput run with goodput_ours' fault times and victim ranks (same seed, drawn in
     the same order: every time first, then a rank per fault)."""
@@ -185,4 +210,24 @@ def goodput_torchft_seeded(
         ft_timeout_s=ft_timeout_s,
         heartbeat_timeout_ms=heartbeat_timeout_ms,
         steps=BIG,
+        extra=["--step-sleep", str(step_sleep)] if step_sleep else [],
     )
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's n runs as one entry of the results' layout: goodput, net steps and steps/s
+    are the medians (goodput_min / goodput_max the spread), every run kept under "runs"."""
+    ok = [r for r in runs if r.get("goodput") is not None]
+    g = summarize(r["goodput"] for r in ok)
+    keys = ("net_steps", "steps_per_s", "duration_s")
+    return {
+        **{k: v for k, v in runs[0].items() if k not in (*keys, "goodput", "faults")},
+        **{k: summarize(r[k] for r in runs if r.get(k) is not None)["median"] for k in keys},
+        "goodput": g["median"],
+        "goodput_min": g["min"],
+        "goodput_max": g["max"],
+        "goodput_runs": [r.get("goodput") for r in runs],
+        "faults": [f for r in runs for f in r.get("faults", [])],
+        "n": len(runs),
+        "runs": runs,
+    }

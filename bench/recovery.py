@@ -1,18 +1,16 @@
 """Recovery on the real job (flashrecovery/demo.py run_once), per fault class, n runs each, all
-compared bitwise with one fault-free run; plus the failure-free step time of the same job."""
+compared bitwise with one fault-free run."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import traceback
-import uuid
 from pathlib import Path
 from typing import Any
 
 from flashrecovery.cluster import states_equal
-from flashrecovery.demo import reference_cluster, run_once
-from flashrecovery.shared.settings import BusSettings, Settings
+from flashrecovery.demo import run_once
+from flashrecovery.shared.settings import Settings
 
 from .stats import PHASES, slope, summarize_runs  # noqa: F401 (re-exported)
 
@@ -59,30 +57,3 @@ async def run_recovery(
         result["faults"][fault] = {"runs": runs, "summary": summarize_runs(runs)}
     result["wall_s"] = round(time.time() - t0, 1)
     return result
-
-
-async def step_time_ours(steps: int, run_root: Path, base: Settings, timeout_s: float) -> dict[str, Any]:
-    """Fault-free reference job with agent + sidecars + services: seconds per step from the
-    slowest rank's committed step over time (node heartbeats, 1 Hz)."""
-    job = f"overhead-{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(
-        update={
-            "job_id": job,
-            "bus": BusSettings(topic_namespace=job, telemetry_partitions=2, control_partitions=1, linger_ms=2),
-        }
-    )
-    cluster = reference_cluster(settings, run_root / job, steps)
-    samples: list[tuple[float, int]] = []
-    try:
-        await cluster.start()
-        deadline = time.monotonic() + timeout_s
-        while not cluster.finished() and time.monotonic() < deadline:
-            s = cluster.min_step()
-            if s >= 2 and (not samples or s > samples[-1][1]):
-                samples.append((time.monotonic(), s))
-            await asyncio.sleep(0.05)
-    finally:
-        await cluster.stop()
-    steady = [(t, s) for t, s in samples if s < steps]
-    sec = slope([s for _, s in steady], [t for t, _ in steady])
-    return {"s_per_step": round(sec, 4) if sec else None, "samples": len(steady), "job": job}

@@ -351,46 +351,61 @@ def render(results: dict[str, Any]) -> str:
             ),
             "",
         ]
+    cores = (ov or {}).get("cpu_cores_median")
+    if cores:
+        variants = [("ours", "agent + sidecar + services"), ("agent_only", "agent only"), ("bare", "bare loop")]
+        names = list(dict.fromkeys(k for v, _ in variants for k in cores.get(v, {})))
+        out += [
+            "Cores used per process family in the timed window (median of the runs):",
+            "",
+            md_table(
+                ["process family", *[label for _, label in variants]],
+                [[n, *[cores.get(v, {}).get(n) for v, _ in variants]] for n in names],
+                3,
+            ),
+            "",
+        ]
     gp = results.get("goodput")
     if gp:
-        rows = [
-            [
-                "FlashRecovery",
-                gp["ours"].get("duration_s"),
-                len(gp["ours"].get("faults", [])),
-                gp["ours"].get("net_steps"),
-                gp["ours"].get("steps_per_s"),
-                gp["ours"].get("goodput"),
+
+        def row(name: str, r: dict[str, Any]) -> list[Any]:
+            spread = f"{fmt(r.get('goodput_min'), 3)}-{fmt(r.get('goodput_max'), 3)}" if r.get("n") else ""
+            return [
+                name,
+                r.get("n", 1),
+                r.get("duration_s"),
+                len(r.get("faults", [])),
+                r.get("net_steps"),
+                r.get("steps_per_s"),
+                r.get("goodput"),
+                spread,
             ]
+
+        rows = [row("FlashRecovery", gp["ours"])]
+        rows += [row(f"torchrun ckpt every {r.get('ckpt_every')}", r) for r in gp.get("torchrun", [])]
+        rows += [
+            row(f"TorchFT, timeout {r.get('ft_timeout_s')} s, heartbeat {r.get('heartbeat_timeout_ms')} ms", r)
+            for r in gp.get("torchft", [])
+            if "skipped" not in r
         ]
-        for r in gp.get("torchrun", []):
-            rows.append(
-                [
-                    f"torchrun ckpt every {r.get('ckpt_every')}",
-                    r.get("duration_s"),
-                    len(r.get("faults", [])),
-                    r.get("net_steps"),
-                    r.get("steps_per_s"),
-                    r.get("goodput"),
-                ]
-            )
-        for r in gp.get("torchft", []):
-            if "skipped" in r:
-                continue
-            rows.append(
-                [
-                    f"TorchFT, timeout {r.get('ft_timeout_s')} s, heartbeat {r.get('heartbeat_timeout_ms')} ms",
-                    r.get("duration_s"),
-                    len(r.get("faults", [])),
-                    r.get("net_steps"),
-                    r.get("steps_per_s"),
-                    r.get("goodput"),
-                ]
-            )
+        sleep = f", steps sleep {gp['step_sleep_s']} s" if gp.get("step_sleep_s") else ""
         out += [
-            f"## Goodput (fault every ~{gp['gap_s']} s)",
+            f"## Goodput (fault every ~{gp['gap_s']} s{sleep})",
             "",
-            md_table(["system", "wall s", "faults", "net steps", "steps/s", "goodput"], rows, 3),
+            md_table(
+                [
+                    "system",
+                    "runs",
+                    "wall s (median)",
+                    "faults (all runs)",
+                    "net steps (median)",
+                    "steps/s (median)",
+                    "goodput (median)",
+                    "goodput min-max",
+                ],
+                rows,
+                3,
+            ),
             "",
         ]
     return "\n".join(out) + "\n"

@@ -398,6 +398,7 @@ def goodput_torchft(
     tp: int = TP,
     timeout_s: float = 300.0,
     steps: int = 100_000,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """The goodput run under torchft: the same seeded fault times as the other systems, each a
     SIGKILL of the process in a random rank's place (newest attempt). torchrun restarts that
@@ -412,6 +413,7 @@ def goodput_torchft(
         max_restarts=len(fault_times) + 1,
         heartbeat_timeout_ms=heartbeat_timeout_ms,
         ft_timeout_s=ft_timeout_s,
+        extra=extra,
     )
     faults: list[dict[str, Any]] = []
     try:

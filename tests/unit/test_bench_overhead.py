@@ -1,0 +1,55 @@
+"""The overhead suite's timing window and CPU attribution, and the goodput suite's pooling of
+rounds (bench/overhead.py, bench/cpu_share.py, bench/goodput.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flashrecovery.bench.cpu_share import CpuWindow
+from flashrecovery.bench.goodput import pooled
+from flashrecovery.bench.overhead import s_per_step, steady_window
+
+
+def test_the_timed_window_leaves_out_the_start_and_the_last_step() -> None:
+    assert steady_window(150) == (30, 149)
+    assert steady_window(5) == (2, 4)
+    # 0.5 s per step during the start, 0.1 s after: only the steady rate is reported
+    rows, t = [], 0.0
+    for step in range(1, 151):
+        t += 0.5 if step < 30 else 0.1
+        rows.append((step, t))
+    got = s_per_step(rows, 150)
+    assert got["s_per_step"] == pytest.approx(0.1, abs=1e-6)
+    assert got["samples"] == 120
+
+
+def test_a_busy_child_is_counted_and_the_sleeping_driver_is_not() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass"])
+    try:
+        w = CpuWindow()
+        w.start()
+        time.sleep(1.0)
+        cores = w.end()
+    finally:
+        busy.kill()
+        busy.wait(timeout=10)
+    # the busy loop is an unlabelled child ("other"); the driver itself only slept
+    assert cores.get("other", 0.0) > 0.3
+    assert cores.get("benchmark driver", 0.0) < 0.3
+
+
+def test_rounds_pool_to_medians_with_the_spread_and_every_run_kept() -> None:
+    runs = [
+        {"goodput": 0.9, "net_steps": 100, "steps_per_s": 1.0, "duration_s": 300.0, "faults": [{"at_s": 1}], "x": 1},
+        {"goodput": 0.97, "net_steps": 120, "steps_per_s": 1.2, "duration_s": 300.1, "faults": [{"at_s": 2}]},
+        {"goodput": 0.95, "net_steps": 110, "steps_per_s": 1.1, "duration_s": 300.2, "faults": []},
+    ]
+    p = pooled(runs)
+    assert (p["goodput"], p["goodput_min"], p["goodput_max"]) == (0.95, 0.9, 0.97)
+    assert (p["net_steps"], p["steps_per_s"], p["n"]) == (110, 1.1, 3)
+    assert p["goodput_runs"] == [0.9, 0.97, 0.95]
+    assert len(p["faults"]) == 2 and p["runs"] == runs and p["x"] == 1
