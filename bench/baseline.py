@@ -71,6 +71,11 @@ def torchrun_argv(
     ]
 
 
+def step_sleep_args(step_sleep: float) -> list[str]:
+    """The job flags that make every system's steps sleep (none for 0): one spelling for all."""
+    return ["--step-sleep", str(step_sleep)] if step_sleep else []
+
+
 def kill_recorded_workers(run_dir: Path, module: str) -> None:
     """SIGKILL every worker whose pid run_dir/pids.log records (last field of a row) and that
     still runs ``module`` for this run_dir. torchrun starts each worker in a session of its own,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 from flashrecovery.demo import reference_cluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
-from .baseline import NPROC, _read, stop_torchrun, torchrun_argv
+from .baseline import NPROC, _read, step_sleep_args, stop_torchrun, torchrun_argv
 from .stats import summarize
 
 BIG = 100_000
@@ -66,7 +67,7 @@ async def goodput_ours(
     }
     prev = {k: os.environ.get(k) for k in policy}
     os.environ.update(policy)
-    cluster = reference_cluster(settings, run_root / job, BIG, f"--step-sleep {step_sleep}" if step_sleep else "")
+    cluster = reference_cluster(settings, run_root / job, BIG, shlex.join(step_sleep_args(step_sleep)))
     faults = []
     try:
         await cluster.start()
@@ -140,7 +141,7 @@ def goodput_torchrun(
             BIG,
             ckpt_every,
             max_restarts=restarts,
-            extra=["--step-sleep", str(step_sleep)] if step_sleep else [],
+            extra=step_sleep_args(step_sleep),
         ),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -210,7 +211,7 @@ def goodput_torchft_seeded(
         ft_timeout_s=ft_timeout_s,
         heartbeat_timeout_ms=heartbeat_timeout_ms,
         steps=BIG,
-        extra=["--step-sleep", str(step_sleep)] if step_sleep else [],
+        extra=step_sleep_args(step_sleep),
     )
 
 

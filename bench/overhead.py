@@ -25,7 +25,7 @@ from typing import Any
 from flashrecovery.demo import reference_cluster
 from flashrecovery.shared.settings import BusSettings, Settings
 
-from .baseline import NPROC, TP, _read, torchrun_argv
+from .baseline import NPROC, TP, _read, step_sleep_args, torchrun_argv
 from .cpu_share import CpuWindow
 from .stats import ratio, slope, summarize
 
@@ -152,7 +152,7 @@ def _median_cores(runs: list[dict[str, Any]]) -> dict[str, float]:
 async def run_overhead(
     reps: int, steps: int, run_root: Path, settings: Settings, timeout_s: float, log=print, step_sleep: float = 0.0
 ) -> dict[str, Any]:
-    extra = ["--step-sleep", str(step_sleep)] if step_sleep else []
+    extra = step_sleep_args(step_sleep)
     ours, agent_only, bare = [], [], []
     for i in range(reps):  # interleaved: the load drifts less between the variants of one round
         log(f"overhead: agent+sidecar+services run {i + 1}/{reps}")
