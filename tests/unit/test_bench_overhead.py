@@ -53,3 +53,21 @@ def test_rounds_pool_to_medians_with_the_spread_and_every_run_kept() -> None:
     assert (p["net_steps"], p["steps_per_s"], p["n"]) == (110, 1.1, 3)
     assert p["goodput_runs"] == [0.9, 0.97, 0.95]
     assert len(p["faults"]) == 2 and p["runs"] == runs and p["x"] == 1
+
+
+def test_the_goodput_trace_compares_each_fault_with_the_runs_own_lead_in() -> None:
+    from flashrecovery.bench.goodput_trace import analyse
+
+    # 10 steps/s from t = 100 (training start), 5 steps/s for 12 s after the fault at 20 s
+    samples, step = [], 0
+    for k in range(40):
+        t = 100.0 + 2 * k
+        samples.append({"t": t, "min_step": step, "procs": {}})
+        step += 10 if 120 <= t < 132 else 20
+    samples[0]["min_step"] = 1
+    got = analyse(samples, [20.0], width_s=6.0, windows=3)
+    assert got["lead_in_steps_per_s"] == pytest.approx(10.0)
+    assert got["after_faults"][0]["steps_per_s"] == [5.0, 5.0, 10.0]
+    # a window past the last sample is unknown, not 0 steps/s
+    assert analyse(samples, [20.0, 70.0], width_s=6.0, windows=2)["after_faults"][1]["steps_per_s"] == [10.0, None]
+    assert analyse(samples, []) == {"lead_in_steps_per_s": None, "after_faults": []}
