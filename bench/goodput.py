@@ -73,8 +73,15 @@ async def goodput_ours(
         await cluster.start()
         await cluster.wait_until(lambda: cluster.min_step() >= 1, 300, "training to start")
         t0, s0 = time.monotonic(), cluster.min_step()
-        for at in _fault_times(duration_s, gap_s, rng):
+        lead_in = None  # this run's own fault-free steps/s, from +5 s to its first fault
+        for i, at in enumerate(_fault_times(duration_s, gap_s, rng)):
+            first = i == 0 and at > 10
+            if first:
+                await asyncio.sleep(max(0.0, t0 + 5 - time.monotonic()))
+                ta, sa = time.monotonic(), cluster.min_step()
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            if first:
+                lead_in = (cluster.min_step() - sa) / (time.monotonic() - ta)
             view = cluster.timeline.rank_view()
             rank = rng.randrange(cluster.world)
             node, st = view.get(rank, (None, None))
@@ -110,6 +117,9 @@ async def goodput_ours(
             "steps_per_s": round(net / wall, 3),
             "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
             "s_per_step_fault_free": s_per_step,
+            # the box's speed drifts between runs: net steps/s over this run's own lead-in rate
+            "lead_in_steps_per_s": round(lead_in, 3) if lead_in else None,
+            "goodput_vs_lead_in": round(net / wall / lead_in, 3) if lead_in else None,
         }
     finally:
         for k, v in prev.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka.partitioner import DefaultPartitioner
@@ -36,15 +37,25 @@ TOPOLOGY_POLL_S = 1.0  # how often the registry's view of the job (core.Topology
 
 
 class ReceiveClock:
-    """Wall-clock seconds that never jump: anchored once to time.time(), advanced by the
-    monotonic clock. Incidents carry these times, and intervals between them stay exact."""
+    """Wall-clock seconds that do not jitter: anchored to time.time(), advanced by the monotonic
+    clock, so intervals between incident times stay exact. Re-anchored when the wall clock
+    stepped more than MAX_SKEW_S away (NTP after a VM pause or a clock fix): other processes
+    stamp with time.time(), and the executor's RTO is its own time.time() minus an incident's
+    first_seen_at; without it a 17.6 s wall-clock step stayed in every RTO of a run (seen
+    2026-12-01: RTO 17.6 s while every phase summed to 0.37 s)."""
 
-    def __init__(self) -> None:
-        self._wall0 = time.time()
-        self._mono0 = time.monotonic()
+    MAX_SKEW_S = 1.0
+
+    def __init__(self, wall: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic) -> None:
+        self._wall, self._mono = wall, mono
+        self._wall0, self._mono0 = wall(), mono()
 
     def __call__(self) -> float:
-        return self._wall0 + (time.monotonic() - self._mono0)
+        now, wall = self._wall0 + (self._mono() - self._mono0), self._wall()
+        if abs(wall - now) > self.MAX_SKEW_S:
+            self._wall0, self._mono0 = wall, self._mono()
+            return wall
+        return now
 
 
 class DetectorService:
