@@ -27,14 +27,24 @@ FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds user + system) of pid, None when it is gone."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (fields[1]: ppid, [11]/[12]: user/system ticks,
+    [16]: niceness, [17]: threads), None when it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parens
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+    return raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parens
+
+
+def cpu_seconds(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user + system) of pid, None when it is gone."""
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[1]), cpu_seconds(fields))
 
 
 def _family(pid: int) -> str:

@@ -21,30 +21,25 @@ from typing import Any
 from flashrecovery.shared.settings import Settings
 
 from . import goodput
-from .cpu_share import _stat
+from .cpu_share import cpu_seconds, stat_fields
 
 TRAINER = "agent.reference.train"
 
 
 def _trainer_procs() -> dict[int, dict[str, float]]:
-    """pid -> cores-seconds so far, niceness, threads of every reference-job process."""
+    """pid -> CPU seconds so far, niceness, threads of every reference-job process."""
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes()
-            raw = (entry / "stat").read_text()
+            if TRAINER.encode() not in (entry / "cmdline").read_bytes():
+                continue
         except OSError:
             continue
-        if TRAINER.encode() not in cmd or _stat(int(entry.name)) is None:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        out[int(entry.name)] = {
-            "cpu_s": _stat(int(entry.name))[1],  # type: ignore[index]
-            "nice": int(fields[16]),
-            "threads": int(fields[17]),
-        }
+        fields = stat_fields(int(entry.name))
+        if fields is not None:
+            out[int(entry.name)] = {"cpu_s": cpu_seconds(fields), "nice": int(fields[16]), "threads": int(fields[17])}
     return out
 
 
@@ -94,9 +89,9 @@ async def trace(duration_s: float, gap_s: float, seed: int, run_root: Path) -> d
         c = captured["cluster"]
         while True:
             view = c.timeline.rank_view()
-            ranks = {str(st.pid): r for r, (_, st) in view.items() if st is not None}
+            ranks = {st.pid: r for r, (_, st) in view.items() if st is not None}
             procs = {
-                str(pid): {**p, "role": f"rank {ranks[str(pid)]}" if str(pid) in ranks else "standby"}
+                str(pid): {**p, "role": f"rank {ranks[pid]}" if pid in ranks else "standby"}
                 for pid, p in _trainer_procs().items()
             }
             samples.append({"t": time.monotonic(), "min_step": c.min_step(), "procs": procs})
@@ -111,9 +106,9 @@ async def trace(duration_s: float, gap_s: float, seed: int, run_root: Path) -> d
         goodput.reference_cluster = original
     faults = [f["at_s"] for f in result["faults"] if "rank" in f]
     summary = analyse(samples, faults)
-    lead = summary["lead_in_steps_per_s"]
+    # one definition of the ratio: goodput_ours's, whose lead-in is read at the fault itself
     summary["net_steps_per_s"] = result["steps_per_s"]
-    summary["ratio_to_lead_in"] = round(result["steps_per_s"] / lead, 3) if lead else None
+    summary["goodput_vs_lead_in"] = result["goodput_vs_lead_in"]
     return {"result": result, "summary": summary, "samples": samples}
 
 
