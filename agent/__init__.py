@@ -13,6 +13,8 @@ Public API:
 - ``init``, ``ManagedAgent`` (managed.py): the agent driven from a user's unchanged loop.
 - ``RecoverableGroup`` (process_group.py): torch process groups that survive recoveries.
 - ``StepBatches`` (data.py): a dataset's batches as a function of (step, data-parallel index).
+- ``ResumableLoader`` (data.py): a stateful loader (torchdata's ``StatefulDataLoader``) read once
+  per step, its position moved to a replacement and rewound with a rolled-back step.
 - ``step_seed``: the per-step RNG seed the agent applies.
 - ``RecoveryAgent`` (agent.py): the lower-level lifecycle (begin_step / sync_gradients / commit /
   recover) the reference job uses.
@@ -34,6 +36,7 @@ _LAZY = {
     "init": "managed",
     "step_seed": "managed",
     "RecoverableGroup": "process_group",
+    "ResumableLoader": "data",
     "Stateful": "transfer",
     "TrainingState": "transfer",
     "state_digest": "transfer",
@@ -51,6 +54,7 @@ __all__ = [
     "ManagedAgent",
     "RecoverableGroup",
     "RecoveryAgent",
+    "ResumableLoader",
     "Stateful",
     "StepBatches",
     "TrainingState",

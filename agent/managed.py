@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..shared import channel as ch
 from .agent import AgentExit, RecoveryAgent
-from .data import StepBatches
+from .data import ResumableLoader, StepBatches
 from .groups import CollectiveError, Interrupted, PauseRequested
 from .process_group import RecoverableGroup, install
 from .settings import DEFAULT_JOB_ID, AgentSettings, agent_env
@@ -243,6 +243,8 @@ class ManagedAgent(RecoveryAgent):
         assert self.model is not None and self.rank is not None
         self._next_step, self._broken = None, None
         self._buffers_at = (step, [(b, b.detach().clone()) for b in self.model.buffers()])
+        for loader in self._loaders():
+            loader.begin_step(step)
         torch.manual_seed(step_seed(self.seed, step, self.rank))
         self._start_step(step)
 
@@ -273,6 +275,12 @@ class ManagedAgent(RecoveryAgent):
                 for live, saved in self._buffers_at[1]:
                     live.copy_(saved)
         self._buffers_at = None
+        for loader in self._loaders():
+            loader.roll_back(self.applied_step)
+
+    def _loaders(self) -> list[ResumableLoader]:
+        stateful = self.state.stateful.values() if self.state is not None else ()
+        return [s for s in stateful if isinstance(s, ResumableLoader)]
 
 
 def check_ddp(ddp: DDP, agent: ManagedAgent) -> None:

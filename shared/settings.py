@@ -271,6 +271,20 @@ class SidecarSettings(BaseModel):
             "its ranks train after a recovery; 0: a cold start. A spare keeps one per free slot instead."
         ),
     )
+    # Issue #14: a standby started again after a recovery imports torch while the job trains;
+    # only its importing thread is niced (sidecar/warm_start.py), so the rank it becomes is not.
+    standby_refill_nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness of the thread in which a standby started after a recovery imports "
+            "standby_preimport (its main thread keeps worker_nice); 0: no such thread."
+        ),
+    )
+    standby_preimport: str = Field(
+        "torch", description=("Comma-separated modules a refill standby imports in that low-priority thread.")
+    )
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Interval of this node's heartbeats.")
     # Off by default: a subscriber that predates the compact forms would see no ranks.
     rank_columns: bool = Field(

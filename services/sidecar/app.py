@@ -52,6 +52,7 @@ from .core import (
     node_rank,
     prefilter,
     ranks_to_kill,
+    refill_argv,
     refill_state,
     reports_stages,
     stage_failure,
@@ -192,7 +193,9 @@ class SidecarService:
     def _standbys(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.rank is None and w.proc.returncode is None]
 
-    async def _launch(self, local_rank: int, rank: int | None) -> Worker:
+    async def _launch(self, local_rank: int, rank: int | None, refill: bool = False) -> Worker:
+        """Start a worker: a rank, or a standby (rank None). A refill standby (started while the
+        job trains) imports torch in a low-priority thread first (refill_argv)."""
         hosted = self.cfg.rank_list()
         env = worker_env(
             dict(os.environ),
@@ -217,6 +220,9 @@ class SidecarService:
             self.cfg.worker_script,
             shlex.split(self.cfg.worker_args),
         )
+        if refill:
+            preimport = [m.strip() for m in self.cfg.standby_preimport.split(",") if m.strip()]
+            argv = refill_argv(argv, self.cfg.standby_refill_nice, preimport)
         nice = self.cfg.worker_nice
 
         def prepare_child() -> None:
@@ -269,7 +275,7 @@ class SidecarService:
             n = due(waited_out=at_start or not ranks_train)
             used = [w.local_rank for w in self._ranked()] + [w.local_rank for w in self._standbys()]
             for local_rank in standby_local_ranks(used, n):
-                await self._launch(local_rank, None)
+                await self._launch(local_rank, None, refill=not at_start)
             if n:
                 self.log.info("standbys_started", count=n, at_start=at_start, waited_out=not ranks_train)
 

@@ -276,6 +276,18 @@ def worker_argv(python: str, module: str, script: str, args: list[str]) -> list[
     return [python, "-m", module, *args] if module else [python, script, *args]
 
 
+WARM_START_MODULE = "flashrecovery.sidecar.warm_start"
+
+
+def refill_argv(argv: list[str], nice: int, preimport: list[str]) -> list[str]:
+    """A refill standby's command (sidecar.warm_start): `argv` (worker_argv's) run after its
+    `preimport` modules are imported in a thread niced to `nice`. Unchanged when nothing is
+    preimported or nice is 0 (the whole standby then imports at the worker's niceness)."""
+    if nice <= 0 or not preimport:
+        return list(argv)
+    return [argv[0], "-m", WARM_START_MODULE, "--nice", str(nice), "--preimport", ",".join(preimport), "--", *argv[1:]]
+
+
 @dataclass(frozen=True)
 class WorkerPlace:
     """Where a worker sits in the job. rank None: a standby (it learns its rank from the agent

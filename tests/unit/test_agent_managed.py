@@ -178,3 +178,72 @@ def test_collectives_on_one_rank_groups_give_what_torch_gives(master: Any) -> No
     t = torch.ones(2)
     dist.all_reduce(t, group=agent.dp_group)
     assert torch.equal(t, torch.ones(2))
+
+
+def _loader(rank: int, dp: int = 2, n: int = 24) -> Any:
+    stateful_dataloader = pytest.importorskip("torchdata.stateful_dataloader")
+    from torch.utils.data import DistributedSampler
+
+    ds = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
+    sampler = DistributedSampler(ds, num_replicas=dp, rank=rank, shuffle=True, seed=5)  # type: ignore[arg-type]
+    return stateful_dataloader.StatefulDataLoader(ds, batch_size=2, sampler=sampler)
+
+
+def _reads(loader: Any, k: int) -> list[list[float]]:
+    return [next(loader).sum(dim=1).tolist() for _ in range(k)]
+
+
+def test_a_replacement_resumes_its_own_slice_from_a_replicas_loader_position_across_epochs() -> None:
+    from flashrecovery.agent import ResumableLoader
+
+    # 24 items, 2 replicas, batches of 2: 6 steps per epoch; the fault falls in epoch 2
+    dead = _reads(ResumableLoader(_loader(1)), 15)
+    replica = ResumableLoader(_loader(0))
+    _reads(replica, 9)
+    replacement = ResumableLoader(_loader(1))
+    replacement.load_state_dict(replica.state_dict())
+    assert replacement.epoch == 1
+    assert _reads(replacement, 6) == dead[9:15]
+    assert dead[0:6] != dead[6:12], "each epoch must be shuffled anew (set_epoch)"
+    with pytest.raises(TypeError, match="StatefulDataLoader"):
+        ResumableLoader(torch.utils.data.DataLoader(list(range(4))))
+
+
+@pytest.mark.timeout(60)
+def test_a_rolled_back_step_reads_its_batch_again_and_the_position_enters_the_digest(master: Any) -> None:
+    from flashrecovery.agent import ResumableLoader
+
+    def run(agent: ManagedAgent, break_at: int | None) -> tuple[list[tuple[int, list[float]]], str]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        data = ResumableLoader(_loader(0, dp=1, n=8))
+        agent.register(model, opt, stateful={"data": data})
+        seen, broke = [], False
+        for step in agent.steps(6):  # 4 steps per epoch: step 5 starts the second
+            x = next(data)
+            seen.append((step, x.sum(dim=1).tolist()))
+            model(x).sum().backward()
+            if step == break_at and not broke:
+                broke = True
+                agent.mark_broken("dp allreduce: Connection closed by peer")
+            opt.step()
+            opt.zero_grad()
+        return seen, state_digest(model, opt, {"data": data}, 6)
+
+    clean, clean_digest = run(_agent(master, job="loader-clean"), None)
+    RollingBack.recovered = []
+    broken, broken_digest = run(_agent(master, RollingBack, job="loader-broken"), 5)
+    assert RollingBack.recovered == [5]
+    assert [s for s, _ in broken] == [1, 2, 3, 4, 5, 5, 6]
+    assert broken[4] == broken[5] == clean[4], "the repeated step must read the same batch"
+    assert broken[6] == clean[5]
+    assert broken_digest == clean_digest
+    # the position is in the contract: the same model and optimizer, one batch apart, differ
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    at = [ResumableLoader(_loader(0, dp=1, n=8)) for _ in range(2)]
+    _reads(at[0], 2)
+    _reads(at[1], 3)
+    assert state_digest(model, opt, {"data": at[0]}) != state_digest(model, opt, {"data": at[1]})
