@@ -24,6 +24,7 @@ from . import goodput
 from .cpu_share import cpu_seconds, stat_fields
 
 TRAINER = "agent.reference.train"
+WARM_START = "sidecar.warm_start"
 
 
 def _trainer_procs() -> dict[int, dict[str, float]]:
@@ -33,13 +34,19 @@ def _trainer_procs() -> dict[int, dict[str, float]]:
         if not entry.name.isdigit():
             continue
         try:
-            if TRAINER.encode() not in (entry / "cmdline").read_bytes():
-                continue
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
+            continue
+        if TRAINER.encode() not in cmdline:
             continue
         fields = stat_fields(int(entry.name))
         if fields is not None:
-            out[int(entry.name)] = {"cpu_s": cpu_seconds(fields), "nice": int(fields[16]), "threads": int(fields[17])}
+            out[int(entry.name)] = {
+                "cpu_s": cpu_seconds(fields),
+                "nice": int(fields[16]),
+                "threads": int(fields[17]),
+                "warm_start": WARM_START.encode() in cmdline,  # a refill standby (its import niced)
+            }
     return out
 
 

@@ -71,3 +71,24 @@ def test_the_goodput_trace_compares_each_fault_with_the_runs_own_lead_in() -> No
     # a window past the last sample is unknown, not 0 steps/s
     assert analyse(samples, [20.0, 70.0], width_s=6.0, windows=2)["after_faults"][1]["steps_per_s"] == [10.0, None]
     assert analyse(samples, []) == {"lead_in_steps_per_s": None, "after_faults": []}
+
+
+def test_the_refill_ab_counts_only_refilled_standbys_and_compares_faults_with_the_lead_in() -> None:
+    from flashrecovery.bench.refill_ab import post_fault_ratio, refill_cpu_s
+
+    def proc(cpu: float, role: str) -> dict:
+        return {"cpu_s": cpu, "nice": 10, "threads": 9, "warm_start": role == "standby", "role": role}
+
+    samples = [
+        {"procs": {"1": proc(5.0, "rank 0"), "2": proc(4.0, "standby")}},  # the start's standby: not a refill
+        {"procs": {"1": proc(7.0, "rank 0"), "2": proc(4.5, "rank 1"), "3": proc(1.5, "standby")}},
+        {"procs": {"1": proc(9.0, "rank 0"), "2": proc(6.0, "rank 1"), "3": proc(6.0, "standby")}},
+        {"procs": {"1": proc(11.0, "rank 0"), "2": proc(8.0, "rank 1"), "3": proc(9.0, "rank 1")}},
+    ]
+    assert refill_cpu_s(samples) == 6.0  # pid 3's CPU while it was a standby, from its start
+    summary = {
+        "lead_in_steps_per_s": 10.0,
+        "after_faults": [{"steps_per_s": [5.0, 9.0, None]}, {"steps_per_s": [8.0, 10.0]}, {"steps_per_s": [None]}],
+    }
+    assert post_fault_ratio(summary) == 0.8  # median of 0.7 and 0.9; a fault with no window is left out
+    assert post_fault_ratio({"lead_in_steps_per_s": None, "after_faults": []}) is None

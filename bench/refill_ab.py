@@ -1,0 +1,111 @@
+"""The refill standby's import niceness, A/B in one run: goodput_trace runs alternating
+`FLASHRECOVERY_SIDECAR__STANDBY_REFILL_NICE` 0 (the refill imports torch at the workers'
+niceness, as before) and 19 (in a nice-19 thread: sidecar/warm_start.py), same seed, so the
+same fault times; each run measured against its own fault-free lead-in, since this box's speed
+drifts between runs.
+
+    python -m flashrecovery.bench.refill_ab --pairs 3 --duration 120 --gap 40 --seed 9 --out F
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import goodput_trace
+
+ENV = "FLASHRECOVERY_SIDECAR__STANDBY_REFILL_NICE"
+
+
+def refill_cpu_s(samples: list[dict[str, Any]]) -> float:
+    """CPU seconds spent by standbys started after the first sample (the refills), while
+    they were standbys."""
+    first = set(samples[0]["procs"]) if samples else set()
+    spent: dict[str, tuple[float, float]] = {}
+    for s in samples:
+        for pid, p in s["procs"].items():
+            if pid in first or p["role"] != "standby":
+                continue
+            lo, _ = spent.get(pid, (p["cpu_s"], p["cpu_s"]))
+            spent[pid] = (lo, p["cpu_s"])
+    # a refill's CPU before its first sample counts too: it started at 0
+    return round(sum(hi for _, hi in spent.values()), 2)
+
+
+def post_fault_ratio(summary: dict[str, Any]) -> float | None:
+    """Median over faults of the rate in the 30 s after each fault over the lead-in rate."""
+    lead = summary.get("lead_in_steps_per_s")
+    per_fault = []
+    for f in summary.get("after_faults", []):
+        known = [r for r in f["steps_per_s"] if r is not None]
+        if lead and known:
+            per_fault.append(statistics.mean(known) / lead)
+    return round(statistics.median(per_fault), 3) if per_fault else None
+
+
+def one(nice: int, duration: float, gap: float, seed: int, root: Path) -> dict[str, Any]:
+    os.environ[ENV] = str(nice)
+    out = asyncio.run(goodput_trace.trace(duration, gap, seed, root / f"nice{nice}"))
+    s, r = out["summary"], out["result"]
+    warm = any(p.get("warm_start") for smp in out["samples"] for p in smp["procs"].values())
+    return {
+        "refill_nice": nice,
+        "goodput_vs_lead_in": s["goodput_vs_lead_in"],
+        "lead_in_steps_per_s": s["lead_in_steps_per_s"],
+        "net_steps_per_s": s["net_steps_per_s"],
+        "post_fault_30s_vs_lead_in": post_fault_ratio(s),
+        "refill_standby_cpu_s": refill_cpu_s(out["samples"]),
+        "refill_ran_warm_start": warm,
+        "rto_s": r["rto_s"],
+        "recoveries_done": r["recoveries_done"],
+        "faults": len([f for f in r["faults"] if "rank" in f]),
+        "after_faults": s["after_faults"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--duration", type=float, default=120.0)
+    p.add_argument("--gap", type=float, default=40.0)
+    p.add_argument("--seed", type=int, default=9)
+    p.add_argument("--run-root", default=".runtime/bench/refill-ab")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    runs = []
+    for i in range(args.pairs):
+        for nice in (0, 19) if i % 2 == 0 else (19, 0):  # alternate which goes first
+            runs.append({"pair": i, **one(nice, args.duration, args.gap, args.seed, Path(args.run_root))})
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "after_faults"}), flush=True)
+    arms = {}
+    for nice in (0, 19):
+        mine = [r for r in runs if r["refill_nice"] == nice]
+        arms[str(nice)] = {
+            key: statistics.median(v) if (v := [r[key] for r in mine if r[key] is not None]) else None
+            for key in (
+                "goodput_vs_lead_in",
+                "post_fault_30s_vs_lead_in",
+                "refill_standby_cpu_s",
+                "lead_in_steps_per_s",
+            )
+        }
+        arms[str(nice)]["spread_goodput_vs_lead_in"] = sorted(r["goodput_vs_lead_in"] for r in mine)
+    out = {
+        "command": "python -m flashrecovery.bench.refill_ab " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": vars(args),
+        "medians_by_refill_nice": arms,
+        "runs": runs,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(arms, indent=1))
+
+
+if __name__ == "__main__":
+    main()
