@@ -185,13 +185,29 @@ class Supervisor:
             p.kill()
             p.wait(timeout_s)
 
-    def stop_all(self) -> None:
-        # Sidecars first (they own the workers), then services, then the stack.
-        order = sorted(self.procs, key=lambda n: (not n.startswith("sidecar"), n == "rdzv"))
-        for name in order:
-            self.stop(name)
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        # Sidecars first (they own the workers), then services, then the rendezvous, then the
+        # stack. Within a tier all are signalled at once and waited for together: one by one,
+        # a 5-node cluster's stop took ~4 s (each sidecar reaps its workers before it exits).
+        tiers: dict[int, list[str]] = {}
+        for name in self.procs:
+            tiers.setdefault(0 if name.startswith("sidecar") else 2 if name == "rdzv" else 1, []).append(name)
+        for tier in sorted(tiers):
+            self._stop_together(tiers[tier], timeout_s)
         if self.stack is not None:
             self.stack.stop()
+
+    def _stop_together(self, names: list[str], timeout_s: float) -> None:
+        procs = [p for p in (self.procs.pop(n, None) for n in names) if p is not None and p.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout_s)
 
 
 def without_credentials(url: str) -> str:
