@@ -24,18 +24,16 @@ ENV = "FLASHRECOVERY_SIDECAR__STANDBY_REFILL_NICE"
 
 
 def refill_cpu_s(samples: list[dict[str, Any]]) -> float:
-    """CPU seconds spent by standbys started after the first sample (the refills), while
-    they were standbys."""
-    first = set(samples[0]["procs"]) if samples else set()
-    spent: dict[str, tuple[float, float]] = {}
+    """CPU seconds spent by standbys first seen once the job trained (the refills, not the
+    standbys started with the job), while they were standbys."""
+    before = {pid for s in samples if s["min_step"] < 1 for pid in s["procs"]}
+    spent: dict[str, float] = {}
     for s in samples:
         for pid, p in s["procs"].items():
-            if pid in first or p["role"] != "standby":
+            if pid in before or (pid not in spent and s["min_step"] < 1) or p["role"] != "standby":
                 continue
-            lo, _ = spent.get(pid, (p["cpu_s"], p["cpu_s"]))
-            spent[pid] = (lo, p["cpu_s"])
-    # a refill's CPU before its first sample counts too: it started at 0
-    return round(sum(hi for _, hi in spent.values()), 2)
+            spent[pid] = p["cpu_s"]  # from the process's start: it was a standby all along
+    return round(sum(spent.values()), 2)
 
 
 def post_fault_ratio(summary: dict[str, Any]) -> float | None:

@@ -271,10 +271,11 @@ class SidecarSettings(BaseModel):
             "its ranks train after a recovery; 0: a cold start. A spare keeps one per free slot instead."
         ),
     )
-    # Issue #14: a standby started again after a recovery imports torch while the job trains;
-    # only its importing thread is niced (sidecar/warm_start.py), so the rank it becomes is not.
+    # Issue #14: without the zygote, a standby started again after a recovery imports torch while
+    # the job trains; this nices only its importing thread (sidecar/warm_start.py), so the rank
+    # it becomes is not. Off by default: measured, it did not help (docs/benchmarks.md).
     standby_refill_nice: int = Field(
-        19,
+        0,
         ge=0,
         le=19,
         description=(
@@ -282,8 +283,21 @@ class SidecarSettings(BaseModel):
             "standby_preimport (its main thread keeps worker_nice); 0: no such thread."
         ),
     )
+    # Issue #14: a fork of a process that has imported torch is ready in a fraction of a second,
+    # where a new interpreter costs ~4-8 CPU-s (sidecar/zygote.py).
+    standby_fork: bool = Field(
+        True,
+        description=(
+            "Fork this node's standbys from one process (the zygote) that has imported "
+            "standby_preimport once; false: every standby is a new interpreter."
+        ),
+    )
     standby_preimport: str = Field(
-        "torch", description=("Comma-separated modules a refill standby imports in that low-priority thread.")
+        "torch",
+        description=(
+            "Comma-separated modules the zygote imports before it forks standbys (or, without "
+            "it, a refill standby in its low-priority thread)."
+        ),
     )
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Interval of this node's heartbeats.")
     # Off by default: a subscriber that predates the compact forms would see no ranks.

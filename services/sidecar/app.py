@@ -63,15 +63,19 @@ from .core import (
     worker_argv,
     worker_env,
 )
+from .forked import ForkedProcess, Zygote
 
 # How long a new standby waits for this node's ranks to train again before it starts anyway
 # (a rank left paused by a WAIT plan must not cost the node its standby for good).
 REFILL_WAIT_S = 60.0
+# How long a standby waits for the node's zygote to finish importing before it is started as a
+# new interpreter instead.
+ZYGOTE_READY_S = 120.0
 
 
 @dataclass
 class Worker:
-    proc: asyncio.subprocess.Process
+    proc: asyncio.subprocess.Process | ForkedProcess
     local_rank: int
     rank: int | None
     standby: bool
@@ -139,6 +143,7 @@ class SidecarService:
         self.refill_lock = asyncio.Lock()
         self._pausing: asyncio.Task | None = None  # the newest PAUSE's handler
         self.standbys_off = False  # an active node's standby could not serve (a plain script)
+        self.zygote: Zygote | None = None  # forks this node's standbys (sidecar.standby_fork)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -150,7 +155,13 @@ class SidecarService:
         await self.consumer.wait_assigned()
         for local_rank, rank in enumerate(self.cfg.rank_list()):
             await self._launch(local_rank, rank)
-        await self._refill_standbys(at_start=True)
+        if self._wants_zygote():
+            self.zygote = Zygote(self._preimport(), 0, self.log)
+            await self.zygote.start(self._prepare_child)
+            # forked once the zygote has imported torch: the node must not wait for that
+            self._spawn(self._refill_standbys(at_start=True))
+        else:
+            await self._refill_standbys(at_start=True)
         self._spawn(self._heartbeat_loop())
         self.log.info("ready", role=self.cfg.role, ranks=self.cfg.rank_list(), socket=str(self.sock_path))
 
@@ -168,6 +179,8 @@ class SidecarService:
                 await asyncio.wait_for(w.proc.wait(), 5)
             except TimeoutError:
                 pass
+        if self.zygote is not None:
+            await self.zygote.close()
         self.consumer.stop()
         for t in list(self.tasks):
             t.cancel()
@@ -220,20 +233,17 @@ class SidecarService:
             self.cfg.worker_script,
             shlex.split(self.cfg.worker_args),
         )
-        if refill:
-            preimport = [m.strip() for m in self.cfg.standby_preimport.split(",") if m.strip()]
-            argv = refill_argv(argv, self.cfg.standby_refill_nice, preimport)
-        nice = self.cfg.worker_nice
-
-        def prepare_child() -> None:
-            if nice:
-                os.nice(nice)
-            # A worker never outlives its sidecar: the node is the sidecar and its workers.
-            die_with_parent(signal.SIGKILL)
-
-        proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=prepare_child
-        )
+        proc = await self._fork_standby(argv, env) if rank is None else None
+        if proc is None:
+            if refill:
+                argv = refill_argv(argv, self.cfg.standby_refill_nice, self._preimport())
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                preexec_fn=self._prepare_child,
+            )
         name = f"rank{rank}" if rank is not None else f"standby{proc.pid}"
         w = Worker(
             proc=proc,
@@ -251,6 +261,32 @@ class SidecarService:
         self._spawn(self._tail(w, proc.stderr, "stderr"))
         self.log.info("worker_started", rank=rank, pid=proc.pid, standby=rank is None)
         return w
+
+    def _prepare_child(self) -> None:
+        if self.cfg.worker_nice:
+            os.nice(self.cfg.worker_nice)
+        # A worker never outlives its sidecar: the node is the sidecar and its workers.
+        die_with_parent(signal.SIGKILL)
+
+    def _preimport(self) -> list[str]:
+        return [m.strip() for m in self.cfg.standby_preimport.split(",") if m.strip()]
+
+    def _wants_zygote(self) -> bool:
+        wanted = standbys_wanted(self.cfg.role, self.cfg.capacity, len(self.cfg.rank_list()), self.cfg.standbys)
+        return self.cfg.standby_fork and wanted > 0 and bool(self._preimport())
+
+    async def _fork_standby(self, argv: list[str], env: dict[str, str]) -> ForkedProcess | None:
+        """A standby forked by the node's zygote, or None (no zygote, not ready in time, or it
+        failed): the caller then starts a new interpreter."""
+        z = self.zygote
+        if z is None or not z.alive:
+            return None
+        try:
+            await asyncio.wait_for(z.ready.wait(), ZYGOTE_READY_S)
+            return await z.spawn(argv[1:], env, self.cfg.worker_nice)
+        except (TimeoutError, OSError, RuntimeError) as exc:
+            self.log.warning("zygote_fork_failed", error=repr(exc), fallback="new interpreter")
+            return None
 
     async def _refill_standbys(self, at_start: bool = False) -> None:
         """Keep this node's warm standbys (core.standbys_wanted). At the sidecar's start they

@@ -80,10 +80,10 @@ def test_the_refill_ab_counts_only_refilled_standbys_and_compares_faults_with_th
         return {"cpu_s": cpu, "nice": 10, "threads": 9, "warm_start": role == "standby", "role": role}
 
     samples = [
-        {"procs": {"1": proc(5.0, "rank 0"), "2": proc(4.0, "standby")}},  # the start's standby: not a refill
-        {"procs": {"1": proc(7.0, "rank 0"), "2": proc(4.5, "rank 1"), "3": proc(1.5, "standby")}},
-        {"procs": {"1": proc(9.0, "rank 0"), "2": proc(6.0, "rank 1"), "3": proc(6.0, "standby")}},
-        {"procs": {"1": proc(11.0, "rank 0"), "2": proc(8.0, "rank 1"), "3": proc(9.0, "rank 1")}},
+        {"min_step": -1, "procs": {"1": proc(5.0, "rank 0"), "2": proc(4.0, "standby")}},  # started with the job
+        {"min_step": 4, "procs": {"1": proc(7.0, "rank 0"), "2": proc(4.5, "rank 1"), "3": proc(1.5, "standby")}},
+        {"min_step": 9, "procs": {"1": proc(9.0, "rank 0"), "2": proc(6.0, "rank 1"), "3": proc(6.0, "standby")}},
+        {"min_step": 12, "procs": {"1": proc(11.0, "rank 0"), "2": proc(8.0, "rank 1"), "3": proc(9.0, "rank 1")}},
     ]
     assert refill_cpu_s(samples) == 6.0  # pid 3's CPU while it was a standby, from its start
     summary = {
