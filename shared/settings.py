@@ -293,7 +293,7 @@ class SidecarSettings(BaseModel):
         ),
     )
     standby_preimport: str = Field(
-        "torch",
+        "torch,flashrecovery.agent.managed",
         description=(
             "Comma-separated modules the zygote imports before it forks standbys (or, without "
             "it, a refill standby in its low-priority thread)."

@@ -70,6 +70,7 @@ class Zygote:
         self._procs: dict[int, ForkedProcess] = {}  # pid -> its process object
         self._early_exits: dict[int, int] = {}  # pid -> code, ended before its object existed
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     async def start(self, prepare_child: Callable[[], None]) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -113,7 +114,11 @@ class Zygote:
                 proc.kill()
                 proc.ended(-signal.SIGKILL)
             self._procs.clear()
-            self.log.warning("zygote_ended", code=self.proc.returncode if self.proc else None)
+            code = self.proc.returncode if self.proc else None
+            if self._closing:
+                self.log.info("zygote_ended", code=code)
+            else:  # its standbys went with it: new ones start as new interpreters
+                self.log.warning("zygote_ended", code=code, fallback="new interpreters")
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         if msg.get("ready"):
@@ -163,6 +168,7 @@ class Zygote:
         return proc
 
     async def close(self) -> None:
+        self._closing = True
         if self.sock is not None:
             self.sock.close()
         if self.proc is not None and self.proc.returncode is None:
