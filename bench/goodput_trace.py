@@ -25,6 +25,7 @@ from .cpu_share import cpu_seconds, stat_fields
 
 TRAINER = "agent.reference.train"
 WARM_START = "sidecar.warm_start"
+ZYGOTE = "sidecar.zygote"
 
 
 def _trainer_procs() -> dict[int, dict[str, float]]:
@@ -37,7 +38,8 @@ def _trainer_procs() -> dict[int, dict[str, float]]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if TRAINER.encode() not in cmdline:
+        forked = ZYGOTE.encode() in cmdline  # the node's zygote, or a worker it forked
+        if TRAINER.encode() not in cmdline and not forked:
             continue
         fields = stat_fields(int(entry.name))
         if fields is not None:
@@ -46,8 +48,19 @@ def _trainer_procs() -> dict[int, dict[str, float]]:
                 "nice": int(fields[16]),
                 "threads": int(fields[17]),
                 "warm_start": WARM_START.encode() in cmdline,  # a refill standby (its import niced)
+                "forked": forked,
+                "ppid": int(fields[1]),
             }
     return out
+
+
+def role(pid: int, p: dict[str, Any], ranks: dict[int, int], found: dict[int, dict[str, Any]]) -> str:
+    """A rank, a standby, or a node's zygote (forked from nothing of its kind)."""
+    if pid in ranks:
+        return f"rank {ranks[pid]}"
+    if p["forked"] and not found.get(p["ppid"], {}).get("forked"):
+        return "zygote"
+    return "standby"
 
 
 def step_at(samples: list[dict[str, Any]], t: float) -> int | None:
@@ -97,10 +110,8 @@ async def trace(duration_s: float, gap_s: float, seed: int, run_root: Path) -> d
         while True:
             view = c.timeline.rank_view()
             ranks = {st.pid: r for r, (_, st) in view.items() if st is not None}
-            procs = {
-                str(pid): {**p, "role": f"rank {ranks[pid]}" if pid in ranks else "standby"}
-                for pid, p in _trainer_procs().items()
-            }
+            found = _trainer_procs()
+            procs = {str(pid): {**p, "role": role(pid, p, ranks, found)} for pid, p in found.items()}
             samples.append({"t": time.monotonic(), "min_step": c.min_step(), "procs": procs})
             await asyncio.sleep(2.0)
 

@@ -1,10 +1,11 @@
-"""The refill standby's import niceness, A/B in one run: goodput_trace runs alternating
-`FLASHRECOVERY_SIDECAR__STANDBY_REFILL_NICE` 0 (the refill imports torch at the workers'
-niceness, as before) and 19 (in a nice-19 thread: sidecar/warm_start.py), same seed, so the
-same fault times; each run measured against its own fault-free lead-in, since this box's speed
-drifts between runs.
+"""A/B of one sidecar setting on goodput, in one run: goodput_trace runs alternating the two
+values of an environment variable, same seed (so the same fault times), each run measured
+against its own fault-free lead-in, since this box's speed drifts between runs.
 
     python -m flashrecovery.bench.refill_ab --pairs 3 --duration 120 --gap 40 --seed 9 --out F
+        (default: FLASHRECOVERY_SIDECAR__STANDBY_REFILL_NICE 0 vs 19, the refill's import thread)
+    python -m flashrecovery.bench.refill_ab --env FLASHRECOVERY_SIDECAR__STANDBY_FORK --arms false,true ...
+        (standbys as new interpreters vs forked from the node's zygote)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from . import goodput_trace
 
 ENV = "FLASHRECOVERY_SIDECAR__STANDBY_REFILL_NICE"
+ARMS = "0,19"
 
 
 def refill_cpu_s(samples: list[dict[str, Any]]) -> float:
@@ -47,19 +49,27 @@ def post_fault_ratio(summary: dict[str, Any]) -> float | None:
     return round(statistics.median(per_fault), 3) if per_fault else None
 
 
-def one(nice: int, duration: float, gap: float, seed: int, root: Path) -> dict[str, Any]:
-    os.environ[ENV] = str(nice)
-    out = asyncio.run(goodput_trace.trace(duration, gap, seed, root / f"nice{nice}"))
+def one(env: str, arm: str, duration: float, gap: float, seed: int, root: Path) -> dict[str, Any]:
+    os.environ[env] = arm
+    out = asyncio.run(goodput_trace.trace(duration, gap, seed, root / arm))
     s, r = out["summary"], out["result"]
     warm = any(p.get("warm_start") for smp in out["samples"] for p in smp["procs"].values())
     return {
-        "refill_nice": nice,
+        "arm": arm,
         "goodput_vs_lead_in": s["goodput_vs_lead_in"],
         "lead_in_steps_per_s": s["lead_in_steps_per_s"],
         "net_steps_per_s": s["net_steps_per_s"],
         "post_fault_30s_vs_lead_in": post_fault_ratio(s),
         "refill_standby_cpu_s": refill_cpu_s(out["samples"]),
         "refill_ran_warm_start": warm,
+        "forked_workers_seen": len(
+            {
+                pid
+                for smp in out["samples"]
+                for pid, p in smp["procs"].items()
+                if p.get("forked") and p["role"] != "zygote"
+            }
+        ),
         "rto_s": r["rto_s"],
         "recoveries_done": r["recoveries_done"],
         "faults": len([f for f in r["faults"] if "rank" in f]),
@@ -69,6 +79,8 @@ def one(nice: int, duration: float, gap: float, seed: int, root: Path) -> dict[s
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default=ENV, help="the environment variable the arms set")
+    p.add_argument("--arms", default=ARMS, help="its two values, comma-separated")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--gap", type=float, default=40.0)
@@ -76,15 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-root", default=".runtime/bench/refill-ab")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    a, b = args.arms.split(",")
     runs = []
     for i in range(args.pairs):
-        for nice in (0, 19) if i % 2 == 0 else (19, 0):  # alternate which goes first
-            runs.append({"pair": i, **one(nice, args.duration, args.gap, args.seed, Path(args.run_root))})
+        for arm in (a, b) if i % 2 == 0 else (b, a):  # alternate which goes first
+            runs.append({"pair": i, **one(args.env, arm, args.duration, args.gap, args.seed, Path(args.run_root))})
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "after_faults"}), flush=True)
     arms = {}
-    for nice in (0, 19):
-        mine = [r for r in runs if r["refill_nice"] == nice]
-        arms[str(nice)] = {
+    for arm in (a, b):
+        mine = [r for r in runs if r["arm"] == arm]
+        arms[arm] = {
             key: statistics.median(v) if (v := [r[key] for r in mine if r[key] is not None]) else None
             for key in (
                 "goodput_vs_lead_in",
@@ -93,11 +106,12 @@ def main(argv: list[str] | None = None) -> None:
                 "lead_in_steps_per_s",
             )
         }
-        arms[str(nice)]["spread_goodput_vs_lead_in"] = sorted(r["goodput_vs_lead_in"] for r in mine)
+        arms[arm]["spread_goodput_vs_lead_in"] = sorted(r["goodput_vs_lead_in"] for r in mine)
     out = {
         "command": "python -m flashrecovery.bench.refill_ab " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": vars(args),
-        "medians_by_refill_nice": arms,
+        "env": args.env,
+        "medians_by_arm": arms,
         "runs": runs,
     }
     if args.out:

@@ -92,3 +92,21 @@ def test_the_refill_ab_counts_only_refilled_standbys_and_compares_faults_with_th
     }
     assert post_fault_ratio(summary) == 0.8  # median of 0.7 and 0.9; a fault with no window is left out
     assert post_fault_ratio({"lead_in_steps_per_s": None, "after_faults": []}) is None
+
+
+def test_the_trace_tells_a_nodes_zygote_from_the_workers_it_forked() -> None:
+    from flashrecovery.bench.goodput_trace import role
+
+    found = {
+        10: {"forked": True, "ppid": 5},  # the zygote: its parent is the sidecar
+        11: {"forked": True, "ppid": 10},  # forked by it: a standby...
+        12: {"forked": True, "ppid": 10},  # ...or the rank a standby became
+        13: {"forked": False, "ppid": 5},  # a worker started as a new interpreter
+    }
+    ranks = {12: 2}
+    assert [role(pid, found[pid], ranks, found) for pid in (10, 11, 12, 13)] == [
+        "zygote",
+        "standby",
+        "rank 2",
+        "standby",
+    ]
