@@ -28,13 +28,14 @@ ARMS = "0,19"
 def refill_cpu_s(samples: list[dict[str, Any]]) -> float:
     """CPU seconds spent by standbys first seen once the job trained (the refills, not the
     standbys started with the job), while they were standbys."""
-    before = {pid for s in samples if s["min_step"] < 1 for pid in s["procs"]}
+    start = next((i for i, s in enumerate(samples) if s["min_step"] >= 1), len(samples))
+    # the samples before training, not any later one whose step reads -1 (a recovery)
+    before = {pid for s in samples[:start] for pid in s["procs"]}
     spent: dict[str, float] = {}
-    for s in samples:
+    for s in samples[start:]:
         for pid, p in s["procs"].items():
-            if pid in before or (pid not in spent and s["min_step"] < 1) or p["role"] != "standby":
-                continue
-            spent[pid] = p["cpu_s"]  # from the process's start: it was a standby all along
+            if pid not in before and p["role"] == "standby":
+                spent[pid] = p["cpu_s"]  # from the process's start: it was a standby all along
     return round(sum(spent.values()), 2)
 
 

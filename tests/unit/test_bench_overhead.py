@@ -84,8 +84,11 @@ def test_the_refill_ab_counts_only_refilled_standbys_and_compares_faults_with_th
         {"min_step": 4, "procs": {"1": proc(7.0, "rank 0"), "2": proc(4.5, "rank 1"), "3": proc(1.5, "standby")}},
         {"min_step": 9, "procs": {"1": proc(9.0, "rank 0"), "2": proc(6.0, "rank 1"), "3": proc(6.0, "standby")}},
         {"min_step": 12, "procs": {"1": proc(11.0, "rank 0"), "2": proc(8.0, "rank 1"), "3": proc(9.0, "rank 1")}},
+        # a later recovery: the step reads -1 while a rank is missing; pid 4 is the next refill
+        {"min_step": -1, "procs": {"1": proc(12.0, "rank 0"), "3": proc(9.5, "rank 1"), "4": proc(0.5, "standby")}},
+        {"min_step": 15, "procs": {"1": proc(13.0, "rank 0"), "3": proc(10.0, "rank 1"), "4": proc(3.0, "standby")}},
     ]
-    assert refill_cpu_s(samples) == 6.0  # pid 3's CPU while it was a standby, from its start
+    assert refill_cpu_s(samples) == 9.0  # pids 3 and 4, while they were standbys, from their start
     summary = {
         "lead_in_steps_per_s": 10.0,
         "after_faults": [{"steps_per_s": [5.0, 9.0, None]}, {"steps_per_s": [8.0, 10.0]}, {"steps_per_s": [None]}],
