@@ -175,15 +175,7 @@ class Supervisor:
             await reg.close()
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
-        p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(sig)
-        try:
-            p.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout_s)
+        self._stop_together([name], timeout_s, sig)
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         # Sidecars first (they own the workers), then services, then the rendezvous, then the
@@ -197,10 +189,10 @@ class Supervisor:
         if self.stack is not None:
             self.stack.stop()
 
-    def _stop_together(self, names: list[str], timeout_s: float) -> None:
+    def _stop_together(self, names: list[str], timeout_s: float, sig: int = signal.SIGTERM) -> None:
         procs = [p for p in (self.procs.pop(n, None) for n in names) if p is not None and p.poll() is None]
         for p in procs:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
         deadline = time.monotonic() + timeout_s
         for p in procs:
             try:

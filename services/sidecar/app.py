@@ -207,8 +207,9 @@ class SidecarService:
         return [w for w in self.workers.values() if w.rank is None and w.proc.returncode is None]
 
     async def _launch(self, local_rank: int, rank: int | None, refill: bool = False) -> Worker:
-        """Start a worker: a rank, or a standby (rank None). A refill standby (started while the
-        job trains) imports torch in a low-priority thread first (refill_argv)."""
+        """Start a worker: a rank, or a standby (rank None). A standby is forked by the node's
+        zygote when there is one; else a new interpreter, which for a refill (started while the
+        job trains) may import torch in a low-priority thread first (refill_argv)."""
         hosted = self.cfg.rank_list()
         env = worker_env(
             dict(os.environ),

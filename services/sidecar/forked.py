@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-MAX_PACKET = 1 << 20
+from .zygote import MAX_PACKET
 
 
 class ForkedProcess:
