@@ -2,7 +2,8 @@
 
 kinds: kill (SIGKILL self), hang (SIGSTOP self), ecc (print an uncorrectable-ECC driver line to
 stderr, then hang), exception (raise a Python error).
-phases: forward, grad_sync (the dp allreduce is in flight), after_sync (between the sync and the
+phases: forward, tp_collective (the step's first tensor-parallel collective is about to start;
+managed agent), grad_sync (the dp allreduce is in flight), after_sync (between the sync and the
 vote), vote (the vote is in flight), optimizer (the vote completed, the update is not applied).
 Fires only in generation-0 processes, once.
 """
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 KINDS = ("kill", "hang", "ecc", "exception")
-PHASES = ("forward", "grad_sync", "after_sync", "vote", "optimizer")
+PHASES = ("forward", "tp_collective", "grad_sync", "after_sync", "vote", "optimizer")
 
 
 class InjectedFault(RuntimeError):

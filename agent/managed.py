@@ -37,7 +37,7 @@ from __future__ import annotations
 import atexit
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -49,6 +49,9 @@ from .groups import CollectiveError, Interrupted, PauseRequested
 from .process_group import RecoverableGroup, install
 from .settings import DEFAULT_JOB_ID, AgentSettings, agent_env
 from .transfer import Stateful, state_digest
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -85,6 +88,7 @@ class ManagedAgent(RecoveryAgent):
         self._opt_step: Any = None
         self._sched_step: Any = None
         self.pgs: dict[str, RecoverableGroup] = {}
+        self._mesh: DeviceMesh | None = None
 
     # ------------------------------------------------------------------ groups (GroupSession)
     def mark_broken(self, why: str) -> None:
@@ -95,8 +99,10 @@ class ManagedAgent(RecoveryAgent):
         return self._broken
 
     def before_collective(self, kind: str) -> None:
-        if kind == "dp" and self._step is not None:
-            self.faults.maybe(self.rank, self._step, "grad_sync")
+        if self._step is not None:
+            phase = {"dp": "grad_sync", "tp": "tp_collective"}.get(kind)
+            if phase is not None:
+                self.faults.maybe(self.rank, self._step, phase)
 
     @property
     def world_group(self) -> RecoverableGroup:
@@ -135,6 +141,19 @@ class ManagedAgent(RecoveryAgent):
         (check_ddp says why each setting)."""
         kw.setdefault("find_unused_parameters", True)
         return DDP(module, process_group=self.dp_group, init_sync=False, **kw)
+
+    def device_mesh(self, device_type: str = "cpu") -> DeviceMesh:
+        """A 2-D ``DeviceMesh`` ("dp", "tp") over the recoverable groups: ``mesh.get_group("tp")``
+        is ``tp_group``, functional collectives and DTensor on it survive recoveries as the groups
+        do (the mesh holds the groups, not a generation's backend)."""
+        from torch.distributed.device_mesh import DeviceMesh  # imports DTensor machinery: on demand
+
+        if self._mesh is None:
+            layout = torch.arange(self.world_size).view(self.dp_size, self.tp)
+            self._mesh = DeviceMesh.from_group(
+                [self.dp_group, self.tp_group], device_type, mesh=layout, mesh_dim_names=("dp", "tp")
+            )
+        return self._mesh
 
     # ------------------------------------------------------------------ set-up
     def open(self, default_group: bool = True) -> None:

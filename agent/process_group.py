@@ -4,9 +4,11 @@ A ``RecoverableGroup`` is a ``torch.distributed.ProcessGroup`` (a Python subclas
 own Python process groups are) whose collectives go to the current generation's gloo group of
 one kind (``global``, ``dp`` or ``tp``; agent/groups.py builds them per generation). A user's
 ``dist.all_reduce(x, group=agent.tp_group)``, ``dist.broadcast``, ``dist.all_gather``,
-``dist.barrier`` and torch's own ``DistributedDataParallel(model, process_group=agent.dp_group,
-init_sync=False)`` keep working across recoveries: the object stays, the generation under it
-changes.
+``dist.barrier`` (and the rest of torch.distributed's collectives), functional collectives
+(torch looks a group up by ``group_name`` in its C++ registry: ``install`` registers these),
+``DeviceMesh.from_group`` / DTensor, and torch's own ``DistributedDataParallel(model,
+process_group=agent.dp_group, init_sync=False)`` keep working across recoveries: the object
+stays, the generation under it changes.
 
 A fault never surfaces as an exception in user code (TorchFT's managed work does the same).
 A collective whose peer died, or that a pause interrupts, completes at once with the caller's
@@ -47,6 +49,11 @@ class GroupSession(Protocol):
     def step_broken(self) -> str | None: ...
 
     def before_collective(self, kind: str) -> None: ...
+
+
+def registered_name(kind: str) -> str:
+    """The name torch's group registries know a recoverable group by."""
+    return f"flashrecovery_{kind}"
 
 
 def members(kind: str, rank: int, world_size: int, tp: int) -> list[int]:
@@ -134,6 +141,12 @@ class RecoverableGroup(dist.ProcessGroup):
 
     def name(self) -> str:
         return f"flashrecovery-{self.kind}"
+
+    @property
+    def group_name(self) -> str:
+        # torch keeps a group's name in its C++ backends, and this group has none (its backend
+        # changes per generation); functional collectives and DeviceMesh look groups up by it
+        return registered_name(self.kind)
 
     def rank(self) -> int:
         return self._group_rank
@@ -239,6 +252,103 @@ class RecoverableGroup(dist.ProcessGroup):
             result=[output],
         )
 
+    # torch >= 2.12 names the single-tensor forms *_single; dist.all_gather_into_tensor and
+    # dist.reduce_scatter_tensor call them on the group object
+    all_gather_single = _allgather_base
+
+    def allgather_into_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> dist.Work:
+        # what functional collectives' all_gather_tensor calls (one tensor or several)
+        opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
+        return self._run(
+            "allgather",
+            outputs,
+            inputs,
+            lambda b, ins, outs: _each(b._allgather_base, outs, ins, opts),
+            result=outputs,
+        )
+
+    def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
+        return self.reduce_scatter_tensor_coalesced([output], [input], opts)
+
+    reduce_scatter_single = _reduce_scatter_base
+
+    def reduce_scatter_tensor_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> dist.Work:
+        opts = _reduce_scatter_opts(opts)
+        return self._run(
+            "reduce_scatter",
+            outputs,
+            inputs,
+            lambda b, ins, outs: _each(b._reduce_scatter_base, outs, ins, opts),
+            result=outputs,
+        )
+
+    def reduce_scatter(
+        self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
+    ) -> dist.Work:
+        opts = _reduce_scatter_opts(opts)
+        flat_ins = [t for lst in input_lists for t in lst]
+        shape = [len(lst) for lst in input_lists]
+
+        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
+            it = iter(ins)
+            return b.reduce_scatter(outs, [[next(it) for _ in range(n)] for n in shape], opts)
+
+        return self._run("reduce_scatter", outputs, flat_ins, launch, result=outputs)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        # functional collectives' all_reduce_coalesced (gloo's needs one dtype, as torch's own)
+        opts = opts if isinstance(opts, _c10d.AllreduceCoalescedOptions) else _c10d.AllreduceCoalescedOptions()
+        return self._run("allreduce_coalesced", tensors, tensors, lambda b, ins, outs: b.allreduce_coalesced(ins, opts))
+
+    def alltoall_base(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: Any = None,
+    ) -> dist.Work:
+        opts = opts if isinstance(opts, _c10d.AllToAllOptions) else _c10d.AllToAllOptions()
+        return self._run(
+            "alltoall",
+            [output],
+            [input],
+            lambda b, ins, outs: b.alltoall_base(outs[0], ins[0], output_split_sizes, input_split_sizes, opts),
+            result=[output],
+        )
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts if isinstance(opts, _c10d.ReduceOptions) else _c10d.ReduceOptions()
+        return self._run("reduce", tensors, tensors, lambda b, ins, outs: b.reduce(ins, opts))
+
+    def gather(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> dist.Work:
+        opts = opts if isinstance(opts, _c10d.GatherOptions) else _c10d.GatherOptions()
+        flat_outs = [t for lst in output_lists for t in lst]
+        shape = [len(lst) for lst in output_lists]
+
+        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
+            it = iter(outs)
+            return b.gather([[next(it) for _ in range(n)] for n in shape], ins, opts)
+
+        return self._run("gather", flat_outs, inputs, launch, result=output_lists)
+
+    def scatter(
+        self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
+    ) -> dist.Work:
+        opts = opts if isinstance(opts, _c10d.ScatterOptions) else _c10d.ScatterOptions()
+        flat_ins = [t for lst in input_lists for t in lst]
+        shape = [len(lst) for lst in input_lists]
+
+        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
+            it = iter(ins)
+            return b.scatter(outs, [[next(it) for _ in range(n)] for n in shape], opts)
+
+        return self._run("scatter", outputs, flat_ins, launch, result=outputs)
+
     def barrier(self, opts: Any = None) -> dist.Work:
         token = torch.zeros(1)
         return self._run("barrier", [token], [token], lambda b, ins, outs: b.allreduce(ins, dist.AllreduceOptions()))
@@ -253,6 +363,24 @@ class RecoverableGroup(dist.ProcessGroup):
             [torch.empty_like(t) for t in tensors],
             lambda b, ins, outs: b.recv(outs, src, tag),
         )
+
+
+def _each(op: Callable[..., dist.Work], outs: list[torch.Tensor], ins: list[torch.Tensor], opts: Any) -> dist.Work:
+    """One backend call per (out, in) pair (gloo has no coalesced single-tensor forms), as one
+    work that ends when the last does."""
+    works = [op(o, i, opts) for o, i in zip(outs, ins)]
+    if len(works) == 1:
+        return works[0]
+    return _FutureWork(torch.futures.collect_all([future_of(w) for w in works]))  # type: ignore[arg-type]
+
+
+def _reduce_scatter_opts(opts: Any) -> _c10d.ReduceScatterOptions:
+    if isinstance(opts, _c10d.ReduceScatterOptions):
+        return opts
+    o = _c10d.ReduceScatterOptions()
+    if opts is not None:
+        o.reduceOp = opts
+    return o
 
 
 def _allreduce_opts(opts: Any) -> dist.AllreduceOptions:
@@ -277,11 +405,14 @@ def install(
     out = {}
     for kind in KINDS:
         pg = RecoverableGroup(session, kind, rank, world_size, tp)
-        name = f"flashrecovery_{kind}"
+        name = registered_name(kind)
         c10d._world.pg_map[pg] = ("flashrecovery", store)
         c10d._world.pg_names[pg] = name
         c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(pg.global_ranks)}
         c10d._world.pg_backend_config[pg] = "cpu:flashrecovery"
+        # functional collectives resolve a group by name through torch's C++ registry
+        _c10d._unregister_process_group(name)
+        _c10d._register_process_group(name, pg)
         out[kind] = pg
     if default:
         c10d._update_default_pg(out["global"])

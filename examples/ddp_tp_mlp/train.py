@@ -5,7 +5,8 @@
 Ranks r with the same r // tp hold one replica; its MLP is split Megatron-style over the tp
 ranks: the first layer by output columns, the second by input rows, and the partial outputs are
 summed with a plain ``dist.all_reduce(..., group=agent.tp_group)``. Gradients are averaged over
-the replicas by torch's own DDP on ``agent.dp_group``. Dropout acts on the sharded hidden units
+the replicas by torch's own DDP on ``agent.dp_group``. With ``--mesh`` the same sum goes through
+functional collectives over the "tp" dimension of the agent's ``DeviceMesh`` instead. Dropout acts on the sharded hidden units
 (each unit lives on one tp rank), so the agent's per-rank reseed is exactly what it needs; a
 layer that needs the same mask on every tp rank would seed its own generator from
 (seed, step, dp index). Each rank saves its final state to --out/rank{r}.pt.
@@ -18,6 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 import flashrecovery.agent as fr
 
@@ -27,6 +29,8 @@ class _SumOverTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):  # type: ignore[override]
+        if isinstance(group, tuple):  # (DeviceMesh, dim): functional collectives
+            return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
         x = x.clone()
         dist.all_reduce(x, group=group)
         return x
@@ -37,9 +41,7 @@ class _SumOverTP(torch.autograd.Function):
 
 
 class TPMLP(torch.nn.Module):
-    def __init__(
-        self, d_in: int, hidden: int, d_out: int, tp: int, tp_index: int, group: dist.ProcessGroup, seed: int
-    ) -> None:
+    def __init__(self, d_in: int, hidden: int, d_out: int, tp: int, tp_index: int, group: object, seed: int) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)  # the full layers, then this rank's shard
         w1 = torch.randn(hidden, d_in, generator=g) / math.sqrt(d_in)
@@ -73,6 +75,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--out", default=None)
+    p.add_argument("--mesh", action="store_true", help="tp sum by functional collectives on a DeviceMesh")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -80,7 +83,8 @@ def main() -> None:
     rank = dist.get_rank()
     tp_index = dist.get_rank(agent.tp_group)
 
-    net = TPMLP(32, 128, 1, args.tp, tp_index, agent.tp_group, args.seed)
+    tp_group = (agent.device_mesh(), 1) if args.mesh else agent.tp_group
+    net = TPMLP(32, 128, 1, args.tp, tp_index, tp_group, args.seed)
     model = agent.ddp(net)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup, total = args.warmup, args.steps

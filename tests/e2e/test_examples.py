@@ -7,6 +7,8 @@ the real embedded stack, services, sidecars, standbys and torch workers.
 (b) examples/ddp_tp_mlp/train.py (dp 2 x tp 2 with ordinary dist.all_reduce on the agent's tp
     group, DDP on its dp group, AdamW + warmup/cosine LambdaLR): rank 1 SIGKILLs itself while its
     gradient all-reduce is in flight.
+(b') the same script with --mesh: the tp sum by functional collectives over the agent's
+    DeviceMesh; rank 1 dies as its tp collective starts, leaving rank 0 waiting in it.
 Each ends with every rank's model, optimizer and scheduler state bitwise equal to a fault-free run
 of the same command, 0 committed steps lost, and the survivors still in their first processes.
 """
@@ -177,4 +179,20 @@ def test_ddp_tp_example_recovers_from_a_kill_in_the_gradient_allreduce_bitwise(t
         killed=1,
         launcher=("--tp", "2"),
         fault_env={"FLASHRECOVERY_AGENT_FAULT": "kind=kill,rank=1,step=12,phase=grad_sync"},
+    )
+
+
+def test_ddp_tp_example_on_a_device_mesh_recovers_from_a_kill_in_a_functional_collective(tmp_path: Path) -> None:
+    # --mesh: the tp sum is torch's functional all_reduce over the agent's DeviceMesh ("tp" dim).
+    # Rank 1 dies as its first tp collective of step 12 starts, so its tp peer, rank 0, is left
+    # waiting in the functional all_reduce: the pause must end that wait (no hang, no exception).
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    _check(
+        tmp_path,
+        "examples/ddp_tp_mlp/train.py",
+        ["--tp", "2", "--steps", "24", "--mesh"],
+        killed=1,
+        launcher=("--tp", "2"),
+        fault_env={"FLASHRECOVERY_AGENT_FAULT": "kind=kill,rank=1,step=12,phase=tp_collective"},
     )

@@ -69,6 +69,7 @@ def _worker(port: int, rank: int, out: str) -> None:
     work = dist.all_reduce(torch.ones(1), async_op=True)
     res["async_done"] = bool(work.wait())
     dist.barrier()
+    res.update(_more_collectives(rank, pgs))
     # torch's own DDP on the recoverable dp group: gradients are the mean over ranks
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -85,6 +86,54 @@ def _worker(port: int, rank: int, out: str) -> None:
     res["broken"] = s.broken
     torch.save(res, out)
     dist.destroy_process_group()  # a user's script ends with it: must not fail
+
+
+def _more_collectives(rank: int, pgs: dict[str, RecoverableGroup]) -> dict[str, Any]:
+    """The rest of torch.distributed's collectives, functional collectives (by group object, by
+    registered name, by a DeviceMesh dimension) and a DTensor redistribute."""
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    x = torch.arange(4.0) + 10 * rank
+    out: dict[str, Any] = {}
+    t = torch.empty(8)
+    dist.all_gather_into_tensor(t, x)
+    out["all_gather_into_tensor"] = t
+    t = torch.empty(2)
+    dist.reduce_scatter_tensor(t, x)
+    out["reduce_scatter_tensor"] = t
+    t = torch.empty(4)
+    dist.reduce_scatter(t, [x, 2 * x])
+    out["reduce_scatter"] = t
+    t = torch.empty(4)
+    dist.all_to_all_single(t, x)
+    out["all_to_all_single"] = t
+    t = x.clone()
+    dist.reduce(t, dst=0)
+    out["reduce"] = t if rank == 0 else None
+    parts = [torch.empty(4) for _ in range(2)] if rank == 0 else None
+    dist.gather(x, parts, dst=0)
+    out["gather"] = torch.stack(parts) if parts is not None else None
+    t = torch.empty(4)
+    dist.scatter(t, [x, 2 * x] if rank == 1 else None, src=1)
+    out["scatter"] = t
+    g = pgs["global"]
+    out["fc_all_reduce"] = funcol.wait_tensor(funcol.all_reduce(x, "sum", g))
+    out["fc_all_reduce_by_name"] = funcol.wait_tensor(funcol.all_reduce(x, "max", g.group_name))
+    out["fc_all_gather"] = funcol.wait_tensor(funcol.all_gather_tensor(x, 0, g))
+    out["fc_reduce_scatter"] = funcol.wait_tensor(funcol.reduce_scatter_tensor(x, "sum", 0, g))
+    out["fc_all_reduce_coalesced"] = [funcol.wait_tensor(y) for y in funcol.all_reduce_coalesced([x, 3 * x], "sum", g)]
+    out["fc_broadcast"] = funcol.wait_tensor(funcol.broadcast(x, 1, g))
+    mesh = DeviceMesh.from_group(
+        [pgs["dp"], pgs["tp"]], "cpu", mesh=torch.arange(2).view(2, 1), mesh_dim_names=("dp", "tp")
+    )
+    out["mesh_groups_are_ours"] = mesh.get_group("dp") is pgs["dp"] and mesh.get_group("tp") is pgs["tp"]
+    out["fc_on_mesh_dim"] = funcol.wait_tensor(funcol.all_reduce(x, "sum", (mesh, 0)))
+    dt = distribute_tensor(torch.arange(6.0), mesh["dp"], [Shard(0)])
+    out["dtensor_local"] = dt.to_local().clone()
+    out["dtensor_full"] = dt.redistribute(mesh["dp"], [Replicate()]).to_local()
+    return out
 
 
 @pytest.mark.timeout(90)
@@ -114,6 +163,26 @@ def test_user_collectives_and_torch_ddp_run_on_recoverable_groups(tmp_path: Any)
         assert torch.equal(r["all_gather"], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
         assert r["async_done"] and r["broken"] is None
         assert r["kinds"] == ["dp", "global"]
+        x0, x1 = torch.arange(4.0), torch.arange(4.0) + 10
+        assert torch.equal(r["all_gather_into_tensor"], torch.cat([x0, x1]))
+        assert torch.equal(r["reduce_scatter_tensor"], (x0 + x1)[2 * rank : 2 * rank + 2])
+        assert torch.equal(r["reduce_scatter"], (x0 + x1) * (rank + 1))
+        assert torch.equal(
+            r["all_to_all_single"], torch.cat([x0[2 * rank : 2 * rank + 2], x1[2 * rank : 2 * rank + 2]])
+        )
+        assert torch.equal(r["scatter"], x1 * (rank + 1))
+        assert torch.equal(r["fc_all_reduce"], x0 + x1)
+        assert torch.equal(r["fc_all_reduce_by_name"], x1)
+        assert torch.equal(r["fc_all_gather"], torch.cat([x0, x1]))
+        assert torch.equal(r["fc_reduce_scatter"], (x0 + x1)[2 * rank : 2 * rank + 2])
+        assert [y.tolist() for y in r["fc_all_reduce_coalesced"]] == [(x0 + x1).tolist(), (3 * (x0 + x1)).tolist()]
+        assert torch.equal(r["fc_broadcast"], x1)
+        assert r["mesh_groups_are_ours"]
+        assert torch.equal(r["fc_on_mesh_dim"], x0 + x1)
+        assert torch.equal(r["dtensor_local"], torch.arange(6.0)[3 * rank : 3 * rank + 3])
+        assert torch.equal(r["dtensor_full"], torch.arange(6.0))
+    assert torch.equal(r0["reduce"], torch.arange(4.0) * 2 + 10)
+    assert torch.equal(r0["gather"], torch.stack([torch.arange(4.0), torch.arange(4.0) + 10]))
     for g0, g1, l0, l1 in zip(r0["grads"], r1["grads"], r0["local_grads"], r1["local_grads"]):
         assert torch.equal(g0, g1)
         assert torch.allclose(g0, (l0 + l1) / 2, atol=1e-6)
@@ -173,3 +242,27 @@ def test_group_members_follow_the_dp_tp_layout() -> None:
     assert members("tp", 5, 8, 2) == [4, 5]
     with pytest.raises(ValueError):
         members("pp", 0, 8, 2)
+
+
+@pytest.mark.timeout(60)
+def test_a_pause_ends_a_functional_collectives_wait() -> None:
+    import torch.distributed._functional_collectives as funcol
+    from torch._C import _distributed_c10d as c10d_c
+
+    s = Session()
+    pg, peer, _ = _pair(s)
+    c10d_c._unregister_process_group(pg.group_name)
+    c10d_c._register_process_group(pg.group_name, pg)
+    try:
+        threading.Timer(0.3, lambda: s.interruptor.interrupt("pause g1 from sidecar", generation=1)).start()
+        t0 = time.monotonic()
+        out = funcol.wait_tensor(funcol.all_reduce(torch.full((4,), 2.0), "sum", pg))
+        assert time.monotonic() - t0 < 10  # the peer never comes: only the pause ended the wait
+        assert torch.equal(out, torch.full((4,), 2.0))  # nothing reduced into it
+        assert s.broken is not None and "interrupted" in s.broken
+        abandoned = s.interruptor.take_abandoned()
+        peer[0].global_pg.allreduce([torch.zeros(4)]).wait()
+        for a in abandoned:
+            a.wait()
+    finally:
+        c10d_c._unregister_process_group(pg.group_name)
