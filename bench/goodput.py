@@ -165,7 +165,7 @@ def goodput_torchrun(
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"baseline did not start; see {run_dir / 'torchrun.log'}")
             time.sleep(0.05)
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         s0 = int(_read(progress)[0][1]) - 1
         for at in faults:
             time.sleep(max(0.0, t0 + at - time.monotonic()))
@@ -182,6 +182,7 @@ def goodput_torchrun(
         rows = _read(progress)
         last_attempt = max(int(r[0]) for r in rows)
         net = max(int(r[1]) for r in rows if int(r[0]) == last_attempt) - s0
+        lead_in = lead_in_rate(rows, t0_wall + 5, t0_wall + (faults[0] if faults else wall))
         return {
             "duration_s": round(wall, 1),
             "ckpt_every": ckpt_every,
@@ -191,11 +192,23 @@ def goodput_torchrun(
             "steps_per_s": round(net / wall, 3),
             "goodput": round(net * s_per_step / wall, 3) if s_per_step else None,
             "s_per_step_fault_free": s_per_step,
+            "lead_in_steps_per_s": round(lead_in, 3) if lead_in else None,
+            "goodput_vs_lead_in": round(net / wall / lead_in, 3) if lead_in else None,
             "nproc": NPROC,
         }
     finally:
         stop_torchrun(proc, run_dir, "flashrecovery.bench.baseline_train")
         log.close()
+
+
+def lead_in_rate(rows: list[list[str]], start_wall: float, end_wall: float) -> float | None:
+    """Steps/s of the first attempt between two wall times, from torchrun's progress rows
+    ("<attempt> <step> <wall time>"): the run's own fault-free rate, its checkpoints included,
+    measured as goodput_ours measures ours (from 5 s after the start to the first fault)."""
+    pts = [(float(r[2]), int(r[1])) for r in rows if r[0] == "0" and start_wall <= float(r[2]) <= end_wall]
+    if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+        return None
+    return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
 
 
 def goodput_torchft_seeded(
@@ -230,6 +243,8 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     are the medians (goodput_min / goodput_max the spread), every run kept under "runs"."""
     ok = [r for r in runs if r.get("goodput") is not None]
     g = summarize(r["goodput"] for r in ok)
+    lead = [r["goodput_vs_lead_in"] for r in runs if r.get("goodput_vs_lead_in") is not None]
+    vs = summarize(lead) if lead else {"median": None, "min": None, "max": None}
     keys = ("net_steps", "steps_per_s", "duration_s")
     return {
         **{k: v for k, v in runs[0].items() if k not in (*keys, "goodput", "faults")},
@@ -238,6 +253,11 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "goodput_min": g["min"],
         "goodput_max": g["max"],
         "goodput_runs": [r.get("goodput") for r in runs],
+        # against each run's own fault-free rate before its first fault (the box drifts between runs)
+        "goodput_vs_lead_in": vs["median"],
+        "goodput_vs_lead_in_min": vs["min"],
+        "goodput_vs_lead_in_max": vs["max"],
+        "goodput_vs_lead_in_runs": [r.get("goodput_vs_lead_in") for r in runs],
         "faults": [f for r in runs for f in r.get("faults", [])],
         "n": len(runs),
         "runs": runs,

@@ -457,6 +457,9 @@ def goodput_torchft(
             "goodput": round(work * s_per_step / wall, 3) if s_per_step else None,
             "s_per_step_fault_free": round(s_per_step, 4) if s_per_step else None,
             "s_per_step_from": f"this run before its first fault ({clean_steps} steps, every group up)",
+            # its goodput is already against its own run's rate before the first fault
+            "lead_in_steps_per_s": round(1 / s_per_step, 3) if s_per_step else None,
+            "goodput_vs_lead_in": round(work * s_per_step / wall, 3) if s_per_step else None,
         }
     finally:
         job.close()

@@ -113,3 +113,25 @@ def test_the_trace_tells_a_nodes_zygote_from_the_workers_it_forked() -> None:
         "rank 2",
         "standby",
     ]
+
+
+def test_torchruns_lead_in_is_its_first_attempts_rate_between_two_wall_times() -> None:
+    from flashrecovery.bench.goodput import lead_in_rate
+
+    # attempt 0 runs 10 steps/s from t=100; attempt 1 (after a restart) must not count
+    rows = [["0", str(s), f"{100 + s / 10:.6f}"] for s in range(1, 201)]
+    rows += [["1", str(s), f"{130 + s / 10:.6f}"] for s in range(150, 160)]
+    assert lead_in_rate(rows, 105.0, 115.0) == pytest.approx(10.0)
+    assert lead_in_rate(rows, 200.0, 210.0) is None  # no rows of attempt 0 there
+
+
+def test_pooled_rounds_carry_the_ratio_to_each_runs_lead_in() -> None:
+    runs = [
+        {"goodput": 0.9, "goodput_vs_lead_in": 0.96, "net_steps": 1, "steps_per_s": 1.0, "duration_s": 1.0},
+        {"goodput": 0.8, "goodput_vs_lead_in": 0.92, "net_steps": 1, "steps_per_s": 1.0, "duration_s": 1.0},
+        {"goodput": 0.7, "goodput_vs_lead_in": None, "net_steps": 1, "steps_per_s": 1.0, "duration_s": 1.0},
+    ]
+    p = pooled(runs)
+    assert (p["goodput_vs_lead_in_min"], p["goodput_vs_lead_in_max"]) == (0.92, 0.96)
+    assert p["goodput_vs_lead_in"] == pytest.approx(0.94)
+    assert p["goodput_vs_lead_in_runs"] == [0.96, 0.92, None]
