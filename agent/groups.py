@@ -267,6 +267,8 @@ class GroupFactory(Protocol):
 
     def reap(self) -> int: ...
 
+    def buried(self) -> int: ...
+
 
 @dataclass
 class GlooGroupFactory:
@@ -339,6 +341,10 @@ class GlooGroupFactory:
         threading.Thread(target=_drop, args=(done,), name="flashrecovery-reap", daemon=True).start()
         return n
 
+    def buried(self) -> int:
+        """Aborted generations not destroyed yet (their abandoned collectives still run)."""
+        return len(self.graveyard)
+
 
 def gloo_loop_threads() -> int:
     """Live gloo device loop threads of this process (one per device not yet destroyed)."""
@@ -377,6 +383,9 @@ class NcclGroupFactory:
 
     def reap(self) -> int:
         raise NotImplementedError("NCCL group factory")
+
+    def buried(self) -> int:
+        return 0
 
 
 def factory_from_env() -> GroupFactory:

@@ -76,6 +76,9 @@ class _StuckFactory:
     def abort(self, groups, pending=()) -> None:
         self.aborted.append(groups)
 
+    def buried(self) -> int:
+        return 0
+
 
 @pytest.mark.unit
 @pytest.mark.timeout(30)
@@ -96,3 +99,22 @@ def test_a_pause_abandons_a_group_build_that_is_stuck_connecting() -> None:
     while not fac.aborted and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fac.aborted == ["late groups"] and agent.groups is None
+
+
+@pytest.mark.unit
+def test_a_generation_whose_abandoned_collective_ends_after_its_recovery_is_reaped_at_the_next_step() -> None:
+    """Reaped only at the next recovery, it kept a gloo loop thread spinning for a whole fault
+    interval (the job's steady rate stepped down after each fault)."""
+    from torch.futures import Future
+
+    from flashrecovery.agent.groups import GlooGroupFactory, _Buried
+
+    fac = GlooGroupFactory()
+    agent = RecoveryAgent(AgentSettings(rank=0, world_size=1), factory=fac)
+    late: Future = Future()
+    fac.graveyard.append(_Buried(None, [late]))  # type: ignore[arg-type]
+    agent._start_step(7)
+    assert fac.buried() == 1  # still running: kept (its destructor would join a stuck thread)
+    late.set_result(None)  # the peer's socket closed: the abandoned collective ended
+    agent._start_step(8)
+    assert fac.buried() == 0
