@@ -232,18 +232,18 @@ class RecoverableGroup(dist.ProcessGroup):
     def allgather(
         self, output_lists: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None
     ) -> dist.Work:
-        opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
-        flat_outs = [t for lst in output_lists for t in lst]
-        shape = [len(lst) for lst in output_lists]
-
-        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
-            it = iter(outs)
-            return b.allgather([[next(it) for _ in range(n)] for n in shape], ins, opts)
-
-        return self._run("allgather", flat_outs, input_tensors, launch, result=output_lists)
+        opts = _opts(opts, _c10d.AllgatherOptions)
+        flat_outs, shape = _flatten(output_lists)
+        return self._run(
+            "allgather",
+            flat_outs,
+            input_tensors,
+            lambda b, ins, outs: b.allgather(_nest(outs, shape), ins, opts),
+            result=output_lists,
+        )
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
-        opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
+        opts = _opts(opts, _c10d.AllgatherOptions)
         return self._run(
             "allgather",
             [output],
@@ -260,7 +260,7 @@ class RecoverableGroup(dist.ProcessGroup):
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
     ) -> dist.Work:
         # what functional collectives' all_gather_tensor calls (one tensor or several)
-        opts = opts if isinstance(opts, _c10d.AllgatherOptions) else _c10d.AllgatherOptions()
+        opts = _opts(opts, _c10d.AllgatherOptions)
         return self._run(
             "allgather",
             outputs,
@@ -290,18 +290,18 @@ class RecoverableGroup(dist.ProcessGroup):
         self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
     ) -> dist.Work:
         opts = _reduce_scatter_opts(opts)
-        flat_ins = [t for lst in input_lists for t in lst]
-        shape = [len(lst) for lst in input_lists]
-
-        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
-            it = iter(ins)
-            return b.reduce_scatter(outs, [[next(it) for _ in range(n)] for n in shape], opts)
-
-        return self._run("reduce_scatter", outputs, flat_ins, launch, result=outputs)
+        flat_ins, shape = _flatten(input_lists)
+        return self._run(
+            "reduce_scatter",
+            outputs,
+            flat_ins,
+            lambda b, ins, outs: b.reduce_scatter(outs, _nest(ins, shape), opts),
+            result=outputs,
+        )
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
         # functional collectives' all_reduce_coalesced (gloo's needs one dtype, as torch's own)
-        opts = opts if isinstance(opts, _c10d.AllreduceCoalescedOptions) else _c10d.AllreduceCoalescedOptions()
+        opts = _opts(opts, _c10d.AllreduceCoalescedOptions)
         return self._run("allreduce_coalesced", tensors, tensors, lambda b, ins, outs: b.allreduce_coalesced(ins, opts))
 
     def alltoall_base(
@@ -312,7 +312,7 @@ class RecoverableGroup(dist.ProcessGroup):
         input_split_sizes: list[int],
         opts: Any = None,
     ) -> dist.Work:
-        opts = opts if isinstance(opts, _c10d.AllToAllOptions) else _c10d.AllToAllOptions()
+        opts = _opts(opts, _c10d.AllToAllOptions)
         return self._run(
             "alltoall",
             [output],
@@ -322,32 +322,32 @@ class RecoverableGroup(dist.ProcessGroup):
         )
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts if isinstance(opts, _c10d.ReduceOptions) else _c10d.ReduceOptions()
+        opts = _opts(opts, _c10d.ReduceOptions)
         return self._run("reduce", tensors, tensors, lambda b, ins, outs: b.reduce(ins, opts))
 
     def gather(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = opts if isinstance(opts, _c10d.GatherOptions) else _c10d.GatherOptions()
-        flat_outs = [t for lst in output_lists for t in lst]
-        shape = [len(lst) for lst in output_lists]
-
-        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
-            it = iter(outs)
-            return b.gather([[next(it) for _ in range(n)] for n in shape], ins, opts)
-
-        return self._run("gather", flat_outs, inputs, launch, result=output_lists)
+        opts = _opts(opts, _c10d.GatherOptions)
+        flat_outs, shape = _flatten(output_lists)
+        return self._run(
+            "gather",
+            flat_outs,
+            inputs,
+            lambda b, ins, outs: b.gather(_nest(outs, shape), ins, opts),
+            result=output_lists,
+        )
 
     def scatter(
         self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
     ) -> dist.Work:
-        opts = opts if isinstance(opts, _c10d.ScatterOptions) else _c10d.ScatterOptions()
-        flat_ins = [t for lst in input_lists for t in lst]
-        shape = [len(lst) for lst in input_lists]
-
-        def launch(b: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dist.Work:
-            it = iter(ins)
-            return b.scatter(outs, [[next(it) for _ in range(n)] for n in shape], opts)
-
-        return self._run("scatter", outputs, flat_ins, launch, result=outputs)
+        opts = _opts(opts, _c10d.ScatterOptions)
+        flat_ins, shape = _flatten(input_lists)
+        return self._run(
+            "scatter",
+            outputs,
+            flat_ins,
+            lambda b, ins, outs: b.scatter(outs, _nest(ins, shape), opts),
+            result=outputs,
+        )
 
     def barrier(self, opts: Any = None) -> dist.Work:
         token = torch.zeros(1)
@@ -363,6 +363,21 @@ class RecoverableGroup(dist.ProcessGroup):
             [torch.empty_like(t) for t in tensors],
             lambda b, ins, outs: b.recv(outs, src, tag),
         )
+
+
+def _opts(opts: Any, cls: type) -> Any:
+    """The caller's options object, or the default one (pybind overloads may pass None)."""
+    return opts if isinstance(opts, cls) else cls()
+
+
+def _flatten(lists: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[int]]:
+    """A list of tensor lists as one list (what _run copies) and the lengths to nest it back."""
+    return [t for lst in lists for t in lst], [len(lst) for lst in lists]
+
+
+def _nest(flat: list[torch.Tensor], shape: list[int]) -> list[list[torch.Tensor]]:
+    it = iter(flat)
+    return [[next(it) for _ in range(n)] for n in shape]
 
 
 def _each(op: Callable[..., dist.Work], outs: list[torch.Tensor], ins: list[torch.Tensor], opts: Any) -> dist.Work:

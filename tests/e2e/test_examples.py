@@ -126,6 +126,8 @@ def _plans(tmp: Path) -> list[dict]:
 
 
 def _check(tmp: Path, script: str, args: list[str], killed: int, **run_kw: object) -> None:
+    for d in ("a", "b"):
+        (tmp / d).mkdir()
     mark = uuid.uuid4().hex
     launcher = run_kw.get("launcher", ())
     code, ref_log = _run(tmp, script, args, tmp / "ref", _env(tmp / "a", mark), launcher=launcher)  # type: ignore[arg-type]
@@ -157,8 +159,6 @@ def _check(tmp: Path, script: str, args: list[str], killed: int, **run_kw: objec
 
 
 def test_ddp_example_recovers_from_an_injected_crash_bitwise(tmp_path: Path) -> None:
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
     _check(
         tmp_path,
         "examples/ddp_mlp/train.py",
@@ -170,8 +170,6 @@ def test_ddp_example_recovers_from_an_injected_crash_bitwise(tmp_path: Path) -> 
 
 
 def test_ddp_tp_example_recovers_from_a_kill_in_the_gradient_allreduce_bitwise(tmp_path: Path) -> None:
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
     _check(
         tmp_path,
         "examples/ddp_tp_mlp/train.py",
@@ -186,8 +184,6 @@ def test_ddp_tp_example_on_a_device_mesh_recovers_from_a_kill_in_a_functional_co
     # --mesh: the tp sum is torch's functional all_reduce over the agent's DeviceMesh ("tp" dim).
     # Rank 1 dies as its first tp collective of step 12 starts, so its tp peer, rank 0, is left
     # waiting in the functional all_reduce: the pause must end that wait (no hang, no exception).
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
     _check(
         tmp_path,
         "examples/ddp_tp_mlp/train.py",
