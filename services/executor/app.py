@@ -470,7 +470,8 @@ class ExecutorService:
     async def _resend(self, command_id: str, missing: int) -> None:
         """The same command again (same id), under the same guards as its first sending."""
         cmd = self.sent.get(command_id)
-        if cmd is None:  # sent by an earlier leader: its retry at the phase timeout covers it
+        if cmd is None:  # an earlier leader sent it: pause/replace go again at their retry,
+            # a recover at the takeover (_recover_stage)
             return
         await self._publish_fenced(cmd)
         self.commands_resent += 1
@@ -662,7 +663,13 @@ class ExecutorService:
         stage_nodes = frozenset(orjson.loads(state["stage_nodes"])) if "stage_nodes" in state else recover
         expected = stage_nodes  # the others report only failures (core.Waitlist.stages)
         in_band = "in_band" in state
-        if "recover_command" not in state:
+        if state.get("recover_command") not in self.sent:
+            # The first sending, or a plan taken over from a leader that died after sending it:
+            # the same command (same id) again. Sidecars that acted on it replay the acks they
+            # sent (CommandGate), which this leader may have missed: it subscribed after they
+            # went out, and a recover stage is never retried, so nothing else would send them
+            # again (seen: a leader killed 0.1 s into a recovery waited 60 s for acks sent
+            # 0.3 s before it started, and the plan failed after the job had finished).
             if in_band:
                 steps: dict[str, Any] = {"in_band": True}
             else:
