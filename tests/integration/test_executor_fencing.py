@@ -227,3 +227,40 @@ async def test_a_stage_wait_ends_for_a_sound_superseding_plan_not_a_forged_one(s
         assert outcome == "fail" and acks["_reason"] == "superseded by Q while waiting"
     finally:
         await svc.registry.close()
+
+
+async def test_a_leader_that_takes_over_in_the_recover_stages_sends_the_recover_command_again(settings, registry):
+    """A leader killed 0.1 s into a recovery: the sidecars' acks of its RECOVER went out before
+    the new leader subscribed, and a recover stage is never retried, so the new leader waited
+    out the phase timeout and the plan failed (seen in the e2e scenario executor-leader-killed).
+    Taking over, it sends the same command (same id, its own token): sidecars that acted on it
+    replay their acks (CommandGate)."""
+    import orjson
+
+    from flashrecovery.executor.app import PhaseFailed
+
+    await registry.init_job(grid_topology(settings.job_id, nodes=2, ranks_per_node=2, tp=2, spares=1))
+    plan = _spare_plan(settings.job_id)
+    await registry.put_plan_once(plan.plan_id, plan.model_dump_json().encode())
+    quick = settings.model_copy(update={"executor": settings.executor.model_copy(update={"phase_timeout_s": 0.5})})
+    svc, published = await _executor(quick, "1")
+    try:
+        await svc._lead_once()
+        assert svc.leader
+        # the run as the dead leader left it: RECOVER sent, its rebuild stage under way
+        await svc._set_run(
+            plan.plan_id,
+            generation=1,
+            recover_nodes=orjson.dumps(["node-0", "node-1", "spare-0"]).decode(),
+            stage_nodes=orjson.dumps(["node-1", "spare-0"]).decode(),
+            in_band=1,
+            recover_command=f"{plan.plan_id}:recover:0",
+        )
+        with pytest.raises(PhaseFailed, match="no ack after"):  # nobody answers in this test
+            await svc._recover_stage(plan, "rebuild", svc.log)
+        again = [e for e in published if getattr(e, "command_id", None) == f"{plan.plan_id}:recover:0"]
+        assert len(again) == 1, published
+        assert again[0].fence_token == svc.token and again[0].in_band and again[0].generation == 1
+        assert again[0].stage_nodes == ("node-1", "spare-0")
+    finally:
+        await svc.registry.close()
