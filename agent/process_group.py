@@ -218,7 +218,7 @@ class RecoverableGroup(dist.ProcessGroup):
 
     # ------------------------------------------------------------------ collectives
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
-        opts = _allreduce_opts(opts)
+        opts = _reduce_opts(opts, dist.AllreduceOptions)
         return self._run("allreduce", tensors, tensors, lambda b, ins, outs: b.allreduce(ins, opts))
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> dist.Work:
@@ -260,14 +260,7 @@ class RecoverableGroup(dist.ProcessGroup):
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
     ) -> dist.Work:
         # what functional collectives' all_gather_tensor calls (one tensor or several)
-        opts = _opts(opts, _c10d.AllgatherOptions)
-        return self._run(
-            "allgather",
-            outputs,
-            inputs,
-            lambda b, ins, outs: _each(b._allgather_base, outs, ins, opts),
-            result=outputs,
-        )
+        return self._pairwise("allgather", "_allgather_base", outputs, inputs, _opts(opts, _c10d.AllgatherOptions))
 
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> dist.Work:
         return self.reduce_scatter_tensor_coalesced([output], [input], opts)
@@ -277,19 +270,21 @@ class RecoverableGroup(dist.ProcessGroup):
     def reduce_scatter_tensor_coalesced(
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
     ) -> dist.Work:
-        opts = _reduce_scatter_opts(opts)
+        opts = _reduce_opts(opts, _c10d.ReduceScatterOptions)
+        return self._pairwise("reduce_scatter", "_reduce_scatter_base", outputs, inputs, opts)
+
+    def _pairwise(
+        self, what: str, op: str, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any
+    ) -> dist.Work:
+        """The coalesced single-tensor forms: one backend call per (out, in) pair (_each)."""
         return self._run(
-            "reduce_scatter",
-            outputs,
-            inputs,
-            lambda b, ins, outs: _each(b._reduce_scatter_base, outs, ins, opts),
-            result=outputs,
+            what, outputs, inputs, lambda b, ins, outs: _each(getattr(b, op), outs, ins, opts), result=outputs
         )
 
     def reduce_scatter(
         self, outputs: list[torch.Tensor], input_lists: list[list[torch.Tensor]], opts: Any = None
     ) -> dist.Work:
-        opts = _reduce_scatter_opts(opts)
+        opts = _reduce_opts(opts, _c10d.ReduceScatterOptions)
         flat_ins, shape = _flatten(input_lists)
         return self._run(
             "reduce_scatter",
@@ -389,20 +384,12 @@ def _each(op: Callable[..., dist.Work], outs: list[torch.Tensor], ins: list[torc
     return _FutureWork(torch.futures.collect_all([future_of(w) for w in works]))  # type: ignore[arg-type]
 
 
-def _reduce_scatter_opts(opts: Any) -> _c10d.ReduceScatterOptions:
-    if isinstance(opts, _c10d.ReduceScatterOptions):
+def _reduce_opts(opts: Any, cls: type) -> Any:
+    """Options of a reducing collective; the pybind overloads may pass a bare ReduceOp."""
+    if isinstance(opts, cls):
         return opts
-    o = _c10d.ReduceScatterOptions()
+    o = cls()
     if opts is not None:
-        o.reduceOp = opts
-    return o
-
-
-def _allreduce_opts(opts: Any) -> dist.AllreduceOptions:
-    if isinstance(opts, dist.AllreduceOptions):
-        return opts
-    o = dist.AllreduceOptions()
-    if opts is not None:  # the pybind overload allreduce(tensors, op)
         o.reduceOp = opts
     return o
 

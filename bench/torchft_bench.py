@@ -444,6 +444,7 @@ def goodput_torchft(
         clean, clean_steps = full_width_steps(progress, replicas, t0_wall, first_fault)
         s_per_step = (first_fault - t0_wall) / clean if clean else None
         work, distinct = full_width_steps(progress, replicas, t0_wall, end_wall)
+        goodput = round(work * s_per_step / wall, 3) if s_per_step else None
         restarts = sum(len(a) - 1 for a in pids_by_replica(_read(run_dir / "pids.log")).values())
         return {
             "duration_s": round(wall, 1),
@@ -454,12 +455,12 @@ def goodput_torchft(
             "net_steps": distinct,
             "full_width_steps": round(work, 2),
             "steps_per_s": round(distinct / wall, 3),
-            "goodput": round(work * s_per_step / wall, 3) if s_per_step else None,
+            "goodput": goodput,
             "s_per_step_fault_free": round(s_per_step, 4) if s_per_step else None,
             "s_per_step_from": f"this run before its first fault ({clean_steps} steps, every group up)",
             # its goodput is already against its own run's rate before the first fault
             "lead_in_steps_per_s": round(1 / s_per_step, 3) if s_per_step else None,
-            "goodput_vs_lead_in": round(work * s_per_step / wall, 3) if s_per_step else None,
+            "goodput_vs_lead_in": goodput,
         }
     finally:
         job.close()

@@ -6,10 +6,11 @@ Ranks r with the same r // tp hold one replica; its MLP is split Megatron-style 
 ranks: the first layer by output columns, the second by input rows, and the partial outputs are
 summed with a plain ``dist.all_reduce(..., group=agent.tp_group)``. Gradients are averaged over
 the replicas by torch's own DDP on ``agent.dp_group``. With ``--mesh`` the same sum goes through
-functional collectives over the "tp" dimension of the agent's ``DeviceMesh`` instead. Dropout acts on the sharded hidden units
-(each unit lives on one tp rank), so the agent's per-rank reseed is exactly what it needs; a
-layer that needs the same mask on every tp rank would seed its own generator from
-(seed, step, dp index). Each rank saves its final state to --out/rank{r}.pt.
+functional collectives over the "tp" dimension of the agent's ``DeviceMesh`` instead. Dropout
+acts on the sharded hidden units (each unit lives on one tp rank), so the agent's per-rank
+reseed is exactly what it needs; a layer that needs the same mask on every tp rank would seed
+its own generator from (seed, step, dp index). Each rank saves its final state to
+--out/rank{r}.pt.
 """
 
 import argparse
