@@ -292,12 +292,31 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while not predicate():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+                raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}\n{self.diagnosis()}")
             self.timeline.changed.clear()
             try:
                 await asyncio.wait_for(self.timeline.changed.wait(), 0.25)
             except TimeoutError:
                 pass
+
+    def diagnosis(self, log_lines: int = 3) -> str:
+        """What a failed wait needs to be understood where only its message survives (a CI
+        log): every rank as its last heartbeat showed it, the incidents, plans and outcomes,
+        and the last lines each worker wrote."""
+        tl = self.timeline
+        out = ["ranks (node, step, generation, state, proc, since progress, pid):"]
+        for rank, (node, r) in sorted(tl.rank_view().items()):
+            out.append(
+                f"  {rank}: {node} step {r.step} gen {r.generation} {r.state} {r.proc_state} "
+                f"{r.since_progress_s:.1f}s pid {r.pid}"
+            )
+        out += [f"incident gen {i.generation}: {i.fault_class} {i.root_cause_ranks} {i.reason}" for i in tl.incidents]
+        out += [f"plan {p.plan_id} gen {p.target_generation}: restart {sorted(p.restart_ranks)}" for p in tl.plans]
+        out += [f"completed {c.plan_id}: {c.outcome} {c.reason}" for c in tl.completed]
+        for path in sorted(self.run_dir.glob("sidecars/*/*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-log_lines:]
+            out += [f"{path.parent.name}/{path.name}: {line[:300]}" for line in lines]
+        return "\n".join(out)
 
     def min_step(self) -> int:
         view = self.timeline.rank_view()
