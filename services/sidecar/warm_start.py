@@ -24,13 +24,29 @@ import os
 import runpy
 import sys
 import threading
+import time
+
+# How long the importing thread may take to leave after its Python part ended (C thread-local
+# destructors; ~1 ms measured). Bounded so a stuck destructor cannot keep a standby from starting.
+THREAD_EXIT_WAIT_S = 5.0
 
 
-def import_niced(modules: list[str], nice: int) -> None:
-    """Import `modules` in a thread niced to at least `nice`; return when they are imported."""
+def import_niced(modules: list[str], nice: int) -> int:
+    """Import `modules` in a thread niced to at least `nice`; return, once that thread has left
+    the process entirely, its native thread id.
+
+    Why the wait: `Thread.join()` returns when the thread's Python part ends, while the OS
+    thread still runs the C libraries' thread-exit destructors. The torch import gives the
+    thread an MKL memory-accounting slot, and MKL's destructor for it holds a spin lock. The
+    zygote forks a standby right after this returns: a fork inside that window copied the lock
+    held, with no thread left to release it, and the standby spun forever in its first matrix
+    product once it had become a rank (seen under py-spy in `mm_account_ptr_by_tid`; the whole
+    job then stalled behind the new rank, and CI failed on it)."""
+    seen: list[int] = []
 
     def work() -> None:
         tid = threading.get_native_id()
+        seen.append(tid)
         try:
             os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
         except OSError:
@@ -44,6 +60,19 @@ def import_niced(modules: list[str], nice: int) -> None:
     t = threading.Thread(target=work, name="standby-preimport", daemon=True)
     t.start()
     t.join()
+    wait_thread_gone(seen[0], THREAD_EXIT_WAIT_S)
+    return seen[0]
+
+
+def wait_thread_gone(tid: int, timeout_s: float) -> bool:
+    """Wait until thread `tid` of this process no longer exists (its exit destructors are
+    done); False if it is still there after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(f"/proc/self/task/{tid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def run_command(command: list[str]) -> None:

@@ -20,7 +20,9 @@ per packet:
   (rc as subprocess gives it: negative for a signal).
 The zygote dies with the sidecar, and every child with the zygote (parent-death signal), so
 nothing outlives the node. Single-threaded: children are reaped on SIGCHLD through the signal
-wakeup fd, never by a thread that a fork could catch holding a lock.
+wakeup fd, never by a thread that a fork could catch holding a lock; and it reports ready only
+once the importing thread has left the process (warm_start.import_niced: its C exit
+destructors hold locks too; a standby forked inside that window once hung in MKL).
 """
 
 from __future__ import annotations

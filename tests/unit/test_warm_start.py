@@ -66,6 +66,30 @@ def test_the_preimport_runs_niced_in_its_own_thread_and_the_main_thread_keeps_it
     assert own_nice() == before
 
 
+# A module whose import gives the importing thread a C thread-exit destructor that takes 0.3 s,
+# as MKL's does (briefly) for the slot the torch import takes: libc's usleep is the destructor,
+# the thread's value its argument. No GIL is involved, so it runs after Thread.join() returned.
+SLOW_EXIT = """
+import ctypes, threading
+importer = threading.get_native_id()
+libc = ctypes.CDLL(None)
+key = ctypes.c_uint()
+assert libc.pthread_key_create(ctypes.byref(key), ctypes.cast(libc.usleep, ctypes.c_void_p)) == 0
+assert libc.pthread_setspecific(key, ctypes.c_void_p(300_000)) == 0
+"""
+
+
+def test_the_preimport_returns_only_once_its_thread_has_left_the_process(tmp_path, monkeypatch):
+    """The zygote forks right after import_niced returns: a thread still running its exit
+    destructors then (MKL's holds a spin lock) hands the child a lock nobody will release."""
+    (tmp_path / "fr_slow_exit_mod.py").write_text(SLOW_EXIT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    returned = import_niced(["fr_slow_exit_mod"], 0)
+    tid = sys.modules.pop("fr_slow_exit_mod").importer
+    assert not os.path.exists(f"/proc/self/task/{tid}"), "returned while the importing thread still ran"
+    assert returned == tid != threading.get_native_id()
+
+
 def test_a_script_runs_as_python_would_run_it(tmp_path, monkeypatch):
     out = tmp_path / "seen.txt"
     script = tmp_path / "job" / "train.py"
