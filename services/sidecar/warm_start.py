@@ -42,11 +42,9 @@ def import_niced(modules: list[str], nice: int) -> int:
     held, with no thread left to release it, and the standby spun forever in its first matrix
     product once it had become a rank (seen under py-spy in `mm_account_ptr_by_tid`; the whole
     job then stalled behind the new rank, and CI failed on it)."""
-    seen: list[int] = []
 
     def work() -> None:
         tid = threading.get_native_id()
-        seen.append(tid)
         try:
             os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
         except OSError:
@@ -60,19 +58,17 @@ def import_niced(modules: list[str], nice: int) -> int:
     t = threading.Thread(target=work, name="standby-preimport", daemon=True)
     t.start()
     t.join()
-    wait_thread_gone(seen[0], THREAD_EXIT_WAIT_S)
-    return seen[0]
+    assert t.native_id is not None  # set once started
+    wait_thread_gone(t.native_id, THREAD_EXIT_WAIT_S)
+    return t.native_id
 
 
-def wait_thread_gone(tid: int, timeout_s: float) -> bool:
-    """Wait until thread `tid` of this process no longer exists (its exit destructors are
-    done); False if it is still there after `timeout_s`."""
+def wait_thread_gone(tid: int, timeout_s: float) -> None:
+    """Wait, at most `timeout_s`, until thread `tid` of this process no longer exists (its exit
+    destructors are done)."""
     deadline = time.monotonic() + timeout_s
-    while os.path.exists(f"/proc/self/task/{tid}"):
-        if time.monotonic() > deadline:
-            return False
+    while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
         time.sleep(0.001)
-    return True
 
 
 def run_command(command: list[str]) -> None:
