@@ -110,6 +110,7 @@ class RecoveryAgent:
         self._applying: int | None = None  # step whose optimizer update is under way
         self._orphan_builds: list[threading.Thread] = []  # group builds a pause abandoned
         self._t_step = 0.0
+        self._first_step_pending = False  # the job's first step, declared when it begins
         self._cmds: queue.Queue[ch.Message | None] = queue.Queue()
         self._pause_gen = -1  # newest generation a pause named (set by the reader thread)
         self.barrier_polls = 0
@@ -162,6 +163,7 @@ class RecoveryAgent:
             return self._standby_wait()
         assert self.rank is not None, "FLASHRECOVERY_AGENT_RANK is required for a non-standby worker"
         self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
+        self._first_step_pending = True
         self.log.info(
             "started",
             generation=self.generation,
@@ -298,9 +300,21 @@ class RecoveryAgent:
         self._step = step
         self._t_step = time.perf_counter()
         self.grads_step = None  # the reduced gradients of the previous step are gone
+        if self._first_step_pending:
+            self._declare_first_step()
         if self.factory.buried():
             self._reap_between_steps(step)
         self.faults.maybe(self.rank, step, "forward")
+
+    def _declare_first_step(self) -> None:
+        """The rank is `starting` until it commits a step, and the detector judges a starting
+        rank only inside a declared phase (before it, the torch import and the arrival barrier
+        are bounded by ``start_timeout_s``), so the first step is declared as a long phase of
+        ``first_step_s``: a first step that hangs is then reported like any hang instead of
+        waiting for the collective timeout. Only a rank that starts the job declares it; a
+        replacement, and every rank after a recovery, resumes under the recovery's deadlines."""
+        self._first_step_pending = False
+        self.long_phase(ch.FIRST_STEP_PHASE, self.settings.first_step_s)
 
     def _reap_between_steps(self, step: int) -> None:
         """A generation's abandoned collective may end (its peer's socket closes) only after the
@@ -385,6 +399,7 @@ class RecoveryAgent:
         whenever it was raised inside the optimizer update: that rank's state is then unknown,
         so it must leave and be replaced from a replica, never pause as a survivor of step k+1.
         """
+        self._first_step_pending = False
         if self._applying is not None:
             self.log.error("torn optimizer step: leaving to be replaced", step=self._applying, error=repr(exc))
             raise exc

@@ -165,6 +165,7 @@ class ManagedAgent(RecoveryAgent):
             self._wait_assigned()
         if not self._awaiting:
             self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
+            self._first_step_pending = True
         assert self.store is not None and self.rank is not None
         self.pgs = install(self, self.store, self.rank, self.world_size, self.tp, default_group)
         atexit.register(self.close)

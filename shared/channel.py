@@ -44,6 +44,10 @@ class Step(_Msg):
     generation: int
 
 
+# The long phase a rank declares for its first step (agent settings `first_step_s`).
+FIRST_STEP_PHASE = "first_step"
+
+
 class LongPhase(_Msg):
     """A declared long phase (eval, checkpoint...) so the sidecar does not call it a hang."""
 

@@ -446,6 +446,18 @@ class AgentSettings(BaseSettings):
     start_timeout_s: float = Field(
         300.0, description=("Bound on every rank arriving for the job's first group build (generation 0).")
     )
+    # The first step is often much longer than the rest (lazy communicator set-up, compilation,
+    # caches) and has no step time to scale a hang threshold from, so it is declared as a long
+    # phase of this length: the detector judges it like any declared phase (hang threshold +
+    # this), where before a first step that hung went unseen until the collective timeout.
+    first_step_s: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "Expected length of a rank's first step (declared to the detector as a long phase): "
+            "a rank that has not committed its first step within the hang threshold plus this is hung."
+        ),
+    )
 
     @field_validator("rdzv")
     @classmethod

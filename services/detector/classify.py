@@ -101,6 +101,7 @@ def _update_ranks(
     median = job.median
     slow_limit = cfg.straggler_factor * median if median > 0 else INF
     running, exited, done = RankState.RUNNING, RankState.EXITED, RankState.DONE
+    starting = RankState.STARTING
     paused, recovering, hung = RankState.PAUSED, RankState.RECOVERING, RankState.HUNG
     in_recovery = False
     unanswered: list[RankView] = []
@@ -129,7 +130,10 @@ def _update_ranks(
         rv.frozen = proc in FROZEN
         if st is not exited and st is not done:
             live = True
-        if st is not running:
+        # Judged for hangs: running ranks, and starting ranks once inside a declared phase (the
+        # agent declares its first step, agent settings first_step_s); before that a starting
+        # rank imports and waits for its peers, which the agent's start timeout bounds.
+        if st is not running and (st is not starting or phase is None):
             rv.stall_start = INF
             rv.step = step
             if st is paused or st is recovering:

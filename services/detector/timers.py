@@ -22,6 +22,10 @@ from .correlate import (
 )
 from .state import INF, DetectorState, Incident, JobState, NodeView, RankView, Symptom
 
+# States whose stalls are hangs. A starting rank has a finite stall clock only inside a declared
+# phase (classify._update_ranks): its first step, declared by the agent.
+JUDGED = frozenset({RankState.RUNNING, RankState.STARTING})
+
 
 def tick(state: DetectorState, now: float, cfg: Config) -> tuple[DetectorState, list[Decision]]:
     out: list[Decision] = []
@@ -83,7 +87,7 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
     for i in candidates:
         node = job.by_idx[i]
         for rv in node.ranks.values():
-            if rv.state is RankState.RUNNING and not rv.hung and rv.stall_start + rv.extra + base < now:
+            if rv.state in JUDGED and not rv.hung and rv.stall_start + rv.extra + base < now:
                 rv.hung = True
                 hung.append((node, rv))
         job.due[i] = INF  # re-armed by the node's next heartbeat (hung ranks stay out)
@@ -149,6 +153,10 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
         f"{now - stall:.2f}s > threshold {base:.2f}s (max({cfg.hang_k:g} x p99 step, "
         f"{cfg.hang_floor_s:g}s))"
     )
+    phases = sorted({p for _, rv in root_pairs if (p := _phase(rv)) is not None})
+    if phases:
+        longest = max(rv.extra for _, rv in root_pairs)
+        reason += f" + the declared phase {', '.join(phases)} ({longest:g}s)"
     if others:
         reason += f"; {others} ranks at later steps stalled behind them"
     confidence = 1.0 if len(nodes) == 1 or frozen else 0.5
@@ -167,6 +175,11 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
         out,
         symptoms=others,
     )
+
+
+def _phase(rv: RankView) -> str | None:
+    """The long phase a rank declared, from its progress key (state, phase, generation, rank)."""
+    return rv.key[1] if len(rv.key) > 1 else None  # type: ignore[return-value]
 
 
 def _settle_headers(job: JobState, now: float, cfg: Config, out: list[Decision]) -> None:

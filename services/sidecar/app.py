@@ -461,7 +461,9 @@ class SidecarService:
         elif isinstance(msg, ch.LongPhase):
             w.long_phase, w.long_phase_expected_s, w.last_progress = msg.name, msg.expected_s, now
         elif isinstance(msg, ch.Paused):
-            w.paused, w.state = msg, RankState.PAUSED
+            # A pause abandons the step in flight, and with it a phase the rank declared in it
+            # (its first step's, say): the resumed rank is judged by the plain hang rule.
+            w.paused, w.state, w.long_phase = msg, RankState.PAUSED, None
             w.step = msg.applied_step
         elif isinstance(msg, ch.Progress):
             if msg.generation == self.gate.generation:

@@ -244,6 +244,47 @@ def test_survivor_hung_during_the_pause_is_killed_and_replaced(stack, tmp_path, 
     _check(result, reference_states)
 
 
+def test_rank_stopped_in_its_first_step_is_found_and_restarted(stack, tmp_path, reference_states, monkeypatch):
+    """Nothing committed yet, so every rank is still `starting`: the agent declares its first
+    step as a long phase (first_step_s, 2 s here), and a rank the OS stops inside it is a hang
+    once the 5 s floor plus those 2 s have passed, restarted from a replica that holds the
+    initial state; the job ends bitwise equal to the fault-free run. Without the declaration
+    nothing judges a starting rank and the job waits for the collective timeout (300 s)."""
+    monkeypatch.setenv("FLASHRECOVERY_AGENT_FIRST_STEP_S", "2")
+
+    async def go():
+        c = _cluster(stack, tmp_path, "kind=hang,rank=6,step=1,phase=forward")
+        try:
+            await c.start()
+            await c.wait_until(lambda: len(c.timeline.rank_view()) == c.world, 300, "every rank's first heartbeat")
+            pids = {r: s.pid for r, (_, s) in c.timeline.rank_view().items()}
+            await c.wait_until(lambda: any(x.outcome == "done" for x in c.timeline.completed), 300, "recovery")
+            await c.wait_until(c.finished, 300, "training to finish")
+            done = [x for x in c.timeline.completed if x.outcome == "done"]
+            plans = {p.plan_id: p for p in c.timeline.plans}
+            return {
+                "states": c.final_states(),
+                "pids": pids,
+                "restarted": set().union(*(plans[d.plan_id].restart_ranks for d in done)),
+                "done": done,
+                "incidents": c.timeline.incidents,
+            }
+        finally:
+            await c.stop()
+
+    result = asyncio.run(go())
+    hangs = [i for i in result["incidents"] if i.fault_class == "hang"]
+    assert [i.root_cause_ranks for i in hangs] == [(6,)], [i.reason for i in result["incidents"]]
+    assert "first_step" in hangs[0].reason, hangs[0].reason
+    assert result["restarted"] == {6}
+    assert result["done"][0].recovery_step == 1, result["done"][0].reason  # nothing was committed
+    ok, why = states_equal(reference_states, result["states"])
+    assert ok, why
+    for r, pid in result["pids"].items():
+        if r != 6:
+            assert result["states"][r]["pid"] == pid, f"survivor rank {r} changed process"
+
+
 def test_executor_leader_stopped_mid_recovery_is_fenced_when_it_wakes(stack, tmp_path, reference_states):
     """The leader is SIGSTOPped in the middle of a replace; the standby takes the lease (a new
     fence token) and continues the plan; the old leader is woken while the standby drives and

@@ -106,6 +106,22 @@ def test_a_broken_step_is_not_applied_and_runs_again_from_its_start(master: Any)
 
 
 @pytest.mark.timeout(60)
+def test_the_first_step_alone_is_declared_as_a_long_phase_of_first_step_s(master: Any) -> None:
+    """The detector judges a rank that has not committed yet only inside a declared phase: the
+    agent declares its first step, once, before the step's first report, with first_step_s."""
+    s = AgentSettings(rank=0, world_size=1, rdzv=f"127.0.0.1:{master.port}", job_id="f", first_step_s=42.0)
+    agent = ManagedAgent(s, seed=7)
+    agent.open(default_group=False)
+    sent: list[Any] = []
+    agent._send = sent.append  # type: ignore[method-assign]  # no sidecar here: what it would get
+    _train(agent, 3)
+    kinds = [m.type for m in sent]
+    phases = [m for m in sent if m.type == "long_phase"]
+    assert [(m.name, m.expected_s) for m in phases] == [("first_step", 42.0)], kinds
+    assert kinds.index("long_phase") < kinds.index("step"), kinds
+
+
+@pytest.mark.timeout(60)
 def test_a_step_without_optimizer_step_is_an_error(master: Any) -> None:
     agent = _agent(master)
     model = Counter()

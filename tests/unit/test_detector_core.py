@@ -379,6 +379,44 @@ def test_long_phase_that_overruns_is_a_hang() -> None:
     assert inc.root_cause_ranks == (1,)
 
 
+def _starting_job(seconds: int, first_step: dict | None, stopped: int | None = None) -> tuple[Sim, list[float]]:
+    """4 ranks that never commit: `starting` at step 0 for `seconds` beats, every rank inside the
+    declared first-step phase when `first_step` is given (its row fields), `stopped` OS-stopped.
+    Returns the simulator and the times at which incidents came out."""
+    sim = Sim(nodes=2)
+    fired = []
+    for k in range(seconds):
+        t = float(k)
+        for n in sim.nodes:
+            over = {r: dict(first_step or {}) for r in range(4)}
+            if stopped is not None:
+                over[stopped]["proc_state"] = "T"
+            sim.beat(n, t, step=0, since=float(k) + 0.1, step_time=0.0, state=RankState.STARTING, overrides=over)
+        if any(d.kind == "incident" for d in sim.tick(t + 0.5)):
+            fired.append(t + 0.5)
+    return sim, fired
+
+
+def test_starting_ranks_outside_a_declared_phase_are_not_judged() -> None:
+    # Importing torch, waiting for peers: bounded by the agent's start timeout, not by the
+    # detector (a 60 s start is no hang).
+    sim, _ = _starting_job(60, None, stopped=2)
+    assert sim.incidents() == []
+
+
+def test_first_step_that_overruns_its_declared_phase_is_a_hang_naming_the_stopped_rank() -> None:
+    """The agent declares its first step (agent settings first_step_s); a rank stopped inside it,
+    with every rank still `starting` (nothing committed), is reported once the hang threshold
+    (the 5 s floor: no step times yet) plus the declared 10 s have passed, not before."""
+    phase = dict(long_phase="first_step", long_phase_expected_s=10.0)
+    sim, fired = _starting_job(25, phase, stopped=2)
+    [inc] = sim.incidents()
+    assert inc.fault_class is FaultClass.HANG and inc.root_cause_ranks == (2,)
+    assert inc.action is RepairAction.RESTART_PROCESS
+    assert 15.0 < fired[0] <= 16.5, fired  # stall clock from the first beat (since 0.1 s)
+    assert "first_step" in inc.reason and "(10s)" in inc.reason, inc.reason
+
+
 @pytest.mark.parametrize("state", [RankState.PAUSED, RankState.RECOVERING, RankState.STANDBY, RankState.DONE])
 def test_ranks_not_running_are_never_hung(state: RankState) -> None:
     sim = Sim(nodes=1)
