@@ -78,7 +78,14 @@ def add_bench_parser(sub: Any) -> None:
         "--scale-detectors",
         type=int,
         default=None,
-        help="detector instances per scale point (default: one per 8,000 nodes)",
+        help="detector instances per scale point (default: one per 8,000 heartbeats/s)",
+    )
+    p.add_argument(
+        "--scale-heartbeat-interval",
+        type=float,
+        default=1.0,
+        help="scale suite: every simulated node's heartbeat interval, s (the detector declares a "
+        "node lost after heartbeat_misses of them)",
     )
     p.add_argument("--overhead-reps", type=int, default=None, help="interleaved pairs (default 3; smoke 1)")
     p.add_argument("--overhead-steps", type=int, default=40)
@@ -273,6 +280,7 @@ def _run_suite(
                                 warmup_s=min(args.scale_warmup, 6.0) if args.smoke else args.scale_warmup,
                                 timeout_s=args.timeout,
                                 detectors=args.scale_detectors,
+                                heartbeat_interval_s=args.scale_heartbeat_interval,
                             )
                         )
                     )

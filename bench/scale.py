@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 import uuid
@@ -30,7 +31,7 @@ TP = 2
 # Heartbeats one detector instance is given at most: it decodes and judges ~10-13k 8-rank beats/s
 # on one core of the 2-core dev box (docs/detector.md), and the job is sharded across instances
 # by heartbeat partition as it would be in production.
-NODES_PER_DETECTOR = 8000
+BEATS_PER_S_PER_DETECTOR = 8000
 WATCHED = (T.INCIDENTS, T.PLANS, T.RECOVERY)
 
 
@@ -43,8 +44,9 @@ def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) - a.get(k, 0)}
 
 
-def detectors_for(nodes: int) -> int:
-    return max(1, -(-nodes // NODES_PER_DETECTOR))
+def detectors_for(nodes: int, heartbeat_interval_s: float = 1.0) -> int:
+    beats_per_s = nodes / heartbeat_interval_s
+    return max(1, math.ceil(beats_per_s / BEATS_PER_S_PER_DETECTOR - 1e-9))
 
 
 async def run_scale_point(
@@ -55,9 +57,10 @@ async def run_scale_point(
     timeout_s: float = 180.0,
     idle_s: float = 3.0,
     detectors: int | None = None,
+    heartbeat_interval_s: float = 1.0,
 ) -> dict[str, Any]:
     nodes = ranks // RANKS_PER_NODE
-    detectors = detectors or detectors_for(nodes)
+    detectors = detectors or detectors_for(nodes, heartbeat_interval_s)
     job = f"scale-{ranks}-{uuid.uuid4().hex[:6]}"
     settings = base.model_copy(
         update={
@@ -74,6 +77,7 @@ async def run_scale_point(
         "ranks_per_node": RANKS_PER_NODE,
         "tp": TP,
         "detector_instances": detectors,
+        "heartbeat_interval_s": heartbeat_interval_s,
     }
     t_start = time.time()
     try:
@@ -148,6 +152,8 @@ async def run_scale_point(
                 str(RANKS_PER_NODE),
                 "--lose-at",
                 str(warmup_s),
+                "--interval",
+                str(heartbeat_interval_s),
                 "--out",
                 str(out),
             ],

@@ -1,6 +1,6 @@
 """Simulated sidecars: many nodes in one asyncio process, in place of torch workers.
 
-Each simulated node sends one NodeHeartbeat a second (at its own phase within the second) with
+Each simulated node sends one NodeHeartbeat per `--interval` (1 s; at its own phase within it) with
 its ranks' step, and obeys ExecutorCommands like services/sidecar/app.py does, answering at once:
 pause -> one ack per node (with the in-band decision only from the nodes the command names)
 with RankReports (applied_step = vote_step = current step, grads_step = None); replace -> the spare takes the assignments; recover -> acks for the stages
@@ -44,8 +44,18 @@ FLUSH_S = 0.05  # how often due beats are handed to the broker, per partition
 
 
 class SimCluster:
-    def __init__(self, nodes: int, ranks: int, spares: int, lose: int, lose_at: float, columns: bool = True) -> None:
+    def __init__(
+        self,
+        nodes: int,
+        ranks: int,
+        spares: int,
+        lose: int,
+        lose_at: float,
+        columns: bool = True,
+        interval_s: float = 1.0,
+    ) -> None:
         self.s = load_settings()
+        self.interval_s = interval_s  # heartbeat interval, declared in every beat as a sidecar does
         self.columns = columns  # heartbeats in the rank_columns form (sidecar heartbeat_columns)
         self.nodes, self.ranks = nodes, ranks
         self.names = [f"node-{i}" for i in range(nodes)] + [f"spare-{i}" for i in range(spares)]
@@ -95,7 +105,7 @@ class SimCluster:
         for node in self.names:
             self._head[node] = (
                 f'"schema_version":{SCHEMA_VERSION},"job_id":{job},"producer":"sim-{node}",'
-                f'"kind":"node_heartbeat","node_id":"{node}","interval_s":1.0,'
+                f'"kind":"node_heartbeat","node_id":"{node}","interval_s":{self.interval_s!r},'
             ).encode()
             self._rank_heads[node] = self._rank_prefixes(node)
 
@@ -153,7 +163,7 @@ class SimCluster:
         return b"".join((head, b'"ranks":[', b",".join(p + common for p in prefixes), b"]", tail.encode()))
 
     async def heartbeats(self, raw: AIOKafkaProducer) -> None:
-        """Each node beats once a second at its own phase; due beats go out every FLUSH_S as one
+        """Each node beats once an interval at its own phase; due beats go out every FLUSH_S as one
         batch per partition, on the partition the node's key maps to (as bus.Producer does)."""
         topic = busmod.topic_name(T.HEARTBEATS, self.s.bus)
         parts = sorted(await raw.partitions_for(topic))
@@ -169,7 +179,7 @@ class SimCluster:
             batches: dict[int, Any] = {}
             while True:
                 sec, i = divmod(cursor, n)
-                due = sec + i / n
+                due = (sec + i / n) * self.interval_s
                 if due > now:
                     break
                 cursor += 1
@@ -375,6 +385,7 @@ def main() -> None:
     ap.add_argument("--lose-at", type=float, default=8.0)
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--interval", type=float, default=1.0, help="heartbeat interval of every node, s")
     ap.add_argument(
         "--rank-objects", action="store_true", help="heartbeats with one object per rank instead of rank_columns"
     )
@@ -386,6 +397,7 @@ def main() -> None:
         args.nodes // 3 if args.lose is None else args.lose,
         args.lose_at,
         columns=not args.rank_objects,
+        interval_s=args.interval,
     )
     asyncio.run(sim.run(args.seconds, args.out))
 

@@ -77,3 +77,15 @@ def test_acks_decode_and_only_named_nodes_report_recover_stages(monkeypatch, col
     )
     assert {S.decode(v).node_id for v in sent} == {"node-0", "node-1", "node-2", "spare-0"} and len(sent) == 16
     assert orjson.loads(sent[0])["schema_version"] == S.SCHEMA_VERSION
+
+
+def test_heartbeat_interval_is_declared_in_every_beat_and_sizes_the_detectors(monkeypatch):
+    """The scale suite's --scale-heartbeat-interval: the detector declares a node lost after
+    heartbeat_misses of the interval the beat declares, so the simulated beats must carry it;
+    and the default number of detector instances follows the heartbeat rate, not the node count."""
+    from flashrecovery.bench.scale import detectors_for
+
+    monkeypatch.setenv("FLASHRECOVERY_JOB_ID", "job-i")
+    sim = SimCluster(3, 4, spares=1, lose=0, lose_at=999.0, interval_s=0.25)
+    assert S.decode(sim.beat("node-0")).interval_s == 0.25
+    assert detectors_for(12500) == 2 and detectors_for(12500, 0.5) == 4 and detectors_for(125, 0.25) == 1
