@@ -190,6 +190,11 @@ async def run_scale_point(
         done: RecoveryCompleted = marks["done"]
         inc: FaultIncident | None = marks.get("incident")
         fault_at = sim["fault_at"]
+        if fault_at is None:
+            # Seen with the detectors behind their heartbeat load: a node taken for lost before
+            # the simulated loss, and its recovery is what completed.
+            why = f"{inc.fault_class} {inc.reason}" if inc else "no incident seen"
+            raise RuntimeError(f"a recovery completed before the simulated node loss: {why}")
         window = marks["done_seen"] - marks["fault_at"]
         cmds = _delta(before, after)
         background = sum(idle.values()) / idle_s * window
