@@ -162,8 +162,7 @@ class RecoveryAgent:
             # yet, so it waits for `recover` (and receives its state there)
             return self._standby_wait()
         assert self.rank is not None, "FLASHRECOVERY_AGENT_RANK is required for a non-standby worker"
-        self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
-        self._first_step_pending = True
+        self._build_first_groups()
         self.log.info(
             "started",
             generation=self.generation,
@@ -221,6 +220,11 @@ class RecoveryAgent:
             elif isinstance(cmd, ch.Stop):
                 self.close()
                 raise AgentExit(0)
+
+    def _build_first_groups(self) -> None:
+        """Generation 0's groups for a rank that starts the job; its first step is declared."""
+        self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
+        self._first_step_pending = True
 
     def _build_groups(self, arrival_timeout_s: float | None = None) -> None:
         """Build this generation's groups. The gloo constructor waits in the store (holding the

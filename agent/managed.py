@@ -164,8 +164,7 @@ class ManagedAgent(RecoveryAgent):
         if self._awaiting and self.rank is None:
             self._wait_assigned()
         if not self._awaiting:
-            self._build_groups(arrival_timeout_s=self.settings.start_timeout_s)
-            self._first_step_pending = True
+            self._build_first_groups()
         assert self.store is not None and self.rank is not None
         self.pgs = install(self, self.store, self.rank, self.world_size, self.tp, default_group)
         atexit.register(self.close)

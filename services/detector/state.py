@@ -44,7 +44,7 @@ class RankView:
         self.step = -1
         self.key: tuple[object, ...] = ()  # (state, long phase, generation): a change is progress
         self.clear_since = 0.0  # receive time of the last change of key
-        self.stall_start = INF  # receive time at which the step last advanced (RUNNING only)
+        self.stall_start = INF  # when the step last advanced; finite only for judged ranks (classify)
         self.extra = 0.0  # a declared long phase extends the hang threshold by this much
         self.hung = False  # reported hung at this stall; cleared when the step advances
         self.slow = 0  # consecutive beats slower than straggler_factor x median

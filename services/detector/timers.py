@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashrecovery.shared.schemas import Evidence, FaultClass, RankState, RepairAction
+from flashrecovery.shared.schemas import Evidence, FaultClass, RepairAction
 
 from .config import Config, Decision, incident_id
 from .correlate import (
@@ -21,10 +21,6 @@ from .correlate import (
     root_for,
 )
 from .state import INF, DetectorState, Incident, JobState, NodeView, RankView, Symptom
-
-# States whose stalls are hangs. A starting rank has a finite stall clock only inside a declared
-# phase (classify._update_ranks): its first step, declared by the agent.
-JUDGED = frozenset({RankState.RUNNING, RankState.STARTING})
 
 
 def tick(state: DetectorState, now: float, cfg: Config) -> tuple[DetectorState, list[Decision]]:
@@ -87,7 +83,9 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
     for i in candidates:
         node = job.by_idx[i]
         for rv in node.ranks.values():
-            if rv.state in JUDGED and not rv.hung and rv.stall_start + rv.extra + base < now:
+            # Only ranks classify judges have a finite stall clock: running ones, and starting
+            # ones inside a declared phase (their first step).
+            if not rv.hung and rv.stall_start + rv.extra + base < now:
                 rv.hung = True
                 hung.append((node, rv))
         job.due[i] = INF  # re-armed by the node's next heartbeat (hung ranks stay out)
@@ -179,7 +177,7 @@ def _check_hang(job: JobState, n: int, now: float, cfg: Config, out: list[Decisi
 
 def _phase(rv: RankView) -> str | None:
     """The long phase a rank declared, from its progress key (state, phase, generation, rank)."""
-    return rv.key[1] if len(rv.key) > 1 else None  # type: ignore[return-value]
+    return rv.key[1]  # type: ignore[return-value]  # set by the beat that started its clock
 
 
 def _settle_headers(job: JobState, now: float, cfg: Config, out: list[Decision]) -> None:
