@@ -111,6 +111,18 @@ def add_bench_parser(sub: Any) -> None:
         help="goodput suite: torchft Manager timeouts, s, one run each (5: tuned for fast recovery; "
         "60 is torchft's default); none: skip torchft",
     )
+    p.add_argument(
+        "--goodput-systems",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=["ours", "torchrun", "torchft"],
+        help="goodput suite: which systems run, comma-separated (ours, torchrun, torchft)",
+    )
+    p.add_argument(
+        "--goodput-paired",
+        action="store_true",
+        help="goodput suite: every faulty run gets a fault-free twin of the same length right beside "
+        "it (order alternating by round), and goodput_vs_fault_free = its work rate over the twin's",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
@@ -324,7 +336,7 @@ def _run_suite(
 def _goodput_suite(args: argparse.Namespace, settings, run_root: Path, results: dict[str, Any], log) -> dict[str, Any]:
     """--goodput-runs rounds; each round runs every system once with the same seed (fault times
     and victims), so the load drifts less between the systems of one round than between rounds."""
-    from .goodput import goodput_ours, goodput_torchft_seeded, goodput_torchrun, pooled
+    from .goodput import BIG, against_fault_free, goodput_ours, goodput_torchft_seeded, goodput_torchrun, pooled
     from .torchft_bench import torchft_available
 
     ov = results.get("overhead") or {}
@@ -336,62 +348,91 @@ def _goodput_suite(args: argparse.Namespace, settings, run_root: Path, results: 
     s_ours = (ov.get("ours_s_per_step") or {}).get("median")
     s_bare = (ov.get("bare_s_per_step") or {}).get("median")
     why = torchft_available()
+    systems = set(args.goodput_systems)
+    if not systems or systems - {"ours", "torchrun", "torchft"}:
+        raise ValueError(f"--goodput-systems takes ours, torchrun, torchft; got {sorted(systems)}")
     ours: list[dict[str, Any]] = []
-    tr: dict[int, list[dict[str, Any]]] = {k: [] for k in args.ckpt_every[:1]}
-    ft: dict[float, list[dict[str, Any]]] = {t: [] for t in (args.goodput_torchft_timeouts if why is None else [])}
+    tr: dict[int, list[dict[str, Any]]] = {k: [] for k in args.ckpt_every[:1]} if "torchrun" in systems else {}
+    ft: dict[float, list[dict[str, Any]]] = (
+        {t: [] for t in args.goodput_torchft_timeouts} if why is None and "torchft" in systems else {}
+    )
+    root = run_root / "goodput"
     for i in range(args.goodput_runs):
         seed = 7 + i
         tag = f"round {i + 1}/{args.goodput_runs} (seed {seed})"
-        log(f"goodput {tag}: ours, {args.goodput_duration} s, fault every ~{args.goodput_gap} s")
-        ours.append(
-            asyncio.run(
-                goodput_ours(
-                    args.goodput_duration,
-                    args.goodput_gap,
-                    s_ours,
-                    run_root / "goodput",
-                    settings,
-                    seed=seed,
-                    step_sleep=args.step_sleep,
+        # (name, runs, run(gap)): one system's goodput run with this round's seeded faults
+        entries: list[tuple[str, list[dict[str, Any]], Any]] = []
+        if "ours" in systems:
+            entries.append(
+                (
+                    "ours",
+                    ours,
+                    lambda gap, seed=seed: asyncio.run(
+                        goodput_ours(
+                            args.goodput_duration, gap, s_ours, root, settings, seed=seed, step_sleep=args.step_sleep
+                        )
+                    ),
                 )
             )
-        )
         for k, runs in tr.items():
-            log(f"goodput {tag}: torchrun ckpt every {k}")
-            runs.append(
-                goodput_torchrun(
-                    args.goodput_duration,
-                    args.goodput_gap,
-                    k,
-                    s_bare,
-                    run_root / "goodput" / f"torchrun-k{k}",
-                    seed=seed,
-                    step_sleep=args.step_sleep,
+            entries.append(
+                (
+                    f"torchrun ckpt every {k}",
+                    runs,
+                    lambda gap, seed=seed, k=k: goodput_torchrun(
+                        args.goodput_duration,
+                        gap,
+                        k,
+                        s_bare,
+                        root / f"torchrun-k{k}",
+                        seed=seed,
+                        step_sleep=args.step_sleep,
+                    ),
                 )
             )
         for t, runs in ft.items():
-            log(f"goodput {tag}: torchft, Manager timeout {t} s, lighthouse heartbeat {args.torchft_heartbeat_ms} ms")
-            runs.append(
-                goodput_torchft_seeded(
-                    args.goodput_duration,
-                    args.goodput_gap,
-                    run_root / "goodput" / f"torchft-t{t:g}",
-                    t,
-                    args.torchft_heartbeat_ms,
-                    seed=seed,
-                    step_sleep=args.step_sleep,
+            entries.append(
+                (
+                    f"torchft, Manager timeout {t} s, lighthouse heartbeat {args.torchft_heartbeat_ms} ms",
+                    runs,
+                    lambda gap, seed=seed, t=t: goodput_torchft_seeded(
+                        args.goodput_duration,
+                        gap,
+                        root / f"torchft-t{t:g}",
+                        t,
+                        args.torchft_heartbeat_ms,
+                        seed=seed,
+                        step_sleep=args.step_sleep,
+                    ),
                 )
             )
+        for name, runs, run_one in entries:
+            if not args.goodput_paired:
+                log(f"goodput {tag}: {name}, {args.goodput_duration} s, fault every ~{args.goodput_gap} s")
+                runs.append(run_one(args.goodput_gap))
+                continue
+            # faulty and fault-free twins back to back, the order alternating by round, so that a
+            # box drifting steadily over the session favours neither
+            order = ("faulty", "fault-free") if i % 2 == 0 else ("fault-free", "faulty")
+            got = {}
+            for kind in order:
+                log(f"goodput {tag}: {name}, {args.goodput_duration} s, {kind}")
+                got[kind] = run_one(args.goodput_gap if kind == "faulty" else BIG)
+            runs.append({**against_fault_free(got["faulty"], got["fault-free"]), "ran_first": order[0]})
     return {
         "gap_s": args.goodput_gap,
         "duration_s": args.goodput_duration,
         "step_sleep_s": args.step_sleep,
         "rounds": args.goodput_runs,
-        "ours": pooled(ours),
-        "torchrun": [pooled(runs) for runs in tr.values()],
-        "torchft": [pooled(runs) for runs in ft.values()] if why is None else [{"skipped": why}],
+        "paired": args.goodput_paired,
+        "systems": sorted(systems),
+        "ours": pooled(ours) if ours else {"skipped": "not in --goodput-systems"},
+        "torchrun": [pooled(runs) for runs in tr.values()] or [{"skipped": "not in --goodput-systems"}],
+        "torchft": [pooled(runs) for runs in ft.values()] or [{"skipped": why or "not in --goodput-systems"}],
         "note": "goodput uses each system's fault-free s/step: ours and torchrun's from the overhead "
         "suite, torchft's from its own run before the first fault; torchft's steps count by the "
         "share of replica groups that trained them; per system the goodput is the median of its "
-        "rounds (goodput_min / goodput_max: the spread; runs: each round)",
+        "rounds (goodput_min / goodput_max: the spread; runs: each round); with paired, "
+        "goodput_vs_fault_free is each faulty run's work rate over its fault-free twin's (the same "
+        "system and length, run beside it)",
     }

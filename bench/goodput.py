@@ -238,6 +238,34 @@ def goodput_torchft_seeded(
     )
 
 
+def work_steps(run: dict[str, Any]) -> float:
+    """The steps a run trained: torchft's count each step by the share of replica groups that
+    trained it (full_width_steps); ours and torchrun's are net committed steps."""
+    return run.get("full_width_steps", run["net_steps"])
+
+
+def against_fault_free(faulty: dict[str, Any], fault_free: dict[str, Any]) -> dict[str, Any]:
+    """The faulty run scored against its fault-free twin: the same system and length, no fault,
+    run right beside it. Goodput's definition (net steps x fault-free s/step / wall) with the
+    fault-free s/step taken over a whole run next to it, not over a lead-in of ~50 s that the
+    box's drift moves by as much as five faults cost (docs/benchmarks.md, stop 29)."""
+    if fault_free.get("faults"):
+        raise ValueError("the fault-free twin had faults injected")
+    free_rate = work_steps(fault_free) / fault_free["duration_s"]
+    if free_rate <= 0:
+        raise ValueError(f"the fault-free twin trained nothing: {fault_free}")
+    ratio = work_steps(faulty) / faulty["duration_s"] / free_rate
+    twin = ("duration_s", "net_steps", "full_width_steps", "steps_per_s", "lead_in_steps_per_s")
+    return {
+        **faulty,
+        "goodput_vs_fault_free": round(ratio, 3),
+        "fault_free_twin": {k: fault_free[k] for k in twin if k in fault_free},
+    }
+
+
+PER_RUN = ("goodput", "faults", "goodput_vs_fault_free", "fault_free_twin", "ran_first")
+
+
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One system's n runs as one entry of the results' layout: goodput, net steps and steps/s
     are the medians (goodput_min / goodput_max the spread), every run kept under "runs"."""
@@ -247,7 +275,8 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     vs = summarize(lead) if lead else {"median": None, "min": None, "max": None}
     keys = ("net_steps", "steps_per_s", "duration_s")
     return {
-        **{k: v for k, v in runs[0].items() if k not in (*keys, "goodput", "faults")},
+        # what every run shares, from the first; per-run figures only under "runs"
+        **{k: v for k, v in runs[0].items() if k not in (*keys, *PER_RUN)},
         **{k: summarize(r[k] for r in runs if r.get(k) is not None)["median"] for k in keys},
         "goodput": g["median"],
         "goodput_min": g["min"],
@@ -258,7 +287,17 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "goodput_vs_lead_in_min": vs["min"],
         "goodput_vs_lead_in_max": vs["max"],
         "goodput_vs_lead_in_runs": [r.get("goodput_vs_lead_in") for r in runs],
+        **_spread(runs, "goodput_vs_fault_free"),
         "faults": [f for r in runs for f in r.get("faults", [])],
         "n": len(runs),
         "runs": runs,
     }
+
+
+def _spread(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """key's median, min, max and per-run values, where any run has it (paired rounds only)."""
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return {}
+    s = summarize(vals)
+    return {key: s["median"], f"{key}_min": s["min"], f"{key}_max": s["max"], f"{key}_runs": [r.get(key) for r in runs]}

@@ -379,10 +379,14 @@ def render(results: dict[str, Any]) -> str:
                 r.get("steps_per_s"),
                 r.get("goodput"),
                 spread,
+                r.get("goodput_vs_lead_in"),
+                _median_and_spread(r, "goodput_vs_fault_free"),
             ]
 
-        rows = [row("FlashRecovery", gp["ours"])]
-        rows += [row(f"torchrun ckpt every {r.get('ckpt_every')}", r) for r in gp.get("torchrun", [])]
+        rows = [row("FlashRecovery", gp["ours"])] if "skipped" not in gp["ours"] else []
+        rows += [
+            row(f"torchrun ckpt every {r.get('ckpt_every')}", r) for r in gp.get("torchrun", []) if "skipped" not in r
+        ]
         rows += [
             row(f"TorchFT, timeout {r.get('ft_timeout_s')} s, heartbeat {r.get('heartbeat_timeout_ms')} ms", r)
             for r in gp.get("torchft", [])
@@ -402,6 +406,8 @@ def render(results: dict[str, Any]) -> str:
                     "steps/s (median)",
                     "goodput (median)",
                     "goodput min-max",
+                    "vs own lead-in (median)",
+                    "vs fault-free twin: median (min-max)",
                 ],
                 rows,
                 3,
@@ -409,6 +415,13 @@ def render(results: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(out) + "\n"
+
+
+def _median_and_spread(r: dict[str, Any], key: str) -> str | None:
+    """ "m (lo-hi)" of a pooled key, None where no run had it."""
+    if r.get(key) is None:
+        return None
+    return f"{fmt(r[key], 3)} ({fmt(r.get(key + '_min'), 3)}-{fmt(r.get(key + '_max'), 3)})"
 
 
 def charts(results: dict[str, Any], out_dir: Path) -> list[str]:

@@ -135,3 +135,53 @@ def test_pooled_rounds_carry_the_ratio_to_each_runs_lead_in() -> None:
     assert (p["goodput_vs_lead_in_min"], p["goodput_vs_lead_in_max"]) == (0.92, 0.96)
     assert p["goodput_vs_lead_in"] == pytest.approx(0.94)
     assert p["goodput_vs_lead_in_runs"] == [0.96, 0.92, None]
+
+
+def test_a_faulty_run_is_scored_by_its_fault_free_twins_rate_over_the_same_length() -> None:
+    from flashrecovery.bench.goodput import against_fault_free
+
+    faulty = {"goodput": 0.99, "net_steps": 2700, "duration_s": 300.0, "faults": [{"at_s": 60}]}
+    free = {"goodput": None, "net_steps": 2880, "duration_s": 300.0, "steps_per_s": 9.6, "faults": []}
+    got = against_fault_free(faulty, free)
+    assert got["goodput_vs_fault_free"] == pytest.approx(2700 / 2880, abs=1e-3)
+    assert got["fault_free_twin"] == {"duration_s": 300.0, "net_steps": 2880, "steps_per_s": 9.6}
+    assert got["goodput"] == 0.99  # the definition stays beside it
+    # unequal lengths compare rates, not counts
+    longer = {**free, "net_steps": 3840, "duration_s": 400.0}
+    assert against_fault_free(faulty, longer)["goodput_vs_fault_free"] == pytest.approx(0.9375, abs=1e-3)
+
+
+def test_torchfts_twin_compares_work_weighted_by_the_groups_that_trained_it() -> None:
+    from flashrecovery.bench.goodput import against_fault_free
+
+    # torchft counts a step trained by 3 of 4 replica groups as 0.75 (full_width_steps)
+    faulty = {"net_steps": 2800, "full_width_steps": 2625.0, "duration_s": 300.0, "faults": [{"at_s": 60}]}
+    free = {"net_steps": 2800, "full_width_steps": 2800.0, "duration_s": 300.0, "faults": []}
+    assert against_fault_free(faulty, free)["goodput_vs_fault_free"] == pytest.approx(0.9375, abs=1e-3)
+
+
+def test_a_twin_with_faults_or_no_work_is_refused() -> None:
+    from flashrecovery.bench.goodput import against_fault_free
+
+    faulty = {"net_steps": 10, "duration_s": 1.0, "faults": [{"at_s": 0.5}]}
+    with pytest.raises(ValueError, match="faults injected"):
+        against_fault_free(faulty, faulty)
+    with pytest.raises(ValueError, match="trained nothing"):
+        against_fault_free(faulty, {"net_steps": 0, "duration_s": 1.0, "faults": []})
+
+
+def test_paired_rounds_pool_the_twin_ratio_with_its_spread() -> None:
+    runs = [
+        {"goodput": 0.9, "goodput_vs_fault_free": 0.97, "net_steps": 1, "steps_per_s": 1.0, "duration_s": 1.0},
+        {"goodput": 0.8, "goodput_vs_fault_free": 0.93, "net_steps": 1, "steps_per_s": 1.0, "duration_s": 1.0},
+        {"goodput": 0.7, "goodput_vs_fault_free": 0.99, "net_steps": 1, "steps_per_s": 1.0, "duration_s": 1.0},
+    ]
+    p = pooled(runs)
+    assert (p["goodput_vs_fault_free"], p["goodput_vs_fault_free_min"], p["goodput_vs_fault_free_max"]) == (
+        0.97,
+        0.93,
+        0.99,
+    )
+    assert p["goodput_vs_fault_free_runs"] == [0.97, 0.93, 0.99]
+    # unpaired rounds carry no such key
+    assert "goodput_vs_fault_free" not in pooled([{**r, "goodput_vs_fault_free": None} for r in runs])
