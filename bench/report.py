@@ -369,7 +369,11 @@ def render(results: dict[str, Any]) -> str:
     if gp:
 
         def row(name: str, r: dict[str, Any]) -> list[Any]:
-            spread = f"{fmt(r.get('goodput_min'), 3)}-{fmt(r.get('goodput_max'), 3)}" if r.get("goodput_min") is not None else ""
+            spread = (
+                f"{fmt(r.get('goodput_min'), 3)}-{fmt(r.get('goodput_max'), 3)}"
+                if r.get("goodput_min") is not None
+                else ""
+            )
             return [
                 name,
                 r.get("n", 1),
