@@ -269,24 +269,14 @@ PER_RUN = ("goodput", "faults", "goodput_vs_fault_free", "fault_free_twin", "ran
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One system's n runs as one entry of the results' layout: goodput, net steps and steps/s
     are the medians (goodput_min / goodput_max the spread), every run kept under "runs"."""
-    ok = [r for r in runs if r.get("goodput") is not None]
-    g = summarize(r["goodput"] for r in ok)
-    lead = [r["goodput_vs_lead_in"] for r in runs if r.get("goodput_vs_lead_in") is not None]
-    vs = summarize(lead) if lead else {"median": None, "min": None, "max": None}
     keys = ("net_steps", "steps_per_s", "duration_s")
     return {
         # what every run shares, from the first; per-run figures only under "runs"
         **{k: v for k, v in runs[0].items() if k not in (*keys, *PER_RUN)},
         **{k: summarize(r[k] for r in runs if r.get(k) is not None)["median"] for k in keys},
-        "goodput": g["median"],
-        "goodput_min": g["min"],
-        "goodput_max": g["max"],
-        "goodput_runs": [r.get("goodput") for r in runs],
+        **_spread(runs, "goodput", always=True),
         # against each run's own fault-free rate before its first fault (the box drifts between runs)
-        "goodput_vs_lead_in": vs["median"],
-        "goodput_vs_lead_in_min": vs["min"],
-        "goodput_vs_lead_in_max": vs["max"],
-        "goodput_vs_lead_in_runs": [r.get("goodput_vs_lead_in") for r in runs],
+        **_spread(runs, "goodput_vs_lead_in", always=True),
         **_spread(runs, "goodput_vs_fault_free"),
         "faults": [f for r in runs for f in r.get("faults", [])],
         "n": len(runs),
@@ -294,10 +284,10 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _spread(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """key's median, min, max and per-run values, where any run has it (paired rounds only)."""
-    vals = [r[key] for r in runs if r.get(key) is not None]
-    if not vals:
+def _spread(runs: list[dict[str, Any]], key: str, always: bool = False) -> dict[str, Any]:
+    """key's median, min, max (None where no run has it) and per-run values; nothing at all where
+    no run has it unless ``always`` (the fault-free twin's ratio exists in paired rounds only)."""
+    s = summarize(r.get(key) for r in runs)
+    if not s["n"] and not always:
         return {}
-    s = summarize(vals)
     return {key: s["median"], f"{key}_min": s["min"], f"{key}_max": s["max"], f"{key}_runs": [r.get(key) for r in runs]}
