@@ -87,6 +87,13 @@ def add_bench_parser(sub: Any) -> None:
         help="scale suite: every simulated node's heartbeat interval, s (the detector declares a "
         "node lost after heartbeat_misses of them)",
     )
+    p.add_argument(
+        "--scale-heartbeat-misses",
+        type=int,
+        default=None,
+        help="scale suite: missed heartbeats after which the detectors declare a node lost "
+        "(default: the detector setting, 3)",
+    )
     p.add_argument("--overhead-reps", type=int, default=None, help="interleaved pairs (default 3; smoke 1)")
     p.add_argument("--overhead-steps", type=int, default=40)
     p.add_argument("--goodput-duration", type=float, default=600.0)
@@ -293,6 +300,7 @@ def _run_suite(
                                 timeout_s=args.timeout,
                                 detectors=args.scale_detectors,
                                 heartbeat_interval_s=args.scale_heartbeat_interval,
+                                heartbeat_misses=args.scale_heartbeat_misses,
                             )
                         )
                     )

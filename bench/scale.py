@@ -58,8 +58,11 @@ async def run_scale_point(
     idle_s: float = 3.0,
     detectors: int | None = None,
     heartbeat_interval_s: float = 1.0,
+    heartbeat_misses: int | None = None,
 ) -> dict[str, Any]:
     nodes = ranks // RANKS_PER_NODE
+    # None: the detectors' own setting (base's, which the environment may have set)
+    misses = heartbeat_misses or base.detector.heartbeat_misses
     detectors = detectors or detectors_for(nodes, heartbeat_interval_s)
     job = f"scale-{ranks}-{uuid.uuid4().hex[:6]}"
     settings = base.model_copy(
@@ -78,6 +81,7 @@ async def run_scale_point(
         "tp": TP,
         "detector_instances": detectors,
         "heartbeat_interval_s": heartbeat_interval_s,
+        "heartbeat_misses": misses,
     }
     t_start = time.time()
     try:
@@ -125,7 +129,7 @@ async def run_scale_point(
         await watcher.wait_assigned()
         names = [f"detector-{i}" for i in range(detectors)]
         for name in names:
-            sup.start_service("detector", name)
+            sup.start_service("detector", name, FLASHRECOVERY_DETECTOR__HEARTBEAT_MISSES=str(misses))
         sup.start_service("planner")
         sup.start_service("executor", "executor-0", FLASHRECOVERY_INSTANCE="0")
         await sup.wait_ready(["detector", "planner", "executor-0"], 120)
@@ -237,7 +241,19 @@ def median_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return summarize(r.get(key) for r in ok)["median"]
 
     phases = list(dict.fromkeys(k for r in ok for k in r.get("phases_s", {})))
-    out = {k: first[k] for k in ("ranks", "nodes", "ranks_per_node", "tp", "detector_instances") if k in first}
+    out = {
+        k: first[k]
+        for k in (
+            "ranks",
+            "nodes",
+            "ranks_per_node",
+            "tp",
+            "detector_instances",
+            "heartbeat_interval_s",
+            "heartbeat_misses",
+        )
+        if k in first
+    }
     out.update(
         {
             k: med(k)
