@@ -234,7 +234,7 @@ class Consumer:
             enable_auto_commit=False,
             auto_offset_reset="latest" if from_latest else "earliest",
             max_poll_records=2000,
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=bus.fetch_max_wait_ms,
             session_timeout_ms=10000,
             heartbeat_interval_ms=1000,
             **client_kwargs(bus.security),

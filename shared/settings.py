@@ -71,6 +71,18 @@ class BusSettings(BaseModel):
     )
     control_partitions: int = Field(1, ge=1, le=64, description="Partitions of the control topics.")
     linger_ms: int = Field(5, ge=0, le=1000, description="Producer batching delay.")
+    fetch_max_wait_ms: int = Field(
+        50,
+        ge=1,
+        le=10_000,
+        description=(
+            "How long the broker may hold a consumer's fetch that finds no record. The embedded "
+            "broker answers a held fetch only when this wait ends, so it bounds each hop's delay "
+            "and every idle consumer sends 1000/wait fetches a second: keep 50 there. A broker "
+            "that answers as soon as a record arrives (Apache Kafka) gives the same hop delay at "
+            "any wait: use 500 there, ten times fewer idle fetches per consumer (one per sidecar)."
+        ),
+    )
     max_batch_bytes: int = Field(1 << 20, ge=1024, description="Producer batch size limit.")
     handler_retries: int = Field(
         3, ge=0, le=20, description=("Retries of a failing message handler before the message is dead-lettered.")

@@ -60,3 +60,30 @@ def test_inconsistent_durability_is_refused_at_start_up(monkeypatch, env, why) -
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=why):
         load_settings()
+
+
+@pytest.mark.parametrize("env, wait_ms", [({}, 50), ({"FLASHRECOVERY_BUS__FETCH_MAX_WAIT_MS": "500"}, 500)])
+def test_the_fetch_wait_reaches_every_consumer(monkeypatch, env, wait_ms) -> None:
+    """50 ms on the embedded broker (it bounds each hop's delay there); a broker that answers
+    held fetches at once (Apache Kafka) is given 500 by the environment."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    built = {}
+
+    class Capture:
+        def __init__(self, *topics, **kw) -> None:
+            built.update(kw)
+
+    monkeypatch.setattr(busmod, "AIOKafkaConsumer", Capture)
+
+    async def handler(ev, record) -> None:
+        pass
+
+    busmod.Consumer("127.0.0.1:9", load_settings().bus, [T.COMMANDS], None, handler, None, "c")  # type: ignore[arg-type]
+    assert built["fetch_max_wait_ms"] == wait_ms
+
+
+def test_a_fetch_wait_out_of_range_is_refused_naming_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv("FLASHRECOVERY_BUS__FETCH_MAX_WAIT_MS", "0")
+    with pytest.raises(ConfigError, match="FLASHRECOVERY_BUS__FETCH_MAX_WAIT_MS"):
+        load_settings()

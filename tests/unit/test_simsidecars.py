@@ -89,3 +89,19 @@ def test_heartbeat_interval_is_declared_in_every_beat_and_sizes_the_detectors(mo
     sim = SimCluster(3, 4, spares=1, lose=0, lose_at=999.0, interval_s=0.25)
     assert S.decode(sim.beat("node-0")).interval_s == 0.25
     assert detectors_for(12500) == 2 and detectors_for(12500, 0.5) == 4 and detectors_for(125, 0.25) == 1
+
+
+def test_a_pause_is_reported_by_the_named_nodes_only_without_the_killed_ranks(monkeypatch):
+    sim = _sim(monkeypatch)
+    sent: list[bytes] = []
+
+    async def keep() -> None:
+        sent.extend(sim._acks)
+        sim._acks.clear()
+
+    sim.flush_acks = keep
+    pause = _command(S.CommandAction.PAUSE, kill_ranks=(5,), stage_nodes=("node-1",))
+    asyncio.run(sim.on_command(pause, None))
+    acks = [S.decode(v) for v in sent]
+    assert [a.node_id for a in acks] == ["node-1"]
+    assert [r.rank for r in acks[0].report_rows()] == [4, 6, 7]
