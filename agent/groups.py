@@ -6,8 +6,10 @@ Facts this module is built on (torch 2.13, gloo; see docs/commit-protocol.md):
   device, so nothing of a dead generation (addresses, pairs) is reused.
 - ``abort()``/``shutdown()`` on a gloo group do NOT unblock a collective whose peer is alive but
   stopped (SIGSTOP): the gloo worker thread stays blocked. So the main thread never blocks in
-  ``work.wait()``: it waits on an event that the work's future callback OR the control thread
-  (on ``pause``) sets. An abandoned collective stays on the old group's worker thread; the old
+  ``work.wait()`` without a limit: it waits in slices (``work.wait(timeout)``, which leaves the
+  work running when the slice runs out) and looks for the control thread's interrupt (on
+  ``pause``) between them; works without a future wait on an event that the work's callback OR
+  the interrupt sets. An abandoned collective stays on the old group's worker thread; the old
   group is kept referenced (a graveyard) so no destructor joins a stuck thread.
 """
 
@@ -26,6 +28,10 @@ import torch
 import torch.distributed as dist
 
 from .settings import AgentSettings
+
+# How long the main thread blocks in a collective before it looks for an interrupt again: the
+# most a pause waits for a rank whose collective cannot finish (a peer stopped or lost).
+WAIT_SLICE = datetime.timedelta(milliseconds=20)
 
 
 class Interrupted(Exception):
@@ -110,7 +116,34 @@ class Interruptor:
             raise PauseRequested(self._reason)
 
     def wait(self, work: dist.Work, what: str, rank: int | None = None) -> None:
-        """Wait for ``work``; raise PauseRequested on interrupt, CollectiveError on failure."""
+        """Wait for ``work``; raise PauseRequested on interrupt, CollectiveError on failure.
+
+        The main thread waits on the work itself in slices of ``WAIT_SLICE``, looking for an
+        interrupt between slices: a timed-out slice leaves the collective running (the work
+        only stops waiting), so a rank whose peer is stopped is still free to pause within a
+        slice. (Waking on the work's future callback instead made every collective hop through
+        a Python callback on gloo's thread: +0.15 ms per collective on 2 ranks here.) Works
+        without a future (gloo send/recv, whose timed wait is not known to leave them usable)
+        keep the callback."""
+        if self._reason is not None:
+            raise PauseRequested(self._reason)
+        try:
+            fut = work.get_future()
+        except RuntimeError:
+            return self._wait_on_callback(work, what, rank)
+        while True:
+            try:
+                work.wait(WAIT_SLICE)
+                return
+            except RuntimeError as exc:
+                if work.is_completed():  # it failed (a peer died), not the slice running out
+                    print_failure(rank, what, exc)
+                    raise CollectiveError(f"{what}: {first_line(exc)}") from exc
+            if self._reason is not None:
+                self.abandon(fut)
+                raise PauseRequested(self._reason)
+
+    def _wait_on_callback(self, work: dist.Work, what: str, rank: int | None) -> None:
         ev = threading.Event()
         with self._lock:
             if self._reason is not None:

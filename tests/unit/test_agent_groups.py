@@ -22,6 +22,7 @@ from flashrecovery.agent.groups import (
     arrival_barrier,
     gloo_loop_threads,
 )
+from flashrecovery.shared.stack import free_port
 
 
 class FutureWork:
@@ -32,6 +33,18 @@ class FutureWork:
 
     def get_future(self) -> torch.futures.Future:
         return self.fut
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        """As c10d's Work.wait: a timed wait that runs out raises and leaves the work running."""
+        done = threading.Event()
+        self.fut.add_done_callback(lambda _f: done.set())
+        if not done.wait(None if timeout is None else timeout.total_seconds()):
+            raise RuntimeError("Operation timed out!")
+        self.fut.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return self.fut.done()
 
 
 class NoFutureWork:
@@ -80,6 +93,10 @@ def test_completed_and_failed_works() -> None:
     w = FutureWork()
     threading.Timer(0.1, w.fut.set_result, args=(None,)).start()
     intr.wait(w, "allreduce")  # type: ignore[arg-type]
+    failed = FutureWork()
+    threading.Timer(0.1, failed.fut.set_exception, args=(RuntimeError("Connection closed by peer"),)).start()
+    with pytest.raises(CollectiveError, match="Connection closed by peer"):
+        intr.wait(failed, "allreduce", rank=1)  # type: ignore[arg-type]
     n = NoFutureWork()
     n.error = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
     threading.Timer(0.1, n.ev.set).start()
@@ -253,3 +270,51 @@ def test_group_build_with_a_missing_member_fails_within_the_connect_timeout() ->
     t = torch.ones(2)
     ok.global_pg.allreduce([t]).wait()
     assert t.tolist() == [1.0, 1.0]
+
+
+def _sliced_wait_rank(rank: int, port: int, out: multiprocessing.Queue) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    x = torch.ones(3) * (rank + 1)
+    if rank == 1:
+        time.sleep(0.6)  # many wait slices late
+        dist.all_reduce(x)
+        time.sleep(30)  # alive, never joins the second collective (as if stopped); killed
+        return
+    intr = Interruptor()
+    t0 = time.monotonic()
+    intr.wait(dist.all_reduce(x, async_op=True), "allreduce", rank=0)
+    late = (time.monotonic() - t0, x.tolist())
+    threading.Timer(0.3, intr.interrupt, args=("pause g1",)).start()
+    t0 = time.monotonic()
+    try:
+        intr.wait(dist.all_reduce(x, async_op=True), "allreduce", rank=0)
+        paused = "not interrupted"
+    except PauseRequested as exc:
+        paused = str(exc)
+    left = [f.done() for f in intr.take_abandoned()]
+    out.put((late, paused, time.monotonic() - t0, left))
+
+
+@pytest.mark.timeout(90)
+def test_a_sliced_wait_outlasts_a_late_peer_and_still_pauses_on_a_peer_that_never_comes() -> None:
+    """The slices of a collective wait time out while the peer is late, and the collective still
+    completes with the right result (a timed-out work.wait leaves the gloo work running); with a
+    peer that never joins, a pause ends the wait and the running collective is abandoned."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_sliced_wait_rank, args=(r, port, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        (late_s, summed), paused, pause_s, abandoned = out.get(timeout=75)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(5)
+    assert late_s > 0.4 and summed == [3.0, 3.0, 3.0]  # waited through ~25 slices, then the sum
+    assert paused == "pause g1" and pause_s < 2.0
+    assert abandoned == [False]  # the second collective still runs on its group
