@@ -135,13 +135,24 @@ class Interruptor:
             try:
                 work.wait(WAIT_SLICE)
                 return
-            except RuntimeError as exc:
-                if work.is_completed():  # it failed (a peer died), not the slice running out
-                    print_failure(rank, what, exc)
-                    raise CollectiveError(f"{what}: {first_line(exc)}") from exc
+            except RuntimeError:
+                if work.is_completed():
+                    # Done by now: failed (a peer died), or finished just after the slice ran
+                    # out (seen: a first collective's lazy connect); the untimed wait tells.
+                    self._outcome(work, what, rank)
+                    return
             if self._reason is not None:
                 self.abandon(fut)
                 raise PauseRequested(self._reason)
+
+    @staticmethod
+    def _outcome(work: dist.Work, what: str, rank: int | None) -> None:
+        """The result of a completed work: nothing, or CollectiveError with its failure."""
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            print_failure(rank, what, exc)
+            raise CollectiveError(f"{what}: {first_line(exc)}") from exc
 
     def _wait_on_callback(self, work: dist.Work, what: str, rank: int | None) -> None:
         ev = threading.Event()

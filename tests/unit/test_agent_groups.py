@@ -47,6 +47,16 @@ class FutureWork:
         return self.fut.done()
 
 
+class LateWork(FutureWork):
+    """Finishes just after its first timed wait ran out: the wait raises, yet it succeeded."""
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        if timeout is not None and not self.fut.done():
+            self.fut.set_result(None)
+            raise RuntimeError("Operation timed out!")
+        return super().wait(timeout)
+
+
 class NoFutureWork:
     """Like gloo send/recv works: no future, only a blocking wait()."""
 
@@ -93,6 +103,7 @@ def test_completed_and_failed_works() -> None:
     w = FutureWork()
     threading.Timer(0.1, w.fut.set_result, args=(None,)).start()
     intr.wait(w, "allreduce")  # type: ignore[arg-type]
+    intr.wait(LateWork(), "allreduce")  # type: ignore[arg-type]
     failed = FutureWork()
     threading.Timer(0.1, failed.fut.set_exception, args=(RuntimeError("Connection closed by peer"),)).start()
     with pytest.raises(CollectiveError, match="Connection closed by peer"):
