@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from flashrecovery.bench.cpu_share import cpu_seconds, stat_fields
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared import topics as T
 from flashrecovery.shared.settings import BusSettings
@@ -32,9 +33,10 @@ from flashrecovery.shared.stack import free_port, start_broker
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process (the broker: it outlives the measurement)."""
+    fields = stat_fields(pid)
+    assert fields is not None, f"process {pid} is gone"
+    return cpu_seconds(fields)
 
 
 async def measure(
