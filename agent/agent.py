@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import structlog
@@ -174,6 +175,7 @@ class RecoveryAgent:
     def _connect(self) -> None:
         """Sidecar socket (commands), rendezvous store, hello."""
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 pid`: stacks
+        self.interruptor.compute.install(self.settings.interrupt_signal)
         if self.settings.socket:
             self.conn = ch.Connection.connect(self.settings.socket)
             self._reader = threading.Thread(target=self._read_loop, name="flashrecovery-control", daemon=True)
@@ -329,6 +331,14 @@ class RecoveryAgent:
         reaped = self.factory.reap()
         if reaped:
             self.log.info("reaped", step=step, generations=reaped, still_buried=self.factory.buried())
+
+    def compute(self) -> AbstractContextManager[None]:
+        """``with agent.compute():`` around the step's forward and backward (anything before the
+        gradient sync that only computes): a pause then ends it at once with PauseRequested,
+        handled by ``recover`` like any interrupt, instead of waiting for the step's next
+        collective. Only for code whose partial work a pause may throw away (agent/compute.py);
+        the agent's own collectives inside it are never cut."""
+        return self.interruptor.compute.region()
 
     def sync_gradients(self) -> None:
         """Flatten all grads into one buffer, one dp allreduce, divide by dp size."""

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from .compute import ComputeInterrupt
 from .settings import AgentSettings
 
 # How long the main thread blocks in a collective before it looks for an interrupt again: the
@@ -55,6 +56,8 @@ class Interruptor:
         self._waiters: set[threading.Event] = set()
         self._abandoned: list[object] = []  # futures of collectives left running on interrupt
         self._newest_pause = -1  # newest generation a pause named; -1: none
+        # Cuts the training thread's compute short on a pause (agent/compute.py).
+        self.compute = ComputeInterrupt(lambda: self._reason, PauseRequested)
 
     @property
     def interrupted(self) -> bool:
@@ -76,6 +79,7 @@ class Interruptor:
             waiters = list(self._waiters)
         for ev in waiters:
             ev.set()
+        self.compute.kick()
 
     def clear(self, generation: int) -> bool:
         """Clear interrupts that belong to generations up to ``generation`` (the one this rank
@@ -126,12 +130,14 @@ class Interruptor:
         bench/collective_wait.py.) Works
         without a future (gloo send/recv, whose timed wait is not known to leave them usable)
         keep the callback."""
-        if self._reason is not None:
-            raise PauseRequested(self._reason)
         try:
             fut = work.get_future()
         except RuntimeError:
             return self._wait_on_callback(work, what, rank)
+        if self._reason is not None:
+            # paused between the launch and this wait: the work is running all the same
+            self.abandon(fut)
+            raise PauseRequested(self._reason)
         while True:
             try:
                 work.wait(WAIT_SLICE)
@@ -158,9 +164,12 @@ class Interruptor:
     def _wait_on_callback(self, work: dist.Work, what: str, rank: int | None) -> None:
         ev = threading.Event()
         with self._lock:
-            if self._reason is not None:
-                raise PauseRequested(self._reason)
-            self._waiters.add(ev)
+            paused = self._reason
+            if paused is None:
+                self._waiters.add(ev)
+        if paused is not None:
+            self.abandon(future_of(work))  # launched before the pause: it runs all the same
+            raise PauseRequested(paused)
         try:
             fut = future_of(work)
             fut.add_done_callback(lambda _f: ev.set())
@@ -451,13 +460,16 @@ class Comm:
             return t
         host = t if t.device.type == "cpu" else t.detach().cpu()
         host = host.contiguous()
-        if op is None:
-            work = pg.allreduce([host])
-        else:
-            opts = dist.AllreduceOptions()
-            opts.reduceOp = op
-            work = pg.allreduce([host], opts)
-        self.interruptor.wait(work, what, self.groups.rank if self.groups else None)
+        # launched and waited for as one piece: inside the step's compute region a pause must
+        # not cut in between (agent/compute.py)
+        with self.interruptor.compute.suspended():
+            if op is None:
+                work = pg.allreduce([host])
+            else:
+                opts = dist.AllreduceOptions()
+                opts.reduceOp = op
+                work = pg.allreduce([host], opts)
+            self.interruptor.wait(work, what, self.groups.rank if self.groups else None)
         return host if host is t else host.to(t.device)
 
     def tp_allreduce(self, t: torch.Tensor) -> torch.Tensor:

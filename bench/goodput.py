@@ -108,6 +108,7 @@ async def goodput_ours(
             "recoveries_done": len(done),
             "rto_s": [round(d.rto_s, 3) for d in done if d.rto_s is not None],
             "replace_s": [round(d.phase_seconds.get("replace", 0.0), 3) for d in done],
+            "pause_s": [round(d.phase_seconds.get("pause", 0.0), 3) for d in done],
             "in_place": sum(
                 1
                 for p in cluster.timeline.plans

@@ -93,7 +93,7 @@ def analyse(samples: list[dict[str, Any]], fault_at_s: list[float], width_s: flo
     return {"lead_in_steps_per_s": None if lead is None else round(lead, 2), "after_faults": after}
 
 
-async def trace(duration_s: float, gap_s: float, seed: int, run_root: Path) -> dict[str, Any]:
+async def trace(duration_s: float, gap_s: float, seed: int, run_root: Path, step_sleep: float = 0.0) -> dict[str, Any]:
     captured: dict[str, Any] = {}
     original = goodput.reference_cluster
 
@@ -118,7 +118,9 @@ async def trace(duration_s: float, gap_s: float, seed: int, run_root: Path) -> d
     goodput.reference_cluster = capture
     sampler = asyncio.create_task(sample())
     try:
-        result = await goodput.goodput_ours(duration_s, gap_s, None, run_root, Settings(), seed=seed)
+        result = await goodput.goodput_ours(
+            duration_s, gap_s, None, run_root, Settings(), seed=seed, step_sleep=step_sleep
+        )
     finally:
         sampler.cancel()
         goodput.reference_cluster = original

@@ -6,6 +6,8 @@ against its own fault-free lead-in, since this box's speed drifts between runs.
         (default: FLASHRECOVERY_SIDECAR__STANDBY_REFILL_NICE 0 vs 19, the refill's import thread)
     python -m flashrecovery.bench.refill_ab --env FLASHRECOVERY_SIDECAR__STANDBY_FORK --arms false,true ...
         (standbys as new interpreters vs forked from the node's zygote)
+    python -m flashrecovery.bench.refill_ab --env FLASHRECOVERY_AGENT_INTERRUPT_SIGNAL --arms 12,0 \
+        --step-sleep 0.9 ...  (a pause cuts the step's compute short, or waits for its end)
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ def post_fault_ratio(summary: dict[str, Any]) -> float | None:
     return round(statistics.median(per_fault), 3) if per_fault else None
 
 
-def one(env: str, arm: str, duration: float, gap: float, seed: int, root: Path) -> dict[str, Any]:
+def one(
+    env: str, arm: str, duration: float, gap: float, seed: int, root: Path, step_sleep: float = 0.0
+) -> dict[str, Any]:
     os.environ[env] = arm
-    out = asyncio.run(goodput_trace.trace(duration, gap, seed, root / arm))
+    out = asyncio.run(goodput_trace.trace(duration, gap, seed, root / arm, step_sleep=step_sleep))
     s, r = out["summary"], out["result"]
     warm = any(p.get("warm_start") for smp in out["samples"] for p in smp["procs"].values())
     return {
@@ -72,6 +76,7 @@ def one(env: str, arm: str, duration: float, gap: float, seed: int, root: Path) 
             }
         ),
         "rto_s": r["rto_s"],
+        "pause_s": r["pause_s"],
         "recoveries_done": r["recoveries_done"],
         "faults": len([f for f in r["faults"] if "rank" in f]),
         "after_faults": s["after_faults"],
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--gap", type=float, default=40.0)
     p.add_argument("--seed", type=int, default=9)
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds every step sleeps (stand-in compute)")
     p.add_argument("--run-root", default=".runtime/bench/refill-ab")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -93,7 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for i in range(args.pairs):
         for arm in (a, b) if i % 2 == 0 else (b, a):  # alternate which goes first
-            runs.append({"pair": i, **one(args.env, arm, args.duration, args.gap, args.seed, Path(args.run_root))})
+            runs.append(
+                {
+                    "pair": i,
+                    **one(args.env, arm, args.duration, args.gap, args.seed, Path(args.run_root), args.step_sleep),
+                }
+            )
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "after_faults"}), flush=True)
     arms = {}
     for arm in (a, b):
@@ -108,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         }
         arms[arm]["spread_goodput_vs_lead_in"] = sorted(r["goodput_vs_lead_in"] for r in mine)
+        for key in ("rto_s", "pause_s"):  # per recovery, pooled over the arm's runs
+            pooled = sorted(x for r in mine for x in r[key])
+            arms[arm][f"{key}_median"] = statistics.median(pooled) if pooled else None
+            arms[arm][f"{key}_all"] = pooled
     out = {
         "command": "python -m flashrecovery.bench.refill_ab " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": vars(args),

@@ -10,6 +10,7 @@ A FLASHRECOVERY_ name that neither accepts is reported at start-up (`unknown_env
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 from typing import Literal
 
@@ -471,6 +472,27 @@ class AgentSettings(BaseSettings):
             "a rank that has not committed its first step within the hang threshold plus this is hung."
         ),
     )
+
+    # SIGUSR1 is taken (faulthandler: `kill -USR1 pid` prints the stacks).
+    interrupt_signal: int = Field(
+        12,
+        ge=0,
+        le=64,
+        description=(
+            "Signal number the control thread sends the training thread so that a pause ends the "
+            "step's compute at once (inside `agent.compute()` only; 12 = SIGUSR2 on Linux). "
+            "0: off, a pause waits for the step's next collective."
+        ),
+    )
+
+    @field_validator("interrupt_signal")
+    @classmethod
+    def _not_taken(cls, v: int) -> int:
+        if v in (signal.SIGUSR1, signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(
+                f"{AGENT_ENV_PREFIX}INTERRUPT_SIGNAL {v} is taken (SIGUSR1: the agent's stack dumps) or cannot be caught"
+            )
+        return v
 
     @field_validator("rdzv")
     @classmethod

@@ -121,10 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     while step <= args.steps:
         try:
             agent.begin_step(step)
-            loss_at(step).backward()
-            if args.slow_step and args.slow_step[0] == step and args.slow_step[2] == agent.rank:
-                time.sleep(args.slow_step[1])
-                print(f"slow step {step}: {args.slow_step[1]} s extra on rank {agent.rank}", flush=True)
+            with agent.compute():  # a pause ends the step's compute at once (agent/compute.py)
+                loss_at(step).backward()
+                slow = args.slow_step
+                # generation 0 only: a step redone after a recovery is not slow again
+                if slow and slow[0] == step and slow[2] == agent.rank and agent.generation == 0:
+                    print(f"slow step {step}: {slow[1]} s extra on rank {agent.rank}", flush=True)
+                    time.sleep(slow[1])
+                if args.step_sleep:
+                    time.sleep(args.step_sleep)  # the stand-in for a bigger model's compute
             agent.sync_gradients()
             step = agent.commit()
             if progress is not None:
@@ -137,8 +142,6 @@ def main(argv: list[str] | None = None) -> None:
             agent.long_phase("eval", expected_s=1.5 * args.long_phase[1])
             time.sleep(args.long_phase[1])
             print(f"long phase eval after step {step - 1}: {args.long_phase[1]} s", flush=True)
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
     # -----------------------------------------------------------------------------------------
 
     stateful = recipe.stateful()

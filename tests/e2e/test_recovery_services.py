@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flashrecovery.agent.compute import CUT
 from flashrecovery.cluster import LocalCluster, states_equal
 from flashrecovery.demo import committed_steps_lost_observed, reference_cluster
 from flashrecovery.shared.registry import Registry
@@ -24,8 +25,8 @@ from flashrecovery.shared.settings import BusSettings, Settings
 STEPS = 16
 AT = 5
 # Faults are injected once a heartbeat (1 Hz) shows rank r at step AT: on a quiet machine the
-# bare job runs its 16 steps in ~1.5 s and would be done before that. The sleep after each
-# commit does not change the math, so every run (and the reference) stays bitwise comparable.
+# bare job runs its 16 steps in ~1.5 s and would be done before that. The sleep in each step
+# does not change the math, so every run (and the reference) stays bitwise comparable.
 STEP_SLEEP_S = 0.3
 pytestmark = pytest.mark.timeout(900)  # the first test also pays for the reference run
 
@@ -155,6 +156,31 @@ def test_fault_inside_a_step_phase_resumes_at_the_committed_step(stack, tmp_path
     assert done.recovery_step in PHASE_FAULTS[fault], done.reason
     assert done.reason.startswith("in-band"), f"the survivors did not decide the commit: {done.reason}"
     _check(result, reference_states)
+
+
+SLOW_S = 30.0
+
+
+def test_a_pause_cuts_a_survivors_compute_short(stack, tmp_path, reference_states):
+    """Rank 5 dies as step AT begins while rank 2 is inside a 30-s compute of the same step
+    (--slow-step, inside `agent.compute()`): the pause ends rank 2's compute at once instead of
+    after it (agent/compute.py). Rank 2 keeps its process, no committed step is lost, and the
+    state is bitwise equal to the fault-free run. Without the cut rank 2 would answer the pause
+    only after its 30 s, past the executor's pause deadline: it would be declared hung and
+    replaced as well, and its log would not say its compute was cut."""
+    result = _recover_on_new_cluster(
+        stack,
+        tmp_path,
+        "kill-forward",
+        5,
+        LocalCluster.fault_env_for("kill-forward", 5, AT),
+        job_args=f"--slow-step {AT}:{SLOW_S}:2",
+    )
+    assert result["restarted"] == {5}
+    _check(result, reference_states)
+    rank2 = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("rank2.log"))
+    paused = [line for line in rank2.splitlines() if "paused" in line and "why" in line]
+    assert any(CUT in line for line in paused), paused
 
 
 def test_hang_recovers_with_reports_decided_by_the_executor(stack, tmp_path, reference_states, monkeypatch):
