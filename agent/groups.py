@@ -235,6 +235,31 @@ def arrival_barrier(
         delay = min(delay * 2, poll_s * 4)
 
 
+class WorkBatch:
+    """Several works waited for as one. Like a gloo send/recv work it has no future, so the
+    interruptor waits on it through one helper thread (``_ThreadFuture``). Every work is waited
+    for even after one failed: a work still pending on a group that is then destroyed would be
+    joined by the destructor (a failed pair fails the rest at once; a stopped peer keeps the
+    whole batch, and its group, in the graveyard)."""
+
+    def __init__(self, works: list[dist.Work]) -> None:
+        self.works = list(works)
+
+    def get_future(self) -> object:
+        raise RuntimeError("a batch of works has no future")
+
+    def wait(self, timeout: object = None) -> bool:
+        first: RuntimeError | None = None
+        for work in self.works:
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+        return True
+
+
 class _ThreadFuture:
     """A future for a Work without ``get_future()``: a daemon thread blocks in ``wait()``.
 
@@ -492,11 +517,23 @@ class Comm:
         return self._run(self.groups.global_pg, t, what, op)
 
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
-        assert self.groups is not None and self.groups.global_pg is not None
-        work = self.groups.global_pg.send([t], dst, tag)
-        self.interruptor.wait(work, f"send to {dst}", self.groups.rank)
+        self.wait_all([self.isend(t, dst, tag)], f"send to {dst}")
 
     def recv(self, t: torch.Tensor, src: int, tag: int) -> None:
+        self.wait_all([self.irecv(t, src, tag)], f"recv from {src}")
+
+    def isend(self, t: torch.Tensor, dst: int, tag: int) -> dist.Work:
+        """Post a send on the global group; ``wait_all`` waits for it (with others)."""
         assert self.groups is not None and self.groups.global_pg is not None
-        work = self.groups.global_pg.recv([t], src, tag)
-        self.interruptor.wait(work, f"recv from {src}", self.groups.rank)
+        return self.groups.global_pg.send([t], dst, tag)
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
+        assert self.groups is not None and self.groups.global_pg is not None
+        return self.groups.global_pg.recv([t], src, tag)
+
+    def wait_all(self, works: list[dist.Work], what: str) -> None:
+        """Wait for posted point-to-point works as one, interruptibly: a pause abandons them
+        together (one helper thread waits on them all, instead of one thread per work)."""
+        if works:
+            work = works[0] if len(works) == 1 else WorkBatch(works)
+            self.interruptor.wait(work, what, self.groups.rank if self.groups else None)

@@ -19,6 +19,7 @@ from flashrecovery.agent.groups import (
     Interruptor,
     NcclGroupFactory,
     PauseRequested,
+    WorkBatch,
     arrival_barrier,
     gloo_loop_threads,
 )
@@ -113,6 +114,39 @@ def test_completed_and_failed_works() -> None:
     threading.Timer(0.1, n.ev.set).start()
     with pytest.raises(CollectiveError, match="Connection closed by peer"):
         intr.wait(n, "recv from 3", rank=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+def test_a_batch_of_works_is_waited_for_whole_and_abandoned_whole() -> None:
+    """The transfer's windows (Comm.wait_all): every work is waited for even after one failed
+    (a work left pending on a group later destroyed would be joined by its destructor), the
+    first failure is reported, and a pause abandons the batch as one future."""
+    ok1, bad, ok2 = NoFutureWork(), NoFutureWork(), NoFutureWork()
+    bad.error = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+    for w in (ok1, bad):
+        w.ev.set()
+    threading.Timer(0.2, ok2.ev.set).start()  # the last one finishes after the failure
+    intr = Interruptor()
+    t0 = time.perf_counter()
+    with pytest.raises(CollectiveError, match="Connection closed by peer"):
+        intr.wait(WorkBatch([ok1, bad, ok2]), "state from 3", rank=1)  # type: ignore[list-item]
+    assert time.perf_counter() - t0 >= 0.19  # it waited for ok2 too
+
+    stuck = NoFutureWork()
+    done = NoFutureWork()
+    done.ev.set()
+    threading.Timer(0.2, intr.interrupt, args=("pause g1",)).start()
+    with pytest.raises(PauseRequested):
+        intr.wait(WorkBatch([done, stuck]), "state to 2", rank=1)  # type: ignore[list-item]
+    [batch] = intr.take_abandoned()
+    assert not batch.done()  # type: ignore[attr-defined]
+    stuck.ev.set()  # the abandoned batch ends: no helper thread left blocked
+    for _ in range(100):
+        if batch.done():  # type: ignore[attr-defined]
+            break
+        time.sleep(0.02)
+    assert batch.done()  # type: ignore[attr-defined]
 
 
 @pytest.mark.unit

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from flashrecovery.agent.groups import Comm, GlooGroupFactory, Interruptor
 from flashrecovery.agent.transfer import (
+    WINDOW_BYTES,
     TrainingState,
     TransferError,
     decode_meta,
@@ -83,8 +84,10 @@ def _sender(port: int, out: str) -> None:
     state = build(seed=1)
     train(state, STEPS)
     comm = _comm(port, 0)
-    for _ in range(3):
-        send_state(comm, 1, state, applied_step=STEPS)
+    # the windows need not match on the two sides (every op has its own tag): all in one
+    # window, a window per ~2 tensors, one tensor at a time (the receiver: see the test)
+    for window in (WINDOW_BYTES, 64, 0):
+        send_state(comm, 1, state, applied_step=STEPS, window_bytes=window)
     torch.save({"tree": state.tree(), "digest": state_digest(state.model, state.optimizer, state.stateful, STEPS)}, out)
 
 
@@ -120,7 +123,7 @@ def test_sgd_momentum_scheduler_and_buffers_move_bitwise(tmp_path: Any) -> None:
         fresh = build(seed=2)  # other initial values: everything must come from the sender
         weight = fresh.model[0].weight
         ptr = weight.data_ptr()
-        res = recv_state(comm, 0, fresh)
+        res = recv_state(comm, 0, fresh, window_bytes=64)  # several windows, each waited for as one
         lossy = build(seed=2, lossy=True)
         res_lossy = recv_state(comm, 0, lossy)
         with pytest.raises(TransferError, match="stateful objects differ"):
