@@ -4,9 +4,12 @@ topic namespace and job id, so tests never see each other's messages or keys."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -14,7 +17,7 @@ import pytest_asyncio
 from flashrecovery.shared import bus as busmod
 from flashrecovery.shared.registry import Registry
 from flashrecovery.shared.settings import BusSettings, Settings
-from flashrecovery.shared.stack import Stack, start_stack
+from flashrecovery.shared.stack import Stack, free_port, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +29,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     )
     yield s
     s.stop()
+
+
+@pytest.fixture
+def gloo_pair() -> Callable[..., Any]:
+    """``gloo_pair(target)`` runs ``target(rank, port, out)`` for ranks 0 and 1 in two spawned
+    processes and returns the first thing either puts in ``out``; both are killed after it."""
+
+    def run(target: Callable[[int, int, Any], None], timeout_s: float = 75.0) -> Any:
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        port = free_port()
+        procs = [ctx.Process(target=target, args=(r, port, out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        try:
+            return out.get(timeout=timeout_s)
+        finally:
+            for p in procs:
+                p.kill()
+                p.join(5)
+
+    return run
 
 
 @pytest.fixture

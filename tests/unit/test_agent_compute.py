@@ -6,12 +6,12 @@ pair for the collective case; every handler is given back after each test."""
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from flashrecovery.agent.groups import Comm, Interruptor, PauseRequested
 from flashrecovery.shared.settings import AgentSettings
-from flashrecovery.shared.stack import free_port
 
 SIG = int(signal.SIGUSR2)
 
@@ -183,7 +182,7 @@ def test_a_taken_or_impossible_signal_is_refused(bad: int) -> None:
         AgentSettings(interrupt_signal=bad)
 
 
-def _region_rank(rank: int, port: int, out: multiprocessing.Queue) -> None:
+def _region_rank(rank: int, port: int, out: Any) -> None:
     """Rank 0 computes inside a region with a tp all-reduce in it that rank 1 never joins."""
     import os
 
@@ -211,18 +210,7 @@ def _region_rank(rank: int, port: int, out: multiprocessing.Queue) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_a_pause_during_a_real_collective_in_the_region_abandons_it() -> None:
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_region_rank, args=(r, port, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        result, pause_s, abandoned, cut = out.get(timeout=75)
-    finally:
-        for p in procs:
-            p.kill()
-            p.join(5)
+def test_a_pause_during_a_real_collective_in_the_region_abandons_it(gloo_pair) -> None:
+    result, pause_s, abandoned, cut = gloo_pair(_region_rank)
     assert result == "pause g1" and pause_s < 2.0
     assert abandoned == [False] and cut == 0  # the wait handed the running work over

@@ -23,7 +23,6 @@ from flashrecovery.agent.groups import (
     arrival_barrier,
     gloo_loop_threads,
 )
-from flashrecovery.shared.stack import free_port
 
 
 class FutureWork:
@@ -344,22 +343,11 @@ def _sliced_wait_rank(rank: int, port: int, out: multiprocessing.Queue) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_a_sliced_wait_outlasts_a_late_peer_and_still_pauses_on_a_peer_that_never_comes() -> None:
+def test_a_sliced_wait_outlasts_a_late_peer_and_still_pauses_on_a_peer_that_never_comes(gloo_pair) -> None:
     """The slices of a collective wait time out while the peer is late, and the collective still
     completes with the right result (a timed-out work.wait leaves the gloo work running); with a
     peer that never joins, a pause ends the wait and the running collective is abandoned."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_sliced_wait_rank, args=(r, port, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        (late_s, summed), paused, pause_s, abandoned = out.get(timeout=75)
-    finally:
-        for p in procs:
-            p.kill()
-            p.join(5)
+    (late_s, summed), paused, pause_s, abandoned = gloo_pair(_sliced_wait_rank)
     assert late_s > 0.4 and summed == [3.0, 3.0, 3.0]  # waited through ~25 slices, then the sum
     assert paused == "pause g1" and pause_s < 2.0
     assert abandoned == [False]  # the second collective still runs on its group
