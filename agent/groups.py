@@ -248,7 +248,7 @@ class WorkBatch:
     def get_future(self) -> object:
         raise RuntimeError("a batch of works has no future")
 
-    def wait(self, timeout: object = None) -> bool:
+    def wait(self) -> bool:
         first: RuntimeError | None = None
         for work in self.works:
             try:
@@ -494,8 +494,12 @@ class Comm:
                 opts = dist.AllreduceOptions()
                 opts.reduceOp = op
                 work = pg.allreduce([host], opts)
-            self.interruptor.wait(work, what, self.groups.rank if self.groups else None)
+            self.interruptor.wait(work, what, self._rank())
         return host if host is t else host.to(t.device)
+
+    def _rank(self) -> int | None:
+        """This rank in the current groups, for failure lines (None between generations)."""
+        return self.groups.rank if self.groups else None
 
     def tp_allreduce(self, t: torch.Tensor) -> torch.Tensor:
         assert self.groups is not None
@@ -536,4 +540,4 @@ class Comm:
         together (one helper thread waits on them all, instead of one thread per work)."""
         if works:
             work = works[0] if len(works) == 1 else WorkBatch(works)
-            self.interruptor.wait(work, what, self.groups.rank if self.groups else None)
+            self.interruptor.wait(work, what, self._rank())

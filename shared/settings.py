@@ -475,7 +475,7 @@ class AgentSettings(BaseSettings):
 
     # SIGUSR1 is taken (faulthandler: `kill -USR1 pid` prints the stacks).
     interrupt_signal: int = Field(
-        12,
+        int(signal.SIGUSR2),
         ge=0,
         le=64,
         description=(
