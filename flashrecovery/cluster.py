@@ -185,8 +185,6 @@ class LocalCluster:
             self.sup.start_service(service)
         for i in range(self.executors):
             self.sup.start_service("executor", f"executor-{i}", FLASHRECOVERY_INSTANCE=str(i))
-        await self.sup.wait_ready(names, timeout_s)
-        write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
         env = {
             "FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
             # the job's tensor-parallel degree as registered: the agent checks its own against it
@@ -227,9 +225,11 @@ class LocalCluster:
                 **env,
             )
             sidecars.append(f"spare-{s}")
-        await self.sup.wait_ready(sidecars, timeout_s)
-        if self.metrics:  # again, now with the sidecars' metrics endpoints
-            write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
+        # The services and the nodes start side by side (each of them is seconds of imports on
+        # a loaded machine); the sidecars need only the broker and Redis, and nothing is injected
+        # before this returns.
+        await self.sup.wait_ready(names + sidecars, timeout_s)
+        write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
 
     async def _start_watcher(self) -> None:
         self._producer = busmod.Producer(self.sup.stack.kafka_bootstrap, self.settings.bus, "watcher")

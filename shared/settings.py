@@ -306,8 +306,19 @@ class SidecarSettings(BaseModel):
             "standby_preimport once; false: every standby is a new interpreter."
         ),
     )
+    # A node's ranks are its standbys' siblings: forked from the same zygote at the job's start,
+    # one import per node instead of one per rank (the job's start-up on a loaded machine).
+    rank_fork: bool = Field(
+        True,
+        description=(
+            "Where the node has a zygote (standby_fork, standbys > 0), fork its ranks from it at "
+            "the job's start too; false: each rank starts as a new interpreter."
+        ),
+    )
+    # torch._dynamo: the first optimizer a job builds imports it (with sympy), ~1.8 CPU-s that
+    # every forked rank and standby paid again after the fork.
     standby_preimport: str = Field(
-        "torch,flashrecovery.agent.managed",
+        "torch,torch._dynamo,flashrecovery.agent.managed",
         description=(
             "Comma-separated modules the zygote imports before it forks standbys (or, without "
             "it, a refill standby in its low-priority thread)."

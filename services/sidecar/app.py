@@ -153,11 +153,16 @@ class SidecarService:
         await self.consumer.start()
         self._spawn(self.consumer.run())
         await self.consumer.wait_assigned()
-        for local_rank, rank in enumerate(self.cfg.rank_list()):
-            await self._launch(local_rank, rank)
         if self._wants_zygote():
             self.zygote = Zygote(self._preimport(), 0, self.log)
             await self.zygote.start(self._prepare_child)
+        # With a zygote, the node's ranks are forked by it too (sidecar.rank_fork): one torch
+        # import per node, where each rank's own import made N interpreters fight for the cores
+        # at the job's start (on 2 cores, 13 imports took ~50 s before step 1).
+        fork_ranks = self.zygote is not None and self.cfg.rank_fork
+        for local_rank, rank in enumerate(self.cfg.rank_list()):
+            await self._launch(local_rank, rank, fork=fork_ranks)
+        if self.zygote is not None:
             # forked once the zygote has imported torch: the node must not wait for that
             self._spawn(self._refill_standbys(at_start=True))
         else:
@@ -206,10 +211,11 @@ class SidecarService:
     def _standbys(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.rank is None and w.proc.returncode is None]
 
-    async def _launch(self, local_rank: int, rank: int | None, refill: bool = False) -> Worker:
-        """Start a worker: a rank, or a standby (rank None). A standby is forked by the node's
-        zygote when there is one; else a new interpreter, which for a refill (started while the
-        job trains) may import torch in a low-priority thread first (refill_argv)."""
+    async def _launch(self, local_rank: int, rank: int | None, refill: bool = False, fork: bool = False) -> Worker:
+        """Start a worker: a rank, or a standby (rank None). A standby, or a rank with `fork`,
+        is forked by the node's zygote when there is one; else a new interpreter, which for a
+        refill (started while the job trains) may import torch in a low-priority thread first
+        (refill_argv)."""
         hosted = self.cfg.rank_list()
         env = worker_env(
             dict(os.environ),
@@ -234,7 +240,7 @@ class SidecarService:
             self.cfg.worker_script,
             shlex.split(self.cfg.worker_args),
         )
-        proc = await self._fork_standby(argv, env) if rank is None else None
+        proc = await self._fork(argv, env) if rank is None or fork else None
         if proc is None:
             if refill:
                 argv = refill_argv(argv, self.cfg.standby_refill_nice, self._preimport())
@@ -276,8 +282,8 @@ class SidecarService:
         wanted = standbys_wanted(self.cfg.role, self.cfg.capacity, len(self.cfg.rank_list()), self.cfg.standbys)
         return self.cfg.standby_fork and wanted > 0 and bool(self._preimport())
 
-    async def _fork_standby(self, argv: list[str], env: dict[str, str]) -> ForkedProcess | None:
-        """A standby forked by the node's zygote, or None (no zygote, not ready in time, or it
+    async def _fork(self, argv: list[str], env: dict[str, str]) -> ForkedProcess | None:
+        """A worker forked by the node's zygote, or None (no zygote, not ready in time, or it
         failed): the caller then starts a new interpreter."""
         z = self.zygote
         if z is None or not z.alive:
