@@ -185,6 +185,10 @@ class LocalCluster:
             self.sup.start_service(service)
         for i in range(self.executors):
             self.sup.start_service("executor", f"executor-{i}", FLASHRECOVERY_INSTANCE=str(i))
+        # The nodes start only once the services are up: a rank that failed before the
+        # detector's consumer joined would go unseen (it reads from the newest record).
+        await self.sup.wait_ready(names, timeout_s)
+        write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
         env = {
             "FLASHRECOVERY_SIDECAR__WORLD_SIZE": str(self.world),
             # the job's tensor-parallel degree as registered: the agent checks its own against it
@@ -225,11 +229,9 @@ class LocalCluster:
                 **env,
             )
             sidecars.append(f"spare-{s}")
-        # The services and the nodes start side by side (each of them is seconds of imports on
-        # a loaded machine); the sidecars need only the broker and Redis, and nothing is injected
-        # before this returns.
-        await self.sup.wait_ready(names + sidecars, timeout_s)
-        write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
+        await self.sup.wait_ready(sidecars, timeout_s)
+        if self.metrics:  # again, now with the sidecars' metrics endpoints
+            write_job_address(self.address_file(), self.settings, self.sup, self.run_dir)
 
     async def _start_watcher(self) -> None:
         self._producer = busmod.Producer(self.sup.stack.kafka_bootstrap, self.settings.bus, "watcher")

@@ -215,21 +215,34 @@ def _standby_pids(c: LocalCluster, node: str) -> set[int]:
     return {r.pid for r in hb.rank_statuses() if r.rank is None} if hb else set()
 
 
+def _parent(pid: int) -> tuple[int, str]:
+    """A process's parent: its PID and command line."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+    with open(f"/proc/{ppid}/cmdline", "rb") as f:
+        return ppid, f.read().replace(b"\0", b" ").decode()
+
+
 def test_crash_restarted_in_place_from_the_nodes_warm_standby(stack, tmp_path, reference_states):
     """Issue #14 item 1, the defaults: a process crash restarts the rank on its own node, and the
     process that becomes the rank is the node's warm standby, started before the fault (torch
-    imported), not a cold start; the spare's standbys are left for node losses."""
+    imported), not a cold start; the spare's standbys are left for node losses. The ranks
+    themselves were forked at the start by their node's zygote (sidecar.rank_fork)."""
     warm: set[int] = set()
+    parents: dict[int, tuple[int, str]] = {}
 
     async def standby_started(c: LocalCluster):
         await c.wait_until(lambda: bool(_standby_pids(c, "node-1")), 120, "node-1's warm standby")
         warm.update(_standby_pids(c, "node-1"))
+        parents.update({r: _parent(s.pid) for r, (_, s) in c.timeline.rank_view().items()})
 
     result = _recover_on_new_cluster(stack, tmp_path, "process-crash", 2, before=standby_started)
     assert result["restarted"] == {2}
     [plan] = result["plans"]
     assert [(r.from_node, r.to_node, r.mode) for r in plan.replacements] == [("node-1", "node-1", "in_place")]
     assert result["states"][2]["pid"] in warm, "the rank was not restarted from the node's warm standby"
+    assert len(parents) == 8 and all("flashrecovery.sidecar.zygote" in cmd for _, cmd in parents.values()), parents
+    assert len({ppid for ppid, _ in parents.values()}) == 4, f"one zygote per node: {parents}"
     _check(result, reference_states)
 
 
