@@ -531,7 +531,15 @@ class RecoveryAgent:
         assert self.state is not None, "attach(model, optimizer) first"
         for t in sending:
             try:
-                results.append(send_state(self.comm, t.dst, self.state, self.applied_step))
+                results.append(
+                    send_state(
+                        self.comm,
+                        t.dst,
+                        self.state,
+                        self.applied_step,
+                        window_bytes=self.settings.transfer_window_bytes,
+                    )
+                )
             except TransferError as exc:  # a state_dict value the wire format cannot carry
                 raise _RecoveryFailed(f"state to rank {t.dst}: {exc}") from exc
         digest_ok: bool | None = None
@@ -544,7 +552,7 @@ class RecoveryAgent:
                     "the job's registered tp differs from the script's"
                 )
             try:
-                res = recv_state(self.comm, t.src, self.state)
+                res = recv_state(self.comm, t.src, self.state, window_bytes=self.settings.transfer_window_bytes)
             except TransferError as exc:
                 raise _RecoveryFailed(f"state from rank {t.src}: {exc}") from exc
             results.append(res)

@@ -40,11 +40,13 @@ from typing import Any, Protocol
 
 import torch
 
+from ..shared.settings import TRANSFER_WINDOW_BYTES
 from .groups import Comm
 
 TAG_BASE = 1000
-# Posted together, then waited for together (0 bytes: one tensor at a time, the old way).
-WINDOW_BYTES = 64 << 20
+# Posted together, then waited for together (0 bytes: one tensor at a time, the old way); the
+# agent's setting transfer_window_bytes, this by default.
+WINDOW_BYTES = TRANSFER_WINDOW_BYTES
 WINDOW_OPS = 512
 
 

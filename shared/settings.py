@@ -21,6 +21,8 @@ ENV_PREFIX = "FLASHRECOVERY_"
 AGENT_ENV_PREFIX = "FLASHRECOVERY_AGENT_"
 NESTED_DELIMITER = "__"
 DEFAULT_JOB_ID = "demo"  # the services' and the agent's, so an unset id names one job
+# A state transfer's window (agent/transfer.py): posted together, then waited for together.
+TRANSFER_WINDOW_BYTES = 64 << 20
 
 NoSparePolicy = Literal["wait"]  # "shrink" is refused by PlannerSettings with its reason
 Role = Literal["active", "spare"]
@@ -484,6 +486,16 @@ class AgentSettings(BaseSettings):
         ),
     )
 
+    # A setting so that a full recovery can be A/B'd with and without windows
+    # (bench/refill_ab.py --env FLASHRECOVERY_AGENT_TRANSFER_WINDOW_BYTES --arms 67108864,0).
+    transfer_window_bytes: int = Field(
+        TRANSFER_WINDOW_BYTES,
+        ge=0,
+        description=(
+            "Bytes of a replica's state posted together and waited for as one in a state "
+            "transfer (agent/transfer.py); 0: one tensor at a time."
+        ),
+    )
     # SIGUSR1 is taken (faulthandler: `kill -USR1 pid` prints the stacks).
     interrupt_signal: int = Field(
         int(signal.SIGUSR2),

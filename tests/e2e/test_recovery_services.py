@@ -215,12 +215,20 @@ def _standby_pids(c: LocalCluster, node: str) -> set[int]:
     return {r.pid for r in hb.rank_statuses() if r.rank is None} if hb else set()
 
 
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
 def _parent(pid: int) -> tuple[int, str]:
     """A process's parent: its PID and command line."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-    with open(f"/proc/{ppid}/cmdline", "rb") as f:
-        return ppid, f.read().replace(b"\0", b" ").decode()
+    ppid = _ppid(pid)
+    return ppid, _cmdline(ppid)
 
 
 def test_crash_restarted_in_place_from_the_nodes_warm_standby(stack, tmp_path, reference_states):
@@ -244,6 +252,58 @@ def test_crash_restarted_in_place_from_the_nodes_warm_standby(stack, tmp_path, r
     assert len(parents) == 8 and all("flashrecovery.sidecar.zygote" in cmd for _, cmd in parents.values()), parents
     assert len({ppid for ppid, _ in parents.values()}) == 4, f"one zygote per node: {parents}"
     _check(result, reference_states)
+
+
+def _zygote_of(c: LocalCluster, node: str) -> int:
+    """The PID of `node`'s zygote: the sidecar's child running flashrecovery.sidecar.zygote."""
+    sidecar = c.sup.procs[f"sidecar-{node}"].pid
+    for pid in (int(e) for e in os.listdir("/proc") if e.isdigit()):
+        try:
+            if _ppid(pid) == sidecar and "flashrecovery.sidecar.zygote" in _cmdline(pid):
+                return pid
+        except (OSError, ValueError, IndexError):
+            continue  # ended while looked at
+    raise AssertionError(f"{node} has no zygote")
+
+
+def test_a_dead_zygote_takes_its_forked_ranks_and_they_are_recovered(stack, tmp_path, reference_states):
+    """The ranks are forked by their node's zygote (sidecar.rank_fork) and die with it: a zygote
+    SIGKILLed mid-training takes node-1's two ranks and its warm standby. The sidecar reports
+    both ranks dead, they are restarted (no zygote left: new interpreters or the spare), the
+    survivors keep their processes and the job ends bitwise equal to the fault-free run."""
+
+    async def go():
+        c = _cluster(stack, tmp_path)
+        try:
+            await c.start()
+            await c.wait_until(lambda: c.min_step() >= 1, 300, "training to start")
+            pids = {r: s.pid for r, (_, s) in c.timeline.rank_view().items()}
+            zygote = _zygote_of(c, "node-1")
+            await c.wait_until(lambda: c.rank_status(2)[1].step >= AT, 120, f"rank 2 at step {AT}")
+            os.kill(zygote, signal.SIGKILL)
+            await c.wait_until(lambda: any(x.outcome == "done" for x in c.timeline.completed), 300, "recovery")
+            await c.wait_until(c.finished, 300, "training to finish")
+            done = [x for x in c.timeline.completed if x.outcome == "done"]
+            plans = {p.plan_id: p for p in c.timeline.plans}
+            return {
+                "states": c.final_states(),
+                "pids": pids,
+                "restarted": set().union(*(plans[d.plan_id].restart_ranks for d in done)),
+                "done": done,
+                "exits": [(e.rank, e.expected) for e in c.timeline.exits if e.rank is not None],
+            }
+        finally:
+            await c.stop()
+
+    result = asyncio.run(go())
+    assert {r for r, expected in result["exits"] if not expected} == {2, 3}, result["exits"]
+    assert result["restarted"] == {2, 3}
+    assert all(d.committed_steps_lost == 0 for d in result["done"])
+    ok, why = states_equal(reference_states, result["states"])
+    assert ok, why
+    for r, pid in result["pids"].items():
+        if r not in (2, 3):
+            assert result["states"][r]["pid"] == pid, f"survivor rank {r} changed process"
 
 
 def test_crash_restarted_in_place_cold_start(stack, tmp_path, reference_states, monkeypatch):

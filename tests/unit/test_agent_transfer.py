@@ -253,3 +253,18 @@ def test_agent_applies_clip_step_and_scheduler_once_per_step() -> None:
     assert dict(agent.state.stateful) == {} and agent.scheduler is None
     with pytest.raises(ValueError, match="scheduler"):
         agent.attach(s.model, s.optimizer, scheduler=sched, stateful={"scheduler": sched})
+
+
+def test_the_transfer_window_is_an_agent_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLASHRECOVERY_AGENT_TRANSFER_WINDOW_BYTES: the windowed transfer by default, 0 (one
+    tensor at a time) when set, a negative size refused at start-up."""
+    from pydantic import ValidationError
+
+    from flashrecovery.agent.settings import AgentSettings
+
+    assert AgentSettings().transfer_window_bytes == WINDOW_BYTES == 64 << 20
+    monkeypatch.setenv("FLASHRECOVERY_AGENT_TRANSFER_WINDOW_BYTES", "0")
+    assert AgentSettings().transfer_window_bytes == 0
+    monkeypatch.setenv("FLASHRECOVERY_AGENT_TRANSFER_WINDOW_BYTES", "-1")
+    with pytest.raises(ValidationError, match="(?i)transfer_window_bytes"):
+        AgentSettings()
