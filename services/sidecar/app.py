@@ -266,7 +266,9 @@ class SidecarService:
         self._spawn(self._watch_exit(w))
         self._spawn(self._tail(w, proc.stdout, "stdout"))
         self._spawn(self._tail(w, proc.stderr, "stderr"))
-        self.log.info("worker_started", rank=rank, pid=proc.pid, standby=rank is None)
+        self.log.info(
+            "worker_started", rank=rank, pid=proc.pid, standby=rank is None, forked=isinstance(proc, ForkedProcess)
+        )
         return w
 
     def _prepare_child(self) -> None:
