@@ -47,11 +47,26 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return None if fields is None else (int(fields[1]), cpu_seconds(fields))
 
 
-def _family(pid: int) -> str:
+ZYGOTE = "flashrecovery.sidecar.zygote"
+
+
+def _cmdline(pid: int) -> str | None:
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
+        return None
+
+
+def _family(pid: int) -> str:
+    cmd = _cmdline(pid)
+    if cmd is None:
         return "other"
+    if ZYGOTE in cmd:
+        # A worker forked by a node's zygote keeps the zygote's command line: its parent tells
+        # (the zygote's parent is the sidecar).
+        fields = stat_fields(pid)
+        parent = _cmdline(int(fields[1])) if fields else None
+        return "trainers and standbys" if parent is not None and ZYGOTE in parent else "zygotes"
     for name, keys in FAMILIES:
         if any(k in cmd for k in keys):
             return name

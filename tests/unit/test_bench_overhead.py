@@ -3,6 +3,8 @@ rounds (bench/overhead.py, bench/cpu_share.py, bench/goodput.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +42,23 @@ def test_a_busy_child_is_counted_and_the_sleeping_driver_is_not() -> None:
     # the busy loop is an unlabelled child ("other"); the driver itself only slept
     assert cores.get("other", 0.0) > 0.3
     assert cores.get("benchmark driver", 0.0) < 0.3
+
+
+def test_a_worker_forked_by_a_zygote_counts_as_a_trainer_and_the_zygote_apart() -> None:
+    """A forked worker keeps its zygote's command line; its parent tells it from the zygote."""
+    code = "import os, time\nif os.fork() == 0:\n    t=time.time()\n    while time.time()-t<20: pass\nelse:\n    time.sleep(20)"
+    zygote = subprocess.Popen([sys.executable, "-c", code, "flashrecovery.sidecar.zygote"], start_new_session=True)
+    try:
+        w = CpuWindow()
+        w.start()
+        time.sleep(1.0)
+        cores = w.end()
+    finally:
+        os.killpg(zygote.pid, signal.SIGKILL)
+        zygote.wait(timeout=10)
+    assert cores.get("trainers and standbys", 0.0) > 0.3, cores
+    assert cores.get("zygotes", 0.0) < 0.3, cores
+    assert "sidecars" not in cores, cores
 
 
 def test_rounds_pool_to_medians_with_the_spread_and_every_run_kept() -> None:
