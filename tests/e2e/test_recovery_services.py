@@ -254,6 +254,22 @@ def test_crash_restarted_in_place_from_the_nodes_warm_standby(stack, tmp_path, r
     _check(result, reference_states)
 
 
+async def _recovered_and_finished(c: LocalCluster, pids: dict[int, int]) -> dict:
+    """Wait for a completed recovery and the job's end; what the checks need."""
+    await c.wait_until(lambda: any(x.outcome == "done" for x in c.timeline.completed), 300, "recovery")
+    await c.wait_until(c.finished, 300, "training to finish")
+    done = [x for x in c.timeline.completed if x.outcome == "done"]
+    plans = {p.plan_id: p for p in c.timeline.plans}
+    return {
+        "states": c.final_states(),
+        "pids": pids,
+        "restarted": set().union(*(plans[d.plan_id].restart_ranks for d in done)),
+        "done": done,
+        "incidents": c.timeline.incidents,
+        "exits": [(e.rank, e.expected) for e in c.timeline.exits if e.rank is not None],
+    }
+
+
 def _zygote_of(c: LocalCluster, node: str) -> int:
     """The PID of `node`'s zygote: the sidecar's child running flashrecovery.sidecar.zygote."""
     sidecar = c.sup.procs[f"sidecar-{node}"].pid
@@ -281,17 +297,7 @@ def test_a_dead_zygote_takes_its_forked_ranks_and_they_are_recovered(stack, tmp_
             zygote = _zygote_of(c, "node-1")
             await c.wait_until(lambda: c.rank_status(2)[1].step >= AT, 120, f"rank 2 at step {AT}")
             os.kill(zygote, signal.SIGKILL)
-            await c.wait_until(lambda: any(x.outcome == "done" for x in c.timeline.completed), 300, "recovery")
-            await c.wait_until(c.finished, 300, "training to finish")
-            done = [x for x in c.timeline.completed if x.outcome == "done"]
-            plans = {p.plan_id: p for p in c.timeline.plans}
-            return {
-                "states": c.final_states(),
-                "pids": pids,
-                "restarted": set().union(*(plans[d.plan_id].restart_ranks for d in done)),
-                "done": done,
-                "exits": [(e.rank, e.expected) for e in c.timeline.exits if e.rank is not None],
-            }
+            return await _recovered_and_finished(c, pids)
         finally:
             await c.stop()
 
@@ -357,17 +363,7 @@ def test_rank_stopped_in_its_first_step_is_found_and_restarted(stack, tmp_path, 
             await c.start()
             await c.wait_until(lambda: len(c.timeline.rank_view()) == c.world, 300, "every rank's first heartbeat")
             pids = {r: s.pid for r, (_, s) in c.timeline.rank_view().items()}
-            await c.wait_until(lambda: any(x.outcome == "done" for x in c.timeline.completed), 300, "recovery")
-            await c.wait_until(c.finished, 300, "training to finish")
-            done = [x for x in c.timeline.completed if x.outcome == "done"]
-            plans = {p.plan_id: p for p in c.timeline.plans}
-            return {
-                "states": c.final_states(),
-                "pids": pids,
-                "restarted": set().union(*(plans[d.plan_id].restart_ranks for d in done)),
-                "done": done,
-                "incidents": c.timeline.incidents,
-            }
+            return await _recovered_and_finished(c, pids)
         finally:
             await c.stop()
 
