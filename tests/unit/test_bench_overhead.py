@@ -29,13 +29,17 @@ def test_the_timed_window_leaves_out_the_start_and_the_last_step() -> None:
     assert got["samples"] == 120
 
 
+def _cores_over_one_second() -> dict[str, float]:
+    w = CpuWindow()
+    w.start()
+    time.sleep(1.0)
+    return w.end()
+
+
 def test_a_busy_child_is_counted_and_the_sleeping_driver_is_not() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass"])
     try:
-        w = CpuWindow()
-        w.start()
-        time.sleep(1.0)
-        cores = w.end()
+        cores = _cores_over_one_second()
     finally:
         busy.kill()
         busy.wait(timeout=10)
@@ -49,10 +53,7 @@ def test_a_worker_forked_by_a_zygote_counts_as_a_trainer_and_the_zygote_apart() 
     code = "import os, time\nif os.fork() == 0:\n    t=time.time()\n    while time.time()-t<20: pass\nelse:\n    time.sleep(20)"
     zygote = subprocess.Popen([sys.executable, "-c", code, "flashrecovery.sidecar.zygote"], start_new_session=True)
     try:
-        w = CpuWindow()
-        w.start()
-        time.sleep(1.0)
-        cores = w.end()
+        cores = _cores_over_one_second()
     finally:
         os.killpg(zygote.pid, signal.SIGKILL)
         zygote.wait(timeout=10)
