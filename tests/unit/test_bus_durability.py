@@ -62,9 +62,9 @@ def test_inconsistent_durability_is_refused_at_start_up(monkeypatch, env, why) -
         load_settings()
 
 
-@pytest.mark.parametrize("env, wait_ms", [({}, 50), ({"FLASHRECOVERY_BUS__FETCH_MAX_WAIT_MS": "500"}, 500)])
+@pytest.mark.parametrize("env, wait_ms", [({}, 100), ({"FLASHRECOVERY_BUS__FETCH_MAX_WAIT_MS": "500"}, 500)])
 def test_the_fetch_wait_reaches_every_consumer(monkeypatch, env, wait_ms) -> None:
-    """50 ms on the embedded broker (it bounds each hop's delay there); a broker that answers
+    """100 ms on the embedded broker (it bounds each hop's delay there); a broker that answers
     held fetches at once (Apache Kafka) is given 500 by the environment."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
