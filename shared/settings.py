@@ -81,11 +81,9 @@ class BusSettings(BaseModel):
         description=(
             "How long the broker may hold a consumer's fetch that finds no record. The embedded "
             "broker does not answer a held fetch as soon as a record arrives, so this wait sets "
-            "each hop's delay while every idle consumer sends up to 1000/wait fetches a second "
-            "(measured, 10 idle consumers: 50 ms -> hop median 11 ms, 0.021 core per consumer; "
-            "100 ms -> 13 ms, 0.013 core; 500 ms -> 50 ms, 0.007 core): 100 there. A broker that "
-            "answers at once (Apache Kafka) gives the same hop delay at any wait: use 500 there "
-            "(one consumer per sidecar)."
+            "each hop's delay while every idle consumer sends up to 1000/wait fetches a second: "
+            "100 there (the measured trade-off: docs/operations.md). A broker that answers at once "
+            "(Apache Kafka) gives the same hop delay at any wait: use 500 there."
         ),
     )
     max_batch_bytes: int = Field(1 << 20, ge=1024, description="Producer batch size limit.")
